@@ -1,0 +1,100 @@
+"""User-facing outputs, field for field as vLLM: RequestOutput, CompletionOutput, Logprob.
+
+Pure Python. The output processor (`engine/output_processor.py`) builds these from the engine
+core's per-step `EngineCoreOutput`s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Logprob:
+    """The log-probability of one token at one position.
+
+    rank: 1-based rank of the token in the full distribution (1 = most likely); decoded_token:
+    the token's text alone (None when no tokenizer is available).
+    """
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# One dict per generated token: token id -> Logprob (the sampled token first, then the top-k).
+SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token; the first is None (nothing predicts the first token).
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    """Wall-clock timestamps (time.time() seconds) of one request's life, for latency metrics."""
+
+    arrival_time: float
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One of the n completions of a request.
+
+    In DELTA streaming mode `text`, `token_ids` and `logprobs` hold only what is new since the
+    previous output of this completion; otherwise they hold everything so far.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: SampleLogprobs | None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string; None for EOS/length
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"CompletionOutput(index={self.index}, text={self.text!r}, "
+            f"token_ids={self.token_ids}, cumulative_logprob={self.cumulative_logprob}, "
+            f"logprobs={_short_logprobs(self.logprobs)}, finish_reason={self.finish_reason}, "
+            f"stop_reason={self.stop_reason!r})"
+        )
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What a request has produced so far (or, in DELTA mode, since its previous output)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: PromptLogprobs | None
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestOutput(request_id={self.request_id}, prompt={self.prompt!r}, "
+            f"prompt_token_ids={self.prompt_token_ids}, "
+            f"prompt_logprobs={_short_logprobs(self.prompt_logprobs)}, outputs={self.outputs}, "
+            f"finished={self.finished}, metrics={self.metrics}, "
+            f"num_cached_tokens={self.num_cached_tokens})"
+        )
+
+
+def _short_logprobs(logprobs: list | None) -> str:
+    # Logprob lists are long; the repr shows only their length.
+    return "None" if logprobs is None else f"<{len(logprobs)} positions>"
