@@ -119,9 +119,7 @@ class SamplingParams:
                 try:
                     token_id = int(key)
                 except (TypeError, ValueError):
-                    raise ValueError(
-                        f"logit_bias keys must be integer token ids, got {key!r}."
-                    ) from None
+                    raise ValueError(f"logit_bias keys must be integer token ids, got {key!r}.") from None
                 v = _check_number(f"logit_bias[{key!r}]", value)
                 bias[token_id] = min(_LOGIT_BIAS_LIMIT, max(-_LOGIT_BIAS_LIMIT, v))
             self.logit_bias = bias or None
@@ -208,6 +206,27 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    def verify_for_model(self, vocab_size: int, max_logprobs: int | None = None) -> None:
+        """Checks that need the model: token ids inside [0, vocab_size), logprobs <= max_logprobs.
+
+        The engine calls this when a request arrives, so bad input fails there and not mid-step.
+        """
+        bad = [t for t in self.all_stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(
+                f"stop_token_ids must be in [0, {vocab_size - 1}] (the vocabulary), got {sorted(bad)}."
+            )
+        bad = [t for t in (self.logit_bias or {}) if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(
+                f"logit_bias token ids must be in [0, {vocab_size - 1}] (the vocabulary), got {sorted(bad)}."
+            )
+        if max_logprobs is not None:
+            for name in ("logprobs", "prompt_logprobs"):
+                value = getattr(self, name)
+                if value is not None and value > max_logprobs:
+                    raise ValueError(f"{name} must be in [0, max_logprobs={max_logprobs}], got {value}.")
 
     def clone(self) -> SamplingParams:
         """A copy that shares no mutable container with this one (cheap: no validation re-run)."""

@@ -1,0 +1,313 @@
+"""Batched sampling over the logits of the N rows that sample in one step.
+
+Order of operations (as vLLM):
+
+    raw logprobs = log_softmax(logits)               (only rows that asked for logprobs)
+    logit_bias, min_tokens masking                   (change the argmax: applied to greedy rows too)
+    penalties: repetition (prompt+output), presence and frequency (output only)
+    greedy rows  -> argmax
+    random rows  -> / temperature -> min_p -> top_k / top_p -> softmax -> exponential race
+
+The exponential race: argmax(p / E) with E ~ Exponential(1) i.i.d. picks token i with probability
+p_i. Seeded rows draw E from their own torch.Generator (one [vocab] draw per sampled token), so a
+seeded request's tokens do not depend on the rest of the batch; the other rows share one batched
+draw from the default generator.
+
+Every tensor field of SamplingMetadata is None when no row needs it, and the sampler skips the work.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from pagedserve.core.outputs import LogprobsLists
+from pagedserve.sampling_params import SamplingParams, SamplingType
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The per-request generator of a seeded request (the model runner keeps it across steps)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def _flatten(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Ragged token lists -> (row index [M], token id [M]) int64, M = total length."""
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+    row_idx = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int64), lengths)
+    tokens = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.int64)
+    return row_idx.to(device), tokens.to(device)
+
+
+@dataclass(slots=True)
+class SamplingMetadata:
+    """Per-step sampling state of the N rows that sample, as tensors on the logits' device."""
+
+    num_rows: int
+    all_greedy: bool
+    all_random: bool
+    greedy_mask: Tensor | None  # [N] bool; None when all rows are greedy or all random
+    temperature: Tensor | None  # [N] float32, greedy rows hold 1.0; None when all greedy
+    min_p: Tensor | None  # [N] float32, 0 = off
+    top_k: Tensor | None  # [N] int64, 0 = off
+    max_top_k: int  # max over top_k (0 when top_k is None)
+    top_p: Tensor | None  # [N] float32, 1 = off
+    # penalties: [N] float32 each, None when no row has any penalty
+    presence_penalties: Tensor | None
+    frequency_penalties: Tensor | None
+    repetition_penalties: Tensor | None
+    # Ragged token ids as (row [M], token [M]) pairs; output tokens when any penalty is on,
+    # prompt tokens only when a repetition penalty is on.
+    output_tokens: tuple[Tensor, Tensor] | None
+    prompt_tokens: tuple[Tensor, Tensor] | None
+    # Sparse additive bias / -inf mask as (row [M], token [M]) and values [M]
+    logit_bias: tuple[Tensor, Tensor, Tensor] | None
+    min_tokens_mask: tuple[Tensor, Tensor] | None
+    generators: dict[int, torch.Generator] = field(default_factory=dict)  # seeded random rows
+    num_logprobs: list[int | None] = field(default_factory=list)  # per row
+    logprob_rows: Tensor | None = None  # [L] int64 rows that asked for logprobs
+    max_num_logprobs: int = 0
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        prompt_token_ids: list[list[int]],
+        output_token_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+        eos_token_ids: list[int | None],
+        vocab_size: int,
+        device: torch.device,
+    ) -> SamplingMetadata:
+        n = len(params)
+        if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == len(eos_token_ids) == n):
+            raise ValueError("SamplingMetadata.build: all per-row lists must have the same length")
+
+        def f32(values: list[float]) -> Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        greedy = [p.sampling_type == SamplingType.GREEDY for p in params]
+        all_greedy, all_random = all(greedy), not any(greedy)
+
+        temperature = (
+            None if all_greedy else f32([1.0 if g else p.temperature for p, g in zip(params, greedy)])
+        )
+        min_p = f32([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None
+        # top_k >= vocab keeps every token: treat it as off
+        ks = [p.top_k if p.top_k < vocab_size else 0 for p in params]
+        top_k = torch.tensor(ks, dtype=torch.int64, device=device) if any(ks) else None
+        top_p = f32([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None
+
+        presence = frequency = repetition = None
+        output_tokens = prompt_tokens = None
+        if any(p.has_penalties for p in params):
+            presence = f32([p.presence_penalty for p in params])
+            frequency = f32([p.frequency_penalty for p in params])
+            repetition = f32([p.repetition_penalty for p in params])
+            output_tokens = _flatten(output_token_ids, device)
+            if any(p.repetition_penalty != 1.0 for p in params):
+                prompt_tokens = _flatten(prompt_token_ids, device)
+
+        bias_rows: list[int] = []
+        bias_cols: list[int] = []
+        bias_vals: list[float] = []
+        mask_rows: list[int] = []
+        mask_cols: list[int] = []
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                for tok, val in p.logit_bias.items():
+                    if 0 <= tok < vocab_size:  # out-of-vocab ids are rejected upstream; never index with them
+                        bias_rows.append(i)
+                        bias_cols.append(tok)
+                        bias_vals.append(val)
+            if len(output_token_ids[i]) < p.min_tokens:
+                stops = set(p.all_stop_token_ids)
+                if eos_token_ids[i] is not None:
+                    stops.add(eos_token_ids[i])  # type: ignore[arg-type]
+                for tok in stops:
+                    if 0 <= tok < vocab_size:
+                        mask_rows.append(i)
+                        mask_cols.append(tok)
+
+        def i64(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        logit_bias = (i64(bias_rows), i64(bias_cols), f32(bias_vals)) if bias_rows else None
+        min_tokens_mask = (i64(mask_rows), i64(mask_cols)) if mask_rows else None
+
+        gens: dict[int, torch.Generator] = {}
+        for i, (p, g) in enumerate(zip(params, generators)):
+            if p.sampling_type == SamplingType.RANDOM_SEED:
+                if g is None:
+                    raise ValueError(f"row {i} has seed={p.seed} but no generator (use make_generator)")
+                gens[i] = g
+
+        num_logprobs = [p.logprobs for p in params]
+        rows = [i for i, k in enumerate(num_logprobs) if k is not None]
+        max_num_logprobs = min(max((num_logprobs[i] or 0 for i in rows), default=0), vocab_size)
+
+        return cls(
+            num_rows=n,
+            all_greedy=all_greedy,
+            all_random=all_random,
+            greedy_mask=None if all_greedy or all_random else torch.tensor(greedy, device=device),
+            temperature=temperature,
+            min_p=min_p,
+            top_k=top_k,
+            max_top_k=max(ks),
+            top_p=top_p,
+            presence_penalties=presence,
+            frequency_penalties=frequency,
+            repetition_penalties=repetition,
+            output_tokens=output_tokens,
+            prompt_tokens=prompt_tokens,
+            logit_bias=logit_bias,
+            min_tokens_mask=min_tokens_mask,
+            generators=gens,
+            num_logprobs=num_logprobs,
+            logprob_rows=i64(rows) if rows else None,
+            max_num_logprobs=max_num_logprobs,
+        )
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    sampled_token_ids: list[int]  # len N
+    logprobs: list[LogprobsLists | None]  # per row, one position each; None if not asked
+
+
+def _token_mask(rows_tokens: tuple[Tensor, Tensor], shape: torch.Size, counts: bool) -> Tensor:
+    """[N, V] occurrence counts (float32) or presence mask (bool) of ragged token lists."""
+    rows, tokens = rows_tokens
+    out = torch.zeros(shape, dtype=torch.float32, device=rows.device)
+    out.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
+    return out if counts else out > 0
+
+
+def apply_penalties(logits: Tensor, meta: SamplingMetadata) -> None:
+    """In place. Repetition (HF/vLLM): tokens seen in prompt or output get positive logits divided
+    and negative ones multiplied by the penalty; presence/frequency (OpenAI): subtract
+    presence * [seen in output] + frequency * count in output."""
+    assert meta.output_tokens is not None
+    assert meta.presence_penalties is not None and meta.frequency_penalties is not None
+    assert meta.repetition_penalties is not None
+    out_counts = _token_mask(meta.output_tokens, logits.shape, counts=True)  # [N, V]
+    out_seen = out_counts > 0
+    if meta.prompt_tokens is not None:
+        seen = out_seen | _token_mask(meta.prompt_tokens, logits.shape, counts=False)
+        rep = meta.repetition_penalties[:, None].expand_as(logits)
+        penalty = torch.where(seen, rep, torch.ones_like(logits))
+        logits.mul_(torch.where(logits > 0, penalty.reciprocal(), penalty))
+    logits.sub_(meta.frequency_penalties[:, None] * out_counts)
+    logits.sub_(meta.presence_penalties[:, None] * out_seen)
+
+
+def apply_min_p(logits: Tensor, min_p: Tensor) -> None:
+    """In place: drop tokens whose probability is below min_p * (the top token's probability)."""
+    probs = logits.softmax(dim=-1)
+    threshold = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    logits.masked_fill_(probs < threshold, float("-inf"))
+
+
+def apply_top_k_top_p(logits: Tensor, top_k: Tensor | None, max_top_k: int, top_p: Tensor | None) -> Tensor:
+    """Keep the top_k largest logits (0 = all; ties at the k-th value are kept) and the smallest
+    set of tokens whose probability reaches top_p (at least one). Returns the (maybe new) logits."""
+    neg_inf = float("-inf")
+    if top_p is None:
+        if top_k is None:
+            return logits
+        # top-k only: a partial sort to the largest k is enough
+        kth = logits.topk(max_top_k, dim=-1).values  # [N, max_k] descending
+        idx = (top_k.clamp(min=1) - 1)[:, None]
+        threshold = kth.gather(1, idx).masked_fill_((top_k == 0)[:, None], neg_inf)  # [N, 1]
+        return logits.masked_fill_(logits < threshold, neg_inf)
+    # full ascending sort: column V-1 is the largest
+    sorted_logits, sorted_idx = logits.sort(dim=-1)
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        k = torch.where(top_k == 0, vocab, top_k)
+        threshold = sorted_logits.gather(1, (vocab - k)[:, None])  # the k-th largest, [N, 1]
+        sorted_logits.masked_fill_(sorted_logits < threshold, neg_inf)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [N, V] ascending cumulative mass
+    drop = cum <= (1.0 - top_p)[:, None]  # the low tail holding at most 1 - top_p of the mass
+    drop[:, -1] = False
+    sorted_logits.masked_fill_(drop, neg_inf)
+    return logits.scatter_(-1, sorted_idx, sorted_logits)
+
+
+def _exponential_race(probs: Tensor, generators: dict[int, torch.Generator]) -> Tensor:
+    """argmax(probs / E), E ~ Exp(1): a categorical sample per row. probs [N, V] is overwritten."""
+    q = torch.empty_like(probs)
+    if len(generators) < probs.shape[0]:
+        q.exponential_()
+    for row, gen in generators.items():  # seeded rows: their own stream, one [V] draw each
+        q[row].exponential_(generator=gen)
+    # E == 0 would turn a zero probability into 0/0 = nan, which argmax would pick
+    q.clamp_min_(torch.finfo(q.dtype).tiny)
+    return probs.div_(q).argmax(dim=-1)
+
+
+def _logprobs_lists(raw: Tensor, chosen: Tensor, k_max: int) -> tuple[list, list, list]:
+    """raw [L, V] logprobs, chosen [L] -> per row [chosen] + top-k ids, logprobs, chosen's rank."""
+    chosen_lp = raw.gather(1, chosen[:, None])  # [L, 1]
+    ranks = (raw >= chosen_lp).sum(dim=-1)  # ties count against the chosen token, as vLLM
+    ids, lps = chosen[:, None], chosen_lp
+    if k_max > 0:
+        top = raw.topk(k_max, dim=-1)
+        ids = torch.cat([ids, top.indices], dim=1)
+        lps = torch.cat([lps, top.values], dim=1)
+    return ids.tolist(), lps.tolist(), ranks.tolist()
+
+
+def compute_prompt_logprobs(logits: Tensor, target_token_ids: Tensor, num_logprobs: int) -> LogprobsLists:
+    """logits [P, V] for P consecutive prompt positions, targets [P] (the next prompt tokens).
+
+    Raw log_softmax of the model's logits; row i: [target] + top-k ids, their logprobs, rank."""
+    raw = logits.float().log_softmax(dim=-1)
+    ids, lps, ranks = _logprobs_lists(raw, target_token_ids.to(torch.int64), min(num_logprobs, raw.shape[-1]))
+    return LogprobsLists(token_ids=ids, logprobs=lps, ranks=ranks)
+
+
+class Sampler:
+    def __call__(self, logits: Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """logits [N, vocab] float32, modified in place. Returns one token (and logprobs) per row."""
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        raw_logprobs = None
+        if meta.logprob_rows is not None:  # before any processing: vLLM returns raw logprobs
+            raw_logprobs = logits[meta.logprob_rows].log_softmax(dim=-1)  # [L, V], a copy
+        if meta.logit_bias is not None:
+            rows, cols, vals = meta.logit_bias
+            logits.index_put_((rows, cols), vals, accumulate=True)
+        if meta.min_tokens_mask is not None:
+            logits.index_put_(meta.min_tokens_mask, torch.tensor(float("-inf"), device=logits.device))
+        if meta.output_tokens is not None:
+            apply_penalties(logits, meta)
+
+        greedy = None if meta.all_random else logits.argmax(dim=-1)
+        if meta.all_greedy:
+            assert greedy is not None
+            sampled = greedy
+        else:
+            assert meta.temperature is not None
+            logits.div_(meta.temperature[:, None])
+            if meta.min_p is not None:
+                apply_min_p(logits, meta.min_p)
+            logits = apply_top_k_top_p(logits, meta.top_k, meta.max_top_k, meta.top_p)
+            sampled = _exponential_race(logits.softmax(dim=-1), meta.generators)
+            if greedy is not None:
+                assert meta.greedy_mask is not None
+                sampled = torch.where(meta.greedy_mask, greedy, sampled)
+
+        out_logprobs: list[LogprobsLists | None] = [None] * meta.num_rows
+        if raw_logprobs is not None:
+            assert meta.logprob_rows is not None
+            ids, lps, ranks = _logprobs_lists(raw_logprobs, sampled[meta.logprob_rows], meta.max_num_logprobs)
+            for j, row in enumerate(meta.logprob_rows.tolist()):
+                width = 1 + min(meta.num_logprobs[row] or 0, meta.max_num_logprobs)
+                out_logprobs[row] = LogprobsLists([ids[j][:width]], [lps[j][:width]], [ranks[j]])
+        return SamplerOutput(sampled_token_ids=sampled.tolist(), logprobs=out_logprobs)
