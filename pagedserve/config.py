@@ -1,0 +1,217 @@
+"""EngineArgs (vLLM's argument names) -> EngineConfig, validated once at start-up.
+
+Torch-free at import time: core/ imports the scheduler and cache configs from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+_PREEMPTION_MODES = ("recompute", "swap")
+_POLICIES = ("fcfs", "priority")
+_DTYPES = ("auto", "float32", "float", "float16", "half", "bfloat16")
+GiB = 1 << 30
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    block_size: int
+    gpu_memory_utilization: float
+    swap_space_bytes: int
+    enable_prefix_caching: bool
+    kv_cache_memory_bytes: int | None  # explicit KV budget; the CPU path always has one
+    num_gpu_blocks_override: int | None
+    # Filled in by the worker once memory is known.
+    num_gpu_blocks: int = 0
+    num_cpu_blocks: int = 0
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool
+    preemption_mode: str  # "recompute" | "swap"
+    policy: str  # "fcfs" | "priority"
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    model: str  # as given by the user (path or hub id)
+    model_dir: str  # resolved local directory
+    tokenizer: str
+    dtype: str  # resolved later to a torch dtype by the loader; the user's string here
+    max_model_len: int
+    seed: int
+    hf_config: Any
+    served_model_name: str
+    max_logprobs: int
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    device: str  # "cpu" or "cuda"
+    enforce_eager: bool
+    attention_backend: str  # "torch" or "triton"
+
+
+@dataclass
+class EngineArgs:
+    """The engine's arguments, with vLLM's names and defaults where they exist."""
+
+    model: str = ""
+    tokenizer: str | None = None
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    swap_space: float = 4  # GiB of CPU memory for swapped-out blocks
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    preemption_mode: str = "recompute"
+    scheduling_policy: str = "fcfs"
+    enforce_eager: bool = False
+    quantization: str | None = None
+    tensor_parallel_size: int = 1
+    device: str = "auto"
+    served_model_name: str | None = None
+    max_logprobs: int = 20
+    disable_log_stats: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    def _validate(self) -> None:
+        if not self.model:
+            raise ValueError("model must be given (a local directory or a Hugging Face hub id)")
+        checks: list[tuple[bool, str]] = [
+            (self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size must be a power of two in [1, 128]"),
+            (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"),
+            (self.swap_space >= 0, "swap_space must be >= 0 (GiB)"),
+            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+             "max_num_batched_tokens must be >= 1"),
+            (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
+            (self.preemption_mode in _PREEMPTION_MODES,
+             f"preemption_mode must be one of {_PREEMPTION_MODES}, got {self.preemption_mode!r}"),
+            (self.scheduling_policy in _POLICIES,
+             f"scheduling_policy must be one of {_POLICIES}, got {self.scheduling_policy!r}"),
+            (self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}"),
+            (self.tensor_parallel_size == 1, "tensor_parallel_size > 1 is not supported yet"),
+            (self.quantization is None, f"quantization {self.quantization!r} is not supported yet"),
+            (self.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
+            (self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
+             "num_gpu_blocks_override must be >= 1"),
+            (self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+             "kv_cache_memory_bytes must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def create_engine_config(self) -> EngineConfig:
+        self._validate()
+        from transformers import AutoConfig  # lazy: keeps this module torch-free at import
+
+        from pagedserve.model_executor.loader import resolve_model_dir
+
+        model_dir = resolve_model_dir(self.model, self.revision)
+        hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=self.trust_remote_code)
+        max_model_len = _derive_max_model_len(hf_config, self.max_model_len)
+        if self.max_num_batched_tokens is not None:
+            max_batched = self.max_num_batched_tokens
+        elif self.enable_chunked_prefill:
+            max_batched = 2048
+        else:
+            max_batched = max(max_model_len, 2048)
+        if not self.enable_chunked_prefill and max_batched < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len "
+                f"({max_model_len}); without chunked prefill a prompt could never be scheduled"
+            )
+        device = self.device
+        if device == "auto":
+            device = "cuda" if _cuda_available() else "cpu"
+        kv_budget = self.kv_cache_memory_bytes
+        if kv_budget is None and device == "cpu":
+            space = os.environ.get("PAGEDSERVE_CPU_KVCACHE_SPACE") or os.environ.get(
+                "VLLM_CPU_KVCACHE_SPACE", "4"
+            )
+            kv_budget = int(float(space) * GiB)
+        return EngineConfig(
+            model_config=ModelConfig(
+                model=self.model,
+                model_dir=model_dir,
+                tokenizer=self.tokenizer or model_dir,
+                dtype=self.dtype,
+                max_model_len=max_model_len,
+                seed=self.seed,
+                hf_config=hf_config,
+                served_model_name=self.served_model_name or self.model,
+                max_logprobs=self.max_logprobs,
+            ),
+            cache_config=CacheConfig(
+                block_size=self.block_size,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                swap_space_bytes=int(self.swap_space * GiB),
+                enable_prefix_caching=self.enable_prefix_caching,
+                kv_cache_memory_bytes=kv_budget,
+                num_gpu_blocks_override=self.num_gpu_blocks_override,
+            ),
+            scheduler_config=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=max_batched,
+                max_model_len=max_model_len,
+                enable_chunked_prefill=self.enable_chunked_prefill,
+                preemption_mode=self.preemption_mode,
+                policy=self.scheduling_policy,
+            ),
+            device=device,
+            enforce_eager=self.enforce_eager,
+            attention_backend="triton" if device == "cuda" else "torch",
+        )
+
+
+def _derive_max_model_len(hf_config: Any, requested: int | None) -> int:
+    limit = None
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            limit = value
+            break
+    if requested is None:
+        if limit is None:
+            raise ValueError("the model config gives no context length; pass max_model_len")
+        return limit
+    if limit is not None and requested > limit:
+        raise ValueError(
+            f"max_model_len ({requested}) is larger than the model's context length ({limit})"
+        )
+    return requested
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

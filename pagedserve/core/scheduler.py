@@ -1,0 +1,394 @@
+"""Continuous batching under a token budget, with no prefill and decode phases.
+
+Every request has num_computed_tokens; each step hands out up to max_num_batched_tokens tokens:
+
+    1. running requests, in order: the rest of their prompt (a chunk if the budget is short) or
+       one decode token; when blocks run out, the lowest-ranked running request is preempted
+       (recompute: drop its blocks; swap: copy them to CPU blocks);
+    2. swapped requests come back (only in a step that preempted nothing);
+    3. waiting requests are admitted, after a prefix-cache lookup (only in a step that preempted
+       nothing and with nothing left swapped out; under the priority policy a waiting request may
+       also evict lower-priority running ones, by recompute).
+
+Rank: FCFS orders by arrival; the priority policy by (priority, arrival), lower first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pagedserve.config import CacheConfig, SchedulerConfig
+from pagedserve.core.kv_cache_manager import KVCacheManager
+from pagedserve.core.outputs import (
+    CachedRequestData,
+    EngineCoreOutput,
+    LogprobsLists,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.stop_check import check_stop
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    kv_cache_usage: float  # fraction of GPU blocks in use
+    prefix_cache_queries: int  # cumulative, in tokens
+    prefix_cache_hits: int
+    num_preemptions: int  # cumulative
+    num_scheduled_tokens: int  # this step
+    kv_slots_allocated: int  # this step: slots in blocks held by scheduled requests
+    kv_slots_wasted: int  # of which not holding a token (partial last blocks)
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        self.kv = KVCacheManager(
+            num_gpu_blocks=cache_config.num_gpu_blocks,
+            num_cpu_blocks=cache_config.num_cpu_blocks,
+            block_size=cache_config.block_size,
+            enable_caching=cache_config.enable_prefix_caching,
+        )
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []  # kept in rank order
+        self.running: list[Request] = []  # in admission order
+        self.swapped: list[Request] = []  # kept in rank order
+        self.finished_req_ids: set[str] = set()  # to tell the worker next step
+        self.num_preemptions = 0
+        self._num_scheduled: dict[str, int] = {}  # the plan being built by schedule()
+        self._copies: list[tuple[int, int]] = []
+        self._swap_out: list[tuple[int, int]] = []
+
+    # ---------------------------------------------------------------- requests in and out
+
+    def _rank(self, request: Request) -> tuple[float, ...]:
+        if self.config.policy == "priority":
+            return (request.priority, request.arrival_time)
+        return (request.arrival_time,)
+
+    def _insert_by_rank(self, queue: list[Request], request: Request) -> None:
+        rank = self._rank(request)
+        index = len(queue)
+        while index > 0 and self._rank(queue[index - 1]) > rank:
+            index -= 1
+        queue.insert(index, request)
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        for follower in request.followers:
+            follower.status = RequestStatus.WAITING_FOR_FORK
+            follower.leader = request
+            self.requests[follower.request_id] = follower
+        request.status = RequestStatus.WAITING
+        self._insert_by_rank(self.waiting, request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """Finish (usually abort) requests in any state, releasing everything they hold."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            for follower in request.followers:  # orphaned followers go with their leader
+                self._finish(follower, status)
+            request.followers.clear()
+            if request.status == RequestStatus.WAITING_FOR_FORK and request.leader is not None:
+                request.leader.followers.remove(request)
+            self._finish(request, status)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status == RequestStatus.WAITING:
+            self.waiting.remove(request)
+        elif request.status == RequestStatus.SWAPPED:
+            self.swapped.remove(request)
+        request.status = status
+        self.kv.free(request)
+        del self.requests[request.request_id]
+        self.finished_req_ids.add(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---------------------------------------------------------------- schedule
+
+    def schedule(self) -> SchedulerOutput:
+        self._num_scheduled = {}
+        self._copies = []
+        self._swap_out = []
+        budget = self.config.max_num_batched_tokens
+        num_preempted_before = self.num_preemptions
+
+        self._fork_ready_leaders()
+        budget = self._schedule_running(budget)
+        swap_in: list[tuple[int, int]] = []
+        if self.num_preemptions == num_preempted_before:
+            budget = self._schedule_swapped(budget, swap_in)
+            if not self.swapped:
+                self._schedule_waiting(budget)
+
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        for request in self.running:
+            num = self._num_scheduled.get(request.request_id)
+            if num is None:
+                continue
+            block_ids = self.kv.block_ids(request.request_id)
+            if request.needs_full_data:
+                new_reqs.append(
+                    NewRequestData(
+                        req_id=request.request_id,
+                        prompt_token_ids=request.prompt_token_ids,
+                        output_token_ids=list(request.output_token_ids),
+                        sampling_params=request.sampling_params,
+                        block_ids=block_ids,
+                        num_computed_tokens=request.num_computed_tokens,
+                        eos_token_id=request.eos_token_id,
+                    )
+                )
+                request.needs_full_data = False
+                request.worker_num_blocks = len(block_ids)
+            else:
+                cached_reqs.append(
+                    CachedRequestData(
+                        req_id=request.request_id,
+                        new_block_ids=block_ids[request.worker_num_blocks :],
+                        num_computed_tokens=request.num_computed_tokens,
+                    )
+                )
+                request.worker_num_blocks = len(block_ids)
+        output = SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=dict(self._num_scheduled),
+            total_num_scheduled_tokens=sum(self._num_scheduled.values()),
+            finished_req_ids=self.finished_req_ids,
+            blocks_to_swap_out=self._swap_out,
+            blocks_to_swap_in=swap_in,
+            blocks_to_copy=[c for c in self._copies if c[0] >= 0],
+        )
+        self.finished_req_ids = set()
+        return output
+
+    def _fork_ready_leaders(self) -> None:
+        """A leader that has computed all prompt tokens but the last hands its prefix to its
+        followers, once there are seats for them and a block for each partial-block copy."""
+        for leader in list(self.running):
+            if not leader.followers or leader.num_computed_tokens < leader.max_computable_tokens:
+                continue
+            if len(self.running) + len(leader.followers) > self.config.max_num_seqs:
+                continue
+            needs_copy = leader.num_computed_tokens % self.block_size != 0
+            if needs_copy and self.kv.pool.num_free_blocks < len(leader.followers):
+                continue
+            for follower in leader.followers:
+                copy = self.kv.fork(leader, follower)
+                assert copy is not None
+                self._copies.append(copy)
+                follower.status = RequestStatus.RUNNING
+                follower.leader = None
+                follower.num_cached_tokens = leader.num_cached_tokens
+                self.running.append(follower)
+            leader.followers = []
+
+    def _schedule_running(self, budget: int) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.max_computable_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:  # a leader waiting for seats to fork
+                index += 1
+                continue
+            while self.kv.allocate_slots(request, num_new) is None:
+                victim = self._pick_victim()
+                budget += self._preempt(victim)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted itself; running[index] is now the next request
+            self._num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            index = self.running.index(request) + 1  # earlier entries may have been preempted
+        return budget
+
+    def _schedule_swapped(self, budget: int, swap_in: list[tuple[int, int]]) -> int:
+        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.swapped[0]
+            num_new = min(request.max_computable_tokens - request.num_computed_tokens, budget)
+            if not self.kv.can_swap_in(request, num_new):
+                break
+            self.swapped.pop(0)
+            swap_in.extend(self.kv.swap_in(request))
+            allocated = self.kv.allocate_slots(request, num_new)
+            assert allocated is not None
+            request.status = RequestStatus.RUNNING
+            request.needs_full_data = True
+            self.running.append(request)
+            if num_new > 0:
+                self._num_scheduled[request.request_id] = num_new
+                budget -= num_new
+        return budget
+
+    def _schedule_waiting(self, budget: int) -> None:
+        while self.waiting and budget > 0:
+            request = self.waiting[0]
+            if len(self.running) >= self.config.max_num_seqs:
+                freed = self._evict_lower_priority(request)
+                if freed is None:
+                    break
+                budget += freed
+            hits = self.kv.get_computed_blocks(request)
+            num_hit_tokens = len(hits) * self.block_size
+            num_new = request.max_computable_tokens - num_hit_tokens
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            if self.kv.allocate_slots(request, num_new, hits) is None:
+                freed = self._evict_lower_priority(request)
+                if freed is None:
+                    break
+                budget += freed
+                continue  # retry with the freed blocks (the lookup is repeated)
+            self.waiting.pop(0)
+            self.kv.record_prefix_query(request.num_tokens)
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            request.needs_full_data = True
+            self.running.append(request)
+            self._num_scheduled[request.request_id] = num_new
+            budget -= num_new
+
+    # ---------------------------------------------------------------- preemption
+
+    def _pick_victim(self) -> Request:
+        """The lowest-ranked running request: the newest under FCFS, else the worst priority."""
+        if self.config.policy == "priority":
+            return max(self.running, key=self._rank)
+        return self.running[-1]
+
+    def _evict_lower_priority(self, request: Request) -> int | None:
+        """Priority policy only: preempt (by recompute) a running request ranked below the
+        waiting one. Returns the budget it gives back, or None when there is no such request."""
+        if self.config.policy != "priority" or not self.running:
+            return None
+        victim = self._pick_victim()
+        if self._rank(victim) <= self._rank(request):
+            return None
+        return self._preempt(victim, force_recompute=True)
+
+    def _preempt(self, victim: Request, force_recompute: bool = False) -> int:
+        """Take the victim off the GPU. Returns the tokens it had been granted this step."""
+        self.num_preemptions += 1
+        victim.num_preemptions += 1
+        granted = self._num_scheduled.pop(victim.request_id, 0)
+        self.running.remove(victim)
+        self.finished_req_ids.add(victim.request_id)  # the worker forgets it until it returns
+        victim.needs_full_data = True
+        victim_blocks = set(self.kv.block_ids(victim.request_id))
+        forked_now = any(dst in victim_blocks for _, dst in self._copies)
+        if forked_now:  # its partial block was never filled: drop the copy
+            self._copies = [c for c in self._copies if c[1] not in victim_blocks]
+        use_swap = (
+            self.config.preemption_mode == "swap"
+            and not force_recompute
+            and not forked_now
+            and self.kv.can_swap_out(victim)
+        )
+        if use_swap:
+            self._swap_out.extend(self.kv.swap_out(victim))
+            victim.status = RequestStatus.SWAPPED
+            self._insert_by_rank(self.swapped, victim)
+        else:
+            self.kv.free(victim)
+            victim.num_computed_tokens = 0
+            victim.status = RequestStatus.WAITING
+            self._insert_by_rank(self.waiting, victim)
+        return granted
+
+    # ---------------------------------------------------------------- update
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            start = request.num_computed_tokens
+            request.num_computed_tokens += num_tokens
+            new_token_ids: list[int] = []
+            token = runner_output.sampled_token_ids.get(req_id)
+            finish_status = None
+            if token is not None:
+                request.output_token_ids.append(token)
+                new_token_ids.append(token)
+                finish_status = check_stop(request, token, self.config.max_model_len)
+            self.kv.cache_computed_blocks(request)
+            prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
+            if prompt_logprobs is not None:
+                prompt_logprobs = _unseen_prompt_logprobs(request, start, prompt_logprobs)
+            if new_token_ids or prompt_logprobs is not None or finish_status is not None:
+                outputs.append(
+                    EngineCoreOutput(
+                        req_id=req_id,
+                        new_token_ids=new_token_ids,
+                        finish_reason=finish_status.finish_reason if finish_status else None,
+                        stop_reason=request.stop_reason,
+                        new_logprobs=runner_output.logprobs.get(req_id),
+                        new_prompt_logprobs=prompt_logprobs,
+                        num_cached_tokens=max(request.num_cached_tokens, 0),
+                    )
+                )
+            if finish_status is not None:
+                self._finish(request, finish_status)
+        return outputs
+
+    # ---------------------------------------------------------------- stats
+
+    def make_stats(self, scheduler_output: SchedulerOutput) -> SchedulerStats:
+        allocated = wasted = 0
+        for req_id, num in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            slots = self.kv.num_blocks_of(req_id) * self.block_size
+            allocated += slots
+            wasted += slots - (request.num_computed_tokens + num)
+        stats = self.kv.prefix_stats
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting) + sum(len(r.followers) for r in self.requests.values()),
+            num_swapped=len(self.swapped),
+            kv_cache_usage=self.kv.usage,
+            prefix_cache_queries=stats.queries,
+            prefix_cache_hits=stats.hits,
+            num_preemptions=self.num_preemptions,
+            num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens,
+            kv_slots_allocated=allocated,
+            kv_slots_wasted=wasted,
+        )
+
+
+def _unseen_prompt_logprobs(
+    request: Request, start: int, rows: LogprobsLists
+) -> LogprobsLists | None:
+    """Rows of a chunk starting at position `start` predict prompt tokens start+1, start+2, ...
+    Drop the rows reported before (a recompute preemption computes them again)."""
+    skip = max(request.num_prompt_logprob_rows - start, 0)
+    if skip:
+        rows = LogprobsLists(rows.token_ids[skip:], rows.logprobs[skip:], rows.ranks[skip:])
+    request.num_prompt_logprob_rows = max(request.num_prompt_logprob_rows, start + skip + len(rows))
+    return rows if len(rows) else None

@@ -1,0 +1,110 @@
+"""KV cache tensors on the device and in CPU swap space, their sizing, and block movement.
+
+Per layer, keys and values each live in one tensor of blocks:
+
+    key_cache[layer]: [num_blocks, block_size, num_kv_heads, head_dim]
+
+    token at position p of a request  ->  slot = block_table[p // block_size] * block_size
+                                                 + p % block_size
+    key_cache.view(-1, num_kv_heads, head_dim)[slot] holds its key.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+        num_heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+        return cls(hf_config.num_hidden_layers, num_kv_heads, head_dim, block_size, dtype)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Keys and values of one block across all layers."""
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        per_layer = self.block_size * self.num_kv_heads * self.head_dim * element_size
+        return 2 * self.num_layers * per_layer
+
+
+def allocate_kv_cache(
+    spec: KVCacheSpec, num_blocks: int, device: torch.device, pin_memory: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    caches = []
+    for _ in range(spec.num_layers):
+        key = torch.zeros(shape, dtype=spec.dtype, device=device, pin_memory=pin_memory)
+        value = torch.zeros(shape, dtype=spec.dtype, device=device, pin_memory=pin_memory)
+        caches.append((key, value))
+    return caches
+
+
+def move_blocks(
+    src: list[tuple[torch.Tensor, torch.Tensor]],
+    dst: list[tuple[torch.Tensor, torch.Tensor]],
+    mapping: list[tuple[int, int]],
+) -> None:
+    """Copy blocks src[i] -> dst[j] for each (i, j), in every layer (swap out/in, fork copy).
+
+    One gather + one scatter per tensor: index_select on the source, index_copy_ into the
+    destination (which may be on another device; the transfer is non-blocking from pinned memory).
+    """
+    if not mapping:
+        return
+    src_device = src[0][0].device
+    dst_device = dst[0][0].device
+    src_idx = torch.tensor([s for s, _ in mapping], dtype=torch.long, device=src_device)
+    dst_idx = torch.tensor([d for _, d in mapping], dtype=torch.long, device=dst_device)
+    for (src_k, src_v), (dst_k, dst_v) in zip(src, dst):
+        for s_tensor, d_tensor in ((src_k, dst_k), (src_v, dst_v)):
+            blocks = s_tensor.index_select(0, src_idx).to(dst_device, non_blocking=True)
+            d_tensor.index_copy_(0, dst_idx, blocks)
+
+
+def num_blocks_from_budget(budget_bytes: int, spec: KVCacheSpec) -> int:
+    return max(int(budget_bytes // spec.bytes_per_block), 0)
+
+
+def profile_gpu_kv_budget(
+    run_peak_forward: Any, gpu_memory_utilization: float, device: torch.device
+) -> int:
+    """Bytes left for the KV cache after a maximal forward pass, under the utilisation cap.
+
+    budget = total * utilization - (peak torch allocation during the pass
+                                    + memory held outside torch's allocator: CUDA context,
+                                      cuBLAS workspaces, other processes)
+    """
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    run_peak_forward()
+    torch.cuda.synchronize(device)
+    peak_torch = torch.cuda.max_memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    non_torch = (total - free) - torch.cuda.memory_reserved(device)
+    budget = int(total * gpu_memory_utilization) - peak_torch - max(non_torch, 0)
+    logger.info(
+        "memory profile: total %.2f GiB, peak torch %.2f GiB, non-torch %.2f GiB, KV budget %.2f GiB",
+        total / 2**30, peak_torch / 2**30, non_torch / 2**30, budget / 2**30,
+    )
+    if budget <= 0:
+        raise RuntimeError(
+            "no GPU memory left for the KV cache: raise gpu_memory_utilization or lower "
+            "max_num_batched_tokens / max_model_len"
+        )
+    return budget

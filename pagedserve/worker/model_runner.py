@@ -1,0 +1,295 @@
+"""SchedulerOutput -> input tensors -> model -> sampler -> ModelRunnerOutput.
+
+The runner keeps a small state per running request (its tokens, block table and sampling
+parameters) so that the scheduler only sends diffs. Inputs of one step, for B requests packed
+back to back (T tokens in all):
+
+    input_ids, positions, slot_mapping : [T]
+    query_start_loc                    : [B+1]   request i's tokens are [qsl[i], qsl[i+1])
+    seq_lens                           : [B]     context after this step = computed + scheduled
+    block_tables                       : [B, max_blocks], padded with 0
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedserve.config import EngineConfig
+from pagedserve.core.outputs import ModelRunnerOutput, SchedulerOutput
+from pagedserve.model_executor.layers.attention import AttentionMetadata
+from pagedserve.model_executor.loader import load_model, resolve_dtype
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.kv_cache import (
+    KVCacheSpec,
+    allocate_kv_cache,
+    move_blocks,
+    num_blocks_from_budget,
+    profile_gpu_kv_budget,
+)
+from pagedserve.worker.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
+
+logger = logging.getLogger(__name__)
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant, spreads (seed, step) pairs
+
+
+@dataclass(slots=True)
+class RequestState:
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    eos_token_id: int | None
+    generator: torch.Generator | None = field(default=None)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output."""
+        prompt_len = len(self.prompt_token_ids)
+        if end <= prompt_len:
+            return self.prompt_token_ids[start:end]
+        if start >= prompt_len:
+            return self.output_token_ids[start - prompt_len : end - prompt_len]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - prompt_len]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        model_config = config.model_config
+        self.dtype = resolve_dtype(model_config.dtype, model_config.hf_config)
+        torch.manual_seed(model_config.seed)
+        started = time.perf_counter()
+        loaded = load_model(
+            model_config.model_dir, self.dtype, self.device, attn_backend=config.attention_backend
+        )
+        self.model = loaded.model
+        self.hf_config = loaded.hf_config
+        self.vocab_size = self.hf_config.vocab_size
+        self.load_seconds = time.perf_counter() - started
+        self.spec = KVCacheSpec.from_hf_config(
+            self.hf_config, config.cache_config.block_size, self.dtype
+        )
+        self.sampler = Sampler()
+        self.states: dict[str, RequestState] = {}
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # ---------------------------------------------------------------- KV cache set-up
+
+    def determine_num_blocks(self) -> tuple[int, int]:
+        cache = self.config.cache_config
+        if cache.num_gpu_blocks_override is not None:
+            num_gpu = cache.num_gpu_blocks_override
+        elif cache.kv_cache_memory_bytes is not None:
+            num_gpu = num_blocks_from_budget(cache.kv_cache_memory_bytes, self.spec)
+        else:
+            budget = profile_gpu_kv_budget(
+                self._profile_forward, cache.gpu_memory_utilization, self.device
+            )
+            num_gpu = num_blocks_from_budget(budget, self.spec)
+        num_cpu = num_blocks_from_budget(cache.swap_space_bytes, self.spec)
+        if num_gpu < 1:
+            raise ValueError("the KV cache budget holds no block; give it more memory")
+        max_len = self.config.scheduler_config.max_model_len
+        if num_gpu * self.spec.block_size < max_len:
+            logger.warning(
+                "KV cache holds %d tokens, fewer than max_model_len (%d)",
+                num_gpu * self.spec.block_size, max_len,
+            )
+        return num_gpu, num_cpu
+
+    def initialize_kv_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
+        self.kv_caches = allocate_kv_cache(self.spec, num_gpu_blocks, self.device)
+        pin = self.device.type == "cuda"
+        self.cpu_caches = allocate_kv_cache(
+            self.spec, num_cpu_blocks, torch.device("cpu"), pin_memory=pin
+        ) if num_cpu_blocks else []
+
+    @torch.inference_mode()
+    def _profile_forward(self) -> None:
+        """The largest step the scheduler can plan: max_num_batched_tokens tokens, split into
+        sequences of at most max_model_len, with no KV cache (dense attention)."""
+        sched = self.config.scheduler_config
+        num_tokens = sched.max_num_batched_tokens
+        seq_len = min(num_tokens, sched.max_model_len)
+        lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+        input_ids = torch.randint(0, self.vocab_size, (num_tokens,), device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        qsl = torch.tensor([0] + lens, device=self.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=self.device),
+            query_start_loc=qsl,
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros((len(lens), 1), dtype=torch.int32, device=self.device),
+            max_query_len=max(lens),
+            max_seq_len=max(lens),
+        )
+        hidden = self.model(input_ids, positions, [], meta)
+        rows = min(sched.max_num_seqs, num_tokens)
+        logits = self.model.compute_logits(hidden[-rows:])
+        torch.softmax(logits, dim=-1)
+
+    # ---------------------------------------------------------------- one step
+
+    def _update_states(self, plan: SchedulerOutput) -> None:
+        for req_id in plan.finished_req_ids:
+            self.states.pop(req_id, None)
+        for new in plan.scheduled_new_reqs:
+            params = new.sampling_params
+            self.states[new.req_id] = RequestState(
+                req_id=new.req_id,
+                prompt_token_ids=list(new.prompt_token_ids),
+                output_token_ids=list(new.output_token_ids),
+                sampling_params=params,
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+                eos_token_id=new.eos_token_id,
+                generator=torch.Generator(device=self.device) if params.seed is not None else None,
+            )
+        for cached in plan.scheduled_cached_reqs:
+            state = self.states[cached.req_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    @torch.inference_mode()
+    def execute_model(self, plan: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(plan)
+        if plan.blocks_to_swap_out:
+            move_blocks(self.kv_caches, self.cpu_caches, plan.blocks_to_swap_out)
+        if plan.blocks_to_swap_in:
+            move_blocks(self.cpu_caches, self.kv_caches, plan.blocks_to_swap_in)
+        if plan.blocks_to_copy:
+            move_blocks(self.kv_caches, self.kv_caches, plan.blocks_to_copy)
+        if plan.is_empty:
+            return ModelRunnerOutput(sampled_token_ids={})
+
+        inputs = self._prepare_inputs(plan)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        output = ModelRunnerOutput(sampled_token_ids={})
+        self._prompt_logprobs(plan, inputs, hidden, output)
+        if inputs.sample_req_ids:
+            self._sample(inputs, hidden, output)
+        for req_id, num in plan.num_scheduled_tokens.items():
+            self.states[req_id].num_computed_tokens += num
+        return output
+
+    def _prepare_inputs(self, plan: SchedulerOutput) -> StepInputs:
+        bs = self.spec.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        sample_req_ids: list[str] = []
+        sample_rows: list[int] = []  # index into the packed tokens of each sampled row
+        for req_id, num in plan.num_scheduled_tokens.items():
+            state = self.states[req_id]
+            start = state.num_computed_tokens
+            end = start + num
+            token_ids.extend(state.token_ids(start, end))
+            positions.extend(range(start, end))
+            table = state.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            qsl.append(qsl[-1] + num)
+            seq_lens.append(end)
+            tables.append(table)
+            if end == state.num_tokens:  # caught up with every known token: sample the next
+                sample_req_ids.append(req_id)
+                sample_rows.append(qsl[-1] - 1)
+        max_blocks = max(len(t) for t in tables)
+        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        device = self.device
+
+        def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        metadata = AttentionMetadata(
+            slot_mapping=to_device(slots, torch.long),
+            query_start_loc=to_device(qsl, torch.int32),
+            seq_lens=to_device(seq_lens, torch.int32),
+            block_tables=to_device(padded, torch.int32),
+            max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(seq_lens))),
+            max_seq_len=max(seq_lens),
+        )
+        return StepInputs(
+            input_ids=to_device(token_ids, torch.long),
+            positions=to_device(positions, torch.long),
+            metadata=metadata,
+            query_start_loc=qsl,
+            sample_req_ids=sample_req_ids,
+            sample_rows=sample_rows,
+        )
+
+    def _sample(self, inputs: StepInputs, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
+        rows = torch.tensor(inputs.sample_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        states = [self.states[r] for r in inputs.sample_req_ids]
+        generators = []
+        for state in states:
+            if state.generator is not None:
+                # Counter-based seeding: draw k of a seeded request depends only on (seed, k), so
+                # outputs survive preemption and do not depend on the rest of the batch.
+                seed = state.sampling_params.seed
+                assert seed is not None
+                step_seed = (seed * _SEED_MIX + len(state.output_token_ids)) % (1 << 63)
+                state.generator.manual_seed(step_seed)
+            generators.append(state.generator)
+        meta = SamplingMetadata.build(
+            params=[s.sampling_params for s in states],
+            prompt_token_ids=[s.prompt_token_ids for s in states],
+            output_token_ids=[s.output_token_ids for s in states],
+            generators=generators,
+            eos_token_ids=[s.eos_token_id for s in states],
+            vocab_size=self.vocab_size,
+            device=self.device,
+        )
+        result = self.sampler(logits, meta)
+        for state, token, logprobs in zip(states, result.sampled_token_ids, result.logprobs):
+            state.output_token_ids.append(token)
+            output.sampled_token_ids[state.req_id] = token
+            if logprobs is not None:
+                output.logprobs[state.req_id] = logprobs
+
+    def _prompt_logprobs(
+        self, plan: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor, output: ModelRunnerOutput
+    ) -> None:
+        """Rows for prompt positions p in this chunk with p + 1 < prompt length: the logits at p
+        score prompt token p + 1."""
+        for index, (req_id, num) in enumerate(plan.num_scheduled_tokens.items()):
+            state = self.states[req_id]
+            num_logprobs = state.sampling_params.prompt_logprobs
+            if num_logprobs is None:
+                continue
+            start = state.num_computed_tokens
+            end = min(start + num, len(state.prompt_token_ids) - 1)
+            if end <= start:
+                continue
+            first = inputs.query_start_loc[index]
+            logits = self.model.compute_logits(hidden[first : first + end - start])
+            targets = torch.tensor(
+                state.prompt_token_ids[start + 1 : end + 1], dtype=torch.long, device=self.device
+            )
+            output.prompt_logprobs[req_id] = compute_prompt_logprobs(logits, targets, num_logprobs)
+
+
+@dataclass(slots=True)
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    metadata: AttentionMetadata
+    query_start_loc: list[int]
+    sample_req_ids: list[str]
+    sample_rows: list[int]
+
