@@ -30,7 +30,8 @@ PromptLogprobs = list[dict[int, Logprob] | None]
 
 @dataclass(slots=True)
 class RequestMetrics:
-    """Wall-clock timestamps (time.time() seconds) of one request's life, for latency metrics."""
+    """Timestamps of one request's life, for latency metrics, in time.monotonic() seconds (the
+    engine passes a monotonic arrival_time; the output processor stamps the rest)."""
 
     arrival_time: float
     first_token_time: float | None = None

@@ -181,7 +181,7 @@ class OutputProcessor:
         self._parents[request_id] = parent
 
     def process_outputs(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
-        now = time.time()
+        now = time.monotonic()
         touched: dict[str, _Parent] = {}
         reqs_to_abort: list[str] = []
         for out in outputs:
@@ -235,6 +235,10 @@ class OutputProcessor:
                 if self._children.pop(child.req_id, None) is not None:
                     child_ids.append(child.req_id)
         return child_ids
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether a parent request with this id is running."""
+        return request_id in self._parents
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
