@@ -1,0 +1,648 @@
+"""Pydantic models of the OpenAI API, as vLLM accepts them (requests) and returns them (responses).
+
+Requests accept the OpenAI fields plus vLLM's sampling extras (top_k, min_p, repetition_penalty,
+ignore_eos, min_tokens, stop_token_ids, ...). Unknown fields are ignored with a warning, as vLLM
+does. Every bound is checked here so that a bad value is a 400 naming the field (see errors.py);
+`to_sampling_params()` then yields keyword arguments that `SamplingParams` accepts.
+
+Field presence rule of `to_sampling_params`: a knob the request leaves unset (None) is taken from
+`default_sampling_params` (the model's generation_config, as vLLM) or, failing that, omitted, so
+that SamplingParams' own default applies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+from pagedserve.entrypoints.openai.errors import BadRequestError, ParamError
+
+logger = logging.getLogger(__name__)
+
+# SamplingParams' seed range: torch.Generator takes a signed or unsigned 64-bit seed.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+# JSON has no -inf; OpenAI-compatible servers send this floor instead (as vLLM).
+LOGPROB_FLOOR = -9999.0
+
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TokenId = Annotated[int, Field(ge=0)]
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def clamp_logprob(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
+class OpenAIBaseModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+
+
+class _RequestModel(OpenAIBaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                logger.warning("%s: ignoring unknown fields %s", cls.__name__, sorted(map(str, unknown))[:20])
+        return data
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool | None = True
+    continuous_usage_stats: bool | None = False  # vLLM extra: usage on every chunk
+
+
+class _SamplingRequest(_RequestModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    logit_bias: dict[str, float] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] = 1
+    seed: Annotated[int, Field(ge=_SEED_MIN, le=_SEED_MAX)] | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Field(ge=0.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    user: str | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    # vLLM extras
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    stop_token_ids: list[TokenId] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0)] | None = None
+    priority: int = 0
+    request_id: Annotated[str, Field(max_length=256)] | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return [v] if v else None
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise ValueError("stop must be a string or a list of strings")
+        if any(s == "" for s in v):
+            raise ValueError("stop must not contain empty strings")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
+        return v
+
+    @property
+    def is_streaming(self) -> bool:
+        return bool(self.stream)
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (stream_options.include_usage)."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        raise NotImplementedError
+
+    def _logprob_params(self) -> tuple[int | None, int | None]:
+        """(logprobs, prompt_logprobs) in SamplingParams' meaning."""
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _check_shared(self) -> _SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ParamError("stream_options", "stream_options can only be set when stream=true.")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ParamError("prompt_logprobs", "prompt_logprobs is not available when stream=true.")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ParamError(
+                "best_of", f"best_of must be equal to n={self.n} (best_of > n is not supported)."
+            )
+        max_tokens = self.requested_max_tokens()
+        if max_tokens is not None and self.min_tokens > max_tokens:
+            raise ParamError(
+                "min_tokens", f"min_tokens must be in [0, max_tokens={max_tokens}], got {self.min_tokens}."
+            )
+        return self
+
+    def to_sampling_params(
+        self, default_max_tokens: int, default_sampling_params: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Keyword arguments for `pagedserve.sampling_params.SamplingParams`.
+
+        default_max_tokens: used when the request sets no max_tokens (the server passes what still
+        fits in the context). default_sampling_params: the model's generation defaults (keys are
+        SamplingParams field names), used for the knobs the request leaves unset.
+        """
+        if default_max_tokens < 1:
+            raise BadRequestError(
+                f"The prompt leaves no room to generate (default_max_tokens={default_max_tokens}).",
+                param="max_tokens",
+            )
+        defaults = dict(default_sampling_params or {})
+        max_tokens = self.requested_max_tokens()
+        if max_tokens is None:
+            max_tokens = min(int(defaults.get("max_tokens", default_max_tokens)), default_max_tokens)
+        if self.min_tokens > max_tokens:
+            raise BadRequestError(
+                f"min_tokens must be in [0, max_tokens={max_tokens}], got {self.min_tokens}.", "min_tokens"
+            )
+        out: dict[str, Any] = {
+            "n": self.n,
+            "max_tokens": max_tokens,
+            "min_tokens": self.min_tokens,
+            "stop": list(self.stop or []),
+            "stop_token_ids": list(self.stop_token_ids or []),
+            "ignore_eos": self.ignore_eos,
+            "skip_special_tokens": self.skip_special_tokens,
+            "spaces_between_special_tokens": self.spaces_between_special_tokens,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+        }
+        logprobs, prompt_logprobs = self._logprob_params()
+        optional: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+            "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs,
+            "truncate_prompt_tokens": self.truncate_prompt_tokens,
+            "best_of": self.best_of,
+            "logit_bias": {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+        }
+        for name, value in optional.items():
+            if value is not None:
+                out[name] = value
+            elif name in defaults and defaults[name] is not None:
+                out[name] = defaults[name]
+        return out
+
+
+# ---------------------------------------------------------------------------- /v1/completions
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    echo: bool | None = False
+    logprobs: Annotated[int, Field(ge=0)] | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, v: Any) -> Any:
+        # One clear message per shape error instead of pydantic's four union-branch errors.
+        shapes = "a string, a list of strings, a list of token ids or a list of token-id lists"
+        if isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise ValueError(f"prompt must be {shapes}")
+        if not v:
+            raise ValueError("prompt must not be empty")
+        if all(isinstance(p, str) for p in v):
+            return v
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            if any(t < 0 for t in v):
+                raise ValueError("prompt token ids must be >= 0")
+            return v
+        if all(isinstance(p, list) for p in v):
+            for p in v:
+                if not p:
+                    raise ValueError("prompt token-id lists must not be empty")
+                if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in p):
+                    raise ValueError("prompt token ids must be integers >= 0")
+            return v
+        raise ValueError(f"prompt must be {shapes} (not a mix)")
+
+    @model_validator(mode="after")
+    def _check_completion(self) -> CompletionRequest:
+        if self.suffix:
+            raise ParamError("suffix", "suffix is not supported.")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts: each a text or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [[int(t) for t in p]]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def _logprob_params(self) -> tuple[int | None, int | None]:
+        prompt_logprobs = self.prompt_logprobs
+        if prompt_logprobs is None and self.echo and self.logprobs is not None:
+            prompt_logprobs = self.logprobs  # echo + logprobs: the prompt's logprobs come back too
+        return self.logprobs, prompt_logprobs
+
+
+# ---------------------------------------------------------------------------- /v1/chat/completions
+
+
+class TextContentPart(OpenAIBaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessageParam(OpenAIBaseModel):
+    """One input message. Extra keys are kept: chat templates may read them."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _check_content(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise ValueError("content must be a string or a list of {'type': 'text', 'text': ...} parts")
+        for i, part in enumerate(v):
+            if not isinstance(part, dict):
+                raise ValueError(f"content part {i} must be an object {{'type': 'text', 'text': ...}}")
+            kind = part.get("type")
+            if kind != "text":
+                raise ValueError(f"content part {i} has type {kind!r}; only 'text' parts are supported")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {i} needs a string 'text'")
+        return v
+
+    def text(self) -> str:
+        """The content as one string (text parts joined by newlines, as vLLM's "string" format)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text for p in self.content)
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ChatTool(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: dict[str, str]  # {"name": ...}
+
+
+class ResponseFormat(OpenAIBaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ParamError(
+                "response_format.json_schema", "response_format type 'json_schema' needs a json_schema."
+            )
+        return self
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # deprecated by OpenAI, still honoured
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = False
+    top_logprobs: Annotated[int, Field(ge=0)] | None = 0
+    response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # vLLM extras
+    echo: bool = False  # prepend the last message's content when it has the reply's role
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ParamError("top_logprobs", "top_logprobs requires logprobs=true.")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ParamError(
+                "continue_final_message",
+                "continue_final_message and add_generation_prompt cannot both be true.",
+            )
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ParamError(
+                "messages", "continue_final_message needs the last message to be from the assistant."
+            )
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ParamError("tool_choice", "tool_choice 'required' or a named function needs tools.")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            wanted = self.tool_choice.function.get("name")
+            if wanted not in {t.function.name for t in self.tools or []}:
+                raise ParamError(
+                    "tool_choice", f"tool_choice names function {wanted!r}, which is not in tools."
+                )
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _logprob_params(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0) if self.logprobs else None, self.prompt_logprobs
+
+    def messages_for_template(self) -> list[dict[str, Any]]:
+        """Messages as plain dicts with string content, ready for tokenizer.apply_chat_template."""
+        out: list[dict[str, Any]] = []
+        for m in self.messages:
+            d = m.model_dump(exclude_none=True, exclude={"content"})
+            d["content"] = m.text()
+            out.append(d)
+        return out
+
+    def tools_for_template(self) -> list[dict[str, Any]] | None:
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+class PromptTokenUsageInfo(OpenAIBaseModel):
+    cached_tokens: int | None = None
+
+
+class UsageInfo(OpenAIBaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    completion_tokens: int | None = 0
+    prompt_tokens_details: PromptTokenUsageInfo | None = None
+
+
+class PromptLogprob(OpenAIBaseModel):
+    """vLLM's prompt_logprobs entry (token id -> this)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+class CompletionLogProbs(OpenAIBaseModel):
+    """The legacy (completions) logprobs format: parallel lists, one entry per token."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionResponseChoice(OpenAIBaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM extra: the stop string / token id that matched
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+
+
+class CompletionResponse(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: random_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionResponseChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class CompletionResponseStreamChoice(OpenAIBaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionStreamResponse(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: random_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionResponseStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ChatCompletionLogProb(OpenAIBaseModel):
+    """The chat logprobs format: one object per token, `bytes` = UTF-8 bytes of the token."""
+
+    token: str
+    logprob: float = LOGPROB_FLOOR
+    bytes: list[int] | None = None
+
+
+class ChatCompletionLogProbsContent(ChatCompletionLogProb):
+    top_logprobs: list[ChatCompletionLogProb] = Field(default_factory=list)
+
+
+class ChatCompletionLogProbs(OpenAIBaseModel):
+    content: list[ChatCompletionLogProbsContent] | None = None
+
+
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl-tool"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(OpenAIBaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: str
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class DeltaMessage(OpenAIBaseModel):
+    """A stream delta. Unset parts are left out of the JSON (OpenAI sends only what changed)."""
+
+    role: str | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _drop_empty(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None and v != []}
+
+
+class ChatCompletionResponseChoice(OpenAIBaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = "stop"
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionResponseChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+
+
+class ChatCompletionResponseStreamChoice(OpenAIBaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionStreamResponse(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionResponseStreamChoice]
+    usage: UsageInfo | None = None
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_event(chunk: BaseModel) -> str:
+    """One server-sent event carrying `chunk` as JSON."""
+    return f"data: {chunk.model_dump_json()}\n\n"
+
+
+# ---------------------------------------------------------------------------- models, tokenize, errors
+
+
+class ModelCard(OpenAIBaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "pagedserve"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+    permission: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+class TokenizeCompletionRequest(_RequestModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_RequestModel):
+    model: str | None = None
+    messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenizeChatRequest:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ParamError(
+                "continue_final_message",
+                "continue_final_message and add_generation_prompt cannot both be true.",
+            )
+        return self
+
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
+
+
+class TokenizeResponse(OpenAIBaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_RequestModel):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(OpenAIBaseModel):
+    prompt: str
+
+
+class ErrorInfo(OpenAIBaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(OpenAIBaseModel):
+    error: ErrorInfo
