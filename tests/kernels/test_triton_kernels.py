@@ -1,0 +1,404 @@
+"""Triton kernels vs their plain-torch twins (pagedserve.kernels.reference).
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py) on tiny shapes; the
+tests marked `gpu` repeat the checks at real model shapes on CUDA. Every check draws fresh random
+inputs and fills outputs (and unused KV-cache slots) with NaN first, so an element the kernel fails
+to write, or a cache slot it wrongly reads, shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pagedserve.kernels import reference as ref  # noqa: E402
+from pagedserve.kernels.triton.activation import silu_and_mul  # noqa: E402
+from pagedserve.kernels.triton.attention import AttentionTuning, paged_attention  # noqa: E402
+from pagedserve.kernels.triton.kv_cache import write_kv_cache  # noqa: E402
+from pagedserve.kernels.triton.norm import fused_add_rms_norm, rms_norm  # noqa: E402
+from pagedserve.kernels.triton.rotary import rotary_embedding  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+# Small tiles so the interpreter exercises multi-tile loops and multi-partition decode cheaply.
+SMALL = AttentionTuning(decode_partition_size=32, decode_block_n=16, prefill_block_m=16, prefill_block_n=16)
+TOL: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+    torch.float16: {"atol": 2e-3, "rtol": 2e-3},
+    # bf16: one ulp is up to 2^-7 relative and the twin rounds twice in places: allow ~2 ulp.
+    torch.bfloat16: {"atol": 1e-2, "rtol": 2e-2},
+}
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, exact: bool = False) -> None:
+    tol = {"atol": 0.0, "rtol": 0.0} if exact else TOL[dtype]
+    torch.testing.assert_close(got, want, atol=tol["atol"], rtol=tol["rtol"])
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def _randn(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged attention cases
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PagedCase:
+    query: torch.Tensor  # [T, num_heads, head_dim]
+    key_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim], NaN where unused
+    value_cache: torch.Tensor
+    block_tables: torch.Tensor  # [B, max_blocks] int32, shuffled blocks, padding -> NaN block
+    seq_lens: torch.Tensor  # [B] int32
+    query_start_loc: torch.Tensor  # [B+1] int32
+    scale: float
+    max_query_len: int
+
+
+def make_case(
+    seq_lens: list[int],
+    q_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    seed: int,
+    extra_table_cols: int = 2,
+) -> PagedCase:
+    """A batch whose contexts live in randomly permuted physical blocks.
+
+    Physical block 0 is never assigned and stays NaN; block-table padding points at it, and the
+    unused tail of each request's last block is NaN too: reading anything past seq_len poisons the
+    output.
+    """
+    g = _gen(seed)
+    n_blocks = [(s + block_size - 1) // block_size for s in seq_lens]
+    num_blocks = sum(n_blocks) + 3
+    perm = (torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(seed)) + 1).tolist()
+    max_blocks = max(n_blocks) + extra_table_cols
+    tables = torch.zeros((len(seq_lens), max_blocks), dtype=torch.int32)
+    key_cache = torch.full(
+        (num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE
+    )
+    value_cache = torch.full_like(key_cache, float("nan"))
+    for i, (s, nb) in enumerate(zip(seq_lens, n_blocks)):
+        blocks = [perm.pop() for _ in range(nb)]
+        tables[i, :nb] = torch.tensor(blocks, dtype=torch.int32)
+        pos = torch.arange(s)
+        blk = torch.tensor(blocks, dtype=torch.long)[pos // block_size].to(DEVICE)
+        off = (pos % block_size).to(DEVICE)
+        key_cache[blk, off] = _randn((s, num_kv_heads, head_dim), dtype, g)
+        value_cache[blk, off] = _randn((s, num_kv_heads, head_dim), dtype, g)
+    qsl = [0]
+    for q in q_lens:
+        qsl.append(qsl[-1] + q)
+    return PagedCase(
+        query=_randn((qsl[-1], num_heads, head_dim), dtype, g),
+        key_cache=key_cache,
+        value_cache=value_cache,
+        block_tables=tables.to(DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
+        scale=head_dim**-0.5,
+        max_query_len=max(q_lens),
+    )
+
+
+def check_attention(
+    case: PagedCase,
+    sliding_window: int | None = None,
+    tuning: AttentionTuning = SMALL,
+    pass_max_query_len: bool = True,
+) -> None:
+    out = torch.full_like(case.query, float("nan"))
+    args = (
+        case.query,
+        case.key_cache,
+        case.value_cache,
+        case.block_tables,
+        case.seq_lens,
+        case.query_start_loc,
+    )
+    got = paged_attention(
+        *args,
+        case.scale,
+        sliding_window,
+        max_query_len=case.max_query_len if pass_max_query_len else None,
+        out=out,
+        tuning=tuning,
+    )
+    assert got is out
+    want = ref.paged_attention(*args, case.scale, sliding_window)
+    assert not torch.isnan(got).any(), "kernel left output elements unwritten (or read poisoned cache slots)"
+    assert_close(got.float(), want.float(), case.query.dtype)
+
+
+# --- decode (every query length 1) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_decode_block_boundaries_single_partition(seed: int) -> None:
+    # Context lengths around one block of 16; whole context fits one partition (direct path).
+    case = make_case([1, 15, 16, 17], [1, 1, 1, 1], 4, 2, 32, 16, torch.float32, seed)
+    check_attention(case, tuning=AttentionTuning(decode_partition_size=64, decode_block_n=16))
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dtype"),
+    [(4, 2, torch.float32), (4, 1, torch.bfloat16), (2, 2, torch.float16)],  # GQA, MQA, MHA
+)
+def test_decode_multi_partition(heads: int, kv_heads: int, dtype: torch.dtype) -> None:
+    # partition 32, tiles of 16: contexts span 1..4 partitions, split + reduce path.
+    case = make_case([1, 17, 33, 100, 64], [1] * 5, heads, kv_heads, 32, 16, dtype, seed=3)
+    check_attention(case)
+
+
+def test_decode_sliding_window() -> None:
+    # window 20: early partitions of long contexts are skipped entirely; a window ending mid-tile.
+    case = make_case([1, 15, 17, 50, 90], [1] * 5, 4, 2, 32, 16, torch.float32, seed=4)
+    check_attention(case, sliding_window=20)
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_decode_other_block_sizes(block_size: int) -> None:
+    case = make_case([5, 31, 70], [1] * 3, 4, 2, 64, block_size, torch.float32, seed=5)
+    check_attention(case, pass_max_query_len=False)
+
+
+# --- prefill / chunked prefill / mixed -------------------------------------------------------
+
+
+def test_prefill_block_boundaries() -> None:
+    # Whole prompts (q_len == seq_len) of lengths around the block size of 16.
+    case = make_case([1, 15, 16, 17], [1, 15, 16, 17], 4, 2, 32, 16, torch.float32, seed=6)
+    check_attention(case)
+
+
+def test_chunked_prefill_with_cached_prefix() -> None:
+    # Second chunks: 23 of 40 and 28 of 33 tokens are already cached.
+    case = make_case([40, 33], [17, 5], 4, 2, 32, 16, torch.float32, seed=7)
+    check_attention(case, pass_max_query_len=False)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dtype"),
+    [(4, 2, torch.float32), (4, 1, torch.bfloat16), (2, 2, torch.float16)],
+)
+def test_mixed_prefill_and_decode(heads: int, kv_heads: int, dtype: torch.dtype) -> None:
+    case = make_case([17, 30, 16, 9, 1], [1, 12, 1, 9, 1], heads, kv_heads, 32, 16, dtype, seed=8)
+    check_attention(case)
+
+
+def test_prefill_sliding_window() -> None:
+    # window 7 < tile: rows at the start of a tile see keys from an earlier tile, later rows don't.
+    case = make_case([40, 20, 33], [21, 20, 1], 4, 2, 32, 16, torch.float32, seed=9)
+    check_attention(case, sliding_window=7)
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_prefill_other_block_sizes_and_head_dim_64(block_size: int) -> None:
+    case = make_case([20, 45], [20, 6], 2, 1, 64, block_size, torch.float32, seed=10)
+    check_attention(case)
+
+
+def test_prefill_wide_group_and_default_tiles() -> None:
+    # 8 query heads per KV head with the production tile sizes (64 rows, 64 keys).
+    case = make_case([70, 3], [70, 2], 8, 1, 32, 16, torch.bfloat16, seed=11)
+    check_attention(case, tuning=AttentionTuning())
+
+
+def test_padding_rows_are_zero_without_out() -> None:
+    case = make_case([5, 9], [2, 3], 4, 2, 32, 16, torch.float32, seed=12)
+    padded = torch.cat([case.query, _randn((3, 4, 32), torch.float32, _gen(13))])
+    args = (padded, case.key_cache, case.value_cache, case.block_tables, case.seq_lens, case.query_start_loc)
+    got = paged_attention(*args, case.scale, tuning=SMALL)
+    assert_close(got, ref.paged_attention(*args, case.scale), torch.float32)
+    assert torch.equal(got[5:], torch.zeros_like(got[5:]))
+
+
+def test_attention_rejects_bad_shapes() -> None:
+    case = make_case([5], [5], 4, 2, 32, 16, torch.float32, seed=14)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        paged_attention(
+            case.query[:, :3], case.key_cache, case.value_cache, case.block_tables,
+            case.seq_lens, case.query_start_loc, case.scale,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="sliding_window"):
+        paged_attention(
+            case.query, case.key_cache, case.value_cache, case.block_tables,
+            case.seq_lens, case.query_start_loc, case.scale, 0,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# KV write, norms, rotary, activation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_cache(dtype: torch.dtype) -> None:
+    g = _gen(20)
+    num_blocks, block_size, kvh, hd = 6, 16, 2, 32
+    # key/value as strided views of a fused buffer, as a QKV projection would produce.
+    fused = _randn((7, 2 * kvh + 1, hd), dtype, g)
+    key, value = fused[:, :kvh], fused[:, kvh : 2 * kvh]
+    slots = torch.tensor([17, -1, 0, 95, 15, 16, -1], dtype=torch.int64, device=DEVICE)
+    caches = [
+        torch.full((num_blocks, block_size, kvh, hd), float("nan"), dtype=dtype, device=DEVICE)
+        for _ in range(4)
+    ]
+    write_kv_cache(key, value, caches[0], caches[1], slots)
+    ref.write_kv_cache(key, value, caches[2], caches[3], slots)
+    # NaN marks untouched slots on both sides: compare with NaNs equal.
+    assert torch.equal(caches[0].isnan(), caches[2].isnan())
+    torch.testing.assert_close(caches[0], caches[2], equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(caches[1], caches[3], equal_nan=True, rtol=0, atol=0)
+    assert int((~caches[0].isnan()).all(-1).all(-1).sum()) == 5  # exactly the 5 real slots
+
+
+@pytest.mark.parametrize(("dtype", "hidden"), [(torch.float32, 64), (torch.bfloat16, 100)])
+def test_rms_norm(dtype: torch.dtype, hidden: int) -> None:
+    g = _gen(21)
+    x = _randn((5, hidden), dtype, g) * 3
+    w = _randn((hidden,), dtype, g)
+    out = torch.full_like(x, float("nan"))
+    got = rms_norm(x, w, 1e-6, out=out)
+    assert got is out
+    assert_close(got, ref.rms_norm(x, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_add_rms_norm_in_place(dtype: torch.dtype) -> None:
+    g = _gen(22)
+    x, res = _randn((2, 3, 48), dtype, g), _randn((2, 3, 48), dtype, g)
+    w = _randn((48,), dtype, g)
+    want_out, want_res = ref.fused_add_rms_norm(x, res, w, 1e-5)
+    got_out, got_res = fused_add_rms_norm(x, res, w, 1e-5)
+    assert_close(got_out, want_out, dtype)
+    # The sum is one rounding on both sides: exact, except that the interpreter rounds
+    # float32 -> bf16 by truncation (GPU: to nearest even), one ulp at most.
+    exact = dtype != torch.bfloat16 or CUDA
+    assert_close(got_res, want_res, dtype, exact=exact)
+    # In place: outputs alias the inputs.
+    xi, ri = x.clone(), res.clone()
+    o, r = fused_add_rms_norm(xi, ri, w, 1e-5, out=xi, residual_out=ri)
+    assert o.data_ptr() == xi.data_ptr() and r.data_ptr() == ri.data_ptr()
+    assert_close(o, want_out, dtype)
+    assert_close(r, want_res, dtype, exact=exact)
+
+
+def _cos_sin_cache(max_pos: int, rot_dim: int) -> torch.Tensor:
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    ("is_neox", "rot_dim", "dtype"),
+    [(True, 32, torch.float32), (False, 32, torch.float32), (True, 16, torch.bfloat16)],
+)
+def test_rotary_embedding(is_neox: bool, rot_dim: int, dtype: torch.dtype) -> None:
+    g = _gen(23)
+    q = _randn((6, 4, 32), dtype, g)
+    k = _randn((6, 2, 32), dtype, g)
+    positions = torch.tensor([0, 5, 1, 63, 17, 17], dtype=torch.int64, device=DEVICE)
+    cache = _cos_sin_cache(64, rot_dim)
+    got_q, got_k = rotary_embedding(positions, q, k, cache, is_neox)
+    want_q, want_k = ref.rotary_embedding(positions, q, k, cache, is_neox)
+    assert_close(got_q, want_q, dtype)
+    assert_close(got_k, want_k, dtype)
+
+
+@pytest.mark.parametrize(("dtype", "inter"), [(torch.float32, 40), (torch.bfloat16, 64)])
+def test_silu_and_mul(dtype: torch.dtype, inter: int) -> None:
+    x = _randn((3, 2 * inter), dtype, _gen(24)) * 4
+    assert_close(silu_and_mul(x), ref.silu_and_mul(x), dtype)
+
+
+def test_bad_inputs_raise_value_error() -> None:
+    g = _gen(25)
+    with pytest.raises(ValueError, match="even"):
+        silu_and_mul(_randn((2, 5), torch.float32, g))
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(_randn((2, 8), torch.float32, g), _randn((4,), torch.float32, g), 1e-6)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        kv = _randn((3, 1, 16), torch.float32, g)
+        cache = torch.zeros((2, 4, 1, 16), device=DEVICE)
+        write_kv_cache(kv, kv, cache, cache.clone(), torch.zeros(2, dtype=torch.int64, device=DEVICE))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real shapes on the GPU (skipped without CUDA)
+# ---------------------------------------------------------------------------------------------
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("window", [None, 1000])
+def test_gpu_decode_real_shapes(dtype: torch.dtype, window: int | None) -> None:
+    # batch 16, 32 heads / 8 KV heads, head_dim 128, contexts up to 2048 (several partitions).
+    lens = [2048, 1, 15, 16, 17, 513, 1024, 2000, 777, 1500, 64, 300, 2047, 1999, 100, 1200]
+    case = make_case(lens, [1] * 16, 32, 8, 128, 16, dtype, seed=30)
+    check_attention(case, window, tuning=AttentionTuning())
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [None, 700])
+def test_gpu_prefill_mixed_real_shapes(dtype: torch.dtype, window: int | None) -> None:
+    # Full prompts, chunked prefill with cached prefixes, and decode rows in one batch.
+    seq = [2048, 1, 17, 1500, 2048, 900, 16, 1024]
+    q = [2048, 1, 17, 500, 1, 256, 1, 1]
+    case = make_case(seq, q, 32, 8, 128, 16, dtype, seed=31)
+    check_attention(case, window, tuning=AttentionTuning())
+
+
+@gpu
+@needs_cuda
+def test_gpu_head_dim_64_mqa() -> None:
+    case = make_case([1000, 300, 5], [200, 1, 5], 16, 1, 64, 16, torch.bfloat16, seed=32)
+    check_attention(case, tuning=AttentionTuning())
+    dec = make_case([1000, 300, 5], [1, 1, 1], 16, 1, 64, 16, torch.bfloat16, seed=33)
+    check_attention(dec, tuning=AttentionTuning())
+
+
+@gpu
+@needs_cuda
+def test_gpu_elementwise_real_shapes() -> None:
+    g = _gen(34)
+    x = _randn((512, 4096), torch.bfloat16, g)
+    res = _randn((512, 4096), torch.bfloat16, g)
+    w = _randn((4096,), torch.bfloat16, g)
+    assert_close(rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5), torch.bfloat16)
+    got = fused_add_rms_norm(x, res, w, 1e-5)
+    want = ref.fused_add_rms_norm(x, res, w, 1e-5)
+    assert_close(got[0], want[0], torch.bfloat16)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    gu = _randn((512, 2 * 11008), torch.bfloat16, g)
+    assert_close(silu_and_mul(gu), ref.silu_and_mul(gu), torch.bfloat16)
+    q, k = _randn((512, 32, 128), torch.bfloat16, g), _randn((512, 8, 128), torch.bfloat16, g)
+    pos = torch.randint(0, 4096, (512,), generator=g, device=DEVICE)
+    cache = _cos_sin_cache(4096, 128)
+    for a, b in zip(rotary_embedding(pos, q, k, cache), ref.rotary_embedding(pos, q, k, cache)):
+        assert_close(a, b, torch.bfloat16)
+    slots = torch.randperm(64 * 16, generator=g, device=DEVICE)[:512]
+    slots[::7] = -1
+    kc = [torch.full((64, 16, 8, 128), float("nan"), dtype=torch.bfloat16, device=DEVICE) for _ in range(4)]
+    write_kv_cache(k, k, kc[0], kc[1], slots)
+    ref.write_kv_cache(k, k, kc[2], kc[3], slots)
+    torch.testing.assert_close(kc[0], kc[2], equal_nan=True, rtol=0, atol=0)
