@@ -1,0 +1,183 @@
+"""Paged attention layer and the attention-backend registry.
+
+A backend is a pair of functions with the signatures of the plain-torch twins in
+`pagedserve.kernels.reference` (`write_kv_cache`, `paged_attention`). "torch" (the twins) is
+registered here; the Triton backend registers itself as "triton" when
+`pagedserve.kernels.triton` is imported (done lazily by `get_attention_backend("triton")`).
+
+Selection happens once: the model constructor takes `attn_backend: str`, resolves it with
+`get_attention_backend` and hands the backend object to every `Attention` layer. Nothing in the
+forward pass looks a backend up again.
+
+Packed batch layout (B = 3 requests, T = 7 new tokens):
+
+    tokens            [ a0 a1 a2 | b0 | c0 c1 c2 ]
+    query_start_loc   [ 0,        3,   4,        7 ]
+    seq_lens          [ 3,        9,   5 ]        context after this step (b: 8 cached + 1 new)
+    slot_mapping[t]   block_tables[req, pos // block_size] * block_size + pos % block_size
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pagedserve.kernels import reference
+
+__all__ = [
+    "AttentionMetadata",
+    "AttentionBackend",
+    "register_attention_backend",
+    "get_attention_backend",
+    "available_attention_backends",
+    "Attention",
+    "dense_causal_attention",
+]
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Per-step batch description shared by every attention layer of the model."""
+
+    slot_mapping: Tensor  # [T] int64, -1 = padding token (K/V not written)
+    query_start_loc: Tensor  # [B+1] int32, cumulative query lengths
+    seq_lens: Tensor  # [B] int32, context length after this step (new tokens included)
+    block_tables: Tensor  # [B, max_blocks] int32, padded
+    max_query_len: int
+    max_seq_len: int
+
+
+WriteKVFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
+AttendFn = Callable[..., Tensor]  # the `reference.paged_attention` signature
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionBackend:
+    name: str
+    write_kv: WriteKVFn  # (key, value, key_cache, value_cache, slot_mapping) -> None
+    attend: AttendFn  # (query, key_cache, value_cache, block_tables, seq_lens,
+    #                    query_start_loc, scale, sliding_window=None) -> [T, H, d]
+    # True: `attend` also takes keyword-only max_query_len / max_seq_len (host-side ints from the
+    # metadata), which lets a GPU backend pick its kernel and grid without a device sync.
+    accepts_max_lens: bool = False
+
+
+_BACKENDS: dict[str, AttentionBackend] = {}
+# Backends living in optional modules: imported on first request so that importing this module
+# never needs Triton. The module must call register_attention_backend(name, ...) on import.
+_LAZY_BACKEND_MODULES: dict[str, str] = {"triton": "pagedserve.kernels.triton"}
+
+
+def register_attention_backend(name: str, backend: AttentionBackend) -> None:
+    """Register (or replace) a backend under `name`."""
+    _BACKENDS[name] = backend
+
+
+def available_attention_backends() -> list[str]:
+    return sorted(set(_BACKENDS) | set(_LAZY_BACKEND_MODULES))
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    if name not in _BACKENDS and name in _LAZY_BACKEND_MODULES:
+        importlib.import_module(_LAZY_BACKEND_MODULES[name])
+    backend = _BACKENDS.get(name)
+    if backend is None:
+        raise ValueError(
+            f"attn_backend must be one of {available_attention_backends()}, got {name!r}"
+            + (" (its module did not register it)" if name in _LAZY_BACKEND_MODULES else "")
+        )
+    return backend
+
+
+register_attention_backend(
+    "torch",
+    AttentionBackend("torch", write_kv=reference.write_kv_cache, attend=reference.paged_attention),
+)
+
+
+def dense_causal_attention(query: Tensor, key: Tensor, value: Tensor, query_start_loc: Tensor,
+                           scale: float, sliding_window: int | None = None) -> Tensor:
+    """Causal attention over packed whole sequences without a KV cache (memory-profiling run).
+
+    query [T, H, d], key/value [T, KVH, d]; sequence i = rows query_start_loc[i]:[i+1], starting
+    at position 0. Uses SDPA per sequence so that the profiling run's peak memory resembles a
+    fused kernel's rather than a materialised [H, T, T] score matrix.
+    """
+    out = torch.empty_like(query)
+    group = query.shape[1] // key.shape[1]
+    starts = query_start_loc.tolist()
+    for i in range(len(starts) - 1):
+        s, e = starts[i], starts[i + 1]
+        if e == s:
+            continue
+        q = query[s:e].transpose(0, 1)  # [H, n, d]
+        k = key[s:e].repeat_interleave(group, dim=1).transpose(0, 1)
+        v = value[s:e].repeat_interleave(group, dim=1).transpose(0, 1)
+        if sliding_window is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            pos = torch.arange(e - s, device=query.device)
+            mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - sliding_window)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out[s:e] = o.transpose(0, 1)
+    if starts[-1] < query.shape[0]:
+        out[starts[-1]:] = 0  # padding rows
+    return out
+
+
+class Attention(nn.Module):
+    """Writes the new tokens' K/V into the paged cache, then attends over each request's context.
+
+    No parameters: projections, rotary and q/k norms live in the model's attention block.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
+                 backend: AttentionBackend, sliding_window: int | None = None) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads "
+                f"({num_kv_heads})")
+        if sliding_window is not None and sliding_window <= 0:
+            raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.backend = backend
+        self._pass_max_lens = backend.accepts_max_lens  # fixed at construction
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor,
+                kv_cache: tuple[Tensor, Tensor] | tuple[()] | None,
+                attn_metadata: AttentionMetadata) -> Tensor:
+        """q [T, H*d], k/v [T, KVH*d] -> [T, H*d]. kv_cache None/() = profiling: dense fallback."""
+        num_tokens = q.shape[0]
+        query = q.view(num_tokens, self.num_heads, self.head_dim)
+        key = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if not kv_cache:
+            out = dense_causal_attention(query, key, value, attn_metadata.query_start_loc,
+                                         self.scale, self.sliding_window)
+        else:
+            key_cache, value_cache = kv_cache
+            self.backend.write_kv(key, value, key_cache, value_cache, attn_metadata.slot_mapping)
+            md = attn_metadata
+            if self._pass_max_lens:
+                out = self.backend.attend(query, key_cache, value_cache, md.block_tables, md.seq_lens,
+                                          md.query_start_loc, self.scale, self.sliding_window,
+                                          max_query_len=md.max_query_len,
+                                          max_seq_len=md.max_seq_len)
+            else:
+                out = self.backend.attend(query, key_cache, value_cache, md.block_tables, md.seq_lens,
+                                          md.query_start_loc, self.scale, self.sliding_window)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"sliding_window={self.sliding_window}, backend={self.backend.name}")

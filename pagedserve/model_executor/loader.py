@@ -1,0 +1,176 @@
+"""Model loading: locate the checkpoint, pick the dtype, build the module, stream the weights.
+
+    resolve_model_dir("org/name")        local dir, or a hub snapshot (offline: local cache only)
+    resolve_dtype("auto", hf_config)     checkpoint dtype (float32 stays float32 on CPU)
+    load_model(dir, dtype, device)       module built on `device` in `dtype`, no random init;
+                                         safetensors tensors copied in one at a time
+
+The module is constructed under `torch.device(device)` with the default dtype set to `dtype`;
+our layers allocate parameters with `torch.empty` (no initialisation), so the only full copy of
+the weights that ever exists is the model's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedserve.model_executor.models.registry import get_model_class
+
+__all__ = [
+    "LoadedModel",
+    "resolve_model_dir",
+    "resolve_dtype",
+    "load_model",
+    "safetensors_files",
+    "iterate_safetensors",
+]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: nn.Module
+    hf_config: Any  # transformers.PretrainedConfig
+    model_dir: str
+    dtype: torch.dtype
+
+
+def resolve_model_dir(model: str, revision: str | None = None,
+                      download_dir: str | None = None) -> str:
+    """A local directory as is, else a hub id through huggingface_hub.snapshot_download.
+
+    Honours HF_HUB_OFFLINE (read at call time): offline, only the local HF cache (or
+    `download_dir`) is consulted. Raises ValueError naming `model` when nothing is found.
+    """
+    if not model:
+        raise ValueError("model must be a local directory or a Hugging Face hub id, got ''")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if path.exists():
+        raise ValueError(f"model {model!r} is a file; expected a checkpoint directory")
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return snapshot_download(repo_id=model, revision=revision, cache_dir=download_dir,
+                                 allow_patterns=_HUB_PATTERNS, local_files_only=offline)
+    except Exception as exc:  # hub errors are many (not found, gated, offline, invalid id)
+        where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the hub"
+        raise ValueError(
+            f"model {model!r} is not a local directory and could not be fetched from {where}: "
+            f"{type(exc).__name__}: {exc}") from exc
+
+
+def resolve_dtype(dtype: str | torch.dtype, hf_config: Any,
+                  device: str | torch.device | None = None) -> torch.dtype:
+    """Mirror vLLM: "auto" takes the checkpoint's dtype (config `dtype`/`torch_dtype`, float32 if
+    absent); a float32 checkpoint stays float32 on CPU and runs in bfloat16 (float16 where bf16 is
+    unsupported) on a GPU. `device` defaults to CUDA when available."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
+        return dtype
+    key = dtype.strip().lower()
+    if key != "auto":
+        if key not in _DTYPES:
+            raise ValueError(f"dtype must be one of {['auto', *_DTYPES]}, got {dtype!r}")
+        return _DTYPES[key]
+    cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(cfg_dtype, str):
+        cfg_dtype = _DTYPES.get(cfg_dtype.removeprefix("torch."), None)
+    if not isinstance(cfg_dtype, torch.dtype) or cfg_dtype not in _DTYPES.values():
+        cfg_dtype = torch.float32
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if cfg_dtype == torch.float32 and dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return cfg_dtype
+
+
+def safetensors_files(model_dir: str) -> list[str]:
+    """The checkpoint's safetensors files: the shards named by model.safetensors.index.json, else
+    model.safetensors, else every *.safetensors file. FileNotFoundError when there are none."""
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [root / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
+        return [str(f) for f in files]
+    single = root / "model.safetensors"
+    if single.is_file():
+        return [str(single)]
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        hint = " (.bin checkpoints are not supported; convert to safetensors)" if any(
+            root.glob("*.bin")) else ""
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}{hint}")
+    return [str(f) for f in files]
+
+
+def iterate_safetensors(files: list[str], show_progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, CPU tensor) one at a time across all files (memory-mapped reads)."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    total = 0
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as handle:
+            total += len(list(handle.keys()))
+    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not show_progress) as bar:
+        for f in files:
+            bar.set_postfix_str(Path(f).name)
+            with safe_open(f, framework="pt", device="cpu") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, handle.get_tensor(name)
+                    bar.update(1)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
+               attn_backend: str = "torch", show_progress: bool = True) -> LoadedModel:
+    """Build the model for model_dir's config on `device` in `dtype` and load its weights."""
+    from transformers import AutoConfig
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {model_dir!r}; not a Hugging Face checkpoint")
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    model_cls = get_model_class(getattr(hf_config, "architectures", None))
+    files = safetensors_files(model_dir)
+    device = torch.device(device)
+    with torch.device(device), _default_dtype(dtype):
+        model = model_cls(hf_config, attn_backend=attn_backend)  # type: ignore[call-arg]
+    loaded = model.load_weights(iterate_safetensors(files, show_progress))  # type: ignore[operator]
+    missing = sorted(set(dict(model.named_parameters())) - set(loaded))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ValueError(f"checkpoint {model_dir!r} lacks weights for: {shown}")
+    model.eval()
+    return LoadedModel(model=model, hf_config=hf_config, model_dir=model_dir, dtype=dtype)

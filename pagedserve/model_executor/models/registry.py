@@ -1,0 +1,31 @@
+"""Architecture name (config.json "architectures") -> model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pagedserve.model_executor.models.llama import LlamaForCausalLM
+from pagedserve.model_executor.models.mistral import MistralForCausalLM
+from pagedserve.model_executor.models.qwen2 import Qwen2ForCausalLM
+from pagedserve.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "get_model_class"]
+
+_MODELS: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,  # Llama 2/3/3.1, DeepSeek-LLM, Yi, ...
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
+
+
+def get_model_class(architectures: list[str] | None) -> type[nn.Module]:
+    """The class of the first supported name in `architectures`; ValueError if none is."""
+    for arch in architectures or []:
+        if arch in _MODELS:
+            return _MODELS[arch]
+    raise ValueError(
+        f"architectures {list(architectures or [])} are not supported; supported: "
+        f"{list(SUPPORTED_ARCHITECTURES)}")
