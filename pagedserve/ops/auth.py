@@ -1,0 +1,270 @@
+"""Authentication: static API keys and JWT bearer tokens.
+
+Sources of API keys (all merged): `--api-key` values (repeatable, each may be a comma list), a key
+file (one key per line, optionally followed by a tenant name; `#` starts a comment), and the
+environment (`PAGEDSERVE_API_KEYS`, comma-separated, and vLLM's `VLLM_API_KEY`).
+
+Key comparison is constant-time: the presented token and every stored key are reduced to SHA-256
+digests (equal lengths, so compare_digest leaks no length), and the token is compared against ALL
+keys with no early exit, so response time does not tell how many keys exist or which one matched.
+
+JWTs (PyJWT): HS256 with a shared secret and/or RS256 with a PEM public key; `exp` is required,
+`aud` must match the configured audience, `iss` too when configured. The tenant comes from a
+configurable claim (default "tenant"); a token without it is rejected.
+
+No credentials are configured -> every request is anonymous (vLLM's behaviour without --api-key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import jwt
+from fastapi import Request
+
+from pagedserve.entrypoints.openai.errors import AuthenticationError
+
+PrincipalKind = Literal["api_key", "jwt", "anonymous"]
+ENV_KEYS = "PAGEDSERVE_API_KEYS"
+ENV_VLLM_KEY = "VLLM_API_KEY"
+_FINGERPRINT_SALT = b"pagedserve-key-id-v1:"
+
+
+def key_fingerprint(secret: str) -> str:
+    """A short, non-reversible id for a credential (safe to log and audit; never the key)."""
+    return hashlib.sha256(_FINGERPRINT_SALT + secret.encode()).hexdigest()[:12]
+
+
+@dataclass(slots=True, frozen=True)
+class Principal:
+    kind: PrincipalKind
+    tenant: str | None
+    key_id: str
+    subject: str | None = None  # the JWT `sub` claim, when there is one
+
+
+ANONYMOUS = Principal(kind="anonymous", tenant=None, key_id="anonymous")
+
+
+@dataclass(slots=True)
+class _StoredKey:
+    digest: bytes  # sha256(key)
+    key_id: str
+    tenant: str | None
+
+
+def split_keys(values: Iterable[str]) -> list[str]:
+    """["a,b", " c "] -> ["a", "b", "c"] (empty entries dropped)."""
+    return [k.strip() for v in values for k in v.split(",") if k.strip()]
+
+
+def read_key_file(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
+    """Lines `KEY [TENANT]`; blank lines and `#` comments (whole-line or trailing) are skipped."""
+    entries: list[tuple[str, str | None]] = []
+    for lineno, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) > 2:
+            raise ValueError(
+                f"api key file {path}: line {lineno} must be 'KEY [TENANT]', got {len(parts)} fields"
+            )
+        entries.append((parts[0], parts[1] if len(parts) == 2 else None))
+    return entries
+
+
+@dataclass(slots=True)
+class AuthConfig:
+    api_keys: list[str] = field(default_factory=list)  # from --api-key (comma lists allowed)
+    api_key_file: str | None = None
+    use_env: bool = True  # read PAGEDSERVE_API_KEYS and VLLM_API_KEY
+    jwt_secret: str | None = None  # enables HS256
+    jwt_public_key: str | None = None  # PEM text or a path to a PEM file; enables RS256
+    jwt_audience: str | None = None  # required when JWT is enabled
+    jwt_issuer: str | None = None
+    tenant_claim: str = "tenant"
+    leeway_s: float = 0.0  # clock skew allowed on exp / nbf / iat
+
+    def __post_init__(self) -> None:
+        if (self.jwt_secret or self.jwt_public_key) and not self.jwt_audience:
+            raise ValueError(
+                "jwt_audience must be set when JWT auth is enabled (jwt_secret or jwt_public_key)."
+            )
+        if self.leeway_s < 0:
+            raise ValueError(f"leeway_s must be >= 0, got {self.leeway_s}.")
+        if not self.tenant_claim:
+            raise ValueError("tenant_claim must be a non-empty claim name.")
+
+
+def _load_pem(value: str) -> str:
+    if "-----BEGIN" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"jwt_public_key must be PEM text or a path to a PEM file; {value!r} is neither.")
+    return path.read_text(encoding="utf-8")
+
+
+class Authenticator:
+    """authenticate(Authorization header) -> Principal, or raises a 401 AuthenticationError."""
+
+    def __init__(self, config: AuthConfig, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        entries: list[tuple[str, str | None]] = [(k, None) for k in split_keys(config.api_keys)]
+        if config.api_key_file:
+            entries += read_key_file(config.api_key_file)
+        if config.use_env:
+            entries += [(k, None) for k in split_keys([env.get(ENV_KEYS, ""), env.get(ENV_VLLM_KEY, "")])]
+        seen: dict[bytes, _StoredKey] = {}
+        for key, tenant in entries:
+            digest = hashlib.sha256(key.encode()).digest()
+            if digest not in seen or tenant is not None:  # a file entry may add a tenant to a CLI key
+                seen[digest] = _StoredKey(digest, key_fingerprint(key), tenant)
+        self._keys: list[_StoredKey] = list(seen.values())
+        self._config = config
+        # Key per accepted algorithm. Listing algorithms explicitly is what stops the
+        # "RS256 public key used as an HS256 secret" confusion attack.
+        self._jwt_keys: dict[str, Any] = {}
+        if config.jwt_secret:
+            self._jwt_keys["HS256"] = config.jwt_secret
+        if config.jwt_public_key:
+            self._jwt_keys["RS256"] = _load_pem(config.jwt_public_key)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys or self._jwt_keys)
+
+    @property
+    def num_api_keys(self) -> int:
+        return len(self._keys)
+
+    def authenticate(self, authorization_header: str | None) -> Principal:
+        if not self.enabled:
+            return ANONYMOUS
+        if not authorization_header:
+            raise AuthenticationError("Missing Authorization header; send 'Authorization: Bearer <key>'.")
+        scheme, _, token = authorization_header.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationError("Authorization header must be 'Bearer <key>'.")
+        matched = self._match_api_key(token)
+        if matched is not None:
+            return Principal(kind="api_key", tenant=matched.tenant, key_id=matched.key_id)
+        if self._jwt_keys and token.count(".") == 2:
+            return self._authenticate_jwt(token)
+        raise AuthenticationError("Invalid API key.")
+
+    def _match_api_key(self, token: str) -> _StoredKey | None:
+        digest = hashlib.sha256(token.encode()).digest()
+        found: _StoredKey | None = None
+        for stored in self._keys:  # no early exit: every key is compared every time
+            if hmac.compare_digest(digest, stored.digest):
+                found = stored
+        return found
+
+    def _authenticate_jwt(self, token: str) -> Principal:
+        cfg = self._config
+        try:
+            alg = jwt.get_unverified_header(token).get("alg")
+        except jwt.PyJWTError:
+            raise AuthenticationError("Invalid bearer token: malformed JWT.") from None
+        if alg not in self._jwt_keys:
+            raise AuthenticationError(
+                f"Invalid bearer token: algorithm {alg!r} is not accepted (accepted: {sorted(self._jwt_keys)})."
+            )
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._jwt_keys[alg],
+                algorithms=[alg],
+                audience=cfg.jwt_audience,
+                issuer=cfg.jwt_issuer,
+                leeway=cfg.leeway_s,
+                options={"require": ["exp", "aud"] + (["iss"] if cfg.jwt_issuer else [])},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthenticationError("Invalid bearer token: the token has expired.") from None
+        except jwt.InvalidAudienceError:
+            raise AuthenticationError("Invalid bearer token: wrong audience.") from None
+        except jwt.InvalidIssuerError:
+            raise AuthenticationError("Invalid bearer token: wrong issuer.") from None
+        except jwt.InvalidSignatureError:
+            raise AuthenticationError("Invalid bearer token: bad signature.") from None
+        except jwt.MissingRequiredClaimError as e:
+            raise AuthenticationError(f"Invalid bearer token: missing '{e.claim}' claim.") from None
+        except jwt.PyJWTError as e:
+            raise AuthenticationError(f"Invalid bearer token: {e}.") from None
+        tenant = claims.get(cfg.tenant_claim)
+        if not isinstance(tenant, str) or not tenant:
+            raise AuthenticationError(f"Invalid bearer token: missing '{cfg.tenant_claim}' claim.")
+        sub = claims.get("sub") if isinstance(claims.get("sub"), str) else None
+        # key_id groups one caller's tokens: issuer + subject when known, else the token itself.
+        ident = f"{claims.get('iss', '')}|{sub}" if sub else token
+        return Principal(kind="jwt", tenant=tenant, key_id="jwt-" + key_fingerprint(ident), subject=sub)
+
+
+# ---------------------------------------------------------------------------- FastAPI integration
+
+ASGIApp = Callable[
+    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+    Awaitable[None],
+]
+
+
+def auth_dependency(authenticator: Authenticator) -> Callable[..., Principal]:
+    """A FastAPI dependency: `Depends(auth_dependency(a))` gives the route its Principal."""
+    def dependency(request: Request) -> Principal:
+        principal = authenticator.authenticate(request.headers.get("authorization"))
+        request.state.principal = principal
+        return principal
+
+    return dependency
+
+
+class AuthMiddleware:
+    """Pure-ASGI middleware guarding every path under `prefix` (default /v1).
+
+    The Principal lands in `scope["state"]["principal"]` (= `request.state.principal`). CORS
+    preflight (OPTIONS) passes, as in vLLM. Pure ASGI, so streamed responses are not buffered.
+    """
+
+    def __init__(self, app: ASGIApp, authenticator: Authenticator, prefix: str = "/v1") -> None:
+        self.app = app
+        self.authenticator = authenticator
+        self.prefix = prefix.rstrip("/")
+
+    def _guarded(self, path: str) -> bool:
+        return path == self.prefix or path.startswith(self.prefix + "/")
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[Any]],
+        send: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        if (
+            scope["type"] != "http"
+            or scope.get("method") == "OPTIONS"
+            or not self._guarded(scope.get("path", ""))
+        ):
+            await self.app(scope, receive, send)
+            return
+        header: str | None = None
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                header = value.decode("latin-1")
+                break
+        try:
+            principal = self.authenticator.authenticate(header)
+        except AuthenticationError as err:
+            await err.to_response()(scope, receive, send)  # type: ignore[arg-type]
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
