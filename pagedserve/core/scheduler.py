@@ -182,24 +182,36 @@ class Scheduler:
 
     def _fork_ready_leaders(self) -> None:
         """A leader that has computed all prompt tokens but the last hands its prefix to its
-        followers, once there are seats for them and a block for each partial-block copy."""
+        followers, once there are seats for them and a block for each partial-block copy;
+        lower-ranked running requests are preempted to make room (never the leader itself,
+        which then waits)."""
         for leader in list(self.running):
-            if not leader.followers or leader.num_computed_tokens < leader.max_computable_tokens:
+            if leader.status != RequestStatus.RUNNING or not leader.followers:
                 continue
-            if len(self.running) + len(leader.followers) > self.config.max_num_seqs:
+            if leader.num_computed_tokens < leader.max_computable_tokens:
                 continue
             needs_copy = leader.num_computed_tokens % self.block_size != 0
-            if needs_copy and self.kv.pool.num_free_blocks < len(leader.followers):
-                continue
-            for follower in leader.followers:
-                copy = self.kv.fork(leader, follower)
-                assert copy is not None
-                self._copies.append(copy)
-                follower.status = RequestStatus.RUNNING
-                follower.leader = None
-                follower.num_cached_tokens = leader.num_cached_tokens
-                self.running.append(follower)
-            leader.followers = []
+            while (
+                len(self.running) + len(leader.followers) > self.config.max_num_seqs
+                or (needs_copy and self.kv.pool.num_free_blocks < len(leader.followers))
+            ):
+                victim = self._pick_victim()
+                if victim is leader:
+                    break
+                self._preempt(victim)
+            else:
+                self._fork(leader)
+
+    def _fork(self, leader: Request) -> None:
+        for follower in leader.followers:
+            copy = self.kv.fork(leader, follower)
+            assert copy is not None
+            self._copies.append(copy)
+            follower.status = RequestStatus.RUNNING
+            follower.leader = None
+            follower.num_cached_tokens = leader.num_cached_tokens
+            self.running.append(follower)
+        leader.followers = []
 
     def _schedule_running(self, budget: int) -> int:
         index = 0
