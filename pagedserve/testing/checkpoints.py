@@ -181,7 +181,9 @@ def build_checkpoint(out_dir: str, arch: str, *, dtype: str = "float32", seed: i
     kwargs.update(config_overrides)
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(torch_dtype)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    _randomize_biases_and_norms(model, std=kwargs["initializer_range"])
+    model = model.to(torch_dtype)
     model.config.dtype = torch_dtype  # recorded in config.json ("dtype")
     model.generation_config = transformers.GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
@@ -193,6 +195,19 @@ def build_checkpoint(out_dir: str, arch: str, *, dtype: str = "float32", seed: i
         save_kwargs["max_shard_size"] = max(1, total // num_shards)
     model.save_pretrained(out_dir, **save_kwargs)
     return out_dir
+
+
+def _randomize_biases_and_norms(model: Any, std: float) -> None:
+    """transformers initialises biases to 0 and norm weights to 1, which would let a test miss a
+    bias or norm weight loaded into the wrong place; make them random too (seeded by the caller)."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, std)
+            elif "norm" in name:
+                param.normal_(1.0, 0.2)
 
 
 def _demo_config() -> dict[str, Any]:
