@@ -220,6 +220,7 @@ ASGIApp = Callable[
 
 def auth_dependency(authenticator: Authenticator) -> Callable[..., Principal]:
     """A FastAPI dependency: `Depends(auth_dependency(a))` gives the route its Principal."""
+
     def dependency(request: Request) -> Principal:
         principal = authenticator.authenticate(request.headers.get("authorization"))
         request.state.principal = principal
