@@ -89,7 +89,9 @@ def test_temperature(temperature: float) -> None:
 def test_greedy_is_argmax_and_mixes_with_random_rows() -> None:
     torch.manual_seed(0)
     logits = torch.randn(64, V)
-    params = [SamplingParams(temperature=0.0) if i % 2 else SamplingParams(temperature=5.0) for i in range(64)]
+    params = [
+        SamplingParams(temperature=0.0) if i % 2 else SamplingParams(temperature=5.0) for i in range(64)
+    ]
     out = sample(params, logits)
     argmax = logits.argmax(-1).tolist()
     assert all(out.sampled_token_ids[i] == argmax[i] for i in range(1, 64, 2))
@@ -202,7 +204,9 @@ def test_presence_and_frequency_penalties_use_output_only() -> None:
 
 
 def test_logit_bias() -> None:
-    assert sample([SamplingParams(temperature=0.0, logit_bias={5: 100})], LOGITS[None]).sampled_token_ids == [5]
+    assert sample([SamplingParams(temperature=0.0, logit_bias={5: 100})], LOGITS[None]).sampled_token_ids == [
+        5
+    ]
     f = freqs(SamplingParams(logit_bias={0: -100}))
     assert f[0] == 0 and close(f, renorm([1, 2, 3]))
 
@@ -293,7 +297,9 @@ def test_compute_prompt_logprobs() -> None:
     raw = logits.log_softmax(-1)
     assert len(lp) == 5
     for i in range(5):
-        assert lp.token_ids[i][0] == int(targets[i]) and lp.token_ids[i][1:] == raw[i].topk(2).indices.tolist()
+        assert (
+            lp.token_ids[i][0] == int(targets[i]) and lp.token_ids[i][1:] == raw[i].topk(2).indices.tolist()
+        )
         assert lp.logprobs[i] == pytest.approx(raw[i][lp.token_ids[i]].tolist(), abs=1e-6)
         assert lp.ranks[i] == int((raw[i] >= raw[i, targets[i]]).sum())
     assert math.isclose(sum(math.exp(x) for x in raw[0].tolist()), 1.0, rel_tol=1e-5)

@@ -130,4 +130,6 @@ def test_pure_python_and_picklable() -> None:
     code = "import sys, pagedserve.sampling_params; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
-    assert "temperature" not in repr(SamplingParams()) and "temperature=0.5" in repr(SamplingParams(temperature=0.5))
+    assert "temperature" not in repr(SamplingParams()) and "temperature=0.5" in repr(
+        SamplingParams(temperature=0.5)
+    )
