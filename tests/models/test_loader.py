@@ -48,14 +48,15 @@ def test_bf16_checkpoint_auto_dtype_and_cast(tmp_path: Path) -> None:
     loaded = load_model(path, torch.bfloat16, "cpu", show_progress=False)
     params = list(loaded.model.parameters())
     assert all(p.dtype == torch.bfloat16 for p in params)
-    rope = loaded.model.model.layers[0].self_attn.rotary_emb.cos_sin_cache
+    model: Any = loaded.model
+    rope = model.model.layers[0].self_attn.rotary_emb.cos_sin_cache
     assert rope.dtype == torch.float32  # the rotary cache stays float32
     raw = load_file(str(Path(path) / "model.safetensors"))
-    assert torch.equal(loaded.model.model.norm.weight, raw["model.norm.weight"])
-    up = loaded.model.model.layers[1].mlp.gate_up_proj.weight
+    assert torch.equal(model.model.norm.weight, raw["model.norm.weight"])
+    up = model.model.layers[1].mlp.gate_up_proj.weight
     assert torch.equal(up[128:], raw["model.layers.1.mlp.up_proj.weight"])
-    as_fp32 = load_model(path, torch.float32, "cpu", show_progress=False)  # upcast while copying
-    assert torch.equal(as_fp32.model.model.norm.weight, raw["model.norm.weight"].float())
+    as_fp32: Any = load_model(path, torch.float32, "cpu", show_progress=False).model  # upcast
+    assert torch.equal(as_fp32.model.norm.weight, raw["model.norm.weight"].float())
 
 
 @pytest.mark.parametrize("name,expected", [

@@ -159,7 +159,7 @@ def test_llama_attention_and_mlp_biases(tmp_path: Any) -> None:
 
     path = build_checkpoint(str(tmp_path / "llama-bias"), "llama", seed=5, attention_bias=True,
                             mlp_bias=True, num_key_value_heads=4)  # MHA
-    model = load_model(path, torch.float32, "cpu", show_progress=False).model
+    model: Any = load_model(path, torch.float32, "cpu", show_progress=False).model
     assert model.model.layers[0].self_attn.o_proj.bias is not None
     assert model.model.layers[0].mlp.down_proj.bias is not None
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
