@@ -7,7 +7,7 @@ Normalisation done on construction (so every later reader sees one canonical for
   * `top_k`: -1 ("off" in older vLLM) is normalised to 0; 0 means "consider all tokens";
   * `seed == -1` -> None (as vLLM); `logprobs=True` / `prompt_logprobs=True` -> 1;
   * `logit_bias` keys -> int, values clamped to [-100, 100] (the OpenAI rule);
-  * greedy (temperature < 1e-5): top_p, top_k, min_p are reset to neutral, and n must be 1.
+  * greedy (temperature < 1e-5): top_p, top_k, min_p are reset to neutral; n > 1 is allowed.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ class SamplingParams:
             self.top_p = 1.0
             self.top_k = 0
             self.min_p = 0.0
-            if self.n > 1:
-                raise ValueError(f"n must be 1 when using greedy sampling (temperature=0), got {self.n}.")
+            # vLLM rejects n > 1 with greedy; we accept it: n identical completions, as the
+            # OpenAI API gives (and a cheap way to exercise n > 1 deterministically).
 
     # ------------------------------------------------------------------ construction helpers
 
