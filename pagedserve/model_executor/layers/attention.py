@@ -2,8 +2,8 @@
 
 A backend is a pair of functions with the signatures of the plain-torch twins in
 `pagedserve.kernels.reference` (`write_kv_cache`, `paged_attention`). "torch" (the twins) is
-registered here; the Triton backend registers itself as "triton" when
-`pagedserve.kernels.triton` is imported (done lazily by `get_attention_backend("triton")`).
+registered here; "triton" (`kernels/triton/attention.py` + `kv_cache.py`) is built on first
+request, so importing this module never needs Triton.
 
 Selection happens once: the model constructor takes `attn_backend: str`, resolves it with
 `get_attention_backend` and hands the backend object to every `Attention` layer. Nothing in the
@@ -19,7 +19,6 @@ Packed batch layout (B = 3 requests, T = 7 new tokens):
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,9 +67,19 @@ class AttentionBackend:
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
-# Backends living in optional modules: imported on first request so that importing this module
-# never needs Triton. The module must call register_attention_backend(name, ...) on import.
-_LAZY_BACKEND_MODULES: dict[str, str] = {"triton": "pagedserve.kernels.triton"}
+
+
+def _triton_backend() -> AttentionBackend:
+    # Imported only when asked for: Triton is optional and absent on CPU-only installs.
+    from pagedserve.kernels.triton.attention import paged_attention
+    from pagedserve.kernels.triton.kv_cache import write_kv_cache
+
+    return AttentionBackend("triton", write_kv=write_kv_cache, attend=paged_attention,
+                            accepts_max_lens=True)
+
+
+# Backends built on first request (optional dependencies); an explicit registration wins.
+_LAZY_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"triton": _triton_backend}
 
 
 def register_attention_backend(name: str, backend: AttentionBackend) -> None:
@@ -79,18 +88,19 @@ def register_attention_backend(name: str, backend: AttentionBackend) -> None:
 
 
 def available_attention_backends() -> list[str]:
-    return sorted(set(_BACKENDS) | set(_LAZY_BACKEND_MODULES))
+    return sorted(set(_BACKENDS) | set(_LAZY_BACKENDS))
 
 
 def get_attention_backend(name: str) -> AttentionBackend:
-    if name not in _BACKENDS and name in _LAZY_BACKEND_MODULES:
-        importlib.import_module(_LAZY_BACKEND_MODULES[name])
+    """The backend registered as `name`; ValueError naming the known ones otherwise."""
+    if name not in _BACKENDS and name in _LAZY_BACKENDS:
+        try:
+            _BACKENDS[name] = _LAZY_BACKENDS[name]()
+        except ImportError as exc:
+            raise ValueError(f"attn_backend {name!r} is unavailable here: {exc}") from exc
     backend = _BACKENDS.get(name)
     if backend is None:
-        raise ValueError(
-            f"attn_backend must be one of {available_attention_backends()}, got {name!r}"
-            + (" (its module did not register it)" if name in _LAZY_BACKEND_MODULES else "")
-        )
+        raise ValueError(f"attn_backend must be one of {available_attention_backends()}, got {name!r}")
     return backend
 
 
