@@ -39,6 +39,7 @@ def build(
     gens: list[torch.Generator | None] | None = None,
     eos: list[int | None] | None = None,
     vocab: int = V,
+    device: torch.device = CPU,
 ) -> SamplingMetadata:
     n = len(params)
     return SamplingMetadata.build(
@@ -48,7 +49,7 @@ def build(
         gens if gens is not None else [None] * n,
         eos if eos is not None else [None] * n,
         vocab,
-        CPU,
+        device,
     )
 
 
@@ -221,9 +222,11 @@ def test_min_tokens_masks_eos_and_stop_tokens() -> None:
     assert sample([no_stop], logits, outputs=[[]], eos=[0]).sampled_token_ids == [1]
 
 
-def _seeded_run(seed: int, others: int, position: int, steps: int = 12) -> list[int]:
+def _seeded_run(
+    seed: int, others: int, position: int, steps: int = 12, device: torch.device = CPU
+) -> list[int]:
     """Tokens of a seeded row sampled `steps` times inside batches of unseeded noise rows."""
-    gen = make_generator(seed, CPU)
+    gen = make_generator(seed, device)
     tokens = []
     flat = torch.zeros(1, 64)
     for step in range(steps):
@@ -235,7 +238,7 @@ def _seeded_run(seed: int, others: int, position: int, steps: int = 12) -> list[
         gens[position] = gen
         logits = torch.randn(n, 64)
         logits[position] = flat
-        out = sample(params, logits, gens=gens, vocab=64)
+        out = sample(params, logits.to(device), gens=gens, vocab=64, device=device)
         tokens.append(out.sampled_token_ids[position])
     return tokens
 
@@ -314,3 +317,53 @@ def test_metadata_skips_unneeded_work() -> None:
     meta = build([SamplingParams(presence_penalty=0.5)])
     assert meta.output_tokens is not None and meta.prompt_tokens is None  # prompt only for repetition
     assert build([SamplingParams(temperature=0.0)] * 2).temperature is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu() -> None:
+    """Every feature at once on CUDA: greedy rows and logprobs equal the CPU result, seeded rows
+    are batch-independent, and the sampled distribution is the exact one."""
+    cuda = torch.device("cuda")
+    g = torch.Generator().manual_seed(5)
+    n, vocab = 16, 300
+    logits = torch.randn(n, vocab, generator=g) * 2
+    params = [
+        SamplingParams(
+            temperature=0.0 if i % 2 else 0.8,
+            top_k=(i % 5) * 7,
+            top_p=1.0 if i % 3 else 0.9,
+            min_p=0.05 if i % 4 == 0 else 0.0,
+            repetition_penalty=1.2,
+            presence_penalty=0.3,
+            frequency_penalty=0.1,
+            logit_bias={i: 3.0},
+            min_tokens=2,
+            logprobs=i % 4,
+        )
+        for i in range(n)
+    ]
+    prompts = [torch.randint(0, vocab, (10,), generator=g).tolist() for _ in range(n)]
+    outputs = [torch.randint(0, vocab, (i % 3,), generator=g).tolist() for i in range(n)]
+    eos = [7] * n
+    cpu_out = Sampler()(logits.clone(), build(params, prompts, outputs, eos=eos, vocab=vocab))  # type: ignore[arg-type]
+    gpu_out = Sampler()(logits.to(cuda), build(params, prompts, outputs, eos=eos, vocab=vocab, device=cuda))  # type: ignore[arg-type]
+    for i in range(1, n, 2):
+        assert gpu_out.sampled_token_ids[i] == cpu_out.sampled_token_ids[i]
+    for i in range(n):
+        a, b = cpu_out.logprobs[i], gpu_out.logprobs[i]
+        assert a is not None and b is not None and len(b.token_ids[0]) == 1 + i % 4
+        raw = logits[i].log_softmax(-1)
+        assert b.logprobs[0] == pytest.approx(raw[b.token_ids[0]].tolist(), abs=1e-4)
+        assert b.token_ids[0][1:] == a.token_ids[0][1:]
+        assert gpu_out.sampled_token_ids[i] != 7  # min_tokens masks EOS
+    base = _seeded_run(42, others=0, position=0, device=cuda)
+    assert _seeded_run(42, others=5, position=3, device=cuda) == base
+    assert len(set(base)) > 3
+    torch.manual_seed(0)
+    m = 20000
+    out = Sampler()(
+        LOGITS.expand(m, -1).contiguous().to(cuda), build([SamplingParams(top_p=0.7)] * m, device=cuda)
+    )
+    f = torch.bincount(torch.tensor(out.sampled_token_ids), minlength=V).double() / m
+    assert close(f, renorm([0, 1]))
