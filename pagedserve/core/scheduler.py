@@ -62,6 +62,7 @@ class Scheduler:
         self.swapped: list[Request] = []  # kept in rank order
         self.finished_req_ids: set[str] = set()  # to tell the worker next step
         self.num_preemptions = 0
+        self.num_swap_outs = 0  # preemptions that swapped to CPU (the rest recomputed)
         self._num_scheduled: dict[str, int] = {}  # the plan being built by schedule()
         self._copies: list[tuple[int, int]] = []
         self._swap_out: list[tuple[int, int]] = []
@@ -319,6 +320,7 @@ class Scheduler:
             and self.kv.can_swap_out(victim)
         )
         if use_swap:
+            self.num_swap_outs += 1
             self._swap_out.extend(self.kv.swap_out(victim))
             victim.status = RequestStatus.SWAPPED
             self._insert_by_rank(self.swapped, victim)
