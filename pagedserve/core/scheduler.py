@@ -372,37 +372,30 @@ class Scheduler:
 
     # ---------------------------------------------------------------- stats
 
-    def make_stats(self, scheduler_output: SchedulerOutput) -> SchedulerStats:
+    def kv_slot_usage(self, scheduler_output: SchedulerOutput) -> tuple[int, int]:
+        """(allocated, wasted) KV slots of the scheduled requests for the planned step: slots in
+        their blocks, and those holding no token. Call before the step updates the counts."""
         allocated = wasted = 0
         for req_id, num in scheduler_output.num_scheduled_tokens.items():
-            request = self.requests.get(req_id)
-            if request is None:
-                continue
+            request = self.requests[req_id]
             slots = self.kv.num_blocks_of(req_id) * self.block_size
             allocated += slots
             wasted += slots - (request.num_computed_tokens + num)
+        return allocated, wasted
+
+    def make_stats(self, scheduler_output: SchedulerOutput, slot_usage: tuple[int, int]) -> SchedulerStats:
+        """Queue and cache gauges as they stand now (after the step's update)."""
         stats = self.kv.prefix_stats
+        num_followers = sum(len(r.followers) for r in self.running + self.waiting + self.swapped)
         return SchedulerStats(
             num_running=len(self.running),
-            num_waiting=len(self.waiting) + sum(len(r.followers) for r in self.requests.values()),
+            num_waiting=len(self.waiting) + num_followers,
             num_swapped=len(self.swapped),
             kv_cache_usage=self.kv.usage,
             prefix_cache_queries=stats.queries,
             prefix_cache_hits=stats.hits,
             num_preemptions=self.num_preemptions,
             num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens,
-            kv_slots_allocated=allocated,
-            kv_slots_wasted=wasted,
+            kv_slots_allocated=slot_usage[0],
+            kv_slots_wasted=slot_usage[1],
         )
-
-
-def _unseen_prompt_logprobs(
-    request: Request, start: int, rows: LogprobsLists
-) -> LogprobsLists | None:
-    """Rows of a chunk starting at position `start` predict prompt tokens start+1, start+2, ...
-    Drop the rows reported before (a recompute preemption computes them again)."""
-    skip = max(request.num_prompt_logprob_rows - start, 0)
-    if skip:
-        rows = LogprobsLists(rows.token_ids[skip:], rows.logprobs[skip:], rows.ranks[skip:])
-    request.num_prompt_logprob_rows = max(request.num_prompt_logprob_rows, start + skip + len(rows))
-    return rows if len(rows) else None

@@ -78,10 +78,10 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         plan = self.scheduler.schedule()
-        stats = self.scheduler.make_stats(plan)  # before update: it reads the pre-step counts
+        slot_usage = self.scheduler.kv_slot_usage(plan)  # reads the pre-step token counts
         runner_output = self.runner.execute_model(plan)
         outputs = self.scheduler.update_from_output(plan, runner_output)
-        self._record(stats)
+        self._record(self.scheduler.make_stats(plan, slot_usage))
         return outputs
 
     def _record(self, stats: SchedulerStats) -> None:
