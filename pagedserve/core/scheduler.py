@@ -399,3 +399,15 @@ class Scheduler:
             kv_slots_allocated=slot_usage[0],
             kv_slots_wasted=slot_usage[1],
         )
+
+
+def _unseen_prompt_logprobs(
+    request: Request, start: int, rows: LogprobsLists
+) -> LogprobsLists | None:
+    """Rows of a chunk starting at position `start` predict prompt tokens start+1, start+2, ...
+    Drop the rows reported before (a recompute preemption computes them again)."""
+    skip = max(request.num_prompt_logprob_rows - start, 0)
+    if skip:
+        rows = LogprobsLists(rows.token_ids[skip:], rows.logprobs[skip:], rows.ranks[skip:])
+    request.num_prompt_logprob_rows = max(request.num_prompt_logprob_rows, start + skip + len(rows))
+    return rows if len(rows) else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -73,7 +74,7 @@ class ModelRunner:
         loaded = load_model(
             model_config.model_dir, self.dtype, self.device, attn_backend=config.attention_backend
         )
-        self.model = loaded.model
+        self.model: Any = loaded.model  # a CausalLM: forward(...) and compute_logits(...)
         self.hf_config = loaded.hf_config
         self.vocab_size = self.hf_config.vocab_size
         self.load_seconds = time.perf_counter() - started

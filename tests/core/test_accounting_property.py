@@ -68,7 +68,7 @@ def test_random_workloads_keep_exact_accounting(
             if plen + mt > num_blocks * BLOCK:
                 continue
             children = []
-            for i in range(n):
+            for _ in range(n):
                 rid = f"r{len(ids)}"
                 ids.append(rid)
                 prompts[rid], max_tokens[rid] = prompt, mt
