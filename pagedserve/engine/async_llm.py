@@ -1,0 +1,286 @@
+"""AsyncLLM: the asyncio front of the engine, used by the HTTP server.
+
+    generate(prompt, params, request_id) ──tokenize──> OutputProcessor.add_request
+                                          ──AddRequestMsg──> engine core (own process or in-proc)
+    engine outputs ──> OutputProcessor.process_outputs ──> per-request asyncio.Queue ──> generate()
+
+Everything here runs on the event loop thread; the engine step never does (it runs in the core
+process, or in a worker thread for InprocClient). A generate() that is cancelled (client
+disconnect) or abandoned aborts its request, so its KV blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pagedserve.config import EngineArgs, EngineConfig
+from pagedserve.core.scheduler import SchedulerStats
+from pagedserve.engine.core_client import (
+    AddRequestMsg,
+    ChildSpec,
+    EngineCoreClient,
+    EngineDeadError,
+    InprocClient,
+    MPClient,
+    OutputsMsg,
+    child_params,
+    params_to_dict,
+)
+from pagedserve.engine.llm_engine import generation_eos_ids, load_tokenizer
+from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.inputs import PromptType
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class FinishedRequestStats:
+    """What the metrics need of one finished request."""
+
+    finished_reason: str  # "stop" | "length" | "abort"
+    prompt_tokens: int
+    generation_tokens: int
+    ttft: float | None
+    tpot: float | None
+    e2e: float
+
+
+StatsListener = Callable[[SchedulerStats], None]
+FinishedListener = Callable[[FinishedRequestStats], None]
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig, client: EngineCoreClient, tokenizer: Any) -> None:
+        self.config = config
+        self.client = client
+        self.tokenizer = tokenizer
+        self.output_processor = OutputProcessor(tokenizer)
+        self.max_model_len = config.scheduler_config.max_model_len
+        eos_ids = generation_eos_ids(config.model_config.model_dir)
+        tok_eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_id: int | None = tok_eos if tok_eos is not None else (eos_ids[0] if eos_ids else None)
+        self.extra_eos_ids = [t for t in eos_ids if t != self.eos_token_id]
+        self.vocab_size = 0
+        self.last_stats: SchedulerStats | None = None
+        self.stats_listeners: list[StatsListener] = []
+        self.finished_listeners: list[FinishedListener] = []
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._child_ids: dict[str, list[str]] = {}
+        self._added_since_stats = 0
+        client.on_outputs = self._on_outputs
+        client.on_dead = self._on_dead
+
+    @classmethod
+    async def from_engine_args(cls, engine_args: EngineArgs, multiprocess: bool = True) -> AsyncLLM:
+        config = engine_args.create_engine_config()
+        return await cls.from_config(config, multiprocess)
+
+    @classmethod
+    async def from_config(cls, config: EngineConfig, multiprocess: bool = True) -> AsyncLLM:
+        tokenizer = await asyncio.to_thread(load_tokenizer, config)
+        client: EngineCoreClient = MPClient(config) if multiprocess else InprocClient(config)
+        llm = cls(config, client, tokenizer)
+        ready = await client.start()
+        llm.vocab_size = ready.vocab_size
+        return llm
+
+    # ------------------------------------------------------------------ health and stats
+
+    @property
+    def is_alive(self) -> bool:
+        return self.client.is_alive
+
+    def check_health(self) -> None:
+        if not self.client.is_alive:
+            raise EngineDeadError(self.client.dead_reason or "the engine is not running")
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._queues)
+
+    @property
+    def num_waiting_estimate(self) -> int:
+        """Requests not yet running in the engine: the last reported waiting count plus what was
+        added since that report (an upper bound between reports)."""
+        reported = self.last_stats.num_waiting if self.last_stats is not None else 0
+        return reported + self._added_since_stats
+
+    # ------------------------------------------------------------------ tokenization
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, list):
+            return None, list(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])  # type: ignore[typeddict-item]
+            if "prompt" in prompt:
+                return prompt["prompt"], list(self.tokenizer.encode(prompt["prompt"]))
+        raise ValueError(
+            "prompt must be a string, a list of token ids, or a dict with 'prompt' or 'prompt_token_ids'"
+        )
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        text = self.tokenizer.apply_chat_template(
+            messages,
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            tokenize=False,
+            **(chat_template_kwargs or {}),
+        )
+        if not isinstance(text, str):
+            raise ValueError("the chat template did not render to text")
+        return text
+
+    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError for a request the engine cannot take (the server's 400)."""
+        if not token_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(
+                f"the prompt ({len(token_ids)} tokens) is longer than max_model_len ({self.max_model_len})"
+            )
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size - 1}], got {bad[:5]}")
+        max_seqs = self.config.scheduler_config.max_num_seqs
+        if params.n > max_seqs:
+            raise ValueError(f"n ({params.n}) must not exceed max_num_seqs ({max_seqs})")
+        params.verify_for_model(self.vocab_size, self.config.model_config.max_logprobs)
+
+    # ------------------------------------------------------------------ requests
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs (per params.output_kind) until it finishes. Raises
+        ValueError for bad input, EngineDeadError when the engine dies mid-request."""
+        self.check_health()
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = self.tokenize_prompt(prompt)
+        if params.truncate_prompt_tokens is not None:
+            token_ids = token_ids[-params.truncate_prompt_tokens :]
+        self.validate(token_ids, params)
+        arrival = time.monotonic()
+        children = child_params(request_id, params, self.extra_eos_ids)
+        child_ids = [cid for cid, _ in children]
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.output_processor.add_request(request_id, text, token_ids, params, child_ids, arrival)
+        self._queues[request_id] = queue
+        self._child_ids[request_id] = child_ids
+        msg = AddRequestMsg(
+            children=[ChildSpec(cid, params_to_dict(p)) for cid, p in children],
+            prompt_token_ids=token_ids, eos_token_id=self.eos_token_id, arrival_time=arrival,
+            priority=priority,
+        )  # fmt: skip
+        finished = False
+        num_generated = 0
+        first: float | None = None
+        last: float | None = None
+        reason = "abort"
+        try:
+            self.client.add_request(msg)
+            self._added_since_stats += 1
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                if item.metrics is not None:
+                    first, last = item.metrics.first_token_time, item.metrics.last_token_time
+                num_generated = self._count_tokens(item, params, num_generated)
+                if finished and item.outputs:
+                    reason = item.outputs[0].finish_reason or "stop"
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            self._child_ids.pop(request_id, None)
+            if not finished:  # cancelled, abandoned, or the engine died: free its blocks
+                self._abort_now(request_id)
+            now = time.monotonic()
+            tpot = (last - first) / (num_generated - 1) if first and last and num_generated > 1 else None
+            self._notify_finished(FinishedRequestStats(
+                reason, len(token_ids), num_generated,
+                None if first is None else first - arrival, tpot, now - arrival,
+            ))  # fmt: skip
+
+    @staticmethod
+    def _count_tokens(item: RequestOutput, params: SamplingParams, so_far: int) -> int:
+        from pagedserve.sampling_params import RequestOutputKind
+
+        if params.output_kind == RequestOutputKind.DELTA:
+            return so_far + sum(len(c.token_ids) for c in item.outputs)
+        return sum(len(c.token_ids) for c in item.outputs)
+
+    def _notify_finished(self, stats: FinishedRequestStats) -> None:
+        for listener in self.finished_listeners:
+            try:
+                listener(stats)
+            except Exception:  # noqa: BLE001 - metrics must never break a request
+                logger.exception("finished-request listener failed")
+
+    def _abort_now(self, request_id: str) -> None:
+        child_ids = self.output_processor.abort_requests([request_id])
+        if child_ids and self.client.is_alive:
+            self.client.abort(child_ids)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a running request; its generate() ends with an outputs-less stop (cancellation
+        from the caller's side is the usual way; this is for out-of-band aborts)."""
+        self._abort_now(request_id)
+        queue = self._queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
+
+    # ------------------------------------------------------------------ engine callbacks
+
+    def _on_outputs(self, msg: OutputsMsg) -> None:
+        if msg.stats is not None:
+            self.last_stats = msg.stats
+            self._added_since_stats = 0
+            for listener in self.stats_listeners:
+                try:
+                    listener(msg.stats)
+                except Exception:  # noqa: BLE001
+                    logger.exception("stats listener failed")
+        if not msg.outputs:
+            return
+        processed = self.output_processor.process_outputs(msg.outputs)
+        for ro in processed.request_outputs:
+            queue = self._queues.get(ro.request_id)
+            if queue is not None:
+                queue.put_nowait(ro)
+        if processed.reqs_to_abort:  # finished by a stop string: stop the core computing them
+            self.client.abort(processed.reqs_to_abort)
+
+    def _on_dead(self, reason: str) -> None:
+        err = EngineDeadError(f"the engine stopped: {reason}")
+        for request_id, queue in list(self._queues.items()):
+            self.output_processor.abort_requests([request_id])
+            queue.put_nowait(err)
+
+    async def shutdown(self) -> None:
+        await self.client.shutdown()

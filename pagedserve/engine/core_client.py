@@ -1,0 +1,434 @@
+"""Clients of the engine core: in-process (tests, offline) and in its own process (the server).
+
+    HTTP process (asyncio)                         engine-core process (spawned)
+    ─────────────────────                          ──────────────────────────────
+    MPClient.add_request ──PUSH  ipc://…/input ──> PULL  ─┐
+    MPClient.abort       ──┘                              ├─ loop: drain inputs; step() while work
+    output reader task  <──PULL  ipc://…/output <── PUSH ─┘        send OutputsMsg per step
+    liveness watch: the process died -> every in-flight request fails, is_alive = False
+
+Messages are msgspec (msgpack) structs; requests travel as plain fields (ids, token ids,
+SamplingParams as a dict), outputs as the `EngineCoreOutput` dataclasses of core/outputs.py.
+The HTTP process binds both sockets, so a dead engine never blocks a send: ZMQ queues it.
+
+A user request with n samples is one `AddRequestMsg` holding n children ("<i>_<id>"): the engine
+side links them as leader + followers exactly as `LLMEngine.add_request` does (`link_children`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from pagedserve.config import EngineConfig
+from pagedserve.core.outputs import EngineCoreOutput, SchedulerOutput
+from pagedserve.core.request import Request
+from pagedserve.core.scheduler import SchedulerStats
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------- messages
+
+
+class ChildSpec(msgspec.Struct):
+    request_id: str
+    sampling_params: dict[str, Any]  # params_to_dict(SamplingParams)
+
+
+class AddRequestMsg(msgspec.Struct, tag="add"):
+    """One user request: its children share the prompt; children[0] leads when it can fork."""
+
+    children: list[ChildSpec]
+    prompt_token_ids: list[int]
+    eos_token_id: int | None
+    arrival_time: float  # time.monotonic(): CLOCK_MONOTONIC is system-wide on Linux
+    priority: int = 0
+
+
+class AbortMsg(msgspec.Struct, tag="abort"):
+    request_ids: list[str]  # child ids
+
+
+class ShutdownMsg(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+class ReadyMsg(msgspec.Struct, tag="ready"):
+    pid: int
+    num_gpu_blocks: int
+    num_cpu_blocks: int
+    block_size: int
+    kv_capacity_tokens: int
+    vocab_size: int
+    startup_seconds: float
+
+
+class ErrorMsg(msgspec.Struct, tag="error"):
+    message: str
+    fatal: bool = True
+
+
+class OutputsMsg(msgspec.Struct, tag="outputs"):
+    outputs: list[EngineCoreOutput]
+    stats: SchedulerStats | None  # the step's scheduler snapshot (also sent alone when idle)
+
+
+InputMsg = AddRequestMsg | AbortMsg | ShutdownMsg
+OutputMsg = ReadyMsg | ErrorMsg | OutputsMsg
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core process is gone: requests cannot make progress."""
+
+
+# ---------------------------------------------------------------------------- request building
+
+
+def params_to_dict(params: SamplingParams) -> dict[str, Any]:
+    d = {f.name: getattr(params, f.name) for f in dataclasses.fields(SamplingParams)}
+    d["output_kind"] = params.output_kind.value
+    return d
+
+
+def params_from_dict(d: dict[str, Any]) -> SamplingParams:
+    """Rebuilds params that were validated on the sending side (no second validation pass)."""
+    params = object.__new__(SamplingParams)
+    for f in dataclasses.fields(SamplingParams):
+        setattr(params, f.name, d.get(f.name, f.default))
+    params.output_kind = RequestOutputKind(d.get("output_kind", 0))
+    if params.logit_bias is not None:
+        params.logit_bias = {int(k): float(v) for k, v in params.logit_bias.items()}
+    params.stop = list(params.stop or [])
+    params.stop_token_ids = list(params.stop_token_ids or [])
+    return params
+
+
+def child_params(
+    request_id: str, params: SamplingParams, extra_eos_ids: list[int]
+) -> list[tuple[str, SamplingParams]]:
+    """The n core requests of one user request: ids "<i>_<id>" (just <id> when n == 1), each with
+    n=1 and its own seed; the model's extra EOS ids stop them like stop_token_ids (unless
+    ignore_eos). Shared with LLMEngine.add_request's rules."""
+    ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
+    out: list[tuple[str, SamplingParams]] = []
+    for index, child_id in enumerate(ids):
+        p = params.child(index) if params.n > 1 else params.clone()
+        if not p.ignore_eos and extra_eos_ids:
+            p.stop_token_ids = list(p.all_stop_token_ids | set(extra_eos_ids))
+        out.append((child_id, p))
+    return out
+
+
+def link_children(children: list[Request]) -> list[Request]:
+    """Which requests to hand to the scheduler: the leader (followers attached) when the prompt
+    has more than one token to share, else every child on its own."""
+    if len(children) > 1 and children[0].num_prompt_tokens > 1:
+        children[0].followers = children[1:]
+        return children[:1]
+    return children
+
+
+def requests_from_msg(msg: AddRequestMsg) -> list[Request]:
+    children = [
+        Request(
+            request_id=c.request_id,
+            prompt_token_ids=list(msg.prompt_token_ids),
+            sampling_params=params_from_dict(c.sampling_params),
+            eos_token_id=msg.eos_token_id,
+            arrival_time=msg.arrival_time,
+            priority=msg.priority,
+        )
+        for c in msg.children
+    ]
+    return link_children(children)
+
+
+def idle_stats(core: Any) -> SchedulerStats:
+    """The scheduler's state without running a step (after aborts drained the batch)."""
+    empty = SchedulerOutput([], [], {}, 0, set())
+    stats: SchedulerStats = core.scheduler.make_stats(empty)
+    return stats
+
+
+# ---------------------------------------------------------------------------- engine process
+
+
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
+    """Entry point of the engine-core process (multiprocessing spawn target)."""
+    import zmq
+
+    from pagedserve.engine.engine_core import EngineCore
+
+    ctx = zmq.Context()
+    out_sock = ctx.socket(zmq.PUSH)
+    out_sock.connect(output_addr)
+    in_sock = ctx.socket(zmq.PULL)
+    in_sock.connect(input_addr)
+    encoder = msgspec.msgpack.Encoder()
+    decoder = msgspec.msgpack.Decoder(InputMsg)  # type: ignore[arg-type]
+    parent = multiprocessing.parent_process()
+    try:
+        core = EngineCore(config)
+    except Exception as e:  # noqa: BLE001 - reported to the HTTP process, which fails start-up
+        out_sock.send(encoder.encode(ErrorMsg(f"engine start-up failed: {e}\n{traceback.format_exc()}")))
+        out_sock.close(linger=2000)
+        ctx.term()
+        return
+    cache = config.cache_config
+    out_sock.send(encoder.encode(ReadyMsg(
+        pid=os.getpid(), num_gpu_blocks=cache.num_gpu_blocks, num_cpu_blocks=cache.num_cpu_blocks,
+        block_size=cache.block_size, kv_capacity_tokens=core.kv_capacity_tokens,
+        vocab_size=core.runner.vocab_size, startup_seconds=core.stats.startup_seconds,
+    )))  # fmt: skip
+    poller = zmq.Poller()
+    poller.register(in_sock, zmq.POLLIN)
+    try:
+        while True:
+            busy = core.has_unfinished_requests()
+            # Block for input only when idle; the timeout lets an orphan notice its parent died.
+            events = dict(poller.poll(0 if busy else 1000))
+            had_input = False
+            while events:
+                try:
+                    raw = in_sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                had_input = True
+                msg = decoder.decode(raw)
+                if isinstance(msg, ShutdownMsg):
+                    return
+                if isinstance(msg, AddRequestMsg):
+                    for request in requests_from_msg(msg):
+                        core.add_request(request)
+                else:
+                    core.abort_requests(msg.request_ids)
+            if core.has_unfinished_requests():
+                outputs = core.step()
+                out_sock.send(encoder.encode(OutputsMsg(outputs, core.stats.last)))
+            elif had_input or busy:  # went idle: report the freed KV cache
+                out_sock.send(encoder.encode(OutputsMsg([], idle_stats(core))))
+            if not busy and parent is not None and not parent.is_alive():
+                return
+    except Exception as e:  # noqa: BLE001 - a bug in a step: tell the HTTP process, then die
+        logger.exception("engine core failed")
+        out_sock.send(encoder.encode(ErrorMsg(f"engine core failed: {e}")))
+    finally:
+        in_sock.close(linger=0)
+        out_sock.close(linger=1000)
+        ctx.term()
+
+
+# ---------------------------------------------------------------------------- clients
+
+OutputHandler = Callable[[OutputsMsg], None]
+DeadHandler = Callable[[str], None]
+
+
+class MPClient:
+    """Async client of an engine core in its own (spawned) process."""
+
+    def __init__(self, config: EngineConfig, liveness_interval_s: float = 0.2) -> None:
+        self.config = config
+        self.liveness_interval_s = liveness_interval_s
+        self.ready: ReadyMsg | None = None
+        self.is_alive = False
+        self.dead_reason: str | None = None
+        self.on_outputs: OutputHandler = lambda msg: None
+        self.on_dead: DeadHandler = lambda reason: None
+        self._tmpdir = tempfile.mkdtemp(prefix="pagedserve-ipc-")
+        self._proc: Any = None
+        self._ctx: Any = None
+        self._in: Any = None
+        self._out: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(OutputMsg)  # type: ignore[arg-type]
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self, timeout_s: float = 600.0) -> ReadyMsg:
+        """Spawn the engine process and wait until it reports ready (or fails)."""
+        import zmq
+        import zmq.asyncio
+
+        self._ctx = zmq.asyncio.Context()
+        input_addr = f"ipc://{self._tmpdir}/input"
+        output_addr = f"ipc://{self._tmpdir}/output"
+        self._in = self._ctx.socket(zmq.PUSH)
+        self._in.bind(input_addr)
+        self._out = self._ctx.socket(zmq.PULL)
+        self._out.bind(output_addr)
+        mp = multiprocessing.get_context("spawn")
+        self._proc = mp.Process(
+            target=run_engine_core, args=(self.config, input_addr, output_addr),
+            name="pagedserve-engine-core", daemon=True,
+        )  # fmt: skip
+        self._proc.start()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self._proc.is_alive():
+                raise EngineDeadError(f"engine process exited during start-up (code {self._proc.exitcode})")
+            if time.monotonic() > deadline:
+                raise EngineDeadError(f"engine did not become ready within {timeout_s:.0f} s")
+            if await self._out.poll(200):
+                msg = self._decoder.decode(await self._out.recv())
+                if isinstance(msg, ErrorMsg):
+                    raise EngineDeadError(msg.message)
+                if isinstance(msg, ReadyMsg):
+                    break
+        self.ready = msg
+        self.is_alive = True
+        self._tasks = [
+            asyncio.create_task(self._read_outputs(), name="engine-output-reader"),
+            asyncio.create_task(self._watch(), name="engine-liveness"),
+        ]
+        return msg
+
+    def add_request(self, msg: AddRequestMsg) -> None:
+        self._check_alive()
+        self._in.send(self._encoder.encode(msg))
+
+    def abort(self, child_ids: list[str]) -> None:
+        if child_ids and self.is_alive:
+            self._in.send(self._encoder.encode(AbortMsg(list(child_ids))))
+
+    def _check_alive(self) -> None:
+        if not self.is_alive:
+            raise EngineDeadError(self.dead_reason or "the engine is not running")
+
+    def _mark_dead(self, reason: str) -> None:
+        if self.is_alive or self.dead_reason is None:
+            self.is_alive = False
+            self.dead_reason = reason
+            logger.error("engine core is dead: %s", reason)
+            self.on_dead(reason)
+
+    async def _read_outputs(self) -> None:
+        while True:
+            raw = await self._out.recv()
+            msg = self._decoder.decode(raw)
+            if isinstance(msg, OutputsMsg):
+                try:
+                    self.on_outputs(msg)
+                except Exception:  # noqa: BLE001 - one bad output must not kill the reader
+                    logger.exception("failed to process engine outputs")
+            elif isinstance(msg, ErrorMsg):
+                self._mark_dead(msg.message)
+
+    async def _watch(self) -> None:
+        while self._proc.is_alive():
+            await asyncio.sleep(self.liveness_interval_s)
+        self._mark_dead(f"engine process exited (code {self._proc.exitcode})")
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._proc is not None and self._proc.is_alive():
+            try:
+                self._in.send(self._encoder.encode(ShutdownMsg()))
+            except Exception:  # noqa: BLE001
+                pass
+            self._proc.join(5)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(5)
+        self.is_alive = False
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+class InprocClient:
+    """The same interface over an in-process EngineCore; steps run in a worker thread, inputs are
+    applied between steps by the driver task (so the core is only ever touched by one thread)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.ready: ReadyMsg | None = None
+        self.is_alive = False
+        self.dead_reason: str | None = None
+        self.on_outputs: OutputHandler = lambda msg: None
+        self.on_dead: DeadHandler = lambda reason: None
+        self.core: Any = None
+        self._pending: list[InputMsg] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    async def start(self, timeout_s: float = 600.0) -> ReadyMsg:
+        from pagedserve.engine.engine_core import EngineCore
+
+        self.core = await asyncio.to_thread(EngineCore, self.config)
+        cache = self.config.cache_config
+        self.ready = ReadyMsg(
+            pid=os.getpid(), num_gpu_blocks=cache.num_gpu_blocks, num_cpu_blocks=cache.num_cpu_blocks,
+            block_size=cache.block_size, kv_capacity_tokens=self.core.kv_capacity_tokens,
+            vocab_size=self.core.runner.vocab_size, startup_seconds=self.core.stats.startup_seconds,
+        )  # fmt: skip
+        self.is_alive = True
+        self._task = asyncio.create_task(self._drive(), name="inproc-engine")
+        return self.ready
+
+    def add_request(self, msg: AddRequestMsg) -> None:
+        if not self.is_alive:
+            raise EngineDeadError(self.dead_reason or "the engine is not running")
+        self._pending.append(msg)
+        self._wake.set()
+
+    def abort(self, child_ids: list[str]) -> None:
+        if child_ids:
+            self._pending.append(AbortMsg(list(child_ids)))
+            self._wake.set()
+
+    async def _drive(self) -> None:
+        core = self.core
+        try:
+            while True:
+                if not self._pending and not core.has_unfinished_requests():
+                    self._wake.clear()
+                    await self._wake.wait()
+                had_input = bool(self._pending)
+                pending, self._pending = self._pending, []
+                for msg in pending:
+                    if isinstance(msg, AddRequestMsg):
+                        for request in requests_from_msg(msg):
+                            core.add_request(request)
+                    elif isinstance(msg, AbortMsg):
+                        core.abort_requests(msg.request_ids)
+                if core.has_unfinished_requests():
+                    outputs = await asyncio.to_thread(core.step)
+                    self.on_outputs(OutputsMsg(outputs, core.stats.last))
+                elif had_input:
+                    self.on_outputs(OutputsMsg([], idle_stats(core)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            logger.exception("in-process engine core failed")
+            self.is_alive = False
+            self.dead_reason = f"engine core failed: {e}"
+            self.on_dead(self.dead_reason)
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.is_alive = False
+
+
+EngineCoreClient = MPClient | InprocClient
