@@ -58,6 +58,8 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler_config, cache)
         self.stats = EngineStats(startup_seconds=time.perf_counter() - started)
         self.stats.extra["model_load_seconds"] = self.runner.load_seconds
+        if self.runner.decode_graphs is not None:
+            self.stats.extra["cuda_graph_capture_seconds"] = self.runner.decode_graphs.capture_seconds
         logger.info(
             "engine ready in %.1f s: %d GPU blocks (%d tokens), %d CPU swap blocks",
             self.stats.startup_seconds, num_gpu, capacity, num_cpu,

@@ -24,6 +24,7 @@ from pagedserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from pagedserve.model_executor.layers.attention import AttentionMetadata
 from pagedserve.model_executor.loader import load_model, resolve_dtype
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.cuda_graphs import DecodeGraphs
 from pagedserve.worker.kv_cache import (
     KVCacheSpec,
     allocate_kv_cache,
@@ -85,6 +86,7 @@ class ModelRunner:
         self.states: dict[str, RequestState] = {}
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.decode_graphs: DecodeGraphs | None = None
 
     # ---------------------------------------------------------------- KV cache set-up
 
@@ -116,6 +118,14 @@ class ModelRunner:
         self.cpu_caches = allocate_kv_cache(
             self.spec, num_cpu_blocks, torch.device("cpu"), pin_memory=pin
         ) if num_cpu_blocks else []
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            sched = self.config.scheduler_config
+            max_blocks = -(-sched.max_model_len // self.spec.block_size)
+            self.decode_graphs = DecodeGraphs(
+                self.model, self.kv_caches, sched.max_num_seqs, max_blocks,
+                self.spec.block_size, self.device,
+            )
+            self.decode_graphs.capture()
 
     @torch.inference_mode()
     def _profile_forward(self) -> None:
@@ -176,7 +186,11 @@ class ModelRunner:
             return ModelRunnerOutput(sampled_token_ids={})
 
         inputs = self._prepare_inputs(plan)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        hidden = None
+        if self.decode_graphs is not None and inputs.metadata.max_query_len == 1:
+            hidden = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.metadata)
+        if hidden is None:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
         output = ModelRunnerOutput(sampled_token_ids={})
         self._prompt_logprobs(plan, inputs, hidden, output)
         if inputs.sample_req_ids:

@@ -1,0 +1,83 @@
+"""Shared helpers of the benchmark scripts: environment facts, table printing, JSON results."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from typing import Any
+
+import torch
+
+
+def environment() -> dict[str, Any]:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit.stdout.strip() or os.environ.get("PAGEDSERVE_COMMIT", "unknown"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    else:
+        info["device"] = "cpu"
+    try:
+        import transformers
+        import triton
+
+        info["transformers"] = transformers.__version__
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def measure_copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.randn(num_bytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * num_bytes / times[len(times) // 2]
+
+
+def print_table(title: str, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    keys = list(rows[0])
+    cells = [[_fmt(r.get(k)) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print(f"\n## {title}")
+    print(" | ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for c in cells:
+        print(" | ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    return str(value)
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"environment": environment(), **payload}, f, indent=2)

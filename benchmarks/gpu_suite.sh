@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The whole GPU check-and-measure suite, in parts that each fit one 10-minute device call:
+#   benchmarks/gpu_suite.sh checks   # GPU tests (kernels vs twins at real shapes), tiny-model and
+#                                    # 8B correctness, batch-1 latency, offline throughput
+#   benchmarks/gpu_suite.sh peers    # transformers static batches and continuous batching
+#   benchmarks/gpu_suite.sh serving  # the OpenAI server under Poisson arrivals
+# Results (JSON + logs) go to $OUT (or benchmarks/results/raw); the 8B model is built once into
+# $MODEL_DIR (default /tmp/llama3-8b-random).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+part="${1:-checks}"
+out="${OUT:-benchmarks/results/raw}"
+mkdir -p "$out"
+model="${MODEL_DIR:-/tmp/llama3-8b-random}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PAGEDSERVE_COMMIT="${PAGEDSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/nvidia-smi.txt"
+python3 -m benchmarks.build_model "$model" 2>&1 | tail -2
+
+case "$part" in
+  checks)
+    python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu-tests.log" | tail -15
+    python3 -m benchmarks.gpu_checks --model8b "$model" --json "$out/gpu_checks.json" 2>&1 | grep -v Loading | tail -12
+    python3 -m benchmarks.latency --model "$model" --json "$out/latency.json" 2>&1 | grep -v Loading | tail -8
+    python3 -m benchmarks.throughput --model "$model" --json "$out/throughput.json" 2>&1 | grep -v Loading | tail -6
+    ;;
+  peers)
+    python3 -m benchmarks.peers --model "$model" --json "$out/peers.json" 2>&1 | grep -v Loading | tail -10
+    ;;
+  serving)
+    python3 -m benchmarks.serving --model "$model" --json "$out/serving.json" 2>&1 | grep -v Loading | tail -12
+    ;;
+  *)
+    echo "unknown part $part (checks | peers | serving)"; exit 2;;
+esac

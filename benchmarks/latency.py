@@ -1,0 +1,77 @@
+"""Batch-1 decode speed at a given context, beside its bandwidth floor.
+
+floor tokens/s = copy bandwidth / (weight bytes read per token + KV bytes read per token), with
+the bandwidth measured in this run (device-to-device copy, bytes read + written). The embedding
+table is not read whole by a decode step (one row is gathered), so it is left out of the weights.
+
+    python -m benchmarks.latency --model DIR [--contexts 128 2048] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import measure_copy_bandwidth, print_table, write_json
+
+
+def decode_rate(engine, context: int, num_tokens: int, vocab: int) -> float:
+    from pagedserve import SamplingParams
+
+    prompt = torch.randint(100, vocab - 100, (context,), generator=torch.Generator().manual_seed(context)).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True)
+    engine.add_request(f"lat-{context}-{time.monotonic_ns()}", {"prompt_token_ids": prompt}, params)
+    engine.step()  # prefill (+ the first token)
+    started = time.perf_counter()
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    return steps / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 2048])
+    parser.add_argument("--num-tokens", type=int, default=256)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    from pagedserve import EngineArgs, LLMEngine
+
+    bandwidth = measure_copy_bandwidth()
+    engine = LLMEngine.from_engine_args(EngineArgs(model=args.model, enforce_eager=args.enforce_eager,
+                                                   max_model_len=4096, max_num_seqs=256))
+    runner = engine.engine_core.runner
+    spec = runner.spec
+    element = torch.empty((), dtype=spec.dtype).element_size()
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in runner.model.named_parameters()
+                       if "embed_tokens" not in n or runner.hf_config.tie_word_embeddings)
+    kv_bytes_per_ctx = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * element
+    decode_rate(engine, 64, 16, runner.vocab_size)  # warm-up
+    rows = []
+    for context in args.contexts:
+        rate = decode_rate(engine, context, args.num_tokens, runner.vocab_size)
+        mean_ctx = context + args.num_tokens / 2
+        floor = bandwidth / (weight_bytes + kv_bytes_per_ctx * mean_ctx)
+        rows.append({
+            "context": context,
+            "tokens_per_s": rate,
+            "floor_tokens_per_s": floor,
+            "fraction_of_floor": rate / floor,
+            "step_ms": 1e3 / rate,
+            "floor_step_ms": 1e3 / floor,
+        })
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, weights {weight_bytes / 1e9:.2f} GB, "
+          f"KV {kv_bytes_per_ctx / 1e3:.1f} kB per context token")
+    print_table("batch-1 decode", rows)
+    write_json(args.json, {"latency": rows, "bandwidth_bytes_per_s": bandwidth,
+                           "weight_bytes": weight_bytes, "args": vars(args)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The peers on the same model and workload: Hugging Face transformers' static padded batches
+(`generate`) and its continuous batching (`ContinuousBatchingManager`, attn "paged|sdpa"), each on
+a prefix of the ShareGPT-like mix (their rates are steady over it).
+
+Tokens counted are the requested output tokens (useful work); a static batch also generates
+padding up to its longest request, reported separately.
+
+    python -m benchmarks.peers --model DIR [--static-requests 64] [--cb-requests 200] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import print_table, write_json
+from benchmarks.workload import Workload, sharegpt_like
+
+
+def static_batches(model, work: Workload, batch_size: int) -> dict:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    generated = 0
+    for i in range(0, len(work.prompts), batch_size):
+        prompts = work.prompts[i : i + batch_size]
+        lens = work.output_lens[i : i + batch_size]
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):  # left padding
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        out = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), do_sample=False,
+                             max_new_tokens=max(lens), min_new_tokens=max(lens),
+                             eos_token_id=None, pad_token_id=0)
+        generated += (out.shape[1] - width) * len(prompts)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    return {"engine": f"transformers generate (static batch {batch_size})",
+            "requests": len(work.prompts), "elapsed_s": elapsed,
+            "output_tokens_per_s": work.num_output_tokens / elapsed,
+            "generated_incl_padding_per_s": generated / elapsed}
+
+
+def continuous_batching(model, work: Workload) -> dict:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0,
+                              max_new_tokens=max(work.output_lens))
+    manager = model.init_continuous_batching(generation_config=config)
+    manager.start()
+    try:
+        # warm-up request (graph capture / compilation are not timed)
+        manager.add_request(work.prompts[0][:16], request_id="warmup", max_new_tokens=4)
+        manager.get_result(request_id="warmup", timeout=600)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for i, (prompt, n) in enumerate(zip(work.prompts, work.output_lens)):
+            manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=n)
+        produced = 0
+        for i in range(len(work.prompts)):
+            result = manager.get_result(request_id=f"r{i}", timeout=1200)
+            produced += len(result.generated_tokens)
+        elapsed = time.perf_counter() - started
+    finally:
+        manager.stop(block=True)
+    return {"engine": "transformers continuous batching (paged|sdpa)",
+            "requests": len(work.prompts), "elapsed_s": elapsed,
+            "output_tokens_per_s": produced / elapsed, "generated_incl_padding_per_s": produced / elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--static-requests", type=int, default=64)
+    parser.add_argument("--static-batch", type=int, default=32)
+    parser.add_argument("--cb-requests", type=int, default=200)
+    parser.add_argument("--skip-static", action="store_true")
+    parser.add_argument("--skip-cb", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    rows = []
+    vocab = None
+    if not args.skip_static:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa").cuda().eval()
+        vocab = model.config.vocab_size
+        work = sharegpt_like(vocab).prefix(args.static_requests)
+        rows.append(static_batches(model, work, args.static_batch))
+        print_table("peers (so far)", rows)
+        del model
+        torch.cuda.empty_cache()
+    if not args.skip_cb:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16,
+                                                     attn_implementation="paged|sdpa").cuda().eval()
+        vocab = model.config.vocab_size
+        work = sharegpt_like(vocab).prefix(args.cb_requests)
+        rows.append(continuous_batching(model, work))
+    print_table("peers on the same model and workload", rows)
+    write_json(args.json, {"peers": rows, "args": vars(args)})
+
+
+if __name__ == "__main__":
+    main()
