@@ -1,0 +1,89 @@
+"""The `pagedserve` command.
+
+pagedserve serve [MODEL] [vLLM server flags]    OpenAI-compatible server (demo model if none)
+pagedserve generate [--model M] PROMPT...       offline completions through `LLM`
+pagedserve audit verify FILE                    check an audit log's hash chain
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pagedserve.entrypoints.openai.cli_args import add_server_args, validate_args
+
+
+def _generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pagedserve generate", allow_abbrev=False,
+                                description="Generate completions offline and print them.")  # fmt: skip
+    p.add_argument("prompts", nargs="+", metavar="PROMPT")
+    p.add_argument("--model", default=None, help="model directory or hub id (default: the demo model)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    return p
+
+
+def generate_main(argv: Sequence[str]) -> int:
+    parser = _generate_parser()
+    args = parser.parse_args(argv)
+    from pagedserve.engine.llm import LLM
+    from pagedserve.sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)  # fmt: skip
+    except ValueError as e:
+        parser.error(str(e))
+    model = args.model
+    if model is None:
+        from pagedserve.testing.checkpoints import build_demo_checkpoint
+
+        model = build_demo_checkpoint()
+    extra = {"kv_cache_memory_bytes": args.kv_cache_memory_bytes} if args.kv_cache_memory_bytes else {}
+    llm = LLM(model=model, dtype=args.dtype, max_model_len=args.max_model_len, **extra)
+    for output in llm.generate(args.prompts, params, use_tqdm=False):
+        for completion in output.outputs:
+            print(f"{output.prompt!r} -> {completion.text!r}")
+    return 0
+
+
+def serve_main(argv: Sequence[str]) -> int:
+    from pagedserve.entrypoints.openai.api_server import run_server
+
+    parser = argparse.ArgumentParser(prog="pagedserve serve", allow_abbrev=False,
+                                     description="OpenAI-compatible server (vLLM's flags).")  # fmt: skip
+    add_server_args(parser, positional_model=True)
+    args = parser.parse_args(argv)
+    validate_args(parser, args)
+    try:
+        run_server(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"serve": serve_main, "generate": generate_main}
+    if argv and argv[0] == "audit":
+        from pagedserve.ops.audit import audit_main
+
+        return audit_main(argv[1:])
+    if not argv or argv[0] not in commands:
+        usage = "usage: pagedserve {serve,generate,audit} ...\n" + (__doc__ or "")
+        print(usage, file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The server's command line, with vLLM's flag names.
+
+Shared by `python -m pagedserve.entrypoints.openai.api_server` and `pagedserve serve`. Unknown
+flags, abbreviations and conflicting combinations fail at start with an argparse error (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from pagedserve.config import EngineArgs
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"port must be in [0, 65535], got {value}")
+    return value
+
+
+def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> argparse.ArgumentParser:
+    if positional_model:
+        parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                            help="model directory or hub id (default: the built-in demo model)")  # fmt: skip
+    parser.add_argument("--model", default=None, help="model directory or hub id")
+    http = parser.add_argument_group("HTTP server")
+    http.add_argument("--host", default="0.0.0.0")
+    http.add_argument("--port", type=_port, default=8000)
+    http.add_argument("--ssl-keyfile", default=None)
+    http.add_argument("--ssl-certfile", default=None)
+    http.add_argument("--ssl-ca-certs", default=None)
+    http.add_argument("--root-path", default=None)
+    http.add_argument("--served-model-name", nargs="+", default=None)
+    http.add_argument("--chat-template", default=None, help="a Jinja template, or a file holding one")
+    http.add_argument("--max-waiting-requests", type=_non_negative_int, default=None,
+                      help="answer 429 once this many requests wait for the engine (load shedding)")  # fmt: skip
+    http.add_argument("--uvicorn-log-level", default="warning",
+                      choices=["debug", "info", "warning", "error", "critical", "trace"])  # fmt: skip
+    http.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    http.add_argument("--log-format", default="json", choices=["json", "text"])
+    sec = parser.add_argument_group("security and audit")
+    sec.add_argument("--api-key", action="append", default=None, help="accepted API key (repeatable)")
+    sec.add_argument("--api-key-file", default=None, help="file of API keys, one 'KEY [TENANT]' a line")
+    sec.add_argument("--jwt-secret", default=None, help="accept HS256 JWTs signed with this secret")
+    sec.add_argument("--jwt-public-key", default=None, help="accept RS256 JWTs (PEM text or file)")
+    sec.add_argument("--jwt-audience", default=None)
+    sec.add_argument("--jwt-issuer", default=None)
+    sec.add_argument("--jwt-tenant-claim", default="tenant")
+    sec.add_argument("--audit-log", default=None, help="append one hash-chained JSON line per request")
+    eng = parser.add_argument_group("engine")
+    eng.add_argument("--tokenizer", default=None)
+    eng.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "float", "float16", "half", "bfloat16"]
+    )
+    eng.add_argument("--max-model-len", type=_positive_int, default=None)
+    eng.add_argument("--quantization", "-q", default=None)
+    eng.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1)
+    eng.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    eng.add_argument("--block-size", type=_positive_int, default=16, choices=[1, 2, 4, 8, 16, 32, 64, 128])
+    eng.add_argument("--swap-space", type=float, default=4.0, help="GiB of CPU swap space")
+    eng.add_argument("--max-num-seqs", type=_positive_int, default=256)
+    eng.add_argument("--max-num-batched-tokens", type=_positive_int, default=None)
+    prefix = eng.add_mutually_exclusive_group()
+    prefix.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true",
+                        default=None)  # fmt: skip
+    prefix.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    eng.add_argument("--seed", type=int, default=0)
+    eng.add_argument("--enforce-eager", action="store_true")
+    eng.add_argument("--max-logprobs", type=_non_negative_int, default=20)
+    eng.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    eng.add_argument("--kv-cache-memory-bytes", type=_positive_int, default=None,
+                     help="explicit KV cache budget in bytes (default: from gpu-memory-utilization)")  # fmt: skip
+    eng.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None)
+    eng.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
+    eng.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    return parser
+
+
+def make_arg_parser(prog: str = "pagedserve.entrypoints.openai.api_server", positional_model: bool = False
+                    ) -> argparse.ArgumentParser:  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False,
+        description="OpenAI-compatible HTTP server (vLLM's flags).",
+    )  # fmt: skip
+    return add_server_args(parser, positional_model)
+
+
+def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Cross-flag checks; failures go through parser.error (message + exit 2)."""
+    tag = getattr(args, "model_tag", None)
+    if tag is not None and args.model is not None and tag != args.model:
+        parser.error(f"the model is given twice and differently: {tag!r} and --model {args.model!r}")
+    if tag is not None:
+        args.model = tag
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        parser.error("--ssl-keyfile and --ssl-certfile must be given together")
+    if (args.jwt_secret or args.jwt_public_key) and not args.jwt_audience:
+        parser.error("--jwt-audience is required with --jwt-secret or --jwt-public-key")
+    if args.jwt_audience and not (args.jwt_secret or args.jwt_public_key):
+        parser.error("--jwt-audience needs --jwt-secret or --jwt-public-key")
+    if not 0.0 < args.gpu_memory_utilization <= 1.0:
+        parser.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    if args.swap_space < 0:
+        parser.error(f"--swap-space must be >= 0, got {args.swap_space}")
+    if args.tensor_parallel_size != 1:
+        parser.error("--tensor-parallel-size > 1 is not supported yet")
+    if args.quantization is not None:
+        parser.error(f"--quantization {args.quantization!r} is not supported yet")
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None,
+               positional_model: bool = False) -> argparse.Namespace:  # fmt: skip
+    parser = make_arg_parser(prog or "pagedserve.entrypoints.openai.api_server", positional_model)
+    args = parser.parse_args(argv)
+    validate_args(parser, args)
+    return args
+
+
+def engine_args_from(args: argparse.Namespace) -> EngineArgs:
+    names = args.served_model_name
+    return EngineArgs(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        swap_space=args.swap_space,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        num_gpu_blocks_override=args.num_gpu_blocks_override,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=True if args.enable_prefix_caching is None else args.enable_prefix_caching,
+        preemption_mode=args.preemption_mode,
+        scheduling_policy=args.scheduling_policy,
+        enforce_eager=args.enforce_eager,
+        quantization=args.quantization,
+        tensor_parallel_size=args.tensor_parallel_size,
+        device=args.device,
+        served_model_name=names[0] if names else None,
+        max_logprobs=args.max_logprobs,
+    )

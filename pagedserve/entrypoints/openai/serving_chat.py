@@ -1,0 +1,199 @@
+"""/v1/chat/completions: messages -> chat template -> one engine request with n samples.
+
+Streaming sends, per choice, a first delta with the role, then content deltas, the last one with
+finish_reason; with stream_options.include_usage a final chunk with empty choices carries the
+usage; the stream ends with `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from pagedserve.engine.async_llm import AsyncLLM
+from pagedserve.entrypoints.openai.errors import BadRequestError, error_sse
+from pagedserve.entrypoints.openai.protocol import (
+    SSE_DONE,
+    ChatCompletionLogProb,
+    ChatCompletionLogProbs,
+    ChatCompletionLogProbsContent,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatMessage,
+    DeltaMessage,
+    PromptTokenUsageInfo,
+    UsageInfo,
+    clamp_logprob,
+    sse_event,
+)
+from pagedserve.entrypoints.openai.serving_completion import (
+    AuditInfo,
+    OpenAIServing,
+    engine_error,
+    prompt_logprobs_json,
+)
+from pagedserve.outputs import Logprob, RequestOutput
+
+ROLE = "assistant"
+
+
+def chat_logprobs(
+    token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob]], num_top: int, decode: Any
+) -> ChatCompletionLogProbs:
+    """One entry per generated token: its text, logprob, UTF-8 bytes, and the top `num_top`."""
+
+    def entry(token_id: int, lp: Logprob) -> ChatCompletionLogProb:
+        text = lp.decoded_token if lp.decoded_token is not None else decode([token_id])
+        return ChatCompletionLogProb(token=text, logprob=clamp_logprob(lp.logprob), bytes=list(text.encode()))
+
+    content: list[ChatCompletionLogProbsContent] = []
+    for token_id, d in zip(token_ids, logprobs):
+        chosen = d.get(token_id) or Logprob(float("-inf"))
+        c = entry(token_id, chosen)
+        top = sorted(d.items(), key=lambda kv: kv[1].rank or 0)[:num_top] if num_top else []
+        content.append(ChatCompletionLogProbsContent(
+            token=c.token, logprob=c.logprob, bytes=c.bytes, top_logprobs=[entry(t, lp) for t, lp in top],
+        ))  # fmt: skip
+    return ChatCompletionLogProbs(content=content)
+
+
+class OpenAIServingChat(OpenAIServing):
+    def render(self, engine: AsyncLLM, request: ChatCompletionRequest) -> tuple[str, list[int]]:
+        """The prompt text the chat template makes of the messages, and its token ids."""
+        try:
+            text = engine.apply_chat_template(
+                request.messages_for_template(),
+                chat_template=request.chat_template or self.state.chat_template,
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+                tools=request.tools_for_template(),
+                chat_template_kwargs=request.chat_template_kwargs,
+            )
+        except Exception as e:  # noqa: BLE001 - jinja errors, templates raising on bad roles
+            raise BadRequestError(
+                f"The chat template failed on these messages: {e}", param="messages"
+            ) from None
+        ids = list(engine.tokenizer.encode(text, add_special_tokens=request.add_special_tokens))
+        return text, ids
+
+    async def create_chat_completion(self, request: ChatCompletionRequest, raw: Request) -> Response:
+        self.check_model(request.model)
+        engine = self.engine()
+        self.check_load(engine, 1)
+        text, ids = self.render(engine, request)
+        if request.truncate_prompt_tokens is not None:
+            ids = ids[-request.truncate_prompt_tokens :]
+        params = self.sampling_params(request, len(ids), request.is_streaming)
+        try:
+            engine.validate(ids, params)
+        except ValueError as e:
+            raise BadRequestError(str(e), param="messages") from None
+        request_id = self.request_id(raw, "chatcmpl")
+        info = AuditInfo(request_id, time.time(), text, prompt_tokens=len(ids))
+        gen = engine.generate({"prompt": text, "prompt_token_ids": ids}, params, request_id, request.priority)
+        echo = ""
+        if request.echo and request.messages[-1].role == ROLE:
+            echo = request.messages[-1].text()
+        if request.is_streaming:
+            return StreamingResponse(self._stream(request, raw, engine, request_id, gen, info, echo),
+                                     media_type="text/event-stream")  # fmt: skip
+        try:
+            final = await self.until_disconnect(raw, _last(gen))
+        except asyncio.CancelledError:
+            info.status = "aborted"
+            self.audit(raw, info)
+            raise
+        except Exception as e:  # noqa: BLE001
+            self.audit(raw, info)
+            return engine_error(e).to_response()
+        choices = []
+        completion_tokens = 0
+        for out in final.outputs:
+            logprobs = None
+            if request.logprobs:
+                logprobs = chat_logprobs(out.token_ids, out.logprobs or [], request.top_logprobs or 0,
+                                         engine.tokenizer.decode)  # fmt: skip
+            completion_tokens += len(out.token_ids)
+            info.output_parts.append(out.text)
+            choices.append(ChatCompletionResponseChoice(
+                index=out.index, message=ChatMessage(role=ROLE, content=echo + out.text), logprobs=logprobs,
+                finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+            ))  # fmt: skip
+        info.completion_tokens = completion_tokens
+        cached = final.num_cached_tokens
+        usage = UsageInfo(
+            prompt_tokens=len(ids), completion_tokens=completion_tokens, total_tokens=len(ids) + completion_tokens,
+            prompt_tokens_details=PromptTokenUsageInfo(cached_tokens=cached) if cached else None,
+        )  # fmt: skip
+        response = ChatCompletionResponse(
+            id=request_id, model=self.model_name, choices=choices, usage=usage,
+            prompt_logprobs=prompt_logprobs_json(final.prompt_logprobs),
+        )  # fmt: skip
+        info.status = "ok"
+        self.audit(raw, info)
+        return JSONResponse(response.model_dump())
+
+    async def _stream(
+        self, request: ChatCompletionRequest, raw: Request, engine: AsyncLLM, request_id: str,
+        gen: AsyncIterator[RequestOutput], info: AuditInfo, echo: str,
+    ) -> AsyncIterator[str]:  # fmt: skip
+        created = int(time.time())
+
+        def chunk(choices: list[ChatCompletionResponseStreamChoice], usage: UsageInfo | None = None) -> str:
+            return sse_event(ChatCompletionStreamResponse(
+                id=request_id, created=created, model=self.model_name, choices=choices, usage=usage,
+            ))  # fmt: skip
+
+        try:
+            # The role comes first, once per choice (as OpenAI), with the echoed content if any.
+            yield chunk([
+                ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role=ROLE, content=echo))
+                for i in range(request.n)
+            ])  # fmt: skip
+            async for ro in gen:
+                choices = []
+                for out in ro.outputs:
+                    if not out.text and not out.token_ids and out.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if request.logprobs:
+                        logprobs = chat_logprobs(out.token_ids, out.logprobs or [], request.top_logprobs or 0,
+                                                 engine.tokenizer.decode)  # fmt: skip
+                    info.completion_tokens += len(out.token_ids)
+                    info.output_parts.append(out.text)
+                    choices.append(ChatCompletionResponseStreamChoice(
+                        index=out.index, delta=DeltaMessage(content=out.text), logprobs=logprobs,
+                        finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                    ))  # fmt: skip
+                if choices:
+                    yield chunk(choices)
+            if request.include_usage:
+                total = info.prompt_tokens + info.completion_tokens
+                usage = UsageInfo(prompt_tokens=info.prompt_tokens, completion_tokens=info.completion_tokens,
+                                  total_tokens=total)  # fmt: skip
+                yield chunk([], usage)
+            info.status = "ok"
+        except asyncio.CancelledError:
+            info.status = "aborted"
+            raise
+        except Exception as e:  # noqa: BLE001 - headers are out: report inside the stream
+            yield error_sse(engine_error(e))
+        finally:
+            self.audit(raw, info)
+        yield SSE_DONE
+
+
+async def _last(gen: AsyncIterator[RequestOutput]) -> RequestOutput:
+    last: RequestOutput | None = None
+    async for ro in gen:
+        last = ro
+    assert last is not None
+    return last
