@@ -158,7 +158,7 @@ def requests_from_msg(msg: AddRequestMsg) -> list[Request]:
 def idle_stats(core: Any) -> SchedulerStats:
     """The scheduler's state without running a step (after aborts drained the batch)."""
     empty = SchedulerOutput([], [], {}, 0, set())
-    stats: SchedulerStats = core.scheduler.make_stats(empty)
+    stats: SchedulerStats = core.scheduler.make_stats(empty, (0, 0))  # no step: no slots in use
     return stats
 
 
