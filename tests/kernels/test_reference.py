@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from pagedserve.kernels import reference as ref
 
 
-def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: list[int],
-                     scale: float, window: int | None) -> torch.Tensor:
+def _dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: list[int], scale: float, window: int | None
+) -> torch.Tensor:
     """Textbook attention in float64, one query at a time. q [n, H, d]; k, v [L, KVH, d]."""
     num_heads, num_kv = q.shape[1], k.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float64)
@@ -20,13 +21,21 @@ def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: l
         lo = 0 if window is None else max(0, p - window + 1)
         for h in range(num_heads):
             kh = h // (num_heads // num_kv)
-            scores = (k[lo:p + 1, kh].double() @ q[i, h].double()) * scale
-            out[i, h] = torch.softmax(scores, 0) @ v[lo:p + 1, kh].double()
+            scores = (k[lo : p + 1, kh].double() @ q[i, h].double()) * scale
+            out[i, h] = torch.softmax(scores, 0) @ v[lo : p + 1, kh].double()
     return out
 
 
-def _scatter_requests(ctx_lens: list[int], new_lens: list[int], num_heads: int, num_kv: int,
-                      head_dim: int, block_size: int, window: int | None, seed: int) -> None:
+def _scatter_requests(
+    ctx_lens: list[int],
+    new_lens: list[int],
+    num_heads: int,
+    num_kv: int,
+    head_dim: int,
+    block_size: int,
+    window: int | None,
+    seed: int,
+) -> None:
     """Build B requests whose first ctx-new tokens are cached already, write the new tokens' K/V
     via write_kv_cache into a shuffled, non-contiguous block table, and compare."""
     g = torch.Generator().manual_seed(seed)
@@ -51,19 +60,28 @@ def _scatter_requests(ctx_lens: list[int], new_lens: list[int], num_heads: int, 
                 value_cache[slot // block_size, slot % block_size] = v[p]
             else:
                 slots.append(slot)
-        new_k.append(k[ctx - new:])
-        new_v.append(v[ctx - new:])
+        new_k.append(k[ctx - new :])
+        new_v.append(v[ctx - new :])
         queries.append(q)
         expected.append(_dense_attention(q, k, v, list(range(ctx - new, ctx)), 0.3, window))
     # one padding token at the end: slot -1, no owner request
     key_new = torch.cat([*new_k, torch.randn(1, num_kv, head_dim, generator=g)])
     value_new = torch.cat([*new_v, torch.randn(1, num_kv, head_dim, generator=g)])
     query = torch.cat([*queries, torch.randn(1, num_heads, head_dim, generator=g)])
-    ref.write_kv_cache(key_new, value_new, key_cache, value_cache,
-                       torch.tensor([*slots, -1], dtype=torch.int64))
+    ref.write_kv_cache(
+        key_new, value_new, key_cache, value_cache, torch.tensor([*slots, -1], dtype=torch.int64)
+    )
     qsl = torch.tensor([0, *torch.tensor(new_lens).cumsum(0).tolist()], dtype=torch.int32)
-    out = ref.paged_attention(query, key_cache, value_cache, block_tables,
-                              torch.tensor(ctx_lens, dtype=torch.int32), qsl, 0.3, window)
+    out = ref.paged_attention(
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        torch.tensor(ctx_lens, dtype=torch.int32),
+        qsl,
+        0.3,
+        window,
+    )
     assert out.shape == query.shape and out.dtype == query.dtype
     torch.testing.assert_close(out[:-1].double(), torch.cat(expected), atol=1e-5, rtol=1e-5)
     assert torch.all(out[-1] == 0)  # padding row
@@ -80,17 +98,22 @@ def test_paged_attention_prefill_each_length(num_heads: int, num_kv: int, window
 @pytest.mark.parametrize("window", [None, 5])
 def test_paged_attention_with_cached_prefix(num_heads: int, num_kv: int, window: int | None) -> None:
     # chunked prefill (prefix cached, several new), decode (one new), fresh prefill, one block exact
-    _scatter_requests([40, 17, 9, 16, 33], [7, 1, 9, 1, 16], num_heads, num_kv, 16, 4, window,
-                      seed=2)
+    _scatter_requests([40, 17, 9, 16, 33], [7, 1, 9, 1, 16], num_heads, num_kv, 16, 4, window, seed=2)
 
 
 def test_paged_attention_keeps_half_precision_dtype() -> None:
     g = torch.Generator().manual_seed(0)
     kc = torch.randn(4, 4, 1, 8, generator=g).to(torch.bfloat16)
     q = torch.randn(3, 2, 8, generator=g).to(torch.bfloat16)
-    out = ref.paged_attention(q, kc, kc.clone(), torch.tensor([[2, 0]], dtype=torch.int32),
-                              torch.tensor([6], dtype=torch.int32),
-                              torch.tensor([0, 3], dtype=torch.int32), 0.5)
+    out = ref.paged_attention(
+        q,
+        kc,
+        kc.clone(),
+        torch.tensor([[2, 0]], dtype=torch.int32),
+        torch.tensor([6], dtype=torch.int32),
+        torch.tensor([0, 3], dtype=torch.int32),
+        0.5,
+    )
     assert out.dtype == torch.bfloat16
     assert torch.isfinite(out.float()).all()
 
@@ -111,8 +134,9 @@ def test_write_kv_cache_into_non_contiguous_cache() -> None:
     both = torch.zeros(3, 2, 4, 1, 2)  # [blocks, k/v, block_size, kvh, d]: interleaved k and v
     kc, vc = both[:, 0], both[:, 1]
     assert not kc.is_contiguous()
-    ref.write_kv_cache(torch.ones(2, 1, 2), torch.full((2, 1, 2), 2.0), kc, vc,
-                       torch.tensor([0, 11]))  # block 0 offset 0; block 2 offset 3
+    ref.write_kv_cache(
+        torch.ones(2, 1, 2), torch.full((2, 1, 2), 2.0), kc, vc, torch.tensor([0, 11])
+    )  # block 0 offset 0; block 2 offset 3
     assert torch.all(both[0, 0, 0] == 1) and torch.all(both[2, 0, 3] == 1)
     assert torch.all(both[0, 1, 0] == 2) and torch.all(both[2, 1, 3] == 2)
     assert both.count_nonzero() == 8
@@ -129,8 +153,12 @@ def test_varlen_causal_attention_matches_sdpa() -> None:
     for n in lens:
         s = slice(start, start + n)
         exp = F.scaled_dot_product_attention(
-            q[s].transpose(0, 1), k[s].repeat_interleave(2, 1).transpose(0, 1),
-            v[s].repeat_interleave(2, 1).transpose(0, 1), is_causal=True, scale=0.35)
+            q[s].transpose(0, 1),
+            k[s].repeat_interleave(2, 1).transpose(0, 1),
+            v[s].repeat_interleave(2, 1).transpose(0, 1),
+            is_causal=True,
+            scale=0.35,
+        )
         torch.testing.assert_close(out[s], exp.transpose(0, 1), atol=1e-5, rtol=1e-5)
         start += n
 
@@ -164,7 +192,7 @@ def test_rotary_neox_matches_complex_rotation() -> None:
     inv = 1.0 / 10000.0 ** (torch.arange(0, d, 2).float() / d)
     rot = torch.polar(torch.ones(6, d // 2), pos[:, None].float() * inv[None])[:, None]
     for x, y in ((q, q2), (k, k2)):
-        c = torch.complex(x[..., : d // 2], x[..., d // 2:]) * rot
+        c = torch.complex(x[..., : d // 2], x[..., d // 2 :]) * rot
         torch.testing.assert_close(y, torch.cat((c.real, c.imag), -1), atol=1e-5, rtol=1e-5)
     assert torch.equal(ref.rotary_embedding(pos[:1], q[:1], k[:1], cache)[0], q[:1])  # pos 0
 
