@@ -8,7 +8,11 @@ to write, or a cache slot it wrongly reads, shows up as a mismatch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -17,7 +21,11 @@ pytest.importorskip("triton")
 
 from pagedserve.kernels import reference as ref  # noqa: E402
 from pagedserve.kernels.triton.activation import silu_and_mul  # noqa: E402
-from pagedserve.kernels.triton.attention import AttentionTuning, paged_attention  # noqa: E402
+from pagedserve.kernels.triton.attention import (  # noqa: E402
+    AttentionTuning,
+    PrefillTiles,
+    paged_attention,
+)
 from pagedserve.kernels.triton.kv_cache import write_kv_cache  # noqa: E402
 from pagedserve.kernels.triton.norm import fused_add_rms_norm, rms_norm  # noqa: E402
 from pagedserve.kernels.triton.rotary import rotary_embedding  # noqa: E402
@@ -28,7 +36,10 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 # Small tiles so the interpreter exercises multi-tile loops and multi-partition decode cheaply.
-SMALL = AttentionTuning(decode_partition_size=32, decode_block_n=16, prefill_block_m=16, prefill_block_n=16)
+TINY_TILES = PrefillTiles(block_m=16, block_n=16, num_warps=4, num_stages=2, k_trans=False)
+SMALL = AttentionTuning(
+    decode_partition_size=32, decode_block_n=16, prefill_long=TINY_TILES, prefill_short=TINY_TILES
+)
 TOL: dict[torch.dtype, dict[str, float]] = {
     torch.float32: {"atol": 1e-4, "rtol": 1e-4},
     torch.float16: {"atol": 2e-3, "rtol": 2e-3},
@@ -208,15 +219,43 @@ def test_prefill_sliding_window() -> None:
     check_attention(case, sliding_window=7)
 
 
+@pytest.mark.parametrize("k_trans", [False, True])
+def test_prefill_wide_window_unmasked_tiles(k_trans: bool) -> None:
+    # window 33 spans several 16-key tiles: masked window edge, unmasked interior, masked diagonal.
+    case = make_case([90, 70, 50], [30, 64, 1], 4, 2, 32, 16, torch.float32, seed=15)
+    tiles = replace(TINY_TILES, k_trans=k_trans)
+    check_attention(case, sliding_window=33, tuning=AttentionTuning(prefill_long=tiles, prefill_short=tiles))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_batches(seed: int) -> None:
+    # Random mixes of decode rows, whole prompts and chunks; random GQA shape and window.
+    rng = random.Random(seed)
+    seq_lens = [rng.randint(1, 80) for _ in range(rng.randint(1, 4))]
+    q_lens = [rng.choice([1, s, rng.randint(1, s)]) for s in seq_lens]
+    heads, kv_heads = rng.choice([(4, 2), (4, 1), (2, 2), (8, 2), (6, 2)])
+    window = rng.choice([None, rng.randint(1, 40)])
+    case = make_case(seq_lens, q_lens, heads, kv_heads, 32, rng.choice([8, 16]), torch.float32, seed)
+    check_attention(case, sliding_window=window)
+
+
 @pytest.mark.parametrize("block_size", [8, 32])
 def test_prefill_other_block_sizes_and_head_dim_64(block_size: int) -> None:
     case = make_case([20, 45], [20, 6], 2, 1, 64, block_size, torch.float32, seed=10)
     check_attention(case)
 
 
-def test_prefill_wide_group_and_default_tiles() -> None:
-    # 8 query heads per KV head with the production tile sizes (64 rows, 64 keys).
-    case = make_case([70, 3], [70, 2], 8, 1, 32, 16, torch.bfloat16, seed=11)
+@pytest.mark.parametrize(("seq_lens", "q_lens"), [([70, 3], [70, 2]), ([150], [150])])
+def test_prefill_default_tiles(seq_lens: list[int], q_lens: list[int]) -> None:
+    # Production tiles: short (64 rows) for the first batch, long (128 rows, K transposed) for the
+    # 150-token prompt; 8 query heads per KV head.
+    case = make_case(seq_lens, q_lens, 8, 1, 32, 16, torch.bfloat16, seed=11)
+    check_attention(case, tuning=AttentionTuning())
+
+
+def test_decode_default_tuning() -> None:
+    # Automatic partition choice (few programs -> 128-token partitions, so split + reduce).
+    case = make_case([300, 1, 129], [1, 1, 1], 4, 2, 32, 16, torch.bfloat16, seed=16)
     check_attention(case, tuning=AttentionTuning())
 
 
@@ -338,6 +377,65 @@ def test_bad_inputs_raise_value_error() -> None:
         kv = _randn((3, 1, 16), torch.float32, g)
         cache = torch.zeros((2, 4, 1, 16), device=DEVICE)
         write_kv_cache(kv, kv, cache, cache.clone(), torch.zeros(2, dtype=torch.int64, device=DEVICE))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend objects
+# ---------------------------------------------------------------------------------------------
+
+
+def test_import_backend_module_does_not_import_triton() -> None:
+    code = "import sys, pagedserve.kernels.triton.backend; assert 'triton' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "1"})
+
+
+def test_triton_backend_layer_matches_torch_backend() -> None:
+    # One Attention layer step (KV write + attend) through the registry, both backends.
+    from pagedserve.kernels.triton.backend import (
+        make_elementwise_ops,
+        make_reference_elementwise_ops,
+        register_triton_attention_backend,
+    )
+    from pagedserve.model_executor.layers.attention import Attention, AttentionMetadata, get_attention_backend
+
+    # Registering under the standard name replaces the lazy entry with an equivalent object.
+    backend = register_triton_attention_backend("triton")
+    assert get_attention_backend("triton") is backend
+    assert backend.accepts_max_lens and backend.name == "triton"
+    heads, kv_heads, hd, bs = 4, 2, 32, 16
+    case = make_case([20, 9, 33], [4, 9, 1], heads, kv_heads, hd, bs, torch.float32, seed=40)
+    g = _gen(41)
+    num_tokens = case.query.shape[0]
+    k_new = _randn((num_tokens, kv_heads * hd), torch.float32, g)
+    v_new = _randn((num_tokens, kv_heads * hd), torch.float32, g)
+    # Slots of the new tokens: the last q_len positions of each request.
+    slots = []
+    for i, (s_len, q_len) in enumerate(zip([20, 9, 33], [4, 9, 1])):
+        for pos in range(s_len - q_len, s_len):
+            slots.append(int(case.block_tables[i, pos // bs]) * bs + pos % bs)
+    md = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        query_start_loc=case.query_start_loc,
+        seq_lens=case.seq_lens,
+        block_tables=case.block_tables,
+        max_query_len=9,
+        max_seq_len=33,
+    )
+    outs, caches = [], []
+    for be in (backend, get_attention_backend("torch")):
+        kc, vc = case.key_cache.clone(), case.value_cache.clone()
+        layer = Attention(heads, hd, kv_heads, case.scale, be)
+        outs.append(layer(case.query.reshape(num_tokens, -1), k_new, v_new, (kc, vc), md))
+        caches.append((kc, vc))
+    assert_close(outs[0], outs[1], torch.float32)
+    torch.testing.assert_close(caches[0][0], caches[1][0], equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(caches[0][1], caches[1][1], equal_nan=True, rtol=0, atol=0)
+
+    ops, twins = make_elementwise_ops(), make_reference_elementwise_ops()
+    x = _randn((3, 64), torch.float32, g) * 2
+    assert_close(ops.silu_and_mul(x), twins.silu_and_mul(x), torch.float32)
+    w = _randn((64,), torch.float32, g)
+    assert_close(ops.rms_norm(x, w, 1e-6), twins.rms_norm(x, w, 1e-6), torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------

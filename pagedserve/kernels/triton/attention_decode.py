@@ -51,10 +51,10 @@ def _decode_partition_kernel(
     stride_vs,
     stride_vh,
     stride_bt,
-    block_size,
     window,
     num_heads,
     num_partitions,
+    BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -98,8 +98,8 @@ def _decode_partition_kernel(
     for n0 in range(tile_lo, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute key positions
         valid = (pos >= lo) & (pos < hi)
-        blk = tl.load(bt_row + pos // block_size, mask=valid, other=0).to(tl.int64)
-        slot = pos % block_size
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        slot = pos % BLOCK_SIZE
         kv_mask = valid[None, :] & dmask[:, None]
         k = tl.load(
             k_head + blk[None, :] * stride_kb + slot[None, :] * stride_ks + dims[:, None],
@@ -259,10 +259,10 @@ def paged_decode_attention(
         value_cache.stride(1),
         value_cache.stride(2),
         block_tables.stride(0),
-        key_cache.shape[1],
         window,
         num_heads,
         num_parts,
+        BLOCK_SIZE=key_cache.shape[1],
         GROUP=group,
         GROUP_PAD=group_pad,
         HEAD_DIM=head_dim,

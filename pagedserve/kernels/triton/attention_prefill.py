@@ -17,7 +17,8 @@ tiles are read once for the whole GQA group:
     t0h0 t0h1 .. t0hG t1h0 ...                   block table: pos -> (block_tables[i, pos // bs],
                                                  pos % bs)
 
-Online softmax in float32, log2 domain. Causal and sliding-window masks are applied per element.
+Online softmax in float32, log2 domain. Only key tiles on the causal diagonal, at the end of the
+context or at the sliding-window edge pay for per-element masks; interior tiles run unmasked.
 """
 
 from __future__ import annotations
@@ -27,6 +28,101 @@ import triton
 import triton.language as tl
 
 from pagedserve.kernels.triton.attention_decode import LOG2E
+
+
+@triton.jit
+def _attend_key_range(
+    acc,
+    m_i,
+    l_i,
+    q,
+    q_pos,
+    n_start,
+    n_end,
+    k_hi,
+    bt_row,
+    k_head,
+    v_head,
+    stride_kb,
+    stride_ks,
+    stride_vb,
+    stride_vs,
+    window,
+    qk_scale,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,
+    K_TRANS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Online-softmax update of (acc [BLOCK_M, DIM_PAD], m_i, l_i [BLOCK_M]) with the key tiles
+    starting at n_start, n_start + BLOCK_N, ... < n_end. MASKED=False is only legal for tiles
+    whose keys are all < k_hi and visible to every row (no causal/window/bounds test needed)."""
+    dims = tl.arange(0, DIM_PAD)
+    dmask = dims < HEAD_DIM
+    for n0 in range(n_start, n_end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute key positions
+        valid = pos < k_hi
+        if MASKED:
+            blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        else:
+            blk = tl.load(bt_row + pos // BLOCK_SIZE).to(tl.int64)
+        slot = pos % BLOCK_SIZE
+        kv_rows_k = blk * stride_kb + slot * stride_ks  # [BLOCK_N] element offsets of each key row
+        kv_rows_v = blk * stride_vb + slot * stride_vs
+        # K tile as [DIM_PAD, BLOCK_N] (either gathered transposed, or [BLOCK_N, DIM_PAD] + trans).
+        if K_TRANS:
+            k_ptrs = k_head + kv_rows_k[:, None] + dims[None, :]
+            if MASKED:
+                k = tl.load(k_ptrs, mask=valid[:, None] & dmask[None, :], other=0.0)
+            elif DIM_PAD != HEAD_DIM:
+                k = tl.load(k_ptrs, mask=dmask[None, :], other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+            k = tl.trans(k)
+        else:
+            k_ptrs = k_head + kv_rows_k[None, :] + dims[:, None]
+            if MASKED:
+                k = tl.load(k_ptrs, mask=valid[None, :] & dmask[:, None], other=0.0)
+            elif DIM_PAD != HEAD_DIM:
+                k = tl.load(k_ptrs, mask=dmask[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        if MASKED:
+            visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+            if window > 0:
+                visible = visible & (pos[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible, s * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N]
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row may see no key yet (window start beyond this tile): keep exponents finite.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            s = s * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = m_new  # finite: every score in the tile is
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_ptrs = v_head + kv_rows_v[:, None] + dims[None, :]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=valid[:, None] & dmask[None, :], other=0.0)
+        elif DIM_PAD != HEAD_DIM:
+            v = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs)  # [BLOCK_N, DIM_PAD]
+        if IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -50,7 +146,6 @@ def _prefill_kernel(
     stride_vs,
     stride_vh,
     stride_bt,
-    block_size,
     window,
     num_seqs,
     GROUP: tl.constexpr,
@@ -58,8 +153,10 @@ def _prefill_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
+    K_TRANS: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -100,12 +197,20 @@ def _prefill_kernel(
     )
     q = q.to(k_cache_ptr.dtype.element_ty)  # [BLOCK_M, DIM_PAD]
 
-    # Keys needed by this tile: [k_lo, k_hi). k_hi = one past the last valid query's position.
+    # Valid rows have positions [p_first, k_hi); they need keys [k_lo, k_hi). Key tiles split in
+    #   [tile_lo, full_lo)  masked   (sliding-window lower edge; empty without a window)
+    #   [full_lo, full_hi)  unmasked (every key visible to every row: <= p_first, inside window)
+    #   [full_hi, k_hi)     masked   (causal diagonal and the end of the context)
+    p_first = ctx + tile * BLOCK_Q
     k_hi = ctx + tl.minimum((tile + 1) * BLOCK_Q, q_len)
     k_lo = 0
+    full_lo = 0
     if window > 0:
-        k_lo = tl.maximum(ctx + tile * BLOCK_Q - window + 1, 0)
+        k_lo = tl.maximum(p_first - window + 1, 0)
+        full_lo = tl.cdiv(tl.maximum(k_hi - window, 0), BLOCK_N) * BLOCK_N
     tile_lo = (k_lo // BLOCK_N) * BLOCK_N
+    full_lo = tl.maximum(full_lo, tile_lo)
+    full_hi = tl.maximum(((p_first + 1) // BLOCK_N) * BLOCK_N, full_lo)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -113,41 +218,21 @@ def _prefill_kernel(
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_head = k_cache_ptr + kvh * stride_kh
     v_head = v_cache_ptr + kvh * stride_vh
-    for n0 in range(tile_lo, k_hi, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-        valid = pos < k_hi
-        blk = tl.load(bt_row + pos // block_size, mask=valid, other=0).to(tl.int64)
-        slot = pos % block_size
-        k = tl.load(
-            k_head + blk[None, :] * stride_kb + slot[None, :] * stride_ks + dims[:, None],
-            mask=valid[None, :] & dmask[:, None],
-            other=0.0,
-        )  # [DIM_PAD, BLOCK_N]
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
-        if window > 0:
-            visible = visible & (pos[None, :] > q_pos[:, None] - window)
-        s = tl.where(visible, s * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N]
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row may see no key yet (window start beyond this tile): keep its exponents finite.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(
-            v_head + blk[:, None] * stride_vb + slot[:, None] * stride_vs + dims[None, :],
-            mask=valid[:, None] & dmask[None, :],
-            other=0.0,
-        )  # [BLOCK_N, DIM_PAD]
-        if IEEE:
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    acc, m_i, l_i = _attend_key_range(
+        acc, m_i, l_i, q, q_pos, tile_lo, full_lo, k_hi, bt_row, k_head, v_head,
+        stride_kb, stride_ks, stride_vb, stride_vs, window, qk_scale,
+        BLOCK_SIZE, BLOCK_N, HEAD_DIM, DIM_PAD, True, K_TRANS, IEEE,
+    )  # fmt: skip
+    acc, m_i, l_i = _attend_key_range(
+        acc, m_i, l_i, q, q_pos, full_lo, full_hi, k_hi, bt_row, k_head, v_head,
+        stride_kb, stride_ks, stride_vb, stride_vs, window, qk_scale,
+        BLOCK_SIZE, BLOCK_N, HEAD_DIM, DIM_PAD, False, K_TRANS, IEEE,
+    )  # fmt: skip
+    acc, m_i, l_i = _attend_key_range(
+        acc, m_i, l_i, q, q_pos, full_hi, k_hi, k_hi, bt_row, k_head, v_head,
+        stride_kb, stride_ks, stride_vb, stride_vs, window, qk_scale,
+        BLOCK_SIZE, BLOCK_N, HEAD_DIM, DIM_PAD, True, K_TRANS, IEEE,
+    )  # fmt: skip
 
     # Every valid row saw at least its own position, so l_i > 0 there.
     o = acc / tl.where(row_ok, l_i, 1.0)[:, None]
@@ -172,6 +257,7 @@ def paged_prefill_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_trans: bool = False,
 ) -> torch.Tensor:
     """Variable-length causal attention over the paged cache; writes out [T, num_heads, head_dim].
 
@@ -207,7 +293,6 @@ def paged_prefill_attention(
         value_cache.stride(1),
         value_cache.stride(2),
         block_tables.stride(0),
-        key_cache.shape[1],
         int(sliding_window) if sliding_window is not None else 0,
         num_seqs,
         GROUP=group,
@@ -215,8 +300,10 @@ def paged_prefill_attention(
         BLOCK_Q=block_q,
         BLOCK_M=rows,
         BLOCK_N=block_n,
+        BLOCK_SIZE=key_cache.shape[1],
         HEAD_DIM=head_dim,
         DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
+        K_TRANS=k_trans,
         IEEE=query.dtype == torch.float32,
         num_warps=num_warps,
         num_stages=num_stages,
