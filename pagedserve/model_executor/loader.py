@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagedserve.kernels.registry import use_kernels
 from pagedserve.model_executor.models.registry import get_model_class
 
 __all__ = [
@@ -166,6 +167,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     files = safetensors_files(model_dir)
     device = torch.device(device)
     with torch.device(device), _default_dtype(dtype):
+        use_kernels(attn_backend)  # the pointwise kernels follow the attention backend
         model = model_cls(hf_config, attn_backend=attn_backend)  # type: ignore[call-arg]
     loaded = model.load_weights(iterate_safetensors(files, show_progress))  # type: ignore[operator]
     missing = sorted(set(dict(model.named_parameters())) - set(loaded))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pagedserve.kernels import reference
+from pagedserve.kernels.registry import active_kernels
 
 __all__ = ["SiluAndMul", "get_gated_activation"]
 
@@ -12,8 +12,12 @@ __all__ = ["SiluAndMul", "get_gated_activation"]
 class SiluAndMul(nn.Module):
     """x [T, 2*I] = [gate | up] -> silu(gate) * up, [T, I]."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._silu_and_mul = active_kernels().silu_and_mul  # bound once, at construction
+
     def forward(self, x: Tensor) -> Tensor:
-        return reference.silu_and_mul(x)
+        return self._silu_and_mul(x)
 
 
 def get_gated_activation(hidden_act: str) -> nn.Module:

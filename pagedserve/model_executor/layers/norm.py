@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pagedserve.kernels import reference
+from pagedserve.kernels.registry import active_kernels
 
 __all__ = ["RMSNorm"]
 
@@ -18,12 +18,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
         self.eps = eps
+        self._kernels = active_kernels()  # bound once, at construction
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """x [..., H]. With `residual`: returns (norm(x + residual), x + residual)."""
         if residual is None:
-            return reference.rms_norm(x, self.weight, self.eps)
-        return reference.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return self._kernels.rms_norm(x, self.weight, self.eps)
+        return self._kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

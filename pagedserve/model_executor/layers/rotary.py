@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pagedserve.kernels import reference
+from pagedserve.kernels.registry import active_kernels
 
 __all__ = ["RopeConfig", "get_rope_config", "RotaryEmbedding", "SUPPORTED_ROPE_TYPES"]
 
@@ -107,6 +107,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, cfg: RopeConfig,
                  is_neox: bool = True) -> None:
         super().__init__()
+        self._rotary = active_kernels().rotary_embedding  # bound once, at construction
         rot_dim = int(head_dim * cfg.partial_rotary_factor)
         if rot_dim % 2 != 0 or rot_dim <= 0:
             raise ValueError(f"rotary dim (head_dim * partial_rotary_factor) must be a positive "
@@ -127,7 +128,7 @@ class RotaryEmbedding(nn.Module):
         num_tokens = q.shape[0]
         query = q.view(num_tokens, -1, self.head_dim)
         key = k.view(num_tokens, -1, self.head_dim)
-        query, key = reference.rotary_embedding(positions, query, key, self.cos_sin_cache,
+        query, key = self._rotary(positions, query, key, self.cos_sin_cache,
                                                 self.is_neox)
         return query.reshape(num_tokens, -1), key.reshape(num_tokens, -1)
 
