@@ -52,6 +52,19 @@ class FinishedRequestStats:
     e2e: float
 
 
+@dataclass(slots=True)
+class RequestHandle:
+    """One added request: its output queue and what the metrics need when it ends."""
+
+    request_id: str
+    params: SamplingParams
+    num_prompt_tokens: int
+    arrival: float
+    queue: asyncio.Queue[RequestOutput | BaseException]
+    finished: bool = False
+    num_generated: int = 0
+
+
 StatsListener = Callable[[SchedulerStats], None]
 FinishedListener = Callable[[FinishedRequestStats], None]
 
@@ -72,8 +85,6 @@ class AsyncLLM:
         self.stats_listeners: list[StatsListener] = []
         self.finished_listeners: list[FinishedListener] = []
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self._child_ids: dict[str, list[str]] = {}
-        self._added_since_stats = 0
         client.on_outputs = self._on_outputs
         client.on_dead = self._on_dead
 
@@ -107,10 +118,11 @@ class AsyncLLM:
 
     @property
     def num_waiting_estimate(self) -> int:
-        """Requests not yet running in the engine: the last reported waiting count plus what was
-        added since that report (an upper bound between reports)."""
+        """Requests not running in the engine: those beyond max_num_seqs right now, or more when
+        the last step report saw a longer queue (KV-cache bound), capped by what is in flight."""
+        in_flight = len(self._queues)
         reported = self.last_stats.num_waiting if self.last_stats is not None else 0
-        return reported + self._added_since_stats
+        return max(in_flight - self.config.scheduler_config.max_num_seqs, min(reported, in_flight))
 
     # ------------------------------------------------------------------ tokenization
 
@@ -168,15 +180,16 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------ requests
 
-    async def generate(
+    def add_request(
         self,
         prompt: PromptType,
         params: SamplingParams,
         request_id: str,
         priority: int = 0,
-    ) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs (per params.output_kind) until it finishes. Raises
-        ValueError for bad input, EngineDeadError when the engine dies mid-request."""
+    ) -> RequestHandle:
+        """Validate, register and send one request now (synchronously, so load accounting sees it
+        at once). Raises ValueError for bad input, EngineDeadError when the engine is gone.
+        Consume it with `stream(handle)`; a handle that is never streamed must be `abort`ed."""
         self.check_health()
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -187,45 +200,69 @@ class AsyncLLM:
         arrival = time.monotonic()
         children = child_params(request_id, params, self.extra_eos_ids)
         child_ids = [cid for cid, _ in children]
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self.output_processor.add_request(request_id, text, token_ids, params, child_ids, arrival)
-        self._queues[request_id] = queue
-        self._child_ids[request_id] = child_ids
         msg = AddRequestMsg(
             children=[ChildSpec(cid, params_to_dict(p)) for cid, p in children],
             prompt_token_ids=token_ids, eos_token_id=self.eos_token_id, arrival_time=arrival,
             priority=priority,
         )  # fmt: skip
-        finished = False
-        num_generated = 0
+        self.output_processor.add_request(request_id, text, token_ids, params, child_ids, arrival)
+        try:
+            self.client.add_request(msg)
+        except Exception:
+            self.output_processor.abort_requests([request_id])
+            raise
+        handle = RequestHandle(request_id, params, len(token_ids), arrival, asyncio.Queue())
+        self._queues[request_id] = handle.queue
+        return handle
+
+    async def stream(self, handle: RequestHandle) -> AsyncIterator[RequestOutput]:
+        """The outputs of an added request until it finishes; leaving early aborts it."""
         first: float | None = None
         last: float | None = None
         reason = "abort"
         try:
-            self.client.add_request(msg)
-            self._added_since_stats += 1
-            while not finished:
-                item = await queue.get()
+            while not handle.finished:
+                item = await handle.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
+                handle.finished = item.finished
                 if item.metrics is not None:
                     first, last = item.metrics.first_token_time, item.metrics.last_token_time
-                num_generated = self._count_tokens(item, params, num_generated)
-                if finished and item.outputs:
+                handle.num_generated = self._count_tokens(item, handle.params, handle.num_generated)
+                if item.finished and item.outputs:
                     reason = item.outputs[0].finish_reason or "stop"
                 yield item
         finally:
-            self._queues.pop(request_id, None)
-            self._child_ids.pop(request_id, None)
-            if not finished:  # cancelled, abandoned, or the engine died: free its blocks
-                self._abort_now(request_id)
-            now = time.monotonic()
-            tpot = (last - first) / (num_generated - 1) if first and last and num_generated > 1 else None
-            self._notify_finished(FinishedRequestStats(
-                reason, len(token_ids), num_generated,
-                None if first is None else first - arrival, tpot, now - arrival,
-            ))  # fmt: skip
+            self._finish(handle, reason, first, last)
+
+    def _finish(self, handle: RequestHandle, reason: str, first: float | None, last: float | None) -> None:
+        if self._queues.pop(handle.request_id, None) is None:
+            return  # already accounted for
+        if not handle.finished:  # cancelled, abandoned, or the engine died: free its blocks
+            self._abort_now(handle.request_id)
+        n = handle.num_generated
+        tpot = (last - first) / (n - 1) if first is not None and last is not None and n > 1 else None
+        self._notify_finished(FinishedRequestStats(
+            reason, handle.num_prompt_tokens, n, None if first is None else first - handle.arrival, tpot,
+            time.monotonic() - handle.arrival,
+        ))  # fmt: skip
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs (per params.output_kind) until it finishes. Raises
+        ValueError for bad input, EngineDeadError when the engine dies mid-request."""
+        handle = self.add_request(prompt, params, request_id, priority)
+        async for item in self.stream(handle):
+            yield item
+
+    def release(self, handle: RequestHandle) -> None:
+        """Abort a handle that will not be streamed (or whose stream was abandoned)."""
+        self._finish(handle, "abort", None, None)
 
     @staticmethod
     def _count_tokens(item: RequestOutput, params: SamplingParams, so_far: int) -> int:
@@ -260,7 +297,6 @@ class AsyncLLM:
     def _on_outputs(self, msg: OutputsMsg) -> None:
         if msg.stats is not None:
             self.last_stats = msg.stats
-            self._added_since_stats = 0
             for listener in self.stats_listeners:
                 try:
                     listener(msg.stats)

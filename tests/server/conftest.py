@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -108,8 +109,8 @@ def start_server(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     scheme = "https" if tls else "http"
-    server = RunningServer(proc, f"{scheme}://127.0.0.1:{port}", "tiny", log_path, audit_path,
-                           verify=tls[1] if tls else True)  # fmt: skip
+    verify: Any = ssl.create_default_context(cafile=tls[1]) if tls else True
+    server = RunningServer(proc, f"{scheme}://127.0.0.1:{port}", "tiny", log_path, audit_path, verify)
     try:
         wait_healthy(server)
         yield server

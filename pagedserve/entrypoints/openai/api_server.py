@@ -27,8 +27,13 @@ import pagedserve
 from pagedserve.config import EngineConfig
 from pagedserve.core.scheduler import SchedulerStats
 from pagedserve.engine.async_llm import AsyncLLM, FinishedRequestStats
+from pagedserve.engine.core_client import EngineDeadError
 from pagedserve.entrypoints.openai.cli_args import engine_args_from, parse_args
-from pagedserve.entrypoints.openai.errors import BadRequestError, install_exception_handlers
+from pagedserve.entrypoints.openai.errors import (
+    BadRequestError,
+    ServiceUnavailableError,
+    install_exception_handlers,
+)
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -163,6 +168,8 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
     async def completions(request: CompletionRequest, raw: Request) -> Response:
         try:
             return await completion.create_completion(request, raw)
+        except EngineDeadError as e:
+            raise ServiceUnavailableError(f"The engine is not running: {e}") from None
         except ValueError as e:
             raise BadRequestError(str(e)) from None
 
@@ -170,6 +177,8 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
         try:
             return await chat.create_chat_completion(request, raw)
+        except EngineDeadError as e:
+            raise ServiceUnavailableError(f"The engine is not running: {e}") from None
         except ValueError as e:
             raise BadRequestError(str(e)) from None
 

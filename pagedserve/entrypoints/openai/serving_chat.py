@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pagedserve.engine.async_llm import AsyncLLM
+from pagedserve.engine.async_llm import AsyncLLM, RequestHandle
 from pagedserve.entrypoints.openai.errors import BadRequestError, error_sse
 from pagedserve.entrypoints.openai.protocol import (
     SSE_DONE,
@@ -98,12 +98,15 @@ class OpenAIServingChat(OpenAIServing):
             raise BadRequestError(str(e), param="messages") from None
         request_id = self.request_id(raw, "chatcmpl")
         info = AuditInfo(request_id, time.time(), text, prompt_tokens=len(ids))
-        gen = engine.generate({"prompt": text, "prompt_token_ids": ids}, params, request_id, request.priority)
+        handle = engine.add_request(
+            {"prompt": text, "prompt_token_ids": ids}, params, request_id, request.priority
+        )
+        gen = engine.stream(handle)
         echo = ""
         if request.echo and request.messages[-1].role == ROLE:
             echo = request.messages[-1].text()
         if request.is_streaming:
-            return StreamingResponse(self._stream(request, raw, engine, request_id, gen, info, echo),
+            return StreamingResponse(self._stream(request, raw, engine, handle, gen, info, echo),
                                      media_type="text/event-stream")  # fmt: skip
         try:
             final = await self.until_disconnect(raw, _last(gen))
@@ -114,6 +117,8 @@ class OpenAIServingChat(OpenAIServing):
         except Exception as e:  # noqa: BLE001
             self.audit(raw, info)
             return engine_error(e).to_response()
+        finally:
+            engine.release(handle)
         choices = []
         completion_tokens = 0
         for out in final.outputs:
@@ -142,10 +147,11 @@ class OpenAIServingChat(OpenAIServing):
         return JSONResponse(response.model_dump())
 
     async def _stream(
-        self, request: ChatCompletionRequest, raw: Request, engine: AsyncLLM, request_id: str,
+        self, request: ChatCompletionRequest, raw: Request, engine: AsyncLLM, handle: RequestHandle,
         gen: AsyncIterator[RequestOutput], info: AuditInfo, echo: str,
     ) -> AsyncIterator[str]:  # fmt: skip
         created = int(time.time())
+        request_id = handle.request_id
 
         def chunk(choices: list[ChatCompletionResponseStreamChoice], usage: UsageInfo | None = None) -> str:
             return sse_event(ChatCompletionStreamResponse(
@@ -187,6 +193,7 @@ class OpenAIServingChat(OpenAIServing):
         except Exception as e:  # noqa: BLE001 - headers are out: report inside the stream
             yield error_sse(engine_error(e))
         finally:
+            engine.release(handle)
             self.audit(raw, info)
         yield SSE_DONE
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pagedserve.engine.async_llm import AsyncLLM
+from pagedserve.engine.async_llm import AsyncLLM, RequestHandle
 from pagedserve.engine.core_client import EngineDeadError
 from pagedserve.entrypoints.openai.errors import (
     BadRequestError,
@@ -101,8 +101,7 @@ class OpenAIServing:
         limit = self.state.max_waiting_requests
         if limit is None:
             return
-        max_seqs = engine.config.scheduler_config.max_num_seqs
-        waiting = max(engine.num_waiting_estimate, engine.num_in_flight - max_seqs)
+        waiting = engine.num_waiting_estimate
         if waiting + num_new > limit:
             raise overloaded(
                 f"Too many requests waiting ({waiting}, limit {limit}); retry later.", retry_after_s=1
@@ -272,14 +271,19 @@ class OpenAIServingCompletion(OpenAIServing):
             prompts[0] if len(prompts) == 1 else json.dumps(prompts),  # type: ignore[arg-type]
             prompt_tokens=sum(len(ids) for _, ids in tokenized),
         )  # fmt: skip
-        gens = [
-            engine.generate({"prompt_token_ids": ids, **({"prompt": t} if t else {})},  # type: ignore[arg-type]
-                            p, f"{base_id}-{i}", priority=request.priority)
-            for i, ((t, ids), p) in enumerate(zip(tokenized, params))
-        ]  # fmt: skip
+        handles: list[RequestHandle] = []
+        try:
+            for i, ((t, ids), sp) in enumerate(zip(tokenized, params)):
+                prompt: Any = {"prompt_token_ids": ids, **({"prompt": t} if t else {})}
+                handles.append(engine.add_request(prompt, sp, f"{base_id}-{i}", priority=request.priority))
+        except Exception:
+            for h in handles:
+                engine.release(h)
+            raise
+        gens = [engine.stream(h) for h in handles]
         if request.is_streaming:
             return StreamingResponse(
-                self._stream(request, raw, engine, base_id, tokenized, gens, info),
+                self._stream(request, raw, engine, base_id, tokenized, gens, info, handles),
                 media_type="text/event-stream",
             )
         try:
@@ -292,6 +296,9 @@ class OpenAIServingCompletion(OpenAIServing):
         except Exception as e:  # noqa: BLE001
             self.audit(raw, info)
             return engine_error(e).to_response()
+        finally:
+            for h in handles:
+                engine.release(h)
         response = self._response(request, engine, base_id, finals, info)
         info.status = "ok"
         self.audit(raw, info)
@@ -344,7 +351,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def _stream(
         self, request: CompletionRequest, raw: Request, engine: AsyncLLM, base_id: str,
         tokenized: list[tuple[str | None, list[int]]], gens: list[AsyncIterator[RequestOutput]],
-        info: AuditInfo,
+        info: AuditInfo, handles: list[RequestHandle],
     ) -> AsyncIterator[str]:  # fmt: skip
         created = int(time.time())
         decode = _single_decoder(engine.tokenizer.decode)
@@ -395,6 +402,8 @@ class OpenAIServingCompletion(OpenAIServing):
         except Exception as e:  # noqa: BLE001 - headers are out: report inside the stream
             yield error_sse(engine_error(e))
         finally:
+            for h in handles:
+                engine.release(h)
             self.audit(raw, info)
         yield SSE_DONE
 
