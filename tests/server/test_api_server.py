@@ -298,3 +298,17 @@ def test_audit_chain_verifies_and_cli_finds_edit(api_server: RunningServer, tmp_
     capsys.readouterr()
     assert cli_main(["audit", "verify", str(copy)]) == 1
     assert "line 2" in capsys.readouterr().out
+
+
+def test_metrics_exposed(api_server: RunningServer) -> None:
+    client(api_server).completions.create(model="tiny", prompt="the cat", max_tokens=3, temperature=0)
+    text = httpx.get(api_server.base_url + "/metrics").text
+    assert metric(text, "vllm:prompt_tokens_total", 'model_name="tiny"') > 0
+    assert metric(text, "vllm:generation_tokens_total", 'model_name="tiny"') >= 3
+    assert metric(text, "vllm:request_success_total", 'finished_reason="length"') >= 1
+    assert metric(text, "vllm:time_to_first_token_seconds_count", 'model_name="tiny"') >= 1
+    assert metric(text, "vllm:iteration_tokens_total_count", 'model_name="tiny"') >= 1
+    assert metric(text, "http_requests_total", 'handler="/v1/completions"') >= 1
+    for name in ("vllm:num_requests_waiting", "vllm:num_requests_swapped", "vllm:prefix_cache_queries_total",
+                 "vllm:num_preemptions_total", "vllm:e2e_request_latency_seconds_bucket"):  # fmt: skip
+        assert name + "{" in text
