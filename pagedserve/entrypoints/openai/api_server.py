@@ -96,6 +96,7 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
         from pagedserve.testing.checkpoints import build_demo_checkpoint
 
         args.model = build_demo_checkpoint()
+        args.served_model_name = args.served_model_name or ["pagedserve-demo"]
     if config is None:
         config = engine_args_from(args).create_engine_config()
     names = list(args.served_model_name or [config.model_config.served_model_name])
@@ -250,7 +251,10 @@ def run_server(args: argparse.Namespace) -> None:
     configure_logging(args.log_level, json=args.log_format == "json")
     logger.info("starting server", extra={"model": args.model, "host": args.host, "port": args.port,
                                           "tls": bool(args.ssl_certfile), "pid": os.getpid()})  # fmt: skip
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:  # uvicorn re-raises SIGINT after its graceful shutdown
+        logger.info("server stopped")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
