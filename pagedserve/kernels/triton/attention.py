@@ -5,12 +5,16 @@ Pure-decode batches (every request has one new token) go to the flash-decoding k
 prefill + decode) goes to the tiled varlen kernel (attention_prefill.py), which handles decode rows
 too. Tuning knobs live in AttentionTuning so the H100 runs can change them in one place.
 
-H100 measurements behind the defaults (bf16, 32/8 heads, head_dim 128, CUDA-graph timing):
-  decode, K+V bytes / time: B=1 ctx 4096 12 us; B=16 ctx 2048 54 us (2.5 TB/s);
-    B=64 ctx 2048 187 us (2.9 TB/s); B=128 ctx 4096 725 us (3.0 TB/s). Small batches want short
-    partitions (more programs), large ones 1024 (less reduce work): hence the program-count rule.
-  prefill, causal FLOPs / time: 4 x 2048 prompts 509 us (270 TFLOP/s, SDPA dense MHA 463);
-    8192 prompt 346 TFLOP/s (SDPA 535); 2 x 512-token chunks over 3584 cached 297 TFLOP/s.
+H100 measurements with the defaults (bf16, 32 q / 8 kv heads, head_dim 128, block 16, timed
+through CUDA graphs; eager calls add ~100 us of host launch overhead per call on the test VM):
+  decode (K+V bytes / time): B=1 ctx 4096 12 us; B=4 ctx 2048 13 us (2.5 TB/s); B=16 ctx 2048
+    57 us (2.3 TB/s); B=64 ctx 2048 190 us (2.8 TB/s); B=128 ctx 4096 734 us (2.9 TB/s).
+    Small batches want short partitions (more programs), large ones 1024 (less reduce work):
+    hence the program-count rule.
+  prefill (causal FLOPs / time): 4 x 2048 prompts 513 us, 268 TFLOP/s (SDPA dense MHA: 463);
+    one 8192 prompt 299 TFLOP/s (PrefillTiles(128, 128, 8, 3, True) reached 346; SDPA 535);
+    2 x 512-token chunks over 3584 cached tokens 295 TFLOP/s; a 512 chunk + 128 decode rows of
+    context 2048 in one batch 425 us.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class PrefillTiles:
 @dataclass(frozen=True, slots=True)
 class AttentionTuning:
     """Launch parameters. Defaults were picked from sweeps on an H100 (bf16, 32 q / 8 kv heads,
-    head_dim 128, block_size 16, timed through CUDA graphs); see the module notes below."""
+    head_dim 128, block_size 16, timed through CUDA graphs); measurements in the module docstring."""
 
     # Decode: None = choose the largest partition in DECODE_PARTITIONS that still gives
     # >= decode_target_programs programs (B * num_kv_heads * partitions).

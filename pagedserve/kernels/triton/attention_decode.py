@@ -208,8 +208,8 @@ def paged_decode_attention(
     max_seq_len: int,
     partition_size: int = 512,
     block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int = 2,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Decode attention for B requests with one query token each (query_start_loc[b] is the row
     of request b in query/out). Writes out [T, num_heads, head_dim] and returns it.
