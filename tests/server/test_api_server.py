@@ -197,9 +197,14 @@ def test_disconnect_aborts_and_frees_kv(api_server: RunningServer) -> None:
                 if line.startswith("data: {"):
                     break  # got the first tokens: walk away mid-stream
 
+    async def give_up(http: httpx.AsyncClient) -> None:  # a non-streaming client that times out
+        body = {"model": "tiny", "prompt": "the cat", "max_tokens": 240, "ignore_eos": True, "n": 4}
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(api_server.v1 + "/completions", json=body, timeout=0.3)
+
     async def run() -> None:
         async with httpx.AsyncClient(timeout=60) as http:
-            await asyncio.gather(*[hang_up(http) for _ in range(6)])
+            await asyncio.gather(*[hang_up(http) for _ in range(6)], give_up(http))
 
     asyncio.run(run())
     deadline = time.monotonic() + 30
@@ -212,7 +217,7 @@ def test_disconnect_aborts_and_frees_kv(api_server: RunningServer) -> None:
         ) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert aborted >= 6
+    assert aborted >= 7
     assert usage == 0.0
     assert metric(text, "vllm:num_requests_running") == 0
 
