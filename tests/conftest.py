@@ -9,6 +9,17 @@ Checkpoints are built lazily, so a test that needs only "llama" pays only for "l
 
 from __future__ import annotations
 
+import os
+
+# Without a GPU, Triton kernels run in the interpreter; set before anything imports triton.
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
