@@ -38,6 +38,8 @@ from pagedserve.core.scheduler import SchedulerStats
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
+# Set by the server before it spawns the engine process (which inherits the environment).
+ENV_LOG_LEVEL, ENV_LOG_JSON = "PAGEDSERVE_ENGINE_LOG_LEVEL", "PAGEDSERVE_ENGINE_LOG_JSON"
 
 # ---------------------------------------------------------------------------- messages
 
@@ -171,6 +173,10 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
 
     from pagedserve.engine.engine_core import EngineCore
 
+    if os.environ.get(ENV_LOG_LEVEL):  # the server's log format, for this process's lines too
+        from pagedserve.ops.logging import configure_logging
+
+        configure_logging(os.environ[ENV_LOG_LEVEL], json=os.environ.get(ENV_LOG_JSON, "1") == "1")
     ctx = zmq.Context()
     out_sock = ctx.socket(zmq.PUSH)
     out_sock.connect(output_addr)

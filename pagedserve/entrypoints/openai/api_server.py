@@ -27,7 +27,7 @@ import pagedserve
 from pagedserve.config import EngineConfig
 from pagedserve.core.scheduler import SchedulerStats
 from pagedserve.engine.async_llm import AsyncLLM, FinishedRequestStats
-from pagedserve.engine.core_client import EngineDeadError
+from pagedserve.engine.core_client import ENV_LOG_JSON, ENV_LOG_LEVEL, EngineDeadError
 from pagedserve.entrypoints.openai.cli_args import engine_args_from, parse_args
 from pagedserve.entrypoints.openai.errors import (
     BadRequestError,
@@ -249,6 +249,8 @@ async def serve(args: argparse.Namespace, app: Any | None = None) -> None:
 def run_server(args: argparse.Namespace) -> None:
     """Configure logs, build the app (fails fast on a bad model or flags) and serve until stopped."""
     configure_logging(args.log_level, json=args.log_format == "json")
+    os.environ[ENV_LOG_LEVEL] = args.log_level
+    os.environ[ENV_LOG_JSON] = "1" if args.log_format == "json" else "0"
     logger.info("starting server", extra={"model": args.model, "host": args.host, "port": args.port,
                                           "tls": bool(args.ssl_certfile), "pid": os.getpid()})  # fmt: skip
     try:
