@@ -19,7 +19,7 @@ python3 -m benchmarks.build_model "$model" 2>&1 | tail -2
 
 case "$part" in
   checks)
-    python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu-tests.log" | tail -15
+    python3 -m pytest -q -m gpu tests/kernels tests/models tests/engine 2>&1 | tee "$out/gpu-tests.log" | tail -15
     python3 -m benchmarks.gpu_checks --model8b "$model" --json "$out/gpu_checks.json" 2>&1 | grep -v Loading | tail -12
     python3 -m benchmarks.latency --model "$model" --json "$out/latency.json" 2>&1 | grep -v Loading | tail -8
     python3 -m benchmarks.throughput --model "$model" --json "$out/throughput.json" 2>&1 | grep -v Loading | tail -6

@@ -32,6 +32,22 @@ def decode_rate(engine, context: int, num_tokens: int, vocab: int) -> float:
     return steps / (time.perf_counter() - started)
 
 
+def _time_ms(fn, repeats: int = 50) -> float:
+    """Median device time of fn in ms (CUDA events), after warm-up."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True)
@@ -66,6 +82,15 @@ def main() -> None:
             "step_ms": 1e3 / rate,
             "floor_step_ms": 1e3 / floor,
         })
+        graphs = runner.decode_graphs
+        if graphs is not None:  # split the step: replayed forward (buffers hold the last step's
+            # context), the LM head, and the rest (host work: scheduling, inputs, sampling, text)
+            forward_ms = _time_ms(lambda: graphs.graphs[1].replay())
+            hidden = graphs.outputs[1]
+            head_ms = _time_ms(lambda: runner.model.compute_logits(hidden))
+            rows[-1]["graph_forward_ms"] = forward_ms
+            rows[-1]["lm_head_ms"] = head_ms
+            rows[-1]["rest_of_step_ms"] = rows[-1]["step_ms"] - forward_ms - head_ms
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, weights {weight_bytes / 1e9:.2f} GB, "
           f"KV {kv_bytes_per_ctx / 1e3:.1f} kB per context token")
     print_table("batch-1 decode", rows)
