@@ -85,9 +85,9 @@ def main() -> None:
         graphs = runner.decode_graphs
         if graphs is not None:  # split the step: replayed forward (buffers hold the last step's
             # context), the LM head, and the rest (host work: scheduling, inputs, sampling, text)
-            forward_ms = _time_ms(lambda: graphs.graphs[1].replay())
+            forward_ms = _time_ms(graphs.graphs[1].replay)
             hidden = graphs.outputs[1]
-            head_ms = _time_ms(lambda: runner.model.compute_logits(hidden))
+            head_ms = _time_ms(lambda h=hidden: runner.model.compute_logits(h))
             rows[-1]["graph_forward_ms"] = forward_ms
             rows[-1]["lm_head_ms"] = head_ms
             rows[-1]["rest_of_step_ms"] = rows[-1]["step_ms"] - forward_ms - head_ms
