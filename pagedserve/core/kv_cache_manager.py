@@ -39,6 +39,8 @@ class KVCacheManager:
         self.swap_space = SwapSpace(num_cpu_blocks)
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}  # GPU block table per running request
         self.req_cpu_blocks: dict[str, list[int]] = {}  # CPU block table per swapped request
+        # How many leading blocks of each request were already offered to the prefix cache.
+        self.num_cached_blocks: dict[str, int] = {}
         self.prefix_stats = PrefixCacheStats()
 
     # ---------------------------------------------------------------- queries
@@ -47,8 +49,9 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage
 
-    def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+    def block_ids(self, request_id: str, start: int = 0) -> list[int]:
+        """Physical ids of the request's blocks from logical block `start` on."""
+        return [b.block_id for b in self.req_blocks.get(request_id, ())[start:]]
 
     def num_blocks_of(self, request_id: str) -> int:
         return len(self.req_blocks.get(request_id, ()))
@@ -84,11 +87,16 @@ class KVCacheManager:
         if not blocks:
             return
         bs = self.block_size
+        num_full = request.num_computed_tokens // bs
+        first = self.num_cached_blocks.get(request.request_id, 0)
+        if num_full <= first:
+            return
         extend_block_hashes(
             request.block_hashes, request.token_ids_range, request.num_computed_tokens, bs
         )
-        for i in range(request.num_computed_tokens // bs):
+        for i in range(first, num_full):
             self.pool.cache_block(blocks[i], request.block_hashes[i])
+        self.num_cached_blocks[request.request_id] = num_full
 
     # ---------------------------------------------------------------- allocation
 
@@ -129,6 +137,7 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Release the request's GPU and CPU blocks. Tail blocks are freed first so that they are
         evicted before the shared-prefix blocks at the head of the table."""
+        self.num_cached_blocks.pop(request.request_id, None)
         blocks = self.req_blocks.pop(request.request_id, None)
         if blocks:
             self.pool.free(reversed(blocks))
@@ -168,6 +177,7 @@ class KVCacheManager:
 
     def swap_out(self, request: Request) -> list[tuple[int, int]]:
         """Move the request's blocks to CPU blocks; returns (gpu, cpu) pairs to copy."""
+        self.num_cached_blocks.pop(request.request_id, None)
         blocks = self.req_blocks.pop(request.request_id)
         cpu_blocks = self.swap_space.allocate(len(blocks))
         self.req_cpu_blocks[request.request_id] = cpu_blocks

@@ -144,8 +144,8 @@ class Scheduler:
             num = self._num_scheduled.get(request.request_id)
             if num is None:
                 continue
-            block_ids = self.kv.block_ids(request.request_id)
             if request.needs_full_data:
+                block_ids = self.kv.block_ids(request.request_id)
                 new_reqs.append(
                     NewRequestData(
                         req_id=request.request_id,
@@ -160,14 +160,15 @@ class Scheduler:
                 request.needs_full_data = False
                 request.worker_num_blocks = len(block_ids)
             else:
+                new_block_ids = self.kv.block_ids(request.request_id, request.worker_num_blocks)
                 cached_reqs.append(
                     CachedRequestData(
                         req_id=request.request_id,
-                        new_block_ids=block_ids[request.worker_num_blocks :],
+                        new_block_ids=new_block_ids,
                         num_computed_tokens=request.num_computed_tokens,
                     )
                 )
-                request.worker_num_blocks = len(block_ids)
+                request.worker_num_blocks += len(new_block_ids)
         output = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
             scheduled_cached_reqs=cached_reqs,
@@ -224,6 +225,8 @@ class Scheduler:
                 continue
             while self.kv.allocate_slots(request, num_new) is None:
                 victim = self._pick_victim()
+                if victim is not request and self.running.index(victim) < index:
+                    index -= 1  # an earlier (already scheduled) entry leaves the list
                 budget += self._preempt(victim)
                 if victim is request:
                     break
@@ -231,7 +234,7 @@ class Scheduler:
                 continue  # preempted itself; running[index] is now the next request
             self._num_scheduled[request.request_id] = num_new
             budget -= num_new
-            index = self.running.index(request) + 1  # earlier entries may have been preempted
+            index += 1
         return budget
 
     def _schedule_swapped(self, budget: int, swap_in: list[tuple[int, int]]) -> int:
