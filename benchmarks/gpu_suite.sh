@@ -23,12 +23,15 @@ case "$part" in
     python3 -m benchmarks.gpu_checks --model8b "$model" --json "$out/gpu_checks.json" 2>&1 | grep -v Loading | tail -12
     python3 -m benchmarks.latency --model "$model" --json "$out/latency.json" 2>&1 | grep -v Loading | tail -8
     python3 -m benchmarks.throughput --model "$model" --json "$out/throughput.json" 2>&1 | grep -v Loading | tail -6
+    python3 -m benchmarks.throughput --model "$model" --max-num-seqs 512 --max-num-batched-tokens 8192 \
+        --json "$out/throughput-512x8192.json" 2>&1 | grep -v Loading | tail -6
     ;;
   peers)
     python3 -m benchmarks.peers --model "$model" --json "$out/peers.json" 2>&1 | grep -v Loading | tail -10
     ;;
   serving)
-    python3 -m benchmarks.serving --model "$model" --json "$out/serving.json" 2>&1 | grep -v Loading | tail -12
+    SERVER_LOG="$out/server.log" python3 -m benchmarks.serving --model "$model" \
+        --server-args "--max-model-len 4096 --log-level WARNING" --json "$out/serving.json" 2>&1 | grep -v Loading | tail -12
     ;;
   *)
     echo "unknown part $part (checks | peers | serving)"; exit 2;;
