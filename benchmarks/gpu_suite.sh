@@ -27,7 +27,7 @@ case "$part" in
         --json "$out/throughput-512x8192.json" 2>&1 | grep -v Loading | tail -6
     ;;
   peers)
-    python3 -m benchmarks.peers --model "$model" --json "$out/peers.json" 2>&1 | grep -v Loading | tail -10
+    python3 -m benchmarks.peers --model "$model" --json "$out/peers.json" 2>&1 | grep -vE "Loading|it/s]" | tail -30
     ;;
   serving)
     SERVER_LOG="$out/server.log" python3 -m benchmarks.serving --model "$model" \

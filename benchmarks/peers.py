@@ -59,10 +59,16 @@ def continuous_batching(model, work: Workload) -> dict:
         started = time.perf_counter()
         for i, (prompt, n) in enumerate(zip(work.prompts, work.output_lens)):
             manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=n)
-        produced = 0
-        for i in range(len(work.prompts)):
-            result = manager.get_result(request_id=f"r{i}", timeout=1200)
+        produced = collected = 0
+        deadline = started + 1200
+        while collected < len(work.prompts):  # results in completion order
+            result = manager.get_result(timeout=1.0)
+            if result is None:
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"continuous batching: {collected} of {len(work.prompts)} done")
+                continue
             produced += len(result.generated_tokens)
+            collected += 1
         elapsed = time.perf_counter() - started
     finally:
         manager.stop(block=True)
@@ -74,9 +80,9 @@ def continuous_batching(model, work: Workload) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--static-requests", type=int, default=64)
+    parser.add_argument("--static-requests", type=int, default=32)
     parser.add_argument("--static-batch", type=int, default=32)
-    parser.add_argument("--cb-requests", type=int, default=200)
+    parser.add_argument("--cb-requests", type=int, default=100)
     parser.add_argument("--skip-static", action="store_true")
     parser.add_argument("--skip-cb", action="store_true")
     parser.add_argument("--json", default=None)
@@ -92,6 +98,7 @@ def main() -> None:
         work = sharegpt_like(vocab).prefix(args.static_requests)
         rows.append(static_batches(model, work, args.static_batch))
         print_table("peers (so far)", rows)
+        write_json(args.json, {"peers": rows, "args": vars(args)})  # kept if a later part fails
         del model
         torch.cuda.empty_cache()
     if not args.skip_cb:
