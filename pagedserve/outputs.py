@@ -34,9 +34,16 @@ class RequestMetrics:
     engine passes a monotonic arrival_time; the output processor stamps the rest)."""
 
     arrival_time: float
+    first_scheduled_time: float | None = None  # when the engine first ran it (queue time ends)
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        if self.first_scheduled_time is None:
+            return None
+        return max(0.0, self.first_scheduled_time - self.arrival_time)
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -120,6 +120,7 @@ class EngineCoreOutput:
     new_logprobs: LogprobsLists | None = None
     new_prompt_logprobs: LogprobsLists | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    first_scheduled_time: float | None = None  # time.monotonic() when the request first ran
 
     @property
     def finished(self) -> bool:

@@ -58,6 +58,7 @@ class Request:
     # Tokens whose K/V are in the cache. Invariant: 0 <= num_computed_tokens <= num_tokens.
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first schedule
+    first_scheduled_time: float | None = None  # time.monotonic() when first scheduled
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     # Chained hashes of this request's full blocks, in order, extended as blocks fill.

@@ -15,6 +15,7 @@ Rank: FCFS orders by arrival; the priority policy by (priority, arrival), lower 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -212,6 +213,7 @@ class Scheduler:
             follower.status = RequestStatus.RUNNING
             follower.leader = None
             follower.num_cached_tokens = leader.num_cached_tokens
+            follower.first_scheduled_time = leader.first_scheduled_time
             self.running.append(follower)
         leader.followers = []
 
@@ -280,6 +282,7 @@ class Scheduler:
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
+                request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             request.needs_full_data = True
             self.running.append(request)
@@ -367,6 +370,7 @@ class Scheduler:
                         new_logprobs=runner_output.logprobs.get(req_id),
                         new_prompt_logprobs=prompt_logprobs,
                         num_cached_tokens=max(request.num_cached_tokens, 0),
+                        first_scheduled_time=request.first_scheduled_time,
                     )
                 )
             if finish_status is not None:

@@ -50,6 +50,7 @@ class FinishedRequestStats:
     ttft: float | None
     tpot: float | None
     e2e: float
+    queue_time: float | None = None  # arrival -> first scheduled
 
 
 @dataclass(slots=True)
@@ -219,6 +220,7 @@ class AsyncLLM:
         """The outputs of an added request until it finishes; leaving early aborts it."""
         first: float | None = None
         last: float | None = None
+        queued: float | None = None
         reason = "abort"
         try:
             while not handle.finished:
@@ -228,14 +230,18 @@ class AsyncLLM:
                 handle.finished = item.finished
                 if item.metrics is not None:
                     first, last = item.metrics.first_token_time, item.metrics.last_token_time
+                    queued = item.metrics.queue_time
                 handle.num_generated = self._count_tokens(item, handle.params, handle.num_generated)
                 if item.finished and item.outputs:
                     reason = item.outputs[0].finish_reason or "stop"
                 yield item
         finally:
-            self._finish(handle, reason, first, last)
+            self._finish(handle, reason, first, last, queued)
 
-    def _finish(self, handle: RequestHandle, reason: str, first: float | None, last: float | None) -> None:
+    def _finish(
+        self, handle: RequestHandle, reason: str, first: float | None, last: float | None,
+        queued: float | None = None,
+    ) -> None:
         if self._queues.pop(handle.request_id, None) is None:
             return  # already accounted for
         if not handle.finished:  # cancelled, abandoned, or the engine died: free its blocks
@@ -244,7 +250,7 @@ class AsyncLLM:
         tpot = (last - first) / (n - 1) if first is not None and last is not None and n > 1 else None
         self._notify_finished(FinishedRequestStats(
             reason, handle.num_prompt_tokens, n, None if first is None else first - handle.arrival, tpot,
-            time.monotonic() - handle.arrival,
+            time.monotonic() - handle.arrival, queued,
         ))  # fmt: skip
 
     async def generate(

@@ -190,6 +190,8 @@ class OutputProcessor:
                 continue
             parent = child.parent
             parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+            if parent.metrics.first_scheduled_time is None:
+                parent.metrics.first_scheduled_time = out.first_scheduled_time
             if out.new_prompt_logprobs is not None and parent.prompt_logprobs is not None:
                 if parent.prompt_logprobs_from in (None, child.req_id):
                     parent.prompt_logprobs_from = child.req_id

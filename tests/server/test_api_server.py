@@ -313,6 +313,7 @@ def test_metrics_exposed(api_server: RunningServer) -> None:
     assert metric(text, "vllm:request_success_total", 'finished_reason="length"') >= 1
     assert metric(text, "vllm:time_to_first_token_seconds_count", 'model_name="tiny"') >= 1
     assert metric(text, "vllm:iteration_tokens_total_count", 'model_name="tiny"') >= 1
+    assert metric(text, "vllm:request_queue_time_seconds_count", 'model_name="tiny"') >= 1
     assert metric(text, "http_requests_total", 'handler="/v1/completions"') >= 1
     for name in ("vllm:num_requests_waiting", "vllm:num_requests_swapped", "vllm:prefix_cache_queries_total",
                  "vllm:num_preemptions_total", "vllm:e2e_request_latency_seconds_bucket"):  # fmt: skip

@@ -86,7 +86,8 @@ class MetricsBridge:
 
     def on_finished(self, f: FinishedRequestStats) -> None:
         self.metrics.record_request_finished(
-            f.finished_reason, f.prompt_tokens, f.generation_tokens, f.ttft, f.tpot, max(0.0, f.e2e), None
+            f.finished_reason, f.prompt_tokens, f.generation_tokens, f.ttft, f.tpot, max(0.0, f.e2e),
+            f.queue_time,
         )
 
 
