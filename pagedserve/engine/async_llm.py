@@ -28,11 +28,10 @@ from pagedserve.engine.core_client import (
     InprocClient,
     MPClient,
     OutputsMsg,
-    child_params,
     params_to_dict,
 )
-from pagedserve.engine.llm_engine import generation_eos_ids, load_tokenizer
 from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.engine.request_builder import RequestBuilder, load_tokenizer
 from pagedserve.inputs import PromptType
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -77,11 +76,7 @@ class AsyncLLM:
         self.tokenizer = tokenizer
         self.output_processor = OutputProcessor(tokenizer)
         self.max_model_len = config.scheduler_config.max_model_len
-        eos_ids = generation_eos_ids(config.model_config.model_dir)
-        tok_eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos_token_id: int | None = tok_eos if tok_eos is not None else (eos_ids[0] if eos_ids else None)
-        self.extra_eos_ids = [t for t in eos_ids if t != self.eos_token_id]
-        self.vocab_size = 0
+        self.request_builder = RequestBuilder.from_config(config, tokenizer)  # vocab set when ready
         self.last_stats: SchedulerStats | None = None
         self.stats_listeners: list[StatsListener] = []
         self.finished_listeners: list[FinishedListener] = []
@@ -100,7 +95,7 @@ class AsyncLLM:
         client: EngineCoreClient = MPClient(config) if multiprocess else InprocClient(config)
         llm = cls(config, client, tokenizer)
         ready = await client.start()
-        llm.vocab_size = ready.vocab_size
+        llm.request_builder.vocab_size = ready.vocab_size
         return llm
 
     # ------------------------------------------------------------------ health and stats
@@ -127,19 +122,12 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------ tokenization
 
+    @property
+    def vocab_size(self) -> int:
+        return self.request_builder.vocab_size
+
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, list(self.tokenizer.encode(prompt))
-        if isinstance(prompt, list):
-            return None, list(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])  # type: ignore[typeddict-item]
-            if "prompt" in prompt:
-                return prompt["prompt"], list(self.tokenizer.encode(prompt["prompt"]))
-        raise ValueError(
-            "prompt must be a string, a list of token ids, or a dict with 'prompt' or 'prompt_token_ids'"
-        )
+        return self.request_builder.tokenize(prompt)
 
     def apply_chat_template(
         self,
@@ -165,19 +153,7 @@ class AsyncLLM:
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError for a request the engine cannot take (the server's 400)."""
-        if not token_ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        if len(token_ids) > self.max_model_len:
-            raise ValueError(
-                f"the prompt ({len(token_ids)} tokens) is longer than max_model_len ({self.max_model_len})"
-            )
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size - 1}], got {bad[:5]}")
-        max_seqs = self.config.scheduler_config.max_num_seqs
-        if params.n > max_seqs:
-            raise ValueError(f"n ({params.n}) must not exceed max_num_seqs ({max_seqs})")
-        params.verify_for_model(self.vocab_size, self.config.model_config.max_logprobs)
+        self.request_builder.validate(token_ids, params)
 
     # ------------------------------------------------------------------ requests
 
@@ -194,16 +170,13 @@ class AsyncLLM:
         self.check_health()
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, token_ids = self.tokenize_prompt(prompt)
-        if params.truncate_prompt_tokens is not None:
-            token_ids = token_ids[-params.truncate_prompt_tokens :]
-        self.validate(token_ids, params)
+        text, token_ids = self.request_builder.prepare(prompt, params)
         arrival = time.monotonic()
-        children = child_params(request_id, params, self.extra_eos_ids)
+        children = self.request_builder.child_params(request_id, params)
         child_ids = [cid for cid, _ in children]
         msg = AddRequestMsg(
             children=[ChildSpec(cid, params_to_dict(p)) for cid, p in children],
-            prompt_token_ids=token_ids, eos_token_id=self.eos_token_id, arrival_time=arrival,
+            prompt_token_ids=token_ids, eos_token_id=self.request_builder.eos_token_id, arrival_time=arrival,
             priority=priority,
         )  # fmt: skip
         self.output_processor.add_request(request_id, text, token_ids, params, child_ids, arrival)

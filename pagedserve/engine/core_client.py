@@ -35,6 +35,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.core.outputs import EngineCoreOutput, SchedulerOutput
 from pagedserve.core.request import Request
 from pagedserve.core.scheduler import SchedulerStats
+from pagedserve.engine.request_builder import link_children
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -115,31 +116,6 @@ def params_from_dict(d: dict[str, Any]) -> SamplingParams:
     params.stop = list(params.stop or [])
     params.stop_token_ids = list(params.stop_token_ids or [])
     return params
-
-
-def child_params(
-    request_id: str, params: SamplingParams, extra_eos_ids: list[int]
-) -> list[tuple[str, SamplingParams]]:
-    """The n core requests of one user request: ids "<i>_<id>" (just <id> when n == 1), each with
-    n=1 and its own seed; the model's extra EOS ids stop them like stop_token_ids (unless
-    ignore_eos). Shared with LLMEngine.add_request's rules."""
-    ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
-    out: list[tuple[str, SamplingParams]] = []
-    for index, child_id in enumerate(ids):
-        p = params.child(index) if params.n > 1 else params.clone()
-        if not p.ignore_eos and extra_eos_ids:
-            p.stop_token_ids = list(p.all_stop_token_ids | set(extra_eos_ids))
-        out.append((child_id, p))
-    return out
-
-
-def link_children(children: list[Request]) -> list[Request]:
-    """Which requests to hand to the scheduler: the leader (followers attached) when the prompt
-    has more than one token to share, else every child on its own."""
-    if len(children) > 1 and children[0].num_prompt_tokens > 1:
-        children[0].followers = children[1:]
-        return children[:1]
-    return children
 
 
 def requests_from_msg(msg: AddRequestMsg) -> list[Request]:

@@ -21,31 +21,10 @@ from pagedserve.config import EngineArgs, EngineConfig
 from pagedserve.core.request import Request
 from pagedserve.engine.engine_core import EngineCore, EngineStats
 from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.engine.request_builder import RequestBuilder, link_children, load_tokenizer
 from pagedserve.inputs import PromptType
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
-
-
-def load_tokenizer(config: EngineConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(
-        config.model_config.tokenizer, trust_remote_code=False
-    )
-
-
-def generation_eos_ids(model_dir: str) -> list[int]:
-    """EOS ids listed in generation_config.json (some models stop on several)."""
-    from transformers import GenerationConfig
-
-    try:
-        generation_config = GenerationConfig.from_pretrained(model_dir)
-    except OSError:
-        return []
-    eos = generation_config.eos_token_id
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
 
 
 class LLMEngine:
@@ -56,13 +35,7 @@ class LLMEngine:
         self.engine_core = EngineCore(config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.vocab_size = self.engine_core.runner.vocab_size
-        eos_ids = generation_eos_ids(self.model_config.model_dir)
-        tokenizer_eos = self.tokenizer.eos_token_id
-        self.eos_token_id: int | None = tokenizer_eos if tokenizer_eos is not None else (
-            eos_ids[0] if eos_ids else None
-        )
-        # Extra EOS ids from generation_config stop like stop_token_ids (unless ignore_eos).
-        self.extra_eos_ids = [t for t in eos_ids if t != self.eos_token_id]
+        self.request_builder = RequestBuilder.from_config(config, self.tokenizer, self.vocab_size)
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
@@ -75,31 +48,7 @@ class LLMEngine:
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(text, token ids) of any accepted prompt form."""
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, list):
-            return None, list(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])  # type: ignore[typeddict-item]
-            if "prompt" in prompt:
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-        raise ValueError(
-            "prompt must be a string, a list of token ids, or a dict with 'prompt' or "
-            f"'prompt_token_ids', got {type(prompt).__name__}"
-        )
-
-    def _validate_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        max_len = self.config.scheduler_config.max_model_len
-        if len(token_ids) > max_len:
-            raise ValueError(
-                f"the prompt ({len(token_ids)} tokens) is longer than max_model_len ({max_len})"
-            )
-        bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size - 1}], got {bad[:5]}")
+        return self.request_builder.tokenize(prompt)
 
     def add_request(
         self,
@@ -114,38 +63,17 @@ class LLMEngine:
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params if params is not None else SamplingParams()
-        if params.n > self.config.scheduler_config.max_num_seqs:
-            raise ValueError(
-                f"n ({params.n}) must not exceed max_num_seqs ({self.config.scheduler_config.max_num_seqs})"
-            )
-        params.verify_for_model(self.vocab_size, self.model_config.max_logprobs)
-        text, token_ids = self.tokenize_prompt(prompt)
-        self._validate_prompt(token_ids)
+        text, token_ids = self.request_builder.prepare(prompt, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-
-        child_ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
-        children = []
-        for index, child_id in enumerate(child_ids):
-            child_params = params.child(index) if params.n > 1 else params.clone()
-            if not child_params.ignore_eos and self.extra_eos_ids:
-                child_params.stop_token_ids = list(child_params.all_stop_token_ids | set(self.extra_eos_ids))
-            children.append(
-                Request(
-                    request_id=child_id,
-                    prompt_token_ids=token_ids,
-                    sampling_params=child_params,
-                    eos_token_id=self.eos_token_id,
-                    arrival_time=arrival,
-                    priority=priority,
-                )
-            )
+        children = [
+            Request(child_id, token_ids, child_params, self.request_builder.eos_token_id,
+                    arrival_time=arrival, priority=priority)
+            for child_id, child_params in self.request_builder.child_params(request_id, params)
+        ]
+        child_ids = [child.request_id for child in children]
         self.output_processor.add_request(request_id, text, token_ids, params, child_ids, arrival)
-        if len(token_ids) > 1:  # the leader computes the shared prompt, the others fork
-            children[0].followers = children[1:]
-            self.engine_core.add_request(children[0])
-        else:  # a one-token prompt has nothing to share
-            for child in children:
-                self.engine_core.add_request(child)
+        for request in link_children(children):
+            self.engine_core.add_request(request)
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)

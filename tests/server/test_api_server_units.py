@@ -17,11 +17,11 @@ from pagedserve.engine.core_client import (
     InputMsg,
     OutputMsg,
     OutputsMsg,
-    child_params,
     params_from_dict,
     params_to_dict,
     requests_from_msg,
 )
+from pagedserve.engine.request_builder import RequestBuilder
 from pagedserve.entrypoints.cli import main as cli_main
 from pagedserve.entrypoints.openai.cli_args import engine_args_from, parse_args
 from pagedserve.sampling_params import RequestOutputKind
@@ -31,7 +31,9 @@ from tests.server.conftest import ENGINE_KWARGS
 def test_messages_round_trip() -> None:
     params = SamplingParams(n=3, temperature=0.7, seed=5, stop=["x"], logit_bias={4: 2.0}, logprobs=2,
                             output_kind=RequestOutputKind.DELTA)  # fmt: skip
-    children = child_params("r", params, extra_eos_ids=[9])
+    builder = RequestBuilder(tokenizer=None, max_model_len=64, max_num_seqs=8, max_logprobs=5,
+                             vocab_size=32, eos_token_id=1, extra_eos_ids=[9])
+    children = builder.child_params("r", params)
     assert [cid for cid, _ in children] == ["0_r", "1_r", "2_r"]
     assert [p.seed for _, p in children] == [5, 6, 7] and all(9 in p.stop_token_ids for _, p in children)
     msg = AddRequestMsg([ChildSpec(cid, params_to_dict(p)) for cid, p in children], [1, 2, 3], 1, 12.5, 2)

@@ -1,0 +1,122 @@
+"""From a user request to core requests, shared by LLMEngine (offline) and AsyncLLM (server):
+prompt forms -> token ids, validation against the model, EOS ids, and the n-way fan-out.
+
+A user request with n samples becomes n core requests "<i>_<id>" (just "<id>" when n == 1), each
+with n = 1 and its own seed (seed + i). When the prompt has more than one token, the first child
+leads: it computes the shared prompt and the others fork from it (core/request.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagedserve.config import EngineConfig
+from pagedserve.core.request import Request
+from pagedserve.inputs import PromptType
+from pagedserve.sampling_params import SamplingParams
+
+
+def load_tokenizer(config: EngineConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.model_config.tokenizer, trust_remote_code=False)
+
+
+def generation_eos_ids(model_dir: str) -> list[int]:
+    """EOS ids listed in generation_config.json (some models stop on several)."""
+    from transformers import GenerationConfig
+
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        return []
+    eos = generation_config.eos_token_id
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def link_children(children: list[Request]) -> list[Request]:
+    """The requests to hand to the scheduler: the leader (followers attached) when the prompt has
+    more than one token to share, else every child on its own."""
+    if len(children) > 1 and children[0].num_prompt_tokens > 1:
+        children[0].followers = children[1:]
+        return children[:1]
+    return children
+
+
+@dataclass(slots=True)
+class RequestBuilder:
+    tokenizer: Any
+    max_model_len: int
+    max_num_seqs: int
+    max_logprobs: int
+    vocab_size: int  # 0 until the engine reports it (the server learns it at start-up)
+    eos_token_id: int | None
+    extra_eos_ids: list[int] = field(default_factory=list)  # stop like stop_token_ids
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, tokenizer: Any, vocab_size: int = 0) -> RequestBuilder:
+        eos_ids = generation_eos_ids(config.model_config.model_dir)
+        tokenizer_eos = getattr(tokenizer, "eos_token_id", None)
+        eos = tokenizer_eos if tokenizer_eos is not None else (eos_ids[0] if eos_ids else None)
+        return cls(
+            tokenizer=tokenizer,
+            max_model_len=config.scheduler_config.max_model_len,
+            max_num_seqs=config.scheduler_config.max_num_seqs,
+            max_logprobs=config.model_config.max_logprobs,
+            vocab_size=vocab_size,
+            eos_token_id=eos,
+            extra_eos_ids=[t for t in eos_ids if t != eos],
+        )
+
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text, token ids) of any accepted prompt form."""
+        if isinstance(prompt, str):
+            return prompt, list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, list):
+            return None, list(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])  # type: ignore[typeddict-item]
+            if "prompt" in prompt:
+                return prompt["prompt"], list(self.tokenizer.encode(prompt["prompt"]))
+        raise ValueError(
+            "prompt must be a string, a list of token ids, or a dict with 'prompt' or "
+            f"'prompt_token_ids', got {type(prompt).__name__}"
+        )
+
+    def prepare(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Tokenize (honouring truncate_prompt_tokens) and validate; ValueError for bad input."""
+        text, token_ids = self.tokenize(prompt)
+        if params.truncate_prompt_tokens is not None:
+            token_ids = token_ids[-params.truncate_prompt_tokens :]
+        self.validate(token_ids, params)
+        return text, token_ids
+
+    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(
+                f"the prompt ({len(token_ids)} tokens) is longer than max_model_len ({self.max_model_len})"
+            )
+        bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size - 1}], got {bad[:5]}")
+        if params.n > self.max_num_seqs:
+            raise ValueError(f"n ({params.n}) must not exceed max_num_seqs ({self.max_num_seqs})")
+        params.verify_for_model(self.vocab_size, self.max_logprobs)
+
+    def child_params(self, request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
+        """(child id, params) of the n core requests; the model's extra EOS ids stop them like
+        stop_token_ids (unless ignore_eos)."""
+        ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
+        out: list[tuple[str, SamplingParams]] = []
+        for index, child_id in enumerate(ids):
+            p = params.child(index) if params.n > 1 else params.clone()
+            if not p.ignore_eos and self.extra_eos_ids:
+                p.stop_token_ids = list(p.all_stop_token_ids | set(self.extra_eos_ids))
+            out.append((child_id, p))
+        return out
