@@ -19,6 +19,16 @@ if TYPE_CHECKING:
     from pagedserve.sampling_params import SamplingParams
 
 
+def token_slice(prompt: list[int], output: list[int], start: int, end: int) -> list[int]:
+    """Tokens [start, end) of prompt + output, without building the concatenation."""
+    prompt_len = len(prompt)
+    if end <= prompt_len:
+        return prompt[start:end]
+    if start >= prompt_len:
+        return output[start - prompt_len : end - prompt_len]
+    return prompt[start:] + output[: end - prompt_len]
+
+
 class RequestStatus(enum.Enum):
     WAITING = enum.auto()  # in the waiting queue, holds no blocks
     WAITING_FOR_FORK = enum.auto()  # a follower: held by its leader, holds no blocks
@@ -84,13 +94,7 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def token_ids_range(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output, without building the concatenation."""
-        prompt_len = len(self.prompt_token_ids)
-        if end <= prompt_len:
-            return self.prompt_token_ids[start:end]
-        if start >= prompt_len:
-            return self.output_token_ids[start - prompt_len : end - prompt_len]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - prompt_len]
+        return token_slice(self.prompt_token_ids, self.output_token_ids, start, end)
 
     @property
     def max_computable_tokens(self) -> int:

@@ -21,6 +21,7 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.outputs import ModelRunnerOutput, SchedulerOutput
+from pagedserve.core.request import token_slice
 from pagedserve.model_executor.layers.attention import AttentionMetadata
 from pagedserve.model_executor.loader import load_model, resolve_dtype
 from pagedserve.sampling_params import SamplingParams
@@ -55,13 +56,7 @@ class RequestState:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output."""
-        prompt_len = len(self.prompt_token_ids)
-        if end <= prompt_len:
-            return self.prompt_token_ids[start:end]
-        if start >= prompt_len:
-            return self.output_token_ids[start - prompt_len : end - prompt_len]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - prompt_len]
+        return token_slice(self.prompt_token_ids, self.output_token_ids, start, end)
 
 
 class ModelRunner:
