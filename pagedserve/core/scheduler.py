@@ -136,7 +136,7 @@ class Scheduler:
         swap_in: list[tuple[int, int]] = []
         if self.num_preemptions == num_preempted_before:
             budget = self._schedule_swapped(budget, swap_in)
-            if not self.swapped:
+            if self._may_admit_waiting():
                 self._schedule_waiting(budget)
 
         new_reqs: list[NewRequestData] = []
@@ -186,8 +186,10 @@ class Scheduler:
     def _fork_ready_leaders(self) -> None:
         """A leader that has computed all prompt tokens but the last hands its prefix to its
         followers, once there are seats for them and a block for each partial-block copy;
-        lower-ranked running requests are preempted to make room (never the leader itself,
-        which then waits)."""
+        lower-ranked running requests are preempted to make room. When only the leader itself
+        is left to preempt, the followers that fit fork now and the rest are detached into the
+        waiting queue as requests of their own (they recompute the prompt, helped by the prefix
+        cache), so a leader never waits on room that cannot appear."""
         for leader in list(self.running):
             if leader.status != RequestStatus.RUNNING or not leader.followers:
                 continue
@@ -200,13 +202,21 @@ class Scheduler:
             ):
                 victim = self._pick_victim()
                 if victim is leader:
+                    seats = self.config.max_num_seqs - len(self.running)
+                    fit = min(seats, self.kv.pool.num_free_blocks if needs_copy else seats)
+                    self._fork(leader, max(fit, 0))
                     break
                 self._preempt(victim)
             else:
-                self._fork(leader)
+                self._fork(leader, len(leader.followers))
 
-    def _fork(self, leader: Request) -> None:
-        for follower in leader.followers:
+    def _fork(self, leader: Request, num_forked: int) -> None:
+        """Fork the first num_forked followers from the leader; detach the others."""
+        for follower in leader.followers[num_forked:]:
+            follower.leader = None
+            follower.status = RequestStatus.WAITING
+            self._insert_by_rank(self.waiting, follower)
+        for follower in leader.followers[:num_forked]:
             copy = self.kv.fork(leader, follower)
             assert copy is not None
             self._copies.append(copy)
@@ -257,20 +267,32 @@ class Scheduler:
                 budget -= num_new
         return budget
 
+    def _may_admit_waiting(self) -> bool:
+        """Swapped requests come back before new ones are admitted (else they could starve);
+        under the priority policy a waiting request ranked above every swapped one may go first."""
+        if not self.swapped:
+            return True
+        return (
+            self.config.policy == "priority"
+            and bool(self.waiting)
+            and self._rank(self.waiting[0]) < self._rank(self.swapped[0])
+        )
+
     def _schedule_waiting(self, budget: int) -> None:
         while self.waiting and budget > 0:
             request = self.waiting[0]
-            if len(self.running) >= self.config.max_num_seqs:
-                freed = self._evict_lower_priority(request)
-                if freed is None:
-                    break
-                budget += freed
             hits = self.kv.get_computed_blocks(request)
             num_hit_tokens = len(hits) * self.block_size
             num_new = request.max_computable_tokens - num_hit_tokens
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
+            if len(self.running) >= self.config.max_num_seqs:
+                freed = self._evict_lower_priority(request)
+                if freed is None:
+                    break
+                budget += freed
+                continue  # re-evaluate with the freed seat (and blocks)
             if self.kv.allocate_slots(request, num_new, hits) is None:
                 freed = self._evict_lower_priority(request)
                 if freed is None:
@@ -292,10 +314,9 @@ class Scheduler:
     # ---------------------------------------------------------------- preemption
 
     def _pick_victim(self) -> Request:
-        """The lowest-ranked running request: the newest under FCFS, else the worst priority."""
-        if self.config.policy == "priority":
-            return max(self.running, key=self._rank)
-        return self.running[-1]
+        """The lowest-ranked running request: the latest arrival under FCFS, else the worst
+        priority (then the latest arrival)."""
+        return max(self.running, key=self._rank)
 
     def _evict_lower_priority(self, request: Request) -> int | None:
         """Priority policy only: preempt (by recompute) a running request ranked below the

@@ -63,7 +63,7 @@ def move_blocks(
     """Copy blocks src[i] -> dst[j] for each (i, j), in every layer (swap out/in, fork copy).
 
     One gather + one scatter per tensor: index_select on the source, index_copy_ into the
-    destination (which may be on another device; the transfer is non-blocking from pinned memory).
+    destination (which may be on another device).
     """
     if not mapping:
         return
@@ -71,9 +71,12 @@ def move_blocks(
     dst_device = dst[0][0].device
     src_idx = torch.tensor([s for s, _ in mapping], dtype=torch.long, device=src_device)
     dst_idx = torch.tensor([d for _, d in mapping], dtype=torch.long, device=dst_device)
+    # Into CPU memory the copy must block: index_copy_ on the CPU would otherwise read the staging
+    # tensor before the device finished writing it. Towards the device, stream order suffices.
+    non_blocking = dst_device.type != "cpu"
     for (src_k, src_v), (dst_k, dst_v) in zip(src, dst):
         for s_tensor, d_tensor in ((src_k, dst_k), (src_v, dst_v)):
-            blocks = s_tensor.index_select(0, src_idx).to(dst_device, non_blocking=True)
+            blocks = s_tensor.index_select(0, src_idx).to(dst_device, non_blocking=non_blocking)
             d_tensor.index_copy_(0, dst_idx, blocks)
 
 

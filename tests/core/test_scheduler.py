@@ -193,3 +193,46 @@ def test_length_finish_reason() -> None:
         outs += step(s, w)[1]
     assert outs[-1].finish_reason == FinishReason.LENGTH
     assert sum(len(o.new_token_ids) for o in outs) == 2
+
+
+def test_leader_that_cannot_fork_everyone_detaches_followers_instead_of_waiting() -> None:
+    # 4 blocks of 4: the leader holds 3 blocks after 9 prompt tokens and only 1 block is free,
+    # while its 2 followers need one copy block each. Waiting would never end.
+    s = make_scheduler(num_gpu_blocks=4, block_size=4, max_model_len=16, max_num_seqs=4,
+                       max_num_batched_tokens=16)
+    w = SimWorker(4)
+    kids = [req(f"{i}_x", 10, max_tokens=4) for i in range(3)]
+    kids[0].followers = kids[1:]
+    s.add_request(kids[0])
+    tokens = run(s, w, max_steps=200)
+    expected = expected_tokens(list(range(10)), 4)
+    assert all(tokens[f"{i}_x"] == expected for i in range(3))
+
+
+def test_priority_request_is_admitted_while_a_lower_one_is_swapped() -> None:
+    s = make_scheduler(num_gpu_blocks=6, num_cpu_blocks=8, block_size=4, preemption_mode="swap",
+                       policy="priority")
+    w = SimWorker(4)
+    s.add_request(req("a", 8, max_tokens=12, priority=1, arrival=0.0))
+    s.add_request(req("b", 8, max_tokens=12, priority=2, arrival=1.0, base=100))
+    while not s.swapped:
+        step(s, w)
+    assert [r.request_id for r in s.swapped] == ["b"]
+    s.add_request(req("urgent", 3, max_tokens=2, priority=0, arrival=2.0, base=300))
+    sched, _ = step(s, w)
+    assert "urgent" in sched
+    tokens = run(s, w)
+    assert tokens["b"][-1] == expected_tokens([100 + i for i in range(8)], 12)[-1]
+
+
+def test_fcfs_preempts_the_latest_arrival_even_if_admitted_earlier() -> None:
+    s = make_scheduler(num_gpu_blocks=6, block_size=4)
+    w = SimWorker(4)
+    late = req("late", 8, max_tokens=12, arrival=5.0)
+    early = req("early", 8, max_tokens=12, arrival=1.0, base=100)
+    s.add_request(late)  # admitted first, but arrived later
+    step(s, w)
+    s.add_request(early)
+    while s.num_preemptions == 0:
+        step(s, w)
+    assert [r.request_id for r in s.waiting] == ["late"]
