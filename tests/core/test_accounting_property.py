@@ -37,14 +37,18 @@ ops = st.lists(
     policy=st.sampled_from(["fcfs", "priority"]),
     caching=st.booleans(),
     budget=st.sampled_from([8, 16, 64]),
+    chunked=st.booleans(),
 )
 def test_random_workloads_keep_exact_accounting(
-    ops: list[tuple], num_blocks: int, mode: str, policy: str, caching: bool, budget: int
+    ops: list[tuple], num_blocks: int, mode: str, policy: str, caching: bool, budget: int,
+    chunked: bool,
 ) -> None:
     s = make_scheduler(
         num_gpu_blocks=num_blocks, num_cpu_blocks=16, block_size=BLOCK, max_num_seqs=6,
-        max_num_batched_tokens=budget, max_model_len=num_blocks * BLOCK,
-        enable_prefix_caching=caching, preemption_mode=mode, policy=policy,
+        # without chunking a whole prompt must fit the budget (the config enforces this)
+        max_num_batched_tokens=budget if chunked else num_blocks * BLOCK,
+        max_model_len=num_blocks * BLOCK, enable_prefix_caching=caching, preemption_mode=mode,
+        policy=policy, enable_chunked_prefill=chunked,
     )
     w = SimWorker(BLOCK)
     prompts: dict[str, list[int]] = {}
