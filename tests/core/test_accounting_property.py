@@ -24,8 +24,8 @@ add_op = st.tuples(
 )
 ops = st.lists(
     st.one_of(add_op, st.tuples(st.just("step")), st.tuples(st.just("abort"), st.integers(0, 50))),
-    min_size=1,
-    max_size=60,
+    min_size=8,
+    max_size=80,
 )
 
 
