@@ -18,21 +18,23 @@ from pagedserve.entrypoints.openai.errors import (
 )
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
+from pagedserve.entrypoints.openai.responses import (
     ChatCompletionResponse,
     ChatCompletionResponseChoice,
     ChatCompletionResponseStreamChoice,
     ChatCompletionStreamResponse,
     ChatMessage,
-    CompletionRequest,
     CompletionResponse,
     CompletionResponseChoice,
     DeltaMessage,
-    DetokenizeRequest,
     ErrorResponse,
     ModelCard,
     ModelList,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
     UsageInfo,
     sse_event,
 )

@@ -38,11 +38,13 @@ from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
+from pagedserve.entrypoints.openai.responses import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
     TokenizeResponse,
 )
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat

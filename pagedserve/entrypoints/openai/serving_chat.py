@@ -18,11 +18,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pagedserve.engine.async_llm import AsyncLLM, RequestHandle
 from pagedserve.entrypoints.openai.errors import BadRequestError, error_sse
 from pagedserve.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    clamp_logprob,
+)
+from pagedserve.entrypoints.openai.responses import (
     SSE_DONE,
     ChatCompletionLogProb,
     ChatCompletionLogProbs,
     ChatCompletionLogProbsContent,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionResponseChoice,
     ChatCompletionResponseStreamChoice,
@@ -31,7 +34,6 @@ from pagedserve.entrypoints.openai.protocol import (
     DeltaMessage,
     PromptTokenUsageInfo,
     UsageInfo,
-    clamp_logprob,
     sse_event,
 )
 from pagedserve.entrypoints.openai.serving_completion import (

@@ -28,9 +28,14 @@ from pagedserve.entrypoints.openai.errors import (
     overloaded,
 )
 from pagedserve.entrypoints.openai.protocol import (
+    CompletionRequest,
+    _SamplingRequest,
+    clamp_logprob,
+    random_id,
+)
+from pagedserve.entrypoints.openai.responses import (
     SSE_DONE,
     CompletionLogProbs,
-    CompletionRequest,
     CompletionResponse,
     CompletionResponseChoice,
     CompletionResponseStreamChoice,
@@ -38,9 +43,6 @@ from pagedserve.entrypoints.openai.protocol import (
     PromptLogprob,
     PromptTokenUsageInfo,
     UsageInfo,
-    _SamplingRequest,
-    clamp_logprob,
-    random_id,
     sse_event,
 )
 from pagedserve.ops.audit import AuditLog
