@@ -41,6 +41,7 @@ from pagedserve.entrypoints.openai.serving_completion import (
     OpenAIServing,
     engine_error,
     prompt_logprobs_json,
+    run_to_end,
 )
 from pagedserve.outputs import Logprob, RequestOutput
 
@@ -110,17 +111,10 @@ class OpenAIServingChat(OpenAIServing):
         if request.is_streaming:
             return StreamingResponse(self._stream(request, raw, engine, handle, gen, info, echo),
                                      media_type="text/event-stream")  # fmt: skip
-        try:
-            final = await self.until_disconnect(raw, _last(gen))
-        except asyncio.CancelledError:
-            info.status = "aborted"
-            self.audit(raw, info)
-            raise
-        except Exception as e:  # noqa: BLE001
-            self.audit(raw, info)
-            return engine_error(e).to_response()
-        finally:
-            engine.release(handle)
+        result = await run_to_end(self, raw, _last(gen), info, [handle], engine)
+        if isinstance(result, JSONResponse):
+            return result
+        final = result
         choices = []
         completion_tokens = 0
         for out in final.outputs:

@@ -170,6 +170,27 @@ class OpenAIServing:
         return task.result()
 
 
+async def run_to_end(
+    serving: OpenAIServing, raw: Request, work: Awaitable[T], info: AuditInfo,
+    handles: Sequence[RequestHandle], engine: AsyncLLM,
+) -> T | JSONResponse:
+    """Awaits a non-streamed request's outputs. A client that disconnects has its requests
+    aborted (audited as such); an engine failure becomes its OpenAI error response; the handles
+    are released on every path."""
+    try:
+        return await serving.until_disconnect(raw, work)
+    except asyncio.CancelledError:
+        info.status = "aborted"
+        serving.audit(raw, info)
+        raise
+    except Exception as e:  # noqa: BLE001 - every engine failure becomes an OpenAI error
+        serving.audit(raw, info)
+        return engine_error(e).to_response()
+    finally:
+        for handle in handles:
+            engine.release(handle)
+
+
 def engine_error(e: Exception) -> OpenAIError:
     if isinstance(e, EngineDeadError):
         return ServiceUnavailableError(f"The engine failed while serving the request: {e}")
@@ -288,19 +309,11 @@ class OpenAIServingCompletion(OpenAIServing):
                 self._stream(request, raw, engine, base_id, tokenized, gens, info, handles),
                 media_type="text/event-stream",
             )
-        try:
-            finals: list[RequestOutput | None] = [None] * len(gens)
-            finals = await self.until_disconnect(raw, self._collect(gens, finals))
-        except asyncio.CancelledError:
-            info.status = "aborted"
-            self.audit(raw, info)
-            raise
-        except Exception as e:  # noqa: BLE001
-            self.audit(raw, info)
-            return engine_error(e).to_response()
-        finally:
-            for h in handles:
-                engine.release(h)
+        finals: list[RequestOutput | None] = [None] * len(gens)
+        result = await run_to_end(self, raw, self._collect(gens, finals), info, handles, engine)
+        if isinstance(result, JSONResponse):
+            return result
+        finals = result
         response = self._response(request, engine, base_id, finals, info)
         info.status = "ok"
         self.audit(raw, info)
