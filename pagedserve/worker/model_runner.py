@@ -12,7 +12,6 @@ back to back (T tokens in all):
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +33,6 @@ from pagedserve.worker.kv_cache import (
     profile_gpu_kv_budget,
 )
 from pagedserve.worker.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
-
-logger = logging.getLogger(__name__)
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant, spreads (seed, step) pairs
 
@@ -99,13 +96,7 @@ class ModelRunner:
         num_cpu = num_blocks_from_budget(cache.swap_space_bytes, self.spec)
         if num_gpu < 1:
             raise ValueError("the KV cache budget holds no block; give it more memory")
-        max_len = self.config.scheduler_config.max_model_len
-        if num_gpu * self.spec.block_size < max_len:
-            logger.warning(
-                "KV cache holds %d tokens, fewer than max_model_len (%d)",
-                num_gpu * self.spec.block_size, max_len,
-            )
-        return num_gpu, num_cpu
+        return num_gpu, num_cpu  # EngineCore checks that max_model_len fits
 
     def initialize_kv_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
         self.kv_caches = allocate_kv_cache(self.spec, num_gpu_blocks, self.device)
