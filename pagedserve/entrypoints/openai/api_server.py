@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,23 +168,22 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
         ]
         return JSONResponse(ModelList(data=cards).model_dump())
 
-    @app.post("/v1/completions")
-    async def completions(request: CompletionRequest, raw: Request) -> Response:
+    async def generation(work: Awaitable[Response]) -> Response:
+        """A generation route: a dead engine is a 503, input the engine refuses a 400."""
         try:
-            return await completion.create_completion(request, raw)
+            return await work
         except EngineDeadError as e:
             raise ServiceUnavailableError(f"The engine is not running: {e}") from None
         except ValueError as e:
             raise BadRequestError(str(e)) from None
 
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest, raw: Request) -> Response:
+        return await generation(completion.create_completion(request, raw))
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
-        try:
-            return await chat.create_chat_completion(request, raw)
-        except EngineDeadError as e:
-            raise ServiceUnavailableError(f"The engine is not running: {e}") from None
-        except ValueError as e:
-            raise BadRequestError(str(e)) from None
+        return await generation(chat.create_chat_completion(request, raw))
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeCompletionRequest | TokenizeChatRequest) -> JSONResponse:
