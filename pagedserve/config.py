@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 _PREEMPTION_MODES = ("recompute", "swap")
@@ -69,7 +69,7 @@ class EngineArgs:
     model: str = ""
     tokenizer: str | None = None
     revision: str | None = None
-    tokenizer_revision: str | None = None
+    tokenizer_revision: str | None = None  # accepted for vLLM compatibility; not used yet
     trust_remote_code: bool = False
     dtype: str = "auto"
     seed: int = 0
@@ -91,8 +91,7 @@ class EngineArgs:
     device: str = "auto"
     served_model_name: str | None = None
     max_logprobs: int = 20
-    disable_log_stats: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    disable_log_stats: bool = True  # accepted for vLLM compatibility; stats are always kept
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
