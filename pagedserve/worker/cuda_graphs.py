@@ -1,15 +1,23 @@
 """CUDA graphs for decode steps (GPU only).
 
 A decode step of B requests is one token per request, so its shapes depend only on B. At start-up
-the model's forward is captured once per batch size in CAPTURE_SIZES (up to max_num_seqs), over
-static input buffers; a step with B requests replays the smallest captured size >= B after
-copying its inputs into the buffers' first B rows. The padding rows are harmless:
+the model's forward, the LM head over every row and the greedy argmax are captured once per batch
+size in CAPTURE_SIZES (up to max_num_seqs), over static input buffers; a step with B requests
+replays the smallest captured size >= B after loading its inputs into the buffers' first B rows.
+The padding rows are harmless:
 
     row:            0 .. B-1 (real)          B .. size-1 (padding)
+    input_ids       real tokens              0
+    positions       real positions           0
     slot_mapping    real slots               -1  (the KV write skips them)
     seq_lens        real context lengths     1   (attend to one slot of block 0; output unused)
-    block_tables    real tables              0
+    block_tables    real tables              [0, stale...] (only column 0 is read: seq_len 1)
     query_start_loc 0, 1, 2, ..., size       (one query per row, fixed at capture)
+
+Loading inputs is two host-to-device copies: the int64 inputs (ids, positions, slots) live in one
+device buffer and the int32 ones (seq_lens, block table) in another, each mirrored by a pinned
+host buffer that the runner fills with NumPy. A block-table row is read only up to its request's
+seq_len, so stale entries past it need no clearing.
 
 The attention decode kernel sizes its grid from block_tables.shape[1] * block_size, a constant of
 the buffers, so no host value is baked into a graph except through these buffers.
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +46,15 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes))
 
 
+@dataclass(slots=True)
+class DecodeResult:
+    """Views of a replayed graph's outputs for the step's B real rows."""
+
+    hidden: torch.Tensor  # [B, hidden] final hidden states (model dtype)
+    logits: torch.Tensor  # [B, vocab] float32
+    greedy: torch.Tensor  # [B] int64 argmax of logits
+
+
 class DecodeGraphs:
     def __init__(
         self,
@@ -47,19 +65,34 @@ class DecodeGraphs:
         block_size: int,
         device: torch.device,
     ) -> None:
+        from pagedserve.kernels.triton.argmax import argmax_rows
+
         self.model = model
         self.kv_caches = kv_caches
+        self.argmax = argmax_rows
         self.sizes = capture_sizes(max_num_seqs)
-        max_bs = self.sizes[-1]
+        n = self.max_batch = self.sizes[-1]
         self.block_size = block_size
-        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros((max_bs, max_blocks_per_seq), dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+        self.width = max_blocks_per_seq
+        # int64: [input_ids | positions | slot_mapping], n each
+        self.i64 = torch.zeros(3 * n, dtype=torch.long, device=device)
+        self.i64_host = torch.zeros(3 * n, dtype=torch.long, pin_memory=True)
+        # int32: [seq_lens (n) | block_tables (n x width)]
+        self.i32 = torch.zeros(n + n * self.width, dtype=torch.int32, device=device)
+        self.i32_host = torch.zeros(n + n * self.width, dtype=torch.int32, pin_memory=True)
+        self._i64_np = self.i64_host.numpy()
+        self._i32_np = self.i32_host.numpy()
+        self._tables_np = self._i32_np[n:].reshape(n, self.width)
+        self.input_ids, self.positions, self.slot_mapping = self.i64.view(3, n)
+        self.seq_lens = self.i32[:n]
+        self.block_tables = self.i32[n:].view(n, self.width)
+        self.seq_lens.fill_(1)
+        self.slot_mapping.fill_(-1)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        # Recorded after each load: the pinned buffers are rewritten only once their last copy ran.
+        self._loaded = torch.cuda.Event()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
     def _metadata(self, size: int) -> AttentionMetadata:
@@ -69,22 +102,26 @@ class DecodeGraphs:
             seq_lens=self.seq_lens[:size],
             block_tables=self.block_tables[:size],
             max_query_len=1,
-            max_seq_len=self.block_tables.shape[1] * self.block_size,
+            max_seq_len=self.width * self.block_size,
         )
+
+    def _step(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        meta = self._metadata(size)
+        hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
+        logits = self.model.compute_logits(hidden)
+        return hidden, logits, self.argmax(logits)
 
     @torch.inference_mode()
     def capture(self) -> None:
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first: later graphs reuse its memory
-            meta = self._metadata(size)
-            args = (self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
-            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                self.model(*args)
+            for _ in range(2):  # warm up: Triton compiles outside the capture
+                self._step(size)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self.model(*args)
+                self.outputs[size] = self._step(size)
             self.graphs[size] = graph
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - started
@@ -97,25 +134,41 @@ class DecodeGraphs:
                 return size
         return None
 
+    def fits(self, batch: int, max_blocks: int) -> bool:
+        return batch <= self.max_batch and max_blocks <= self.width
+
     def run(
         self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        metadata: AttentionMetadata,
-    ) -> torch.Tensor | None:
-        """Replay for a decode batch; None when no graph fits (the caller runs eagerly)."""
-        batch = input_ids.shape[0]
+        token_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        seq_lens: list[int],
+        tables: list[list[int]],
+    ) -> DecodeResult:
+        """Replay for a decode batch of B = len(token_ids) rows (the caller checked `fits`)."""
+        batch = len(token_ids)
         size = self.size_for(batch)
-        if size is None or metadata.block_tables.shape[1] > self.block_tables.shape[1]:
-            return None
-        self.input_ids[:batch].copy_(input_ids)
-        self.positions[:batch].copy_(positions)
-        self.slot_mapping[:batch].copy_(metadata.slot_mapping)
-        self.slot_mapping[batch:size].fill_(-1)
-        self.seq_lens[:batch].copy_(metadata.seq_lens)
-        self.seq_lens[batch:size].fill_(1)
-        width = metadata.block_tables.shape[1]
-        self.block_tables[:batch, :width].copy_(metadata.block_tables)
-        self.block_tables[batch:size].zero_()
+        assert size is not None
+        n = self.max_batch
+        self._loaded.synchronize()
+        i64 = self._i64_np
+        i64[:batch] = token_ids
+        i64[batch:size] = 0
+        i64[n : n + batch] = positions
+        i64[n + batch : n + size] = 0
+        i64[2 * n : 2 * n + batch] = slots
+        i64[2 * n + batch : 2 * n + size] = -1
+        i32 = self._i32_np
+        i32[:batch] = seq_lens
+        i32[batch:size] = 1
+        rows = self._tables_np
+        for i, table in enumerate(tables):
+            rows[i, : len(table)] = table
+        rows[batch:size, 0] = 0
+        self.i64.copy_(self.i64_host, non_blocking=True)
+        used = n + size * self.width  # seq_lens and the first `size` table rows
+        self.i32[:used].copy_(self.i32_host[:used], non_blocking=True)
+        self._loaded.record()
         self.graphs[size].replay()
-        return self.outputs[size][:batch]
+        hidden, logits, greedy = self.outputs[size]
+        return DecodeResult(hidden[:batch], logits[:batch], greedy[:batch])

@@ -23,8 +23,8 @@ from pagedserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from pagedserve.core.request import token_slice
 from pagedserve.model_executor.layers.attention import AttentionMetadata
 from pagedserve.model_executor.loader import load_model, resolve_dtype
-from pagedserve.sampling_params import SamplingParams
-from pagedserve.worker.cuda_graphs import DecodeGraphs
+from pagedserve.sampling_params import SamplingParams, SamplingType
+from pagedserve.worker.cuda_graphs import DecodeGraphs, DecodeResult
 from pagedserve.worker.kv_cache import (
     KVCacheSpec,
     allocate_kv_cache,
@@ -47,6 +47,9 @@ class RequestState:
     num_computed_tokens: int
     eos_token_id: int | None
     generator: torch.Generator | None = field(default=None)
+    # Greedy with nothing that edits logits or reads them (no logprobs, bias, min_tokens,
+    # penalties): the decode graph's argmax is this request's token.
+    plain_greedy: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -54,6 +57,17 @@ class RequestState:
 
     def token_ids(self, start: int, end: int) -> list[int]:
         return token_slice(self.prompt_token_ids, self.output_token_ids, start, end)
+
+    def token_at(self, index: int) -> int:
+        prompt_len = len(self.prompt_token_ids)
+        if index < prompt_len:
+            return self.prompt_token_ids[index]
+        return self.output_token_ids[index - prompt_len]
+
+
+def _is_plain_greedy(params: SamplingParams) -> bool:
+    return (params.sampling_type == SamplingType.GREEDY and params.logprobs is None
+            and not params.logit_bias and params.min_tokens == 0 and not params.has_penalties)
 
 
 class ModelRunner:
@@ -153,6 +167,7 @@ class ModelRunner:
                 num_computed_tokens=new.num_computed_tokens,
                 eos_token_id=new.eos_token_id,
                 generator=torch.Generator(device=self.device) if params.seed is not None else None,
+                plain_greedy=_is_plain_greedy(params),
             )
         for cached in plan.scheduled_cached_reqs:
             state = self.states[cached.req_id]
@@ -171,72 +186,89 @@ class ModelRunner:
         if plan.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
 
-        inputs = self._prepare_inputs(plan)
-        hidden = None
-        if self.decode_graphs is not None and inputs.metadata.max_query_len == 1:
-            hidden = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.metadata)
-        if hidden is None:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        host = self._prepare_inputs(plan)
+        graphs = self.decode_graphs
+        decoded: DecodeResult | None = None
+        if graphs is not None and host.max_query_len == 1 and graphs.fits(len(host.seq_lens), host.max_blocks):
+            decoded = graphs.run(host.token_ids, host.positions, host.slots, host.seq_lens, host.tables)
+            hidden = decoded.hidden
+        else:
+            input_ids, positions, metadata = self._to_device(host)
+            hidden = self.model(input_ids, positions, self.kv_caches, metadata)
         output = ModelRunnerOutput(sampled_token_ids={})
-        self._prompt_logprobs(plan, inputs, hidden, output)
-        if inputs.sample_req_ids:
-            self._sample(inputs, hidden, output)
+        self._prompt_logprobs(plan, host, hidden, output)
+        if host.sample_req_ids:
+            self._sample(host, hidden, decoded, output)
         for req_id, num in plan.num_scheduled_tokens.items():
             self.states[req_id].num_computed_tokens += num
         return output
 
-    def _prepare_inputs(self, plan: SchedulerOutput) -> StepInputs:
+    def _prepare_inputs(self, plan: SchedulerOutput) -> HostInputs:
         bs = self.spec.block_size
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        sample_req_ids: list[str] = []
-        sample_rows: list[int] = []  # index into the packed tokens of each sampled row
+        host = HostInputs()
+        qsl = host.query_start_loc
         for req_id, num in plan.num_scheduled_tokens.items():
             state = self.states[req_id]
             start = state.num_computed_tokens
             end = start + num
-            token_ids.extend(state.token_ids(start, end))
-            positions.extend(range(start, end))
             table = state.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if num == 1:  # decode: skip the generic range machinery
+                host.token_ids.append(state.token_at(start))
+                host.positions.append(start)
+                host.slots.append(table[start // bs] * bs + start % bs)
+            else:
+                host.token_ids.extend(state.token_ids(start, end))
+                host.positions.extend(range(start, end))
+                host.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             qsl.append(qsl[-1] + num)
-            seq_lens.append(end)
-            tables.append(table)
+            host.seq_lens.append(end)
+            host.tables.append(table)
+            host.max_query_len = max(host.max_query_len, num)
+            host.max_blocks = max(host.max_blocks, len(table))
             if end == state.num_tokens:  # caught up with every known token: sample the next
-                sample_req_ids.append(req_id)
-                sample_rows.append(qsl[-1] - 1)
-        max_blocks = max(len(t) for t in tables)
-        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+                host.sample_req_ids.append(req_id)
+                host.sample_rows.append(qsl[-1] - 1)
+        return host
+
+    def _to_device(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The eager path's tensors: input_ids, positions [T] int64 and the attention metadata."""
         device = self.device
 
         def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
+        width = host.max_blocks
+        padded = [t + [0] * (width - len(t)) for t in host.tables]
         metadata = AttentionMetadata(
-            slot_mapping=to_device(slots, torch.long),
-            query_start_loc=to_device(qsl, torch.int32),
-            seq_lens=to_device(seq_lens, torch.int32),
+            slot_mapping=to_device(host.slots, torch.long),
+            query_start_loc=to_device(host.query_start_loc, torch.int32),
+            seq_lens=to_device(host.seq_lens, torch.int32),
             block_tables=to_device(padded, torch.int32),
-            max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(seq_lens))),
-            max_seq_len=max(seq_lens),
+            max_query_len=host.max_query_len,
+            max_seq_len=max(host.seq_lens),
         )
-        return StepInputs(
-            input_ids=to_device(token_ids, torch.long),
-            positions=to_device(positions, torch.long),
-            metadata=metadata,
-            query_start_loc=qsl,
-            sample_req_ids=sample_req_ids,
-            sample_rows=sample_rows,
-        )
+        return to_device(host.token_ids, torch.long), to_device(host.positions, torch.long), metadata
 
-    def _sample(self, inputs: StepInputs, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
-        rows = torch.tensor(inputs.sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
-        states = [self.states[r] for r in inputs.sample_req_ids]
+    def _sample(self, host: HostInputs, hidden: torch.Tensor, decoded: DecodeResult | None,
+                output: ModelRunnerOutput) -> None:
+        states = [self.states[r] for r in host.sample_req_ids]
+        all_rows = len(host.sample_rows) == len(host.seq_lens) == host.query_start_loc[-1]
+        if decoded is not None and all(s.plain_greedy for s in states):
+            # The graph already took the argmax: one device-to-host copy and done.
+            greedy = decoded.greedy
+            if not all_rows:
+                greedy = greedy[torch.tensor(host.sample_rows, device=greedy.device)]
+            for state, token in zip(states, greedy.tolist()):
+                state.output_token_ids.append(token)
+                output.sampled_token_ids[state.req_id] = token
+            return
+        if decoded is not None:
+            # a copy either way: the sampler edits logits in place, the graph owns its buffer
+            logits = decoded.logits.clone() if all_rows else decoded.logits[
+                torch.tensor(host.sample_rows, device=self.device)]
+        else:
+            rows = torch.tensor(host.sample_rows, dtype=torch.long, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
         generators = []
         for state in states:
             if state.generator is not None:
@@ -264,7 +296,7 @@ class ModelRunner:
                 output.logprobs[state.req_id] = logprobs
 
     def _prompt_logprobs(
-        self, plan: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor, output: ModelRunnerOutput
+        self, plan: SchedulerOutput, host: HostInputs, hidden: torch.Tensor, output: ModelRunnerOutput
     ) -> None:
         """Rows for prompt positions p in this chunk with p + 1 < prompt length: the logits at p
         score prompt token p + 1."""
@@ -277,7 +309,7 @@ class ModelRunner:
             end = min(start + num, len(state.prompt_token_ids) - 1)
             if end <= start:
                 continue
-            first = inputs.query_start_loc[index]
+            first = host.query_start_loc[index]
             logits = self.model.compute_logits(hidden[first : first + end - start])
             targets = torch.tensor(
                 state.prompt_token_ids[start + 1 : end + 1], dtype=torch.long, device=self.device
@@ -286,11 +318,16 @@ class ModelRunner:
 
 
 @dataclass(slots=True)
-class StepInputs:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    metadata: AttentionMetadata
-    query_start_loc: list[int]
-    sample_req_ids: list[str]
-    sample_rows: list[int]
+class HostInputs:
+    """One step's inputs as host lists (layout in the module docstring)."""
 
+    token_ids: list[int] = field(default_factory=list)  # [T]
+    positions: list[int] = field(default_factory=list)  # [T]
+    slots: list[int] = field(default_factory=list)  # [T]
+    query_start_loc: list[int] = field(default_factory=lambda: [0])  # [B+1]
+    seq_lens: list[int] = field(default_factory=list)  # [B]
+    tables: list[list[int]] = field(default_factory=list)  # [B][blocks of request b]
+    max_query_len: int = 0
+    max_blocks: int = 0
+    sample_req_ids: list[str] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # index into the packed tokens
