@@ -187,3 +187,41 @@ def silu_and_mul(x: Tensor) -> Tensor:
     """x [T, 2*I] = [gate | up] -> silu(gate) * up, [T, I]."""
     d = x.shape[-1] // 2
     return F.silu(x[..., :d]) * x[..., d:]
+
+
+def fused_gemv_reference(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    bias: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    residual: Tensor | None = None,
+    eps: float = 1e-6,
+    gated: bool = False,
+    out: Tensor | None = None,
+    residual_out: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Twin of triton.gemv.fused_gemv: x [M, K] @ weight [N, K].T (+ bias), float32 accumulate.
+
+    norm_weight [K]: x becomes rms_norm(x [+ residual]) * norm_weight first and the result is
+    (out, s) with s = x + residual (or x). gated: weight [2*I, K] = [gate | up] and out [M, I] =
+    silu(gate) * up, gate and up kept in float32 and rounded once. out / residual_out, when given,
+    receive the results (copies here)."""
+    s = x
+    if norm_weight is not None:
+        if residual is not None:
+            x, s = fused_add_rms_norm(x, residual, norm_weight, eps)
+        else:
+            x = rms_norm(x, norm_weight, eps)
+    y = x.float() @ weight.float().T
+    if bias is not None:
+        y = y + bias.float()
+    if gated:
+        inter = weight.shape[0] // 2
+        y = F.silu(y[:, :inter]) * y[:, inter:]
+    result = y.to(x.dtype)
+    if out is not None:
+        result = out.copy_(result)
+    if residual_out is not None and residual is not None:
+        s = residual_out.copy_(s)
+    return result if norm_weight is None else (result, s)
