@@ -29,6 +29,7 @@ __all__ = [
     "fused_add_rms_norm",
     "rotary_embedding",
     "silu_and_mul",
+    "rotary_write_kv_cache",
 ]
 
 
@@ -181,6 +182,27 @@ def rotary_embedding(
         return torch.cat((rotated.to(x.dtype), x[..., rot_dim:]), dim=-1)
 
     return rotate(query), rotate(key)
+
+
+def rotary_write_kv_cache(
+    positions: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cos_sin_cache: Tensor,
+    is_neox: bool,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    slot_mapping: Tensor,
+) -> Tensor:
+    """rotary_embedding then write_kv_cache of the rotated key (one fused launch on the GPU).
+
+    Shapes as in those two twins. `query` is rotated IN PLACE and returned; key/value are left
+    unchanged; K/V rows whose slot is -1 are not written (their query is still rotated).
+    """
+    q_rot, k_rot = rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+    write_kv_cache(k_rot, value, key_cache, value_cache, slot_mapping)
+    return query.copy_(q_rot)
 
 
 def silu_and_mul(x: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from pagedserve.kernels import reference as ref  # noqa: E402
 from pagedserve.kernels.triton.activation import silu_and_mul  # noqa: E402
 from pagedserve.kernels.triton.attention import (  # noqa: E402
     AttentionTuning,
+    DecodeTiles,
     PrefillTiles,
     paged_attention,
 )
@@ -38,7 +39,11 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 # Small tiles so the interpreter exercises multi-tile loops and multi-partition decode cheaply.
 TINY_TILES = PrefillTiles(block_m=16, block_n=16, num_warps=4, num_stages=2, k_trans=False)
 SMALL = AttentionTuning(
-    decode_partition_size=32, decode_block_n=16, prefill_long=TINY_TILES, prefill_short=TINY_TILES
+    decode_partition_size=32,
+    decode_tiles=DecodeTiles(16, 2, 2),
+    decode_min_partition=0,
+    prefill_long=TINY_TILES,
+    prefill_short=TINY_TILES,
 )
 TOL: dict[torch.dtype, dict[str, float]] = {
     torch.float32: {"atol": 1e-4, "rtol": 1e-4},
@@ -164,7 +169,7 @@ def check_attention(
 def test_decode_block_boundaries_single_partition(seed: int) -> None:
     # Context lengths around one block of 16; whole context fits one partition (direct path).
     case = make_case([1, 15, 16, 17], [1, 1, 1, 1], 4, 2, 32, 16, torch.float32, seed)
-    check_attention(case, tuning=AttentionTuning(decode_partition_size=64, decode_block_n=16))
+    check_attention(case, tuning=AttentionTuning(decode_partition_size=64, decode_tiles=DecodeTiles(16, 2, 2), decode_min_partition=0))
 
 
 @pytest.mark.parametrize(
@@ -254,8 +259,8 @@ def test_prefill_default_tiles(seq_lens: list[int], q_lens: list[int]) -> None:
 
 
 def test_decode_default_tuning() -> None:
-    # Automatic partition choice (few programs -> 128-token partitions, so split + reduce).
-    case = make_case([300, 1, 129], [1, 1, 1], 4, 2, 32, 16, torch.bfloat16, seed=16)
+    # Automatic partition choice (few programs -> many partition slots, so split + reduce).
+    case = make_case([300, 1, 129, 128], [1, 1, 1, 1], 4, 2, 32, 16, torch.bfloat16, seed=16)
     check_attention(case, tuning=AttentionTuning())
 
 

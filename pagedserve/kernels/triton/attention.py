@@ -5,12 +5,13 @@ Pure-decode batches (every request has one new token) go to the flash-decoding k
 prefill + decode) goes to the tiled varlen kernel (attention_prefill.py), which handles decode rows
 too. Tuning knobs live in AttentionTuning so the H100 runs can change them in one place.
 
-H100 measurements with the defaults (bf16, 32 q / 8 kv heads, head_dim 128, block 16, timed
-through CUDA graphs; eager calls add ~100 us of host launch overhead per call on the test VM):
-  decode (K+V bytes / time): B=1 ctx 4096 12 us; B=4 ctx 2048 13 us (2.5 TB/s); B=16 ctx 2048
-    57 us (2.3 TB/s); B=64 ctx 2048 190 us (2.8 TB/s); B=128 ctx 4096 734 us (2.9 TB/s).
-    Small batches want short partitions (more programs), large ones 1024 (less reduce work):
-    hence the program-count rule.
+Decode, H200, bf16, 32 q / 8 kv heads, head_dim 128, block 16, grid sized for max_seq_len 4096
+(as in the decode CUDA graphs), us per layer from benchmarks/attention_bench.py (graph of 32
+layers; "old" = static partitions + zeros memset, before the device-side split):
+    B=1 ctx 128: 8.9 -> 5.6;  B=1 ctx 2048: 12.1 -> 9.6;  B=64 ctx 2048: 133.9 -> 125.8;
+    B=256 ctx 2048: 507.7 -> 485.2 (4.4 TB/s of K+V).  B=16 ctx 2048 old: 40.8 (the rule now gives it
+    the pipelined tiles; the unpipelined ones measured 59.8 there).
+  Earlier H100 prefill numbers with the defaults (timed through CUDA graphs):
   prefill (causal FLOPs / time): 4 x 2048 prompts 513 us, 268 TFLOP/s (SDPA dense MHA: 463);
     one 8192 prompt 299 TFLOP/s (PrefillTiles(128, 128, 8, 3, True) reached 346; SDPA 535);
     2 x 512-token chunks over 3584 cached tokens 295 TFLOP/s; a 512 chunk + 128 decode rows of
@@ -40,17 +41,38 @@ class PrefillTiles:
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeTiles:
+    """Launch shape of the decode partition kernel."""
+
+    block_n: int  # keys per inner step (also the partition granularity)
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True, slots=True)
 class AttentionTuning:
     """Launch parameters. Defaults were picked from sweeps on an H100 (bf16, 32 q / 8 kv heads,
     head_dim 128, block_size 16, timed through CUDA graphs); measurements in the module docstring."""
 
-    # Decode: None = choose the largest partition in DECODE_PARTITIONS that still gives
-    # >= decode_target_programs programs (B * num_kv_heads * partitions).
+    # Decode: P partition slots per (request, KV head); each request's context is split over
+    # them on the device (attention_decode.py). None = ceil(decode_target_programs /
+    # (B * num_kv_heads)), at least cdiv(max_seq_len, decode_max_partition), at most the number
+    # of tiles in max_seq_len. decode_partition_size (tests) fixes P = cdiv(max_seq_len, it).
     decode_partition_size: int | None = None
-    decode_target_programs: int | None = None  # None: 4 x the device's SM count
-    decode_block_n: int = 64
-    decode_num_warps: int = 2
-    decode_num_stages: int = 3
+    decode_target_programs: int | None = None  # None: 2 x the device's SM count
+    decode_max_partition: int = 4096
+    # Fewest keys per partition (device side): contexts up to this are one program per KV head
+    # writing the output directly (no reduce). 0 = one tile.
+    decode_min_partition: int = 128
+    # Latency-bound batches (4 * B * num_kv_heads <= SMs): unpipelined 128-key tiles and as many
+    # partition slots as tiles in max_seq_len (at most decode_small_max_partitions), so a program
+    # does about one tile. Otherwise bandwidth-bound: pipelined 64-key tiles, P from the program
+    # target (unpipelined multi-tile loops are slow: B=16 measured 1.5x slower with them).
+    # decode_tiles, when set, is used for every batch (with the program-target rule).
+    decode_small: DecodeTiles = DecodeTiles(128, 4, 1)
+    decode_large: DecodeTiles = DecodeTiles(64, 2, 3)
+    decode_small_max_partitions: int = 64
+    decode_tiles: DecodeTiles | None = None
     # Prefill: long tiles when the average query length T / B is >= prefill_long_min_avg_q
     # (prompts, big chunks), short tiles for decode-heavy mixed batches.
     prefill_long: PrefillTiles = PrefillTiles(128, 32, 4, 3, True)
@@ -59,7 +81,6 @@ class AttentionTuning:
 
 
 DEFAULT_TUNING = AttentionTuning()
-DECODE_PARTITIONS = (1024, 512, 256, 128)
 _NOMINAL_SMS = 132  # H100 SXM; used when the device is not CUDA (interpreter)
 
 
@@ -70,19 +91,22 @@ def _num_sms(device: torch.device) -> int:
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def _decode_partition(
+def _decode_launch(
     tuning: AttentionTuning, num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device
-) -> int:
+) -> tuple[DecodeTiles, int]:
+    """(tiles, P): the decode kernel's launch shape and its number of partition slots."""
+    sms = _num_sms(device)
+    small = tuning.decode_tiles is None and 4 * num_seqs * num_kv_heads <= sms
+    tiles = tuning.decode_tiles or (tuning.decode_small if small else tuning.decode_large)
+    max_parts = max(1, -(-max_seq_len // tiles.block_n))
+    if small and tuning.decode_partition_size is None:
+        return tiles, min(max_parts, tuning.decode_small_max_partitions)
     if tuning.decode_partition_size is not None:
-        return tuning.decode_partition_size
-    target = tuning.decode_target_programs or 4 * _num_sms(device)
-    fits = [p for p in DECODE_PARTITIONS if p % tuning.decode_block_n == 0]
-    if not fits:
-        return tuning.decode_block_n
-    for part in fits:
-        if num_seqs * num_kv_heads * -(-max_seq_len // part) >= target:
-            return part
-    return fits[-1]
+        parts = -(-max_seq_len // tuning.decode_partition_size)
+    else:
+        target = tuning.decode_target_programs or 2 * sms
+        parts = max(-(-target // (num_seqs * num_kv_heads)), -(-max_seq_len // tuning.decode_max_partition))
+    return tiles, min(max(parts, 1), max_parts)
 
 
 def _validate(
@@ -146,20 +170,30 @@ def paged_attention(
         block_tables.shape[1] * block_size (no sync).
       out: preallocated [T, num_heads, head_dim] output in query's dtype. Rows no request owns
         (past query_start_loc[B]) are left as they are; without `out` they are zeros, as in the twin.
+
+    A decode batch (max_query_len == 1) must give every request exactly one query row, so rows
+    [0, B) are all written by the kernel: the output is then allocated uninitialised and only rows
+    [B, T) are zero-filled (none in a CUDA graph, where T == B). That saves a memset per layer.
     """
     _validate(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, sliding_window)
-    if out is None:
-        # zeros: padding rows past query_start_loc[B] come back as 0 (twin contract); the memset is
-        # tiny next to the attention itself.
-        out = torch.zeros_like(query)
     num_seqs = seq_lens.shape[0]
-    if query.shape[0] == 0 or num_seqs == 0:
-        return out
+    num_tokens = query.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return torch.zeros_like(query) if out is None else out
     if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
-    if max_query_len == 1:
+        # One sync. The decode kernel needs every q_len == 1 (a q_len-0 request owns no row).
+        lo_q, hi_q = torch.stack(torch.aminmax(query_start_loc[1:] - query_start_loc[:-1])).tolist()
+        decode = lo_q == hi_q == 1
+    else:
+        decode = max_query_len == 1
+    if decode:
+        if out is None:
+            out = torch.empty_like(query)
+            if num_tokens > num_seqs:
+                out[num_seqs:].zero_()  # padding rows past query_start_loc[B] == B
         if max_seq_len is None:
             max_seq_len = block_tables.shape[1] * key_cache.shape[1]
+        dtiles, num_parts = _decode_launch(tuning, num_seqs, key_cache.shape[2], max_seq_len, query.device)
         return paged_decode_attention(
             query,
             key_cache,
@@ -170,12 +204,14 @@ def paged_attention(
             scale,
             sliding_window,
             out,
-            max_seq_len,
-            partition_size=_decode_partition(tuning, num_seqs, key_cache.shape[2], max_seq_len, query.device),
-            block_n=tuning.decode_block_n,
-            num_warps=tuning.decode_num_warps,
-            num_stages=tuning.decode_num_stages,
+            num_parts,
+            block_n=dtiles.block_n,
+            num_warps=dtiles.num_warps,
+            num_stages=dtiles.num_stages,
+            min_partition=tuning.decode_min_partition,
         )
+    if out is None:
+        out = torch.zeros_like(query)  # padding rows past query_start_loc[B]: zeros (twin contract)
     # T / B >= threshold, without a sync: long tiles for prompts and big chunks.
     long = query.shape[0] >= tuning.prefill_long_min_avg_q * num_seqs
     tiles = tuning.prefill_long if long else tuning.prefill_short

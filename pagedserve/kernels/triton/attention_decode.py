@@ -1,21 +1,37 @@
 """Triton paged decode attention, flash-decoding style (every request has exactly one new token).
 
-Work split (grid = (B, num_kv_heads, P), P = cdiv(max_seq_len, PARTITION))::
+Work split (grid = (B, num_kv_heads, P); P partition slots, chosen on the host from the batch size
+and max_seq_len; the split of each request's context is chosen ON THE DEVICE from its real
+seq_len, so a CUDA graph sized for 4096 tokens still spreads a 128-token context over P slots)::
 
-    context of request b:  [ part 0 | part 1 | ... | part P_b-1 ]       PARTITION tokens each
-                              |         |               |
-    program (b, g, p):     m, l, acc for the GROUP query heads of KV head g over part p
-                              \\________|_______________/
-    reduce (b, h):         out[b, h] = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p
+    live keys of request b:   [win_lo, seq_len)          win_lo = max(seq_len - window, 0) or 0
+    base = win_lo rounded down to BLOCK_N;  span = seq_len - base
+    part_len = max(roundup(cdiv(span, P), BLOCK_N), min_part);  live = cdiv(span, part_len) <= P
+    (min_part: a multiple of BLOCK_N; a context of <= min_part keys is done by one program per KV
+    head that writes the output itself, so short contexts need no reduce at all)
 
-Inside a partition a program walks key tiles of BLOCK_N tokens. Each key position is translated
-through the block table (pos -> block_tables[b, pos // block_size], slot pos % block_size), so
-tiles may span several physical blocks and the blocks need not be contiguous or ordered.
-One program serves all GROUP = num_heads / num_kv_heads query heads of its KV head (rows of the
-tl.dot, padded to >= 16), so each K/V element is read from memory once per partition.
+    base                                                   seq_len
+     | part 0 (part_len) | part 1 | ... | part live-1 |  slots live..P-1 return at once
+         |                   |                |
+    program (b, g, p):   softmax state of the GROUP query heads of KV head g over part p
+                         live == 1: normalise and write out[b] itself (no reduce needed)
+                         live  > 1: write o_p = acc / l and lse_p = m + log2(l) (log2 domain)
+    reduce (b, h):       live > 1 only: out = sum_p 2^(lse_p - M) o_p / sum_p 2^(lse_p - M)
 
-Scores are kept in the log2 domain (scale * log2(e) folded into one multiply) and softmax state in
-float32. When P == 1 the partition kernel normalises and writes the output itself (no reduce).
+Every live partition holds at least one visible key (part 0 starts at base <= win_lo < base +
+BLOCK_N; later ones start at a tile edge before seq_len), so m is finite after its first tile and
+l > 0. seq_len == 0 (not produced by the engine) gives live == 0: part 0 writes a zero row.
+
+Inside a partition a program walks key tiles of BLOCK_N tokens (tile edges are multiples of
+BLOCK_N). Each key position is translated through the block table (pos ->
+block_tables[b, pos // block_size], slot pos % block_size), so tiles may span several physical
+blocks and the blocks need not be contiguous or ordered. One program serves all GROUP = num_heads /
+num_kv_heads query heads of its KV head (rows of the tl.dot, padded to >= 16), so each K/V element
+is read from memory once. Scores are kept in the log2 domain (scale * log2(e) folded into one
+multiply) and softmax state in float32.
+
+Every output row of a request is written (by the partition kernel or the reduce), so the caller
+needs no zero-filled output buffer.
 """
 
 from __future__ import annotations
@@ -28,6 +44,19 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _live_split(seq_len, window, num_partitions, min_part, BLOCK_N: tl.constexpr):
+    """(win_lo, base, part_len, live) of one request; identical in both kernels."""
+    win_lo = seq_len * 0
+    if window > 0:
+        win_lo = tl.maximum(seq_len - window, 0)
+    base = (win_lo // BLOCK_N) * BLOCK_N
+    span = seq_len - base
+    part_len = tl.maximum(tl.cdiv(tl.cdiv(span, num_partitions), BLOCK_N) * BLOCK_N, min_part)
+    live = tl.cdiv(span, part_len)
+    return win_lo, base, part_len, live
+
+
+@triton.jit
 def _decode_partition_kernel(
     q_ptr,
     k_cache_ptr,
@@ -37,8 +66,7 @@ def _decode_partition_kernel(
     query_start_loc_ptr,
     out_ptr,
     part_out_ptr,
-    part_m_ptr,
-    part_l_ptr,
+    part_lse_ptr,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -54,30 +82,25 @@ def _decode_partition_kernel(
     window,
     num_heads,
     num_partitions,
+    min_part,
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
-    PARTITION: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    DIRECT: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    part_start = part * PARTITION
-    # Keys visible to the (single) query at position seq_len - 1: [win_lo, seq_len).
-    win_lo = 0
-    if window > 0:
-        win_lo = tl.maximum(seq_len - window, 0)
-    lo = tl.maximum(part_start, win_lo)
-    hi = tl.minimum(seq_len, part_start + PARTITION)
-    if lo >= hi:
+    win_lo, base, part_len, live = _live_split(seq_len, window, num_partitions, min_part, BLOCK_N)
+    if part >= tl.maximum(live, 1):
         return
-    tile_lo = part_start + ((lo - part_start) // BLOCK_N) * BLOCK_N
+    part_start = base + part * part_len
+    lo = tl.maximum(part_start, win_lo)
+    hi = tl.minimum(seq_len, part_start + part_len)
 
     g = tl.arange(0, GROUP_PAD)
     heads = kvh * GROUP + g  # [GROUP_PAD]
@@ -94,18 +117,23 @@ def _decode_partition_kernel(
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     k_head = k_cache_ptr + kvh * stride_kh
     v_head = v_cache_ptr + kvh * stride_vh
-    # Every tile holds at least one key in [lo, hi), so m_i is finite after the first tile.
-    for n0 in range(tile_lo, hi, BLOCK_N):
+    # part_start is a tile edge and the first tile holds a key in [lo, hi) (see the docstring).
+    for n0 in range(part_start, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute key positions
         valid = (pos >= lo) & (pos < hi)
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         slot = pos % BLOCK_SIZE
-        kv_mask = valid[None, :] & dmask[:, None]
+        # V is loaded right after K (both depend only on blk), so the two loads overlap.
         k = tl.load(
             k_head + blk[None, :] * stride_kb + slot[None, :] * stride_ks + dims[:, None],
-            mask=kv_mask,
+            mask=valid[None, :] & dmask[:, None],
             other=0.0,
         )  # [DIM_PAD, BLOCK_N]
+        v = tl.load(
+            v_head + blk[:, None] * stride_vb + slot[:, None] * stride_vs + dims[None, :],
+            mask=valid[:, None] & dmask[None, :],
+            other=0.0,
+        )  # [BLOCK_N, DIM_PAD]
         if IEEE:
             s = tl.dot(q, k, input_precision="ieee")
         else:
@@ -115,11 +143,6 @@ def _decode_partition_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(
-            v_head + blk[:, None] * stride_vb + slot[:, None] * stride_vs + dims[None, :],
-            mask=valid[:, None] & dmask[None, :],
-            other=0.0,
-        )  # [BLOCK_N, DIM_PAD]
         if IEEE:
             pv = tl.dot(p, v, input_precision="ieee")
         else:
@@ -127,28 +150,27 @@ def _decode_partition_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    if DIRECT:
-        o = acc / l_i[:, None]
+    # l_i == 0 only for seq_len == 0 (no tile ran): a zero row.
+    inv_l = tl.where(l_i > 0.0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
+    o = acc * inv_l[:, None]
+    if live <= 1:
         tl.store(
             out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + dims[None, :],
             o.to(out_ptr.dtype.element_ty),
             mask=qmask,
         )
     else:
-        # part_* are contiguous: m/l [B, num_heads, P], out [B, num_heads, P, HEAD_DIM].
+        # part_* are contiguous: lse [B, num_heads, P], out [B, num_heads, P, HEAD_DIM].
         idx = (b.to(tl.int64) * num_heads + heads) * num_partitions + part  # [GROUP_PAD]
-        gmask = g < GROUP
-        tl.store(part_m_ptr + idx, m_i, mask=gmask)
-        tl.store(part_l_ptr + idx, l_i, mask=gmask)
-        tl.store(part_out_ptr + idx[:, None] * HEAD_DIM + dims[None, :], acc, mask=qmask)
+        tl.store(part_lse_ptr + idx, m_i + tl.log2(l_i), mask=g < GROUP)
+        tl.store(part_out_ptr + idx[:, None] * HEAD_DIM + dims[None, :], o, mask=qmask)
 
 
 @triton.jit
 def _decode_reduce_kernel(
     out_ptr,
     part_out_ptr,
-    part_m_ptr,
-    part_l_ptr,
+    part_lse_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
     stride_ot,
@@ -156,41 +178,44 @@ def _decode_reduce_kernel(
     window,
     num_heads,
     num_partitions,
+    min_part,
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
-    PARTITION: tl.constexpr,
-    P_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    P_CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
-    win_lo = 0
-    if window > 0:
-        win_lo = tl.maximum(seq_len - window, 0)
-    # Exactly the partitions in [first, last) wrote partial results (see the partition kernel).
-    first = win_lo // PARTITION
-    last = tl.cdiv(seq_len, PARTITION)
+    _, _, _, live = _live_split(seq_len, window, num_partitions, min_part, BLOCK_N)
+    if live <= 1:
+        return  # the partition kernel wrote this row itself
     base = (b.to(tl.int64) * num_heads + h) * num_partitions
-    ps = tl.arange(0, P_PAD)
-    pmask = (ps >= first) & (ps < last)
-    m = tl.load(part_m_ptr + base + ps, mask=pmask, other=float("-inf"))
-    m_max = tl.max(m, axis=0)
-    l_part = tl.load(part_l_ptr + base + ps, mask=pmask, other=0.0)
-    w = tl.where(pmask, tl.exp2(m - m_max), 0.0)
-    l_tot = tl.sum(w * l_part, axis=0)
-
     dims = tl.arange(0, DIM_PAD)
     dmask = dims < HEAD_DIM
+    ps = tl.arange(0, P_CHUNK)
+    # Online combination over chunks of P_CHUNK live partitions (usually a single chunk).
+    m_run = tl.max(tl.full([P_CHUNK], float("-inf"), dtype=tl.float32), axis=0)
+    w_sum = tl.sum(tl.zeros([P_CHUNK], dtype=tl.float32), axis=0)
     acc = tl.zeros([DIM_PAD], dtype=tl.float32)
-    for p in range(first, last):
-        wp = tl.exp2(tl.load(part_m_ptr + base + p) - m_max)
-        acc += wp * tl.load(part_out_ptr + (base + p) * HEAD_DIM + dims, mask=dmask, other=0.0)
-    # l_tot == 0 only for an empty context (seq_len 0, e.g. a padded batch slot): write zeros.
-    inv = tl.where(l_tot > 0.0, 1.0 / tl.maximum(l_tot, 1e-30), 0.0)
+    for p0 in range(0, live, P_CHUNK):
+        pmask = (p0 + ps) < live
+        lse = tl.load(part_lse_ptr + base + p0 + ps, mask=pmask, other=float("-inf"))
+        o = tl.load(
+            part_out_ptr + (base + p0 + ps)[:, None] * HEAD_DIM + dims[None, :],
+            mask=pmask[:, None] & dmask[None, :],
+            other=0.0,
+        )  # [P_CHUNK, DIM_PAD]
+        m_new = tl.maximum(m_run, tl.max(lse, axis=0))  # finite: chunk 0 holds live partitions
+        alpha = tl.exp2(m_run - m_new)
+        w = tl.exp2(lse - m_new)  # 0 for masked partitions
+        w_sum = w_sum * alpha + tl.sum(w, axis=0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
+        m_run = m_new
     q_row = tl.load(query_start_loc_ptr + b).to(tl.int64)
     tl.store(
         out_ptr + q_row * stride_ot + h * stride_oh + dims,
-        (acc * inv).to(out_ptr.dtype.element_ty),
+        (acc / w_sum).to(out_ptr.dtype.element_ty),
         mask=dmask,
     )
 
@@ -205,38 +230,38 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None,
     out: torch.Tensor,
-    max_seq_len: int,
-    partition_size: int = 512,
+    num_partitions: int,
     block_n: int = 64,
     num_warps: int = 2,
     num_stages: int = 3,
+    min_partition: int = 0,
 ) -> torch.Tensor:
     """Decode attention for B requests with one query token each (query_start_loc[b] is the row
-    of request b in query/out). Writes out [T, num_heads, head_dim] and returns it.
+    of request b in query/out). Writes rows query_start_loc[0..B-1] of out [T, num_heads,
+    head_dim] and returns out.
 
-    max_seq_len only sizes the grid: any upper bound of seq_lens is correct.
+    num_partitions (P) only sizes the grid: any P >= 1 is correct for any seq_lens.
+    min_partition: fewest keys per partition (rounded up to a multiple of block_n, at least one tile).
     """
     num_seqs = seq_lens.shape[0]
     _, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
-    if partition_size % block_n != 0:
-        raise ValueError(f"partition_size ({partition_size}) must be a multiple of block_n ({block_n})")
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
     group = num_heads // num_kv_heads
     group_pad = max(16, triton.next_power_of_2(group))
     dim_pad = max(16, triton.next_power_of_2(head_dim))
-    num_parts = max(1, triton.cdiv(max_seq_len, partition_size))
-    direct = num_parts == 1
     window = int(sliding_window) if sliding_window is not None else 0
     ieee = query.dtype == torch.float32
-    if direct:
-        part_out = part_m = part_l = out  # unused placeholders
+    min_part = max(1, -(-min_partition // block_n)) * block_n
+    if num_partitions == 1:
+        part_out = part_lse = out  # unused placeholders: every request is written directly
     else:
         part_out = torch.empty(
-            (num_seqs, num_heads, num_parts, head_dim), dtype=torch.float32, device=query.device
+            (num_seqs, num_heads, num_partitions, head_dim), dtype=torch.float32, device=query.device
         )
-        part_m = torch.empty((num_seqs, num_heads, num_parts), dtype=torch.float32, device=query.device)
-        part_l = torch.empty_like(part_m)
-    _decode_partition_kernel[(num_seqs, num_kv_heads, num_parts)](
+        part_lse = torch.empty((num_seqs, num_heads, num_partitions), dtype=torch.float32, device=query.device)
+    _decode_partition_kernel[(num_seqs, num_kv_heads, num_partitions)](
         query,
         key_cache,
         value_cache,
@@ -245,8 +270,7 @@ def paged_decode_attention(
         query_start_loc,
         out,
         part_out,
-        part_m,
-        part_l,
+        part_lse,
         float(scale) * LOG2E,
         query.stride(0),
         query.stride(1),
@@ -261,36 +285,35 @@ def paged_decode_attention(
         block_tables.stride(0),
         window,
         num_heads,
-        num_parts,
+        num_partitions,
+        min_part,
         BLOCK_SIZE=key_cache.shape[1],
         GROUP=group,
         GROUP_PAD=group_pad,
         HEAD_DIM=head_dim,
         DIM_PAD=dim_pad,
-        PARTITION=partition_size,
         BLOCK_N=block_n,
-        DIRECT=direct,
         IEEE=ieee,
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if not direct:
+    if num_partitions > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out,
             part_out,
-            part_m,
-            part_l,
+            part_lse,
             seq_lens,
             query_start_loc,
             out.stride(0),
             out.stride(1),
             window,
             num_heads,
-            num_parts,
+            num_partitions,
+            min_part,
             HEAD_DIM=head_dim,
             DIM_PAD=dim_pad,
-            PARTITION=partition_size,
-            P_PAD=triton.next_power_of_2(num_parts),
+            BLOCK_N=block_n,
+            P_CHUNK=min(32, triton.next_power_of_2(num_partitions)),
             num_warps=4,
         )
     return out

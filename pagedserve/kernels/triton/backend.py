@@ -45,12 +45,15 @@ def _require_triton() -> None:
 
 def make_attention_backend() -> AttentionBackend:
     """The Triton attention backend: write_kv = Triton KV scatter, attend = paged_attention
-    dispatcher (decode / prefill kernels), which accepts max_query_len / max_seq_len keywords."""
+    dispatcher (decode / prefill kernels), which accepts max_query_len / max_seq_len keywords,
+    rotary_write_kv = fused rotary + KV scatter (one launch per layer instead of two)."""
     _require_triton()
     from pagedserve.kernels.triton.attention import paged_attention
     from pagedserve.kernels.triton.kv_cache import write_kv_cache
+    from pagedserve.kernels.triton.rotary import rotary_write_kv_cache
 
-    return AttentionBackend("triton", write_kv=write_kv_cache, attend=paged_attention, accepts_max_lens=True)
+    return AttentionBackend("triton", write_kv=write_kv_cache, attend=paged_attention,
+                            accepts_max_lens=True, rotary_write_kv=rotary_write_kv_cache)
 
 
 def register_triton_attention_backend(name: str = "triton") -> AttentionBackend:

@@ -1,7 +1,9 @@
 """Paged attention layer and the attention-backend registry.
 
 A backend is a pair of functions with the signatures of the plain-torch twins in
-`pagedserve.kernels.reference` (`write_kv_cache`, `paged_attention`). "torch" (the twins) is
+`pagedserve.kernels.reference` (`write_kv_cache`, `paged_attention`), plus an optional fused
+rotary + KV write (`rotary_write_kv_cache`) that `Attention.forward_rotary` uses when present
+(one launch instead of two at every layer of a decode step). "torch" (the twins, no fused entry) is
 registered here; "triton" (`kernels/triton/attention.py` + `kv_cache.py`) is built on first
 request, so importing this module never needs Triton.
 
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pagedserve.kernels import reference
+from pagedserve.model_executor.layers.rotary import RotaryEmbedding
 
 __all__ = [
     "AttentionMetadata",
@@ -53,6 +56,7 @@ class AttentionMetadata:
 
 WriteKVFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
 AttendFn = Callable[..., Tensor]  # the `reference.paged_attention` signature
+RotaryWriteKVFn = Callable[..., Tensor]  # the `reference.rotary_write_kv_cache` signature
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,10 @@ class AttentionBackend:
     # True: `attend` also takes keyword-only max_query_len / max_seq_len (host-side ints from the
     # metadata), which lets a GPU backend pick its kernel and grid without a device sync.
     accepts_max_lens: bool = False
+    # (positions, query, key, value, cos_sin_cache, is_neox, key_cache, value_cache, slot_mapping)
+    # -> query rotated in place; rotated key and value written to the cache. None: rotary, then
+    # write_kv (two launches).
+    rotary_write_kv: RotaryWriteKVFn | None = None
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -71,11 +79,9 @@ _BACKENDS: dict[str, AttentionBackend] = {}
 
 def _triton_backend() -> AttentionBackend:
     # Imported only when asked for: Triton is optional and absent on CPU-only installs.
-    from pagedserve.kernels.triton.attention import paged_attention
-    from pagedserve.kernels.triton.kv_cache import write_kv_cache
+    from pagedserve.kernels.triton.backend import make_attention_backend
 
-    return AttentionBackend("triton", write_kv=write_kv_cache, attend=paged_attention,
-                            accepts_max_lens=True)
+    return make_attention_backend()
 
 
 # Backends built on first request (optional dependencies); an explicit registration wins.
@@ -177,16 +183,42 @@ class Attention(nn.Module):
         else:
             key_cache, value_cache = kv_cache
             self.backend.write_kv(key, value, key_cache, value_cache, attn_metadata.slot_mapping)
-            md = attn_metadata
-            if self._pass_max_lens:
-                out = self.backend.attend(query, key_cache, value_cache, md.block_tables, md.seq_lens,
-                                          md.query_start_loc, self.scale, self.sliding_window,
-                                          max_query_len=md.max_query_len,
-                                          max_seq_len=md.max_seq_len)
-            else:
-                out = self.backend.attend(query, key_cache, value_cache, md.block_tables, md.seq_lens,
-                                          md.query_start_loc, self.scale, self.sliding_window)
+            out = self._attend(query, key_cache, value_cache, attn_metadata)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def forward_rotary(self, positions: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                       rotary: RotaryEmbedding,
+                       kv_cache: tuple[Tensor, Tensor] | tuple[()] | None,
+                       attn_metadata: AttentionMetadata) -> Tensor:
+        """rotary(q, k) at `positions`, then forward(). q [T, H*d], k/v [T, KVH*d] -> [T, H*d].
+
+        With a cache and a backend that has `rotary_write_kv`, the rotation and the KV write are
+        one launch and q is rotated IN PLACE (q is a view of the QKV projection output, or the
+        q-norm output, that nothing reads afterwards). Otherwise (torch backend, profiling run
+        without a cache): `rotary` then forward(), as separate steps.
+        """
+        fused = self.backend.rotary_write_kv
+        if fused is None or not kv_cache:
+            q, k = rotary(positions, q, k)
+            return self(q, k, v, kv_cache, attn_metadata)
+        num_tokens = q.shape[0]
+        query = q.view(num_tokens, self.num_heads, self.head_dim)
+        key = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        key_cache, value_cache = kv_cache
+        fused(positions, query, key, value, rotary.cos_sin_cache, rotary.is_neox, key_cache,
+              value_cache, attn_metadata.slot_mapping)
+        out = self._attend(query, key_cache, value_cache, attn_metadata)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def _attend(self, query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                md: AttentionMetadata) -> Tensor:
+        if self._pass_max_lens:
+            return self.backend.attend(query, key_cache, value_cache, md.block_tables, md.seq_lens,
+                                       md.query_start_loc, self.scale, self.sliding_window,
+                                       max_query_len=md.max_query_len, max_seq_len=md.max_seq_len)
+        return self.backend.attend(query, key_cache, value_cache, md.block_tables, md.seq_lens,
+                                   md.query_start_loc, self.scale, self.sliding_window)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "

@@ -93,8 +93,10 @@ class LlamaAttention(nn.Module):
             t = q.shape[0]
             q = cast(Tensor, self.q_norm(q.reshape(t, self.num_heads, self.head_dim))).reshape(t, -1)
             k = cast(Tensor, self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))).reshape(t, -1)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata))
+        # Rotary + KV write + attention; one fused rotary/KV-write launch when the backend has it
+        # (q/k norms above come first either way, as in Qwen3).
+        out = self.attn.forward_rotary(positions, q, k, v, self.rotary_emb, kv_cache, attn_metadata)
+        return self.o_proj(out)
 
 
 class LlamaMLP(nn.Module):
