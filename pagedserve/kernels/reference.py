@@ -211,6 +211,11 @@ def silu_and_mul(x: Tensor) -> Tensor:
     return F.silu(x[..., :d]) * x[..., d:]
 
 
+def argmax_rows(x: Tensor) -> Tensor:
+    """x [N, V] -> [N] int64 index of each row's max; ties go to the lowest index."""
+    return x.argmax(dim=-1)
+
+
 def fused_gemv_reference(
     x: Tensor,
     weight: Tensor,

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pagedserve.kernels.registry import active_kernels
+
 __all__ = ["VocabEmbedding", "LMHead", "default_weight_loader"]
 
 
@@ -52,9 +54,14 @@ class LMHead(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim),
                                        requires_grad=False)
+        kernels = active_kernels()  # bound once: the decode GEMV for a few rows, as in Linear
+        self._gemv = kernels.fused_gemv
+        self._gemv_max_tokens = kernels.gemv_limits.plain
 
     def forward(self, hidden: Tensor) -> Tensor:
         # matmul in the model dtype, logits returned in float32 for the sampler
+        if self._gemv is not None and hidden.dim() == 2 and 0 < hidden.shape[0] <= self._gemv_max_tokens:
+            return self._gemv(hidden, self.weight).float()
         return F.linear(hidden, self.weight).float()
 
     def extra_repr(self) -> str:

@@ -20,7 +20,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from pagedserve.model_executor.layers.activation import get_gated_activation
+from pagedserve.kernels.registry import active_kernels
+from pagedserve.model_executor.layers.activation import SiluAndMul, get_gated_activation
 from pagedserve.model_executor.layers.attention import (
     Attention,
     AttentionBackend,
@@ -28,7 +29,13 @@ from pagedserve.model_executor.layers.attention import (
     get_attention_backend,
 )
 from pagedserve.model_executor.layers.embedding import LMHead, VocabEmbedding, default_weight_loader
-from pagedserve.model_executor.layers.linear import Linear, LinearMethod, MergedLinear, QKVLinear
+from pagedserve.model_executor.layers.linear import (
+    Linear,
+    LinearMethod,
+    MergedLinear,
+    QKVLinear,
+    UnquantizedLinearMethod,
+)
 from pagedserve.model_executor.layers.norm import RMSNorm
 from pagedserve.model_executor.layers.rotary import RotaryEmbedding, get_rope_config
 
@@ -88,7 +95,12 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: Tensor, hidden: Tensor, kv_cache: KVCache | None,
                 attn_metadata: AttentionMetadata) -> Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))  # [T, H*d], [T, KVH*d] x2
+        return self.forward_qkv(positions, self.qkv_proj(hidden), kv_cache, attn_metadata)
+
+    def forward_qkv(self, positions: Tensor, qkv: Tensor, kv_cache: KVCache | None,
+                    attn_metadata: AttentionMetadata) -> Tensor:
+        """The block after the QKV projection: qkv [T, (H + 2*KVH)*d] -> [T, hidden]."""
+        q, k, v = self.qkv_proj.split(qkv)  # [T, H*d], [T, KVH*d] x2
         if self.q_norm is not None and self.k_norm is not None:
             t = q.shape[0]
             q = cast(Tensor, self.q_norm(q.reshape(t, self.num_heads, self.head_dim))).reshape(t, -1)
@@ -120,11 +132,23 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, flags.mlp_bias, linear_method)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Small batches (decode) fold each RMSNorm into the projection after it and the
+        # SiLU-and-mul into gate_up (3 kernels per layer fewer), up to the kernel set's limits.
+        # Only for plain weights.
+        kernels = active_kernels()
+        plain = all(isinstance(p.linear_method, UnquantizedLinearMethod)
+                    for p in (self.self_attn.qkv_proj, self.mlp.gate_up_proj))
+        silu = isinstance(self.mlp.act_fn, SiluAndMul)
+        self.fused_gemv = kernels.fused_gemv if plain and silu else None
+        self.norm_gemv_max_tokens = kernels.gemv_limits.norm
+        self.gated_gemv_max_tokens = kernels.gemv_limits.gated
 
     def forward(self, positions: Tensor, hidden: Tensor, residual: Tensor | None,
                 kv_cache: KVCache | None, attn_metadata: AttentionMetadata) -> tuple[Tensor, Tensor]:
         """Pre-norm block. The residual add is fused into the following norm:
         returns (mlp output, residual stream before it); the caller adds them in the next norm."""
+        if self.fused_gemv is not None and hidden.shape[0] <= self.norm_gemv_max_tokens:
+            return self._forward_small_batch(positions, hidden, residual, kv_cache, attn_metadata)
         if residual is None:
             residual = hidden
             hidden = cast(Tensor, self.input_layernorm(hidden))
@@ -133,6 +157,25 @@ class LlamaDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
         hidden, residual = cast(tuple[Tensor, Tensor], self.post_attention_layernorm(hidden, residual))
         return self.mlp(hidden), residual
+
+    def _forward_small_batch(self, positions: Tensor, hidden: Tensor, residual: Tensor | None,
+                             kv_cache: KVCache | None, attn_metadata: AttentionMetadata
+                             ) -> tuple[Tensor, Tensor]:
+        """forward() for at most norm_gemv_max_tokens tokens, same result: norm + qkv, attention
+        + o_proj, norm + gate_up (+ SiLU-and-mul up to gated_gemv_max_tokens), down_proj."""
+        gemv = self.fused_gemv
+        assert gemv is not None
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv, residual = gemv(hidden, attn.qkv_proj.weight, bias=attn.qkv_proj.bias,
+                             norm_weight=norm1.weight, residual=residual, eps=norm1.eps)
+        hidden = attn.forward_qkv(positions, qkv, kv_cache, attn_metadata)
+        gated = hidden.shape[0] <= self.gated_gemv_max_tokens
+        act, residual = gemv(hidden, mlp.gate_up_proj.weight, bias=mlp.gate_up_proj.bias,
+                             norm_weight=norm2.weight, residual=residual, eps=norm2.eps, gated=gated)
+        if not gated:
+            act = mlp.act_fn(act)
+        return mlp.down_proj(act), residual
 
 
 class LlamaModel(nn.Module):
