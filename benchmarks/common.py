@@ -13,10 +13,12 @@ import torch
 
 
 def environment() -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    # PAGEDSERVE_COMMIT first: the device machine's copy of the tree may carry a stale .git
+    commit = os.environ.get("PAGEDSERVE_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     info: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit.stdout.strip() or os.environ.get("PAGEDSERVE_COMMIT", "unknown"),
+        "commit": commit or "unknown",
         "python": platform.python_version(),
         "torch": torch.__version__,
     }

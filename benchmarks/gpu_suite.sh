@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check-and-measure suite, in parts that each fit one 10-minute device call:
 #   benchmarks/gpu_suite.sh checks   # GPU tests (kernels vs twins at real shapes), tiny-model and
-#                                    # 8B correctness, batch-1 latency, offline throughput
+#                                    # 8B correctness
+#   benchmarks/gpu_suite.sh speed    # batch-1 latency (+ its profile), offline throughput
 #   benchmarks/gpu_suite.sh peers    # transformers static batches and continuous batching
 #   benchmarks/gpu_suite.sh serving  # the OpenAI server under Poisson arrivals
 # Results (JSON + logs) go to $OUT (or benchmarks/results/raw); the 8B model is built once into
@@ -13,15 +14,18 @@ out="${OUT:-benchmarks/results/raw}"
 mkdir -p "$out"
 model="${MODEL_DIR:-/tmp/llama3-8b-random}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PAGEDSERVE_COMMIT="${PAGEDSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+export PAGEDSERVE_COMMIT="${PAGEDSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"  # set it by hand on the device machine (its tree copy has no current .git)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/nvidia-smi.txt"
 python3 -m benchmarks.build_model "$model" 2>&1 | tail -2
 
 case "$part" in
   checks)
     python3 -m pytest -q -m gpu tests/kernels tests/models tests/engine 2>&1 | tee "$out/gpu-tests.log" | tail -15
-    python3 -m benchmarks.gpu_checks --model8b "$model" --json "$out/gpu_checks.json" 2>&1 | grep -v Loading | tail -12
+    python3 -m benchmarks.gpu_checks --model8b "$model" --json "$out/gpu_checks.json" 2>&1 | grep -v Loading | tail -30
+    ;;
+  speed)
     python3 -m benchmarks.latency --model "$model" --json "$out/latency.json" 2>&1 | grep -v Loading | tail -8
+    python3 -m benchmarks.profile_decode --model "$model" --json "$out/profile.json" 2>&1 | grep -v Loading | tail -40
     python3 -m benchmarks.throughput --model "$model" --json "$out/throughput.json" 2>&1 | grep -v Loading | tail -6
     python3 -m benchmarks.throughput --model "$model" --max-num-seqs 512 --max-num-batched-tokens 8192 \
         --json "$out/throughput-512x8192.json" 2>&1 | grep -v Loading | tail -6
@@ -34,5 +38,5 @@ case "$part" in
         --server-args "--max-model-len 4096 --log-level WARNING" --json "$out/serving.json" 2>&1 | grep -v Loading | tail -12
     ;;
   *)
-    echo "unknown part $part (checks | peers | serving)"; exit 2;;
+    echo "unknown part $part (checks | speed | peers | serving)"; exit 2;;
 esac
