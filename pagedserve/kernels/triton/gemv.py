@@ -147,7 +147,10 @@ def _gemv_kernel(
                 r = tl.load(res_ptr + rows_m[:, None] * stride_res + k0 + kk, mask=kmask, other=0.0)
                 s = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
                 # The one writer of the new residual stream (a separate buffer: others read x).
-                smask = kmask & (offs_m[:, None] < M) & (pid == 0)
+                # (rows < writer_rows rather than `& (pid == 0)`: a scalar bool in a block mask
+                # is rejected by newer Triton interpreters)
+                writer_rows = tl.where(pid == 0, M, 0)
+                smask = kmask & (offs_m[:, None] < writer_rows)
                 tl.store(res_out_ptr + offs_m[:, None] * stride_res_out + k0 + kk, s, mask=smask)
             sf = s.to(tl.float32)
             ss += sf * sf
