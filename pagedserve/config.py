@@ -50,6 +50,9 @@ class ModelConfig:
     hf_config: Any
     served_model_name: str
     max_logprobs: int
+    # SamplingParams defaults from generation_config.json (see generation_defaults.py): used for
+    # the knobs a request leaves unset, by the OpenAI server and LLM.generate without params
+    generation_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -92,6 +95,8 @@ class EngineArgs:
     served_model_name: str | None = None
     max_logprobs: int = 20
     disable_log_stats: bool = True  # accepted for vLLM compatibility; stats are always kept
+    generation_config: str = "auto"  # "auto" (the model's file), "vllm" (ignore it) or a directory
+    override_generation_config: dict[str, Any] | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
@@ -133,10 +138,13 @@ class EngineArgs:
         self._validate()
         from transformers import AutoConfig  # lazy: keeps this module torch-free at import
 
+        from pagedserve.generation_defaults import load_generation_defaults
         from pagedserve.model_executor.loader import resolve_model_dir
 
         model_dir = resolve_model_dir(self.model, self.revision)
         hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=self.trust_remote_code)
+        generation_defaults = load_generation_defaults(
+            model_dir, self.generation_config, self.override_generation_config)
         max_model_len = _derive_max_model_len(hf_config, self.max_model_len)
         if self.max_num_batched_tokens is not None:
             max_batched = self.max_num_batched_tokens
@@ -169,6 +177,7 @@ class EngineArgs:
                 hf_config=hf_config,
                 served_model_name=self.served_model_name or self.model,
                 max_logprobs=self.max_logprobs,
+                generation_defaults=generation_defaults,
             ),
             cache_config=CacheConfig(
                 block_size=self.block_size,

@@ -49,6 +49,12 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config defaults (as vLLM); what generate()
+        and chat() use when given no sampling_params."""
+        defaults = self.llm_engine.model_config.generation_defaults
+        return SamplingParams(**defaults) if defaults else SamplingParams()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType] | None = None,
@@ -67,7 +73,7 @@ class LLM:
         else:
             prompt_list = list(prompts)  # type: ignore[arg-type]
         if sampling_params is None:
-            params_list = [SamplingParams()] * len(prompt_list)
+            params_list = [self.get_default_sampling_params()] * len(prompt_list)
         elif isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)
         else:

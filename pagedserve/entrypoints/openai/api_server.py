@@ -109,7 +109,11 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
         chat_template=load_chat_template(args.chat_template),
         max_waiting_requests=args.max_waiting_requests,
         audit=AuditLog(args.audit_log) if args.audit_log else None,
+        default_sampling_params=dict(config.model_config.generation_defaults),
     )
+    if state.default_sampling_params:
+        logger.info("requests default to the model's generation config: %s "
+                    "(--generation-config vllm turns this off)", state.default_sampling_params)
     metrics = EngineMetrics(names[0], max_model_len=state.max_model_len)
     bridge = MetricsBridge(metrics)
     multiprocess = getattr(args, "engine_in_process", False) is False

@@ -7,7 +7,9 @@ flags, abbreviations and conflicting combinations fail at start with an argparse
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
+from typing import Any
 
 from pagedserve.config import EngineArgs
 
@@ -28,6 +30,16 @@ def _positive_int(text: str) -> int:
 
 def _non_negative_int(text: str) -> int:
     return _int_at_least(0, text)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def _port(text: str) -> int:
@@ -92,6 +104,11 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
     eng.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None)
     eng.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
     eng.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    eng.add_argument("--generation-config", default="auto",
+                     help="sampling defaults: 'auto' (the model's generation_config.json), 'vllm' "
+                          "(none) or a directory holding a generation_config.json")
+    eng.add_argument("--override-generation-config", type=_json_object, default=None,
+                     help='JSON object replacing generation config keys, e.g. \'{"temperature": 0.5}\'')
     return parser
 
 
@@ -159,4 +176,6 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         device=args.device,
         served_model_name=names[0] if names else None,
         max_logprobs=args.max_logprobs,
+        generation_config=args.generation_config,
+        override_generation_config=args.override_generation_config,
     )

@@ -63,6 +63,8 @@ class ServerState:
     chat_template: str | None = None
     max_waiting_requests: int | None = None
     audit: AuditLog | None = None
+    # the model's generation_config defaults for knobs a request leaves unset (as vLLM)
+    default_sampling_params: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -123,7 +125,7 @@ class OpenAIServing:
                 f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
                 "completion). Please reduce the prompt or max_tokens.", param="max_tokens",
             )  # fmt: skip
-        kwargs = request.to_sampling_params(max_len - prompt_len)
+        kwargs = request.to_sampling_params(max_len - prompt_len, self.state.default_sampling_params)
         kwargs["output_kind"] = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         try:
             return SamplingParams(**kwargs)

@@ -1,0 +1,45 @@
+"""The server applies generation config defaults to knobs a request leaves unset (as vLLM)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.server.conftest import RunningServer, start_server
+
+
+@pytest.fixture(scope="module")
+def defaults_server(tiny_checkpoints: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    tmp = tmp_path_factory.mktemp("generation_config_server")
+    overrides = json.dumps({"temperature": 0.0, "max_new_tokens": 7})
+    with start_server(tiny_checkpoints["llama"], tmp, extra=["--override-generation-config", overrides]) as server:
+        yield server
+
+
+def test_unset_knobs_take_the_generation_config(defaults_server: RunningServer) -> None:
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "the model runs"}], "ignore_eos": True}
+    with httpx.Client(base_url=defaults_server.v1, timeout=60) as http:
+        first, second = (http.post("/chat/completions", json=chat).json() for _ in range(2))
+        # temperature 0 from the config: the same greedy answer twice; max_tokens 7 from it too
+        assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+        assert first["usage"]["completion_tokens"] == 7
+        # what a request sets wins over the defaults
+        explicit = http.post("/chat/completions", json={**chat, "max_tokens": 3}).json()
+        assert explicit["usage"]["completion_tokens"] == 3
+        sampled = {http.post("/chat/completions", json={**chat, "temperature": 1.5, "seed": s})
+                   .json()["choices"][0]["message"]["content"] for s in range(4)}
+        assert len(sampled) > 1
+
+
+def test_bad_override_is_refused_at_start(tiny_checkpoints: Any, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pagedserve.entrypoints.openai.api_server", "--model", tiny_checkpoints["llama"],
+         "--override-generation-config", "[1, 2]"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "must be a JSON object" in proc.stderr
