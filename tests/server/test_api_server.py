@@ -65,6 +65,24 @@ def test_completions_equal_offline_greedy(api_server: RunningServer, offline_llm
     assert chunks[-1].usage.prompt_tokens == len(offline_llm.get_tokenizer().encode(PROMPTS[0]))
 
 
+def test_continuous_usage_stats(api_server: RunningServer) -> None:
+    """vLLM's stream_options.continuous_usage_stats: the usage so far on every chunk."""
+    c = client(api_server)
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for create, kwargs in ((c.completions.create, {"prompt": PROMPTS[0]}),
+                           (c.chat.completions.create, {"messages": [{"role": "user", "content": PROMPTS[0]}]})):
+        chunks = list(create(model="tiny", max_tokens=MAX_TOKENS, temperature=0, stream=True,
+                             stream_options=options, extra_body={"ignore_eos": True}, **kwargs))
+        assert all(ch.usage is not None for ch in chunks)
+        completion = [ch.usage.completion_tokens for ch in chunks]
+        assert completion == sorted(completion) and completion[-1] == MAX_TOKENS
+        assert all(ch.usage.total_tokens == ch.usage.prompt_tokens + ch.usage.completion_tokens for ch in chunks)
+        assert chunks[-1].choices == [] and chunks[0].usage.prompt_tokens > 0
+    plain = list(c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4, stream=True,
+                                      stream_options={"include_usage": True}))
+    assert [ch.usage is not None for ch in plain] == [False] * (len(plain) - 1) + [True]
+
+
 def test_completion_token_prompt_echo_logprobs_n(api_server: RunningServer, offline_llm: Any) -> None:
     tok = offline_llm.get_tokenizer()
     ids = tok.encode(PROMPTS[1])

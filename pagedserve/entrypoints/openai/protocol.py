@@ -119,6 +119,12 @@ class _SamplingRequest(_RequestModel):
         """Whether a stream ends with a usage chunk (stream_options.include_usage)."""
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        """Whether every streamed chunk carries the usage so far (vLLM's
+        stream_options.continuous_usage_stats, which needs include_usage)."""
+        return bool(self.include_usage and self.stream_options and self.stream_options.continuous_usage_stats)
+
     def requested_max_tokens(self) -> int | None:
         raise NotImplementedError
 

@@ -23,6 +23,11 @@ class UsageInfo(OpenAIBaseModel):
     completion_tokens: int | None = 0
     prompt_tokens_details: PromptTokenUsageInfo | None = None
 
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
 
 class PromptLogprob(OpenAIBaseModel):
     """vLLM's prompt_logprobs entry (token id -> this)."""

@@ -150,6 +150,8 @@ class OpenAIServingChat(OpenAIServing):
         request_id = handle.request_id
 
         def chunk(choices: list[ChatCompletionResponseStreamChoice], usage: UsageInfo | None = None) -> str:
+            if usage is None and request.continuous_usage:  # the usage so far on every chunk
+                usage = UsageInfo.of(info.prompt_tokens, info.completion_tokens)
             return sse_event(ChatCompletionStreamResponse(
                 id=request_id, created=created, model=self.model_name, choices=choices, usage=usage,
             ))  # fmt: skip
@@ -178,10 +180,7 @@ class OpenAIServingChat(OpenAIServing):
                 if choices:
                     yield chunk(choices)
             if request.include_usage:
-                total = info.prompt_tokens + info.completion_tokens
-                usage = UsageInfo(prompt_tokens=info.prompt_tokens, completion_tokens=info.completion_tokens,
-                                  total_tokens=total)  # fmt: skip
-                yield chunk([], usage)
+                yield chunk([], UsageInfo.of(info.prompt_tokens, info.completion_tokens))
             info.status = "ok"
         except asyncio.CancelledError:
             info.status = "aborted"

@@ -401,16 +401,15 @@ class OpenAIServingCompletion(OpenAIServing):
                         stop_reason=out.stop_reason,
                     ))  # fmt: skip
                 if choices:
+                    so_far = (UsageInfo.of(info.prompt_tokens, info.completion_tokens)
+                              if request.continuous_usage else None)
                     yield sse_event(CompletionStreamResponse(
-                        id=base_id, created=created, model=self.model_name, choices=choices,
+                        id=base_id, created=created, model=self.model_name, choices=choices, usage=so_far,
                     ))  # fmt: skip
             if request.include_usage:
-                usage = UsageInfo(
-                    prompt_tokens=info.prompt_tokens, completion_tokens=info.completion_tokens,
-                    total_tokens=info.prompt_tokens + info.completion_tokens,
-                )  # fmt: skip
                 yield sse_event(CompletionStreamResponse(
-                    id=base_id, created=created, model=self.model_name, choices=[], usage=usage,
+                    id=base_id, created=created, model=self.model_name, choices=[],
+                    usage=UsageInfo.of(info.prompt_tokens, info.completion_tokens),
                 ))  # fmt: skip
             info.status = "ok"
         except asyncio.CancelledError:
