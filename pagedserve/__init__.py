@@ -16,6 +16,7 @@ _EXPORTS = {
     "EngineArgs": "pagedserve.config",
     "SamplingParams": "pagedserve.sampling_params",
     "RequestOutputKind": "pagedserve.sampling_params",
+    "StructuredOutputsParams": "pagedserve.sampling_params",
     "RequestOutput": "pagedserve.outputs",
     "CompletionOutput": "pagedserve.outputs",
     "TextPrompt": "pagedserve.inputs",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json as _json
 import math
 from dataclasses import dataclass
 
@@ -52,6 +53,55 @@ def _check_number(name: str, value: object) -> float:
 
 
 @dataclass(slots=True)
+class StructuredOutputsParams:
+    """Constrain the generated text (vLLM's StructuredOutputsParams): exactly one of a JSON schema,
+    any JSON object, a regular expression, one of a list of strings, or an EBNF grammar. Enforced
+    token by token with xgrammar (see structured_output.py)."""
+
+    json: str | dict | None = None  # a JSON schema (dict, or its JSON text)
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # EBNF (GBNF style: root ::= ...)
+    json_object: bool | None = None  # any JSON object
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured outputs take exactly one of json, regex, choice, grammar or "
+                             f"json_object, got {given or 'none'}.")
+        if isinstance(self.json, dict):
+            self.json = _json.dumps(self.json, sort_keys=True)
+        if self.json is not None and not isinstance(self.json, str):
+            raise ValueError(f"structured outputs: json must be a schema object or its JSON text, got {self.json!r}.")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or any(not isinstance(c, str) for c in self.choice)):
+            raise ValueError(f"structured outputs: choice must be a non-empty list of strings, got {self.choice!r}.")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured outputs: {name} must be a non-empty string.")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical text): what a compiled grammar is cached under."""
+        if self.json is not None:
+            return "json", str(self.json)
+        if self.json_object:
+            return "json_object", ""
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", _json.dumps(self.choice)
+        assert self.grammar is not None
+        return "grammar", self.grammar
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StructuredOutputsParams:
+        return cls(**{k: v for k, v in d.items() if k in ("json", "regex", "choice", "grammar", "json_object")})
+
+
+@dataclass(slots=True)
 class SamplingParams:
     """Sampling and stopping parameters for one request (see vLLM's SamplingParams)."""
 
@@ -79,6 +129,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     truncate_prompt_tokens: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -166,6 +217,10 @@ class SamplingParams:
             raise ValueError("stop strings need detokenize=True; set detokenize=True to use stop.")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must contain only integers >= 0, got {self.stop_token_ids!r}.")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            if not isinstance(self.structured_outputs, dict):
+                raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict of its fields.")
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.")
 

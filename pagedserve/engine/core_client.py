@@ -36,7 +36,7 @@ from pagedserve.core.outputs import EngineCoreOutput, SchedulerOutput
 from pagedserve.core.request import Request
 from pagedserve.core.scheduler import SchedulerStats
 from pagedserve.engine.request_builder import link_children
-from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 # Set by the server before it spawns the engine process (which inherits the environment).
@@ -115,6 +115,8 @@ def params_from_dict(d: dict[str, Any]) -> SamplingParams:
         params.logit_bias = {int(k): float(v) for k, v in params.logit_bias.items()}
     params.stop = list(params.stop or [])
     params.stop_token_ids = list(params.stop_token_ids or [])
+    if isinstance(params.structured_outputs, dict):  # msgpack carries the dataclass as a map
+        params.structured_outputs = StructuredOutputsParams.from_dict(params.structured_outputs)
     return params
 
 

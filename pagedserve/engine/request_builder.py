@@ -55,6 +55,7 @@ class RequestBuilder:
     vocab_size: int  # 0 until the engine reports it (the server learns it at start-up)
     eos_token_id: int | None
     extra_eos_ids: list[int] = field(default_factory=list)  # stop like stop_token_ids
+    grammars: Any = field(default=None, repr=False)  # GrammarCompilerCache, built on first use
 
     @classmethod
     def from_config(cls, config: EngineConfig, tokenizer: Any, vocab_size: int = 0) -> RequestBuilder:
@@ -108,6 +109,12 @@ class RequestBuilder:
         if params.n > self.max_num_seqs:
             raise ValueError(f"n ({params.n}) must not exceed max_num_seqs ({self.max_num_seqs})")
         params.verify_for_model(self.vocab_size, self.max_logprobs)
+        if params.structured_outputs is not None:  # a bad schema/regex/grammar is the caller's error
+            if self.grammars is None:
+                from pagedserve.structured_output import GrammarCompilerCache
+
+                self.grammars = GrammarCompilerCache(self.tokenizer, self.vocab_size)
+            self.grammars.compile(params.structured_outputs)
 
     def child_params(self, request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
         """(child id, params) of the n core requests; the model's extra EOS ids stop them like

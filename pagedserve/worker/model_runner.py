@@ -24,6 +24,7 @@ from pagedserve.core.request import token_slice
 from pagedserve.model_executor.layers.attention import AttentionMetadata
 from pagedserve.model_executor.loader import load_model, resolve_dtype
 from pagedserve.sampling_params import SamplingParams, SamplingType
+from pagedserve.structured_output import GrammarCompilerCache
 from pagedserve.worker.cuda_graphs import DecodeGraphs, DecodeResult
 from pagedserve.worker.kv_cache import (
     KVCacheSpec,
@@ -48,8 +49,9 @@ class RequestState:
     eos_token_id: int | None
     generator: torch.Generator | None = field(default=None)
     # Greedy with nothing that edits logits or reads them (no logprobs, bias, min_tokens,
-    # penalties): the decode graph's argmax is this request's token.
+    # penalties, structured outputs): the decode graph's argmax is this request's token.
     plain_greedy: bool = False
+    grammar: Any = None  # xgrammar GrammarMatcher of a structured-output request
 
     @property
     def num_tokens(self) -> int:
@@ -67,7 +69,8 @@ class RequestState:
 
 def _is_plain_greedy(params: SamplingParams) -> bool:
     return (params.sampling_type == SamplingType.GREEDY and params.logprobs is None
-            and not params.logit_bias and params.min_tokens == 0 and not params.has_penalties)
+            and not params.logit_bias and params.min_tokens == 0 and not params.has_penalties
+            and params.structured_outputs is None)
 
 
 class ModelRunner:
@@ -93,6 +96,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.decode_graphs: DecodeGraphs | None = None
+        self.grammar_cache: GrammarCompilerCache | None = None  # built on the first structured request
 
     # ---------------------------------------------------------------- KV cache set-up
 
@@ -158,6 +162,9 @@ class ModelRunner:
             self.states.pop(req_id, None)
         for new in plan.scheduled_new_reqs:
             params = new.sampling_params
+            grammar = None
+            if params.structured_outputs is not None:  # replays what was generated before a preemption
+                grammar = self._grammars().matcher(params.structured_outputs, new.output_token_ids)
             self.states[new.req_id] = RequestState(
                 req_id=new.req_id,
                 prompt_token_ids=list(new.prompt_token_ids),
@@ -168,6 +175,7 @@ class ModelRunner:
                 eos_token_id=new.eos_token_id,
                 generator=torch.Generator(device=self.device) if params.seed is not None else None,
                 plain_greedy=_is_plain_greedy(params),
+                grammar=grammar,
             )
         for cached in plan.scheduled_cached_reqs:
             state = self.states[cached.req_id]
@@ -279,6 +287,8 @@ class ModelRunner:
                 step_seed = (seed * _SEED_MIX + len(state.output_token_ids)) % (1 << 63)
                 state.generator.manual_seed(step_seed)
             generators.append(state.generator)
+        if any(state.grammar is not None for state in states):
+            self._apply_grammars(states, logits)
         meta = SamplingMetadata.build(
             params=[s.sampling_params for s in states],
             prompt_token_ids=[s.prompt_token_ids for s in states],
@@ -290,10 +300,32 @@ class ModelRunner:
         )
         result = self.sampler(logits, meta)
         for state, token, logprobs in zip(states, result.sampled_token_ids, result.logprobs):
+            if state.grammar is not None and not state.grammar.is_terminated():
+                state.grammar.accept_token(token)
             state.output_token_ids.append(token)
             output.sampled_token_ids[state.req_id] = token
             if logprobs is not None:
                 output.logprobs[state.req_id] = logprobs
+
+    def _grammars(self) -> GrammarCompilerCache:
+        if self.grammar_cache is None:
+            from pagedserve.engine.request_builder import load_tokenizer
+
+            self.grammar_cache = GrammarCompilerCache(load_tokenizer(self.config), self.vocab_size)
+        return self.grammar_cache
+
+    def _apply_grammars(self, states: list[RequestState], logits: torch.Tensor) -> None:
+        """Mask each structured-output row of logits [N, vocab] to the tokens its grammar allows
+        next. A finished grammar (its end accepted, e.g. under ignore_eos) masks nothing."""
+        cache = self._grammars()
+        bitmask = cache.allocate_bitmask(len(states))
+        rows = []
+        for row, state in enumerate(states):
+            if state.grammar is not None and not state.grammar.is_terminated():
+                state.grammar.fill_next_token_bitmask(bitmask, row)
+                rows.append(row)
+        if rows:
+            cache.apply_bitmask(logits, bitmask, rows)
 
     def _prompt_logprobs(
         self, plan: SchedulerOutput, host: HostInputs, hidden: torch.Tensor, output: ModelRunnerOutput

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pagedserve.entrypoints.openai.errors import BadRequestError, ParamError
+from pagedserve.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,20 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool | None = False  # vLLM extra: usage on every chunk
 
 
+class ResponseFormat(OpenAIBaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ParamError(
+                "response_format.json_schema", "response_format type 'json_schema' needs a json_schema."
+            )
+        return self
+
+
 class _SamplingRequest(_RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -90,6 +105,13 @@ class _SamplingRequest(_RequestModel):
     prompt_logprobs: Annotated[int, Field(ge=0)] | None = None
     priority: int = 0
     request_id: Annotated[str, Field(max_length=256)] | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -203,7 +225,41 @@ class _SamplingRequest(_RequestModel):
                 out[name] = value
             elif name in defaults and defaults[name] is not None:
                 out[name] = defaults[name]
+        structured = self._structured_outputs()
+        if structured is not None:
+            out["structured_outputs"] = structured
         return out
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """One spec from response_format, structured_outputs or the guided_* fields (a 400 when
+        they name more than one constraint). Whether a schema/regex/grammar compiles is checked
+        when the request is built (RequestBuilder.validate)."""
+        given: dict[str, Any] = dict(self.structured_outputs or {})
+        for field_name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                                ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            value = getattr(self, field_name)
+            if value is not None:
+                given[key] = value
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given["json_object"] = True
+        elif fmt is not None and fmt.type == "json_schema":
+            assert fmt.json_schema is not None  # checked by ResponseFormat
+            schema = fmt.json_schema.get("schema")
+            if not isinstance(schema, dict):
+                raise BadRequestError("response_format.json_schema needs a 'schema' object.",
+                                      param="response_format.json_schema.schema")
+            given["json"] = schema
+        if not given:
+            return None
+        unknown = sorted(set(given) - {"json", "regex", "choice", "grammar", "json_object"})
+        if unknown:
+            raise BadRequestError(f"unknown structured_outputs field(s): {', '.join(unknown)}.",
+                                  param="structured_outputs")
+        try:
+            return StructuredOutputsParams(**given)
+        except ValueError as e:
+            raise BadRequestError(str(e), param="response_format" if fmt is not None else "structured_outputs") from None
 
 
 # ---------------------------------------------------------------------------- /v1/completions
@@ -329,27 +385,12 @@ class NamedToolChoice(OpenAIBaseModel):
     function: dict[str, str]  # {"name": ...}
 
 
-class ResponseFormat(OpenAIBaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ParamError(
-                "response_format.json_schema", "response_format type 'json_schema' needs a json_schema."
-            )
-        return self
-
-
 class ChatCompletionRequest(_SamplingRequest):
     messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None  # deprecated by OpenAI, still honoured
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0)] | None = 0
-    response_format: ResponseFormat | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
