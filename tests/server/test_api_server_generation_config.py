@@ -81,3 +81,46 @@ def test_response_format_and_guided_fields(defaults_server: RunningServer) -> No
             r = http.post("/chat/completions", json=body)
             assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
         assert http.post("/chat/completions", json=chat).status_code == 200
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
+                          "required": ["city"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string", "enum": ["utc", "cet"]}},
+        "required": ["zone"], "additionalProperties": False}}}
+
+
+def test_forced_tool_calls(defaults_server: RunningServer) -> None:
+    """tool_choice naming a function or "required": the reply is tool_calls whose arguments follow
+    the functions' parameter schemas (streamed too), through the official SDK."""
+    import openai
+
+    c = openai.OpenAI(base_url=defaults_server.v1, api_key="x")
+    messages = [{"role": "user", "content": "weather in paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = c.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, TIME],
+                                  tool_choice=named, max_tokens=200)
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments, strict=False)) == {"city"}
+    # streamed: the arguments arrive as deltas of one call and concatenate to the same JSON
+    chunks = list(c.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, TIME],
+                                            tool_choice=named, max_tokens=200, stream=True))
+    deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id and deltas[0].function.name == "get_weather"
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    # "required": a JSON array of calls, returned as tool_calls with finish_reason tool_calls
+    r = c.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, TIME],
+                                  tool_choice="required", max_tokens=220, temperature=0.8, seed=2)
+    choice = r.choices[0]
+    if choice.finish_reason == "tool_calls":
+        assert choice.message.tool_calls and {t.function.name for t in choice.message.tool_calls} <= {"get_weather", "get_time"}
+        for t in choice.message.tool_calls:
+            json.loads(t.function.arguments)
+    else:  # cut off by max_tokens: the partial array comes back as content
+        assert choice.finish_reason == "length" and (choice.message.content or "").lstrip().startswith("[")
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], tool_choice=named,
+                                  response_format={"type": "json_object"})

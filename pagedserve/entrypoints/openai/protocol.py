@@ -431,6 +431,36 @@ class ChatCompletionRequest(_SamplingRequest):
     def _logprob_params(self) -> tuple[int | None, int | None]:
         return (self.top_logprobs or 0) if self.logprobs else None, self.prompt_logprobs
 
+    @property
+    def forced_tool(self) -> ChatTool | None:
+        """The tool a named tool_choice forces (its call's arguments are the whole reply)."""
+        if not isinstance(self.tool_choice, NamedToolChoice):
+            return None
+        name = self.tool_choice.function.get("name")
+        return next(t for t in self.tools or [] if t.function.name == name)
+
+    @property
+    def tools_required(self) -> bool:
+        return self.tool_choice == "required"
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """A named tool_choice constrains the reply to the function's parameters schema;
+        "required" to a JSON array of {"name", "parameters"} calls of the given tools (as vLLM)."""
+        forced, required = self.forced_tool, self.tools_required
+        if forced is None and not required:
+            return super()._structured_outputs()
+        if super()._structured_outputs() is not None:
+            raise BadRequestError("tool_choice 'required' or a named function cannot be combined with "
+                                  "response_format or other structured outputs.", param="tool_choice")
+        if forced is not None:
+            return StructuredOutputsParams(json=forced.function.parameters or {"type": "object"})
+        calls = [{"type": "object", "properties": {
+                      "name": {"type": "string", "enum": [t.function.name]},
+                      "parameters": t.function.parameters or {"type": "object"}},
+                  "required": ["name", "parameters"], "additionalProperties": False}
+                 for t in self.tools or []]
+        return StructuredOutputsParams(json={"type": "array", "minItems": 1, "items": {"anyOf": calls}})
+
     def messages_for_template(self) -> list[dict[str, Any]]:
         """Messages as plain dicts with string content, ready for tokenizer.apply_chat_template."""
         out: list[dict[str, Any]] = []

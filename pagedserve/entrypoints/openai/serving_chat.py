@@ -43,6 +43,8 @@ from pagedserve.entrypoints.openai.serving_completion import (
     prompt_logprobs_json,
     run_to_end,
 )
+from pagedserve.entrypoints.openai.tool_calls import ToolCallStream, forces_tool_calls, parse_tool_calls
+from pagedserve.entrypoints.openai.tool_calls import finish_reason as tool_finish_reason
 from pagedserve.outputs import Logprob, RequestOutput
 
 ROLE = "assistant"
@@ -124,9 +126,16 @@ class OpenAIServingChat(OpenAIServing):
                                          engine.tokenizer.decode)  # fmt: skip
             completion_tokens += len(out.token_ids)
             info.output_parts.append(out.text)
+            message = ChatMessage(role=ROLE, content=echo + out.text)
+            reason = out.finish_reason
+            if forces_tool_calls(request):
+                calls = parse_tool_calls(request, out.text)
+                if calls is not None:
+                    message = ChatMessage(role=ROLE, content=None, tool_calls=calls)
+                reason = tool_finish_reason(request, reason, calls is not None)
             choices.append(ChatCompletionResponseChoice(
-                index=out.index, message=ChatMessage(role=ROLE, content=echo + out.text), logprobs=logprobs,
-                finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                index=out.index, message=message, logprobs=logprobs,
+                finish_reason=reason, stop_reason=out.stop_reason,
             ))  # fmt: skip
         info.completion_tokens = completion_tokens
         cached = final.num_cached_tokens
@@ -156,6 +165,7 @@ class OpenAIServingChat(OpenAIServing):
                 id=request_id, created=created, model=self.model_name, choices=choices, usage=usage,
             ))  # fmt: skip
 
+        tool_streams: dict[int, ToolCallStream] | None = {} if forces_tool_calls(request) else None
         try:
             # The role comes first, once per choice (as OpenAI), with the echoed content if any.
             yield chunk([
@@ -173,9 +183,18 @@ class OpenAIServingChat(OpenAIServing):
                                                  engine.tokenizer.decode)  # fmt: skip
                     info.completion_tokens += len(out.token_ids)
                     info.output_parts.append(out.text)
+                    delta: DeltaMessage | None = DeltaMessage(content=out.text)
+                    reason = out.finish_reason
+                    if tool_streams is not None:
+                        stream = tool_streams.setdefault(out.index, ToolCallStream(request))
+                        delta = stream.delta(out.text, reason is not None)
+                        if reason is not None:
+                            reason = tool_finish_reason(request, reason, stream.parsed)
+                    if delta is None and reason is None and logprobs is None:
+                        continue
                     choices.append(ChatCompletionResponseStreamChoice(
-                        index=out.index, delta=DeltaMessage(content=out.text), logprobs=logprobs,
-                        finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                        index=out.index, delta=delta or DeltaMessage(), logprobs=logprobs,
+                        finish_reason=reason, stop_reason=out.stop_reason,
                     ))  # fmt: skip
                 if choices:
                     yield chunk(choices)
