@@ -1,4 +1,5 @@
-"""The server applies generation config defaults to knobs a request leaves unset (as vLLM)."""
+"""A server with generation-config defaults: unset knobs take them; structured outputs
+(response_format, guided_*) and forced tool calls on top (as vLLM)."""
 
 from __future__ import annotations
 
