@@ -92,6 +92,8 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
     eng.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None)
     eng.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
     eng.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    eng.add_argument("--async-scheduling", action="store_true",
+                     help="plan and launch step n+1 while step n runs on the GPU")  # fmt: skip
     return parser
 
 
@@ -153,6 +155,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         enable_prefix_caching=True if args.enable_prefix_caching is None else args.enable_prefix_caching,
         preemption_mode=args.preemption_mode,
         scheduling_policy=args.scheduling_policy,
+        async_scheduling=args.async_scheduling,
         enforce_eager=args.enforce_eager,
         quantization=args.quantization,
         tensor_parallel_size=args.tensor_parallel_size,
