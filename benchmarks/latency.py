@@ -4,7 +4,11 @@ floor tokens/s = copy bandwidth / (weight bytes read per token + KV bytes read p
 the bandwidth measured in this run (device-to-device copy, bytes read + written). The embedding
 table is not read whole by a decode step (one row is gathered), so it is left out of the weights.
 
-    python -m benchmarks.latency --model DIR [--contexts 128 2048] [--json OUT.json]
+    python -m benchmarks.latency --model DIR [--contexts 128 2048] [--async-scheduling] [--json OUT.json]
+
+The rate counts the tokens that arrive after the first one (which ends the prefill), over the time
+from the first token to the last: with async scheduling a step() returns the tokens of the step
+launched one call earlier, so counting step() calls would be off by one step.
 """
 
 from __future__ import annotations
@@ -23,13 +27,17 @@ def decode_rate(engine, context: int, num_tokens: int, vocab: int) -> float:
     prompt = torch.randint(100, vocab - 100, (context,), generator=torch.Generator().manual_seed(context)).tolist()
     params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True)
     engine.add_request(f"lat-{context}-{time.monotonic_ns()}", {"prompt_token_ids": prompt}, params)
-    engine.step()  # prefill (+ the first token)
+    received = 0
+    while received == 0:  # prefill, until the first token is back
+        received = sum(len(o.outputs[0].token_ids) for o in engine.step())
     started = time.perf_counter()
-    steps = 0
+    finished_at = started
     while engine.has_unfinished_requests():
-        engine.step()
-        steps += 1
-    return steps / (time.perf_counter() - started)
+        outputs = engine.step()
+        if outputs:
+            received = max(received, max(len(o.outputs[0].token_ids) for o in outputs))
+            finished_at = time.perf_counter()
+    return (received - 1) / (finished_at - started)
 
 
 def _time_ms(fn, repeats: int = 50) -> float:
@@ -54,6 +62,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 2048])
     parser.add_argument("--num-tokens", type=int, default=256)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--async-scheduling", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -61,7 +70,8 @@ def main() -> None:
 
     bandwidth = measure_copy_bandwidth()
     engine = LLMEngine.from_engine_args(EngineArgs(model=args.model, enforce_eager=args.enforce_eager,
-                                                   max_model_len=4096, max_num_seqs=256))
+                                                   max_model_len=4096, max_num_seqs=256,
+                                                   async_scheduling=args.async_scheduling))
     runner = engine.engine_core.runner
     spec = runner.spec
     element = torch.empty((), dtype=spec.dtype).element_size()

@@ -63,6 +63,7 @@ class EngineConfig:
     device: str  # "cpu" or "cuda"
     enforce_eager: bool
     attention_backend: str  # "torch" or "triton"
+    async_scheduling: bool = False  # plan step n+1 while step n runs (see engine_core.py)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     preemption_mode: str = "recompute"
     scheduling_policy: str = "fcfs"
+    async_scheduling: bool = False
     enforce_eager: bool = False
     quantization: str | None = None
     tensor_parallel_size: int = 1
@@ -198,6 +200,7 @@ class EngineArgs:
             device=device,
             enforce_eager=self.enforce_eager,
             attention_backend="triton" if device == "cuda" else "torch",
+            async_scheduling=self.async_scheduling,
         )
 
 

@@ -79,21 +79,24 @@ class KVCacheManager:
         return hits
 
     def cache_computed_blocks(self, request: Request) -> None:
-        """Register every full block whose tokens have all been computed (called after a step,
-        so a cached block's contents are always really in memory)."""
+        """Register every full block whose tokens are all known and computed (called after a
+        step's update). Under async scheduling the K/V of a block's last token may still be being
+        written by the step in flight: any step that could read the block through a prefix hit is
+        queued on the device after it, so it reads the block complete."""
         if not self.enable_caching:
             return
         blocks = self.req_blocks.get(request.request_id)
         if not blocks:
             return
         bs = self.block_size
-        num_full = request.num_computed_tokens // bs
+        # computed tokens may run past the known ones (a pending token's position): hash only
+        # blocks whose token ids are all known
+        num_known = min(request.num_computed_tokens, request.num_tokens)
+        num_full = num_known // bs
         first = self.num_cached_blocks.get(request.request_id, 0)
         if num_full <= first:
             return
-        extend_block_hashes(
-            request.block_hashes, request.token_ids_range, request.num_computed_tokens, bs
-        )
+        extend_block_hashes(request.block_hashes, request.token_ids_range, num_known, bs)
         for i in range(first, num_full):
             self.pool.cache_block(blocks[i], request.block_hashes[i])
         self.num_cached_blocks[request.request_id] = num_full

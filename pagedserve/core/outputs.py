@@ -50,7 +50,12 @@ class SchedulerOutput:
 
     Worker order of operations: forget `finished_req_ids`; swap out; swap in; copy blocks; run the
     forward pass over `num_scheduled_tokens` tokens per request; sample where a request catches up
-    with all its known tokens (num_computed_tokens + scheduled == prompt + output tokens).
+    with all its tokens (num_computed_tokens + scheduled == prompt + output + pending tokens,
+    pending ones being those sampled by a step whose results the worker has not reported yet).
+
+    Under async scheduling the plan for step n+1 is made before step n's tokens are known: a
+    request may then compute the position of its token from step n, whose id the worker takes
+    from step n's sampled tokens on the device.
     """
 
     scheduled_new_reqs: list[NewRequestData]
@@ -61,6 +66,7 @@ class SchedulerOutput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu, cpu)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, gpu)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src gpu, dst gpu)
+    step_id: int = 0  # counts the scheduler's plans; pairs an update with its plan
 
     @property
     def is_empty(self) -> bool:

@@ -65,8 +65,16 @@ class Request:
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    # Tokens whose K/V are in the cache. Invariant: 0 <= num_computed_tokens <= num_tokens.
+    # Tokens whose K/V are in the cache or being written by a scheduled step: the scheduler
+    # advances it when it plans a step, not when the step's results come back.
+    # Invariant: num_computed_tokens < num_tokens + num_pending when num_pending > 0 (then it is
+    # num_tokens + num_pending - 1: the newest pending token is not computed, its id is unknown),
+    # and num_computed_tokens <= num_tokens otherwise.
     num_computed_tokens: int = 0
+    # Tokens sampled by scheduled steps whose results have not come back yet: 0 in synchronous
+    # use between steps; up to 2 under async scheduling (the step in flight and the one just
+    # planned). A step that computes up to num_tokens + num_pending samples one more.
+    num_pending: int = 0
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first schedule
     first_scheduled_time: float | None = None  # time.monotonic() when first scheduled
     stop_reason: int | str | None = None
@@ -98,11 +106,13 @@ class Request:
 
     @property
     def max_computable_tokens(self) -> int:
-        """How far the scheduler may compute: a leader stops one short of the prompt end until
-        its followers have forked, so that each sample computes the last prompt token itself."""
+        """How far the scheduler may compute: every known token and the pending one, whose id
+        the worker takes from the step that samples it (async scheduling); a leader stops one
+        short of the prompt end until its followers have forked, so that each sample computes
+        the last prompt token itself."""
         if self.followers:
             return self.num_prompt_tokens - 1
-        return self.num_tokens
+        return self.num_tokens + self.num_pending
 
     @property
     def is_finished(self) -> bool:

@@ -11,6 +11,11 @@ Every request has num_computed_tokens; each step hands out up to max_num_batched
        also evict lower-priority running ones, by recompute).
 
 Rank: FCFS orders by arrival; the priority policy by (priority, arrival), lower first.
+
+schedule() advances each scheduled request's num_computed_tokens at once, and counts the token a
+step will sample as pending until update_from_output brings it. Synchronously (update right after
+schedule) that changes nothing; it is what lets the engine plan step n+1 before step n's results
+are back (async scheduling): step n+1 may then compute the position of step n's pending token.
 """
 
 from __future__ import annotations
@@ -67,6 +72,10 @@ class Scheduler:
         self._num_scheduled: dict[str, int] = {}  # the plan being built by schedule()
         self._copies: list[tuple[int, int]] = []
         self._swap_out: list[tuple[int, int]] = []
+        self._step_id = 0
+        # step id -> req_id -> request as planned: an update applies only to that request object
+        # (under async scheduling an id may be aborted and added again before the update).
+        self._planned: dict[int, dict[str, Request]] = {}
 
     # ---------------------------------------------------------------- requests in and out
 
@@ -181,6 +190,19 @@ class Scheduler:
             blocks_to_copy=[c for c in self._copies if c[0] >= 0],
         )
         self.finished_req_ids = set()
+        self._step_id += 1
+        output.step_id = self._step_id
+        planned: dict[str, Request] = {}
+        for request in self.running:
+            num = self._num_scheduled.get(request.request_id)
+            if num is None:
+                continue
+            planned[request.request_id] = request
+            # the step reaches past every known and pending token: it samples one more
+            samples = request.num_computed_tokens + num == request.num_tokens + request.num_pending
+            request.num_computed_tokens += num
+            request.num_pending += samples
+        self._planned[self._step_id] = planned
         return output
 
     def _fork_ready_leaders(self) -> None:
@@ -232,7 +254,7 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.max_computable_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:  # a leader waiting for seats to fork
+            if num_new <= 0 or self._pending_ends(request):  # a leader waiting for seats to fork
                 index += 1
                 continue
             while self.kv.allocate_slots(request, num_new) is None:
@@ -249,9 +271,22 @@ class Scheduler:
             index += 1
         return budget
 
+    def _pending_ends(self, request: Request) -> bool:
+        """Async scheduling: the request's pending token reaches max_tokens or max_model_len, so
+        there is no step after it to plan. (Never true synchronously: num_pending is then 0.)"""
+        if not request.num_pending:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        return (
+            (max_tokens is not None and request.num_output_tokens + request.num_pending >= max_tokens)
+            or request.num_tokens + request.num_pending >= self.config.max_model_len
+        )
+
     def _schedule_swapped(self, budget: int, swap_in: list[tuple[int, int]]) -> int:
         while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.swapped[0]
+            if request.num_pending:  # preempted with a token in flight: resume after its update
+                break
             num_new = min(request.max_computable_tokens - request.num_computed_tokens, budget)
             if not self.kv.can_swap_in(request, num_new):
                 break
@@ -281,6 +316,8 @@ class Scheduler:
     def _schedule_waiting(self, budget: int) -> None:
         while self.waiting and budget > 0:
             request = self.waiting[0]
+            if request.num_pending:  # preempted with a token in flight: resume after its update
+                break
             hits = self.kv.get_computed_blocks(request)
             num_hit_tokens = len(hits) * self.block_size
             num_new = request.max_computable_tokens - num_hit_tokens
@@ -336,6 +373,9 @@ class Scheduler:
         self.running.remove(victim)
         self.finished_req_ids.add(victim.request_id)  # the worker forgets it until it returns
         victim.needs_full_data = True
+        # A token still pending (async scheduling: the step in flight samples it) is kept: it
+        # arrives at that step's update, and the victim is not resumed before (else it could be
+        # preempted again and again before it keeps any token: a livelock).
         victim_blocks = set(self.kv.block_ids(victim.request_id))
         forked_now = any(dst in victim_blocks for _, dst in self._copies)
         if forked_now:  # its partial block was never filled: drop the copy
@@ -348,6 +388,8 @@ class Scheduler:
         )
         if use_swap:
             self.num_swap_outs += 1
+            # (the step in flight writes into the blocks before the swap-out copies them: both
+            # are queued on the device in that order)
             self._swap_out.extend(self.kv.swap_out(victim))
             victim.status = RequestStatus.SWAPPED
             self._insert_by_rank(self.swapped, victim)
@@ -364,23 +406,29 @@ class Scheduler:
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
         outputs: list[EngineCoreOutput] = []
-        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+        planned = self._planned.pop(scheduler_output.step_id, {})
+        # where each request's chunk started (num_computed_tokens is advanced at schedule time)
+        starts = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
+        starts.update((r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_cached_reqs)
+        for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            start = request.num_computed_tokens
-            request.num_computed_tokens += num_tokens
+            if request is None or planned.get(req_id, request) is not request:
+                continue  # finished or aborted since the step was planned
+            # A request preempted since (async scheduling) still takes its token: it is waiting
+            # or swapped, and resumes from it.
             new_token_ids: list[int] = []
             token = runner_output.sampled_token_ids.get(req_id)
             finish_status = None
             if token is not None:
+                assert request.num_pending > 0, req_id
+                request.num_pending -= 1
                 request.output_token_ids.append(token)
                 new_token_ids.append(token)
                 finish_status = check_stop(request, token, self.config.max_model_len)
             self.kv.cache_computed_blocks(request)
             prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
             if prompt_logprobs is not None:
-                prompt_logprobs = _unseen_prompt_logprobs(request, start, prompt_logprobs)
+                prompt_logprobs = _unseen_prompt_logprobs(request, starts[req_id], prompt_logprobs)
             if new_token_ids or prompt_logprobs is not None or finish_status is not None:
                 outputs.append(
                     EngineCoreOutput(
@@ -402,13 +450,14 @@ class Scheduler:
 
     def kv_slot_usage(self, scheduler_output: SchedulerOutput) -> tuple[int, int]:
         """(allocated, wasted) KV slots of the scheduled requests for the planned step: slots in
-        their blocks, and those holding no token. Call before the step updates the counts."""
+        their blocks, and those holding no token after it. Call right after schedule(), which has
+        already advanced num_computed_tokens past the planned step."""
         allocated = wasted = 0
-        for req_id, num in scheduler_output.num_scheduled_tokens.items():
+        for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests[req_id]
             slots = self.kv.num_blocks_of(req_id) * self.block_size
             allocated += slots
-            wasted += slots - (request.num_computed_tokens + num)
+            wasted += slots - request.num_computed_tokens
         return allocated, wasted
 
     def make_stats(self, scheduler_output: SchedulerOutput, slot_usage: tuple[int, int]) -> SchedulerStats:

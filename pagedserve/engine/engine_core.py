@@ -1,4 +1,19 @@
-"""The engine loop: step() = schedule -> execute -> update. Nothing else."""
+"""The engine loop: step() = schedule -> execute -> update. Nothing else.
+
+With async scheduling (EngineArgs.async_scheduling, vLLM's --async-scheduling) execute is split
+into launch and collect, and one step may stay in flight across step() calls, so the host plans
+and launches step n+1 while the device still runs step n:
+
+    step():  schedule n+1 -> launch n+1 -> collect n -> update n
+             (-> collect n+1 -> update n+1, when step n+1 sampled synchronously anyway)
+
+Step n+1 is planned before step n's tokens are known: the scheduler counts them as pending and
+the runner takes them from step n's output on the device. A request that finishes at update n
+(a stop token, a stop string, an abort) may already be part of step n+1: that step's token for it
+is dropped. Its blocks are freed at update n and may go to another request in step n+2, which is
+safe because the device runs steps in launch order: step n+1's writes into those blocks land
+before anything step n+2 writes or reads there.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +22,10 @@ import time
 from dataclasses import dataclass, field
 
 from pagedserve.config import EngineConfig
-from pagedserve.core.outputs import EngineCoreOutput
+from pagedserve.core.outputs import EngineCoreOutput, SchedulerOutput
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler, SchedulerStats
-from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +72,9 @@ class EngineCore:
         self.runner.initialize_kv_cache(num_gpu, num_cpu)
         self.scheduler = Scheduler(config.scheduler_config, cache)
         self.stats = EngineStats(startup_seconds=time.perf_counter() - started)
+        self.async_scheduling = config.async_scheduling
+        # async scheduling: the launched step not yet updated (plan, handle, KV slot usage)
+        self._in_flight: tuple[SchedulerOutput, StepHandle, tuple[int, int]] | None = None
         self.stats.extra["model_load_seconds"] = self.runner.load_seconds
         if self.runner.decode_graphs is not None:
             self.stats.extra["cuda_graph_capture_seconds"] = self.runner.decode_graphs.capture_seconds
@@ -75,14 +93,34 @@ class EngineCore:
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
+    @property
+    def step_in_flight(self) -> bool:
+        return self._in_flight is not None
+
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """True while requests are unfinished or a step is in flight (loops drain it)."""
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
         plan = self.scheduler.schedule()
-        slot_usage = self.scheduler.kv_slot_usage(plan)  # reads the pre-step token counts
-        runner_output = self.runner.execute_model(plan)
-        outputs = self.scheduler.update_from_output(plan, runner_output)
+        slot_usage = self.scheduler.kv_slot_usage(plan)  # right after schedule (see there)
+        if not self.async_scheduling:
+            runner_output = self.runner.execute_model(plan)
+            outputs = self.scheduler.update_from_output(plan, runner_output)
+            self._record(self.scheduler.make_stats(plan, slot_usage))
+            return outputs
+        handle = self.runner.launch(plan)
+        previous, self._in_flight = self._in_flight, (plan, handle, slot_usage)
+        outputs = self._finish_step(*previous) if previous is not None else []
+        if not handle.is_async:  # its tokens are known already: update now, not a step late
+            self._in_flight = None
+            outputs += self._finish_step(plan, handle, slot_usage)
+        return outputs
+
+    def _finish_step(
+        self, plan: SchedulerOutput, handle: StepHandle, slot_usage: tuple[int, int]
+    ) -> list[EngineCoreOutput]:
+        outputs = self.scheduler.update_from_output(plan, self.runner.collect(handle))
         self._record(self.scheduler.make_stats(plan, slot_usage))
         return outputs
 

@@ -88,7 +88,9 @@ class LLMEngine:
         return processed.request_outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.output_processor.has_unfinished_requests()
+        # async scheduling: also while a step is in flight (its tokens may all be dropped), so
+        # that `while has_unfinished_requests(): step()` leaves the engine idle
+        return self.output_processor.has_unfinished_requests() or self.engine_core.step_in_flight
 
     def get_num_unfinished_requests(self) -> int:
         return self.output_processor.get_num_unfinished_requests()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,8 +145,11 @@ class DecodeGraphs:
         slots: list[int],
         seq_lens: list[int],
         tables: list[list[int]],
+        fill: Callable[[torch.Tensor], object] | None = None,
     ) -> DecodeResult:
-        """Replay for a decode batch of B = len(token_ids) rows (the caller checked `fits`)."""
+        """Replay for a decode batch of B = len(token_ids) rows (the caller checked `fits`).
+        `fill` edits the device input_ids after they are loaded and before the replay (async
+        scheduling: ids sampled by the step before, still on the device)."""
         batch = len(token_ids)
         size = self.size_for(batch)
         assert size is not None
@@ -169,6 +173,8 @@ class DecodeGraphs:
         used = n + size * self.width  # seq_lens and the first `size` table rows
         self.i32[:used].copy_(self.i32_host[:used], non_blocking=True)
         self._loaded.record()
+        if fill is not None:
+            fill(self.input_ids)
         self.graphs[size].replay()
         hidden, logits, greedy = self.outputs[size]
         return DecodeResult(hidden[:batch], logits[:batch], greedy[:batch])

@@ -8,11 +8,25 @@ back to back (T tokens in all):
     query_start_loc                    : [B+1]   request i's tokens are [qsl[i], qsl[i+1])
     seq_lens                           : [B]     context after this step = computed + scheduled
     block_tables                       : [B, max_blocks], padded with 0
+
+A step is launch(plan) -> StepHandle, then collect(handle) -> ModelRunnerOutput. When every request
+the step samples is plain greedy and none wants prompt logprobs, launch only enqueues the work: the
+sampled ids stay on the device (and are copied to a pinned host buffer behind a CUDA event) until
+collect. The engine may launch step n+1 in between (async scheduling); a request's input at the
+position of its token from step n (a "placeholder", not yet known on the host) is then taken on
+the device from step n's sampled ids:
+
+    host input_ids   [t0, t1, 0, t3]          0 where the placeholder goes
+    device           input_ids[2] = sampled_n[row of that request in step n]   (before the forward)
+
+Any other step samples at launch, as a synchronous step always did; it first waits for a step
+still in flight, so that tokens reach each request's state in order.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +66,7 @@ class RequestState:
     # penalties, structured outputs): the decode graph's argmax is this request's token.
     plain_greedy: bool = False
     grammar: Any = None  # xgrammar GrammarMatcher of a structured-output request
+    num_pending: int = 0  # sampled by a launched step, not yet collected (0 or 1)
 
     @property
     def num_tokens(self) -> int:
@@ -71,6 +86,25 @@ def _is_plain_greedy(params: SamplingParams) -> bool:
     return (params.sampling_type == SamplingType.GREEDY and params.logprobs is None
             and not params.logit_bias and params.min_tokens == 0 and not params.has_penalties
             and params.structured_outputs is None)
+
+
+@dataclass(slots=True)
+class StepHandle:
+    """A launched step. `output` is set once its tokens are on the host (at launch for a
+    synchronous step); until then `sampled` [S] int64 holds them on the device, and `host`
+    receives them behind `ready`."""
+
+    output: ModelRunnerOutput | None = None
+    sampled: torch.Tensor | None = None
+    host: torch.Tensor | None = None  # pinned [>= S] int64 (CUDA); None on the CPU
+    ready: torch.cuda.Event | None = None
+    # row i of `sampled` is the token of the request states[i] had at launch
+    states: list[RequestState] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)  # req_id -> row
+
+    @property
+    def is_async(self) -> bool:
+        return self.output is None
 
 
 class ModelRunner:
@@ -97,6 +131,15 @@ class ModelRunner:
         self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.decode_graphs: DecodeGraphs | None = None
         self.grammar_cache: GrammarCompilerCache | None = None  # built on the first structured request
+        self._last_launch: StepHandle | None = None  # the placeholders' source (see launch)
+        self._unresolved: list[StepHandle] = []  # async steps whose ids are not on the host, in order
+        # Two pinned buffers for the sampled ids of async steps, used in turn: one step in flight
+        # may copy into one while the previous step's ids are read from the other.
+        max_seqs = config.scheduler_config.max_num_seqs
+        pin = self.device.type == "cuda"
+        self._host_sampled = [torch.empty(max_seqs, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._num_async_steps = 0  # launched async with samples (statistics, tests)
+        self._num_filled_steps = 0  # launched with placeholders filled on the device
 
     # ---------------------------------------------------------------- KV cache set-up
 
@@ -182,8 +225,11 @@ class ModelRunner:
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
-    @torch.inference_mode()
     def execute_model(self, plan: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: SchedulerOutput) -> StepHandle:
         self._update_states(plan)
         if plan.blocks_to_swap_out:
             move_blocks(self.kv_caches, self.cpu_caches, plan.blocks_to_swap_out)
@@ -192,24 +238,130 @@ class ModelRunner:
         if plan.blocks_to_copy:
             move_blocks(self.kv_caches, self.kv_caches, plan.blocks_to_copy)
         if plan.is_empty:
-            return ModelRunnerOutput(sampled_token_ids={})
+            return StepHandle(output=ModelRunnerOutput(sampled_token_ids={}))
 
         host = self._prepare_inputs(plan)
+        is_async = all(self.states[r].plain_greedy for r in host.sample_req_ids) and not any(
+            self.states[r].sampling_params.prompt_logprobs is not None for r in plan.num_scheduled_tokens
+        )
+        previous = self._last_launch
+        if not is_async or (host.placeholders and not _holds_placeholders(previous, host)):
+            # This step samples on the host and appends its tokens now, so the tokens of steps
+            # in flight come first (or, rarely, a placeholder's step is not the last one, whose
+            # ids alone stay readable on the device). Known now, they need no device fill.
+            self._resolve_all()
+            for flat, req_id, position in host.placeholders:
+                host.token_ids[flat] = self.states[req_id].token_at(position)
+            host.placeholders.clear()
+        fill = self._placeholder_fill(host, previous)
+        self._num_filled_steps += fill is not None
         graphs = self.decode_graphs
         decoded: DecodeResult | None = None
         if graphs is not None and host.max_query_len == 1 and graphs.fits(len(host.seq_lens), host.max_blocks):
-            decoded = graphs.run(host.token_ids, host.positions, host.slots, host.seq_lens, host.tables)
+            decoded = graphs.run(host.token_ids, host.positions, host.slots, host.seq_lens, host.tables,
+                                 fill=fill)
             hidden = decoded.hidden
         else:
             input_ids, positions, metadata = self._to_device(host)
+            if fill is not None:
+                fill(input_ids)
             hidden = self.model(input_ids, positions, self.kv_caches, metadata)
-        output = ModelRunnerOutput(sampled_token_ids={})
-        self._prompt_logprobs(plan, host, hidden, output)
-        if host.sample_req_ids:
-            self._sample(host, hidden, decoded, output)
-        for req_id, num in plan.num_scheduled_tokens.items():
+        if is_async:
+            handle = self._launch_greedy(host, hidden, decoded)
+            if handle.output is None:
+                self._unresolved.append(handle)
+        else:
+            output = ModelRunnerOutput(sampled_token_ids={})
+            self._prompt_logprobs(plan, host, hidden, output)
+            if host.sample_req_ids:
+                self._sample(host, hidden, decoded, output)
+            handle = StepHandle(output=output)
+        for req_id, num in plan.num_scheduled_tokens.items():  # after _prompt_logprobs reads them
             self.states[req_id].num_computed_tokens += num
-        return output
+        self._last_launch = handle
+        return handle
+
+    def collect(self, handle: StepHandle) -> ModelRunnerOutput:
+        """The step's output, waiting for its sampled ids if they are still on their way (and
+        for those of earlier steps, so that each state receives its tokens in order)."""
+        while handle.output is None:
+            self._resolve(self._unresolved[0])
+        return handle.output
+
+    def _resolve_all(self) -> None:
+        while self._unresolved:
+            self._resolve(self._unresolved[0])
+
+    def _placeholder_fill(
+        self, host: HostInputs, previous: StepHandle | None
+    ) -> Callable[[torch.Tensor], object] | None:
+        """A function that writes the placeholders' ids into a device input_ids tensor from the
+        previous step's sampled ids (still on the device), or None when there is none."""
+        if not host.placeholders:
+            return None
+        assert previous is not None and previous.sampled is not None  # _holds_placeholders
+        flats = [flat for flat, _, _ in host.placeholders]
+        rows = [previous.rows[req_id] for _, req_id, _ in host.placeholders]
+        sampled = previous.sampled
+        if flats == rows == list(range(len(rows))):  # the usual decode batch: same order
+            count = len(rows)
+            return lambda input_ids: input_ids[:count].copy_(sampled[:count])
+        flat_idx = torch.tensor(flats, dtype=torch.long).to(self.device, non_blocking=True)
+        row_idx = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        return lambda input_ids: input_ids.index_copy_(0, flat_idx, sampled.index_select(0, row_idx))
+
+    def _launch_greedy(self, host: HostInputs, hidden: torch.Tensor,
+                       decoded: DecodeResult | None) -> StepHandle:
+        """Async sampling: argmax on the device; the copy to the host is only enqueued."""
+        handle = StepHandle()
+        if not host.sample_req_ids:
+            handle.output = ModelRunnerOutput(sampled_token_ids={})
+            return handle
+        all_rows = len(host.sample_rows) == len(host.seq_lens) == host.query_start_loc[-1]
+        if decoded is not None:
+            sampled = decoded.greedy if all_rows else decoded.greedy[
+                torch.tensor(host.sample_rows, device=self.device)]
+        else:
+            rows = torch.tensor(host.sample_rows, dtype=torch.long, device=self.device)
+            sampled = self.model.compute_logits(hidden.index_select(0, rows)).argmax(dim=-1)
+        handle.sampled = sampled
+        for row, req_id in enumerate(host.sample_req_ids):
+            state = self.states[req_id]
+            state.num_pending += 1
+            handle.states.append(state)
+            handle.rows[req_id] = row
+        self._num_async_steps += 1
+        if self.device.type == "cuda":
+            while len(self._unresolved) >= 2:  # both buffers hold ids not yet read
+                self._resolve(self._unresolved[0])
+            buffer = self._host_sampled[self._num_async_steps % 2]
+            handle.host = buffer[: len(host.sample_req_ids)]
+            handle.host.copy_(sampled, non_blocking=True)
+            handle.ready = torch.cuda.Event()
+            handle.ready.record()
+        return handle
+
+    def _resolve(self, handle: StepHandle) -> None:
+        """Bring an async step's ids to the host and append them to the states that are still
+        the ones it sampled for (a request finished or preempted since has another or none)."""
+        if handle.output is not None:
+            return
+        self._unresolved.remove(handle)
+        if handle.ready is not None:
+            assert handle.host is not None
+            handle.ready.synchronize()
+            tokens = handle.host.tolist()
+        else:
+            assert handle.sampled is not None
+            tokens = handle.sampled.tolist()
+        output = ModelRunnerOutput(sampled_token_ids={})
+        for state, token in zip(handle.states, tokens):
+            if self.states.get(state.req_id) is state:
+                state.num_pending -= 1
+                state.output_token_ids.append(token)
+            output.sampled_token_ids[state.req_id] = token
+        handle.output = output
+        handle.sampled = None  # a graph's output buffer: rewritten by its next replay
 
     def _prepare_inputs(self, plan: SchedulerOutput) -> HostInputs:
         bs = self.spec.block_size
@@ -220,7 +372,14 @@ class ModelRunner:
             start = state.num_computed_tokens
             end = start + num
             table = state.block_ids
-            if num == 1:  # decode: skip the generic range machinery
+            known = state.num_tokens
+            if end > known:  # the position of the token the step in flight samples: see launch
+                assert start == known and state.num_pending == 1, (req_id, start, known)
+                host.placeholders.append((len(host.token_ids), req_id, start))
+                host.token_ids.append(0)
+                host.positions.append(start)
+                host.slots.append(table[start // bs] * bs + start % bs)
+            elif num == 1:  # decode: skip the generic range machinery
                 host.token_ids.append(state.token_at(start))
                 host.positions.append(start)
                 host.slots.append(table[start // bs] * bs + start % bs)
@@ -233,7 +392,7 @@ class ModelRunner:
             host.tables.append(table)
             host.max_query_len = max(host.max_query_len, num)
             host.max_blocks = max(host.max_blocks, len(table))
-            if end == state.num_tokens:  # caught up with every known token: sample the next
+            if end == known + state.num_pending:  # caught up with every token: sample the next
                 host.sample_req_ids.append(req_id)
                 host.sample_rows.append(qsl[-1] - 1)
         return host
@@ -349,6 +508,13 @@ class ModelRunner:
             output.prompt_logprobs[req_id] = compute_prompt_logprobs(logits, targets, num_logprobs)
 
 
+def _holds_placeholders(step: StepHandle | None, host: HostInputs) -> bool:
+    """Whether the step's sampled ids, still on the device, include every placeholder's."""
+    if step is None or step.sampled is None:
+        return False
+    return all(req_id in step.rows for _, req_id, _ in host.placeholders)
+
+
 @dataclass(slots=True)
 class HostInputs:
     """One step's inputs as host lists (layout in the module docstring)."""
@@ -363,3 +529,5 @@ class HostInputs:
     max_blocks: int = 0
     sample_req_ids: list[str] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # index into the packed tokens
+    # (index into the packed tokens, req_id, position) of inputs the previous step samples
+    placeholders: list[tuple[int, str, int]] = field(default_factory=list)

@@ -152,3 +152,17 @@ def check_accounting(scheduler: Scheduler) -> None:
     for request in scheduler.swapped:
         assert request.request_id in kv.req_cpu_blocks
         assert request.request_id not in kv.req_blocks
+    # pending tokens: only running requests have them (at most the step in flight's and the one
+    # planned after it), and the newest pending token is never computed
+    for request in scheduler.running:
+        assert 0 <= request.num_pending <= 2, request
+        assert request.num_computed_tokens == request.num_tokens + request.num_pending - 1 or (
+            request.num_pending == 0 and request.num_computed_tokens < request.num_tokens
+        ), request
+    for request in scheduler.waiting:  # a pending token of a preempted one is on its way
+        assert request.num_pending <= 1 and request.num_computed_tokens == 0, request
+    for request in scheduler.swapped:
+        assert request.num_pending <= 1, request
+        assert request.num_computed_tokens == request.num_tokens + request.num_pending - 1 or (
+            request.num_pending == 0 and request.num_computed_tokens < request.num_tokens
+        ), request

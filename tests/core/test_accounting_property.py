@@ -1,6 +1,12 @@
 """Property test: random add / step / abort sequences on small pools (so preemption, swapping,
 prefix hits and forks all happen) keep the block accounting exact after every step, produce the
-same tokens as an undisturbed run, and leave everything free when the engine is idle."""
+same tokens as an undisturbed run, and leave everything free when the engine is idle.
+
+Two driving orders: synchronous (update each step right after it runs) and async scheduling's
+(plan and run step n+1 before the update of step n; step n's tokens reach the scheduler only at
+its update, while the worker, like the GPU, already has them). In the async order a "flush" op
+updates the step in flight at once, as the engine does after a step that sampled synchronously.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ add_op = st.tuples(
     st.integers(0, 3),  # priority
 )
 ops = st.lists(
-    st.one_of(add_op, st.tuples(st.just("step")), st.tuples(st.just("abort"), st.integers(0, 50))),
+    st.one_of(add_op, st.tuples(st.just("step")), st.tuples(st.just("abort"), st.integers(0, 50)),
+              st.tuples(st.just("flush"))),
     min_size=8,
     max_size=80,
 )
@@ -38,10 +45,11 @@ ops = st.lists(
     caching=st.booleans(),
     budget=st.sampled_from([8, 16, 64]),
     chunked=st.booleans(),
+    async_order=st.booleans(),
 )
 def test_random_workloads_keep_exact_accounting(
     ops: list[tuple], num_blocks: int, mode: str, policy: str, caching: bool, budget: int,
-    chunked: bool,
+    chunked: bool, async_order: bool,
 ) -> None:
     s = make_scheduler(
         num_gpu_blocks=num_blocks, num_cpu_blocks=16, block_size=BLOCK, max_num_seqs=6,
@@ -58,11 +66,27 @@ def test_random_workloads_keep_exact_accounting(
     ids: list[str] = []
     clock = 0.0
 
-    def do_step() -> None:
-        plan = s.schedule()
-        for out in s.update_from_output(plan, w.execute(plan)):
+    in_flight: list[tuple] = []  # async order: the (plan, worker output) not yet updated
+
+    def update(plan, result) -> None:
+        for out in s.update_from_output(plan, result):
             produced.setdefault(out.req_id, []).extend(out.new_token_ids)
         check_accounting(s)
+
+    def flush() -> None:
+        while in_flight:
+            update(*in_flight.pop(0))
+
+    def do_step() -> None:
+        plan = s.schedule()
+        result = w.execute(plan)
+        check_accounting(s)
+        if async_order:
+            in_flight.append((plan, result))
+            if len(in_flight) == 2:
+                update(*in_flight.pop(0))
+        else:
+            update(plan, result)
 
     for op in ops:
         if op[0] == "add":
@@ -88,6 +112,8 @@ def test_random_workloads_keep_exact_accounting(
                     s.add_request(child)
         elif op[0] == "step":
             do_step()
+        elif op[0] == "flush":
+            flush()
         else:
             if ids:
                 victim = ids[op[1] % len(ids)]
@@ -102,6 +128,7 @@ def test_random_workloads_keep_exact_accounting(
         if not s.has_unfinished_requests():
             break
         do_step()
+    flush()  # its results belong to finished requests: dropped
     assert not s.has_unfinished_requests()
     check_accounting(s)
     assert s.kv.pool.num_free_blocks == num_blocks

@@ -17,9 +17,10 @@ pytestmark = [
 ]
 
 
-def _run(path: str, enforce_eager: bool, prompts: list[list[int]], params: list[SamplingParams]) -> list[Any]:
+def _run(path: str, enforce_eager: bool, prompts: list[list[int]], params: list[SamplingParams],
+         async_scheduling: bool = False) -> list[Any]:
     llm = LLM(path, dtype="float32", max_model_len=512, max_num_seqs=16, enforce_eager=enforce_eager,
-              gpu_memory_utilization=0.3)
+              gpu_memory_utilization=0.3, async_scheduling=async_scheduling)
     assert (llm.llm_engine.engine_core.runner.decode_graphs is None) == enforce_eager
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     del llm
@@ -28,7 +29,8 @@ def _run(path: str, enforce_eager: bool, prompts: list[list[int]], params: list[
     return outs
 
 
-def test_graph_decode_matches_eager(tiny_checkpoints: Any) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_graph_decode_matches_eager(tiny_checkpoints: Any, async_scheduling: bool) -> None:
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(10, 500, (n,), generator=g).tolist() for n in (1, 5, 16, 17, 40, 90, 130, 3, 9)]
     params = [
@@ -43,7 +45,7 @@ def test_graph_decode_matches_eager(tiny_checkpoints: Any) -> None:
         SamplingParams(temperature=0.0, max_tokens=17, ignore_eos=True, prompt_logprobs=2),
     ]
     path = tiny_checkpoints["llama"]
-    graph = _run(path, False, prompts, params)
+    graph = _run(path, False, prompts, params, async_scheduling)
     eager = _run(path, True, prompts, params)
     for a, b in zip(graph, eager):
         assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
@@ -53,3 +55,16 @@ def test_graph_decode_matches_eager(tiny_checkpoints: Any) -> None:
                 assert la.keys() == lb.keys()
                 for tok in la:
                     assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=1e-4)
+
+
+def test_async_graph_decode_of_plain_greedy_batches(tiny_checkpoints: Any) -> None:
+    """Only plain greedy requests of different lengths: most steps run async, their inputs filled
+    on the device from the graph's argmax, as requests finish and the batch shrinks (rows move)."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(10, 500, (n,), generator=g).tolist() for n in (3, 30, 7, 64, 12, 1, 45)]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (9, 40, 3, 25, 1, 33, 17)]
+    path = tiny_checkpoints["llama"]
+    sync = _run(path, False, prompts, params)
+    overlapped = _run(path, False, prompts, params, async_scheduling=True)
+    for a, b in zip(sync, overlapped):
+        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)

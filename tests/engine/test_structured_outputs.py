@@ -98,3 +98,18 @@ def test_bad_specs_are_clear_errors(llm: LLM) -> None:
             llm.generate("x", SamplingParams(structured_outputs=spec), use_tqdm=False)
     # a dict of fields is accepted for vLLM-style construction
     assert SamplingParams(structured_outputs={"regex": "a+"}).structured_outputs == StructuredOutputsParams(regex="a+")
+
+
+def test_structured_outputs_with_async_scheduling(tiny_checkpoints: Any) -> None:
+    """Structured requests sample on the host (never plain greedy), so async steps of plain greedy
+    requests and synchronous steps with grammars interleave; both give their sync results."""
+    prompts = ["the model runs", "a cat sees the river", "one two three"]
+    params = [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=4, max_tokens=150, structured_outputs=StructuredOutputsParams(json=SCHEMA)),
+              SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True)]
+    results = []
+    for async_scheduling in (False, True):
+        engine = LLM(tiny_checkpoints["llama"], max_model_len=512, kv_cache_memory_bytes=8 << 20,
+                     async_scheduling=async_scheduling)
+        results.append([o.outputs[0].token_ids for o in engine.generate(prompts, params, use_tqdm=False)])
+    assert results[0] == results[1]

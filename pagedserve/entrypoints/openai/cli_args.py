@@ -109,6 +109,8 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
                           "(none) or a directory holding a generation_config.json")
     eng.add_argument("--override-generation-config", type=_json_object, default=None,
                      help='JSON object replacing generation config keys, e.g. \'{"temperature": 0.5}\'')
+    eng.add_argument("--async-scheduling", action="store_true",
+                     help="plan and launch step n+1 while step n runs on the GPU")  # fmt: skip
     return parser
 
 
@@ -170,6 +172,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         enable_prefix_caching=True if args.enable_prefix_caching is None else args.enable_prefix_caching,
         preemption_mode=args.preemption_mode,
         scheduling_policy=args.scheduling_policy,
+        async_scheduling=args.async_scheduling,
         enforce_eager=args.enforce_eager,
         quantization=args.quantization,
         tensor_parallel_size=args.tensor_parallel_size,
