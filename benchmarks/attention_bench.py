@@ -8,9 +8,12 @@ bf16, 32 q / 8 KV heads, head_dim 128, block_size 16; block tables 256 blocks wi
 contexts are not served from L2 by the previous layer), timed with CUDA events; the median replay
 / 32 is reported as us per layer.
 
-    old: Triton rotary -> Triton write_kv_cache -> paged_attention as before (zeros memset,
-         static partition choice; benchmarks/baseline_decode.py is a frozen copy)
-    new: fused rotary_write_kv_cache -> paged_attention (device-side split, no memset)
+    unfused: Triton rotary -> Triton write_kv_cache -> paged_attention
+    fused:   rotary_write_kv_cache -> paged_attention (the Triton backend's path)
+
+(The decode attention before the device-side split and without the memset was timed against
+these with a frozen copy of it, since removed; those numbers are in
+benchmarks/results/h100-2026-11-21-s2/RESULTS.md and h200-attention-2026-11-21/.)
 
 Before timing, both paths are checked against the twins (reference.rotary_embedding +
 write_kv_cache + paged_attention) at each shape. --sweep also times the new decode kernel alone
@@ -28,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.baseline_decode import old_paged_decode
 from benchmarks.common import environment, print_table, write_json
 from pagedserve.kernels import reference as ref
 from pagedserve.kernels.triton.attention import DEFAULT_TUNING, AttentionTuning, DecodeTiles, paged_attention
@@ -96,15 +98,14 @@ def split(layer: Layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return q, k, v
 
 
-def old_layer(bt: Batch, layer: Layer) -> torch.Tensor:
+def unfused_layer(bt: Batch, layer: Layer) -> torch.Tensor:
     q, k, v = split(layer)
     q, k = rotary_embedding(bt.positions, q, k, bt.cos_sin)
     write_kv_cache(k, v, layer.key_cache, layer.value_cache, bt.slots)
-    return old_paged_decode(q, layer.key_cache, layer.value_cache, bt.block_tables, bt.seq_lens, bt.qsl,
-                            HEAD_DIM**-0.5, MAX_SEQ)  # fmt: skip
+    return attend(bt, layer, q)
 
 
-def new_layer(bt: Batch, layer: Layer, tuning: AttentionTuning = DEFAULT_TUNING) -> torch.Tensor:
+def fused_layer(bt: Batch, layer: Layer, tuning: AttentionTuning = DEFAULT_TUNING) -> torch.Tensor:
     q, k, v = split(layer)
     rotary_write_kv_cache(bt.positions, q, k, v, bt.cos_sin, True, layer.key_cache, layer.value_cache, bt.slots)
     return attend(bt, layer, q, tuning)
@@ -128,9 +129,9 @@ def twin_layer(bt: Batch, layer: Layer) -> torch.Tensor:
 
 
 def check(bt: Batch) -> dict[str, float]:
-    """Max |err| of old and new vs the twins on layer 0 (fresh copies; caches compared too)."""
+    """Max |err| of both paths vs the twins on layer 0 (fresh copies; caches compared too)."""
     errs = {}
-    for name, fn in (("old", old_layer), ("new", new_layer)):
+    for name, fn in (("unfused", unfused_layer), ("fused", fused_layer)):
         l0 = bt.layers[0]
         mine = Layer(l0.qkv.clone(), l0.key_cache.clone(), l0.value_cache.clone())
         twin = Layer(l0.qkv.clone(), l0.key_cache.clone(), l0.value_cache.clone())
@@ -175,18 +176,13 @@ def bench_shape(batch: int, ctx: int, sweep: bool) -> tuple[dict, list[dict]]:
 
         return body
 
-    def old_rotary(layer: Layer) -> object:
+    def rotary(layer: Layer) -> object:
         q, k, _ = split(layer)
         return rotary_embedding(bt.positions, q, k, bt.cos_sin)
 
-    def old_write(layer: Layer) -> None:
+    def write(layer: Layer) -> None:
         _, k, v = split(layer)
         write_kv_cache(k, v, layer.key_cache, layer.value_cache, bt.slots)
-
-    def old_attn(layer: Layer) -> object:
-        q, _, _ = split(layer)
-        return old_paged_decode(q, layer.key_cache, layer.value_cache, bt.block_tables, bt.seq_lens, bt.qsl,
-                                HEAD_DIM**-0.5, MAX_SEQ)  # fmt: skip
 
     def fused(layer: Layer) -> object:
         q, k, v = split(layer)
@@ -196,15 +192,14 @@ def bench_shape(batch: int, ctx: int, sweep: bool) -> tuple[dict, list[dict]]:
     row = {
         "B": batch,
         "ctx": ctx,
-        "old_us": time_graph(run(lambda lay: old_layer(bt, lay))),
-        "new_us": time_graph(run(lambda lay: new_layer(bt, lay))),
-        "old_rotary": time_graph(run(old_rotary)),
-        "old_write": time_graph(run(old_write)),
-        "old_attn": time_graph(run(old_attn)),
-        "new_fused": time_graph(run(fused)),
-        "new_attn": time_graph(run(lambda lay: attend(bt, lay, split(lay)[0]))),
-        "err_old": errs["old"],
-        "err_new": errs["new"],
+        "unfused_us": time_graph(run(lambda lay: unfused_layer(bt, lay))),
+        "fused_us": time_graph(run(lambda lay: fused_layer(bt, lay))),
+        "rotary": time_graph(run(rotary)),
+        "write": time_graph(run(write)),
+        "fused_rotary_write": time_graph(run(fused)),
+        "attn": time_graph(run(lambda lay: attend(bt, lay, split(lay)[0]))),
+        "err_unfused": errs["unfused"],
+        "err_fused": errs["fused"],
     }
     sweep_rows: list[dict] = []
     if sweep:

@@ -58,6 +58,22 @@ def measure_copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 20) -> float
     return 2 * num_bytes / times[len(times) // 2]
 
 
+def time_cuda_ms(fn: Any, repeats: int = 50) -> float:
+    """Median device time of fn() in ms (CUDA events), after 5 warm-up calls."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
 def print_table(title: str, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return

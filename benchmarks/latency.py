@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from benchmarks.common import measure_copy_bandwidth, print_table, write_json
+from benchmarks.common import measure_copy_bandwidth, print_table, time_cuda_ms, write_json
 
 
 def decode_rate(engine, context: int, num_tokens: int, vocab: int) -> float:
@@ -39,21 +39,6 @@ def decode_rate(engine, context: int, num_tokens: int, vocab: int) -> float:
             finished_at = time.perf_counter()
     return (received - 1) / (finished_at - started)
 
-
-def _time_ms(fn, repeats: int = 50) -> float:
-    """Median device time of fn in ms (CUDA events), after warm-up."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main() -> None:
@@ -96,7 +81,7 @@ def main() -> None:
         if graphs is not None:  # split the step: the replayed graph (forward, LM head, argmax;
             # its buffers hold the last step's inputs) and the rest (host work: scheduling, inputs,
             # the token's copy back, output processing) not hidden behind it
-            graph_ms = _time_ms(graphs.graphs[1].replay)
+            graph_ms = time_cuda_ms(graphs.graphs[1].replay)
             rows[-1]["graph_ms"] = graph_ms
             rows[-1]["rest_of_step_ms"] = rows[-1]["step_ms"] - graph_ms
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, weights {weight_bytes / 1e9:.2f} GB, "

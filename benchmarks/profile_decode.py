@@ -13,22 +13,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import measure_copy_bandwidth, print_table, write_json
-
-
-def _time_ms(fn, repeats: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+from benchmarks.common import measure_copy_bandwidth, print_table, time_cuda_ms, write_json
 
 
 def gemv_rates(bandwidth: float) -> list[dict[str, Any]]:
@@ -38,7 +23,7 @@ def gemv_rates(bandwidth: float) -> list[dict[str, Any]]:
                          "down": (4096, 14336), "lm_head": (128256, 4096)}.items():
         w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
         x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
-        ms = _time_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w))
+        ms = time_cuda_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w))
         nbytes = w.numel() * 2
         rows.append({"gemv": name, "us": ms * 1e3, "TB_per_s": nbytes / ms / 1e9,
                      "floor_us": nbytes / bandwidth * 1e6})

@@ -174,6 +174,8 @@ class SamplingParams:
                 v = _check_number(f"logit_bias[{key!r}]", value)
                 bias[token_id] = min(_LOGIT_BIAS_LIMIT, max(-_LOGIT_BIAS_LIMIT, v))
             self.logit_bias = bias or None
+        if isinstance(self.structured_outputs, dict):  # vLLM-style: a dict of its fields
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
 
     def _verify(self) -> None:
         if not _is_int(self.n) or self.n < 1:
@@ -218,9 +220,7 @@ class SamplingParams:
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must contain only integers >= 0, got {self.stop_token_ids!r}.")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
-            if not isinstance(self.structured_outputs, dict):
-                raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict of its fields.")
-            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+            raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict of its fields.")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.")
 

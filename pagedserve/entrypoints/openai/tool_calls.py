@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
+from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, random_id
 from pagedserve.entrypoints.openai.responses import (
     DeltaFunctionCall,
     DeltaMessage,
@@ -56,7 +56,7 @@ class ToolCallStream:
     def __init__(self, request: ChatCompletionRequest) -> None:
         self.request = request
         self.text = ""
-        self.call_id = ToolCall(function=FunctionCall(name="", arguments="")).id
+        self.call_id = random_id("chatcmpl-tool")  # the id ToolCall gives a whole call
         self.started = False
         self.parsed = False
 
