@@ -10,7 +10,11 @@ keys with no early exit, so response time does not tell how many keys exist or w
 
 JWTs (PyJWT): HS256 with a shared secret and/or RS256 with a PEM public key; `exp` is required,
 `aud` must match the configured audience, `iss` too when configured. The tenant comes from a
-configurable claim (default "tenant"); a token without it is rejected.
+configurable claim (default "tenant"); a token without it is rejected. The time claims `exp`,
+`nbf`, `iat` must be JSON numbers (not strings, not booleans), finite and within [0, MAX_NUMERIC_DATE]
+(PyJWT alone would take `"exp": "1999999999"` and `"exp": 1e20`), and a token may not live longer
+than `jwt_max_lifetime_s` (exp - iat, or exp - now when there is no iat; default 24 h, 0 = no limit),
+so a leaked long-lived token cannot be replayed for years.
 
 No credentials are configured -> every request is anonymous (vLLM's behaviour without --api-key).
 """
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +40,10 @@ PrincipalKind = Literal["api_key", "jwt", "anonymous"]
 ENV_KEYS = "PAGEDSERVE_API_KEYS"
 ENV_VLLM_KEY = "VLLM_API_KEY"
 _FINGERPRINT_SALT = b"pagedserve-key-id-v1:"
+# The largest NumericDate taken (9999-12-31T23:59:59Z): anything later is a bug or an attack.
+MAX_NUMERIC_DATE = 253_402_300_799
+DEFAULT_JWT_MAX_LIFETIME_S = 24 * 3600.0
+_TIME_CLAIMS = ("exp", "nbf", "iat")
 
 
 def key_fingerprint(secret: str) -> str:
@@ -91,6 +101,8 @@ class AuthConfig:
     jwt_issuer: str | None = None
     tenant_claim: str = "tenant"
     leeway_s: float = 0.0  # clock skew allowed on exp / nbf / iat
+    # Longest accepted token lifetime: exp - iat (exp - now without iat); 0 = no limit.
+    jwt_max_lifetime_s: float = DEFAULT_JWT_MAX_LIFETIME_S
 
     def __post_init__(self) -> None:
         if (self.jwt_secret or self.jwt_public_key) and not self.jwt_audience:
@@ -101,6 +113,10 @@ class AuthConfig:
             raise ValueError(f"leeway_s must be >= 0, got {self.leeway_s}.")
         if not self.tenant_claim:
             raise ValueError("tenant_claim must be a non-empty claim name.")
+        if not math.isfinite(self.jwt_max_lifetime_s) or self.jwt_max_lifetime_s < 0:
+            raise ValueError(
+                f"jwt_max_lifetime_s must be a finite number >= 0 (0 = no limit), got {self.jwt_max_lifetime_s}."
+            )
 
 
 def _load_pem(value: str) -> str:
@@ -201,6 +217,7 @@ class Authenticator:
             raise AuthenticationError(f"Invalid bearer token: missing '{e.claim}' claim.") from None
         except jwt.PyJWTError as e:
             raise AuthenticationError(f"Invalid bearer token: {e}.") from None
+        _check_time_claims(claims, time.time(), cfg.jwt_max_lifetime_s, cfg.leeway_s)
         tenant = claims.get(cfg.tenant_claim)
         if not isinstance(tenant, str) or not tenant:
             raise AuthenticationError(f"Invalid bearer token: missing '{cfg.tenant_claim}' claim.")
@@ -208,6 +225,40 @@ class Authenticator:
         # key_id groups one caller's tokens: issuer + subject when known, else the token itself.
         ident = f"{claims.get('iss', '')}|{sub}" if sub else token
         return Principal(kind="jwt", tenant=tenant, key_id="jwt-" + key_fingerprint(ident), subject=sub)
+
+
+def _check_time_claims(claims: Mapping[str, Any], now: float, max_lifetime_s: float, leeway_s: float) -> None:
+    """Runs after PyJWT has checked the signature and exp / nbf / iat against the clock.
+
+    PyJWT coerces with int(), so it lets through strings of digits and absurd values; here each
+    time claim must be a real JSON number in [0, MAX_NUMERIC_DATE], nbf and iat not after exp,
+    and the lifetime within max_lifetime_s (+ leeway, for the exp - now case's clock skew).
+    """
+    for name in _TIME_CLAIMS:
+        if name not in claims:
+            continue
+        value = claims[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AuthenticationError(
+                f"Invalid bearer token: '{name}' must be a number of seconds since the epoch, "
+                f"got {type(value).__name__}."
+            )
+        if not math.isfinite(value) or not 0 <= value <= MAX_NUMERIC_DATE:
+            raise AuthenticationError(
+                f"Invalid bearer token: '{name}' is out of range (must be within [0, {MAX_NUMERIC_DATE}])."
+            )
+    exp = float(claims["exp"])
+    for name in ("nbf", "iat"):
+        if name in claims and float(claims[name]) > exp:
+            raise AuthenticationError(f"Invalid bearer token: '{name}' is after 'exp'.")
+    if max_lifetime_s > 0:
+        start = float(claims["iat"]) if "iat" in claims else now
+        if exp - start > max_lifetime_s + leeway_s:
+            basis = "exp - iat" if "iat" in claims else "exp - now"
+            raise AuthenticationError(
+                f"Invalid bearer token: lifetime ({basis} = {exp - start:.0f} s) exceeds the "
+                f"{max_lifetime_s:.0f} s limit (--jwt-max-lifetime)."
+            )
 
 
 # ---------------------------------------------------------------------------- FastAPI integration

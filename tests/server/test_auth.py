@@ -159,21 +159,88 @@ def test_rs256_valid_token(rsa_keys: tuple[bytes, str, bytes], tmp_path: Path) -
         assert p.key_id.startswith("jwt-") and token not in p.key_id
 
 
+# Tokens are built inside each test, never at collection time: a suite slower than a token's
+# lifetime must not turn these cases into "expired" failures.
 @pytest.mark.parametrize(
-    "claims, fragment",
+    "overrides, fragment",
     [
-        (_claims(exp=int(time.time()) - 60), "expired"),
-        (_claims(aud="someone-else"), "audience"),
-        (_claims(tenant=None), "'tenant'"),
-        (_claims(tenant=""), "'tenant'"),
-        (_claims(exp=None), "'exp'"),
-        (_claims(aud=None), "'aud'"),
+        ({"exp": -60}, "expired"),  # relative to now, resolved in the test
+        ({"aud": "someone-else"}, "audience"),
+        ({"tenant": None}, "'tenant'"),
+        ({"tenant": ""}, "'tenant'"),
+        ({"exp": None}, "'exp'"),
+        ({"aud": None}, "'aud'"),
     ],
 )
-def test_rs256_rejections(rsa_keys: tuple[bytes, str, bytes], claims: dict[str, Any], fragment: str) -> None:
+def test_rs256_rejections(
+    rsa_keys: tuple[bytes, str, bytes], overrides: dict[str, Any], fragment: str
+) -> None:
     private, public, _ = rsa_keys
     auth = Authenticator(AuthConfig(jwt_public_key=public, jwt_audience=AUD), environ={})
-    _fails(auth, "Bearer " + jwt.encode(claims, private, algorithm="RS256"), fragment)
+    if isinstance(overrides.get("exp"), int):
+        overrides = {**overrides, "exp": int(time.time()) + overrides["exp"]}
+    _fails(auth, "Bearer " + jwt.encode(_claims(**overrides), private, algorithm="RS256"), fragment)
+
+
+SECRET = "s3cret-s3cret-s3cret-s3cret-s3cret"
+
+
+def _hs(claims: dict[str, Any]) -> str:
+    return "Bearer " + jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+def _hs_auth(**cfg: Any) -> Authenticator:
+    return Authenticator(AuthConfig(jwt_secret=SECRET, jwt_audience=AUD, **cfg), environ={})
+
+
+def test_time_claims_must_be_sane_numbers() -> None:
+    auth = _hs_auth(jwt_max_lifetime_s=0)  # no lifetime limit: only the types and ranges are tested
+    now = int(time.time())
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"exp": str(now + 600)}, "'exp' must be a number"),  # PyJWT alone accepts digit strings
+        ({"exp": 10**20}, "'exp' is out of range"),  # ... and absurd values
+        ({"exp": float("inf")}, "exp"),
+        ({"exp": float("nan")}, "exp"),
+        ({"exp": [now + 600]}, "exp"),
+        ({"iat": str(now)}, "'iat' must be a number"),
+        ({"iat": True}, "'iat' must be a number"),  # a bool is not a number here
+        ({"iat": -5}, "'iat' is out of range"),
+        ({"nbf": str(now - 10)}, "'nbf' must be a number"),
+        ({"nbf": False}, "'nbf' must be a number"),
+    ]
+    for over, fragment in bad:
+        _fails(auth, _hs(_claims(**over)), fragment)
+    # Real numbers, ints or floats, are accepted.
+    for over in ({}, {"exp": now + 600.5}, {"iat": now - 1.25, "nbf": now - 2}, {"exp": now + 10**9}):
+        assert auth.authenticate(_hs(_claims(**over))).tenant == "acme"
+
+
+def test_nbf_and_iat_not_after_exp() -> None:
+    # Only reachable with leeway: PyJWT already refuses an iat / nbf in the future beyond it.
+    auth = _hs_auth(leeway_s=120)
+    now = int(time.time())
+    _fails(auth, _hs(_claims(exp=now + 10, iat=now + 60)), "'iat' is after 'exp'")
+    _fails(auth, _hs(_claims(exp=now + 10, nbf=now + 60)), "'nbf' is after 'exp'")
+
+
+def test_max_lifetime() -> None:
+    now = int(time.time())
+    default = _hs_auth()  # 24 h
+    assert AuthConfig().jwt_max_lifetime_s == 24 * 3600
+    assert default.authenticate(_hs(_claims(iat=now, exp=now + 23 * 3600))).tenant == "acme"
+    _fails(default, _hs(_claims(iat=now, exp=now + 25 * 3600)), "exceeds the 86400 s limit")
+    _fails(default, _hs(_claims(exp=now + 25 * 3600)), "exp - now")  # no iat: measured from now
+    # exp - iat counts even when the token has little time left: a 30-day token is refused.
+    _fails(default, _hs(_claims(iat=now - 30 * 86400, exp=now + 60)), "exp - iat")
+    short = _hs_auth(jwt_max_lifetime_s=600)
+    assert short.authenticate(_hs(_claims(iat=now, exp=now + 600))).kind == "jwt"
+    _fails(short, _hs(_claims(iat=now, exp=now + 601)), "lifetime")
+    unlimited = _hs_auth(jwt_max_lifetime_s=0)
+    assert unlimited.authenticate(_hs(_claims(iat=now, exp=now + 10 * 365 * 86400))).kind == "jwt"
+    with pytest.raises(ValueError, match="jwt_max_lifetime_s"):
+        AuthConfig(jwt_max_lifetime_s=-1)
+    with pytest.raises(ValueError, match="jwt_max_lifetime_s"):
+        AuthConfig(jwt_max_lifetime_s=float("inf"))
 
 
 def test_rs256_wrong_signature(rsa_keys: tuple[bytes, str, bytes]) -> None:
