@@ -2,7 +2,8 @@
 
 pagedserve serve [MODEL] [vLLM server flags]    OpenAI-compatible server (demo model if none)
 pagedserve generate [--model M] PROMPT...       offline completions through `LLM`
-pagedserve audit verify FILE                    check an audit log's hash chain
+pagedserve audit verify FILE [--key-file K] [--expect-head [SEQ:]HASH] [--checkpoint CP]
+                                                check an audit log (chain, HMACs, checkpoint)
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"serve": serve_main, "generate": generate_main}
     if argv and argv[0] == "audit":
-        from pagedserve.ops.audit import audit_main
+        from pagedserve.ops.audit_verify import audit_main
 
         return audit_main(argv[1:])
     if not argv or argv[0] not in commands:

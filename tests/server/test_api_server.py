@@ -16,7 +16,7 @@ import pytest
 
 from pagedserve import SamplingParams
 from pagedserve.entrypoints.cli import main as cli_main
-from pagedserve.ops.audit import verify_audit_log
+from pagedserve.ops.audit_verify import verify_audit_log
 from tests.server.conftest import MAX_MODEL_LEN, RunningServer
 
 PROMPTS = ["the model runs", "a cat sees the river", "every request finds a block", "one two three"]
