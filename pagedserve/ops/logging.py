@@ -166,6 +166,7 @@ def log_access(
     request_id: str | None,
     tenant: str | None,
     logger: logging.Logger | None = None,
+    client_request_id: str | None = None,
 ) -> None:
     """One access-log line. The path is logged without its query string (it may hold secrets)."""
     (logger or logging.getLogger(ACCESS_LOGGER)).info(
@@ -179,6 +180,7 @@ def log_access(
             "status": status,
             "latency_ms": round(latency_s * 1000.0, 3),
             "request_id": request_id,
+            "client_request_id": client_request_id,
             "tenant": tenant,
         },
     )
@@ -188,11 +190,16 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class AccessLogMiddleware:
-    """Pure-ASGI middleware: request id in, X-Request-Id out, one access line per request.
+    """Pure-ASGI middleware: request ids in, X-Request-Id out, one access line per request.
 
-    The id is the client's X-Request-Id when it is a sane token, else a fresh uuid4 hex. Place it
-    outermost (added last): the tenant is read from `scope["state"]["principal"]`, which the auth
-    middleware inside it fills in.
+    Every request gets a fresh internal id (uuid4 hex) in `scope["state"]["request_id"]`: it
+    names the engine requests and the audit line, so it must be unique, and a client-chosen
+    header is not (two concurrent requests sending the same X-Request-Id would collide in the
+    engine). The client's X-Request-Id, when it is a sane token, is kept for correlation in
+    `scope["state"]["client_request_id"]` (access log and audit field `client_request_id`) and
+    echoed in the response; without one the response carries the internal id. Place it
+    outermost (added last): the tenant is read from `scope["state"]["principal"]`, which the
+    auth middleware inside it fills in.
     """
 
     def __init__(self, app: Any, logger: logging.Logger | None = None) -> None:
@@ -208,15 +215,17 @@ class AccessLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = None
+        client_rid = None
         for name, value in scope.get("headers", []):
             if name == b"x-request-id":
                 candidate = value.decode("latin-1")
-                rid = candidate if _REQUEST_ID_RE.match(candidate) else None
+                client_rid = candidate if _REQUEST_ID_RE.match(candidate) else None
                 break
-        rid = rid or uuid.uuid4().hex
+        rid = uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = rid
+        state["client_request_id"] = client_rid
+        echoed = (client_rid or rid).encode()
         start = time.perf_counter()
         status = 500
 
@@ -225,7 +234,7 @@ class AccessLogMiddleware:
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", echoed)]
             await send(message)
 
         with request_context(rid):
@@ -237,5 +246,5 @@ class AccessLogMiddleware:
                 tenant_var.set(tenant)
                 log_access(
                     scope.get("method", ""), scope.get("path", ""), status, time.perf_counter() - start, rid, tenant,
-                    logger=self.logger,
+                    logger=self.logger, client_request_id=client_rid,
                 )  # fmt: skip

@@ -313,7 +313,7 @@ def test_audit_chain_verifies_and_cli_finds_edit(api_server: RunningServer, tmp_
     assert result.ok and result.lines_checked >= 3
     lines = copy.read_text().splitlines()
     first = json.loads(lines[0])
-    assert first["model"] == "tiny" and first["status"] in ("ok", "aborted", "error")
+    assert first["model"] == "tiny" and first["status"] in ("ok", "aborted", "error", "rejected")
     assert "the" not in json.dumps({k: v for k, v in first.items() if k != "model"})  # no text, only hashes
     assert cli_main(["audit", "verify", str(copy)]) == 0
     lines[1] = re.sub(r'"completion_tokens":\d+', '"completion_tokens":999', lines[1])

@@ -143,15 +143,21 @@ def test_access_log_tenant_and_request_id(stream: io.StringIO, tmp_path: Path) -
         headers={"Authorization": "Bearer k1", "X-Request-Id": "client-id-1"},
     )
     assert resp.status_code == 200
-    assert resp.json() == {"request_id": "client-id-1"}  # the handler sees the context id
+    # The internal id is always fresh (the client's header is not unique); the response echoes
+    # the client's id, and the logs carry both.
+    internal = resp.json()["request_id"]  # the handler sees the context id
+    assert len(internal) == 32 and internal != "client-id-1"
     assert resp.headers["x-request-id"] == "client-id-1"
     records = _records(stream)
     inside = next(r for r in records if r["msg"].startswith("inside handler"))
-    assert inside["request_id"] == "client-id-1"
+    assert inside["request_id"] == internal
     access = next(r for r in records if r["logger"] == "pagedserve.access")
     assert access["http_method"] == "POST" and access["path"] == "/v1/completions"
     assert access["status"] == 200 and access["tenant"] == "team-blue" and access["latency_ms"] >= 0
-    assert access["request_id"] == "client-id-1"
+    assert access["request_id"] == internal and access["client_request_id"] == "client-id-1"
+    again = client.post("/v1/completions", json={"prompt": "x"},
+                        headers={"Authorization": "Bearer k1", "X-Request-Id": "client-id-1"})  # fmt: skip
+    assert again.headers["x-request-id"] == "client-id-1" and again.json()["request_id"] != internal
     assert PROMPT not in stream.getvalue() and "leaky" not in stream.getvalue()
 
 
@@ -165,4 +171,5 @@ def test_access_log_generates_ids_and_logs_denials(stream: io.StringIO, tmp_path
     assert len(generated) == 32 and generated != "bad id with spaces"
     (access,) = [r for r in _records(stream) if r["logger"] == "pagedserve.access"]
     assert access["request_id"] == generated and access["status"] == 401 and access["tenant"] is None
+    assert access["client_request_id"] is None
     assert PROMPT not in stream.getvalue()

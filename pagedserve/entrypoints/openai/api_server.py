@@ -49,7 +49,7 @@ from pagedserve.entrypoints.openai.responses import (
 )
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion, ServerState
-from pagedserve.ops.audit import AuditLog
+from pagedserve.ops.audit_middleware import AuditMiddleware, audit_log_from_args
 from pagedserve.ops.auth import AuthConfig, Authenticator, AuthMiddleware
 from pagedserve.ops.logging import AccessLogMiddleware, configure_logging
 from pagedserve.ops.metrics import CONTENT_TYPE, EngineMetrics, HTTPMetricsMiddleware
@@ -108,7 +108,7 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
         max_model_len=config.scheduler_config.max_model_len,
         chat_template=load_chat_template(args.chat_template),
         max_waiting_requests=args.max_waiting_requests,
-        audit=AuditLog(args.audit_log) if args.audit_log else None,
+        audit=audit_log_from_args(args),
         default_sampling_params=dict(config.model_config.generation_defaults),
     )
     if state.default_sampling_params:
@@ -231,11 +231,13 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
     authenticator = Authenticator(AuthConfig(
         api_keys=list(args.api_key or []), api_key_file=args.api_key_file, jwt_secret=args.jwt_secret,
         jwt_public_key=args.jwt_public_key, jwt_audience=args.jwt_audience, jwt_issuer=args.jwt_issuer,
-        tenant_claim=args.jwt_tenant_claim,
+        tenant_claim=args.jwt_tenant_claim, jwt_max_lifetime_s=getattr(args, "jwt_max_lifetime", 86400),
     ))  # fmt: skip
     if authenticator.enabled:
         app.add_middleware(AuthMiddleware, authenticator=authenticator)  # type: ignore[arg-type]
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    if state.audit is not None:  # outside every middleware that rejects, inside the request ids
+        app.add_middleware(AuditMiddleware, log=state.audit, model=names[0])  # type: ignore[arg-type]
     app.add_middleware(AccessLogMiddleware)  # type: ignore[arg-type]
     return app
 

@@ -78,6 +78,13 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
     sec.add_argument("--jwt-issuer", default=None)
     sec.add_argument("--jwt-tenant-claim", default="tenant")
     sec.add_argument("--audit-log", default=None, help="append one hash-chained JSON line per request")
+    # Hardening (JWT lifetime; keyed audit chain + checkpoints): one block, see ops/auth.py, ops/audit.py.
+    sec.add_argument("--jwt-max-lifetime", type=_non_negative_int, default=86400, metavar="SECONDS",
+                     help="refuse JWTs living longer (exp - iat, or exp - now without iat); 0 = no limit")
+    sec.add_argument("--audit-key-file", default=None, metavar="FILE",
+                     help="HMAC key for the audit chain (default: $PAGEDSERVE_AUDIT_KEY; none: unkeyed)")
+    sec.add_argument("--audit-checkpoint-interval", type=_positive_int, default=1, metavar="N",
+                     help="rewrite the signed FILE.checkpoint every N audit lines (and on open/close)")
     eng = parser.add_argument_group("engine")
     eng.add_argument("--tokenizer", default=None)
     eng.add_argument(

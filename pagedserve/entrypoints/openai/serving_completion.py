@@ -46,6 +46,7 @@ from pagedserve.entrypoints.openai.responses import (
     sse_event,
 )
 from pagedserve.ops.audit import AuditLog
+from pagedserve.ops.audit_middleware import claim_audit, write_line
 from pagedserve.outputs import Logprob, PromptLogprobs, RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -76,7 +77,8 @@ class AuditInfo:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     output_parts: list[str] = field(default_factory=list)
-    status: str = "error"
+    status: str = "error"  # "ok", "error", "aborted" (client gone), "shutdown" (cut at shutdown)
+    http_status: int | None = 200  # the response's status; None when none was sent
 
 
 class OpenAIServing:
@@ -140,14 +142,22 @@ class OpenAIServing:
         return getattr(getattr(raw.state, "principal", None), "tenant", None)
 
     def audit(self, raw: Request, info: AuditInfo) -> None:
+        """The one detailed audit line of a served request; a second call for the same request
+        (or one after the audit middleware wrote its line) writes nothing. A request cut without
+        an outcome of its own ("aborted") is audited as the log's cut_status, which is
+        "shutdown" once shutdown began (AuditLog.begin_shutdown())."""
         log = self.state.audit
-        if log is None:
+        if log is None or not claim_audit(raw.scope.setdefault("state", {})):
             return
-        log.record(
-            request_id=info.request_id, tenant=self.tenant(raw), model=self.model_name,
+        status = log.cut_status if info.status == "aborted" else info.status
+        principal = getattr(raw.state, "principal", None)
+        write_line(
+            log, request_id=info.request_id, tenant=self.tenant(raw), model=self.model_name,
             arrival_time=info.arrival_wall, finish_time=time.time(), prompt_tokens=info.prompt_tokens,
-            completion_tokens=info.completion_tokens, status=info.status, input=info.input,
-            output="".join(info.output_parts),
+            completion_tokens=info.completion_tokens, status=status, input=info.input,
+            output="".join(info.output_parts), client_request_id=getattr(raw.state, "client_request_id", None),
+            key_id=getattr(principal, "key_id", None), method=raw.method, path=raw.url.path,
+            http_status=None if status in ("aborted", "shutdown") else info.http_status,
         )  # fmt: skip
 
     @staticmethod
@@ -186,8 +196,10 @@ async def run_to_end(
         serving.audit(raw, info)
         raise
     except Exception as e:  # noqa: BLE001 - every engine failure becomes an OpenAI error
+        err = engine_error(e)
+        info.http_status = err.status
         serving.audit(raw, info)
-        return engine_error(e).to_response()
+        return err.to_response()
     finally:
         for handle in handles:
             engine.release(handle)
