@@ -24,6 +24,8 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from starlette.requests import ClientDisconnect
+
 from pagedserve.ops.audit import AuditLog, AuditLogClosedError, load_audit_key
 
 AUDITED_PREFIXES: tuple[str, ...] = ("/v1", "/tokenize", "/detokenize")
@@ -105,7 +107,7 @@ class AuditMiddleware:
         status: str | None = None
         try:
             await self.app(scope, receive, send_wrapper)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ClientDisconnect):
             status = self.log.cut_status
             raise
         except Exception:

@@ -126,3 +126,34 @@ def test_cancelled_request_gets_the_cut_status(tmp_path: Path) -> None:
     assert [(r["request_id"], r["status"], r["http_status"]) for r in rows] == [
         ("aborted", "aborted", None), ("shutdown", "shutdown", None)
     ]
+
+
+def test_handler_audit_is_once_and_honours_shutdown(tmp_path: Path) -> None:
+    from starlette.requests import Request as StarletteRequest
+
+    from pagedserve.entrypoints.openai.serving_completion import AuditInfo, OpenAIServing, ServerState
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    serving = OpenAIServing(ServerState(served_model_names=["tiny"], max_model_len=64, audit=log))
+
+    def request(rid: str) -> StarletteRequest:
+        return StarletteRequest({
+            "type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [], "query_string": b"",
+            "scheme": "http", "server": ("127.0.0.1", 80), "root_path": "",
+            "state": {"request_id": rid, "client_request_id": "client-" + rid},
+        })  # fmt: skip
+
+    served = request("a")
+    info = AuditInfo("chatcmpl-a", 1.0, "hello", prompt_tokens=3, status="ok")
+    serving.audit(served, info)
+    serving.audit(served, info)  # a second call for the same request writes nothing
+    log.begin_shutdown()
+    cut = request("b")
+    serving.audit(cut, AuditInfo("chatcmpl-b", 2.0, "hi", prompt_tokens=1, status="aborted"))
+    log.close()
+    serving.audit(request("c"), AuditInfo("chatcmpl-c", 3.0, None))  # after close: logged, not raised
+    rows = _rows(tmp_path / "audit.jsonl")
+    assert [(r["request_id"], r["status"], r["http_status"], r["client_request_id"]) for r in rows] == [
+        ("chatcmpl-a", "ok", 200, "client-a"), ("chatcmpl-b", "shutdown", None, "client-b"),
+    ]  # fmt: skip
+    assert rows[0]["path"] == "/v1/chat/completions" and rows[0]["model"] == "tiny"
