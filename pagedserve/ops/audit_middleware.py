@@ -54,6 +54,8 @@ def outcome(http_status: int | None) -> str:
 def audit_log_from_args(args: argparse.Namespace) -> AuditLog | None:
     """--audit-log FILE [--audit-key-file K | $PAGEDSERVE_AUDIT_KEY] [--audit-checkpoint-interval N]."""
     if not args.audit_log:
+        if getattr(args, "audit_key_file", None):
+            raise ValueError("--audit-key-file needs --audit-log FILE")
         return None
     key = load_audit_key(getattr(args, "audit_key_file", None))
     if key is None:

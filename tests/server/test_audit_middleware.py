@@ -157,3 +157,30 @@ def test_handler_audit_is_once_and_honours_shutdown(tmp_path: Path) -> None:
         ("chatcmpl-a", "ok", 200, "client-a"), ("chatcmpl-b", "shutdown", None, "client-b"),
     ]  # fmt: skip
     assert rows[0]["path"] == "/v1/chat/completions" and rows[0]["model"] == "tiny"
+
+
+def test_flags_build_the_audit_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagedserve.entrypoints.openai.cli_args import parse_args
+    from pagedserve.ops.audit_middleware import audit_log_from_args
+
+    monkeypatch.delenv("PAGEDSERVE_AUDIT_KEY", raising=False)
+    defaults = parse_args([])
+    assert (defaults.jwt_max_lifetime, defaults.audit_key_file, defaults.audit_checkpoint_interval) == (
+        86400, None, 1
+    )  # fmt: skip
+    assert audit_log_from_args(defaults) is None
+    key_file = tmp_path / "k"
+    key_file.write_bytes(KEY)
+    args = parse_args(["--audit-log", str(tmp_path / "a.jsonl"), "--audit-key-file", str(key_file),
+                       "--audit-checkpoint-interval", "5", "--jwt-max-lifetime", "0"])  # fmt: skip
+    log = audit_log_from_args(args)
+    assert log is not None and log.key == KEY and log.checkpoint_interval == 5
+    log.close()
+    with pytest.raises(ValueError, match="needs --audit-log"):
+        audit_log_from_args(parse_args(["--audit-key-file", str(key_file)]))
+    monkeypatch.setenv("PAGEDSERVE_AUDIT_KEY", "env-key-0123456789abcdef")
+    env_log = audit_log_from_args(parse_args(["--audit-log", str(tmp_path / "b.jsonl")]))
+    assert env_log is not None and env_log.key == b"env-key-0123456789abcdef"
+    env_log.close()
+    with pytest.raises(SystemExit):
+        parse_args(["--audit-checkpoint-interval", "0"])
