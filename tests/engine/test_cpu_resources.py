@@ -1,7 +1,7 @@
 """Host resources of the engine: CPU KV cache sizing, available memory, thread counts.
 
 Exact numbers throughout: the demo model's KV block is 64 KiB (4 layers x 2 (K, V) x 16 tokens x
-4 KV heads x 32 dims x 4 bytes), its weights 12,661,736 bytes.
+4 KV heads x 32 dims x 4 bytes), its weights 12,657,664 bytes.
 """
 
 from __future__ import annotations
