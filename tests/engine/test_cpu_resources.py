@@ -159,3 +159,13 @@ def test_configure_engine_threads_sets_torch() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_threads_flag_reaches_the_engine_args() -> None:
+    from pagedserve.entrypoints.openai.cli_args import engine_args_from, parse_args
+
+    assert engine_args_from(parse_args(["--model", "m", "--cpu-threads", "3"])).cpu_threads == 3
+    assert engine_args_from(parse_args(["--model", "m"])).cpu_threads is None
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model", "m", "--cpu-threads", "0"])
+    assert e.value.code == 2

@@ -97,6 +97,7 @@ def test_pools_larger_than_the_host_are_refused(tiny_checkpoints: Any) -> None:
         _engine(tiny_checkpoints["llama"], kv_cache_memory_bytes=1 << 50)
 
 
-def test_cpu_threads_is_validated(tiny_checkpoints: Any) -> None:
+def test_cpu_threads_is_carried_and_validated(tiny_checkpoints: Any) -> None:
+    assert EngineArgs(model=tiny_checkpoints["llama"], cpu_threads=3).create_engine_config().cpu_threads == 3
     with pytest.raises(ValueError, match="cpu_threads must be >= 1"):
         EngineArgs(model=tiny_checkpoints["llama"], cpu_threads=0).create_engine_config()
