@@ -20,9 +20,9 @@ GiB = 1 << 30
 class CacheConfig:
     block_size: int
     gpu_memory_utilization: float
-    swap_space_bytes: int
+    swap_space_bytes: int  # 0 unless preemption_mode is "swap": recompute never uses the pool
     enable_prefix_caching: bool
-    kv_cache_memory_bytes: int | None  # explicit KV budget; the CPU path always has one
+    kv_cache_memory_bytes: int | None  # explicit KV budget; None: profiled (GPU) or sized (CPU)
     num_gpu_blocks_override: int | None
     # Filled in by the worker once memory is known.
     num_gpu_blocks: int = 0
@@ -64,6 +64,7 @@ class EngineConfig:
     enforce_eager: bool
     attention_backend: str  # "torch" or "triton"
     async_scheduling: bool = False  # plan step n+1 while step n runs (see engine_core.py)
+    cpu_threads: int | None = None  # engine intra-op threads; None: chosen (worker/cpu_resources.py)
 
 
 @dataclass
@@ -99,6 +100,7 @@ class EngineArgs:
     disable_log_stats: bool = True  # accepted for vLLM compatibility; stats are always kept
     generation_config: str = "auto"  # "auto" (the model's file), "vllm" (ignore it) or a directory
     override_generation_config: dict[str, Any] | None = None
+    cpu_threads: int | None = None  # torch intra-op threads of the engine (default: chosen on CPU)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
@@ -131,6 +133,7 @@ class EngineArgs:
              "num_gpu_blocks_override must be >= 1"),
             (self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
              "kv_cache_memory_bytes must be > 0"),
+            (self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -164,10 +167,9 @@ class EngineArgs:
             device = "cuda" if _cuda_available() else "cpu"
         kv_budget = self.kv_cache_memory_bytes
         if kv_budget is None and device == "cpu":
-            space = os.environ.get("PAGEDSERVE_CPU_KVCACHE_SPACE") or os.environ.get(
-                "VLLM_CPU_KVCACHE_SPACE", "4"
-            )
-            kv_budget = int(float(space) * GiB)
+            kv_budget = _cpu_kv_space_from_env()  # None (the default): sized by the worker
+        # Only swap preemption uses the swap pool; with recompute it would be memory held for nothing.
+        swap_bytes = int(self.swap_space * GiB) if self.preemption_mode == "swap" else 0
         return EngineConfig(
             model_config=ModelConfig(
                 model=self.model,
@@ -184,7 +186,7 @@ class EngineArgs:
             cache_config=CacheConfig(
                 block_size=self.block_size,
                 gpu_memory_utilization=self.gpu_memory_utilization,
-                swap_space_bytes=int(self.swap_space * GiB),
+                swap_space_bytes=swap_bytes,
                 enable_prefix_caching=self.enable_prefix_caching,
                 kv_cache_memory_bytes=kv_budget,
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
@@ -201,6 +203,7 @@ class EngineArgs:
             enforce_eager=self.enforce_eager,
             attention_backend="triton" if device == "cuda" else "torch",
             async_scheduling=self.async_scheduling,
+            cpu_threads=self.cpu_threads,
         )
 
 
@@ -220,6 +223,21 @@ def _derive_max_model_len(hf_config: Any, requested: int | None) -> int:
             f"max_model_len ({requested}) is larger than the model's context length ({limit})"
         )
     return requested
+
+
+def _cpu_kv_space_from_env() -> int | None:
+    """PAGEDSERVE_CPU_KVCACHE_SPACE or vLLM's VLLM_CPU_KVCACHE_SPACE, in GiB; unset or 0: automatic."""
+    for name in ("PAGEDSERVE_CPU_KVCACHE_SPACE", "VLLM_CPU_KVCACHE_SPACE"):
+        text = os.environ.get(name, "").strip()
+        if text:
+            try:
+                gib = float(text)
+            except ValueError:
+                raise ValueError(f"{name} must be a number of GiB, got {text!r}") from None
+            if gib < 0:
+                raise ValueError(f"{name} must be >= 0 (GiB), got {text!r}")
+            return int(gib * GiB) or None
+    return None
 
 
 def _cuda_available() -> bool:

@@ -150,11 +150,13 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     import zmq
 
     from pagedserve.engine.engine_core import EngineCore
+    from pagedserve.worker.cpu_resources import configure_engine_threads
 
     if os.environ.get(ENV_LOG_LEVEL):  # the server's log format, for this process's lines too
         from pagedserve.ops.logging import configure_logging
 
         configure_logging(os.environ[ENV_LOG_LEVEL], json=os.environ.get(ENV_LOG_JSON, "1") == "1")
+    configure_engine_threads(config.device, config.cpu_threads)
     ctx = zmq.Context()
     out_sock = ctx.socket(zmq.PUSH)
     out_sock.connect(output_addr)

@@ -79,8 +79,8 @@ class EngineCore:
         if self.runner.decode_graphs is not None:
             self.stats.extra["cuda_graph_capture_seconds"] = self.runner.decode_graphs.capture_seconds
         logger.info(
-            "engine ready in %.1f s: %d GPU blocks (%d tokens), %d CPU swap blocks",
-            self.stats.startup_seconds, num_gpu, capacity, num_cpu,
+            "engine ready in %.1f s: %d %s KV blocks (%d tokens), %d swap blocks",
+            self.stats.startup_seconds, num_gpu, "CPU" if config.device == "cpu" else "GPU", capacity, num_cpu,
         )
 
     @property

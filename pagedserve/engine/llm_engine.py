@@ -31,6 +31,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_config = config.model_config
+        if config.cpu_threads is not None:  # in-process: torch's default unless asked (the caller's process)
+            import torch
+
+            torch.set_num_threads(config.cpu_threads)
         self.tokenizer = load_tokenizer(config)
         self.engine_core = EngineCore(config)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -80,6 +80,30 @@ def move_blocks(
             d_tensor.index_copy_(0, dst_idx, blocks)
 
 
+def log_kv_pools(
+    spec: KVCacheSpec, device_type: str, num_blocks: int, num_swap_blocks: int, sizing: str,
+    preemption_mode: str,
+) -> None:  # fmt: skip
+    """One start-up line per pool: what it holds, where, and the memory it takes."""
+    bpb, block_size = spec.bytes_per_block, spec.block_size
+    where = "CPU" if device_type == "cpu" else "GPU"
+    logger.info(
+        "KV cache: %d %s blocks of %d tokens (%d tokens), %.1f MiB of %s memory (%s)",
+        num_blocks, where, block_size, num_blocks * block_size, num_blocks * bpb / 2**20, where, sizing,
+    )  # fmt: skip
+    if num_swap_blocks:
+        logger.info(
+            "swap pool: %d CPU blocks (%d tokens), %.1f MiB of %s CPU memory (--swap-space)",
+            num_swap_blocks, num_swap_blocks * block_size, num_swap_blocks * bpb / 2**20,
+            "pinned" if device_type == "cuda" else "plain",
+        )  # fmt: skip
+    elif preemption_mode != "swap":
+        logger.info("swap pool: none (preemption mode %s recomputes preempted requests; "
+                    "--preemption-mode swap allocates --swap-space)", preemption_mode)  # fmt: skip
+    else:
+        logger.info("swap pool: none (--swap-space holds no block): preempted requests are recomputed")
+
+
 def num_blocks_from_budget(budget_bytes: int, spec: KVCacheSpec) -> int:
     return max(int(budget_bytes // spec.bytes_per_block), 0)
 

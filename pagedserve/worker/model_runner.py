@@ -39,10 +39,17 @@ from pagedserve.model_executor.layers.attention import AttentionMetadata
 from pagedserve.model_executor.loader import load_model, resolve_dtype
 from pagedserve.sampling_params import SamplingParams, SamplingType
 from pagedserve.structured_output import GrammarCompilerCache
+from pagedserve.worker.cpu_resources import (
+    check_host_pools_fit,
+    cpu_kv_cache_blocks,
+    mem_available_bytes,
+    module_bytes,
+)
 from pagedserve.worker.cuda_graphs import DecodeGraphs, DecodeResult
 from pagedserve.worker.kv_cache import (
     KVCacheSpec,
     allocate_kv_cache,
+    log_kv_pools,
     move_blocks,
     num_blocks_from_budget,
     profile_gpu_kv_budget,
@@ -130,6 +137,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.decode_graphs: DecodeGraphs | None = None
+        self._kv_sizing = ""  # how determine_num_blocks sized the KV cache (start-up log)
         self.grammar_cache: GrammarCompilerCache | None = None  # built on the first structured request
         self._last_launch: StepHandle | None = None  # the placeholders' source (see launch)
         self._unresolved: list[StepHandle] = []  # async steps whose ids are not on the host, in order
@@ -145,26 +153,41 @@ class ModelRunner:
 
     def determine_num_blocks(self) -> tuple[int, int]:
         cache = self.config.cache_config
+        sched = self.config.scheduler_config
+        on_cpu = self.device.type == "cpu"
+        available = mem_available_bytes()
         if cache.num_gpu_blocks_override is not None:
-            num_gpu = cache.num_gpu_blocks_override
+            num_gpu, self._kv_sizing = cache.num_gpu_blocks_override, "num_gpu_blocks_override"
         elif cache.kv_cache_memory_bytes is not None:
             num_gpu = num_blocks_from_budget(cache.kv_cache_memory_bytes, self.spec)
+            self._kv_sizing = "the explicit KV cache budget"
+        elif on_cpu:
+            sizing = cpu_kv_cache_blocks(
+                self.spec.bytes_per_block, self.spec.block_size, sched.max_num_seqs,
+                sched.max_model_len, available, module_bytes(self.model),
+            )  # fmt: skip
+            num_gpu, self._kv_sizing = sizing.num_blocks, sizing.describe()
         else:
             budget = profile_gpu_kv_budget(
                 self._profile_forward, cache.gpu_memory_utilization, self.device
             )
             num_gpu = num_blocks_from_budget(budget, self.spec)
+            self._kv_sizing = f"profiled under gpu_memory_utilization {cache.gpu_memory_utilization}"
         num_cpu = num_blocks_from_budget(cache.swap_space_bytes, self.spec)
         if num_gpu < 1:
             raise ValueError("the KV cache budget holds no block; give it more memory")
+        check_host_pools_fit((num_cpu + (num_gpu if on_cpu else 0)) * self.spec.bytes_per_block, available)
         return num_gpu, num_cpu  # EngineCore checks that max_model_len fits
 
     def initialize_kv_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
+        # torch.zeros touches every page: the pools are resident from here on (see cpu_resources.py)
         self.kv_caches = allocate_kv_cache(self.spec, num_gpu_blocks, self.device)
         pin = self.device.type == "cuda"
         self.cpu_caches = allocate_kv_cache(
             self.spec, num_cpu_blocks, torch.device("cpu"), pin_memory=pin
         ) if num_cpu_blocks else []
+        log_kv_pools(self.spec, self.device.type, num_gpu_blocks, num_cpu_blocks, self._kv_sizing,
+                     self.config.scheduler_config.preemption_mode)  # fmt: skip
         if self.device.type == "cuda" and not self.config.enforce_eager:
             sched = self.config.scheduler_config
             max_blocks = -(-sched.max_model_len // self.spec.block_size)

@@ -53,6 +53,7 @@ from pagedserve.ops.audit_middleware import AuditMiddleware, audit_log_from_args
 from pagedserve.ops.auth import AuthConfig, Authenticator, AuthMiddleware
 from pagedserve.ops.logging import AccessLogMiddleware, configure_logging
 from pagedserve.ops.metrics import CONTENT_TYPE, EngineMetrics, HTTPMetricsMiddleware
+from pagedserve.worker.cpu_resources import configure_front_threads
 
 logger = logging.getLogger("pagedserve.api_server")
 
@@ -259,6 +260,8 @@ def run_server(args: argparse.Namespace) -> None:
     configure_logging(args.log_level, json=args.log_format == "json")
     os.environ[ENV_LOG_LEVEL] = args.log_level
     os.environ[ENV_LOG_JSON] = "1" if args.log_format == "json" else "0"
+    if not getattr(args, "engine_in_process", False):  # the engine process gets the other cores
+        configure_front_threads()
     logger.info("starting server", extra={"model": args.model, "host": args.host, "port": args.port,
                                           "tls": bool(args.ssl_certfile), "pid": os.getpid()})  # fmt: skip
     try:

@@ -118,7 +118,16 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
                      help='JSON object replacing generation config keys, e.g. \'{"temperature": 0.5}\'')
     eng.add_argument("--async-scheduling", action="store_true",
                      help="plan and launch step n+1 while step n runs on the GPU")  # fmt: skip
+    add_cpu_args(parser)
     return parser
+
+
+def add_cpu_args(parser: argparse.ArgumentParser) -> None:
+    """Host resources of the engine process (pagedserve/worker/cpu_resources.py)."""
+    cpu = parser.add_argument_group("CPU resources")
+    cpu.add_argument("--cpu-threads", type=_positive_int, default=None,
+                     help="torch intra-op threads of the engine process (default on CPU: "
+                          "$OMP_NUM_THREADS, else the usable cores minus one for the HTTP process)")  # fmt: skip
 
 
 def make_arg_parser(prog: str = "pagedserve.entrypoints.openai.api_server", positional_model: bool = False
@@ -188,4 +197,5 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         max_logprobs=args.max_logprobs,
         generation_config=args.generation_config,
         override_generation_config=args.override_generation_config,
+        cpu_threads=getattr(args, "cpu_threads", None),
     )
