@@ -150,7 +150,11 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     import zmq
 
     from pagedserve.engine.engine_core import EngineCore
+    from pagedserve.engine.parent_watch import guard_parent, parent_is_alive
 
+    parent = multiprocessing.parent_process()
+    parent_pid = parent.pid if parent is not None and parent.pid is not None else os.getppid()
+    guard_parent(parent_pid)  # never outlive the server (prctl death signal + watchdog thread)
     if os.environ.get(ENV_LOG_LEVEL):  # the server's log format, for this process's lines too
         from pagedserve.ops.logging import configure_logging
 
@@ -162,7 +166,6 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     in_sock.connect(input_addr)
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(InputMsg)  # type: ignore[arg-type]
-    parent = multiprocessing.parent_process()
     try:
         core = EngineCore(config)
     except Exception as e:  # noqa: BLE001 - reported to the HTTP process, which fails start-up
@@ -181,7 +184,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     try:
         while True:
             busy = core.has_unfinished_requests()
-            # Block for input only when idle; the timeout lets an orphan notice its parent died.
+            # Block for input only when idle (the watchdog thread covers long waits and steps).
             events = dict(poller.poll(0 if busy else 1000))
             had_input = False
             while events:
@@ -203,7 +206,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
                 out_sock.send(encoder.encode(OutputsMsg(outputs, core.stats.last)))
             elif had_input or busy:  # went idle: report the freed KV cache
                 out_sock.send(encoder.encode(OutputsMsg([], idle_stats(core))))
-            if not busy and parent is not None and not parent.is_alive():
+            if not parent_is_alive(parent_pid):  # every step: an orphan stops computing at once
                 return
     except Exception as e:  # noqa: BLE001 - a bug in a step: tell the HTTP process, then die
         logger.exception("engine core failed")
@@ -331,8 +334,9 @@ class MPClient:
                 self._proc.kill()
                 self._proc.join(5)
         self.is_alive = False
-        if self._ctx is not None:
+        if self._ctx is not None:  # None after a first shutdown (a restart shuts a dead client down)
             self._ctx.destroy(linger=0)
+            self._ctx = None
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 

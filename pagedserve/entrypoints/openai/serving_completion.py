@@ -23,6 +23,7 @@ from pagedserve.entrypoints.openai.errors import (
     BadRequestError,
     NotFoundError,
     OpenAIError,
+    ServerShutdownError,
     ServiceUnavailableError,
     error_sse,
     overloaded,
@@ -66,6 +67,9 @@ class ServerState:
     # the model's generation_config defaults for knobs a request leaves unset (as vLLM)
     default_sampling_params: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # "draining" (graceful shutdown) or "restarting" (a dead engine being replaced): /health and
+    # new requests answer 503 while set (entrypoints/openai/lifecycle.py sets it)
+    lifecycle: str | None = None
 
 
 @dataclass(slots=True)
@@ -92,6 +96,10 @@ class OpenAIServing:
             raise NotFoundError(f"The model `{model}` does not exist.", param="model")
 
     def engine(self) -> AsyncLLM:
+        if self.state.lifecycle == "draining":
+            raise ServiceUnavailableError("The server is shutting down; send the request to another replica.")
+        if self.state.lifecycle == "restarting":
+            raise ServiceUnavailableError("The engine is restarting; retry shortly.", retry_after_s=5)
         engine = self.state.engine
         if engine is None:
             msg = self.state.start_error or "The engine is starting; retry shortly."
@@ -186,11 +194,17 @@ async def run_to_end(
         serving.audit(raw, info)
         raise
     except Exception as e:  # noqa: BLE001 - every engine failure becomes an OpenAI error
+        info.status = failure_status(e)
         serving.audit(raw, info)
         return engine_error(e).to_response()
     finally:
         for handle in handles:
             engine.release(handle)
+
+
+def failure_status(e: Exception) -> str:
+    """The audit status of a request that ended with `e`."""
+    return "shutdown" if isinstance(e, ServerShutdownError) else "error"
 
 
 def engine_error(e: Exception) -> OpenAIError:
@@ -416,6 +430,7 @@ class OpenAIServingCompletion(OpenAIServing):
             info.status = "aborted"
             raise
         except Exception as e:  # noqa: BLE001 - headers are out: report inside the stream
+            info.status = failure_status(e)
             yield error_sse(engine_error(e))
         finally:
             for h in handles:
