@@ -248,7 +248,9 @@ class MPClient:
         return self._proc.pid if self._proc is not None else None
 
     async def start(self, timeout_s: float = 600.0) -> ReadyMsg:
-        """Spawn the engine process and wait until it reports ready (or fails)."""
+        """Spawn the engine process and wait until it reports ready (or fails). Call it on a
+        thread that outlives the client (the server's event-loop thread): the engine's parent-death
+        signal fires when the spawning thread exits (engine/parent_watch.py)."""
         import zmq
         import zmq.asyncio
 

@@ -132,6 +132,8 @@ def test_sigterm_past_shutdown_timeout_cuts_with_error_event(
     stream_id = json.loads(events[0])["id"]
     statuses = {line["request_id"]: line["status"] for line in audit_lines(server)}
     assert statuses[stream_id] == "shutdown"
+    # the plain request too, if it was admitted before the drain began (else it has no line)
+    assert set(statuses.values()) == {"shutdown"}, statuses
 
 
 def test_restart_engine_serves_again(server_factory: Callable[..., RunningServer]) -> None:
