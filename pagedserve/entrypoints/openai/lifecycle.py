@@ -140,6 +140,7 @@ class ServerLifecycle:
         if self.draining or self.restarts_left <= 0:
             self._spawn(self._exit_dead(reason))
         else:
+            self.state.lifecycle = "restarting"  # now, not when the task first runs
             self._spawn(self._restart(reason))
 
     async def _exit_dead(self, reason: str) -> None:
@@ -156,7 +157,6 @@ class ServerLifecycle:
     async def _restart(self, reason: str) -> None:
         engine = self.state.engine
         assert engine is not None  # only a started engine can die
-        self.state.lifecycle = "restarting"
         try:
             while self.restarts_left > 0:
                 self.restarts_left -= 1
