@@ -167,8 +167,8 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
     @app.get("/health")
     async def health() -> Response:
         engine = state.engine
-        if state.lifecycle is not None:  # draining / restarting
-            return JSONResponse({"status": state.lifecycle}, status_code=503)
+        if state.lifecycle_status is not None:  # draining / restarting
+            return JSONResponse({"status": state.lifecycle_status}, status_code=503)
         if engine is None or not engine.is_alive:
             reason = "starting" if engine is None and state.start_error is None else "unavailable"
             return JSONResponse({"status": reason}, status_code=503)

@@ -103,7 +103,7 @@ class ServerLifecycle:
 
     async def _drain(self, signal_name: str) -> None:
         self.draining = True
-        self.state.lifecycle = "draining"
+        self.state.lifecycle_status = "draining"
         engine = self.state.engine
         in_flight = engine.num_in_flight if engine is not None else 0
         logger.info(
@@ -140,7 +140,7 @@ class ServerLifecycle:
         if self.draining or self.restarts_left <= 0:
             self._spawn(self._exit_dead(reason))
         else:
-            self.state.lifecycle = "restarting"  # now, not when the task first runs
+            self.state.lifecycle_status = "restarting"  # now, not when the task first runs
             self._spawn(self._restart(reason))
 
     async def _exit_dead(self, reason: str) -> None:
@@ -172,8 +172,8 @@ class ServerLifecycle:
                 logger.info("engine restarted", extra={"engine_pid": ready.pid})
                 return
         finally:
-            if self.state.lifecycle == "restarting":  # not if a drain began meanwhile
-                self.state.lifecycle = None
+            if self.state.lifecycle_status == "restarting":  # not if a drain began meanwhile
+                self.state.lifecycle_status = None
         await self._exit_dead(f"no engine restarts left ({reason})")
 
     # ------------------------------------------------------------------ plumbing

@@ -69,7 +69,7 @@ class ServerState:
     extra: dict[str, Any] = field(default_factory=dict)
     # "draining" (graceful shutdown) or "restarting" (a dead engine being replaced): /health and
     # new requests answer 503 while set (entrypoints/openai/lifecycle.py sets it)
-    lifecycle: str | None = None
+    lifecycle_status: str | None = None
 
 
 @dataclass(slots=True)
@@ -96,9 +96,9 @@ class OpenAIServing:
             raise NotFoundError(f"The model `{model}` does not exist.", param="model")
 
     def engine(self) -> AsyncLLM:
-        if self.state.lifecycle == "draining":
+        if self.state.lifecycle_status == "draining":
             raise ServiceUnavailableError("The server is shutting down; send the request to another replica.")
-        if self.state.lifecycle == "restarting":
+        if self.state.lifecycle_status == "restarting":
             raise ServiceUnavailableError("The engine is restarting; retry shortly.", retry_after_s=5)
         engine = self.state.engine
         if engine is None:
