@@ -28,6 +28,7 @@ from pagedserve.engine.core_client import (
     InprocClient,
     MPClient,
     OutputsMsg,
+    ReadyMsg,
     params_to_dict,
 )
 from pagedserve.engine.output_processor import OutputProcessor
@@ -67,6 +68,7 @@ class RequestHandle:
 
 StatsListener = Callable[[SchedulerStats], None]
 FinishedListener = Callable[[FinishedRequestStats], None]
+DeadListener = Callable[[str], None]  # called after the in-flight requests were failed
 
 
 class AsyncLLM:
@@ -80,6 +82,7 @@ class AsyncLLM:
         self.last_stats: SchedulerStats | None = None
         self.stats_listeners: list[StatsListener] = []
         self.finished_listeners: list[FinishedListener] = []
+        self.dead_listeners: list[DeadListener] = []
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         client.on_outputs = self._on_outputs
         client.on_dead = self._on_dead
@@ -291,11 +294,41 @@ class AsyncLLM:
         if processed.reqs_to_abort:  # finished by a stop string: stop the core computing them
             self.client.abort(processed.reqs_to_abort)
 
+    def fail_all(self, error: BaseException) -> int:
+        """End every in-flight request with `error` (each stream raises it) and tell a live engine
+        to stop computing them. Returns how many were failed."""
+        ids = list(self._queues)
+        for request_id in ids:
+            self._abort_now(request_id)
+            self._queues[request_id].put_nowait(error)
+        return len(ids)
+
     def _on_dead(self, reason: str) -> None:
-        err = EngineDeadError(f"the engine stopped: {reason}")
-        for request_id, queue in list(self._queues.items()):
-            self.output_processor.abort_requests([request_id])
-            queue.put_nowait(err)
+        self.fail_all(EngineDeadError(f"the engine stopped: {reason}"))
+        for listener in self.dead_listeners:
+            try:
+                listener(reason)
+            except Exception:  # noqa: BLE001
+                logger.exception("engine-dead listener failed")
+
+    async def restart(self) -> ReadyMsg:
+        """Replace a dead engine core by a fresh one of the same config (in place: listeners,
+        tokenizer and routes stay). In-flight requests were already failed by the death; until
+        the new core is ready `is_alive` stays False, so new requests get EngineDeadError."""
+        old = self.client
+        await old.shutdown()
+        client: EngineCoreClient = MPClient(self.config) if isinstance(old, MPClient) else InprocClient(self.config)
+        client.on_outputs = self._on_outputs
+        client.on_dead = self._on_dead
+        try:
+            ready = await client.start()
+        except BaseException:  # a failed start (or a cancelled restart) leaves no process behind
+            await client.shutdown()
+            raise
+        self.client = client
+        self.request_builder.vocab_size = ready.vocab_size
+        self.last_stats = None
+        return ready
 
     async def shutdown(self) -> None:
         await self.client.shutdown()

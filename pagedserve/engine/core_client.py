@@ -150,8 +150,12 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     import zmq
 
     from pagedserve.engine.engine_core import EngineCore
+    from pagedserve.engine.parent_watch import guard_parent, parent_is_alive
     from pagedserve.worker.cpu_resources import configure_engine_threads
 
+    parent = multiprocessing.parent_process()
+    parent_pid = parent.pid if parent is not None and parent.pid is not None else os.getppid()
+    guard_parent(parent_pid)  # never outlive the server (prctl death signal + watchdog thread)
     if os.environ.get(ENV_LOG_LEVEL):  # the server's log format, for this process's lines too
         from pagedserve.ops.logging import configure_logging
 
@@ -164,7 +168,6 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     in_sock.connect(input_addr)
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(InputMsg)  # type: ignore[arg-type]
-    parent = multiprocessing.parent_process()
     try:
         core = EngineCore(config)
     except Exception as e:  # noqa: BLE001 - reported to the HTTP process, which fails start-up
@@ -183,7 +186,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     try:
         while True:
             busy = core.has_unfinished_requests()
-            # Block for input only when idle; the timeout lets an orphan notice its parent died.
+            # Block for input only when idle (the watchdog thread covers long waits and steps).
             events = dict(poller.poll(0 if busy else 1000))
             had_input = False
             while events:
@@ -205,7 +208,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
                 out_sock.send(encoder.encode(OutputsMsg(outputs, core.stats.last)))
             elif had_input or busy:  # went idle: report the freed KV cache
                 out_sock.send(encoder.encode(OutputsMsg([], idle_stats(core))))
-            if not busy and parent is not None and not parent.is_alive():
+            if not parent_is_alive(parent_pid):  # every step: an orphan stops computing at once
                 return
     except Exception as e:  # noqa: BLE001 - a bug in a step: tell the HTTP process, then die
         logger.exception("engine core failed")
@@ -247,7 +250,9 @@ class MPClient:
         return self._proc.pid if self._proc is not None else None
 
     async def start(self, timeout_s: float = 600.0) -> ReadyMsg:
-        """Spawn the engine process and wait until it reports ready (or fails)."""
+        """Spawn the engine process and wait until it reports ready (or fails). Call it on a
+        thread that outlives the client (the server's event-loop thread): the engine's parent-death
+        signal fires when the spawning thread exits (engine/parent_watch.py)."""
         import zmq
         import zmq.asyncio
 
@@ -333,8 +338,9 @@ class MPClient:
                 self._proc.kill()
                 self._proc.join(5)
         self.is_alive = False
-        if self._ctx is not None:
+        if self._ctx is not None:  # None after a first shutdown (a restart shuts a dead client down)
             self._ctx.destroy(linger=0)
+            self._ctx = None
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,12 +49,14 @@ def test_load_shedding_429(small_server: RunningServer) -> None:
     assert len(texts) == 1  # every admitted request ran to the same greedy completion
 
 
-def test_engine_death_503_and_inflight_errors(small_server: RunningServer) -> None:
+def test_engine_death_fails_inflight_requests_and_exits_nonzero(small_server: RunningServer) -> None:
+    """A dead engine is no zombie front: in-flight requests get their errors, then the server exits
+    with status 1 so that its supervisor restarts it (--restart-engine: tests/server/test_lifecycle.py)."""
     engine_pid = small_server.engine_pid()
     body = {"model": "tiny", "prompt": "the model", "max_tokens": 240, "ignore_eos": True, "stream": True}
 
-    async def run() -> tuple[list[str], float, int]:
-        async with httpx.AsyncClient(base_url=small_server.base_url, timeout=30) as http:
+    async def run() -> tuple[list[str], httpx.Response]:
+        async with httpx.AsyncClient(base_url=small_server.base_url, timeout=60) as http:
             events: list[str] = []
             waiting = asyncio.create_task(http.post("/v1/completions", json={**body, "stream": False}))
             async with http.stream("POST", "/v1/completions", json=body) as r:
@@ -66,18 +67,12 @@ def test_engine_death_503_and_inflight_errors(small_server: RunningServer) -> No
                     events.append(line)
                     if len(events) == 1:  # mid-stream: kill the engine
                         os.kill(engine_pid, signal.SIGKILL)
-                        killed = time.monotonic()
-            while (await http.get("/health")).status_code != 503:
-                await asyncio.sleep(0.05)
-            to_503 = time.monotonic() - killed
-            other = await waiting
-            return events, to_503, other.status_code
+            return events, await waiting
 
-    events, to_503, other_status = asyncio.run(asyncio.wait_for(run(), timeout=30))
-    assert to_503 < 2.0
+    events, other = asyncio.run(asyncio.wait_for(run(), timeout=120))
     errors = [json.loads(e[6:]) for e in events if e.startswith("data: {") and '"error"' in e]
     assert errors and errors[0]["error"]["code"] == 503, events[-3:]
     assert events[-1] == "data: [DONE]"
-    assert other_status == 503
-    r = httpx.post(small_server.v1 + "/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
-    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
+    assert other.status_code == 503 and other.json()["error"]["type"] == "service_unavailable_error"
+    assert small_server.proc.wait(90) == 1
+    assert "the engine died; the server exits" in small_server.log()

@@ -6,7 +6,8 @@ Request path: AccessLogMiddleware (request id, access line) -> HTTPMetricsMiddle
 AuthMiddleware (/v1/*) -> route -> OpenAIServing* -> AsyncLLM -> engine core process.
 
 The engine starts in the background once uvicorn is up: until it is ready /health and the
-generation routes answer 503; if the engine process dies they answer 503 again.
+generation routes answer 503. How the server stops (drain on SIGTERM, exit or restart when the
+engine process dies) is lifecycle.py's.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ from pagedserve.entrypoints.openai.errors import (
     BadRequestError,
     ServiceUnavailableError,
     install_exception_handlers,
+)
+from pagedserve.entrypoints.openai.lifecycle import (
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
+    DrainingServer,
+    ServerLifecycle,
+    engine_restarts,
 )
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -76,6 +83,8 @@ class MetricsBridge:
         self._prev_queries = self._prev_hits = self._prev_preemptions = 0
 
     def on_stats(self, s: SchedulerStats) -> None:
+        if s.prefix_cache_queries < self._prev_queries or s.num_preemptions < self._prev_preemptions:
+            self._prev_queries = self._prev_hits = self._prev_preemptions = 0  # a restarted engine
         dq = max(0, s.prefix_cache_queries - self._prev_queries)
         dh = min(dq, max(0, s.prefix_cache_hits - self._prev_hits))
         dp = max(0, s.num_preemptions - self._prev_preemptions)
@@ -118,6 +127,9 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
     metrics = EngineMetrics(names[0], max_model_len=state.max_model_len)
     bridge = MetricsBridge(metrics)
     multiprocess = getattr(args, "engine_in_process", False) is False
+    lifecycle = ServerLifecycle(
+        state, getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT_S), engine_restarts(args)
+    )
 
     async def start_engine() -> None:
         try:
@@ -128,6 +140,7 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
             return
         engine.stats_listeners.append(bridge.on_stats)
         engine.finished_listeners.append(bridge.on_finished)
+        lifecycle.watch(engine)
         state.engine = engine
         logger.info("engine ready", extra={"engine_pid": engine.client.pid})
 
@@ -138,6 +151,7 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
             yield
         finally:
             starter.cancel()
+            await lifecycle.close()
             if state.engine is not None:
                 await state.engine.shutdown()
             if state.audit is not None:
@@ -145,6 +159,7 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
 
     app = FastAPI(title="pagedserve", version=pagedserve.__version__, lifespan=lifespan)
     app.state.server = state
+    app.state.lifecycle = lifecycle
     app.state.metrics = metrics
     install_exception_handlers(app)
     completion = OpenAIServingCompletion(state)
@@ -153,6 +168,8 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
     @app.get("/health")
     async def health() -> Response:
         engine = state.engine
+        if state.lifecycle_status is not None:  # draining / restarting
+            return JSONResponse({"status": state.lifecycle_status}, status_code=503)
         if engine is None or not engine.is_alive:
             reason = "starting" if engine is None and state.start_error is None else "unavailable"
             return JSONResponse({"status": reason}, status_code=503)
@@ -243,7 +260,8 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
     return app
 
 
-async def serve(args: argparse.Namespace, app: Any | None = None) -> None:
+async def serve(args: argparse.Namespace, app: Any | None = None) -> int:
+    """Serve until stopped; returns the exit status (non-zero: the engine died)."""
     import uvicorn
 
     app = app if app is not None else build_app(args)
@@ -252,7 +270,14 @@ async def serve(args: argparse.Namespace, app: Any | None = None) -> None:
         ssl_ca_certs=args.ssl_ca_certs, root_path=args.root_path or "", log_level=args.uvicorn_log_level,
         access_log=False, log_config=None, timeout_graceful_shutdown=5,
     )  # fmt: skip
-    await uvicorn.Server(config).serve()
+    lifecycle: ServerLifecycle | None = getattr(app.state, "lifecycle", None)
+    if lifecycle is None:
+        await uvicorn.Server(config).serve()
+        return 0
+    server = DrainingServer(config, lifecycle)
+    lifecycle.attach(server)
+    await server.serve()
+    return lifecycle.exit_code
 
 
 def run_server(args: argparse.Namespace) -> None:
@@ -265,9 +290,12 @@ def run_server(args: argparse.Namespace) -> None:
     logger.info("starting server", extra={"model": args.model, "host": args.host, "port": args.port,
                                           "tls": bool(args.ssl_certfile), "pid": os.getpid()})  # fmt: skip
     try:
-        asyncio.run(serve(args))
-    except KeyboardInterrupt:  # uvicorn re-raises SIGINT after its graceful shutdown
-        logger.info("server stopped")
+        code = asyncio.run(serve(args))
+    except KeyboardInterrupt:  # a plain uvicorn server re-raises SIGINT after its shutdown
+        code = 0
+    logger.info("server stopped", extra={"exit_code": code})
+    if code:
+        raise SystemExit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

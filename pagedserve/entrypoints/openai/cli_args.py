@@ -119,6 +119,18 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
     eng.add_argument("--async-scheduling", action="store_true",
                      help="plan and launch step n+1 while step n runs on the GPU")  # fmt: skip
     add_cpu_args(parser)
+    # --- lifecycle: graceful drain and engine death (entrypoints/openai/lifecycle.py)
+    life = parser.add_argument_group("shutdown and engine failure")
+    life.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0, metavar="SECONDS",
+                      help="on SIGTERM/SIGINT stop admitting and let in-flight requests finish for up to "
+                           "this long, then cut the rest with an error (default: 30; 0: cut at once)")
+    life.add_argument("--restart-engine", action="store_true",
+                      help="respawn a dead engine process in place (at most --max-engine-restarts "
+                           "times); without it a dead engine makes the server exit with status 1, "
+                           "so that its supervisor restarts the service")
+    life.add_argument("--max-engine-restarts", type=_positive_int, default=None, metavar="N",
+                      help="engine restarts allowed over the server's life with --restart-engine "
+                           "(default: 3); past them the server exits with status 1")
     return parser
 
 
@@ -128,6 +140,16 @@ def add_cpu_args(parser: argparse.ArgumentParser) -> None:
     cpu.add_argument("--cpu-threads", type=_positive_int, default=None,
                      help="torch intra-op threads of the engine process (default on CPU: "
                           "$OMP_NUM_THREADS, else the usable cores minus one for the HTTP process)")  # fmt: skip
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
 
 
 def make_arg_parser(prog: str = "pagedserve.entrypoints.openai.api_server", positional_model: bool = False
@@ -160,6 +182,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--tensor-parallel-size > 1 is not supported yet")
     if args.quantization is not None:
         parser.error(f"--quantization {args.quantization!r} is not supported yet")
+    if args.max_engine_restarts is not None and not args.restart_engine:
+        parser.error("--max-engine-restarts needs --restart-engine")
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None,

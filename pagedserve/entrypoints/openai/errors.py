@@ -108,6 +108,11 @@ class ServiceUnavailableError(OpenAIError):
         super().__init__(message, status=503, type="service_unavailable_error", headers=headers)
 
 
+class ServerShutdownError(ServiceUnavailableError):
+    """A request still running when a graceful shutdown's --shutdown-timeout ran out: it is cut
+    (a stream gets this as its error event) and audited with status "shutdown"."""
+
+
 # ---------------------------------------------------------------------------- helpers
 
 

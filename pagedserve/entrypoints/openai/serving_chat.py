@@ -40,6 +40,7 @@ from pagedserve.entrypoints.openai.serving_completion import (
     AuditInfo,
     OpenAIServing,
     engine_error,
+    failure_status,
     prompt_logprobs_json,
     run_to_end,
 )
@@ -205,6 +206,7 @@ class OpenAIServingChat(OpenAIServing):
             info.status = "aborted"
             raise
         except Exception as e:  # noqa: BLE001 - headers are out: report inside the stream
+            info.status = failure_status(e)
             yield error_sse(engine_error(e))
         finally:
             engine.release(handle)

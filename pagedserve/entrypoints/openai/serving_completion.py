@@ -23,6 +23,7 @@ from pagedserve.entrypoints.openai.errors import (
     BadRequestError,
     NotFoundError,
     OpenAIError,
+    ServerShutdownError,
     ServiceUnavailableError,
     error_sse,
     overloaded,
@@ -67,6 +68,9 @@ class ServerState:
     # the model's generation_config defaults for knobs a request leaves unset (as vLLM)
     default_sampling_params: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # "draining" (graceful shutdown) or "restarting" (a dead engine being replaced): /health and
+    # new requests answer 503 while set (entrypoints/openai/lifecycle.py sets it)
+    lifecycle_status: str | None = None
 
 
 @dataclass(slots=True)
@@ -94,6 +98,10 @@ class OpenAIServing:
             raise NotFoundError(f"The model `{model}` does not exist.", param="model")
 
     def engine(self) -> AsyncLLM:
+        if self.state.lifecycle_status == "draining":
+            raise ServiceUnavailableError("The server is shutting down; send the request to another replica.")
+        if self.state.lifecycle_status == "restarting":
+            raise ServiceUnavailableError("The engine is restarting; retry shortly.", retry_after_s=5)
         engine = self.state.engine
         if engine is None:
             msg = self.state.start_error or "The engine is starting; retry shortly."
@@ -198,11 +206,17 @@ async def run_to_end(
     except Exception as e:  # noqa: BLE001 - every engine failure becomes an OpenAI error
         err = engine_error(e)
         info.http_status = err.status
+        info.status = failure_status(e)
         serving.audit(raw, info)
         return err.to_response()
     finally:
         for handle in handles:
             engine.release(handle)
+
+
+def failure_status(e: Exception) -> str:
+    """The audit status of a request that ended with `e`."""
+    return "shutdown" if isinstance(e, ServerShutdownError) else "error"
 
 
 def engine_error(e: Exception) -> OpenAIError:
@@ -428,6 +442,7 @@ class OpenAIServingCompletion(OpenAIServing):
             info.status = "aborted"
             raise
         except Exception as e:  # noqa: BLE001 - headers are out: report inside the stream
+            info.status = failure_status(e)
             yield error_sse(engine_error(e))
         finally:
             for h in handles:
