@@ -49,6 +49,7 @@ from pagedserve.entrypoints.openai.responses import (
 )
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion, ServerState
+from pagedserve.entrypoints.openai.vllm_compat import install_vllm_compat, on_engine_ready
 from pagedserve.ops.audit import AuditLog
 from pagedserve.ops.auth import AuthConfig, Authenticator, AuthMiddleware
 from pagedserve.ops.logging import AccessLogMiddleware, configure_logging
@@ -127,6 +128,7 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
             return
         engine.stats_listeners.append(bridge.on_stats)
         engine.finished_listeners.append(bridge.on_finished)
+        on_engine_ready(args, engine)  # --disable-log-stats
         state.engine = engine
         logger.info("engine ready", extra={"engine_pid": engine.client.pid})
 
@@ -146,6 +148,7 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
     app.state.server = state
     app.state.metrics = metrics
     install_exception_handlers(app)
+    install_vllm_compat(app, args, state)  # chat options, request logging, --middleware
     completion = OpenAIServingCompletion(state)
     chat = OpenAIServingChat(state)
 

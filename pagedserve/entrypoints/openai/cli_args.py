@@ -12,6 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from pagedserve.config import EngineArgs
+from pagedserve.entrypoints.openai.vllm_compat_args import (
+    _dtype,  # vLLM spellings (bf16, fp16) of --dtype
+    add_vllm_compat_args,
+    validate_vllm_compat_args,
+    vllm_compat_engine_kwargs,
+)
 
 
 def _int_at_least(minimum: int, text: str) -> int:
@@ -81,7 +87,7 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
     eng = parser.add_argument_group("engine")
     eng.add_argument("--tokenizer", default=None)
     eng.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "float", "float16", "half", "bfloat16"]
+        "--dtype", default="auto", type=_dtype, choices=["auto", "float32", "float", "float16", "half", "bfloat16"]
     )
     eng.add_argument("--max-model-len", type=_positive_int, default=None)
     eng.add_argument("--quantization", "-q", default=None)
@@ -111,6 +117,7 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
                      help='JSON object replacing generation config keys, e.g. \'{"temperature": 0.5}\'')
     eng.add_argument("--async-scheduling", action="store_true",
                      help="plan and launch step n+1 while step n runs on the GPU")  # fmt: skip
+    add_vllm_compat_args(parser)
     return parser
 
 
@@ -144,6 +151,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--tensor-parallel-size > 1 is not supported yet")
     if args.quantization is not None:
         parser.error(f"--quantization {args.quantization!r} is not supported yet")
+    validate_vllm_compat_args(parser, args)
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None,
@@ -181,4 +189,5 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         max_logprobs=args.max_logprobs,
         generation_config=args.generation_config,
         override_generation_config=args.override_generation_config,
+        **vllm_compat_engine_kwargs(args),
     )

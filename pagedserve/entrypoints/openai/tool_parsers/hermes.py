@@ -7,7 +7,13 @@
 
 from __future__ import annotations
 
-from pagedserve.entrypoints.openai.tool_parsers.base import Scan, ToolParser, held_back, register, scan_call_object
+from pagedserve.entrypoints.openai.tool_parsers.base import (
+    Scan,
+    ToolParser,
+    held_back,
+    register,
+    scan_call_object,
+)
 
 START, END = "<tool_call>", "</tool_call>"
 

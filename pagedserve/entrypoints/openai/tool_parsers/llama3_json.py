@@ -8,7 +8,13 @@ A reply that does not start with '{' (or the tag) is plain content.
 
 from __future__ import annotations
 
-from pagedserve.entrypoints.openai.tool_parsers.base import Scan, ToolParser, register, scan_call_object, skip_ws
+from pagedserve.entrypoints.openai.tool_parsers.base import (
+    Scan,
+    ToolParser,
+    register,
+    scan_call_object,
+    skip_ws,
+)
 
 TAG = "<|python_tag|>"
 
