@@ -74,6 +74,7 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", default="auto",
                    help="auto (safetensors, else PyTorch .bin), safetensors or pt")  # fmt: skip
     g.add_argument("--tokenizer-mode", default="auto", help="auto or hf (a transformers tokenizer)")
+    g.add_argument("--config-format", default="auto", help="auto or hf (config.json)")
     g.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype)")
     g.add_argument("--max-seq-len-to-capture", type=lambda t: _count(t, 1), default=None,
                    help="accepted; decode CUDA graphs here cover every sequence length")  # fmt: skip
@@ -124,6 +125,8 @@ def validate_vllm_compat_args(parser: argparse.ArgumentParser, args: argparse.Na
         fail(not_supported(f"--kv-cache-dtype {args.kv_cache_dtype}", "the KV cache is in the model's dtype: auto"))
     if args.tokenizer_mode not in ("auto", "hf"):
         fail(not_supported(f"--tokenizer-mode {args.tokenizer_mode}", "supported: auto, hf"))
+    if args.config_format not in ("auto", "hf"):
+        fail(not_supported(f"--config-format {args.config_format}", "supported: auto, hf"))
     if args.guided_decoding_backend not in ("auto", "xgrammar"):
         fail(not_supported(f"--guided-decoding-backend {args.guided_decoding_backend}",
                            "structured outputs use xgrammar: auto, xgrammar"))  # fmt: skip
