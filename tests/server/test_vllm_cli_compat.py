@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import httpx
 import pytest
 
 from pagedserve.entrypoints.openai.cli_args import add_server_args, engine_args_from, validate_args
-from tests.server.conftest import start_server
+from tests.server.conftest import RunningServer, start_server
 
 QWEN_TOOLS = ("vllm serve Qwen/Qwen2.5-7B-Instruct --enable-auto-tool-choice --tool-call-parser hermes "
               "--dtype bf16 --max-model-len 8192 --disable-log-requests")  # fmt: skip
@@ -157,8 +159,11 @@ def _chat(server: Any, **body: Any) -> httpx.Response:
     return httpx.post(server.v1 + "/chat/completions", json=body, timeout=120)
 
 
-def test_server_starts_with_vllm_flags(tiny_checkpoints: Any, tmp_path: Path) -> None:
-    """Logging switches, loading flags, chat options and two --middleware on a real server."""
+@pytest.fixture(scope="module")
+def compat_server(tiny_checkpoints: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """Logging switches, loading flags, chat options, auto tool calls (hermes), the qwen3
+    reasoning parser and two --middleware, on one real server."""
+    tmp_path = tmp_path_factory.mktemp("compat_server")
     (tmp_path / "compat_mw.py").write_text(MIDDLEWARE)
     env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "PAGEDSERVE_LOG_STATS_INTERVAL": "0"}  # fmt: skip
@@ -167,29 +172,76 @@ def test_server_starts_with_vllm_flags(tiny_checkpoints: Any, tmp_path: Path) ->
              "--chat-template-content-format", "openai", "--guided-decoding-backend", "xgrammar",
              "--distributed-executor-backend", "mp", "--pipeline-parallel-size", "1", "--max-seq-len-to-capture",
              "1024", "--tokenizer-mode", "auto", "--dtype", "fp32", "--log-format", "text",
-             "--middleware", "compat_mw.AddHeader", "--middleware", "compat_mw.add_header"]  # fmt: skip
+             "--middleware", "compat_mw.AddHeader", "--middleware", "compat_mw.add_header",
+             "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]  # fmt: skip
     with start_server(tiny_checkpoints["llama"], tmp_path, extra=flags, env=env) as server:
-        r = _chat(server)
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["message"]["role"] == "bot"
-        assert r.headers["x-compat-class"] == "1" and r.headers["x-compat-function"] == "1"
-        chunks = _stream_chunks(server)
-        assert chunks[0]["choices"][0]["delta"]["role"] == "bot"
-        # "auto" without the tool flags: a 400 naming them, as vLLM
-        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-        r = _chat(server, tools=tools, tool_choice="auto")
-        assert r.status_code == 400 and "--enable-auto-tool-choice" in r.json()["error"]["message"]
-        log = server.log()
+        yield server
+
+
+def test_server_starts_with_vllm_flags(compat_server: RunningServer) -> None:
+    server = compat_server
+    r = _chat(server)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["role"] == "bot"
+    assert r.headers["x-compat-class"] == "1" and r.headers["x-compat-function"] == "1"
+    chunks = _stream_chunks(server, max_tokens=4)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "bot"
+    log = server.log()
     # --enable-log-requests with --max-log-len 20: the prompt is logged, cut to 20 characters
     assert "Received request chatcmpl-" in log and "Weather" in log and "XYZZY" not in log
     assert "Running: 0 reqs" in log or "Running: 1 reqs" in log  # stats logging is on by default
 
 
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+# The tiny model has random weights: structured outputs force it to write a hermes tool call
+# after some reasoning and content (byte-level BPE: any text is tokenizable).
+SCRIPTED = ('<think>The user asks.</think>Checking.<tool_call>{"name": "get_weather", '
+            '"arguments": {"city": "Paris"}}</tool_call>')
+
+
+def test_auto_tool_choice_end_to_end(compat_server: RunningServer) -> None:
+    body = {"tools": [WEATHER_TOOL], "tool_choice": "auto", "guided_regex": re.escape(SCRIPTED), "max_tokens": 150}
+    r = _chat(compat_server, **body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    message = choice["message"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert message["reasoning_content"] == message["reasoning"] == "The user asks."
+    assert message["content"] == "Checking."
+    [call] = message["tool_calls"]
+    assert call["type"] == "function" and call["id"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+    chunks = _stream_chunks(compat_server, **body)
+    deltas = [c["choices"][0] for c in chunks if c["choices"]]
+    reasoning = "".join(d["delta"].get("reasoning_content", "") for d in deltas)
+    content = "".join(d["delta"].get("content", "") for d in deltas)
+    calls = [tc for d in deltas for tc in d["delta"].get("tool_calls", [])]
+    assert (reasoning, content) == ("The user asks.", "Checking.")
+    first = calls[0]
+    assert (first["index"], first["type"], first["function"]["name"]) == (0, "function", "get_weather")
+    assert first["id"] and all(tc.get("id") is None and tc["index"] == 0 for tc in calls[1:])
+    assert json.loads("".join(tc["function"].get("arguments") or "" for tc in calls)) == {"city": "Paris"}
+    assert deltas[-1]["finish_reason"] == "tool_calls"
+    # content deltas all come before the call's deltas
+    last_content = max(i for i, d in enumerate(deltas) if d["delta"].get("content"))
+    assert last_content < min(i for i, d in enumerate(deltas) if d["delta"].get("tool_calls"))
+
+    # tool_choice "none": no parsing; no tools: no parsing (the reasoning parser still applies)
+    for extra in ({"tool_choice": "none"}, {"tools": None, "tool_choice": None}):
+        r = _chat(compat_server, **{**body, **extra})
+        message = r.json()["choices"][0]["message"]
+        assert r.json()["choices"][0]["finish_reason"] == "stop"
+        assert not message.get("tool_calls") and message["content"].startswith("Checking.<tool_call>")
+        assert message["reasoning_content"] == "The user asks."
+
+
 def _stream_chunks(server: Any, **body: Any) -> list[dict[str, Any]]:
     out = []
     with httpx.stream("POST", server.v1 + "/chat/completions", timeout=120, json={
-        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 150, "stream": True,
-        **body,
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True, **body,
     }) as r:  # fmt: skip
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
@@ -203,5 +255,9 @@ def test_logging_off(tiny_checkpoints: Any, tmp_path: Path) -> None:
     with start_server(tiny_checkpoints["llama"], tmp_path, extra=flags,
                       env={"PAGEDSERVE_LOG_STATS_INTERVAL": "0"}) as server:  # fmt: skip
         assert _chat(server).status_code == 200
+        # "auto" without the tool flags: a 400 naming them, as vLLM
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        r = _chat(server, tools=tools, tool_choice="auto")
+        assert r.status_code == 400 and "--enable-auto-tool-choice" in r.json()["error"]["message"]
         log = server.log()
     assert "Received request" not in log and "Running:" not in log
