@@ -85,16 +85,16 @@ class StatsLogger:
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self._last = 0.0  # the first report logs at once
+        self._last: float | None = None  # None: the first report logs at once
         self._tokens = 0
         self._queries = self._hits = 0
 
     def on_stats(self, s: SchedulerStats) -> None:
         self._tokens += s.num_scheduled_tokens
         now = time.monotonic()
-        if now - self._last < self.interval:
+        if self._last is not None and now - self._last < self.interval:
             return
-        elapsed = now - self._last if self._last else 0.0
+        elapsed = now - self._last if self._last is not None else 0.0
         dq, dh = s.prefix_cache_queries - self._queries, s.prefix_cache_hits - self._hits
         stats_logger.info(
             "Engine: throughput %.1f tokens/s, Running: %d reqs, Swapped: %d reqs, Waiting: %d reqs, "
