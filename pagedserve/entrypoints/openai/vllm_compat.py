@@ -127,7 +127,7 @@ def install_vllm_compat(app: FastAPI, args: argparse.Namespace, state: Any) -> N
     for path in getattr(args, "middleware", None) or []:
         middleware = import_middleware(path)
         if inspect.isclass(middleware):
-            app.add_middleware(middleware)
+            app.add_middleware(middleware)  # type: ignore[arg-type]  # an ASGI class taking `app`
         elif inspect.iscoroutinefunction(middleware):
             app.middleware("http")(middleware)
         else:

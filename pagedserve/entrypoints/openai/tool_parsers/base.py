@@ -192,8 +192,8 @@ def scan_call_object(text: str, pos: int) -> tuple[PartialCall, int | None]:
         if text[i] != '"':
             return call, None
         try:
-            key, i = json.decoder.scanstring(text, i + 1, False)
-        except (json.JSONDecodeError, ValueError):
+            key, i = _DECODER.raw_decode(text, i)
+        except json.JSONDecodeError:
             return call, None
         i = skip_ws(text, i)
         if i >= len(text) or text[i] != ":":
