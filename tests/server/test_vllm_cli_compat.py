@@ -60,6 +60,7 @@ NOT_SUPPORTED = [
     ("vllm serve m --guided-decoding-backend outlines", "--guided-decoding-backend outlines"),
     ("vllm serve m --enable-auto-tool-choice --tool-call-parser granite", "--tool-call-parser 'granite'"),
     ("vllm serve m --reasoning-parser granite", "--reasoning-parser 'granite'"),
+    ("vllm serve m --tool-parser-plugin my_parsers.py --tool-call-parser mine", "--tool-parser-plugin"),
 ]
 FAILS = [
     ("vllm serve m --enable-auto-tool-choice", "--enable-auto-tool-choice requires --tool-call-parser"),

@@ -103,6 +103,7 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
                    help='tool_choice "auto": the reply is parsed for tool calls (needs --tool-call-parser)')
     g.add_argument("--tool-call-parser", default=None, metavar="{" + ",".join(tool_parser_names()) + "}",
                    help="the tool-call format of the model's replies")  # fmt: skip
+    g.add_argument("--tool-parser-plugin", default=None, help="not supported yet (parsers are built in)")
     g.add_argument("--reasoning-parser", default=None, metavar="{" + ",".join(reasoning_parser_names()) + "}",
                    help="split <think>...</think> into reasoning_content")  # fmt: skip
     g.add_argument("--middleware", action="append", default=[],
@@ -140,6 +141,8 @@ def validate_vllm_compat_args(parser: argparse.ArgumentParser, args: argparse.Na
             fail(not_supported(flag, "LoRA adapters"))
     if not args.response_role.strip():
         fail("--response-role must not be empty")
+    if args.tool_parser_plugin:
+        fail(not_supported("--tool-parser-plugin", f"built-in parsers: {', '.join(tool_parser_names())}"))
     if args.tool_call_parser is not None and args.tool_call_parser not in tool_parser_names():
         fail(f"--tool-call-parser {args.tool_call_parser!r} is not supported yet "
              f"(known: {', '.join(tool_parser_names())})")  # fmt: skip
