@@ -3,6 +3,11 @@
 Streaming sends, per choice, a first delta with the role, then content deltas, the last one with
 finish_reason; with stream_options.include_usage a final chunk with empty choices carries the
 usage; the stream ends with `data: [DONE]`.
+
+A reply is split by the server's parsers (chat_output.py): --reasoning-parser moves <think> text to
+reasoning_content, and with --enable-auto-tool-choice (tool_choice "auto", or unset with tools)
+--tool-call-parser turns the model's tool-call markup into `tool_calls` (finish_reason
+"tool_calls"). A forced tool_choice (named or "required") goes through tool_calls.py instead.
 """
 
 from __future__ import annotations
