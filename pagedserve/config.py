@@ -13,6 +13,7 @@ from typing import Any
 _PREEMPTION_MODES = ("recompute", "swap")
 _POLICIES = ("fcfs", "priority")
 _DTYPES = ("auto", "float32", "float", "float16", "half", "bfloat16")
+_LOAD_FORMATS = ("auto", "safetensors", "pt")  # what model_executor/loader.py reads
 GiB = 1 << 30
 
 
@@ -50,6 +51,8 @@ class ModelConfig:
     hf_config: Any
     served_model_name: str
     max_logprobs: int
+    trust_remote_code: bool = False  # passed to transformers (config, tokenizer)
+    load_format: str = "auto"  # "auto" | "safetensors" | "pt" (see loader.weight_files)
     # SamplingParams defaults from generation_config.json (see generation_defaults.py): used for
     # the knobs a request leaves unset, by the OpenAI server and LLM.generate without params
     generation_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -74,8 +77,10 @@ class EngineArgs:
     model: str = ""
     tokenizer: str | None = None
     revision: str | None = None
-    tokenizer_revision: str | None = None  # accepted for vLLM compatibility; not used yet
+    tokenizer_revision: str | None = None  # used when `tokenizer` is a hub id
     trust_remote_code: bool = False
+    download_dir: str | None = None  # hub snapshots go here instead of the HF cache
+    load_format: str = "auto"
     dtype: str = "auto"
     seed: int = 0
     max_model_len: int | None = None
@@ -126,6 +131,8 @@ class EngineArgs:
             (self.scheduling_policy in _POLICIES,
              f"scheduling_policy must be one of {_POLICIES}, got {self.scheduling_policy!r}"),
             (self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}"),
+            (self.load_format in _LOAD_FORMATS,
+             f"load_format {self.load_format!r} is not supported yet (supported: {', '.join(_LOAD_FORMATS)})"),
             (self.tensor_parallel_size == 1, "tensor_parallel_size > 1 is not supported yet"),
             (self.quantization is None, f"quantization {self.quantization!r} is not supported yet"),
             (self.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
@@ -146,7 +153,11 @@ class EngineArgs:
         from pagedserve.generation_defaults import load_generation_defaults
         from pagedserve.model_executor.loader import resolve_model_dir
 
-        model_dir = resolve_model_dir(self.model, self.revision)
+        model_dir = resolve_model_dir(self.model, self.revision, self.download_dir, self.load_format)
+        tokenizer = model_dir
+        if self.tokenizer:
+            tokenizer = resolve_model_dir(self.tokenizer, self.tokenizer_revision, self.download_dir,
+                                          tokenizer_only=True)
         hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=self.trust_remote_code)
         generation_defaults = load_generation_defaults(
             model_dir, self.generation_config, self.override_generation_config)
@@ -174,13 +185,15 @@ class EngineArgs:
             model_config=ModelConfig(
                 model=self.model,
                 model_dir=model_dir,
-                tokenizer=self.tokenizer or model_dir,
+                tokenizer=tokenizer,
                 dtype=self.dtype,
                 max_model_len=max_model_len,
                 seed=self.seed,
                 hf_config=hf_config,
                 served_model_name=self.served_model_name or self.model,
                 max_logprobs=self.max_logprobs,
+                trust_remote_code=self.trust_remote_code,
+                load_format=self.load_format,
                 generation_defaults=generation_defaults,
             ),
             cache_config=CacheConfig(

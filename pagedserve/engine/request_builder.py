@@ -20,7 +20,8 @@ from pagedserve.sampling_params import SamplingParams
 def load_tokenizer(config: EngineConfig) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(config.model_config.tokenizer, trust_remote_code=False)
+    model_config = config.model_config
+    return AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code)
 
 
 def generation_eos_ids(model_dir: str) -> list[int]:

@@ -33,6 +33,8 @@ __all__ = [
     "load_model",
     "safetensors_files",
     "iterate_safetensors",
+    "iterate_weights",
+    "pt_files",
 ]
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -40,7 +42,8 @@ _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+_TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+_WEIGHT_PATTERNS = {"safetensors": ["*.safetensors"], "pt": ["*.bin", "*.pt"], "auto": ["*.safetensors"]}
 
 
 @dataclass(slots=True)
@@ -51,9 +54,10 @@ class LoadedModel:
     dtype: torch.dtype
 
 
-def resolve_model_dir(model: str, revision: str | None = None,
-                      download_dir: str | None = None) -> str:
-    """A local directory as is, else a hub id through huggingface_hub.snapshot_download.
+def resolve_model_dir(model: str, revision: str | None = None, download_dir: str | None = None,
+                      load_format: str = "auto", tokenizer_only: bool = False) -> str:
+    """A local directory as is, else a hub id through huggingface_hub.snapshot_download (the
+    weights `load_format` reads, none when `tokenizer_only`).
 
     Honours HF_HUB_OFFLINE (read at call time): offline, only the local HF cache (or
     `download_dir`) is consulted. Raises ValueError naming `model` when nothing is found.
@@ -69,8 +73,9 @@ def resolve_model_dir(model: str, revision: str | None = None,
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
+        patterns = _TOKENIZER_PATTERNS + ([] if tokenizer_only else _WEIGHT_PATTERNS.get(load_format, []))
         return snapshot_download(repo_id=model, revision=revision, cache_dir=download_dir,
-                                 allow_patterns=_HUB_PATTERNS, local_files_only=offline)
+                                 allow_patterns=patterns, local_files_only=offline)
     except Exception as exc:  # hub errors are many (not found, gated, offline, invalid id)
         where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the hub"
         raise ValueError(
@@ -121,7 +126,7 @@ def safetensors_files(model_dir: str) -> list[str]:
         return [str(single)]
     files = sorted(root.glob("*.safetensors"))
     if not files:
-        hint = " (.bin checkpoints are not supported; convert to safetensors)" if any(
+        hint = " (it has .bin weights: --load-format pt or auto reads them)" if any(
             root.glob("*.bin")) else ""
         raise FileNotFoundError(f"no *.safetensors weights in {model_dir}{hint}")
     return [str(f) for f in files]
@@ -145,6 +150,54 @@ def iterate_safetensors(files: list[str], show_progress: bool = False) -> Iterat
                     bar.update(1)
 
 
+_NOT_WEIGHTS = {"training_args.bin", "optimizer.bin", "optimizer.pt", "scheduler.pt", "scaler.pt"}
+
+
+def pt_files(model_dir: str) -> list[str]:
+    """PyTorch weights: the shards named by pytorch_model.bin.index.json, else every *.bin (else
+    *.pt) file that is not trainer state. FileNotFoundError when there are none."""
+    root = Path(model_dir)
+    index = root / "pytorch_model.bin.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [str(root / name) for name in sorted(set(weight_map.values()))]
+    for pattern in ("*.bin", "*.pt"):
+        files = [str(f) for f in sorted(root.glob(pattern)) if f.name not in _NOT_WEIGHTS]
+        if files:
+            return files
+    raise FileNotFoundError(f"no PyTorch (*.bin / *.pt) weights in {model_dir}")
+
+
+def iterate_pt(files: list[str], show_progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, CPU tensor) from PyTorch state-dict files. weights_only=True: the unpickler
+    accepts tensors and plain containers only, so a checkpoint cannot run code."""
+    from tqdm.auto import tqdm
+
+    for f in tqdm(files, desc="Loading weights", unit="file", disable=not show_progress):
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"{f} does not hold a state dict")
+        yield from state.items()
+        del state
+
+
+def iterate_weights(model_dir: str, load_format: str = "auto",
+                    show_progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors in `load_format`: "safetensors", "pt", or "auto" (safetensors
+    when there are any, else PyTorch files, as vLLM)."""
+    if load_format == "auto":
+        has_safetensors = any(Path(model_dir).glob("*.safetensors"))
+        load_format = "safetensors" if has_safetensors or not any(Path(model_dir).glob("*.bin")) else "pt"
+    if load_format == "safetensors":
+        return iterate_safetensors(safetensors_files(model_dir), show_progress)
+    if load_format == "pt":
+        return iterate_pt(pt_files(model_dir), show_progress)
+    raise ValueError(f"load_format {load_format!r} is not supported yet (supported: auto, safetensors, pt)")
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     old = torch.get_default_dtype()
@@ -156,20 +209,21 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
-               attn_backend: str = "torch", show_progress: bool = True) -> LoadedModel:
+               attn_backend: str = "torch", show_progress: bool = True, load_format: str = "auto",
+               trust_remote_code: bool = False) -> LoadedModel:
     """Build the model for model_dir's config on `device` in `dtype` and load its weights."""
     from transformers import AutoConfig
 
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {model_dir!r}; not a Hugging Face checkpoint")
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     model_cls = get_model_class(getattr(hf_config, "architectures", None))
-    files = safetensors_files(model_dir)
+    weights = iterate_weights(model_dir, load_format, show_progress)  # fails here on missing files
     device = torch.device(device)
     with torch.device(device), _default_dtype(dtype):
         use_kernels(attn_backend)  # the pointwise kernels follow the attention backend
         model = model_cls(hf_config, attn_backend=attn_backend)  # type: ignore[call-arg]
-    loaded = model.load_weights(iterate_safetensors(files, show_progress))  # type: ignore[operator]
+    loaded = model.load_weights(weights)  # type: ignore[operator]
     missing = sorted(set(dict(model.named_parameters())) - set(loaded))
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")

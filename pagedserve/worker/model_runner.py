@@ -123,7 +123,8 @@ class ModelRunner:
         torch.manual_seed(model_config.seed)
         started = time.perf_counter()
         loaded = load_model(
-            model_config.model_dir, self.dtype, self.device, attn_backend=config.attention_backend
+            model_config.model_dir, self.dtype, self.device, attn_backend=config.attention_backend,
+            load_format=model_config.load_format, trust_remote_code=model_config.trust_remote_code,
         )
         self.model: Any = loaded.model  # a CausalLM: forward(...) and compute_logits(...)
         self.hf_config = loaded.hf_config

@@ -56,6 +56,7 @@ from pagedserve.entrypoints.openai.responses import (
 )
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion, ServerState
+from pagedserve.entrypoints.openai.vllm_compat import install_vllm_compat, on_engine_ready
 from pagedserve.ops.audit_middleware import AuditMiddleware, audit_log_from_args
 from pagedserve.ops.auth import AuthConfig, Authenticator, AuthMiddleware
 from pagedserve.ops.logging import AccessLogMiddleware, configure_logging
@@ -141,6 +142,7 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
         engine.stats_listeners.append(bridge.on_stats)
         engine.finished_listeners.append(bridge.on_finished)
         lifecycle.watch(engine)
+        on_engine_ready(args, engine)  # --disable-log-stats
         state.engine = engine
         logger.info("engine ready", extra={"engine_pid": engine.client.pid})
 
@@ -162,6 +164,7 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
     app.state.lifecycle = lifecycle
     app.state.metrics = metrics
     install_exception_handlers(app)
+    install_vllm_compat(app, args, state)  # chat options, request logging, --middleware
     completion = OpenAIServingCompletion(state)
     chat = OpenAIServingChat(state)
 

@@ -12,6 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from pagedserve.config import EngineArgs
+from pagedserve.entrypoints.openai.vllm_compat_args import (
+    _dtype,  # vLLM spellings (bf16, fp16) of --dtype
+    add_vllm_compat_args,
+    validate_vllm_compat_args,
+    vllm_compat_engine_kwargs,
+)
 
 
 def _int_at_least(minimum: int, text: str) -> int:
@@ -88,7 +94,7 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
     eng = parser.add_argument_group("engine")
     eng.add_argument("--tokenizer", default=None)
     eng.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "float", "float16", "half", "bfloat16"]
+        "--dtype", default="auto", type=_dtype, choices=["auto", "float32", "float", "float16", "half", "bfloat16"]
     )
     eng.add_argument("--max-model-len", type=_positive_int, default=None)
     eng.add_argument("--quantization", "-q", default=None)
@@ -131,6 +137,7 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
     life.add_argument("--max-engine-restarts", type=_positive_int, default=None, metavar="N",
                       help="engine restarts allowed over the server's life with --restart-engine "
                            "(default: 3); past them the server exits with status 1")
+    add_vllm_compat_args(parser)
     return parser
 
 
@@ -184,6 +191,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--quantization {args.quantization!r} is not supported yet")
     if args.max_engine_restarts is not None and not args.restart_engine:
         parser.error("--max-engine-restarts needs --restart-engine")
+    validate_vllm_compat_args(parser, args)
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None,
@@ -222,4 +230,5 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         generation_config=args.generation_config,
         override_generation_config=args.override_generation_config,
         cpu_threads=getattr(args, "cpu_threads", None),
+        **vllm_compat_engine_kwargs(args),
     )

@@ -461,12 +461,18 @@ class ChatCompletionRequest(_SamplingRequest):
                  for t in self.tools or []]
         return StructuredOutputsParams(json={"type": "array", "minItems": 1, "items": {"anyOf": calls}})
 
-    def messages_for_template(self) -> list[dict[str, Any]]:
-        """Messages as plain dicts with string content, ready for tokenizer.apply_chat_template."""
+    def messages_for_template(self, content_format: str = "string") -> list[dict[str, Any]]:
+        """Messages as plain dicts ready for tokenizer.apply_chat_template: content as one string
+        ("string"), or as a list of {"type": "text", "text": ...} parts ("openai", for templates
+        that loop over content; no content is "" either way)."""
         out: list[dict[str, Any]] = []
         for m in self.messages:
             d = m.model_dump(exclude_none=True, exclude={"content"})
-            d["content"] = m.text()
+            if content_format == "openai" and m.content is not None:
+                parts = [TextContentPart(text=m.content)] if isinstance(m.content, str) else m.content
+                d["content"] = [p.model_dump() for p in parts]
+            else:
+                d["content"] = m.text()
             out.append(d)
         return out
 

@@ -125,6 +125,7 @@ class ChatMessage(OpenAIBaseModel):
     role: str
     content: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM's newer name for reasoning_content (both are sent)
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
@@ -134,6 +135,7 @@ class DeltaMessage(OpenAIBaseModel):
     role: str | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[DeltaToolCall] = Field(default_factory=list)
 
     @model_serializer(mode="wrap")

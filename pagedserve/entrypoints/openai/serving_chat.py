@@ -3,6 +3,11 @@
 Streaming sends, per choice, a first delta with the role, then content deltas, the last one with
 finish_reason; with stream_options.include_usage a final chunk with empty choices carries the
 usage; the stream ends with `data: [DONE]`.
+
+A reply is split by the server's parsers (chat_output.py): --reasoning-parser moves <think> text to
+reasoning_content, and with --enable-auto-tool-choice (tool_choice "auto", or unset with tools)
+--tool-call-parser turns the model's tool-call markup into `tool_calls` (finish_reason
+"tool_calls"). A forced tool_choice (named or "required") goes through tool_calls.py instead.
 """
 
 from __future__ import annotations
@@ -46,9 +51,15 @@ from pagedserve.entrypoints.openai.serving_completion import (
 )
 from pagedserve.entrypoints.openai.tool_calls import ToolCallStream, forces_tool_calls, parse_tool_calls
 from pagedserve.entrypoints.openai.tool_calls import finish_reason as tool_finish_reason
+from pagedserve.entrypoints.openai.vllm_compat import (
+    ChatOptions,
+    chat_options,
+    content_format_for,
+    log_request,
+)
 from pagedserve.outputs import Logprob, RequestOutput
 
-ROLE = "assistant"
+AUTO_TOOLS_NEED_FLAGS = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
 
 
 def chat_logprobs(
@@ -74,10 +85,13 @@ def chat_logprobs(
 class OpenAIServingChat(OpenAIServing):
     def render(self, engine: AsyncLLM, request: ChatCompletionRequest) -> tuple[str, list[int]]:
         """The prompt text the chat template makes of the messages, and its token ids."""
+        template = request.chat_template or self.state.chat_template
+        content_format = content_format_for(
+            chat_options(self.state), template or getattr(engine.tokenizer, "chat_template", None))
         try:
             text = engine.apply_chat_template(
-                request.messages_for_template(),
-                chat_template=request.chat_template or self.state.chat_template,
+                request.messages_for_template(content_format),
+                chat_template=template,
                 add_generation_prompt=request.add_generation_prompt,
                 continue_final_message=request.continue_final_message,
                 tools=request.tools_for_template(),
@@ -90,8 +104,20 @@ class OpenAIServingChat(OpenAIServing):
         ids = list(engine.tokenizer.encode(text, add_special_tokens=request.add_special_tokens))
         return text, ids
 
+    @staticmethod
+    def auto_tools(request: ChatCompletionRequest, options: ChatOptions) -> bool:
+        """Whether the reply is parsed for tool calls (tool_choice "auto", or unset with tools, and
+        the server runs a tool-call parser); an explicit "auto" without one is a 400, as vLLM."""
+        if request.tool_choice == "auto" and options.tool_parser is None:
+            raise BadRequestError(AUTO_TOOLS_NEED_FLAGS, param="tool_choice")
+        return options.tool_parser is not None and bool(request.tools) and request.tool_choice in (None, "auto")
+
     async def create_chat_completion(self, request: ChatCompletionRequest, raw: Request) -> Response:
         self.check_model(request.model)
+        options = chat_options(self.state)
+        auto_tools = self.auto_tools(request, options)
+        if auto_tools and options.tools_need_special_tokens:
+            request.skip_special_tokens = False  # the format's markers are special tokens
         engine = self.engine()
         self.check_load(engine, 1)
         text, ids = self.render(engine, request)
@@ -103,16 +129,18 @@ class OpenAIServingChat(OpenAIServing):
         except ValueError as e:
             raise BadRequestError(str(e), param="messages") from None
         request_id = self.request_id(raw, "chatcmpl")
+        log_request(self.state, request_id, text, ids, params)
         info = AuditInfo(request_id, time.time(), text, prompt_tokens=len(ids))
         handle = engine.add_request(
             {"prompt": text, "prompt_token_ids": ids}, params, request_id, request.priority
         )
         gen = engine.stream(handle)
+        role = options.response_role
         echo = ""
-        if request.echo and request.messages[-1].role == ROLE:
+        if request.echo and request.messages[-1].role == role:
             echo = request.messages[-1].text()
         if request.is_streaming:
-            return StreamingResponse(self._stream(request, raw, engine, handle, gen, info, echo),
+            return StreamingResponse(self._stream(request, raw, engine, handle, gen, info, echo, auto_tools),
                                      media_type="text/event-stream")  # fmt: skip
         result = await run_to_end(self, raw, _last(gen), info, [handle], engine)
         if isinstance(result, JSONResponse):
@@ -127,13 +155,20 @@ class OpenAIServingChat(OpenAIServing):
                                          engine.tokenizer.decode)  # fmt: skip
             completion_tokens += len(out.token_ids)
             info.output_parts.append(out.text)
-            message = ChatMessage(role=ROLE, content=echo + out.text)
+            message = ChatMessage(role=role, content=echo + out.text)
             reason = out.finish_reason
+            parser = None if forces_tool_calls(request) else options.choice_output(auto_tools)
             if forces_tool_calls(request):
                 calls = parse_tool_calls(request, out.text)
                 if calls is not None:
-                    message = ChatMessage(role=ROLE, content=None, tool_calls=calls)
+                    message = ChatMessage(role=role, content=None, tool_calls=calls)
                 reason = tool_finish_reason(request, reason, calls is not None)
+            elif parser is not None:
+                message = parser.whole(role, out.text)
+                if echo:
+                    message.content = echo + (message.content or "")
+                if parser.tools_called and reason == "stop":
+                    reason = "tool_calls"
             choices.append(ChatCompletionResponseChoice(
                 index=out.index, message=message, logprobs=logprobs,
                 finish_reason=reason, stop_reason=out.stop_reason,
@@ -154,9 +189,10 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _stream(
         self, request: ChatCompletionRequest, raw: Request, engine: AsyncLLM, handle: RequestHandle,
-        gen: AsyncIterator[RequestOutput], info: AuditInfo, echo: str,
+        gen: AsyncIterator[RequestOutput], info: AuditInfo, echo: str, auto_tools: bool,
     ) -> AsyncIterator[str]:  # fmt: skip
         created = int(time.time())
+        options = chat_options(self.state)
         request_id = handle.request_id
 
         def chunk(choices: list[ChatCompletionResponseStreamChoice], usage: UsageInfo | None = None) -> str:
@@ -167,10 +203,12 @@ class OpenAIServingChat(OpenAIServing):
             ))  # fmt: skip
 
         tool_streams: dict[int, ToolCallStream] | None = {} if forces_tool_calls(request) else None
+        parsers = None if tool_streams is not None else {i: options.choice_output(auto_tools) for i in range(request.n)}
         try:
             # The role comes first, once per choice (as OpenAI), with the echoed content if any.
             yield chunk([
-                ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role=ROLE, content=echo))
+                ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role=options.response_role,
+                                                                               content=echo))
                 for i in range(request.n)
             ])  # fmt: skip
             async for ro in gen:
@@ -191,6 +229,10 @@ class OpenAIServingChat(OpenAIServing):
                         delta = stream.delta(out.text, reason is not None)
                         if reason is not None:
                             reason = tool_finish_reason(request, reason, stream.parsed)
+                    elif parsers is not None and (parser := parsers.get(out.index)) is not None:
+                        delta = parser.delta(out.text, reason is not None)
+                        if reason == "stop" and parser.tools_called:
+                            reason = "tool_calls"
                     if delta is None and reason is None and logprobs is None:
                         continue
                     choices.append(ChatCompletionResponseStreamChoice(

@@ -46,6 +46,7 @@ from pagedserve.entrypoints.openai.responses import (
     UsageInfo,
     sse_event,
 )
+from pagedserve.entrypoints.openai.vllm_compat import log_request
 from pagedserve.ops.audit import AuditLog
 from pagedserve.ops.audit_middleware import claim_audit, write_line
 from pagedserve.outputs import Logprob, PromptLogprobs, RequestOutput
@@ -326,6 +327,7 @@ class OpenAIServingCompletion(OpenAIServing):
         try:
             for i, ((t, ids), sp) in enumerate(zip(tokenized, params)):
                 prompt: Any = {"prompt_token_ids": ids, **({"prompt": t} if t else {})}
+                log_request(self.state, f"{base_id}-{i}", t, ids, sp)  # --enable-log-requests
                 handles.append(engine.add_request(prompt, sp, f"{base_id}-{i}", priority=request.priority))
         except Exception:
             for h in handles:
