@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pagedserve.engine.async_llm import AsyncLLM, RequestHandle
 from pagedserve.entrypoints.openai.errors import BadRequestError, error_sse
+from pagedserve.entrypoints.openai.prompt_bounds import encode, render_chat_template
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     clamp_logprob,
@@ -71,29 +72,28 @@ def chat_logprobs(
 
 
 class OpenAIServingChat(OpenAIServing):
-    def render(self, engine: AsyncLLM, request: ChatCompletionRequest) -> tuple[str, list[int]]:
-        """The prompt text the chat template makes of the messages, and its token ids."""
-        try:
-            text = engine.apply_chat_template(
-                request.messages_for_template(),
-                chat_template=request.chat_template or self.state.chat_template,
-                add_generation_prompt=request.add_generation_prompt,
-                continue_final_message=request.continue_final_message,
-                tools=request.tools_for_template(),
-                chat_template_kwargs=request.chat_template_kwargs,
-            )
-        except Exception as e:  # noqa: BLE001 - jinja errors, templates raising on bad roles
-            raise BadRequestError(
-                f"The chat template failed on these messages: {e}", param="messages"
-            ) from None
-        ids = list(engine.tokenizer.encode(text, add_special_tokens=request.add_special_tokens))
+    async def render(self, engine: AsyncLLM, request: ChatCompletionRequest) -> tuple[str, list[int]]:
+        """The prompt text the chat template makes of the messages, and its token ids (both
+        bounded and computed off the event loop: prompt_bounds.py)."""
+        bounds = self.state.bounds
+        bounds.check_request_template(request.chat_template, request.chat_template_kwargs)
+        text = await render_chat_template(
+            engine, bounds,
+            messages=request.messages_for_template(),
+            chat_template=request.chat_template or self.state.chat_template,
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            tools=request.tools_for_template(),
+            chat_template_kwargs=request.chat_template_kwargs,
+        )  # fmt: skip
+        ids = await encode(engine.tokenizer, bounds, text, "messages", add_special_tokens=request.add_special_tokens)
         return text, ids
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw: Request) -> Response:
         self.check_model(request.model)
         engine = self.engine()
         self.check_load(engine, 1)
-        text, ids = self.render(engine, request)
+        text, ids = await self.render(engine, request)
         if request.truncate_prompt_tokens is not None:
             ids = ids[-request.truncate_prompt_tokens :]
         params = self.sampling_params(request, len(ids), request.is_streaming)
@@ -114,7 +114,7 @@ class OpenAIServingChat(OpenAIServing):
             return StreamingResponse(self._stream(request, raw, engine, handle, gen, info, echo),
                                      media_type="text/event-stream")  # fmt: skip
         result = await run_to_end(self, raw, _last(gen), info, [handle], engine)
-        if isinstance(result, JSONResponse):
+        if isinstance(result, Response):
             return result
         final = result
         choices = []
