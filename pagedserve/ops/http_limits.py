@@ -323,9 +323,10 @@ class RepeatFilter(logging.Filter):
     """
 
     def __init__(self, burst: int = 3, period_s: float = 1.0, min_level: int = logging.WARNING,
-                 max_keys: int = 1024) -> None:  # fmt: skip
+                 max_keys: int = 1024, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         super().__init__()
         self.burst, self.period_s, self.min_level, self.max_keys = burst, period_s, min_level, max_keys
+        self._clock = clock
         self._lock = threading.Lock()  # handlers filter outside their own lock
         self._windows: dict[tuple[str, int, str], list[float]] = {}  # key -> [start, passed, dropped]
 
@@ -334,7 +335,7 @@ class RepeatFilter(logging.Filter):
             return True
         first_line = record.getMessage().split("\n", 1)[0][:200]
         key = (record.name, record.levelno, first_line)
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             window = self._windows.get(key)
             if window is None or now - window[0] >= self.period_s:
