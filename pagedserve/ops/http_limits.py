@@ -86,35 +86,42 @@ def add_hardening_args(parser: argparse.ArgumentParser) -> None:
     """One argument group: HTTP limits, prompt bounds, chat-template trust, CORS."""
     from pagedserve.entrypoints.openai import prompt_bounds as pb
 
-    g = parser.add_argument_group("HTTP limits and hardening")
-    g.add_argument("--max-request-body-bytes", type=_positive(int), default=DEFAULT_MAX_BODY_BYTES,
-                   help="413 for a larger request body (default 16 MiB)")  # fmt: skip
-    g.add_argument("--request-body-timeout", type=_positive(float), default=DEFAULT_BODY_TIMEOUT_S,
-                   help="408 when the body is not fully received this many seconds after the headers")
-    g.add_argument("--header-read-timeout", type=_positive(float), default=DEFAULT_HEADER_TIMEOUT_S,
-                   help="close a connection whose request headers are not complete in this many seconds")
-    g.add_argument("--timeout-keep-alive", type=_positive(int), default=5,
-                   help="close an idle keep-alive connection after this many seconds (uvicorn)")
-    g.add_argument("--h11-max-incomplete-event-size", type=_positive(int), default=64 << 10,
-                   help="bound in bytes on a request line + headers (uvicorn/h11)")
-    g.add_argument("--max-concurrent-requests", type=_positive(int), default=DEFAULT_MAX_CONCURRENT,
-                   help="429 beyond this many requests in flight (probes and /metrics exempt)")
-    g.add_argument("--max-connections", type=_positive(int), default=None,
-                   help="uvicorn's limit_concurrency: bare 503 beyond this many connections "
-                        f"(default: --max-concurrent-requests + {CONNECTION_HEADROOM})")  # fmt: skip
-    g.add_argument("--max-prompts-per-request", type=_positive(int), default=pb.DEFAULT_MAX_PROMPTS,
-                   help="400 when len(prompts) * n is larger")
-    g.add_argument("--max-prompt-chars", type=_positive(int), default=None,
-                   help="400 for a prompt text or rendered chat template longer than this "
-                        f"(default: {pb.CHARS_PER_TOKEN_BOUND} x max-model-len, at least 1 MiB)")
-    g.add_argument("--chat-template-timeout", type=_positive(float), default=pb.DEFAULT_RENDER_TIMEOUT_S,
-                   help="400 when rendering a chat template takes longer (seconds)")
-    g.add_argument("--trust-request-chat-template", action="store_true",
-                   help="accept a chat_template sent in a request (refused with 400 otherwise)")
-    g.add_argument("--allowed-origins", type=_json_list, default=["*"], help='CORS, JSON list (default ["*"])')
-    g.add_argument("--allowed-methods", type=_json_list, default=["*"], help="CORS, JSON list")
-    g.add_argument("--allowed-headers", type=_json_list, default=["*"], help="CORS, JSON list")
-    g.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    group = parser.add_argument_group("HTTP limits and hardening")
+
+    def add(*names: str, **kwargs: Any) -> None:
+        # Several of these are vLLM flags that another group may already define (the CORS ones,
+        # the trust flag): argparse would refuse the duplicate, and the first definition wins.
+        if not any(n in parser._option_string_actions for n in names):
+            group.add_argument(*names, **kwargs)
+
+    add("--max-request-body-bytes", type=_positive(int), default=DEFAULT_MAX_BODY_BYTES,
+        help="413 for a larger request body (default 16 MiB)")  # fmt: skip
+    add("--request-body-timeout", type=_positive(float), default=DEFAULT_BODY_TIMEOUT_S,
+        help="408 when the body is not fully received this many seconds after the headers")
+    add("--header-read-timeout", type=_positive(float), default=DEFAULT_HEADER_TIMEOUT_S,
+        help="close a connection whose request headers are not complete in this many seconds")
+    add("--timeout-keep-alive", type=_positive(int), default=5,
+        help="close an idle keep-alive connection after this many seconds (uvicorn)")
+    add("--h11-max-incomplete-event-size", type=_positive(int), default=64 << 10,
+        help="bound in bytes on a request line + headers (uvicorn/h11)")
+    add("--max-concurrent-requests", type=_positive(int), default=DEFAULT_MAX_CONCURRENT,
+        help="429 beyond this many requests in flight (probes and /metrics exempt)")
+    add("--max-connections", type=_positive(int), default=None,
+        help="uvicorn's limit_concurrency: bare 503 beyond this many connections "
+        f"(default: --max-concurrent-requests + {CONNECTION_HEADROOM})")  # fmt: skip
+    add("--max-prompts-per-request", type=_positive(int), default=pb.DEFAULT_MAX_PROMPTS,
+        help="400 when len(prompts) * n is larger")
+    add("--max-prompt-chars", type=_positive(int), default=None,
+        help="400 for a prompt text or rendered chat template longer than this "
+        f"(default: {pb.CHARS_PER_TOKEN_BOUND} x max-model-len, at least 1 MiB)")
+    add("--chat-template-timeout", type=_positive(float), default=pb.DEFAULT_RENDER_TIMEOUT_S,
+        help="400 when rendering a chat template takes longer (seconds)")
+    add("--trust-request-chat-template", action="store_true",
+        help="accept a chat_template sent in a request (refused with 400 otherwise)")
+    add("--allowed-origins", type=_json_list, default=["*"], help='CORS, JSON list (default ["*"])')
+    add("--allowed-methods", type=_json_list, default=["*"], help="CORS, JSON list")
+    add("--allowed-headers", type=_json_list, default=["*"], help="CORS, JSON list")
+    add("--allow-credentials", action="store_true", help="CORS: allow credentials")
 
 
 def cors_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -238,9 +245,11 @@ class HTTPLimitsMiddleware:
 # ---------------------------------------------------------------------------- uvicorn level
 
 
-def header_timeout_protocol(base: type[Any], timeout_s: float) -> type[Any]:
+def header_timeout_protocol(base: type[Any], timeout_s: float, max_connections: int | None = None) -> type[Any]:
     """`base` (uvicorn's H11Protocol or HttpToolsProtocol) closing connections whose next request
-    head does not arrive within timeout_s.
+    head does not arrive within timeout_s (within 1 s for connections opened beyond
+    max_connections: uvicorn answers those 503 if they do send a request, and idle ones must give
+    their file descriptor back fast).
 
     Both uvicorn protocols make a new `self.cycle` when a request's headers are parsed. The timer
     is armed when the connection opens and when a response completes (before uvicorn may start a
@@ -256,7 +265,9 @@ def header_timeout_protocol(base: type[Any], timeout_s: float) -> type[Any]:
             if self._head_timer is not None:
                 self._head_timer.cancel()
             armed_cycle = self.cycle
-            self._head_timer = self.loop.call_later(timeout_s, self._head_timeout, armed_cycle)
+            over = max_connections is not None and len(self.connections) > max_connections
+            delay = min(timeout_s, 1.0) if over else timeout_s
+            self._head_timer = self.loop.call_later(delay, self._head_timeout, armed_cycle)
 
         def _head_timeout(self, armed_cycle: Any) -> None:
             self._head_timer = None
@@ -283,14 +294,21 @@ def header_timeout_protocol(base: type[Any], timeout_s: float) -> type[Any]:
 
 
 def uvicorn_limit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments for uvicorn.Config from the flags above."""
+    """Keyword arguments for uvicorn.Config from the flags above. Call after raise_nofile_limit:
+    --max-connections is held under the open-file limit, so sockets run out before files do."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+    limit = max_connections(args)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and limit > soft - NOFILE_RESERVE:
+        capped = max(1, soft - NOFILE_RESERVE)
+        logger.warning("--max-connections %d is above the open-file limit %d; using %d", limit, soft, capped)
+        limit = capped
     return dict(
         timeout_keep_alive=args.timeout_keep_alive,
         h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
-        limit_concurrency=max_connections(args),
-        http=header_timeout_protocol(AutoHTTPProtocol, args.header_read_timeout),
+        limit_concurrency=limit,
+        http=header_timeout_protocol(AutoHTTPProtocol, args.header_read_timeout, limit),
     )
 
 

@@ -92,6 +92,7 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest, raw: Request) -> Response:
         self.check_model(request.model)
         engine = self.engine()
+        self.state.bounds.check_num_prompts(1, request.n)
         self.check_load(engine, 1)
         text, ids = await self.render(engine, request)
         if request.truncate_prompt_tokens is not None:
