@@ -147,6 +147,9 @@ def test_too_many_prompts_is_400(server: RunningServer) -> None:
         assert "--max-prompts-per-request" in r.json()["error"]["message"]
     ok = httpx.post(url, json={"model": "tiny", "prompt": ["hi"] * 2, "n": 2, "max_tokens": 1}, timeout=60)
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 4
+    chat = {"model": "tiny", "messages": MESSAGES, "n": MAX_PROMPTS + 1, "max_tokens": 1}
+    r = httpx.post(server.v1 + "/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 400 and "--max-prompts-per-request" in r.json()["error"]["message"]
 
 
 def _wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
