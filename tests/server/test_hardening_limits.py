@@ -24,7 +24,8 @@ from fastapi import FastAPI, Request
 
 from pagedserve.entrypoints.openai.errors import install_exception_handlers
 from pagedserve.entrypoints.openai.prompt_bounds import TemplateTimeout, call_with_deadline
-from pagedserve.ops.http_limits import HTTPLimits, HTTPLimitsMiddleware, RepeatFilter, raise_nofile_limit
+from pagedserve.ops.conn_limits import RepeatFilter, raise_nofile_limit
+from pagedserve.ops.http_limits import HTTPLimits, HTTPLimitsMiddleware
 from tests.server.conftest import RunningServer, start_server
 
 MAX_PROMPTS = 8

@@ -60,14 +60,8 @@ from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion, ServerState
 from pagedserve.ops.audit import AuditLog
 from pagedserve.ops.auth import AuthConfig, Authenticator, AuthMiddleware
-from pagedserve.ops.http_limits import (
-    HTTPLimits,
-    HTTPLimitsMiddleware,
-    RepeatFilter,
-    cors_kwargs,
-    raise_nofile_limit,
-    uvicorn_limit_kwargs,
-)
+from pagedserve.ops.conn_limits import RepeatFilter, raise_nofile_limit, uvicorn_limit_kwargs
+from pagedserve.ops.http_limits import HTTPLimits, HTTPLimitsMiddleware, cors_kwargs
 from pagedserve.ops.logging import AccessLogMiddleware, configure_logging
 from pagedserve.ops.metrics import CONTENT_TYPE, EngineMetrics, HTTPMetricsMiddleware
 
