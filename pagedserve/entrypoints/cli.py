@@ -4,6 +4,8 @@ pagedserve serve [MODEL] [vLLM server flags]    OpenAI-compatible server (demo m
 pagedserve generate [--model M] PROMPT...       offline completions through `LLM`
 pagedserve audit verify FILE [--key-file K] [--expect-head [SEQ:]HASH] [--checkpoint CP]
                                                 check an audit log (chain, HMACs, checkpoint)
+pagedserve --version                            print the version
+pagedserve --help                               this text (`pagedserve serve --help`: the flags)
 """
 
 from __future__ import annotations
@@ -79,10 +81,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pagedserve.ops.audit_verify import audit_main
 
         return audit_main(argv[1:])
-    if not argv or argv[0] not in commands:
-        usage = "usage: pagedserve {serve,generate,audit} ...\n" + (__doc__ or "")
+    usage = "usage: pagedserve {serve,generate,audit} ...\n" + (__doc__ or "")
+    if argv[:1] in (["-h"], ["--help"]):  # asked for: stdout, success (argparse's convention)
+        print(usage)
+        return 0
+    if argv[:1] in (["-V"], ["--version"]):
+        from pagedserve import __version__
+
+        print(__version__)  # the bare version, as `vllm --version`
+        return 0
+    if not argv or argv[0] not in commands:  # a usage error: stderr, exit 2
         print(usage, file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+        return 2
     return commands[argv[0]](argv[1:])
 
 

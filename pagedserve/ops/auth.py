@@ -280,20 +280,64 @@ def auth_dependency(authenticator: Authenticator) -> Callable[..., Principal]:
     return dependency
 
 
-class AuthMiddleware:
-    """Pure-ASGI middleware guarding every path under `prefix` (default /v1).
+# Routes that answer without credentials even when credentials are configured. Everything else
+# (every /v1 route, /tokenize, /detokenize, /docs, /openapi.json, unknown paths) needs them:
+#   /health, /ping   liveness/readiness probes (k8s, SageMaker) send no credentials; body is a status
+#   /version         the server version only
+#   /metrics         Prometheus scrapers; aggregate counters, no request content
+# /docs, /redoc and /openapi.json stay protected on purpose: they enumerate every route and
+# request schema (admin and extension routes included) and no client needs them to call the API.
+DEFAULT_PUBLIC_PATHS: frozenset[str] = frozenset({"/health", "/ping", "/version", "/metrics"})
 
-    The Principal lands in `scope["state"]["principal"]` (= `request.state.principal`). CORS
-    preflight (OPTIONS) passes, as in vLLM. Pure ASGI, so streamed responses are not buffered.
+
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The path the router matches: scope["path"] without the root path.
+
+    uvicorn puts `--root-path` in front of every path ("/api" + "/v1/completions"); a proxy that
+    already strips the prefix yields a path without it. Both give "/v1/completions" here.
+    """
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "") or ""
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root):] or "/"
+    return path
+
+
+def is_cors_preflight(scope: Mapping[str, Any]) -> bool:
+    """OPTIONS carrying Access-Control-Request-Method: a browser's preflight (sends no credentials)."""
+    if scope.get("method") != "OPTIONS":
+        return False
+    return any(name == b"access-control-request-method" for name, _ in scope.get("headers", []))
+
+
+class AuthMiddleware:
+    """Pure-ASGI, deny-by-default: with credentials configured every HTTP and WebSocket request
+    needs them, except CORS preflights and the exact paths in `public_paths`.
+
+    Invariant: a request is let through unauthenticated only if its route path (root path
+    stripped, see `route_path`) is byte-for-byte a public path. Any other spelling (double
+    slashes, trailing slash, other case, percent-encoded characters, which uvicorn has already
+    decoded in scope["path"]) is not public, so it needs credentials whatever route it would
+    reach; proxy headers are never consulted. Matching allowed paths, not protected ones, is what
+    keeps a new route, a root path or an odd spelling from being unguarded.
+
+    The Principal lands in `scope["state"]["principal"]` (= `request.state.principal`). Pure ASGI,
+    so streamed responses are not buffered.
     """
 
-    def __init__(self, app: ASGIApp, authenticator: Authenticator, prefix: str = "/v1") -> None:
+    def __init__(
+        self, app: ASGIApp, authenticator: Authenticator, public_paths: Iterable[str] = DEFAULT_PUBLIC_PATHS
+    ) -> None:
         self.app = app
         self.authenticator = authenticator
-        self.prefix = prefix.rstrip("/")
+        self.public_paths = frozenset(public_paths)
 
-    def _guarded(self, path: str) -> bool:
-        return path == self.prefix or path.startswith(self.prefix + "/")
+    def needs_credentials(self, scope: Mapping[str, Any]) -> bool:
+        if scope["type"] not in ("http", "websocket"):
+            return False  # lifespan
+        if scope["type"] == "http" and is_cors_preflight(scope):
+            return False
+        return route_path(scope) not in self.public_paths
 
     async def __call__(
         self,
@@ -301,11 +345,7 @@ class AuthMiddleware:
         receive: Callable[[], Awaitable[Any]],
         send: Callable[[Any], Awaitable[None]],
     ) -> None:
-        if (
-            scope["type"] != "http"
-            or scope.get("method") == "OPTIONS"
-            or not self._guarded(scope.get("path", ""))
-        ):
+        if not self.needs_credentials(scope):
             await self.app(scope, receive, send)
             return
         header: str | None = None
@@ -316,6 +356,9 @@ class AuthMiddleware:
         try:
             principal = self.authenticator.authenticate(header)
         except AuthenticationError as err:
+            if scope["type"] == "websocket":  # closing before accept: the server answers 403
+                await send({"type": "websocket.close", "code": 1008, "reason": "authentication failed"})
+                return
             await err.to_response()(scope, receive, send)  # type: ignore[arg-type]
             return
         scope.setdefault("state", {})["principal"] = principal

@@ -328,11 +328,12 @@ def _app(auth: Authenticator) -> FastAPI:
     return app
 
 
-def test_middleware_guards_v1_only() -> None:
+def test_middleware_denies_by_default() -> None:
     auth = Authenticator(AuthConfig(api_keys=["k"]), environ={})
     client = TestClient(_app(auth))
     assert client.get("/health").status_code == 200
-    assert client.get("/v1x").status_code == 200  # prefix match is per path segment
+    assert client.get("/v1x").status_code == 401  # not on the public list: guarded
+    assert client.get("/v1x", headers={"Authorization": "Bearer k"}).status_code == 200
     denied = client.get("/v1/models")
     assert denied.status_code == 401
     assert denied.headers["www-authenticate"] == "Bearer"
@@ -341,6 +342,8 @@ def test_middleware_guards_v1_only() -> None:
         "kind": "api_key",
         "tenant": None,
     }
-    assert client.options("/v1/models").status_code != 401  # CORS preflight passes
+    preflight = {"Origin": "https://a.example", "Access-Control-Request-Method": "POST"}
+    assert client.options("/v1/models", headers=preflight).status_code != 401  # CORS preflight passes
+    assert client.options("/v1/models").status_code == 401  # a bare OPTIONS is not a preflight
     assert client.get("/dep").status_code == 401
     assert client.get("/dep", headers={"Authorization": "Bearer k"}).json() == {"kind": "api_key"}

@@ -3,7 +3,8 @@
     python -m pagedserve.entrypoints.openai.api_server --model MODEL [vLLM flags]
 
 Request path: AccessLogMiddleware (request id, access line) -> HTTPMetricsMiddleware ->
-AuthMiddleware (/v1/*) -> route -> OpenAIServing* -> AsyncLLM -> engine core process.
+CORSMiddleware -> HTTPLimitsMiddleware (body size/time, concurrency) -> AuthMiddleware (every
+route but the public probes) -> route -> OpenAIServing* -> AsyncLLM -> engine core process.
 
 The engine starts in the background once uvicorn is up: until it is ready /health and the
 generation routes answer 503. How the server stops (drain on SIGTERM, exit or restart when the
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 import pagedserve
@@ -41,6 +43,13 @@ from pagedserve.entrypoints.openai.lifecycle import (
     ServerLifecycle,
     engine_restarts,
 )
+from pagedserve.entrypoints.openai.prompt_bounds import (
+    PromptBounds,
+    decode,
+    default_max_prompt_chars,
+    encode,
+    render_chat_template,
+)
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -59,6 +68,8 @@ from pagedserve.entrypoints.openai.serving_completion import OpenAIServingComple
 from pagedserve.entrypoints.openai.vllm_compat import install_vllm_compat, on_engine_ready
 from pagedserve.ops.audit_middleware import AuditMiddleware, audit_log_from_args
 from pagedserve.ops.auth import AuthConfig, Authenticator, AuthMiddleware
+from pagedserve.ops.conn_limits import RepeatFilter, raise_nofile_limit, uvicorn_limit_kwargs
+from pagedserve.ops.http_limits import HTTPLimits, HTTPLimitsMiddleware, cors_kwargs
 from pagedserve.ops.logging import AccessLogMiddleware, configure_logging
 from pagedserve.ops.metrics import CONTENT_TYPE, EngineMetrics, HTTPMetricsMiddleware
 from pagedserve.worker.cpu_resources import configure_front_threads
@@ -121,6 +132,11 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
         max_waiting_requests=args.max_waiting_requests,
         audit=audit_log_from_args(args),
         default_sampling_params=dict(config.model_config.generation_defaults),
+        bounds=PromptBounds(
+            max_prompts=args.max_prompts_per_request, render_timeout_s=args.chat_template_timeout,
+            max_prompt_chars=args.max_prompt_chars or default_max_prompt_chars(config.scheduler_config.max_model_len),
+            trust_request_chat_template=args.trust_request_chat_template,
+        ),
     )
     if state.default_sampling_params:
         logger.info("requests default to the model's generation config: %s "
@@ -210,27 +226,29 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
         return await generation(chat.create_chat_completion(request, raw))
 
+    # /tokenize and /detokenize: authenticated like /v1 (AuthMiddleware denies by default);
+    # templates and long texts are rendered/tokenized off the loop under bounds (prompt_bounds.py).
     @app.post("/tokenize")
     async def tokenize(request: TokenizeCompletionRequest | TokenizeChatRequest) -> JSONResponse:
         completion.check_model(request.model)
         engine = completion.engine()
+        bounds = state.bounds
         if isinstance(request, TokenizeChatRequest):
-            try:
-                text = engine.apply_chat_template(
-                    [m.model_dump(exclude_none=True, exclude={"content"}) | {"content": m.text()}
-                     for m in request.messages],
-                    chat_template=request.chat_template or state.chat_template,
-                    add_generation_prompt=request.add_generation_prompt,
-                    continue_final_message=request.continue_final_message,
-                    chat_template_kwargs=request.chat_template_kwargs,
-                )  # fmt: skip
-            except Exception as e:  # noqa: BLE001
-                raise BadRequestError(
-                    f"The chat template failed on these messages: {e}", "messages"
-                ) from None
+            bounds.check_request_template(request.chat_template, request.chat_template_kwargs)
+            text = await render_chat_template(
+                engine, bounds,
+                messages=[m.model_dump(exclude_none=True, exclude={"content"}) | {"content": m.text()}
+                          for m in request.messages],
+                chat_template=request.chat_template or state.chat_template,
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+                tools=[t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None,
+                chat_template_kwargs=request.chat_template_kwargs,
+            )  # fmt: skip
+            param = "messages"
         else:
-            text = request.prompt
-        ids = list(engine.tokenizer.encode(text, add_special_tokens=request.add_special_tokens))
+            text, param = request.prompt, "prompt"
+        ids = await encode(engine.tokenizer, bounds, text, param, add_special_tokens=request.add_special_tokens)
         strs = engine.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
         resp = TokenizeResponse(
             count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=strs
@@ -246,7 +264,8 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
             raise BadRequestError(
                 f"token ids must be in [0, {engine.vocab_size - 1}], got {bad[:5]}", "tokens"
             )
-        return JSONResponse(DetokenizeResponse(prompt=engine.tokenizer.decode(request.tokens)).model_dump())
+        text = await decode(engine.tokenizer, list(request.tokens))
+        return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 
     # Added innermost first: the access log wraps everything, auth sits next to the routes.
     authenticator = Authenticator(AuthConfig(
@@ -256,6 +275,11 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
     ))  # fmt: skip
     if authenticator.enabled:
         app.add_middleware(AuthMiddleware, authenticator=authenticator)  # type: ignore[arg-type]
+    # Limits outside auth: an unauthenticated flood is counted and bounded too. CORS outside both,
+    # so preflights are answered before auth and 401/413/429 carry CORS headers a browser can read.
+    limits = HTTPLimits(args.max_request_body_bytes, args.request_body_timeout, args.max_concurrent_requests)
+    app.add_middleware(HTTPLimitsMiddleware, limits=limits)  # type: ignore[arg-type]
+    app.add_middleware(CORSMiddleware, **cors_kwargs(args))  # type: ignore[arg-type]
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     if state.audit is not None:  # outside every middleware that rejects, inside the request ids
         app.add_middleware(AuditMiddleware, log=state.audit, model=names[0])  # type: ignore[arg-type]
@@ -268,10 +292,12 @@ async def serve(args: argparse.Namespace, app: Any | None = None) -> int:
     import uvicorn
 
     app = app if app is not None else build_app(args)
+    soft, hard = raise_nofile_limit()
+    logger.info("open-file limit", extra={"nofile_soft": soft, "nofile_hard": hard})
     config = uvicorn.Config(
         app, host=args.host, port=args.port, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
         ssl_ca_certs=args.ssl_ca_certs, root_path=args.root_path or "", log_level=args.uvicorn_log_level,
-        access_log=False, log_config=None, timeout_graceful_shutdown=5,
+        access_log=False, log_config=None, timeout_graceful_shutdown=5, **uvicorn_limit_kwargs(args),
     )  # fmt: skip
     lifecycle: ServerLifecycle | None = getattr(app.state, "lifecycle", None)
     if lifecycle is None:
@@ -285,7 +311,7 @@ async def serve(args: argparse.Namespace, app: Any | None = None) -> int:
 
 def run_server(args: argparse.Namespace) -> None:
     """Configure logs, build the app (fails fast on a bad model or flags) and serve until stopped."""
-    configure_logging(args.log_level, json=args.log_format == "json")
+    configure_logging(args.log_level, json=args.log_format == "json").addFilter(RepeatFilter())
     os.environ[ENV_LOG_LEVEL] = args.log_level
     os.environ[ENV_LOG_JSON] = "1" if args.log_format == "json" else "0"
     if not getattr(args, "engine_in_process", False):  # the engine process gets the other cores

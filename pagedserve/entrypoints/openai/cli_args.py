@@ -18,6 +18,7 @@ from pagedserve.entrypoints.openai.vllm_compat_args import (
     validate_vllm_compat_args,
     vllm_compat_engine_kwargs,
 )
+from pagedserve.ops.http_limits import add_hardening_args
 
 
 def _int_at_least(minimum: int, text: str) -> int:
@@ -138,6 +139,7 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
                       help="engine restarts allowed over the server's life with --restart-engine "
                            "(default: 3); past them the server exits with status 1")
     add_vllm_compat_args(parser)
+    add_hardening_args(parser)
     return parser
 
 

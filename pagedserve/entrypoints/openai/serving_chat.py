@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pagedserve.engine.async_llm import AsyncLLM, RequestHandle
 from pagedserve.entrypoints.openai.errors import BadRequestError, error_sse
+from pagedserve.entrypoints.openai.prompt_bounds import encode, render_chat_template
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     clamp_logprob,
@@ -83,25 +84,24 @@ def chat_logprobs(
 
 
 class OpenAIServingChat(OpenAIServing):
-    def render(self, engine: AsyncLLM, request: ChatCompletionRequest) -> tuple[str, list[int]]:
-        """The prompt text the chat template makes of the messages, and its token ids."""
+    async def render(self, engine: AsyncLLM, request: ChatCompletionRequest) -> tuple[str, list[int]]:
+        """The prompt text the chat template makes of the messages, and its token ids (both
+        bounded and computed off the event loop: prompt_bounds.py)."""
+        bounds = self.state.bounds
+        bounds.check_request_template(request.chat_template, request.chat_template_kwargs)
         template = request.chat_template or self.state.chat_template
         content_format = content_format_for(
             chat_options(self.state), template or getattr(engine.tokenizer, "chat_template", None))
-        try:
-            text = engine.apply_chat_template(
-                request.messages_for_template(content_format),
-                chat_template=template,
-                add_generation_prompt=request.add_generation_prompt,
-                continue_final_message=request.continue_final_message,
-                tools=request.tools_for_template(),
-                chat_template_kwargs=request.chat_template_kwargs,
-            )
-        except Exception as e:  # noqa: BLE001 - jinja errors, templates raising on bad roles
-            raise BadRequestError(
-                f"The chat template failed on these messages: {e}", param="messages"
-            ) from None
-        ids = list(engine.tokenizer.encode(text, add_special_tokens=request.add_special_tokens))
+        text = await render_chat_template(
+            engine, bounds,
+            messages=request.messages_for_template(content_format),
+            chat_template=template,
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            tools=request.tools_for_template(),
+            chat_template_kwargs=request.chat_template_kwargs,
+        )  # fmt: skip
+        ids = await encode(engine.tokenizer, bounds, text, "messages", add_special_tokens=request.add_special_tokens)
         return text, ids
 
     @staticmethod
@@ -119,8 +119,9 @@ class OpenAIServingChat(OpenAIServing):
         if auto_tools and options.tools_need_special_tokens:
             request.skip_special_tokens = False  # the format's markers are special tokens
         engine = self.engine()
+        self.state.bounds.check_num_prompts(1, request.n)
         self.check_load(engine, 1)
-        text, ids = self.render(engine, request)
+        text, ids = await self.render(engine, request)
         if request.truncate_prompt_tokens is not None:
             ids = ids[-request.truncate_prompt_tokens :]
         params = self.sampling_params(request, len(ids), request.is_streaming)
@@ -143,7 +144,7 @@ class OpenAIServingChat(OpenAIServing):
             return StreamingResponse(self._stream(request, raw, engine, handle, gen, info, echo, auto_tools),
                                      media_type="text/event-stream")  # fmt: skip
         result = await run_to_end(self, raw, _last(gen), info, [handle], engine)
-        if isinstance(result, JSONResponse):
+        if isinstance(result, Response):
             return result
         final = result
         choices = []

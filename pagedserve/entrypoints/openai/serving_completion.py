@@ -28,6 +28,7 @@ from pagedserve.entrypoints.openai.errors import (
     error_sse,
     overloaded,
 )
+from pagedserve.entrypoints.openai.prompt_bounds import PromptBounds, tokenize_prompt
 from pagedserve.entrypoints.openai.protocol import (
     CompletionRequest,
     _SamplingRequest,
@@ -53,6 +54,13 @@ from pagedserve.outputs import Logprob, PromptLogprobs, RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 T = TypeVar("T")
+# nginx's "client closed request": what a non-streamed request whose client went away is logged
+# and counted as (not a 5xx; nothing is sent, the client is gone).
+CLIENT_CLOSED_REQUEST = 499
+
+
+class ClientDisconnected(Exception):
+    """The client of a non-streamed request disconnected before its response was ready."""
 
 
 @dataclass
@@ -72,6 +80,7 @@ class ServerState:
     # "draining" (graceful shutdown) or "restarting" (a dead engine being replaced): /health and
     # new requests answer 503 while set (entrypoints/openai/lifecycle.py sets it)
     lifecycle_status: str | None = None
+    bounds: PromptBounds = field(default_factory=PromptBounds)  # prompt count/size, template rules
 
 
 @dataclass(slots=True)
@@ -186,20 +195,25 @@ class OpenAIServing:
         finally:
             watcher.cancel()
         if not task.done():
-            task.cancel()
-            raise asyncio.CancelledError("client disconnected")
+            task.cancel()  # its generators close, which aborts the engine requests (KV freed)
+            raise ClientDisconnected("client disconnected")
         return task.result()
 
 
 async def run_to_end(
     serving: OpenAIServing, raw: Request, work: Awaitable[T], info: AuditInfo,
     handles: Sequence[RequestHandle], engine: AsyncLLM,
-) -> T | JSONResponse:
+) -> T | Response:
     """Awaits a non-streamed request's outputs. A client that disconnects has its requests
-    aborted (audited as such); an engine failure becomes its OpenAI error response; the handles
-    are released on every path."""
+    aborted (audited as such) and gets a 499 that nobody reads: logged and counted as a client
+    disconnect, not a server error; an engine failure becomes its OpenAI error response; the
+    handles are released on every path."""
     try:
         return await serving.until_disconnect(raw, work)
+    except ClientDisconnected:
+        info.status = "aborted"
+        serving.audit(raw, info)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     except asyncio.CancelledError:
         info.status = "aborted"
         serving.audit(raw, info)
@@ -304,10 +318,11 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_model(request.model)
         engine = self.engine()
         prompts = request.prompts()
+        self.state.bounds.check_num_prompts(len(prompts), request.n)
         self.check_load(engine, len(prompts))
         tokenized: list[tuple[str | None, list[int]]] = []
         for p in prompts:
-            text, ids = engine.tokenize_prompt(p)
+            text, ids = await tokenize_prompt(engine, self.state.bounds, p)
             if request.truncate_prompt_tokens is not None:
                 ids = ids[-request.truncate_prompt_tokens :]
             tokenized.append((text, ids))
@@ -341,7 +356,7 @@ class OpenAIServingCompletion(OpenAIServing):
             )
         finals: list[RequestOutput | None] = [None] * len(gens)
         result = await run_to_end(self, raw, self._collect(gens, finals), info, handles, engine)
-        if isinstance(result, JSONResponse):
+        if isinstance(result, Response):
             return result
         finals = result
         response = self._response(request, engine, base_id, finals, info)
