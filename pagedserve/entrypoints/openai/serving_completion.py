@@ -271,10 +271,11 @@ def completion_logprobs(
             continue
         out.token_logprobs.append(clamp_logprob(chosen.logprob) if chosen is not None else None)
         top = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)[: max(num_top, 1)] if num_top else []
-        out.top_logprobs.append({
-            (lp.decoded_token if lp.decoded_token is not None else decode(t)): clamp_logprob(lp.logprob)
-            for t, lp in top
-        })  # fmt: skip
+        by_text: dict[str, float] = {}
+        for t, lp in top:  # keyed by text: of two tokens that read the same, the likelier one stays
+            by_text.setdefault(lp.decoded_token if lp.decoded_token is not None else decode(t),
+                               clamp_logprob(lp.logprob))
+        out.top_logprobs.append(by_text)
     return out
 
 
