@@ -199,3 +199,37 @@ def test_good_requests_are_unaffected(api_server: RunningServer) -> None:
     assert len(r.json()["choices"][0]["logprobs"]["content"]) == r.json()["usage"]["completion_tokens"]
     r = post(api_server, "/tokenize", {"model": "tiny", "prompt": "the cat \u00e9\u4e2d"})
     assert r.status_code == 200 and r.json()["count"] == len(r.json()["tokens"]) > 0
+
+
+# ---------------------------------------------------------------------------- the pieces, without a server
+
+
+def test_lone_surrogate_path() -> None:
+    from pagedserve.entrypoints.openai.protocol import lone_surrogate_path
+
+    assert lone_surrogate_path({"a": ["ok", {"b": "x\ud800"}]}) == "a.[1].b"
+    assert lone_surrogate_path("\udfff") == "body" and lone_surrogate_path(["\udfff"]) == "[0]"
+    assert lone_surrogate_path({"k\ud800": 1}) == "k\\ud800"
+    assert lone_surrogate_path({"a": "\U0001f600 \u0663", "b": [1, 2.5, None, True]}) is None  # JSON pairs decode to one
+    deep: Any = "\ud800"
+    for _ in range(100_000):  # iterative: no RecursionError however deep
+        deep = [deep]
+    assert lone_surrogate_path(deep) is not None
+
+
+def test_scoring_sampling_params() -> None:
+    """A scoring request samples one greedy token (dropped later) and asks for the prompt's
+    logprobs with `logprobs` top entries; nothing about the sampled token is computed."""
+    from pagedserve.entrypoints.openai.protocol import CompletionRequest
+    from pagedserve.sampling_params import SamplingParams
+
+    req = CompletionRequest.model_validate({"prompt": "x", "echo": True, "max_tokens": 0, "logprobs": 3,
+                                            "temperature": 0.9, "min_tokens": 0})  # fmt: skip
+    assert req.is_scoring
+    sp = SamplingParams(**req.to_sampling_params(default_max_tokens=100))
+    assert (sp.max_tokens, sp.temperature, sp.logprobs, sp.prompt_logprobs) == (1, 0.0, None, 3)
+    plain = CompletionRequest.model_validate({"prompt": "x", "echo": True, "max_tokens": 2, "logprobs": 3,
+                                              "prompt_logprobs": 1})  # fmt: skip
+    assert not plain.is_scoring
+    kwargs = plain.to_sampling_params(default_max_tokens=100)
+    assert (kwargs["max_tokens"], kwargs["logprobs"], kwargs["prompt_logprobs"]) == (2, 3, 3)

@@ -3,6 +3,11 @@ state, load shedding, sampling params, disconnect handling, audit).
 
 One HTTP request with k prompts and n samples runs k engine requests "<id>-<i>" (each with n
 children); choice index = i * n + sample index, as vLLM numbers them.
+
+Scoring (the legacy OpenAI call: echo=true, max_tokens=0, logprobs=N): each choice is the prompt
+itself with the prompt's token logprobs (the first token's null: nothing predicts it),
+finish_reason "length" and no completion tokens. The engine computes them as prompt_logprobs while
+it samples one token that is dropped (CompletionRequest.to_sampling_params).
 """
 
 from __future__ import annotations
