@@ -38,6 +38,15 @@ def generation_eos_ids(model_dir: str) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
+class InvalidInputError(ValueError):
+    """Input the model cannot take; `param` names the field at fault: "prompt" or a SamplingParams
+    field (the server turns it into a 400 naming the request field it came from)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def link_children(children: list[Request]) -> list[Request]:
     """The requests to hand to the scheduler: the leader (followers attached) when the prompt has
     more than one token to share, else every child on its own."""
@@ -98,24 +107,45 @@ class RequestBuilder:
         return text, token_ids
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        if len(token_ids) > self.max_model_len:
-            raise ValueError(
-                f"the prompt ({len(token_ids)} tokens) is longer than max_model_len ({self.max_model_len})"
-            )
-        bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size - 1}], got {bad[:5]}")
-        if params.n > self.max_num_seqs:
-            raise ValueError(f"n ({params.n}) must not exceed max_num_seqs ({self.max_num_seqs})")
-        params.verify_for_model(self.vocab_size, self.max_logprobs)
+        """InvalidInputError (a ValueError) for a prompt or params this model cannot take."""
+        self.check_prompt(token_ids)
+        self.check_params(params)
         if params.structured_outputs is not None:  # a bad schema/regex/grammar is the caller's error
             if self.grammars is None:
                 from pagedserve.structured_output import GrammarCompilerCache
 
                 self.grammars = GrammarCompilerCache(self.tokenizer, self.vocab_size)
             self.grammars.compile(params.structured_outputs)
+
+    def check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise InvalidInputError("prompt", "the prompt is empty: give at least one token")
+        if len(token_ids) > self.max_model_len:
+            raise InvalidInputError(
+                "prompt",
+                f"the prompt ({len(token_ids)} tokens) is longer than max_model_len ({self.max_model_len})",
+            )
+        bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise InvalidInputError("prompt", f"prompt token ids must be in [0, {self.vocab_size - 1}], got {bad[:5]}")
+
+    def check_params(self, params: SamplingParams) -> None:
+        """The bounds that depend on the model, one field at a time so that the error names it
+        (SamplingParams.verify_for_model checks the same, naming none)."""
+        if params.n > self.max_num_seqs:
+            raise InvalidInputError("n", f"n ({params.n}) must not exceed max_num_seqs ({self.max_num_seqs})")
+        top = self.vocab_size - 1
+        bad = sorted(t for t in params.all_stop_token_ids if not 0 <= t <= top)
+        if bad:
+            raise InvalidInputError("stop_token_ids", f"stop_token_ids must be in [0, {top}] (the vocabulary), got {bad[:5]}.")
+        bad = sorted(t for t in params.logit_bias or {} if not 0 <= t <= top)
+        if bad:
+            raise InvalidInputError("logit_bias", f"logit_bias token ids must be in [0, {top}] (the vocabulary), got {bad[:5]}.")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.max_logprobs:
+                raise InvalidInputError(name, f"{name} must be in [0, max_logprobs={self.max_logprobs}], got {value}.")
+        params.verify_for_model(self.vocab_size, self.max_logprobs)  # any check added there later
 
     def child_params(self, request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
         """(child id, params) of the n core requests; the model's extra EOS ids stop them like

@@ -124,7 +124,14 @@ def error_json(
     code: int | str | None = None,
 ) -> dict[str, Any]:
     """The OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return {"error": {"message": _utf8_safe(message), "type": type,
+                      "param": None if param is None else _utf8_safe(param), "code": code}}
+
+
+def _utf8_safe(text: str) -> str:
+    # A message that quotes user text may hold a lone surrogate, which no UTF-8 body can carry:
+    # write it as its escape ("\\ud800") rather than fail the response with a 500.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_sse(err: OpenAIError) -> str:

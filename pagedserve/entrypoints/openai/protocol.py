@@ -5,6 +5,13 @@ ignore_eos, min_tokens, stop_token_ids, ...). Unknown fields are ignored with a 
 does. Every bound is checked here so that a bad value is a 400 naming the field (see errors.py);
 `to_sampling_params()` then yields keyword arguments that `SamplingParams` accepts.
 
+Numbers are read strictly: an integer field takes a JSON integer (or a float with no fractional
+part, 2.0, which vLLM accepts too), never a boolean or a string; a float field takes any JSON
+number, never a boolean or a string. Every integer has an upper bound (token ids and counts fit an
+int32, priority an int64), so that no value overflows when the request crosses to the engine
+process (msgspec) or into a tensor. Text anywhere in a request must be valid Unicode: a lone UTF-16
+surrogate (JSON "\\ud800") is a 400 naming the field, since nothing can encode it as UTF-8.
+
 Field presence rule of `to_sampling_params`: a knob the request leaves unset (None) is taken from
 `default_sampling_params` (the model's generation_config, as vLLM) or, failing that, omitted, so
 that SamplingParams' own default applies.
@@ -13,11 +20,12 @@ that SamplingParams' own default applies.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
 from pagedserve.entrypoints.openai.errors import BadRequestError, ParamError
 from pagedserve.sampling_params import StructuredOutputsParams
@@ -26,11 +34,30 @@ logger = logging.getLogger(__name__)
 
 # SamplingParams' seed range: torch.Generator takes a signed or unsigned 64-bit seed.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+# Token ids and counts are int32 in the engine's tensors; priority is an int64 in the IPC message.
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # JSON has no -inf; OpenAI-compatible servers send this floor instead (as vLLM).
 LOGPROB_FLOOR = -9999.0
+# A logit_bias key: a token id in ASCII digits (str.isdigit also takes "٣", Arabic-Indic 3).
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-TokenId = Annotated[int, Field(ge=0)]
+
+def _integral_to_int(value: Any) -> Any:
+    """2.0 -> 2 (as vLLM's lax parsing); 2.5, true, "2" are left for the strict check to refuse."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Strict: a bool is not an int and a string is not a number (pydantic's lax mode takes both).
+StrictInt = Annotated[int, Strict(), BeforeValidator(_integral_to_int)]
+StrictFloat = Annotated[float, Strict()]
+Count = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
+PositiveCount = Annotated[StrictInt, Field(ge=1, le=INT32_MAX)]
+Penalty = Annotated[StrictFloat, Field(ge=-2.0, le=2.0)]
+TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
 
 
 def random_id(prefix: str) -> str:
@@ -45,10 +72,38 @@ class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
 
 
+def lone_surrogate_path(data: Any) -> str | None:
+    """The field path ("messages.[0].content", as errors.py spells it; "body" for the body itself)
+    of the first string, value or key, of a parsed JSON body that holds a lone UTF-16 surrogate,
+    or None. Iterative, so that a deeply nested body cannot exhaust the stack."""
+    stack: list[tuple[Any, str]] = [(data, "body")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path
+        elif isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                name = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+                key_path = name if path == "body" else f"{path}.{name}"
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    return key_path
+                stack.append((item, key_path))
+        elif isinstance(value, list):
+            for i in reversed(range(len(value))):
+                stack.append((value[i], f"[{i}]" if path == "body" else f"{path}.[{i}]"))
+    return None
+
+
 class _RequestModel(OpenAIBaseModel):
     @model_validator(mode="before")
     @classmethod
-    def _warn_unknown_fields(cls, data: Any) -> Any:
+    def _check_body(cls, data: Any) -> Any:
+        # Lone surrogates first: they cannot even be logged or echoed in an error as UTF-8.
+        where = lone_surrogate_path(data)
+        if where is not None:
+            raise ParamError(where, f"'{where}' is not valid Unicode text: it holds a lone UTF-16 surrogate "
+                                    "(an unpaired \\uD800-\\uDFFF escape).")
         if isinstance(data, dict):
             unknown = [k for k in data if k not in cls.model_fields]
             if unknown:
@@ -81,29 +136,29 @@ class _SamplingRequest(_RequestModel):
     model: str | None = None
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
-    logit_bias: dict[str, float] | None = None
-    n: Annotated[int, Field(ge=1, le=128)] = 1
-    seed: Annotated[int, Field(ge=_SEED_MIN, le=_SEED_MAX)] | None = None
+    logit_bias: dict[str, StrictFloat] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=128)] = 1
+    seed: StrictInt | None = None  # in [_SEED_MIN, _SEED_MAX]: checked by _check_seed
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    temperature: Annotated[float, Field(ge=0.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    temperature: Annotated[StrictFloat, Field(ge=0.0)] | None = None
+    top_p: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] | None = None
     user: str | None = None
-    best_of: Annotated[int, Field(ge=1)] | None = None
+    best_of: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
     # vLLM extras
-    top_k: Annotated[int, Field(ge=-1)] | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1, le=INT32_MAX)] | None = None  # >= vocab: all tokens
+    min_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[StrictFloat, Field(gt=0.0)] | None = None
     ignore_eos: bool = False
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    min_tokens: Count = 0
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None
-    prompt_logprobs: Annotated[int, Field(ge=0)] | None = None
-    priority: int = 0
+    truncate_prompt_tokens: PositiveCount | None = None
+    prompt_logprobs: Count | None = None
+    priority: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] = 0
     request_id: Annotated[str, Field(max_length=256)] | None = None
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and guided_* fields
     response_format: ResponseFormat | None = None
@@ -124,12 +179,23 @@ class _SamplingRequest(_RequestModel):
             raise ValueError("stop must not contain empty strings")
         return v
 
+    @field_validator("seed")
+    @classmethod
+    def _check_seed(cls, v: int | None) -> int | None:
+        # By hand: pydantic prints a bound past int64 as a float (2**64 - 1 as ...552000).
+        if v is not None and not _SEED_MIN <= v <= _SEED_MAX:
+            raise ValueError(f"seed must be an integer greater than or equal to {_SEED_MIN} and less than or "
+                             f"equal to {_SEED_MAX}")
+        return v
+
     @field_validator("logit_bias")
     @classmethod
     def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key in v or {}:
-            if not key.strip().isdigit():
-                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
+            if not _TOKEN_ID_KEY.fullmatch(key) or int(key) > INT32_MAX:
+                raise ValueError(
+                    f"logit_bias keys must be token ids (non-negative integers in ASCII digits), got {key!r}"
+                )
         return v
 
     @property
@@ -153,6 +219,10 @@ class _SamplingRequest(_RequestModel):
     def _logprob_params(self) -> tuple[int | None, int | None]:
         """(logprobs, prompt_logprobs) in SamplingParams' meaning."""
         raise NotImplementedError
+
+    def param_for(self, field_name: str) -> str:
+        """The request field a SamplingParams field came from (for a 400's `param`)."""
+        return field_name
 
     @model_validator(mode="after")
     def _check_shared(self) -> _SamplingRequest:
@@ -267,9 +337,10 @@ class _SamplingRequest(_RequestModel):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    # 0 only with echo: a scoring request (the prompt's logprobs, nothing generated)
+    max_tokens: Count | None = 16
     echo: bool | None = False
-    logprobs: Annotated[int, Field(ge=0)] | None = None
+    logprobs: Count | None = None
     suffix: str | None = None
 
     @field_validator("prompt", mode="before")
@@ -302,7 +373,34 @@ class CompletionRequest(_SamplingRequest):
     def _check_completion(self) -> CompletionRequest:
         if self.suffix:
             raise ParamError("suffix", "suffix is not supported.")
+        if self.max_tokens == 0 and not self.echo:
+            raise ParamError("max_tokens", "max_tokens must be greater than or equal to 1 (0 is accepted "
+                                           "only with echo=true: a request that scores the prompt).")
         return self
+
+    @property
+    def is_scoring(self) -> bool:
+        """echo + max_tokens 0, the legacy OpenAI scoring call: the answer is the prompt itself,
+        with its token logprobs when `logprobs` is set; nothing is generated."""
+        return bool(self.echo) and self.max_tokens == 0
+
+    def param_for(self, field_name: str) -> str:
+        if field_name == "prompt_logprobs" and self.prompt_logprobs is None:
+            return "logprobs"  # echo + logprobs asked for them
+        return super().param_for(field_name)
+
+    def to_sampling_params(
+        self, default_max_tokens: int, default_sampling_params: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        out = super().to_sampling_params(default_max_tokens, default_sampling_params)
+        if self.is_scoring:
+            # The engine always samples: a scoring request generates one token that the server
+            # drops (as vLLM does), so it costs one prefill. Greedy, with no sample logprobs and no
+            # grammar, since nothing about that token reaches the client.
+            out.update(max_tokens=1, min_tokens=0, temperature=0.0)
+            out.pop("logprobs", None)
+            out.pop("structured_outputs", None)
+        return out
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: each a text or a list of token ids."""
@@ -318,8 +416,9 @@ class CompletionRequest(_SamplingRequest):
 
     def _logprob_params(self) -> tuple[int | None, int | None]:
         prompt_logprobs = self.prompt_logprobs
-        if prompt_logprobs is None and self.echo and self.logprobs is not None:
-            prompt_logprobs = self.logprobs  # echo + logprobs: the prompt's logprobs come back too
+        if self.echo and self.logprobs is not None:
+            # echo + logprobs: the prompt's logprobs come back too, with `logprobs` top entries
+            prompt_logprobs = max(prompt_logprobs or 0, self.logprobs)
         return self.logprobs, prompt_logprobs
 
 
@@ -387,10 +486,10 @@ class NamedToolChoice(OpenAIBaseModel):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None  # deprecated by OpenAI, still honoured
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: PositiveCount | None = None  # deprecated by OpenAI, still honoured
+    max_completion_tokens: PositiveCount | None = None
     logprobs: bool | None = False
-    top_logprobs: Annotated[int, Field(ge=0)] | None = 0
+    top_logprobs: Count | None = 0
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -430,6 +529,9 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def _logprob_params(self) -> tuple[int | None, int | None]:
         return (self.top_logprobs or 0) if self.logprobs else None, self.prompt_logprobs
+
+    def param_for(self, field_name: str) -> str:
+        return {"logprobs": "top_logprobs", "prompt": "messages"}.get(field_name, field_name)
 
     @property
     def forced_tool(self) -> ChatTool | None:

@@ -3,6 +3,11 @@ state, load shedding, sampling params, disconnect handling, audit).
 
 One HTTP request with k prompts and n samples runs k engine requests "<id>-<i>" (each with n
 children); choice index = i * n + sample index, as vLLM numbers them.
+
+Scoring (the legacy OpenAI call: echo=true, max_tokens=0, logprobs=N): each choice is the prompt
+itself with the prompt's token logprobs (the first token's null: nothing predicts it),
+finish_reason "length" and no completion tokens. The engine computes them as prompt_logprobs while
+it samples one token that is dropped (CompletionRequest.to_sampling_params).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pagedserve.engine.async_llm import AsyncLLM, RequestHandle
 from pagedserve.engine.core_client import EngineDeadError
+from pagedserve.engine.request_builder import InvalidInputError
 from pagedserve.entrypoints.openai.errors import (
     BadRequestError,
     NotFoundError,
@@ -50,7 +56,7 @@ from pagedserve.entrypoints.openai.responses import (
 from pagedserve.entrypoints.openai.vllm_compat import log_request
 from pagedserve.ops.audit import AuditLog
 from pagedserve.ops.audit_middleware import claim_audit, write_line
-from pagedserve.outputs import Logprob, PromptLogprobs, RequestOutput
+from pagedserve.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 T = TypeVar("T")
@@ -148,9 +154,14 @@ class OpenAIServing:
         kwargs = request.to_sampling_params(max_len - prompt_len, self.state.default_sampling_params)
         kwargs["output_kind"] = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         try:
-            return SamplingParams(**kwargs)
+            params = SamplingParams(**kwargs)
         except ValueError as e:
             raise BadRequestError(str(e)) from None
+        try:  # the model's bounds (vocabulary, max_logprobs, max_num_seqs), naming the field
+            self.engine().request_builder.check_params(params)
+        except InvalidInputError as e:
+            raise BadRequestError(str(e), param=request.param_for(e.param)) from None
+        return params
 
     def request_id(self, raw: Request, prefix: str) -> str:
         rid = getattr(raw.state, "request_id", None)
@@ -306,10 +317,11 @@ def completion_logprobs(
             continue
         out.token_logprobs.append(clamp_logprob(chosen.logprob) if chosen is not None else None)
         top = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)[: max(num_top, 1)] if num_top else []
-        out.top_logprobs.append({
-            (lp.decoded_token if lp.decoded_token is not None else decode(t)): clamp_logprob(lp.logprob)
-            for t, lp in top
-        })  # fmt: skip
+        by_text: dict[str, float] = {}
+        for t, lp in top:  # keyed by text: of two tokens that read the same, the likelier one stays
+            by_text.setdefault(lp.decoded_token if lp.decoded_token is not None else decode(t),
+                               clamp_logprob(lp.logprob))
+        out.top_logprobs.append(by_text)
     return out
 
 
@@ -330,6 +342,8 @@ class OpenAIServingCompletion(OpenAIServing):
         for (_, ids), sp in zip(tokenized, params):
             try:
                 engine.validate(ids, sp)
+            except InvalidInputError as e:
+                raise BadRequestError(str(e), param=request.param_for(e.param)) from None
             except ValueError as e:
                 raise BadRequestError(str(e), param="prompt") from None
         base_id = self.request_id(raw, "cmpl")
@@ -381,23 +395,13 @@ class OpenAIServingCompletion(OpenAIServing):
             prompt_text = ro.prompt if ro.prompt is not None else decode(ro.prompt_token_ids)
             cached += ro.num_cached_tokens
             for out in ro.outputs:
-                prefix = prompt_text if request.echo else ""
-                text = prefix + out.text
-                logprobs = None
-                if request.logprobs is not None:
-                    ids: list[int] = []
-                    lps: list[dict[int, Logprob] | None] = []
-                    if request.echo:
-                        ids += ro.prompt_token_ids
-                        lps += list(ro.prompt_logprobs or [None] * len(ro.prompt_token_ids))
-                    ids += out.token_ids
-                    lps += list(out.logprobs or [])
-                    logprobs = completion_logprobs(ids, lps, request.logprobs, 0, _single_decoder(decode))
-                completion_tokens += len(out.token_ids)
-                info.output_parts.append(out.text)
+                echo = _Echo(prompt_text, ro.prompt_token_ids, ro.prompt_logprobs) if request.echo else None
+                part = _choice_part(request, out, echo, 0, _single_decoder(decode))
+                completion_tokens += part.num_generated
+                info.output_parts.append(part.generated_text)
                 choices.append(CompletionResponseChoice(
-                    index=i * request.n + out.index, text=text, logprobs=logprobs,
-                    finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                    index=i * request.n + out.index, text=part.text, logprobs=part.logprobs,
+                    finish_reason=part.finish_reason, stop_reason=part.stop_reason,
                     prompt_logprobs=prompt_logprobs_json(ro.prompt_logprobs) if out.index == 0 else None,
                 ))  # fmt: skip
         info.completion_tokens = completion_tokens
@@ -416,32 +420,30 @@ class OpenAIServingCompletion(OpenAIServing):
         created = int(time.time())
         decode = _single_decoder(engine.tokenizer.decode)
         offsets: dict[int, int] = {}  # choice index -> characters streamed (for text_offset)
+        # DELTA outputs carry a prompt's logprobs once, with its first output (of any of its n
+        # choices): kept here for the echo of the others.
+        prompt_lps: dict[int, PromptLogprobs] = {}
         try:
             async for i, ro in merge_generators(gens):
+                if ro.prompt_logprobs is not None:
+                    prompt_lps.setdefault(i, ro.prompt_logprobs)
                 choices = []
                 for out in ro.outputs:
                     index = i * request.n + out.index
-                    text = out.text
-                    ids = list(out.token_ids)
-                    lps: list[dict[int, Logprob] | None] = list(out.logprobs or [])
-                    if request.echo and index not in offsets:
-                        prompt_text = tokenized[i][0] or engine.tokenizer.decode(tokenized[i][1])
-                        text = prompt_text + text
-                        if request.logprobs is not None:
-                            ids = tokenized[i][1] + ids
-                            no_rows: list[dict[int, Logprob] | None] = [None] * len(tokenized[i][1])
-                            lps = no_rows + lps
-                    logprobs = None
-                    if request.logprobs is not None:
-                        logprobs = completion_logprobs(
-                            ids, lps, request.logprobs, offsets.get(index, 0), decode
-                        )
-                    offsets[index] = offsets.get(index, 0) + len(text)
-                    info.completion_tokens += len(out.token_ids)
-                    info.output_parts.append(out.text)
+                    first = index not in offsets
+                    if request.is_scoring and not first:
+                        continue  # its one chunk (the prompt, finished) is out
+                    echo = None
+                    if request.echo and first:
+                        text, ids = tokenized[i]
+                        echo = _Echo(text or engine.tokenizer.decode(ids), ids, prompt_lps.get(i))
+                    part = _choice_part(request, out, echo, offsets.get(index, 0), decode)
+                    offsets[index] = offsets.get(index, 0) + len(part.text)
+                    info.completion_tokens += part.num_generated
+                    info.output_parts.append(part.generated_text)
                     choices.append(CompletionResponseStreamChoice(
-                        index=index, text=text, logprobs=logprobs, finish_reason=out.finish_reason,
-                        stop_reason=out.stop_reason,
+                        index=index, text=part.text, logprobs=part.logprobs, finish_reason=part.finish_reason,
+                        stop_reason=part.stop_reason,
                     ))  # fmt: skip
                 if choices:
                     so_far = (UsageInfo.of(info.prompt_tokens, info.completion_tokens)
@@ -466,6 +468,51 @@ class OpenAIServingCompletion(OpenAIServing):
                 engine.release(h)
             self.audit(raw, info)
         yield SSE_DONE
+
+
+@dataclass(slots=True)
+class _Echo:
+    """A prompt to put in front of a choice's text (echo): its text, ids and logprobs."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: PromptLogprobs | None  # None: not asked for (or not yet known)
+
+
+@dataclass(slots=True)
+class _ChoicePart:
+    text: str
+    logprobs: CompletionLogProbs | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+    generated_text: str  # what the model generated (the audit's output)
+    num_generated: int  # completion tokens
+
+
+def _choice_part(
+    request: CompletionRequest, out: CompletionOutput, echo: _Echo | None, text_offset: int, decode: Any
+) -> _ChoicePart:
+    """A choice's text and legacy logprobs for one output: the echoed prompt (if any) first, then
+    what was generated. A scoring request (echo, max_tokens 0) answers with the prompt alone and
+    finish_reason "length": the one token the engine sampled for it is dropped."""
+    scoring = request.is_scoring
+    ids: list[int] = []
+    lps: list[dict[int, Logprob] | None] = []
+    text = ""
+    if echo is not None:
+        text = echo.text
+        ids += echo.token_ids
+        lps += list(echo.logprobs) if echo.logprobs is not None else [None] * len(echo.token_ids)
+    if not scoring:
+        text += out.text
+        ids += out.token_ids
+        lps += list(out.logprobs or [])
+    logprobs = None
+    if request.logprobs is not None:
+        logprobs = completion_logprobs(ids, lps, request.logprobs, text_offset, decode)
+    if scoring:
+        return _ChoicePart(text, logprobs, "length", None, "", 0)
+    return _ChoicePart(text, logprobs, out.finish_reason, out.stop_reason, out.text, len(out.token_ids))
 
 
 def _single_decoder(decode: Any) -> Any:
