@@ -27,8 +27,11 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 
 from pagedserve.ops.audit import AuditLog, AuditLogClosedError, load_audit_key
+from pagedserve.ops.auth import DEFAULT_PUBLIC_PATHS, route_path
 
-AUDITED_PREFIXES: tuple[str, ...] = ("/v1", "/tokenize", "/detokenize")
+# Audited by default, like auth's deny-by-default: every route path but the public probes, which
+# a load balancer calls every second. "//v1/x", "/V1/x" or "/v1x" are attempts worth a line too.
+UNAUDITED_PATHS: frozenset[str] = DEFAULT_PUBLIC_PATHS
 _CLAIM = "pagedserve_audit_claimed"
 logger = logging.getLogger("pagedserve.audit")
 
@@ -41,8 +44,9 @@ def claim_audit(state: MutableMapping[str, Any]) -> bool:
     return True
 
 
-def is_audited(path: str, prefixes: tuple[str, ...] = AUDITED_PREFIXES) -> bool:
-    return any(path == p or path.startswith(p + "/") for p in prefixes)
+def is_audited(path: str, unaudited: frozenset[str] = UNAUDITED_PATHS) -> bool:
+    """`path` is the route path (root path already stripped: auth.route_path)."""
+    return bool(path) and path not in unaudited
 
 
 def outcome(http_status: int | None) -> str:
@@ -77,11 +81,11 @@ class AuditMiddleware:
     """Pure ASGI (streamed responses are not buffered); `model` is the served model's name."""
 
     def __init__(self, app: Any, log: AuditLog, model: str | None = None,
-                 prefixes: tuple[str, ...] = AUDITED_PREFIXES) -> None:  # fmt: skip
+                 unaudited: frozenset[str] = UNAUDITED_PATHS) -> None:  # fmt: skip
         self.app = app
         self.log = log
         self.model = model
-        self.prefixes = prefixes
+        self.unaudited = unaudited
 
     async def __call__(
         self,
@@ -89,11 +93,8 @@ class AuditMiddleware:
         receive: Callable[[], Awaitable[Any]],
         send: Callable[[Any], Awaitable[None]],
     ) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" else ""
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
-        if not path or not is_audited(path, self.prefixes):
+        path = route_path(scope) if scope["type"] == "http" else ""
+        if not is_audited(path, self.unaudited):
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})

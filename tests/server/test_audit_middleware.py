@@ -74,7 +74,7 @@ def test_every_outcome_is_audited_once(tmp_path: Path) -> None:
         ("c404route", "/v1/no-such-route", {"prompt": "x"}, auth, 404),
         ("c500", "/v1/completions", {"prompt": "crash"}, auth, 500),
         ("c200", "/v1/completions", {"prompt": "x"}, auth, 200),
-        ("tok", "/tokenize", {"prompt": "abc"}, {}, 200),
+        ("tok", "/tokenize", {"prompt": "abc"}, auth, 200),
     ]
     for cid, route, body, headers, code in cases:
         r = client.post(route, json=body, headers={**headers, "X-Request-Id": cid})
@@ -101,7 +101,8 @@ def test_every_outcome_is_audited_once(tmp_path: Path) -> None:
 
 def test_helpers() -> None:
     assert is_audited("/v1") and is_audited("/v1/chat/completions") and is_audited("/tokenize")
-    assert not is_audited("/v1x") and not is_audited("/health") and not is_audited("/metrics")
+    assert is_audited("/v1x") and is_audited("//v1/completions") and is_audited("/docs")
+    assert not is_audited("/health") and not is_audited("/metrics") and not is_audited("/ping")
     assert [outcome(s) for s in (None, 200, 404, 429, 503)] == ["aborted", "ok", "rejected", "rejected", "error"]
     state: dict[str, Any] = {}
     assert claim_audit(state) and not claim_audit(state) and not claim_audit(state)
