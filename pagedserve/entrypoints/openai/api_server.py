@@ -49,6 +49,7 @@ from pagedserve.entrypoints.openai.responses import (
 )
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion, ServerState
+from pagedserve.entrypoints.openai.structured_limits import limits_from_args
 from pagedserve.ops.audit import AuditLog
 from pagedserve.ops.auth import AuthConfig, Authenticator, AuthMiddleware
 from pagedserve.ops.logging import AccessLogMiddleware, configure_logging
@@ -111,6 +112,7 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
         audit=AuditLog(args.audit_log) if args.audit_log else None,
         default_sampling_params=dict(config.model_config.generation_defaults),
     )
+    state.extra["structured_output_limits"] = limits_from_args(args)
     if state.default_sampling_params:
         logger.info("requests default to the model's generation config: %s "
                     "(--generation-config vllm turns this off)", state.default_sampling_params)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pagedserve.config import EngineArgs
+from pagedserve.entrypoints.openai.structured_limits import add_structured_output_args
 
 
 def _int_at_least(minimum: int, text: str) -> int:
@@ -111,6 +112,7 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
                      help='JSON object replacing generation config keys, e.g. \'{"temperature": 0.5}\'')
     eng.add_argument("--async-scheduling", action="store_true",
                      help="plan and launch step n+1 while step n runs on the GPU")  # fmt: skip
+    add_structured_output_args(parser)
     return parser
 
 

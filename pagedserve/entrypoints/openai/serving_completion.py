@@ -45,6 +45,7 @@ from pagedserve.entrypoints.openai.responses import (
     UsageInfo,
     sse_event,
 )
+from pagedserve.entrypoints.openai.structured_limits import StructuredOutputLimits, compile_request_grammar
 from pagedserve.ops.audit import AuditLog
 from pagedserve.outputs import Logprob, PromptLogprobs, RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
@@ -131,6 +132,13 @@ class OpenAIServing:
             return SamplingParams(**kwargs)
         except ValueError as e:
             raise BadRequestError(str(e)) from None
+
+    async def compile_grammar(self, engine: AsyncLLM, request: _SamplingRequest, params: SamplingParams) -> str | None:
+        """The serialized grammar of the request's structured-output spec (None without one):
+        limits, then one compile off the event loop; a 400 naming the field on failure."""
+        limits = self.state.extra.get("structured_output_limits") or StructuredOutputLimits()
+        return await compile_request_grammar(engine, params.structured_outputs, limits,
+                                             request.structured_outputs_param())
 
     def request_id(self, raw: Request, prefix: str) -> str:
         rid = getattr(raw.state, "request_id", None)
@@ -290,6 +298,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 engine.validate(ids, sp)
             except ValueError as e:
                 raise BadRequestError(str(e), param="prompt") from None
+        grammar = await self.compile_grammar(engine, request, params[0])  # the same spec for every prompt
         base_id = self.request_id(raw, "cmpl")
         info = AuditInfo(
             base_id, time.time(),
@@ -300,7 +309,8 @@ class OpenAIServingCompletion(OpenAIServing):
         try:
             for i, ((t, ids), sp) in enumerate(zip(tokenized, params)):
                 prompt: Any = {"prompt_token_ids": ids, **({"prompt": t} if t else {})}
-                handles.append(engine.add_request(prompt, sp, f"{base_id}-{i}", priority=request.priority))
+                handles.append(engine.add_request(prompt, sp, f"{base_id}-{i}", priority=request.priority,
+                                                  grammar=grammar))
         except Exception:
             for h in handles:
                 engine.release(h)
