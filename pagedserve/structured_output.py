@@ -9,9 +9,8 @@ logits token by token (SamplingParams.structured_outputs).
                             logits before sampling; the grammar's end admits the EOS token.
 
 Where the one compile happens:
-  * server: the HTTP process compiles in a killable worker process (entrypoints/openai/
-    grammar_pool.py), off the event loop and under a deadline, and ships the serialized grammar
-    with the request; the engine process only deserializes it (engine/grammars.py, in a
+  * server: the HTTP process compiles in a killable worker process (engine/grammar_pool.py),
+    off the event loop and under a deadline, and ships the serialized grammar with the request; the engine process only deserializes it (engine/grammars.py, in a
     background thread: xgrammar releases the GIL there, so steps go on meanwhile).
   * offline (LLM / LLMEngine): the request builder compiles into the engine's own cache (the
     same object the model runner reads), before the request reaches the scheduler.
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pagedserve.sampling_params import StructuredOutputsParams
 
-if TYPE_CHECKING:  # the compile workers import this module: no torch import of its own
+if TYPE_CHECKING:  # tensors only pass through (xgrammar does the work)
     import torch
 
 # What each spec kind is called in an error message (the user's terms, not xgrammar's).

@@ -20,6 +20,7 @@ the first structured request and stay up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import threading
@@ -89,7 +90,7 @@ class _Worker:
 @dataclass(slots=True)
 class _Result:
     serialized: str | None
-    error: GrammarError | None
+    error: tuple[type[GrammarError], str] | None  # (class, message) of the spec's error
     size: int
 
 
@@ -111,7 +112,7 @@ class GrammarService:
         self._info_json: str | None = None
         self._results: OrderedDict[str, _Result] = OrderedDict()
         self._cached_bytes = 0
-        self._inflight: dict[str, asyncio.Future[_Result]] = {}
+        self._inflight: dict[str, asyncio.Future[_Result]] = {}  # digest -> its compile task
         self._idle: asyncio.Queue[_Worker] | None = None
         self._workers: set[_Worker] = set()  # started (idle or busy)
         self._start_lock = threading.Lock()
@@ -125,29 +126,29 @@ class GrammarService:
         compile (within `timeout_s` seconds of a worker taking it)."""
         digest = spec_digest(spec)
         result = self._results.get(digest)
-        if result is None:
-            future = self._inflight.get(digest)
-            if future is None:
-                future = asyncio.get_running_loop().create_future()
-                self._inflight[digest] = future
-                try:
-                    result = await self._compile(spec, timeout_s)
-                    self._remember(digest, result)
-                    future.set_result(result)
-                except BaseException as e:  # noqa: BLE001 - waiters get the same outcome
-                    future.set_exception(e)
-                    future.exception()  # retrieved: no "never retrieved" warning without waiters
-                    raise
-                finally:
-                    del self._inflight[digest]
-            else:
-                result = await asyncio.shield(future)
-        else:
+        if result is not None:
             self._results.move_to_end(digest)
+        else:
+            # one task per digest, shared by every caller and not cancelled with any of them
+            # (a client that goes away leaves the result cached for the next one)
+            task = self._inflight.get(digest)
+            if task is None:
+                task = asyncio.ensure_future(self._compile_and_remember(digest, spec, timeout_s))
+                task.add_done_callback(_retrieve)  # every caller may be gone by then
+                self._inflight[digest] = task
+            result = await asyncio.shield(task)
         if result.error is not None:
-            raise result.error
+            raise result.error[0](result.error[1])  # a fresh exception: no shared traceback
         assert result.serialized is not None
         return result.serialized
+
+    async def _compile_and_remember(self, digest: str, spec: StructuredOutputsParams, timeout_s: float) -> _Result:
+        try:
+            result = await self._compile(spec, timeout_s)
+            self._remember(digest, result)
+            return result
+        finally:
+            del self._inflight[digest]
 
     async def _compile(self, spec: StructuredOutputsParams, timeout_s: float) -> _Result:
         worker = await self._acquire()
@@ -161,31 +162,37 @@ class GrammarService:
             self._discard(worker)  # its pipe read then fails: the thread ends
             logger.warning("structured output spec (%s) did not compile within %g s; worker killed",
                            spec.key[0], timeout_s)
-            return _Result(None, GrammarTimeout(
-                f"the {_kind_name(spec)} is too complex to compile within {timeout_s:g} s."), 0)
+            return _Result(None, (GrammarTimeout,
+                                  f"the {_kind_name(spec)} is too complex to compile within {timeout_s:g} s."), 0)
         except (EOFError, OSError):  # the worker died (e.g. out of memory)
             self._discard(worker)
-            return _Result(None, GrammarError(f"the {_kind_name(spec)} could not be compiled."), 0)
+            return _Result(None, (GrammarError, f"the {_kind_name(spec)} could not be compiled."), 0)
         except BaseException:  # cancelled: the worker may still be busy, so it cannot be reused
             self._discard(worker)
             raise
         self._release(worker)
         if status == "ok":
             return _Result(payload, None, len(payload))
-        return _Result(None, GrammarError(payload), 0)
+        return _Result(None, (GrammarError, payload), 0)
 
     async def _acquire(self) -> _Worker:
+        """An idle worker, or a new one while fewer than num_workers are up. Waiters look again
+        every second, so a worker that fails to start never strands them."""
         if self._idle is None:
             self._idle = asyncio.Queue()
-        if self._idle.empty() and len(self._workers) + self._starting < self.num_workers:
-            self._starting += 1
-            try:
-                worker = await asyncio.get_running_loop().run_in_executor(self._threads, self._start_worker)
-            finally:
-                self._starting -= 1
-            self._workers.add(worker)
-            return worker
-        return await self._idle.get()
+        while True:
+            if not self._idle.empty():
+                return self._idle.get_nowait()
+            if len(self._workers) + self._starting < self.num_workers:
+                self._starting += 1
+                try:
+                    worker = await asyncio.get_running_loop().run_in_executor(self._threads, self._start_worker)
+                finally:
+                    self._starting -= 1
+                self._workers.add(worker)
+                return worker
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(self._idle.get(), 1.0)
 
     def _start_worker(self) -> _Worker:  # in a thread: TokenizerInfo and the spawn take seconds
         with self._start_lock:

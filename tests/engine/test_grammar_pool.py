@@ -82,3 +82,38 @@ def test_identical_specs_compile_once_and_errors_are_clean(tokenizer: Any) -> No
             service.shutdown()
 
     asyncio.run(run())
+
+
+def test_a_cancelled_caller_does_not_cancel_the_shared_compile(tokenizer: Any) -> None:
+    async def run() -> None:
+        service = GrammarService(tokenizer, len(tokenizer), num_workers=1)
+        try:
+            spec = StructuredOutputsParams(regex="[a-z]{1,5}")
+            first = asyncio.create_task(service.compile(spec, 60))
+            second = asyncio.create_task(service.compile(spec, 60))
+            await asyncio.sleep(0)  # both are waiting on the one compile
+            first.cancel()
+            serialized = await second
+            assert first.cancelled() and serialized
+            assert await service.compile(spec, 60) == serialized and service.num_compiles == 1
+        finally:
+            service.shutdown()
+
+    asyncio.run(run())
+
+
+def test_a_worker_that_cannot_start_fails_every_waiter(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: GrammarService) -> Any:
+        raise RuntimeError("no worker")
+
+    monkeypatch.setattr(GrammarService, "_start_worker", broken)
+
+    async def run() -> None:
+        service = GrammarService(tokenizer, len(tokenizer), num_workers=1)
+        results = await asyncio.gather(service.compile(StructuredOutputsParams(regex="a"), 60),
+                                       service.compile(StructuredOutputsParams(regex="b"), 60),
+                                       return_exceptions=True)
+        assert [type(r) for r in results] == [RuntimeError, RuntimeError]  # none left waiting
+        service.shutdown()
+
+    asyncio.run(run())

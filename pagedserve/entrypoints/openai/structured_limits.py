@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
-from pagedserve.entrypoints.openai.errors import BadRequestError
+from pagedserve.entrypoints.openai.errors import BadRequestError, ServiceUnavailableError
 from pagedserve.sampling_params import StructuredOutputsParams
 from pagedserve.structured_output import KIND_NAMES, GrammarError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,4 +138,7 @@ async def compile_request_grammar(engine: Any, spec: StructuredOutputsParams | N
         serialized: str = await service.compile(spec, limits.compile_timeout_s)
     except GrammarError as e:
         raise BadRequestError(f"{param}: {e}", param=param) from None
+    except Exception:  # noqa: BLE001 - e.g. a compile worker that cannot start: the server's fault
+        logger.exception("structured output compile failed")
+        raise ServiceUnavailableError("Structured outputs are unavailable right now; retry later.") from None
     return serialized
