@@ -10,8 +10,9 @@ logits token by token (SamplingParams.structured_outputs).
 
 Where the one compile happens:
   * server: the HTTP process compiles in a killable worker process (engine/grammar_pool.py),
-    off the event loop and under a deadline, and ships the serialized grammar with the request; the engine process only deserializes it (engine/grammars.py, in a
-    background thread: xgrammar releases the GIL there, so steps go on meanwhile).
+    off the event loop and under a deadline, and ships the serialized grammar with the request;
+    the engine process only deserializes it (engine/grammars.py, in a background thread:
+    xgrammar releases the GIL there, so steps go on meanwhile).
   * offline (LLM / LLMEngine): the request builder compiles into the engine's own cache (the
     same object the model runner reads), before the request reaches the scheduler.
 The runner never compiles: it builds matchers from grammars that are ready in this cache.
