@@ -2,75 +2,161 @@
 logits token by token (SamplingParams.structured_outputs).
 
     spec (json schema | json_object | regex | choice | EBNF)
-      -> compiled grammar  (GrammarCompilerCache: one per tokenizer, cached by the spec's key)
+      -> compiled grammar  (compiled ONCE per spec digest, see below)
       -> GrammarMatcher    (one per request, fed every sampled token; rebuilt after preemption
                             by replaying the tokens generated so far)
       -> token bitmask     ([N, ceil(vocab / 32)] int32, 1 bit per allowed token) applied to the
                             logits before sampling; the grammar's end admits the EOS token.
 
-The front end compiles a request's spec once to reject a bad one with a clear error before it
-reaches the engine; the engine compiles again in its own process (compiled grammars do not cross
-process boundaries), from its cache.
+Where the one compile happens:
+  * server: the HTTP process compiles in a killable worker process (engine/grammar_pool.py),
+    off the event loop and under a deadline, and ships the serialized grammar with the request;
+    the engine process only deserializes it (engine/grammars.py, in a background thread:
+    xgrammar releases the GIL there, so steps go on meanwhile).
+  * offline (LLM / LLMEngine): the request builder compiles into the engine's own cache (the
+    same object the model runner reads), before the request reaches the scheduler.
+The runner never compiles: it builds matchers from grammars that are ready in this cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import threading
-from collections.abc import Sequence
-from typing import Any
-
-import torch
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pagedserve.sampling_params import StructuredOutputsParams
 
+if TYPE_CHECKING:  # tensors only pass through (xgrammar does the work)
+    import torch
 
-def _choice_grammar(choices: list[str]) -> str:
-    """EBNF accepting exactly one of `choices` (JSON string escaping is valid EBNF escaping)."""
-    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+# What each spec kind is called in an error message (the user's terms, not xgrammar's).
+KIND_NAMES = {"json": "JSON schema", "json_object": "JSON object", "regex": "regular expression",
+              "choice": "choice list", "grammar": "grammar"}
+
+
+class GrammarError(ValueError):
+    """A spec that does not compile; the message is fit for the client (no paths, no classes)."""
+
+
+def spec_digest(spec: StructuredOutputsParams) -> str:
+    """The cache key of a spec: sha256 of its canonical (kind, text)."""
+    kind, text = spec.key
+    return hashlib.sha256(f"{kind}\0{text}".encode()).hexdigest()
+
+
+# xgrammar's C++ messages look like "[08:38:03] /project/cpp/regex_converter.cc:94: Regex parsing
+# error ...": drop the log prefix, check-macro noise and the echoed input.
+_LOG_PREFIX = re.compile(r"^\s*\[[0-9:]+\]\s+\S+?:\d+:\s*")
+_CHECK_NOISE = re.compile(r"Check failed: \(.*?\) is (?:false|true):\s*")
+_PATH = re.compile(r"(?:/[\w.+-]+)+\.(?:cc|cpp|h|hpp|py)(?::\d+)?:?\s*")
+
+
+def clean_error(message: str) -> str:
+    """An xgrammar error message without its source location, check macro or echoed input."""
+    text = _LOG_PREFIX.sub("", message.strip().splitlines()[0] if message.strip() else "")
+    text = _CHECK_NOISE.sub("", text)
+    text = text.split(" The JSON string is:")[0]
+    text = _PATH.sub("", text).strip()
+    return text.rstrip(".") + "." if text else "it could not be compiled."
+
+
+def compile_spec(compiler: Any, key: tuple[str, str]) -> Any:
+    """xgrammar CompiledGrammar of a spec's (kind, text) key; GrammarError in the user's terms
+    when it is invalid."""
+    kind, text = key
+    try:
+        if kind == "json":
+            return compiler.compile_json_schema(text)
+        if kind == "json_object":  # OpenAI's json_object: any JSON object (not any value)
+            return compiler.compile_json_schema('{"type": "object"}')
+        if kind == "regex":
+            return compiler.compile_regex(text)
+        if kind == "choice":  # JSON string escaping is valid EBNF escaping
+            return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in json.loads(text)))
+        return compiler.compile_grammar(text)
+    except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError variously
+        raise GrammarError(f"invalid structured output {kind}: the {KIND_NAMES[kind]} is invalid: "
+                           f"{clean_error(str(e))}") from None
+
+
+def tokenizer_info(tokenizer: Any, vocab_size: int) -> Any:
+    import xgrammar as xgr
+
+    return xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
 
 
 class GrammarCompilerCache:
-    """Compiles specs for one tokenizer and model vocabulary (logits width); thread-safe."""
+    """The compiled grammars of one tokenizer and model vocabulary (logits width); thread-safe.
 
-    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+    Entries are keyed by spec digest. An entry that `is_pinned` (used by a live request of the
+    engine: a preempted request rebuilds its matcher from it) is never evicted; the others form
+    an LRU of at most `max_entries`. `num_compiles` counts real compiles (one per spec, tests).
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int, max_entries: int = 256, info: Any = None,
+                 is_pinned: Callable[[str], bool] | None = None) -> None:
         import xgrammar as xgr
 
         self._xgr = xgr
         self.vocab_size = vocab_size
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-        self.compiler = xgr.GrammarCompiler(self.info)
-        self._compiled: dict[tuple[str, str], Any] = {}
+        self.info = info if info is not None else tokenizer_info(tokenizer, vocab_size)
+        # xgrammar's own cache is off: ours is the one (bounded, pinned), no second copy
+        self.compiler = xgr.GrammarCompiler(self.info, cache_enabled=False)
+        self.max_entries = max_entries
+        self.num_compiles = 0
+        self._is_pinned = is_pinned or (lambda digest: False)
+        self._compiled: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def compile(self, spec: StructuredOutputsParams) -> Any:
-        """The compiled grammar of `spec`; ValueError naming the spec's kind when it is invalid."""
-        key = spec.key
+    def get(self, digest: str) -> Any:
         with self._lock:
-            compiled = self._compiled.get(key)
-        if compiled is not None:
+            compiled = self._compiled.get(digest)
+            if compiled is not None:
+                self._compiled.move_to_end(digest)
             return compiled
-        kind, text = key
-        try:
-            if kind == "json":
-                compiled = self.compiler.compile_json_schema(text)
-            elif kind == "json_object":  # OpenAI's json_object: any JSON object (not any value)
-                compiled = self.compiler.compile_json_schema('{"type": "object"}')
-            elif kind == "regex":
-                compiled = self.compiler.compile_regex(text)
-            elif kind == "choice":
-                compiled = self.compiler.compile_grammar(_choice_grammar(json.loads(text)))
-            else:
-                compiled = self.compiler.compile_grammar(text)
-        except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError variously
-            raise ValueError(f"invalid structured output {kind}: {e}") from None
+
+    def put(self, digest: str, compiled: Any) -> None:
         with self._lock:
-            self._compiled[key] = compiled
+            self._compiled[digest] = compiled
+            self._compiled.move_to_end(digest)
+        self.evict()
+
+    def evict(self) -> None:
+        """Drop the least recently used unpinned entries beyond max_entries."""
+        with self._lock:
+            unpinned = [d for d in self._compiled if not self._is_pinned(d)]
+            for digest in unpinned[: max(0, len(unpinned) - self.max_entries)]:
+                del self._compiled[digest]
+
+    def compile(self, spec: StructuredOutputsParams) -> Any:
+        """The compiled grammar of `spec`, compiling it (in the caller's thread) when not cached."""
+        digest = spec_digest(spec)
+        compiled = self.get(digest)
+        if compiled is None:
+            compiled = compile_spec(self.compiler, spec.key)
+            self.num_compiles += 1
+            self.put(digest, compiled)
+        return compiled
+
+    def load(self, digest: str, serialized: str) -> Any:
+        """Deserialize a grammar compiled elsewhere (for the same tokenizer) into the cache."""
+        compiled = self.get(digest)
+        if compiled is None:
+            compiled = self._xgr.CompiledGrammar.deserialize_json(serialized, self.info)
+            self.put(digest, compiled)
         return compiled
 
     def matcher(self, spec: StructuredOutputsParams, generated: Sequence[int] = ()) -> Any:
-        """A fresh matcher for `spec` that has already accepted the `generated` tokens."""
-        matcher = self._xgr.GrammarMatcher(self.compile(spec))
+        """A fresh matcher for `spec` (which must be ready in the cache: the runner never
+        compiles) that has already accepted the `generated` tokens."""
+        compiled = self.get(spec_digest(spec))
+        if compiled is None:
+            raise RuntimeError("structured output grammar used before it was ready")
+        matcher = self._xgr.GrammarMatcher(compiled)
         for token in generated:
             if not matcher.accept_token(token):
                 break  # cannot happen for tokens this matcher's masks allowed

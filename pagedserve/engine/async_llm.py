@@ -31,6 +31,7 @@ from pagedserve.engine.core_client import (
     ReadyMsg,
     params_to_dict,
 )
+from pagedserve.engine.grammar_pool import GrammarService
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.request_builder import RequestBuilder, load_tokenizer
 from pagedserve.inputs import PromptType
@@ -84,6 +85,7 @@ class AsyncLLM:
         self.finished_listeners: list[FinishedListener] = []
         self.dead_listeners: list[DeadListener] = []
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._grammar_service: GrammarService | None = None
         client.on_outputs = self._on_outputs
         client.on_dead = self._on_dead
 
@@ -154,6 +156,21 @@ class AsyncLLM:
             raise ValueError("the chat template did not render to text")
         return text
 
+    def grammar_service(self, num_workers: int = 2, cache_entries: int = 256) -> GrammarService:
+        """The compiler of structured-output specs (worker processes, started on first use); the
+        arguments apply when it is first asked for."""
+        if self._grammar_service is None:
+            self._grammar_service = GrammarService(self.tokenizer, self.vocab_size, num_workers=num_workers,
+                                                   cache_entries=cache_entries)
+        return self._grammar_service
+
+    async def compile_grammar(self, params: SamplingParams, timeout_s: float = 30.0) -> str | None:
+        """The serialized grammar of a structured request (None for others), compiled off the
+        event loop; GrammarError when the spec does not compile (within timeout_s)."""
+        if params.structured_outputs is None:
+            return None
+        return await self.grammar_service().compile(params.structured_outputs, timeout_s)
+
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError for a request the engine cannot take (the server's 400)."""
         self.request_builder.validate(token_ids, params)
@@ -166,10 +183,13 @@ class AsyncLLM:
         params: SamplingParams,
         request_id: str,
         priority: int = 0,
+        grammar: str | None = None,
     ) -> RequestHandle:
         """Validate, register and send one request now (synchronously, so load accounting sees it
         at once). Raises ValueError for bad input, EngineDeadError when the engine is gone.
-        Consume it with `stream(handle)`; a handle that is never streamed must be `abort`ed."""
+        Consume it with `stream(handle)`; a handle that is never streamed must be `abort`ed.
+        grammar: compile_grammar(params) of a structured request (without it the engine compiles
+        the spec itself, in the background, and a spec that fails there ends as aborted)."""
         self.check_health()
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -180,7 +200,7 @@ class AsyncLLM:
         msg = AddRequestMsg(
             children=[ChildSpec(cid, params_to_dict(p)) for cid, p in children],
             prompt_token_ids=token_ids, eos_token_id=self.request_builder.eos_token_id, arrival_time=arrival,
-            priority=priority,
+            priority=priority, grammar=grammar,
         )  # fmt: skip
         self.output_processor.add_request(request_id, text, token_ids, params, child_ids, arrival)
         try:
@@ -237,8 +257,10 @@ class AsyncLLM:
         priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs (per params.output_kind) until it finishes. Raises
-        ValueError for bad input, EngineDeadError when the engine dies mid-request."""
-        handle = self.add_request(prompt, params, request_id, priority)
+        ValueError for bad input (GrammarError for a spec that does not compile),
+        EngineDeadError when the engine dies mid-request."""
+        grammar = await self.compile_grammar(params)
+        handle = self.add_request(prompt, params, request_id, priority, grammar=grammar)
         async for item in self.stream(handle):
             yield item
 
@@ -331,4 +353,6 @@ class AsyncLLM:
         return ready
 
     async def shutdown(self) -> None:
+        if self._grammar_service is not None:
+            self._grammar_service.shutdown()
         await self.client.shutdown()

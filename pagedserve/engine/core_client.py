@@ -18,6 +18,7 @@ side links them as leader + followers exactly as `LLMEngine.add_request` does (`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -41,6 +42,8 @@ from pagedserve.sampling_params import RequestOutputKind, SamplingParams, Struct
 logger = logging.getLogger(__name__)
 # Set by the server before it spawns the engine process (which inherits the environment).
 ENV_LOG_LEVEL, ENV_LOG_JSON = "PAGEDSERVE_ENGINE_LOG_LEVEL", "PAGEDSERVE_ENGINE_LOG_JSON"
+# How often an engine with nothing to step but grammars being prepared looks for them.
+_GRAMMAR_POLL_MS = 5
 
 # ---------------------------------------------------------------------------- messages
 
@@ -58,6 +61,9 @@ class AddRequestMsg(msgspec.Struct, tag="add"):
     eos_token_id: int | None
     arrival_time: float  # time.monotonic(): CLOCK_MONOTONIC is system-wide on Linux
     priority: int = 0
+    # the children's structured output grammar, compiled and serialized by the front end (the
+    # engine deserializes it off its step loop instead of compiling again): structured_output.py
+    grammar: str | None = None
 
 
 class AbortMsg(msgspec.Struct, tag="abort"):
@@ -185,9 +191,10 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     poller.register(in_sock, zmq.POLLIN)
     try:
         while True:
-            busy = core.has_unfinished_requests()
-            # Block for input only when idle (the watchdog thread covers long waits and steps).
-            events = dict(poller.poll(0 if busy else 1000))
+            busy = core.admit_ready()
+            # Block for input only when idle; the timeout lets an orphan notice its parent died.
+            # While only grammars are being prepared, poll briefly for them instead of stepping.
+            events = dict(poller.poll(0 if busy else (_GRAMMAR_POLL_MS if core.has_unfinished_requests() else 1000)))
             had_input = False
             while events:
                 try:
@@ -200,10 +207,10 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
                     return
                 if isinstance(msg, AddRequestMsg):
                     for request in requests_from_msg(msg):
-                        core.add_request(request)
+                        core.add_request(request, msg.grammar)
                 else:
                     core.abort_requests(msg.request_ids)
-            if core.has_unfinished_requests():
+            if core.admit_ready():
                 outputs = core.step()
                 out_sock.send(encoder.encode(OutputsMsg(outputs, core.stats.last)))
             elif had_input or busy:  # went idle: report the freed KV cache
@@ -393,18 +400,22 @@ class InprocClient:
         core = self.core
         try:
             while True:
-                if not self._pending and not core.has_unfinished_requests():
+                if not self._pending and not core.admit_ready():
                     self._wake.clear()
-                    await self._wake.wait()
+                    if core.has_unfinished_requests():  # only grammars pending: look again soon
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), _GRAMMAR_POLL_MS / 1000)
+                    else:
+                        await self._wake.wait()
                 had_input = bool(self._pending)
                 pending, self._pending = self._pending, []
                 for msg in pending:
                     if isinstance(msg, AddRequestMsg):
                         for request in requests_from_msg(msg):
-                            core.add_request(request)
+                            core.add_request(request, msg.grammar)
                     elif isinstance(msg, AbortMsg):
                         core.abort_requests(msg.request_ids)
-                if core.has_unfinished_requests():
+                if core.admit_ready():
                     outputs = await asyncio.to_thread(core.step)
                     self.on_outputs(OutputsMsg(outputs, core.stats.last))
                 elif had_input:

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagedserve.config import EngineConfig
-from pagedserve.core.outputs import EngineCoreOutput, SchedulerOutput
+from pagedserve.core.outputs import EngineCoreOutput, FinishReason, SchedulerOutput
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler, SchedulerStats
+from pagedserve.engine.grammars import EngineGrammars
+from pagedserve.structured_output import GrammarCompilerCache
 from pagedserve.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
@@ -75,6 +78,11 @@ class EngineCore:
         self.async_scheduling = config.async_scheduling
         # async scheduling: the launched step not yet updated (plan, handle, KV slot usage)
         self._in_flight: tuple[SchedulerOutput, StepHandle, tuple[int, int]] | None = None
+        # structured outputs: a request waits in `grammars` (not the scheduler) until its grammar
+        # is ready; one that cannot get one finishes as aborted (`_failed`, sent with the next step)
+        self.grammars = EngineGrammars(self._make_grammar_cache)
+        self.runner.grammar_cache = self.grammars.cache
+        self._failed: list[EngineCoreOutput] = []
         self.stats.extra["model_load_seconds"] = self.runner.load_seconds
         if self.runner.decode_graphs is not None:
             self.stats.extra["cuda_graph_capture_seconds"] = self.runner.decode_graphs.capture_seconds
@@ -87,10 +95,19 @@ class EngineCore:
     def kv_capacity_tokens(self) -> int:
         return self.config.cache_config.num_gpu_blocks * self.config.cache_config.block_size
 
-    def add_request(self, request: Request) -> None:
-        self.scheduler.add_request(request)
+    def _make_grammar_cache(self, is_pinned: Callable[[str], bool]) -> GrammarCompilerCache:
+        from pagedserve.engine.request_builder import load_tokenizer
+
+        return GrammarCompilerCache(load_tokenizer(self.config), self.runner.vocab_size, is_pinned=is_pinned)
+
+    def add_request(self, request: Request, grammar: str | None = None) -> None:
+        """grammar: the serialized compiled grammar of a structured request, when the front end
+        compiled it in another process (see structured_output.py)."""
+        if self.grammars.add(request, grammar):
+            self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
+        self.grammars.abort(request_ids)
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     @property
@@ -98,10 +115,34 @@ class EngineCore:
         return self._in_flight is not None
 
     def has_unfinished_requests(self) -> bool:
-        """True while requests are unfinished or a step is in flight (loops drain it)."""
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        """True while requests are unfinished (also those waiting for their grammar) or a step is
+        in flight (loops drain it)."""
+        return (self.scheduler.has_unfinished_requests() or self._in_flight is not None
+                or self.grammars.num_waiting > 0)
+
+    def admit_ready(self) -> bool:
+        """Hand requests whose grammar became ready to the scheduler; True when a step has work
+        (False while only grammars are pending: loops then wait instead of spinning)."""
+        ready, failed = self.grammars.take_ready()
+        for request in ready:
+            self.scheduler.add_request(request)
+        for request, error in failed:
+            logger.error("request %s: its structured output grammar failed: %s", request.request_id, error)
+            for child in [request, *request.followers]:
+                self.grammars.release(child.request_id)
+                self._failed.append(EngineCoreOutput(child.request_id, [], FinishReason.ABORT))
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None or bool(self._failed)
 
     def step(self) -> list[EngineCoreOutput]:
+        self.admit_ready()
+        failed, self._failed = self._failed, []
+        outputs = failed + self._step()
+        for output in outputs:
+            if output.finish_reason is not None:
+                self.grammars.release(output.req_id)
+        return outputs
+
+    def _step(self) -> list[EngineCoreOutput]:
         plan = self.scheduler.schedule()
         slot_usage = self.scheduler.kv_slot_usage(plan)  # right after schedule (see there)
         if not self.async_scheduling:

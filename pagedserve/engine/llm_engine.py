@@ -40,6 +40,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.vocab_size = self.engine_core.runner.vocab_size
         self.request_builder = RequestBuilder.from_config(config, self.tokenizer, self.vocab_size)
+        self.request_builder.grammars = self.engine_core.grammars.cache  # one compile, shared
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:

@@ -8,13 +8,17 @@ leads: it computes the shared prompt and the others fork from it (core/request.p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.request import Request
 from pagedserve.inputs import PromptType
 from pagedserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.structured_output import GrammarCompilerCache
 
 
 def load_tokenizer(config: EngineConfig) -> Any:
@@ -65,7 +69,10 @@ class RequestBuilder:
     vocab_size: int  # 0 until the engine reports it (the server learns it at start-up)
     eos_token_id: int | None
     extra_eos_ids: list[int] = field(default_factory=list)  # stop like stop_token_ids
-    grammars: Any = field(default=None, repr=False)  # GrammarCompilerCache, built on first use
+    # the offline engine's grammar cache (EngineCore.grammars.cache): validate compiles into it,
+    # so the engine finds the grammar ready; None on the server, which compiles in a worker
+    # process instead (AsyncLLM.compile_grammar)
+    grammars: Callable[[], GrammarCompilerCache] | None = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, config: EngineConfig, tokenizer: Any, vocab_size: int = 0) -> RequestBuilder:
@@ -110,12 +117,8 @@ class RequestBuilder:
         """InvalidInputError (a ValueError) for a prompt or params this model cannot take."""
         self.check_prompt(token_ids)
         self.check_params(params)
-        if params.structured_outputs is not None:  # a bad schema/regex/grammar is the caller's error
-            if self.grammars is None:
-                from pagedserve.structured_output import GrammarCompilerCache
-
-                self.grammars = GrammarCompilerCache(self.tokenizer, self.vocab_size)
-            self.grammars.compile(params.structured_outputs)
+        if params.structured_outputs is not None and self.grammars is not None:
+            self.grammars().compile(params.structured_outputs)  # GrammarError: the caller's error
 
     def check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:

@@ -139,7 +139,9 @@ class ModelRunner:
         self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.decode_graphs: DecodeGraphs | None = None
         self._kv_sizing = ""  # how determine_num_blocks sized the KV cache (start-up log)
-        self.grammar_cache: GrammarCompilerCache | None = None  # built on the first structured request
+        # the engine's compiled grammars (EngineGrammars.cache, set by EngineCore): a structured
+        # request is only scheduled once its grammar is ready there; the runner never compiles
+        self.grammar_cache: Callable[[], GrammarCompilerCache] | None = None
         self._last_launch: StepHandle | None = None  # the placeholders' source (see launch)
         self._unresolved: list[StepHandle] = []  # async steps whose ids are not on the host, in order
         # Two pinned buffers for the sampled ids of async steps, used in turn: one step in flight
@@ -492,10 +494,8 @@ class ModelRunner:
 
     def _grammars(self) -> GrammarCompilerCache:
         if self.grammar_cache is None:
-            from pagedserve.engine.request_builder import load_tokenizer
-
-            self.grammar_cache = GrammarCompilerCache(load_tokenizer(self.config), self.vocab_size)
-        return self.grammar_cache
+            raise RuntimeError("structured outputs need the engine's grammar cache (EngineCore sets it)")
+        return self.grammar_cache()
 
     def _apply_grammars(self, states: list[RequestState], logits: torch.Tensor) -> None:
         """Mask each structured-output row of logits [N, vocab] to the tokens its grammar allows

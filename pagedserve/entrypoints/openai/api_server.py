@@ -65,6 +65,7 @@ from pagedserve.entrypoints.openai.responses import (
 )
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion, ServerState
+from pagedserve.entrypoints.openai.structured_limits import limits_from_args
 from pagedserve.entrypoints.openai.vllm_compat import install_vllm_compat, on_engine_ready
 from pagedserve.ops.audit_middleware import AuditMiddleware, audit_log_from_args
 from pagedserve.ops.auth import AuthConfig, Authenticator, AuthMiddleware
@@ -138,6 +139,7 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
             trust_request_chat_template=args.trust_request_chat_template,
         ),
     )
+    state.extra["structured_output_limits"] = limits_from_args(args)
     if state.default_sampling_params:
         logger.info("requests default to the model's generation config: %s "
                     "(--generation-config vllm turns this off)", state.default_sampling_params)

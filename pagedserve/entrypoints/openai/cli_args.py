@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pagedserve.config import EngineArgs
+from pagedserve.entrypoints.openai.structured_limits import add_structured_output_args
 from pagedserve.entrypoints.openai.vllm_compat_args import (
     _dtype,  # vLLM spellings (bf16, fp16) of --dtype
     add_vllm_compat_args,
@@ -140,6 +141,7 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
                            "(default: 3); past them the server exits with status 1")
     add_vllm_compat_args(parser)
     add_hardening_args(parser)
+    add_structured_output_args(parser)
     return parser
 
 

@@ -329,7 +329,17 @@ class _SamplingRequest(_RequestModel):
         try:
             return StructuredOutputsParams(**given)
         except ValueError as e:
-            raise BadRequestError(str(e), param="response_format" if fmt is not None else "structured_outputs") from None
+            raise BadRequestError(str(e), param=self.structured_outputs_param()) from None
+
+    def structured_outputs_param(self) -> str:
+        """The request field a structured-output error names: the one the spec came from."""
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+            if getattr(self, name) is not None:
+                return name
+        keys = sorted(self.structured_outputs or {})
+        return f"structured_outputs.{keys[0]}" if len(keys) == 1 else "structured_outputs"
 
 
 # ---------------------------------------------------------------------------- /v1/completions
@@ -562,6 +572,12 @@ class ChatCompletionRequest(_SamplingRequest):
                   "required": ["name", "parameters"], "additionalProperties": False}
                  for t in self.tools or []]
         return StructuredOutputsParams(json={"type": "array", "minItems": 1, "items": {"anyOf": calls}})
+
+    def structured_outputs_param(self) -> str:
+        """A forced tool call's constraint comes from the tools' parameter schemas."""
+        if self.forced_tool is not None or self.tools_required:
+            return "tools"
+        return super().structured_outputs_param()
 
     def messages_for_template(self, content_format: str = "string") -> list[dict[str, Any]]:
         """Messages as plain dicts ready for tokenizer.apply_chat_template: content as one string

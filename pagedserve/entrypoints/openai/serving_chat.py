@@ -129,11 +129,12 @@ class OpenAIServingChat(OpenAIServing):
             engine.validate(ids, params)
         except ValueError as e:
             raise BadRequestError(str(e), param="messages") from None
+        grammar = await self.compile_grammar(engine, request, params)
         request_id = self.request_id(raw, "chatcmpl")
         log_request(self.state, request_id, text, ids, params)
         info = AuditInfo(request_id, time.time(), text, prompt_tokens=len(ids))
         handle = engine.add_request(
-            {"prompt": text, "prompt_token_ids": ids}, params, request_id, request.priority
+            {"prompt": text, "prompt_token_ids": ids}, params, request_id, request.priority, grammar=grammar
         )
         gen = engine.stream(handle)
         role = options.response_role

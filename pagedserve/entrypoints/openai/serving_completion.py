@@ -53,6 +53,7 @@ from pagedserve.entrypoints.openai.responses import (
     UsageInfo,
     sse_event,
 )
+from pagedserve.entrypoints.openai.structured_limits import StructuredOutputLimits, compile_request_grammar
 from pagedserve.entrypoints.openai.vllm_compat import log_request
 from pagedserve.ops.audit import AuditLog
 from pagedserve.ops.audit_middleware import claim_audit, write_line
@@ -162,6 +163,13 @@ class OpenAIServing:
         except InvalidInputError as e:
             raise BadRequestError(str(e), param=request.param_for(e.param)) from None
         return params
+
+    async def compile_grammar(self, engine: AsyncLLM, request: _SamplingRequest, params: SamplingParams) -> str | None:
+        """The serialized grammar of the request's structured-output spec (None without one):
+        limits, then one compile off the event loop; a 400 naming the field on failure."""
+        limits = self.state.extra.get("structured_output_limits") or StructuredOutputLimits()
+        return await compile_request_grammar(engine, params.structured_outputs, limits,
+                                             request.structured_outputs_param())
 
     def request_id(self, raw: Request, prefix: str) -> str:
         rid = getattr(raw.state, "request_id", None)
@@ -346,6 +354,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 raise BadRequestError(str(e), param=request.param_for(e.param)) from None
             except ValueError as e:
                 raise BadRequestError(str(e), param="prompt") from None
+        grammar = await self.compile_grammar(engine, request, params[0])  # the same spec for every prompt
         base_id = self.request_id(raw, "cmpl")
         info = AuditInfo(
             base_id, time.time(),
@@ -357,7 +366,8 @@ class OpenAIServingCompletion(OpenAIServing):
             for i, ((t, ids), sp) in enumerate(zip(tokenized, params)):
                 prompt: Any = {"prompt_token_ids": ids, **({"prompt": t} if t else {})}
                 log_request(self.state, f"{base_id}-{i}", t, ids, sp)  # --enable-log-requests
-                handles.append(engine.add_request(prompt, sp, f"{base_id}-{i}", priority=request.priority))
+                handles.append(engine.add_request(prompt, sp, f"{base_id}-{i}", priority=request.priority,
+                                                  grammar=grammar))
         except Exception:
             for h in handles:
                 engine.release(h)
