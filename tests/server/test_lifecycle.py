@@ -207,3 +207,44 @@ def test_killed_server_leaves_no_engine(server_factory: Callable[..., RunningSer
     while not process_gone(engine_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert process_gone(engine_pid)
+
+
+def test_engine_start_failure_exits_non_zero(tiny_checkpoints: Any, tmp_path: Path) -> None:
+    """A KV pool far beyond the host's memory is refused in the engine process: the server must exit
+    1 (for its supervisor to see) instead of answering 503 forever. /ping answers like /health."""
+    import subprocess
+    import sys
+
+    from tests.server.conftest import ENGINE_FLAGS, free_port
+
+    flags = list(ENGINE_FLAGS)
+    flags[flags.index("--kv-cache-memory-bytes") + 1] = str(1 << 50)  # 1 PiB
+    port = free_port()
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pagedserve.entrypoints.openai.api_server", "--model", tiny_checkpoints["llama"],
+             "--host", "127.0.0.1", "--port", str(port), *flags],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + EXIT_WAIT_S * 2
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2)
+                assert r.status_code == 503  # never healthy, until it exits
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        assert proc.wait(5) == 1, log.read_text()[-3000:]
+        text = log.read_text()
+        assert "the engine failed to start" in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_ping_is_health(api_server: RunningServer) -> None:
+    assert httpx.get(api_server.base_url + "/ping", timeout=10).status_code == 200
+    assert httpx.post(api_server.base_url + "/ping", timeout=10).status_code == 200

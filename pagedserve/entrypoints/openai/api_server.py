@@ -156,6 +156,7 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
         except Exception as e:  # noqa: BLE001 - reported by /health and every route
             logger.exception("engine start-up failed")
             state.start_error = f"The engine failed to start: {e}"
+            lifecycle.on_start_failed(str(e))
             return
         engine.stats_listeners.append(bridge.on_stats)
         engine.finished_listeners.append(bridge.on_finished)
@@ -195,6 +196,9 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
             reason = "starting" if engine is None and state.start_error is None else "unavailable"
             return JSONResponse({"status": reason}, status_code=503)
         return Response(status_code=200)
+
+    # vLLM's liveness probe (SageMaker calls it with POST), the same answer as /health.
+    app.add_api_route("/ping", health, methods=["GET", "POST"])
 
     @app.get("/version")
     async def version() -> JSONResponse:

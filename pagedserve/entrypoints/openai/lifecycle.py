@@ -143,6 +143,14 @@ class ServerLifecycle:
             self.state.lifecycle_status = "restarting"  # now, not when the task first runs
             self._spawn(self._restart(reason))
 
+    def on_start_failed(self, reason: str) -> None:
+        """The engine never came up (a bad model file, a pool that does not fit): exit non-zero
+        rather than answer 503 forever, so that the supervisor sees the failure and reports it."""
+        self.exit_code = EXIT_ENGINE_DEAD
+        logger.error("the engine failed to start; the server exits", extra={
+            "reason": reason, "exit_code": self.exit_code})  # fmt: skip
+        self._stop()
+
     async def _exit_dead(self, reason: str) -> None:
         self.exit_code = EXIT_ENGINE_DEAD
         logger.error(
