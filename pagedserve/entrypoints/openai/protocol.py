@@ -104,6 +104,7 @@ class _SamplingRequest(_RequestModel):
     truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None
     prompt_logprobs: Annotated[int, Field(ge=0)] | None = None
     priority: int = 0
+    return_token_ids: bool | None = None  # vLLM extra: prompt/generated token ids in the response
     request_id: Annotated[str, Field(max_length=256)] | None = None
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and guided_* fields
     response_format: ResponseFormat | None = None

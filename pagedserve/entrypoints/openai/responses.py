@@ -53,6 +53,9 @@ class CompletionResponseChoice(OpenAIBaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM extra: the stop string / token id that matched
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+    # vLLM extras with return_token_ids=true
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(OpenAIBaseModel):
@@ -71,6 +74,9 @@ class CompletionResponseStreamChoice(OpenAIBaseModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM extras with return_token_ids=true: prompt ids on a choice's first chunk, then the delta's ids
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionStreamResponse(OpenAIBaseModel):

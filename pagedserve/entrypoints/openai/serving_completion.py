@@ -356,6 +356,8 @@ class OpenAIServingCompletion(OpenAIServing):
                     index=i * request.n + out.index, text=text, logprobs=logprobs,
                     finish_reason=out.finish_reason, stop_reason=out.stop_reason,
                     prompt_logprobs=prompt_logprobs_json(ro.prompt_logprobs) if out.index == 0 else None,
+                    prompt_token_ids=list(ro.prompt_token_ids) if request.return_token_ids else None,
+                    token_ids=list(out.token_ids) if request.return_token_ids else None,
                 ))  # fmt: skip
         info.completion_tokens = completion_tokens
         usage = UsageInfo(
@@ -378,6 +380,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 choices = []
                 for out in ro.outputs:
                     index = i * request.n + out.index
+                    first = index not in offsets  # return_token_ids: prompt ids ride on the first chunk
                     text = out.text
                     ids = list(out.token_ids)
                     lps: list[dict[int, Logprob] | None] = list(out.logprobs or [])
@@ -399,6 +402,8 @@ class OpenAIServingCompletion(OpenAIServing):
                     choices.append(CompletionResponseStreamChoice(
                         index=index, text=text, logprobs=logprobs, finish_reason=out.finish_reason,
                         stop_reason=out.stop_reason,
+                        prompt_token_ids=list(tokenized[i][1]) if request.return_token_ids and first else None,
+                        token_ids=list(out.token_ids) if request.return_token_ids else None,
                     ))  # fmt: skip
                 if choices:
                     so_far = (UsageInfo.of(info.prompt_tokens, info.completion_tokens)
