@@ -3,6 +3,7 @@
 pagedserve serve [MODEL] [vLLM server flags]    OpenAI-compatible server (demo model if none)
 pagedserve generate [--model M] PROMPT...       offline completions through `LLM`
 pagedserve audit verify FILE                    check an audit log's hash chain
+pagedserve router --config router.yaml          multi-region router in front of servers
 """
 
 from __future__ import annotations
@@ -71,15 +72,21 @@ def serve_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def router_main(argv: Sequence[str]) -> int:
+    from pagedserve.router.app import router_main as run
+
+    return run(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve": serve_main, "generate": generate_main}
+    commands = {"serve": serve_main, "generate": generate_main, "router": router_main}
     if argv and argv[0] == "audit":
         from pagedserve.ops.audit import audit_main
 
         return audit_main(argv[1:])
     if not argv or argv[0] not in commands:
-        usage = "usage: pagedserve {serve,generate,audit} ...\n" + (__doc__ or "")
+        usage = "usage: pagedserve {serve,generate,audit,router} ...\n" + (__doc__ or "")
         print(usage, file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     return commands[argv[0]](argv[1:])
