@@ -197,9 +197,9 @@ class Forwarder:
             if prev is not None:
                 self.note_retry(ctx, "resume" if state.has_progress else "error", prev, b)
             prev, t0 = b, time.monotonic()
-            body = state.next_body()
+            path, body = state.next_request(ctx.path)
             try:
-                request = self.client.build_request("POST", b.url + ctx.path, json=body, headers=self.headers_for(ctx, b))
+                request = self.client.build_request("POST", b.url + path, json=body, headers=self.headers_for(ctx, b))
                 resp = await self.client.send(request, stream=True)
             except httpx.HTTPError as e:
                 self.release(b)

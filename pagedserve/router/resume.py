@@ -1,13 +1,17 @@
 """Splicing a stream across backends: what was sent, what to ask the next backend, how to rewrite
 its chunks so the client sees one well-formed stream.
 
-Every attempt asks its backend for `stream_options: {include_usage, continuous_usage_stats}` (and,
-on /v1/completions, `return_token_ids`), so each chunk carries the token counts so far and the
-generated token ids. After a break:
+Every attempt asks its backend for `stream_options: {include_usage, continuous_usage_stats}` and
+`return_token_ids` (vLLM's extras), so each chunk carries the token counts so far and the generated
+token ids. After a break the next backend gets a continuation:
 
-    chat         messages + [{"role": "assistant", "content": <text sent so far>}],
-                 continue_final_message=true, add_generation_prompt=false (vLLM's continuation)
-    completions  prompt = prompt token ids + generated token ids (exact: no re-tokenization)
+    completions  prompt = prompt token ids + generated token ids, on /v1/completions
+    chat         when the backend returned token ids (pagedserve, recent vLLM): the same, on
+                 /v1/completions with the chat prompt's ids, its text chunks turned back into chat
+                 deltas. Exact: nothing is re-tokenized, so a greedy stream equals the undisturbed one.
+                 Otherwise: messages + [{"role": "assistant", "content": <text sent so far>}],
+                 continue_final_message=true, add_generation_prompt=false on /v1/chat/completions
+                 (exact only where the text re-tokenizes to the same ids).
     both         max_tokens (max_completion_tokens) and min_tokens reduced by the tokens sent
 
 The client's chunks all carry the first attempt's id / created / model; a continuation's role
@@ -25,6 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Route = Literal["chat", "completions"]
+COMPLETIONS_PATH = "/v1/completions"
+# Chat-only request fields, dropped when a chat stream continues on /v1/completions.
+_CHAT_ONLY = ("messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template", "chat_template_kwargs",
+              "add_generation_prompt", "continue_final_message", "add_special_tokens", "echo",
+              "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "documents")  # fmt: skip
 
 
 class UpstreamError(Exception):
@@ -69,6 +78,7 @@ class StreamState:
     tokens_before: int = 0  # completion tokens received in earlier attempts
     attempt_tokens: int = 0  # completion tokens received in this attempt
     continuing: bool = False  # the current attempt is a continuation (text was sent before it)
+    via_completions: bool = False  # the current chat attempt runs on /v1/completions (token ids)
     role_sent: bool = False
     finished: bool = False  # a finish_reason reached the client
     client_error: bool = False  # an in-stream 4xx error was forwarded: nothing to resume
@@ -108,21 +118,36 @@ class StreamState:
 
     # Requests --------------------------------------------------------------------------------
 
-    def next_body(self) -> dict[str, Any]:
-        """The body for the next attempt: the original, or a continuation once text was sent."""
+    def _token_exact(self) -> bool:
+        """Whether the ids already sent are known exactly (every token reached us with its id)."""
+        if self.prompt_token_ids is None or len(self.token_ids) != self.attempt_tokens + self.tokens_before:
+            return False
+        return self.route == "completions" or not self.body.get("logprobs")
+
+    def next_request(self, path: str) -> tuple[str, dict[str, Any]]:
+        """(path, body) of the next attempt: the original, or a continuation once text was sent."""
         b = dict(self.body)
         b["stream"] = True
         b["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
-        if self.route == "completions":
-            b["return_token_ids"] = True
+        b["return_token_ids"] = True
+        exact = self._token_exact()
         # Tokens of an attempt that sent no text are discarded with it (the retry regenerates them).
         self.tokens_before = self.tokens_before + self.attempt_tokens if self.has_progress else 0
         self.attempt_tokens = 0
         self.continuing = self.has_progress
+        self.via_completions = False
         if not self.has_progress:
-            return b
-        b["echo"] = False
-        if self.route == "chat":
+            self.token_ids = []
+            return path, b
+        key, remaining = self._max_tokens_key(), self.remaining_tokens()
+        if exact:
+            assert self.prompt_token_ids is not None
+            if self.route == "chat":
+                b = {k: v for k, v in b.items() if k not in _CHAT_ONLY}
+                self.via_completions, path, key = True, COMPLETIONS_PATH, "max_tokens" if key else None
+            b["prompt"] = self.prompt_token_ids + self.token_ids
+            b["echo"] = False
+        else:
             messages = list(b.get("messages") or [])
             if b.get("continue_final_message") and messages:
                 last = dict(messages[-1])
@@ -130,17 +155,13 @@ class StreamState:
                 messages[-1] = last
             else:
                 messages.append({"role": "assistant", "content": self.text})
-            b.update(messages=messages, continue_final_message=True, add_generation_prompt=False)
-        else:
-            assert self.prompt_token_ids is not None  # every completions chunk asked for them
-            b["prompt"] = self.prompt_token_ids + self.token_ids
-        key, remaining = self._max_tokens_key(), self.remaining_tokens()
+            b.update(messages=messages, continue_final_message=True, add_generation_prompt=False, echo=False)
         if key is not None and remaining is not None:
             b[key] = remaining
         min_tokens = _int(b.get("min_tokens"), 0) or 0
         if min_tokens:
             b["min_tokens"] = max(0, min_tokens - self.sent_tokens)
-        return b
+        return path, b
 
     # Chunks ----------------------------------------------------------------------------------
 
@@ -161,19 +182,34 @@ class StreamState:
             if self.prompt_tokens is None and not self.continuing:
                 self.prompt_tokens = _int(usage.get("prompt_tokens"), None)
             self.attempt_tokens = _int(usage.get("completion_tokens"), self.attempt_tokens) or 0
+        top_ids = data.pop("prompt_token_ids", None)  # chat: on the first chunk with tokens
+        if isinstance(top_ids, list) and self.prompt_token_ids is None and not self.continuing:
+            self.prompt_token_ids = [int(t) for t in top_ids]
         choices = data.get("choices") or []
         if not choices:
             return None  # the upstream's final usage chunk: the router sends its own
+        if self.via_completions:
+            data["object"] = "chat.completion.chunk"
+            choices = [_as_chat_choice(c) for c in choices]
         kept = [c for c in (self._choice(c) for c in choices) if c is not None]
         if not kept:
             return None
         data["choices"] = kept
         data["usage"] = self.usage() if self.continuous_usage else None
+        if self.route == "chat" and self.body.get("return_token_ids"):
+            data["prompt_token_ids"] = top_ids if not self.continuing else None
         return _event(data)
 
     def _choice(self, c: dict[str, Any]) -> dict[str, Any] | None:
         if c.get("finish_reason") is not None:
             self.finished = True
+        ids = c.get("token_ids")
+        if isinstance(ids, list):
+            self.token_ids += [int(t) for t in ids]
+        if not self.body.get("return_token_ids"):
+            c.pop("token_ids", None)
+            if self.route == "completions":
+                c["token_ids"] = None  # the server's shape: the key is there, null
         if self.route == "chat":
             delta = dict(c.get("delta") or {})
             if delta.get("role") is not None:
@@ -187,16 +223,13 @@ class StreamState:
             c["delta"] = delta
             return c
         self.text += str(c.get("text") or "")
-        ids = c.get("token_ids")
-        if isinstance(ids, list):
-            self.token_ids += [int(t) for t in ids]
         prompt_ids = c.get("prompt_token_ids")
         if isinstance(prompt_ids, list) and self.prompt_token_ids is None:
             self.prompt_token_ids = [int(t) for t in prompt_ids]
             if self.prompt_tokens is None:
                 self.prompt_tokens = len(self.prompt_token_ids)
         if not self.body.get("return_token_ids"):
-            c["token_ids"] = c["prompt_token_ids"] = None
+            c["prompt_token_ids"] = None
         elif self.continuing:
             c["prompt_token_ids"] = None  # a continuation's prompt is not the client's prompt
         return c
@@ -224,6 +257,15 @@ class StreamState:
         if not self.include_usage or self.client_error:
             return None
         return _event(self._envelope([], self.usage()))
+
+
+def _as_chat_choice(c: dict[str, Any]) -> dict[str, Any]:
+    """A /v1/completions stream choice as a chat one (a continuation of a chat stream)."""
+    out = {"index": c.get("index", 0), "delta": {"content": c.get("text") or ""}, "logprobs": None,
+           "finish_reason": c.get("finish_reason"), "stop_reason": c.get("stop_reason")}  # fmt: skip
+    if "token_ids" in c:
+        out["token_ids"] = c["token_ids"]
+    return out
 
 
 def _content_text(content: Any) -> str:

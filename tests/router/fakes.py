@@ -59,7 +59,9 @@ class Behaviour:
     health: int = 200
     status: int | None = None  # answer generation routes with this error status
     die_after: int | None = None  # cut streams after this many tokens (once per request)
-    die_non_stream: bool = False  # drop the connection instead of answering non-streamed requests
+    die_at_end: bool = False  # cut streams after the finish chunk, before the usage and [DONE]
+    die_non_stream: bool = False
+    no_token_ids: bool = False  # an older server: ignores return_token_ids  # drop the connection instead of answering non-streamed requests
     delay_s: float = 0.0  # per streamed token
     cut_remaining: int = 10**9  # how many more requests may be cut
 
@@ -148,11 +150,13 @@ class FakeBackend:
         if cut_at is not None:
             beh.cut_remaining -= 1
 
-        def chunk(choices: list[dict[str, Any]], n: int) -> str:
+        want_ids = bool(body.get("return_token_ids")) and not beh.no_token_ids
+
+        def chunk(choices: list[dict[str, Any]], n: int, **extra: Any) -> str:
             usage = {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
             return "data: " + json.dumps({"id": rid, "object": obj, "created": 1000 + len(self.bodies),
                                           "model": "fake", "choices": choices,
-                                          "usage": usage if cont else None}) + "\n\n"
+                                          "usage": usage if cont else None, **extra}) + "\n\n"
 
         if chat:
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], 0)
@@ -163,12 +167,16 @@ class FakeBackend:
                 await asyncio.sleep(beh.delay_s)
             reason = "length" if i == len(ids) - 1 else None
             if chat:
-                c: dict[str, Any] = {"index": 0, "delta": {"content": chr(t)}, "finish_reason": reason}
-            else:
-                c = {"index": 0, "text": chr(t), "finish_reason": reason,
-                     "prompt_token_ids": prompt if (i == 0 and body.get("return_token_ids")) else None,
-                     "token_ids": [t] if body.get("return_token_ids") else None}
+                c: dict[str, Any] = {"index": 0, "delta": {"content": chr(t)}, "finish_reason": reason,
+                                     "token_ids": [t] if want_ids else None}
+                yield chunk([c], i + 1, prompt_token_ids=prompt if (i == 0 and want_ids) else None)
+                continue
+            c = {"index": 0, "text": chr(t), "finish_reason": reason,
+                 "prompt_token_ids": prompt if (i == 0 and want_ids) else None,
+                 "token_ids": [t] if want_ids else None}
             yield chunk([c], i + 1)
+        if beh.die_at_end:
+            raise Cut()
         if opts.get("include_usage"):
             yield "data: " + json.dumps({"id": rid, "object": obj, "created": 1, "model": "fake", "choices": [],
                                          "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(ids),
@@ -204,7 +212,6 @@ def serve_in_thread(app: Any, port: int) -> tuple[uvicorn.Server, threading.Thre
 
 def stop_thread_server(server: uvicorn.Server, thread: threading.Thread) -> None:
     server.should_exit = True
-    server.force_exit = True
     thread.join(10)
 
 

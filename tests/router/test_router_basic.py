@@ -86,7 +86,8 @@ def test_priority_region_and_least_outstanding(fakes: Any, tmp_path: Path) -> No
 
 def test_non_streamed_failover_on_5xx_and_refused(fakes: Any, tmp_path: Path) -> None:
     bad, dead, good = fakes("bad", status=500), fakes("dead"), fakes("good")
-    cfg = {"regions": [region("a", 0, bad, dead), region("b", 1, good)], "affinity": {"prefix": False}}
+    cfg = {"regions": [region("a", 0, bad, dead), region("b", 1, good)], "affinity": {"prefix": False},
+           "breaker": {"failure_threshold": 2, "open_s": 600}}  # once open, it stays open in this test
     with running_router(cfg, tmp_path) as (router, url):
         dead.stop()  # connection refused from now on
         for _ in range(6):

@@ -154,6 +154,7 @@ class ChatCompletionResponseChoice(OpenAIBaseModel):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = "stop"
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # vLLM extra with return_token_ids=true
 
 
 class ChatCompletionResponse(OpenAIBaseModel):
@@ -165,6 +166,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     usage: UsageInfo
     system_fingerprint: str | None = None
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM extra with return_token_ids=true
 
 
 class ChatCompletionResponseStreamChoice(OpenAIBaseModel):
@@ -173,6 +175,7 @@ class ChatCompletionResponseStreamChoice(OpenAIBaseModel):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # vLLM extra with return_token_ids=true
 
 
 class ChatCompletionStreamResponse(OpenAIBaseModel):
@@ -182,6 +185,7 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
     model: str
     choices: list[ChatCompletionResponseStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids=true: on the first chunk with tokens
 
 
 SSE_DONE = "data: [DONE]\n\n"

@@ -1,0 +1,95 @@
+"""Two real pagedserve servers behind the router: one is SIGKILLed in the middle of a chat and a
+completions stream; both streams are resumed on the other region and equal the undisturbed ones
+(greedy), and non-streamed requests sent around the kill all succeed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.router.conftest import region, running_router
+from tests.router.fakes import sse_events
+from tests.server.conftest import start_server
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+MSGS = [{"role": "user", "content": "Tell me a long story about the sea."}]
+
+
+def _stream_text(events: list[Any], chat: bool) -> str:
+    chunks = [e for e in events if isinstance(e, dict) and e.get("choices")]
+    if chat:
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    return "".join(c["choices"][0]["text"] for c in chunks)
+
+
+def test_sigkill_mid_stream_resumes_on_other_region(tiny_checkpoints: Any, tmp_path: Path) -> None:
+    model = tiny_checkpoints["llama"]
+    with contextlib.ExitStack() as stack:
+        a = stack.enter_context(start_server(model, tmp_path))
+        b = stack.enter_context(start_server(model, tmp_path))
+        comp = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 120, **GREEDY}
+        chat = {"model": "tiny", "messages": MSGS, "max_tokens": 120, **GREEDY}
+        # The undisturbed streams, straight from b.
+        with httpx.stream("POST", b.v1 + "/completions", json={**comp, "stream": True}, timeout=120) as r:
+            ref_comp = _stream_text(sse_events(r.iter_lines()), chat=False)
+        with httpx.stream("POST", b.v1 + "/chat/completions", json={**chat, "stream": True}, timeout=120) as r:
+            ref_chat = _stream_text(sse_events(r.iter_lines()), chat=True)
+        assert len(ref_comp) > 20 and len(ref_chat) > 20
+
+        cfg = {"regions": [region("a", 0, a.base_url), region("b", 1, b.base_url)], "retry_deadline_s": 60.0}
+        router, url = stack.enter_context(running_router(cfg, tmp_path))
+        started = threading.Barrier(3)
+        results: dict[str, Any] = {}
+
+        def run(name: str, path: str, body: dict[str, Any]) -> None:
+            opts = {"stream": True, "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", url + path, json={**body, **opts}, timeout=120) as resp:
+                events: list[Any] = []
+                lines = resp.iter_lines()
+                for line in lines:  # wait for the first content chunk, then let the kill happen
+                    events += sse_events([line])
+                    if _stream_text(events, chat="chat" in path):
+                        break
+                started.wait()
+                events += sse_events(lines)
+            results[name] = events
+
+        threads = [threading.Thread(target=run, args=("comp", "/v1/completions", comp)),
+                   threading.Thread(target=run, args=("chat", "/v1/chat/completions", chat))]  # fmt: skip
+        for t in threads:
+            t.start()
+        started.wait()  # both streams are flowing from a
+        engine = a.engine_pid()
+        os.kill(a.proc.pid, signal.SIGKILL)
+        os.kill(engine, signal.SIGKILL)
+        a.proc.wait(10)
+        for t in threads:
+            t.join(120)
+        # After the kill: non-streamed requests keep succeeding (served by b).
+        for i in range(3):
+            r = httpx.post(url + "/v1/completions", json={**comp, "max_tokens": 8, "prompt": f"x{i}"}, timeout=120)
+            assert r.status_code == 200, r.text
+
+        for name, ref, is_chat in (("comp", ref_comp, False), ("chat", ref_chat, True)):
+            events = results[name]
+            assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1]), events[-3:]
+            assert len({e["id"] for e in events[:-1]}) == 1
+            assert _stream_text(events, is_chat) == ref, name
+            assert events[-2]["usage"]["completion_tokens"] == 120
+        resumed = sum(v for k, v in _samples(url, "pagedserve_router_resumed_streams_total").items())
+        assert resumed == 2.0
+
+
+def _samples(url: str, name: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels] = float(value)
+    return out
