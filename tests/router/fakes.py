@@ -27,14 +27,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from tests.server.conftest import free_port
 
 
-def next_token(context: list[int]) -> int:
-    return 97 + (sum(context) * 31 + len(context) * 7) % 26
+def next_token(context: list[int], salt: int = 0) -> int:
+    return 97 + (sum(context) * 31 + len(context) * 7 + salt) % 26
 
 
-def generate(context: list[int], n: int) -> list[int]:
+def generate(context: list[int], n: int, salt: int = 0) -> list[int]:
     out: list[int] = []
     for _ in range(n):
-        out.append(next_token(context + out))
+        out.append(next_token(context + out, salt))
     return out
 
 
@@ -61,7 +61,8 @@ class Behaviour:
     die_after: int | None = None  # cut streams after this many tokens (once per request)
     die_at_end: bool = False  # cut streams after the finish chunk, before the usage and [DONE]
     die_non_stream: bool = False
-    no_token_ids: bool = False  # an older server: ignores return_token_ids  # drop the connection instead of answering non-streamed requests
+    no_token_ids: bool = False  # an older server: ignores return_token_ids
+    salt: int = 0  # a different "model" (for shadow disagreement)  # drop the connection instead of answering non-streamed requests
     delay_s: float = 0.0  # per streamed token
     cut_remaining: int = 10**9  # how many more requests may be cut
 
@@ -121,7 +122,7 @@ class FakeBackend:
             p = body["prompt"]
             prompt = list(p) if isinstance(p, list) else [ord(c) for c in p]
             limit = body.get("max_tokens", 16)
-        ids = generate(prompt, limit)
+        ids = generate(prompt, limit, beh.salt)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{self.name}-{len(self.bodies)}"
         if not body.get("stream"):
             if beh.die_non_stream and beh.cut_remaining > 0:
