@@ -174,8 +174,9 @@ class Forwarder:
                 continue
             finally:
                 self.release(b)
+            headers = {k: v for k, v in resp.headers.items() if k.lower() == "retry-after"}
             answer = Response(resp.content, resp.status_code, media_type=resp.headers.get("content-type"),
-                              headers={k: v for k, v in resp.headers.items() if k.lower() == "retry-after"})  # fmt: skip
+                              headers={**headers, **served_by(b)})  # fmt: skip
             if self.outcome(ctx, b, resp.status_code, t0):
                 self.metrics.duration.labels(ctx.route).observe(time.monotonic() - start)
                 if resp.status_code == 200 and body is not None and ctx.route in ("chat", "completions"):
@@ -223,7 +224,8 @@ class Forwarder:
         opened = await self.open_stream(ctx, state, tried, None)
         if isinstance(opened, Response):
             return opened
-        return StreamingResponse(self._pump(ctx, state, tried, *opened), media_type="text/event-stream")
+        return StreamingResponse(self._pump(ctx, state, tried, *opened), media_type="text/event-stream",
+                                 headers=served_by(opened[0]))  # the first backend; a resume may move on
 
     async def _pump(self, ctx: RequestContext, state: StreamState, tried: set[Backend],
                     b: Backend, resp: httpx.Response) -> AsyncIterator[str]:  # fmt: skip
@@ -320,6 +322,11 @@ class Forwarder:
             finally:
                 b.outstanding -= 1
         compare_shadow(self.metrics, body, primary, shadow_texts, primary_latency_s, time.monotonic() - t0)
+
+
+def served_by(b: Backend) -> dict[str, str]:
+    """Response headers naming the backend that answered (for debugging and the benchmark)."""
+    return {"x-pagedserve-region": b.region, "x-pagedserve-backend": b.url}
 
 
 def _error_event(message: str) -> str:
