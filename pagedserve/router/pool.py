@@ -82,11 +82,11 @@ class Pool:
         removed = [u for u in self.backends if u not in wanted]
         for url in removed:
             self.backends.pop(url).removed = True
-        for url, (cfg, region, group) in wanted.items():
+        for url, (cfg, region_name, group) in wanted.items():
             if url in self.backends:
-                self.backends[url].update(cfg, region, group, config.breaker)
+                self.backends[url].update(cfg, region_name, group, config.breaker)
             else:
-                self.backends[url] = Backend.from_config(cfg, region, group, config.breaker)
+                self.backends[url] = Backend.from_config(cfg, region_name, group, config.breaker)
         first, self._applied = not self._applied, True
         if config.canary is None:
             self.canary_weight = 0.0
@@ -130,11 +130,11 @@ class Pool:
     def choose(
         self, tried: set[Backend], tenant: str | None = None, key: str | None = None, canary: bool = False
     ) -> Choice | None:
-        if canary:
+        allowed = self.config.tenants.get(tenant or "") if tenant else None
+        if canary and allowed is None:  # a tenant pinned to regions never lands on the canary
             found = self._pick([b for b in self.group("canary") if b not in tried and b.eligible()], key)
             if found is not None:
                 return found
-        allowed = self.config.tenants.get(tenant or "") if tenant else None
         for name, members in self.regions():
             if allowed is not None and name not in allowed:
                 continue

@@ -263,12 +263,16 @@ class Forwarder:
             if remaining is not None and remaining <= 0 and state.has_progress:
                 yield state.length_finish()
                 break
-            if (state.has_progress and not can_resume) or time.monotonic() >= ctx.deadline:
+            if state.has_progress and not can_resume:
                 self.metrics.broken.labels(ctx.route).inc()
                 yield _error_event("The backend failed mid-stream and the stream could not be resumed.")
                 yield SSE_DONE
                 return
+            # A long stream may break long after it started: the deadline counts from the break.
+            ctx.deadline = time.monotonic() + self.config.retry_deadline_s
             resumed = state.has_progress
+            if resumed:
+                logger.info("resuming a %s stream after %d tokens", ctx.route, state.sent_tokens)
             opened = await self.open_stream(ctx, state, tried, b)
             if isinstance(opened, Response):
                 self.metrics.broken.labels(ctx.route).inc()

@@ -138,3 +138,13 @@ def test_stream_dying_before_first_token_is_retried_and_non_stream_drop(fakes: A
         r = httpx.post(url + "/v1/completions", json={"prompt": "q", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected_completion("q", 4)
         assert len(a.gen_bodies()) == 2 and len(b.gen_bodies()) == 2
+
+
+def test_resume_deadline_counts_from_the_break(fakes: Any, tmp_path: Path) -> None:
+    a, b = fakes("a", die_after=6, cut_remaining=1, delay_s=0.1), fakes("b")
+    cfg = {"regions": [region("a", 0, a), region("b", 1, b)], "retry_deadline_s": 0.3}
+    with running_router(cfg, tmp_path) as (_, url):
+        # the stream breaks >= 0.6 s after it started, past retry_deadline_s: it is still resumed
+        events = _stream(url, "/v1/completions", {"prompt": "slow", "max_tokens": 10})
+        assert all("error" not in e for e in events[:-1])
+        assert "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"]) == expected_completion("slow", 10)
