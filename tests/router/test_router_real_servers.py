@@ -41,6 +41,17 @@ def test_sigkill_mid_stream_resumes_on_other_region(tiny_checkpoints: Any, tmp_p
         with httpx.stream("POST", b.v1 + "/chat/completions", json={**chat, "stream": True}, timeout=120) as r:
             ref_chat = _stream_text(sse_events(r.iter_lines()), chat=True)
         assert len(ref_comp) > 20 and len(ref_chat) > 20
+        # The server side of a resume: return_token_ids, non-streamed (streamed: used below).
+        one = httpx.post(b.v1 + "/completions", json={**comp, "max_tokens": 8, "return_token_ids": True}).json()
+        choice = one["choices"][0]
+        assert len(choice["token_ids"]) == one["usage"]["completion_tokens"] == 8
+        assert len(choice["prompt_token_ids"]) == one["usage"]["prompt_tokens"]
+        text = httpx.post(b.base_url + "/detokenize", json={"model": "tiny", "tokens": choice["token_ids"]}).json()
+        assert text["prompt"] == choice["text"]
+        one = httpx.post(b.v1 + "/chat/completions", json={**chat, "max_tokens": 8, "return_token_ids": True}).json()
+        assert len(one["choices"][0]["token_ids"]) == 8 and len(one["prompt_token_ids"]) == one["usage"]["prompt_tokens"]
+        plain = httpx.post(b.v1 + "/completions", json={**comp, "max_tokens": 2}).json()
+        assert plain["choices"][0]["token_ids"] is None and plain["choices"][0]["prompt_token_ids"] is None
 
         cfg = {"regions": [region("a", 0, a.base_url), region("b", 1, b.base_url)], "retry_deadline_s": 60.0}
         router, url = stack.enter_context(running_router(cfg, tmp_path))
