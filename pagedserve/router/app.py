@@ -34,6 +34,7 @@ from pagedserve.entrypoints.openai.errors import BadRequestError, install_except
 from pagedserve.ops.auth import AuthConfig, Authenticator, AuthMiddleware, Principal
 from pagedserve.router.config import ConfigError, RouterConfig, load_config
 from pagedserve.router.metrics import CONTENT_TYPE
+from pagedserve.router.pool import Pool
 from pagedserve.router.probes import probe_all, probe_loop
 from pagedserve.router.proxy import Forwarder
 
@@ -64,7 +65,7 @@ class Router:
         self._digest = self._file_digest()
 
     @property
-    def pool(self) -> Any:
+    def pool(self) -> Pool:
         return self.forwarder.pool
 
     def _file_digest(self) -> str | None:
@@ -114,7 +115,15 @@ class Router:
                              for b in members},
             }  # fmt: skip
         up = any(r["up"] for r in regions.values())
-        return up, {"status": "ok" if up else "unavailable", "regions": regions}
+        detail: dict[str, Any] = {"status": "ok" if up else "unavailable", "regions": regions}
+        for group in ("canary", "shadow"):
+            members = self.pool.group(group)
+            if members:
+                detail[group] = {"backends": {b.url: {"up": b.eligible(), "probe": b.last_probe_status}
+                                              for b in members}}  # fmt: skip
+        if "canary" in detail:
+            detail["canary"]["weight"] = self.pool.canary_weight
+        return up, detail
 
 
 def build_app(router: Router) -> FastAPI:

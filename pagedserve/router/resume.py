@@ -196,8 +196,9 @@ class StreamState:
             return None
         data["choices"] = kept
         data["usage"] = self.usage() if self.continuous_usage else None
-        if self.route == "chat" and self.body.get("return_token_ids"):
-            data["prompt_token_ids"] = top_ids if not self.continuing else None
+        if self.route == "chat":
+            asked = self.body.get("return_token_ids") and not self.continuing
+            data["prompt_token_ids"] = top_ids if asked else None
         return _event(data)
 
     def _choice(self, c: dict[str, Any]) -> dict[str, Any] | None:
@@ -207,9 +208,7 @@ class StreamState:
         if isinstance(ids, list):
             self.token_ids += [int(t) for t in ids]
         if not self.body.get("return_token_ids"):
-            c.pop("token_ids", None)
-            if self.route == "completions":
-                c["token_ids"] = None  # the server's shape: the key is there, null
+            c["token_ids"] = None  # the server's shape: the key is there, null unless asked for
         if self.route == "chat":
             delta = dict(c.get("delta") or {})
             if delta.get("role") is not None:

@@ -78,7 +78,9 @@ def test_session_and_prefix_affinity_over_http(fakes: Any, tmp_path: Path) -> No
 
 def test_canary_share_then_rollback_on_errors(fakes: Any, tmp_path: Path) -> None:
     prim, canary = fakes("prim"), fakes("canary")
+    # A breaker that never opens here: the rollback alone must take the canary out.
     cfg = {"regions": [region("a", 0, prim)], "affinity": {"prefix": False},
+           "breaker": {"failure_threshold": 1000, "open_s": 1},
            "canary": {"backends": [{"url": canary.url}], "weight": 0.25, "min_requests": 3,
                       "max_error_rate": 0.5, "window_s": 600}}  # fmt: skip
     with running_router(cfg, tmp_path) as (router, url):
@@ -91,6 +93,7 @@ def test_canary_share_then_rollback_on_errors(fakes: Any, tmp_path: Path) -> Non
             r = httpx.post(url + "/v1/completions", json={"prompt": f"e{i}", "max_tokens": 3}, timeout=30)
             assert r.status_code == 200  # canary failures are retried on the primary
         assert router.pool.canary_weight == 0.0
+        assert httpx.get(url + "/health").json()["canary"]["weight"] == 0.0
         assert _metric(url, "pagedserve_router_canary_rollbacks_total") == 1.0
         assert _metric(url, "pagedserve_router_canary_weight") == 0.0
         # window: 2 ok + k errors; rollback once errors > 50% of >= 3 -> at the 3rd error (3/5)
