@@ -37,6 +37,7 @@ from pagedserve.router.resume import SSE_DONE, Route, StreamState, UpstreamError
 
 logger = logging.getLogger(__name__)
 WAIT_STEP_S = 0.05  # poll period while no backend is eligible
+SETTLE_MAX_BACKOFF = 16  # held-back ids looked for at a resume (a UTF-8 sequence spans a few tokens)
 # Headers the router sets itself or that must not be forwarded hop to hop.
 _DROP_HEADERS = {"host", "content-length", "authorization", "connection", "accept-encoding",
                  "transfer-encoding", "keep-alive", "te", "upgrade"}  # fmt: skip
@@ -198,6 +199,8 @@ class Forwarder:
             if prev is not None:
                 self.note_retry(ctx, "resume" if state.has_progress else "error", prev, b)
             prev, t0 = b, time.monotonic()
+            if state.has_progress and state.token_exact():
+                await self.settle(ctx, state, b)
             path, body = state.next_request(ctx.path)
             try:
                 request = self.client.build_request("POST", b.url + path, json=body, headers=self.headers_for(ctx, b))
@@ -216,6 +219,29 @@ class Forwarder:
                 return answer
             last = answer
         return last if last is not None else no_backend()
+
+    async def settle(self, ctx: RequestContext, state: StreamState, b: Backend) -> None:
+        """Finds how many of the generated ids the client has the text of: the longest prefix of
+        them that decodes (the backend's /detokenize) to exactly the text sent. Ids past it were
+        held back by the dead backend's detokenizer and are regenerated. Without /detokenize, or
+        when no prefix matches, all ids count as sent."""
+        ids, model = state.token_ids, state.body.get("model")
+        for j in range(len(ids), max(-1, len(ids) - SETTLE_MAX_BACKOFF - 1), -1):
+            text: str | None = ""
+            if j:
+                payload = {"tokens": ids[:j], **({"model": model} if isinstance(model, str) else {})}
+                try:
+                    resp = await self.client.post(b.url + "/detokenize", json=payload, headers=self.headers_for(ctx, b))
+                    text = resp.json().get("prompt") if resp.status_code == 200 else None
+                except (httpx.HTTPError, ValueError, AttributeError):
+                    return
+                if text is None:
+                    return
+            if text == state.text:
+                if j < len(ids):
+                    logger.info("resume: %d held-back token(s) will be regenerated", len(ids) - j)
+                state.drop_tokens(len(ids) - j)
+                return
 
     async def stream(self, ctx: RequestContext, body: dict[str, Any]) -> Response:
         route: Route = "chat" if ctx.route == "chat" else "completions"

@@ -118,11 +118,22 @@ class StreamState:
 
     # Requests --------------------------------------------------------------------------------
 
-    def _token_exact(self) -> bool:
+    def token_exact(self) -> bool:
         """Whether the ids already sent are known exactly (every token reached us with its id)."""
         if self.prompt_token_ids is None or len(self.token_ids) != self.attempt_tokens + self.tokens_before:
             return False
         return self.route == "completions" or not self.body.get("logprobs")
+
+    def drop_tokens(self, k: int) -> None:
+        """Forget the last k generated ids: their text never reached the client (the server's
+        detokenizer held it back, waiting for the rest of a UTF-8 sequence), so the next backend
+        regenerates them and sends their text."""
+        if k <= 0:
+            return
+        del self.token_ids[-k:]
+        from_attempt = min(k, self.attempt_tokens)
+        self.attempt_tokens -= from_attempt
+        self.tokens_before -= k - from_attempt
 
     def next_request(self, path: str) -> tuple[str, dict[str, Any]]:
         """(path, body) of the next attempt: the original, or a continuation once text was sent."""
@@ -130,7 +141,7 @@ class StreamState:
         b["stream"] = True
         b["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
         b["return_token_ids"] = True
-        exact = self._token_exact()
+        exact = self.token_exact()
         # Tokens of an attempt that sent no text are discarded with it (the retry regenerates them).
         self.tokens_before = self.tokens_before + self.attempt_tokens if self.has_progress else 0
         self.attempt_tokens = 0

@@ -62,7 +62,8 @@ class Behaviour:
     die_at_end: bool = False  # cut streams after the finish chunk, before the usage and [DONE]
     die_non_stream: bool = False
     no_token_ids: bool = False  # an older server: ignores return_token_ids
-    salt: int = 0  # a different "model" (for shadow disagreement)  # drop the connection instead of answering non-streamed requests
+    salt: int = 0  # a different "model" (for shadow disagreement)
+    hold_back: tuple[int, ...] = ()  # positions whose text is sent with the next token (a split UTF-8 char)  # drop the connection instead of answering non-streamed requests
     delay_s: float = 0.0  # per streamed token
     cut_remaining: int = 10**9  # how many more requests may be cut
 
@@ -95,6 +96,10 @@ class FakeBackend:
         @app.get("/v1/models")
         async def models() -> JSONResponse:
             return JSONResponse({"object": "list", "data": [{"id": "fake", "object": "model", "owned_by": self.name}]})
+
+        @app.post("/detokenize")
+        async def detokenize(raw: Request) -> JSONResponse:
+            return JSONResponse({"prompt": "".join(map(chr, (await raw.json())["tokens"]))})
 
         @app.post("/v1/completions")
         async def completions(raw: Request) -> Response:
@@ -161,18 +166,20 @@ class FakeBackend:
 
         if chat:
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], 0)
+        held = ""
         for i, t in enumerate(ids):
             if cut_at is not None and i == cut_at:
                 raise Cut()
             if beh.delay_s:
                 await asyncio.sleep(beh.delay_s)
             reason = "length" if i == len(ids) - 1 else None
+            piece, held = ("", held + chr(t)) if i in beh.hold_back else (held + chr(t), "")
             if chat:
-                c: dict[str, Any] = {"index": 0, "delta": {"content": chr(t)}, "finish_reason": reason,
+                c: dict[str, Any] = {"index": 0, "delta": {"content": piece}, "finish_reason": reason,
                                      "token_ids": [t] if want_ids else None}
                 yield chunk([c], i + 1, prompt_token_ids=prompt if (i == 0 and want_ids) else None)
                 continue
-            c = {"index": 0, "text": chr(t), "finish_reason": reason,
+            c = {"index": 0, "text": piece, "finish_reason": reason,
                  "prompt_token_ids": prompt if (i == 0 and want_ids) else None,
                  "token_ids": [t] if want_ids else None}
             yield chunk([c], i + 1)

@@ -1,6 +1,7 @@
-"""Two real pagedserve servers behind the router: one is SIGKILLed in the middle of a chat and a
+"""Real pagedserve servers behind the router: one is SIGKILLed in the middle of a chat and a
 completions stream; both streams are resumed on the other region and equal the undisturbed ones
-(greedy), and non-streamed requests sent around the kill all succeed."""
+(greedy), and non-streamed requests sent around the kill all succeed. Then a fresh server joins by
+a config reload and is stopped with SIGTERM under the same load: again nothing fails."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
-from tests.router.conftest import region, running_router
+from tests.router.conftest import region, running_router, wait_for
 from tests.router.fakes import sse_events
 from tests.server.conftest import start_server
 
@@ -55,46 +57,68 @@ def test_sigkill_mid_stream_resumes_on_other_region(tiny_checkpoints: Any, tmp_p
 
         cfg = {"regions": [region("a", 0, a.base_url), region("b", 1, b.base_url)], "retry_deadline_s": 60.0}
         router, url = stack.enter_context(running_router(cfg, tmp_path))
-        started = threading.Barrier(3)
-        results: dict[str, Any] = {}
 
-        def run(name: str, path: str, body: dict[str, Any]) -> None:
-            opts = {"stream": True, "stream_options": {"include_usage": True}}
-            with httpx.stream("POST", url + path, json={**body, **opts}, timeout=120) as resp:
-                events: list[Any] = []
-                lines = resp.iter_lines()
-                for line in lines:  # wait for the first content chunk, then let the kill happen
-                    events += sse_events([line])
-                    if _stream_text(events, chat="chat" in path):
-                        break
-                started.wait()
-                events += sse_events(lines)
-            results[name] = events
+        def disturbed(kill: Any) -> dict[str, list[Any]]:
+            """Both streams started, then `kill()`, then the streams read to the end; meanwhile
+            non-streamed requests, which must all succeed."""
+            started = threading.Barrier(3)
+            results: dict[str, list[Any]] = {}
 
-        threads = [threading.Thread(target=run, args=("comp", "/v1/completions", comp)),
-                   threading.Thread(target=run, args=("chat", "/v1/chat/completions", chat))]  # fmt: skip
-        for t in threads:
-            t.start()
-        started.wait()  # both streams are flowing from a
-        engine = a.engine_pid()
-        os.kill(a.proc.pid, signal.SIGKILL)
-        os.kill(engine, signal.SIGKILL)
-        a.proc.wait(10)
-        for t in threads:
-            t.join(120)
-        # After the kill: non-streamed requests keep succeeding (served by b).
-        for i in range(3):
-            r = httpx.post(url + "/v1/completions", json={**comp, "max_tokens": 8, "prompt": f"x{i}"}, timeout=120)
-            assert r.status_code == 200, r.text
+            def run(name: str, path: str, body: dict[str, Any]) -> None:
+                opts = {"stream": True, "stream_options": {"include_usage": True}}
+                with httpx.stream("POST", url + path, json={**body, **opts}, timeout=120) as resp:
+                    events: list[Any] = []
+                    lines = resp.iter_lines()
+                    for line in lines:  # wait for the first content chunk, then let the kill happen
+                        events += sse_events([line])
+                        if _stream_text(events, chat="chat" in path):
+                            break
+                    started.wait()
+                    events += sse_events(lines)
+                results[name] = events
 
-        for name, ref, is_chat in (("comp", ref_comp, False), ("chat", ref_chat, True)):
-            events = results[name]
-            assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1]), events[-3:]
-            assert len({e["id"] for e in events[:-1]}) == 1
-            assert _stream_text(events, is_chat) == ref, name
-            assert events[-2]["usage"]["completion_tokens"] == 120
-        resumed = sum(v for k, v in _samples(url, "pagedserve_router_resumed_streams_total").items())
-        assert resumed == 2.0
+            threads = [threading.Thread(target=run, args=("comp", "/v1/completions", comp)),
+                       threading.Thread(target=run, args=("chat", "/v1/chat/completions", chat))]  # fmt: skip
+            for t in threads:
+                t.start()
+            started.wait()  # both streams are flowing from the preferred region
+            kill()
+            for i in range(3):
+                r = httpx.post(url + "/v1/completions", json={**comp, "max_tokens": 8, "prompt": f"x{i}"}, timeout=120)
+                assert r.status_code == 200, r.text
+            for t in threads:
+                t.join(120)
+            for name, ref, is_chat in (("comp", ref_comp, False), ("chat", ref_chat, True)):
+                events = results[name]
+                assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1]), events[-3:]
+                assert len({e["id"] for e in events[:-1]}) == 1
+                assert _stream_text(events, is_chat) == ref, name
+                assert events[-2]["usage"]["completion_tokens"] == 120
+            return results
+
+        def sigkill_a() -> None:
+            engine = a.engine_pid()
+            os.kill(a.proc.pid, signal.SIGKILL)
+            os.kill(engine, signal.SIGKILL)
+            a.proc.wait(10)
+
+        disturbed(sigkill_a)
+        assert _total(url, "pagedserve_router_resumed_streams_total") == 2.0
+
+        # A fresh server for region a joins by a config reload; then it gets SIGTERM under load:
+        # its streams finish or resume on b, and nothing fails.
+        a2 = stack.enter_context(start_server(model, tmp_path))
+        path = tmp_path / "router.yaml"
+        path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()),
+                                        "regions": [region("a", 0, a2.base_url), region("b", 1, b.base_url)]}))
+        assert router.reload()
+        wait_for(lambda: router.pool.backends[a2.base_url].eligible(), what="the new server in rotation")
+        disturbed(lambda: a2.proc.send_signal(signal.SIGTERM))
+        assert a2.proc.wait(60) is not None
+
+
+def _total(url: str, name: str) -> float:
+    return sum(_samples(url, name).values())
 
 
 def _samples(url: str, name: str) -> dict[str, float]:

@@ -148,3 +148,18 @@ def test_resume_deadline_counts_from_the_break(fakes: Any, tmp_path: Path) -> No
         events = _stream(url, "/v1/completions", {"prompt": "slow", "max_tokens": 10})
         assert all("error" not in e for e in events[:-1])
         assert "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"]) == expected_completion("slow", 10)
+
+
+def test_held_back_tokens_are_regenerated(fakes: Any, tmp_path: Path) -> None:
+    # Token 4's text is held back (as a server holds an incomplete UTF-8 sequence) and the backend
+    # dies before token 5 would have carried it: the id was sent, its text was not.
+    a, b = fakes("a", die_after=5, cut_remaining=1, hold_back=(4,)), fakes("b")
+    prompt = "held back"
+    with running_router({"regions": [region("a", 0, a), region("b", 1, b)]}, tmp_path) as (_, url):
+        events = _stream(url, "/v1/completions", {"prompt": prompt, "max_tokens": 9,
+                                                   "stream_options": {"include_usage": True}})
+        assert "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"]) == expected_completion(prompt, 9)
+        assert events[-2]["usage"]["completion_tokens"] == 9
+        ids = [ord(ch) for ch in prompt]
+        cont = b.gen_bodies()[0]
+        assert cont["prompt"] == ids + generate(ids, 4) and cont["max_tokens"] == 5  # token 4 regenerated
