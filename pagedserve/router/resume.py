@@ -79,6 +79,7 @@ class StreamState:
     attempt_tokens: int = 0  # completion tokens received in this attempt
     continuing: bool = False  # the current attempt is a continuation (text was sent before it)
     via_completions: bool = False  # the current chat attempt runs on /v1/completions (token ids)
+    resent_ids: int = 0  # regenerated ids the client already has (return_token_ids): not sent twice
     role_sent: bool = False
     finished: bool = False  # a finish_reason reached the client
     client_error: bool = False  # an in-stream 4xx error was forwarded: nothing to resume
@@ -131,6 +132,7 @@ class StreamState:
         if k <= 0:
             return
         del self.token_ids[-k:]
+        self.resent_ids += k
         from_attempt = min(k, self.attempt_tokens)
         self.attempt_tokens -= from_attempt
         self.tokens_before -= k - from_attempt
@@ -218,6 +220,9 @@ class StreamState:
         ids = c.get("token_ids")
         if isinstance(ids, list):
             self.token_ids += [int(t) for t in ids]
+            skip = min(len(ids), self.resent_ids)
+            self.resent_ids -= skip
+            c["token_ids"] = ids[skip:]
         if not self.body.get("return_token_ids"):
             c["token_ids"] = None  # the server's shape: the key is there, null unless asked for
         if self.route == "chat":
@@ -228,8 +233,8 @@ class StreamState:
                 self.role_sent = True
             self.text += str(delta.get("content") or "")
             if not delta.get("role") and not delta.get("content") and c.get("finish_reason") is None \
-                    and not delta.get("tool_calls") and c.get("logprobs") is None:
-                return None
+                    and not delta.get("tool_calls") and c.get("logprobs") is None and not c.get("token_ids"):
+                return None  # e.g. a continuation's empty role delta
             c["delta"] = delta
             return c
         self.text += str(c.get("text") or "")

@@ -156,9 +156,11 @@ def test_held_back_tokens_are_regenerated(fakes: Any, tmp_path: Path) -> None:
     a, b = fakes("a", die_after=5, cut_remaining=1, hold_back=(4,)), fakes("b")
     prompt = "held back"
     with running_router({"regions": [region("a", 0, a), region("b", 1, b)]}, tmp_path) as (_, url):
-        events = _stream(url, "/v1/completions", {"prompt": prompt, "max_tokens": 9,
+        events = _stream(url, "/v1/completions", {"prompt": prompt, "max_tokens": 9, "return_token_ids": True,
                                                    "stream_options": {"include_usage": True}})
         assert "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"]) == expected_completion(prompt, 9)
+        ids = [t for e in events[:-1] if e["choices"] for t in e["choices"][0]["token_ids"]]
+        assert ids == generate([ord(ch) for ch in prompt], 9)  # the regenerated id is not sent twice
         assert events[-2]["usage"]["completion_tokens"] == 9
         ids = [ord(ch) for ch in prompt]
         cont = b.gen_bodies()[0]
