@@ -55,6 +55,12 @@ def test_config_file_and_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "not valid YAML" in capsys.readouterr().err
 
 
+def test_example_config_is_valid() -> None:
+    cfg = load_config(Path(__file__).parents[2] / "examples" / "router.yaml")
+    assert [r.name for r in cfg.regions] == ["shanghai", "beijing"]
+    assert cfg.canary is not None and cfg.canary.weight == 0.1 and cfg.tenants == {"acme": ["beijing"]}
+
+
 def test_circuit_breaker_states() -> None:
     cb = CircuitBreaker(BreakerConfig(failure_threshold=2, open_s=5.0))
     assert cb.allows(0.0)
