@@ -14,9 +14,11 @@
 from __future__ import annotations
 
 import bisect
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 
@@ -167,3 +169,21 @@ class Pool:
             if by_url[url].outstanding + 1 <= cap:
                 return Choice(by_url[url], "hit" if i == 0 else "spill")
         return Choice(by_url[order[0]], "hit")
+
+
+def prefix_key(body: dict[str, Any], chars: int) -> str | None:
+    """A key from the start of the prompt: requests sharing it share KV prefix blocks."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt[:chars]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return ",".join(map(str, prompt[:chars]))
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts = []
+        for m in messages:
+            if isinstance(m, dict):
+                content = m.get("content")
+                parts.append(f"{m.get('role')}:{content if isinstance(content, str) else json.dumps(content)}")
+        return "\n".join(parts)[:chars] or None
+    return None

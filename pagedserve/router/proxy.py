@@ -31,13 +31,20 @@ from pagedserve.entrypoints.openai.errors import OpenAIError
 from pagedserve.router.backends import Backend
 from pagedserve.router.config import RouterConfig
 from pagedserve.router.metrics import RouterMetrics
-from pagedserve.router.pool import Choice, Pool
+from pagedserve.router.pool import Choice, Pool, prefix_key
 from pagedserve.router.release import CanaryGuard, compare_shadow, response_texts
-from pagedserve.router.resume import SSE_DONE, Route, StreamState, UpstreamError, resumable
+from pagedserve.router.resume import (
+    SSE_DONE,
+    Detokenize,
+    Route,
+    StreamState,
+    UpstreamError,
+    resumable,
+    settle,
+)
 
 logger = logging.getLogger(__name__)
 WAIT_STEP_S = 0.05  # poll period while no backend is eligible
-SETTLE_MAX_BACKOFF = 16  # held-back ids looked for at a resume (a UTF-8 sequence spans a few tokens)
 # Headers the router sets itself or that must not be forwarded hop to hop.
 _DROP_HEADERS = {"host", "content-length", "authorization", "connection", "accept-encoding",
                  "transfer-encoding", "keep-alive", "te", "upgrade"}  # fmt: skip
@@ -200,7 +207,7 @@ class Forwarder:
                 self.note_retry(ctx, "resume" if state.has_progress else "error", prev, b)
             prev, t0 = b, time.monotonic()
             if state.has_progress and state.token_exact():
-                await self.settle(ctx, state, b)
+                await settle(state, self.detokenizer(ctx, b, state.body.get("model")))
             path, body = state.next_request(ctx.path)
             try:
                 request = self.client.build_request("POST", b.url + path, json=body, headers=self.headers_for(ctx, b))
@@ -220,28 +227,19 @@ class Forwarder:
             last = answer
         return last if last is not None else no_backend()
 
-    async def settle(self, ctx: RequestContext, state: StreamState, b: Backend) -> None:
-        """Finds how many of the generated ids the client has the text of: the longest prefix of
-        them that decodes (the backend's /detokenize) to exactly the text sent. Ids past it were
-        held back by the dead backend's detokenizer and are regenerated. Without /detokenize, or
-        when no prefix matches, all ids count as sent."""
-        ids, model = state.token_ids, state.body.get("model")
-        for j in range(len(ids), max(-1, len(ids) - SETTLE_MAX_BACKOFF - 1), -1):
-            text: str | None = ""
-            if j:
-                payload = {"tokens": ids[:j], **({"model": model} if isinstance(model, str) else {})}
-                try:
-                    resp = await self.client.post(b.url + "/detokenize", json=payload, headers=self.headers_for(ctx, b))
-                    text = resp.json().get("prompt") if resp.status_code == 200 else None
-                except (httpx.HTTPError, ValueError, AttributeError):
-                    return
-                if text is None:
-                    return
-            if text == state.text:
-                if j < len(ids):
-                    logger.info("resume: %d held-back token(s) will be regenerated", len(ids) - j)
-                state.drop_tokens(len(ids) - j)
-                return
+    def detokenizer(self, ctx: RequestContext, b: Backend, model: Any) -> Detokenize:
+        """ids -> text through the backend's /detokenize (None when it has none or fails)."""
+
+        async def detokenize(ids: list[int]) -> str | None:
+            payload = {"tokens": ids, **({"model": model} if isinstance(model, str) else {})}
+            try:
+                resp = await self.client.post(b.url + "/detokenize", json=payload, headers=self.headers_for(ctx, b))
+                text = resp.json().get("prompt") if resp.status_code == 200 else None
+            except (httpx.HTTPError, ValueError, AttributeError):
+                return None
+            return text if isinstance(text, str) else None
+
+        return detokenize
 
     async def stream(self, ctx: RequestContext, body: dict[str, Any]) -> Response:
         route: Route = "chat" if ctx.route == "chat" else "completions"
@@ -362,21 +360,3 @@ def served_by(b: Backend) -> dict[str, str]:
 def _error_event(message: str) -> str:
     err = OpenAIError(message, status=503, type="service_unavailable_error")
     return f"data: {json.dumps(err.to_json())}\n\n"
-
-
-def prefix_key(body: dict[str, Any], chars: int) -> str | None:
-    """A key from the start of the prompt: requests sharing it share KV prefix blocks."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return prompt[:chars]
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        return ",".join(map(str, prompt[:chars]))
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        parts = []
-        for m in messages:
-            if isinstance(m, dict):
-                content = m.get("content")
-                parts.append(f"{m.get('role')}:{content if isinstance(content, str) else json.dumps(content)}")
-        return "\n".join(parts)[:chars] or None
-    return None
