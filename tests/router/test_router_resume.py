@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from tests.router.conftest import region, running_router
+from tests.router.conftest import region, running_router, wait_for
 from tests.router.fakes import expected_chat, expected_completion, generate, render_chat, sse_events
 
 MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me"}]
@@ -165,3 +165,62 @@ def test_held_back_tokens_are_regenerated(fakes: Any, tmp_path: Path) -> None:
         ids = [ord(ch) for ch in prompt]
         cont = b.gen_bodies()[0]
         assert cont["prompt"] == ids + generate(ids, 4) and cont["max_tokens"] == 5  # token 4 regenerated
+
+
+def test_losing_a_backend_then_a_region_under_load_loses_nothing(fakes: Any, tmp_path: Path) -> None:
+    import threading
+
+    a1, a2 = fakes("a1", delay_s=0.15), fakes("a2", delay_s=0.15)  # streams outlive the 1 s grace
+    b1, b2 = fakes("b1", delay_s=0.02), fakes("b2", delay_s=0.02)
+    cfg = {"regions": [region("a", 0, a1, a2), region("b", 1, b1, b2)], "affinity": {"prefix": False}}
+    failures: list[str] = []
+    served = 0
+    stop = threading.Event()
+
+    def client(i: int, url: str) -> None:
+        nonlocal served
+        n = 0
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                n += 1
+                chat, prompt = n % 2 == 0, f"c{i}-{n}"
+                path = "/v1/chat/completions" if chat else "/v1/completions"
+                body: dict[str, Any] = {"max_tokens": 10}
+                body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
+                want = expected_chat(body["messages"], 10) if chat else expected_completion(prompt, 10)
+                try:
+                    if n % 3 == 0:
+                        r = http.post(url + path, json=body)
+                        c = r.json()["choices"][0]
+                        text = c["message"]["content"] if chat else c["text"]
+                    else:
+                        with http.stream("POST", url + path, json={**body, "stream": True}) as r:
+                            events = sse_events(r.iter_lines())
+                        assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1])
+                        key = "delta" if chat else None
+                        text = "".join((e["choices"][0][key].get("content") or "") if key else e["choices"][0]["text"]
+                                       for e in events[:-1] if e["choices"])
+                    if text != want:
+                        failures.append(f"{prompt}: {text!r} != {want!r}")
+                except (httpx.HTTPError, AssertionError, KeyError, ValueError) as e:
+                    failures.append(f"{prompt}: {e!r}")
+                served += 1
+
+    with running_router(cfg, tmp_path) as (_, url):
+        threads = [threading.Thread(target=client, args=(i, url)) for i in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            wait_for(lambda: served >= 6, what="load")
+            a1.stop()  # one backend goes (its in-flight streams are cut after 1 s of grace)
+            seen = served
+            wait_for(lambda: served >= seen + 6, what="load after one backend died")
+            a2.stop()  # then the whole region
+            seen = served
+            wait_for(lambda: served >= seen + 9, what="load after the region died")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        assert failures == []
+        assert len(b1.gen_bodies()) + len(b2.gen_bodies()) >= 9  # region b took over
