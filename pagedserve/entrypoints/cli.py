@@ -6,6 +6,7 @@ pagedserve audit verify FILE [--key-file K] [--expect-head [SEQ:]HASH] [--checkp
                                                 check an audit log (chain, HMACs, checkpoint)
 pagedserve --version                            print the version
 pagedserve --help                               this text (`pagedserve serve --help`: the flags)
+pagedserve router --config router.yaml          multi-region router in front of servers
 """
 
 from __future__ import annotations
@@ -74,14 +75,20 @@ def serve_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def router_main(argv: Sequence[str]) -> int:
+    from pagedserve.router.app import router_main as run
+
+    return run(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve": serve_main, "generate": generate_main}
+    commands = {"serve": serve_main, "generate": generate_main, "router": router_main}
     if argv and argv[0] == "audit":
         from pagedserve.ops.audit_verify import audit_main
 
         return audit_main(argv[1:])
-    usage = "usage: pagedserve {serve,generate,audit} ...\n" + (__doc__ or "")
+    usage = "usage: pagedserve {serve,generate,audit,router} ...\n" + (__doc__ or "")
     if argv[:1] in (["-h"], ["--help"]):  # asked for: stdout, success (argparse's convention)
         print(usage)
         return 0

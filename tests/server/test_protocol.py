@@ -317,6 +317,7 @@ def test_response_shapes() -> None:
     assert d["object"] == "text_completion" and d["id"].startswith("cmpl-")
     assert d["choices"][0] == {
         "index": 0, "text": "ok", "logprobs": None, "finish_reason": "stop", "stop_reason": None, "prompt_logprobs": None,
+        "prompt_token_ids": None, "token_ids": None,  # vLLM's return_token_ids fields, null unless asked
     }  # fmt: skip
     chat = ChatCompletionResponse(
         model="m",

@@ -159,6 +159,7 @@ class _SamplingRequest(_RequestModel):
     truncate_prompt_tokens: PositiveCount | None = None
     prompt_logprobs: Count | None = None
     priority: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] = 0
+    return_token_ids: bool | None = None  # vLLM extra: prompt/generated token ids in the response
     request_id: Annotated[str, Field(max_length=256)] | None = None
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and guided_* fields
     response_format: ResponseFormat | None = None

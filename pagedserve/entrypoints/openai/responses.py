@@ -53,6 +53,9 @@ class CompletionResponseChoice(OpenAIBaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM extra: the stop string / token id that matched
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+    # vLLM extras with return_token_ids=true
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(OpenAIBaseModel):
@@ -71,6 +74,9 @@ class CompletionResponseStreamChoice(OpenAIBaseModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM extras with return_token_ids=true: prompt ids on a choice's first chunk, then the delta's ids
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionStreamResponse(OpenAIBaseModel):
@@ -150,6 +156,7 @@ class ChatCompletionResponseChoice(OpenAIBaseModel):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = "stop"
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # vLLM extra with return_token_ids=true
 
 
 class ChatCompletionResponse(OpenAIBaseModel):
@@ -161,6 +168,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     usage: UsageInfo
     system_fingerprint: str | None = None
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM extra with return_token_ids=true
 
 
 class ChatCompletionResponseStreamChoice(OpenAIBaseModel):
@@ -169,6 +177,7 @@ class ChatCompletionResponseStreamChoice(OpenAIBaseModel):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # vLLM extra with return_token_ids=true
 
 
 class ChatCompletionStreamResponse(OpenAIBaseModel):
@@ -178,6 +187,7 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
     model: str
     choices: list[ChatCompletionResponseStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids=true: on the first chunk with tokens
 
 
 SSE_DONE = "data: [DONE]\n\n"

@@ -174,6 +174,7 @@ class OpenAIServingChat(OpenAIServing):
             choices.append(ChatCompletionResponseChoice(
                 index=out.index, message=message, logprobs=logprobs,
                 finish_reason=reason, stop_reason=out.stop_reason,
+                token_ids=list(out.token_ids) if request.return_token_ids else None,
             ))  # fmt: skip
         info.completion_tokens = completion_tokens
         cached = final.num_cached_tokens
@@ -184,6 +185,7 @@ class OpenAIServingChat(OpenAIServing):
         response = ChatCompletionResponse(
             id=request_id, model=self.model_name, choices=choices, usage=usage,
             prompt_logprobs=prompt_logprobs_json(final.prompt_logprobs),
+            prompt_token_ids=list(ids) if request.return_token_ids else None,
         )  # fmt: skip
         info.status = "ok"
         self.audit(raw, info)
@@ -197,15 +199,18 @@ class OpenAIServingChat(OpenAIServing):
         options = chat_options(self.state)
         request_id = handle.request_id
 
-        def chunk(choices: list[ChatCompletionResponseStreamChoice], usage: UsageInfo | None = None) -> str:
+        def chunk(choices: list[ChatCompletionResponseStreamChoice], usage: UsageInfo | None = None,
+                  prompt_token_ids: list[int] | None = None) -> str:  # fmt: skip
             if usage is None and request.continuous_usage:  # the usage so far on every chunk
                 usage = UsageInfo.of(info.prompt_tokens, info.completion_tokens)
             return sse_event(ChatCompletionStreamResponse(
                 id=request_id, created=created, model=self.model_name, choices=choices, usage=usage,
+                prompt_token_ids=prompt_token_ids,
             ))  # fmt: skip
 
         tool_streams: dict[int, ToolCallStream] | None = {} if forces_tool_calls(request) else None
         parsers = None if tool_streams is not None else {i: options.choice_output(auto_tools) for i in range(request.n)}
+        sent_ids = False
         try:
             # The role comes first, once per choice (as OpenAI), with the echoed content if any.
             yield chunk([
@@ -240,9 +245,13 @@ class OpenAIServingChat(OpenAIServing):
                     choices.append(ChatCompletionResponseStreamChoice(
                         index=out.index, delta=delta or DeltaMessage(), logprobs=logprobs,
                         finish_reason=reason, stop_reason=out.stop_reason,
+                        token_ids=list(out.token_ids) if request.return_token_ids else None,
                     ))  # fmt: skip
                 if choices:
-                    yield chunk(choices)
+                    # return_token_ids: the prompt's ids ride on the first chunk that carries tokens
+                    first_ids = list(ro.prompt_token_ids) if request.return_token_ids and not sent_ids else None
+                    sent_ids = sent_ids or first_ids is not None
+                    yield chunk(choices, prompt_token_ids=first_ids)
             if request.include_usage:
                 yield chunk([], UsageInfo.of(info.prompt_tokens, info.completion_tokens))
             info.status = "ok"

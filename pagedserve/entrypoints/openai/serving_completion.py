@@ -413,6 +413,8 @@ class OpenAIServingCompletion(OpenAIServing):
                     index=i * request.n + out.index, text=part.text, logprobs=part.logprobs,
                     finish_reason=part.finish_reason, stop_reason=part.stop_reason,
                     prompt_logprobs=prompt_logprobs_json(ro.prompt_logprobs) if out.index == 0 else None,
+                    prompt_token_ids=list(ro.prompt_token_ids) if request.return_token_ids else None,
+                    token_ids=list(out.token_ids) if request.return_token_ids else None,
                 ))  # fmt: skip
         info.completion_tokens = completion_tokens
         usage = UsageInfo(
@@ -454,6 +456,8 @@ class OpenAIServingCompletion(OpenAIServing):
                     choices.append(CompletionResponseStreamChoice(
                         index=index, text=part.text, logprobs=part.logprobs, finish_reason=part.finish_reason,
                         stop_reason=part.stop_reason,
+                        prompt_token_ids=list(tokenized[i][1]) if request.return_token_ids and first else None,
+                        token_ids=list(out.token_ids) if request.return_token_ids else None,
                     ))  # fmt: skip
                 if choices:
                     so_far = (UsageInfo.of(info.prompt_tokens, info.completion_tokens)
