@@ -29,6 +29,10 @@ from tests.server.conftest import RunningServer, start_server, wait_healthy
 
 EXIT_WAIT_S = 90.0  # generous: 2 shared CPU cores
 LONG = {"model": "tiny", "prompt": "the model", "max_tokens": 240, "ignore_eos": True, "temperature": 0}
+# The cut tests need a stream that cannot end before the signal is handled, even on a fast idle
+# machine: 2000 tokens at a 2048-token context (the tiny llama's positions), not 240 at 256.
+LONGER_CONTEXT = ["--max-model-len", "2048"]
+LONGER = {**LONG, "max_tokens": 2000}
 
 
 def stream_events(server: RunningServer, body: dict[str, Any], on_first: Callable[[], None]) -> list[str]:
@@ -117,12 +121,12 @@ def test_sigterm_drains_a_stream_to_its_end(server_factory: Callable[..., Runnin
 def test_sigterm_past_shutdown_timeout_cuts_with_error_event(
     server_factory: Callable[..., RunningServer],
 ) -> None:
-    server = server_factory(["--shutdown-timeout", "0"], audit=True)
+    server = server_factory(["--shutdown-timeout", "0", *LONGER_CONTEXT], audit=True)
     with ThreadPoolExecutor(1) as pool:
         plain: Future[httpx.Response] = pool.submit(
-            httpx.post, server.v1 + "/completions", json=LONG, timeout=120
+            httpx.post, server.v1 + "/completions", json=LONGER, timeout=120
         )
-        events = stream_events(server, LONG, lambda: server.proc.send_signal(signal.SIGTERM))
+        events = stream_events(server, LONGER, lambda: server.proc.send_signal(signal.SIGTERM))
         other = plain.result()
 
     errors = errors_in(events)
@@ -139,16 +143,19 @@ def test_sigterm_past_shutdown_timeout_cuts_with_error_event(
 
 
 def test_second_sigterm_cuts_at_once(server_factory: Callable[..., RunningServer]) -> None:
-    server = server_factory(["--shutdown-timeout", "300"])
-    signals = iter([signal.SIGTERM, signal.SIGTERM])
-    events: list[str] = []
-    with httpx.stream("POST", server.v1 + "/completions", json={**LONG, "stream": True}, timeout=120) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[6:])
-                sig = next(signals, None)  # one at the first event, one at the second
-                if sig is not None:
-                    server.proc.send_signal(sig)
+    server = server_factory(["--shutdown-timeout", "300", *LONGER_CONTEXT])
+
+    def sigterm_twice() -> None:
+        # Two signals sent back to back coalesce into one (POSIX does not queue them): send the
+        # second only once the first is seen to have started the drain.
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + EXIT_WAIT_S
+        while httpx.get(server.base_url + "/health", timeout=10).status_code != 503:
+            assert time.monotonic() < deadline, "the first SIGTERM never started a drain"
+            time.sleep(0.02)
+        server.proc.send_signal(signal.SIGTERM)
+
+    events = stream_events(server, LONGER, sigterm_twice)
     errors = errors_in(events)
     assert len(errors) == 1 and errors[0]["code"] == 503 and events[-1] == "[DONE]", events[-3:]
     assert wait_exit(server) == 0
