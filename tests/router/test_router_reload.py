@@ -18,7 +18,7 @@ import yaml
 
 from tests.router.conftest import FAST, region, wait_for
 from tests.router.fakes import expected_completion, sse_events
-from tests.server.conftest import free_port
+from tests.server.conftest import free_port, stop_process
 
 
 @pytest.fixture
@@ -46,13 +46,7 @@ def router_proc(tmp_path: Path) -> Iterator[Any]:
 
     yield start
     for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_process(p)
 
 
 def _reloads(url: str, result: str) -> float:

@@ -69,6 +69,17 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT (a server drains, then exits), then SIGKILL if it is still there after 15 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,13 +126,7 @@ def start_server(
         wait_healthy(server)
         yield server
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session")

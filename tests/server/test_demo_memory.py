@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import openai
 import pytest
 
 from pagedserve.worker.cpu_resources import usable_cores
-from tests.server.conftest import RunningServer, free_port, wait_healthy
+from tests.server.conftest import RunningServer, free_port, stop_process, wait_healthy
 
 LIMIT_BYTES = 2 << 30
 ENV_OVERRIDES = ("VLLM_CPU_KVCACHE_SPACE", "PAGEDSERVE_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS",
@@ -52,13 +51,7 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSer
         wait_healthy(server)
         yield server
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc)
 
 
 @pytest.mark.slow

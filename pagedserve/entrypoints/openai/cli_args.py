@@ -7,11 +7,14 @@ flags, abbreviations and conflicting combinations fail at start with an argparse
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
-from typing import Any
 
 from pagedserve.config import EngineArgs
+from pagedserve.entrypoints.arg_types import json_object as _json_object
+from pagedserve.entrypoints.arg_types import non_negative_float as _non_negative_float
+from pagedserve.entrypoints.arg_types import non_negative_int as _non_negative_int
+from pagedserve.entrypoints.arg_types import port as _port
+from pagedserve.entrypoints.arg_types import positive_int as _positive_int
 from pagedserve.entrypoints.openai.structured_limits import add_structured_output_args
 from pagedserve.entrypoints.openai.vllm_compat_args import (
     _dtype,  # vLLM spellings (bf16, fp16) of --dtype
@@ -20,41 +23,6 @@ from pagedserve.entrypoints.openai.vllm_compat_args import (
     vllm_compat_engine_kwargs,
 )
 from pagedserve.ops.http_limits import add_hardening_args
-
-
-def _int_at_least(minimum: int, text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    return _int_at_least(1, text)
-
-
-def _non_negative_int(text: str) -> int:
-    return _int_at_least(0, text)
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _non_negative_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"port must be in [0, 65535], got {value}")
-    return value
 
 
 def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> argparse.ArgumentParser:
@@ -151,16 +119,6 @@ def add_cpu_args(parser: argparse.ArgumentParser) -> None:
     cpu.add_argument("--cpu-threads", type=_positive_int, default=None,
                      help="torch intra-op threads of the engine process (default on CPU: "
                           "$OMP_NUM_THREADS, else the usable cores minus one for the HTTP process)")  # fmt: skip
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
 
 
 def make_arg_parser(prog: str = "pagedserve.entrypoints.openai.api_server", positional_model: bool = False

@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from pagedserve.entrypoints.arg_types import positive_int as _positive_int
 from pagedserve.entrypoints.openai.errors import BadRequestError, ServiceUnavailableError
 from pagedserve.sampling_params import StructuredOutputsParams
 from pagedserve.structured_output import KIND_NAMES, GrammarError
@@ -38,13 +39,6 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
 
 

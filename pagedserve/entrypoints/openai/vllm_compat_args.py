@@ -11,6 +11,8 @@ import argparse
 import importlib
 from typing import Any
 
+from pagedserve.entrypoints.arg_types import non_negative_float, non_negative_int, positive_int
+
 # vLLM's dtype spellings -> ours (argparse applies `type` before checking `choices`).
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "f16": "float16", "f32": "float32"}
 LOAD_FORMATS = ("auto", "safetensors", "pt")  # what model_executor/loader.py reads
@@ -31,26 +33,6 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _count(text: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
 def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
     from pagedserve.entrypoints.openai.reasoning_parsers import reasoning_parser_names
     from pagedserve.entrypoints.openai.tool_parsers import tool_parser_names
@@ -61,7 +43,7 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
                    help="log each request's prompt, token ids and sampling params (INFO)")  # fmt: skip
     g.add_argument("--disable-log-requests", dest="enable_log_requests", action="store_false",
                    help="do not log requests (the default; kept for older vLLM command lines)")  # fmt: skip
-    g.add_argument("--max-log-len", type=lambda t: _count(t, 0), default=None,
+    g.add_argument("--max-log-len", type=non_negative_int, default=None,
                    help="logged prompts are cut to this many characters / token ids (default: all)")  # fmt: skip
     g.add_argument("--disable-log-stats", action="store_true",
                    help="no periodic engine stats log line (the /metrics endpoint is unaffected)")  # fmt: skip
@@ -76,7 +58,7 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-mode", default="auto", help="auto or hf (a transformers tokenizer)")
     g.add_argument("--config-format", default="auto", help="auto or hf (config.json)")
     g.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype)")
-    g.add_argument("--max-seq-len-to-capture", type=lambda t: _count(t, 1), default=None,
+    g.add_argument("--max-seq-len-to-capture", type=positive_int, default=None,
                    help="accepted; decode CUDA graphs here cover every sequence length")  # fmt: skip
     g.add_argument("--enable-chunked-prefill", dest="enable_chunked_prefill", nargs="?", const=True,
                    type=_bool, default=True,
@@ -85,15 +67,15 @@ def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     g.add_argument("--guided-decoding-backend", default="auto", help="auto or xgrammar")
     # Parallelism and offload
-    g.add_argument("--pipeline-parallel-size", "-pp", type=lambda t: _count(t, 1), default=1)
+    g.add_argument("--pipeline-parallel-size", "-pp", type=positive_int, default=1)
     g.add_argument("--distributed-executor-backend", default=None,
                    choices=["mp", "uni", "ray", "external_launcher"])  # fmt: skip
-    g.add_argument("--cpu-offload-gb", type=_non_negative_float, default=0.0)
+    g.add_argument("--cpu-offload-gb", type=non_negative_float, default=0.0)
     # LoRA
     g.add_argument("--enable-lora", action="store_true")
     g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH")
-    g.add_argument("--max-loras", type=lambda t: _count(t, 1), default=None)
-    g.add_argument("--max-lora-rank", type=lambda t: _count(t, 1), default=None)
+    g.add_argument("--max-loras", type=positive_int, default=None)
+    g.add_argument("--max-lora-rank", type=positive_int, default=None)
     # Chat
     g.add_argument("--response-role", default="assistant", help="the role of chat replies")
     g.add_argument("--chat-template-content-format", default="auto", choices=["auto", "string", "openai"],
