@@ -100,7 +100,8 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: Any,
         if key not in _DTYPES:
             raise ValueError(f"dtype must be one of {['auto', *_DTYPES]}, got {dtype!r}")
         return _DTYPES[key]
-    name = hf_config.dtype if isinstance(hf_config, ModelSpec) else checkpoint_dtype(hf_config)
+    source = hf_config  # a ModelSpec (the engine) or a transformers config / namespace (tools, tests)
+    name = source.dtype if isinstance(source, ModelSpec) else checkpoint_dtype(source)
     cfg_dtype = _DTYPES.get(name or "", torch.float32)
     dev = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
