@@ -342,6 +342,35 @@ def _qwen3(view: ConfigView) -> ModelSpec:
                        sliding_windows=tuple(layer_sliding_windows(view)))
 
 
+# ---------------------------------------------------------------- adapters: MoE, Llama layout
+# The spec carries the expert counts; no model class runs an MoE block yet (LlamaModel refuses a
+# spec with num_experts > 0), so these only describe the checkpoint for now.
+
+
+@adapter("mixtral")
+def _mixtral(view: ConfigView) -> ModelSpec:
+    window = view.get("sliding_window")
+    return _llama_like(view, sliding_windows=(window,) * view.require("num_hidden_layers"),
+                       num_experts=view.require("num_local_experts"),
+                       num_experts_per_tok=view.require("num_experts_per_tok"),
+                       moe_intermediate_size=view.require("intermediate_size"))
+
+
+@adapter("qwen2_moe", "qwen3_moe")
+def _qwen_moe(view: ConfigView) -> ModelSpec:
+    """Qwen2-MoE (q/k/v biases, one gated shared expert of shared_expert_intermediate_size) and
+    Qwen3-MoE (q/k norms, no shared expert)."""
+    qwen3 = view.get("model_type") == "qwen3_moe"
+    bias = bool(view.get("attention_bias", False)) if qwen3 else True
+    shared = view.get("shared_expert_intermediate_size") or 0
+    return _llama_like(view, qkv_bias=bias, o_bias=bias and qwen3, qk_norm=qwen3,
+                       sliding_windows=tuple(layer_sliding_windows(view)),
+                       num_experts=view.require("num_experts"),
+                       num_experts_per_tok=view.require("num_experts_per_tok"),
+                       num_shared_experts=1 if shared else 0,
+                       moe_intermediate_size=view.require("moe_intermediate_size"))
+
+
 # ---------------------------------------------------------------- adapters: other layouts
 # Written from the published config.json / modeling files; no model class loads them yet.
 

@@ -303,3 +303,34 @@ def test_no_hf_config_names_outside_model_spec() -> None:
     assert all(any(p.search(s) for p in _PATTERNS) for s in (
         "n = config.num_hidden_layers", 'getattr(hf_config, "head_dim", None)',
         'x = getattr(cfg, "rope_theta", None)', "hf_config.vocab_size"))
+
+
+def test_moe_fields() -> None:
+    # Published config.json values of mistralai/Mixtral-8x7B-v0.1 and Qwen/Qwen3-30B-A3B.
+    mixtral = ModelSpec.from_hf({
+        "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 4096,
+        "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "num_hidden_layers": 32, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None,
+        "max_position_embeddings": 32768, "vocab_size": 32000, "tie_word_embeddings": False})
+    assert (mixtral.num_experts, mixtral.num_experts_per_tok, mixtral.num_shared_experts,
+            mixtral.moe_intermediate_size) == (8, 2, 0, 14336)
+    assert mixtral.rope is not None and mixtral.rope.theta == 1e6 and mixtral.head_dim == 128
+    qwen3_moe = ModelSpec.from_hf({
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048,
+        "intermediate_size": 6144, "moe_intermediate_size": 768, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "head_dim": 128, "num_hidden_layers": 48, "num_experts": 128,
+        "num_experts_per_tok": 8, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+        "max_position_embeddings": 40960, "vocab_size": 151936, "attention_bias": False,
+        "use_sliding_window": False, "sliding_window": None, "tie_word_embeddings": False})
+    assert (qwen3_moe.num_experts, qwen3_moe.num_experts_per_tok, qwen3_moe.num_shared_experts,
+            qwen3_moe.moe_intermediate_size, qwen3_moe.qk_norm) == (128, 8, 0, 768, True)
+    qwen2_moe = ModelSpec.from_hf({
+        "model_type": "qwen2_moe", "hidden_size": 3584, "intermediate_size": 18944,
+        "moe_intermediate_size": 2560, "shared_expert_intermediate_size": 20480,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "num_hidden_layers": 28,
+        "num_experts": 64, "num_experts_per_tok": 8, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 32768, "vocab_size": 151936})
+    assert (qwen2_moe.num_shared_experts, qwen2_moe.qkv_bias, qwen2_moe.o_bias) == (1, True, False)
+    with pytest.raises(ValueError, match="dense MLP"):
+        LlamaForCausalLM(None, spec=mixtral)
