@@ -17,7 +17,6 @@ names; those families have no model class yet (the registry refuses their archit
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,9 +142,6 @@ class ModelSpec:
             raise ValueError(f"model_type {model_type!r} is not supported; supported: "
                              f"{sorted(_ADAPTERS)}")
         return build(view)
-
-    def replace(self, **changes: Any) -> ModelSpec:
-        return dataclasses.replace(self, **changes)
 
 
 class ConfigView:
