@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedserve.kernels.registry import KernelSet, get_kernel_set
-from pagedserve.model_executor.layers.context import BuildContext
+from pagedserve.kernels.registry import use_kernels
 from pagedserve.model_executor.model_spec import ModelSpec, checkpoint_dtype, load_hf_config
 from pagedserve.model_executor.models.registry import get_model_class
 
@@ -55,7 +54,6 @@ class LoadedModel:
     model_spec: ModelSpec  # what the model was built from (model_spec.py)
     model_dir: str
     dtype: torch.dtype
-    kernels: KernelSet  # the one kernel set the model was built with
 
 
 def resolve_model_dir(model: str, revision: str | None = None, download_dir: str | None = None,
@@ -228,14 +226,12 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     weights = iterate_weights(model_dir, load_format, show_progress)  # fails here on missing files
     device = torch.device(device)
     with torch.device(device), _default_dtype(dtype):
-        # The one kernel choice: pointwise ops, GEMV and argmax follow the attention backend.
-        kernels = get_kernel_set(attn_backend)
-        model = model_cls(hf_config, ctx=BuildContext.create(kernels), spec=spec)  # type: ignore[call-arg]
+        use_kernels(attn_backend)  # the pointwise kernels follow the attention backend
+        model = model_cls(hf_config, attn_backend=attn_backend, spec=spec)  # type: ignore[call-arg]
     loaded = model.load_weights(weights)  # type: ignore[operator]
     missing = sorted(set(dict(model.named_parameters())) - set(loaded))
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise ValueError(f"checkpoint {model_dir!r} lacks weights for: {shown}")
     model.eval()
-    return LoadedModel(model=model, hf_config=hf_config, model_spec=spec, model_dir=model_dir, dtype=dtype,
-                       kernels=kernels)
+    return LoadedModel(model=model, hf_config=hf_config, model_spec=spec, model_dir=model_dir, dtype=dtype)

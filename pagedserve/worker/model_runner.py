@@ -131,7 +131,6 @@ class ModelRunner:
         )
         self.model: Any = loaded.model  # a CausalLM: forward(...) and compute_logits(...)
         self.hf_config = loaded.hf_config
-        self.kernels = loaded.kernels  # chosen once, at load (kernels/registry.py)
         self.vocab_size = self.model_spec.vocab_size
         self.load_seconds = time.perf_counter() - started
         self.spec = KVCacheSpec.from_model_spec(
@@ -200,7 +199,7 @@ class ModelRunner:
             max_blocks = -(-sched.max_model_len // self.spec.block_size)
             self.decode_graphs = DecodeGraphs(
                 self.model, self.kv_caches, sched.max_num_seqs, max_blocks,
-                self.spec.block_size, self.device, argmax_rows=self.kernels.argmax_rows,
+                self.spec.block_size, self.device,
             )
             self.decode_graphs.capture()
 

@@ -16,7 +16,6 @@ from transformers import AutoConfig
 
 import pagedserve
 from pagedserve.config import EngineArgs, _derive_max_model_len
-from pagedserve.model_executor.layers.context import BuildContext
 from pagedserve.model_executor.model_spec import ModelSpec, RopeConfig
 from pagedserve.model_executor.models.llama import LlamaForCausalLM
 from pagedserve.testing.checkpoints import ARCHS
@@ -165,7 +164,7 @@ def test_baichuan_alibi_and_rope() -> None:
                                "num_hidden_layers": 32, "intermediate_size": 11008})
     assert not small.alibi and small.rope is not None and small.rope.theta == 10000.0
     with pytest.raises(ValueError, match="rotary"):
-        LlamaForCausalLM(None, spec=big, ctx=BuildContext.create())  # the Llama decoder refuses a spec it cannot run
+        LlamaForCausalLM(None, spec=big)  # the Llama decoder refuses a spec it cannot run
 
 
 def test_unknown_model_type_is_refused() -> None:
@@ -175,7 +174,7 @@ def test_unknown_model_type_is_refused() -> None:
 
 def _tiny(spec: ModelSpec) -> LlamaForCausalLM:
     with torch.device("cpu"):
-        return LlamaForCausalLM(None, spec=spec, ctx=BuildContext.create())
+        return LlamaForCausalLM(None, spec=spec)
 
 
 def _load_named(model: LlamaForCausalLM, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -334,4 +333,4 @@ def test_moe_fields() -> None:
         "max_position_embeddings": 32768, "vocab_size": 151936})
     assert (qwen2_moe.num_shared_experts, qwen2_moe.qkv_bias, qwen2_moe.o_bias) == (1, True, False)
     with pytest.raises(ValueError, match="dense MLP"):
-        LlamaForCausalLM(None, spec=mixtral, ctx=BuildContext.create())
+        LlamaForCausalLM(None, spec=mixtral)

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from pagedserve.model_executor.layers.context import BuildContext
+from pagedserve.kernels.registry import active_kernels
 from pagedserve.model_executor.model_spec import SUPPORTED_ROPE_TYPES, RopeConfig, rope_from_hf
 
 __all__ = ["RopeConfig", "get_rope_config", "RotaryEmbedding", "SUPPORTED_ROPE_TYPES"]
@@ -67,9 +67,9 @@ class RotaryEmbedding(nn.Module):
     cos_sin_cache: Tensor
 
     def __init__(self, head_dim: int, max_position: int, cfg: RopeConfig,
-                 is_neox: bool | None = None, *, ctx: BuildContext) -> None:
+                 is_neox: bool | None = None) -> None:
         super().__init__()
-        self._rotary = ctx.kernels.rotary_embedding  # bound once, at construction
+        self._rotary = active_kernels().rotary_embedding  # bound once, at construction
         rot_dim = int(head_dim * cfg.partial_rotary_factor)
         if rot_dim % 2 != 0 or rot_dim <= 0:
             raise ValueError(f"rotary dim (head_dim * partial_rotary_factor) must be a positive "

@@ -20,9 +20,14 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from pagedserve.kernels.registry import active_kernels
 from pagedserve.model_executor.layers.activation import SiluAndMul, get_gated_activation
-from pagedserve.model_executor.layers.attention import Attention, AttentionMetadata
-from pagedserve.model_executor.layers.context import BuildContext
+from pagedserve.model_executor.layers.attention import (
+    Attention,
+    AttentionBackend,
+    AttentionMetadata,
+    get_attention_backend,
+)
 from pagedserve.model_executor.layers.embedding import LMHead, VocabEmbedding, default_weight_loader
 from pagedserve.model_executor.layers.linear import (
     Linear,
@@ -42,22 +47,21 @@ KVCache = tuple[Tensor, Tensor]
 
 class LlamaAttention(nn.Module):
     def __init__(self, spec: ModelSpec, layer_idx: int, rotary: RotaryEmbedding,
-                 linear_method: LinearMethod | None, *, ctx: BuildContext) -> None:
+                 backend: AttentionBackend, linear_method: LinearMethod | None) -> None:
         super().__init__()
         hidden = spec.hidden_size
         self.num_heads = spec.num_heads
         self.num_kv_heads = spec.num_kv_heads
         self.head_dim = spec.head_dim
         self.qkv_proj = QKVLinear(hidden, self.head_dim, self.num_heads, self.num_kv_heads,
-                                  bias=spec.qkv_bias, linear_method=linear_method,
-                                  ctx=ctx.child("qkv_proj"))
+                                  bias=spec.qkv_bias, linear_method=linear_method)
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=spec.o_bias,
-                             linear_method=linear_method, ctx=ctx.child("o_proj"))
-        self.q_norm = RMSNorm(self.head_dim, spec.norm_eps, ctx=ctx.child("q_norm")) if spec.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, spec.norm_eps, ctx=ctx.child("k_norm")) if spec.qk_norm else None
+                             linear_method=linear_method)
+        self.q_norm = RMSNorm(self.head_dim, spec.norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, spec.norm_eps) if spec.qk_norm else None
         self.rotary_emb = rotary  # shared by all layers (one cos/sin cache)
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads,
-                              scale=self.head_dim**-0.5, ctx=ctx.child("attn"),
+                              scale=self.head_dim**-0.5, backend=backend,
                               sliding_window=spec.sliding_windows[layer_idx])
 
     def forward(self, positions: Tensor, hidden: Tensor, kv_cache: KVCache | None,
@@ -79,15 +83,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, spec: ModelSpec, linear_method: LinearMethod | None, *,
-                 ctx: BuildContext) -> None:
+    def __init__(self, spec: ModelSpec, linear_method: LinearMethod | None) -> None:
         super().__init__()
         inter, bias = spec.intermediate_size, spec.mlp_bias
         self.gate_up_proj = MergedLinear(spec.hidden_size, [inter, inter], bias=bias,
-                                         linear_method=linear_method, ctx=ctx.child("gate_up_proj"))
-        self.act_fn = get_gated_activation(spec.hidden_act, ctx=ctx.child("act_fn"))
-        self.down_proj = Linear(inter, spec.hidden_size, bias=bias, linear_method=linear_method,
-                                ctx=ctx.child("down_proj"))
+                                         linear_method=linear_method)
+        self.act_fn = get_gated_activation(spec.hidden_act)
+        self.down_proj = Linear(inter, spec.hidden_size, bias=bias, linear_method=linear_method)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -95,17 +97,16 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer_idx: int, rotary: RotaryEmbedding,
-                 linear_method: LinearMethod | None, *, ctx: BuildContext) -> None:
+                 backend: AttentionBackend, linear_method: LinearMethod | None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(spec, layer_idx, rotary, linear_method, ctx=ctx.child("self_attn"))
-        self.mlp = LlamaMLP(spec, linear_method, ctx=ctx.child("mlp"))
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps, ctx=ctx.child("input_layernorm"))
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps,
-                                                ctx=ctx.child("post_attention_layernorm"))
+        self.self_attn = LlamaAttention(spec, layer_idx, rotary, backend, linear_method)
+        self.mlp = LlamaMLP(spec, linear_method)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps)
         # Small batches (decode) fold each RMSNorm into the projection after it and the
         # SiLU-and-mul into gate_up (3 kernels per layer fewer), up to the kernel set's limits.
         # Only for plain weights.
-        kernels = ctx.kernels
+        kernels = active_kernels()
         plain = all(isinstance(p.linear_method, UnquantizedLinearMethod)
                     for p in (self.self_attn.qkv_proj, self.mlp.gate_up_proj))
         silu = isinstance(self.mlp.act_fn, SiluAndMul)
@@ -149,20 +150,20 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, spec: ModelSpec, linear_method: LinearMethod | None, *,
-                 ctx: BuildContext) -> None:
+    def __init__(self, spec: ModelSpec, backend: AttentionBackend,
+                 linear_method: LinearMethod | None) -> None:
         super().__init__()
         if spec.rope is None or not spec.rms_norm or spec.num_experts:
             raise ValueError(f"the Llama decoder needs rotary embedding, RMSNorm and a dense MLP; "
                              f"model_type {spec.model_type!r} has alibi={spec.alibi}, "
                              f"rms_norm={spec.rms_norm}, num_experts={spec.num_experts}")
-        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size, ctx=ctx.child("embed_tokens"))
-        rotary = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope, ctx=ctx.child("rotary_emb"))
+        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size)
+        rotary = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(spec, i, rotary, linear_method, ctx=ctx.child(f"layers.{i}"))
+            LlamaDecoderLayer(spec, i, rotary, backend, linear_method)
             for i in range(spec.num_layers)
         )
-        self.norm = RMSNorm(spec.hidden_size, spec.norm_eps, ctx=ctx.child("norm"))
+        self.norm = RMSNorm(spec.hidden_size, spec.norm_eps)
 
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[KVCache],
                 attn_metadata: AttentionMetadata) -> Tensor:
@@ -181,18 +182,18 @@ class LlamaForCausalLM(nn.Module):
 
     `config` is the transformers config, kept as `self.config` for callers that inspect it (as a
     transformers model has it); everything is built from `spec` (default: derived from `config`;
-    the loader passes the engine's one spec). `ctx` carries the kernel set, chosen once by the
-    loader, down to every layer (module names as prefixes: "model.layers.0.mlp.gate_up_proj")."""
+    the loader passes the engine's one spec)."""
 
-    def __init__(self, config: Any, *, ctx: BuildContext,
+    def __init__(self, config: Any, attn_backend: str = "torch",
                  linear_method: LinearMethod | None = None, spec: ModelSpec | None = None) -> None:
         super().__init__()
         self.config = config
         self.spec = spec if spec is not None else ModelSpec.from_hf(config)
-        self.model = LlamaModel(self.spec, linear_method, ctx=ctx.child("model"))
+        backend = get_attention_backend(attn_backend)  # chosen once, here
+        self.model = LlamaModel(self.spec, backend, linear_method)
         tie = self.spec.tie_word_embeddings
         self.lm_head = LMHead(self.spec.vocab_size, self.spec.hidden_size,
-                              tie_to=self.model.embed_tokens if tie else None, ctx=ctx.child("lm_head"))
+                              tie_to=self.model.embed_tokens if tie else None)
 
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[KVCache],
                 attn_metadata: AttentionMetadata) -> Tensor:
