@@ -119,22 +119,19 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         model_config = config.model_config
-        self.model_spec = model_config.model_spec  # built once, in EngineArgs.create_engine_config
-        self.dtype = resolve_dtype(model_config.dtype, self.model_spec)
+        self.dtype = resolve_dtype(model_config.dtype, model_config.hf_config)
         torch.manual_seed(model_config.seed)
         started = time.perf_counter()
-        # The engine's one HF config object and spec: the loader reads no config of its own.
         loaded = load_model(
             model_config.model_dir, self.dtype, self.device, attn_backend=config.attention_backend,
             load_format=model_config.load_format, trust_remote_code=model_config.trust_remote_code,
-            hf_config=model_config.hf_config, model_spec=self.model_spec,
         )
         self.model: Any = loaded.model  # a CausalLM: forward(...) and compute_logits(...)
         self.hf_config = loaded.hf_config
-        self.vocab_size = self.model_spec.vocab_size
+        self.vocab_size = self.hf_config.vocab_size
         self.load_seconds = time.perf_counter() - started
-        self.spec = KVCacheSpec.from_model_spec(
-            self.model_spec, config.cache_config.block_size, self.dtype
+        self.spec = KVCacheSpec.from_hf_config(
+            self.hf_config, config.cache_config.block_size, self.dtype
         )
         self.sampler = Sampler()
         self.states: dict[str, RequestState] = {}
