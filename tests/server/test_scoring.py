@@ -134,3 +134,13 @@ def test_echo_logprobs_stream_carries_the_prompt_logprobs(api_server: RunningSer
     assert streamed[0] is None and all(v is not None for v in streamed[1:])
     assert streamed == pytest.approx(full["token_logprobs"], abs=ATOL)
     assert streamed[1:n] == pytest.approx(reference(hf, tok.encode(PROMPTS[0]))[0], abs=ATOL)
+
+
+def test_scoring_with_return_token_ids_returns_no_generated_ids(api_server: RunningServer) -> None:
+    """The one token the engine samples for a scoring request is dropped from token_ids too."""
+    body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 0, "echo": True, "return_token_ids": True}
+    choice = httpx.post(api_server.v1 + "/completions", json=body, timeout=60).json()["choices"][0]
+    assert (choice["prompt_token_ids"], choice["token_ids"]) == ([5, 6, 7, 8], [])
+    with httpx.stream("POST", api_server.v1 + "/completions", json={**body, "stream": True}, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert [c["choices"][0]["token_ids"] for c in chunks] == [[]]

@@ -414,7 +414,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     finish_reason=part.finish_reason, stop_reason=part.stop_reason,
                     prompt_logprobs=prompt_logprobs_json(ro.prompt_logprobs) if out.index == 0 else None,
                     prompt_token_ids=list(ro.prompt_token_ids) if request.return_token_ids else None,
-                    token_ids=list(out.token_ids) if request.return_token_ids else None,
+                    token_ids=part.generated_ids if request.return_token_ids else None,
                 ))  # fmt: skip
         info.completion_tokens = completion_tokens
         usage = UsageInfo(
@@ -457,7 +457,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         index=index, text=part.text, logprobs=part.logprobs, finish_reason=part.finish_reason,
                         stop_reason=part.stop_reason,
                         prompt_token_ids=list(tokenized[i][1]) if request.return_token_ids and first else None,
-                        token_ids=list(out.token_ids) if request.return_token_ids else None,
+                        token_ids=part.generated_ids if request.return_token_ids else None,
                     ))  # fmt: skip
                 if choices:
                     so_far = (UsageInfo.of(info.prompt_tokens, info.completion_tokens)
@@ -500,7 +500,11 @@ class _ChoicePart:
     finish_reason: str | None
     stop_reason: int | str | None
     generated_text: str  # what the model generated (the audit's output)
-    num_generated: int  # completion tokens
+    generated_ids: list[int]  # its token ids (none for a scoring request: its one sample is dropped)
+
+    @property
+    def num_generated(self) -> int:  # completion tokens
+        return len(self.generated_ids)
 
 
 def _choice_part(
@@ -525,8 +529,8 @@ def _choice_part(
     if request.logprobs is not None:
         logprobs = completion_logprobs(ids, lps, request.logprobs, text_offset, decode)
     if scoring:
-        return _ChoicePart(text, logprobs, "length", None, "", 0)
-    return _ChoicePart(text, logprobs, out.finish_reason, out.stop_reason, out.text, len(out.token_ids))
+        return _ChoicePart(text, logprobs, "length", None, "", [])
+    return _ChoicePart(text, logprobs, out.finish_reason, out.stop_reason, out.text, list(out.token_ids))
 
 
 def _single_decoder(decode: Any) -> Any:
