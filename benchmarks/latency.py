@@ -61,7 +61,7 @@ def main() -> None:
     spec = runner.spec
     element = torch.empty((), dtype=spec.dtype).element_size()
     weight_bytes = sum(p.numel() * p.element_size() for n, p in runner.model.named_parameters()
-                       if "embed_tokens" not in n or runner.hf_config.tie_word_embeddings)
+                       if "embed_tokens" not in n or runner.model_spec.tie_word_embeddings)
     kv_bytes_per_ctx = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * element
     decode_rate(engine, 64, 16, runner.vocab_size)  # warm-up
     rows = []

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from pagedserve.model_executor.model_spec import ModelSpec  # torch-free (pure dataclasses)
+
 _PREEMPTION_MODES = ("recompute", "swap")
 _POLICIES = ("fcfs", "priority")
 _DTYPES = ("auto", "float32", "float", "float16", "half", "bfloat16")
@@ -48,10 +50,11 @@ class ModelConfig:
     dtype: str  # resolved later to a torch dtype by the loader; the user's string here
     max_model_len: int
     seed: int
-    hf_config: Any
+    hf_config: Any  # the engine's one transformers config object (read with trust_remote_code)
+    model_spec: ModelSpec  # built once from hf_config; what the worker, KV cache and limits read
     served_model_name: str
     max_logprobs: int
-    trust_remote_code: bool = False  # passed to transformers (config, tokenizer)
+    trust_remote_code: bool = False  # passed to transformers (config, tokenizer, loader)
     load_format: str = "auto"  # "auto" | "safetensors" | "pt" (see loader.weight_files)
     # SamplingParams defaults from generation_config.json (see generation_defaults.py): used for
     # the knobs a request leaves unset, by the OpenAI server and LLM.generate without params
@@ -148,20 +151,21 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         self._validate()
-        from transformers import AutoConfig  # lazy: keeps this module torch-free at import
-
         from pagedserve.generation_defaults import load_generation_defaults
-        from pagedserve.model_executor.loader import resolve_model_dir
+        from pagedserve.model_executor.loader import resolve_model_dir  # lazy: torch-free import
+        from pagedserve.model_executor.model_spec import load_hf_config
 
         model_dir = resolve_model_dir(self.model, self.revision, self.download_dir, self.load_format)
         tokenizer = model_dir
         if self.tokenizer:
             tokenizer = resolve_model_dir(self.tokenizer, self.tokenizer_revision, self.download_dir,
                                           tokenizer_only=True)
-        hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=self.trust_remote_code)
+        # The only read of the checkpoint's config: the worker builds the model from these two.
+        hf_config = load_hf_config(model_dir, trust_remote_code=self.trust_remote_code)
+        model_spec = ModelSpec.from_hf(hf_config)
         generation_defaults = load_generation_defaults(
             model_dir, self.generation_config, self.override_generation_config)
-        max_model_len = _derive_max_model_len(hf_config, self.max_model_len)
+        max_model_len = _derive_max_model_len(model_spec.max_context_len, self.max_model_len)
         if self.max_num_batched_tokens is not None:
             max_batched = self.max_num_batched_tokens
         elif self.enable_chunked_prefill:
@@ -190,6 +194,7 @@ class EngineArgs:
                 max_model_len=max_model_len,
                 seed=self.seed,
                 hf_config=hf_config,
+                model_spec=model_spec,
                 served_model_name=self.served_model_name or self.model,
                 max_logprobs=self.max_logprobs,
                 trust_remote_code=self.trust_remote_code,
@@ -220,13 +225,9 @@ class EngineArgs:
         )
 
 
-def _derive_max_model_len(hf_config: Any, requested: int | None) -> int:
-    limit = None
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(hf_config, key, None)
-        if isinstance(value, int) and value > 0:
-            limit = value
-            break
+def _derive_max_model_len(limit: int | None, requested: int | None) -> int:
+    """max_model_len from the model's context length (ModelSpec.max_context_len, None if the config
+    gives none) and the user's request."""
     if requested is None:
         if limit is None:
             raise ValueError("the model config gives no context length; pass max_model_len")

@@ -25,7 +25,12 @@ def load_tokenizer(config: EngineConfig) -> Any:
     from transformers import AutoTokenizer
 
     model_config = config.model_config
-    return AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code)
+    # The tokenizer of the checkpoint itself picks its class from the engine's one config object
+    # (transformers would otherwise read config.json again); a separate tokenizer reads its own.
+    same_dir = model_config.tokenizer == model_config.model_dir
+    extra = {"config": model_config.hf_config} if same_dir and model_config.hf_config is not None else {}
+    return AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code,
+                                         **extra)
 
 
 def generation_eos_ids(model_dir: str) -> list[int]:

@@ -1,20 +1,30 @@
-"""The pointwise kernels a model's layers call (RMSNorm, rotary, SiLU-and-mul, and the fused
-small-batch GEMV), chosen once.
+"""The one kernel registry: `get_kernel_set(name)` returns the `KernelSet` a model is built
+with (pointwise ops, row argmax, fused GEMV and its limits, attention backend), chosen once at
+start-up from the engine's `attention_backend` ("torch" or "triton").
 
-    "torch"  -> kernels/reference.py (the CPU path and the oracle)
-    "triton" -> kernels/triton/*.py  (GPU)
+    "torch"  -> kernels/reference.py + TORCH_ATTENTION (the CPU path and the oracle)
+    "triton" -> kernels/triton/*.py (GPU)
 
-`load_model` calls `use_kernels(name)` before building the model; each layer binds the active set
-when it is constructed, so the forward pass does no lookups and no device checks.
+Nothing here is mutable: the caller keeps the returned set (the loader puts it in the model's
+`BuildContext`; the CUDA-graph runner takes its argmax) and no layer looks a kernel up again.
+Importing this module never imports Triton: the Triton kernel modules (which need it at import
+time for @triton.jit) are imported inside `_triton_kernels`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pagedserve.kernels import reference
+from pagedserve.kernels.attention_backend import TORCH_ATTENTION, AttentionBackend
+
+__all__ = ["GemvLimits", "KernelSet", "TORCH_KERNELS", "available_kernel_sets", "get_kernel_set",
+           "triton_available"]
+
+KERNEL_SET_NAMES = ("torch", "triton")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +37,14 @@ class GemvLimits:
 
 
 @dataclass(frozen=True, slots=True)
-class PointwiseKernels:
+class KernelSet:
     name: str
     rms_norm: Callable[..., Any]
     fused_add_rms_norm: Callable[..., Any]
     rotary_embedding: Callable[..., Any]
     silu_and_mul: Callable[..., Any]
+    argmax_rows: Callable[..., Any]  # logits [B, V] -> [B] int64 (greedy, in the CUDA graph)
+    attention: AttentionBackend
     # fused_gemv(x, weight, bias=, norm_weight=, residual=, eps=, gated=): the small-batch
     # (decode) path of the linear layers, with the RMSNorm before a projection and the
     # SiLU-and-mul after gate_up folded in, used up to the token counts in gemv_limits. None: no
@@ -41,41 +53,54 @@ class PointwiseKernels:
     gemv_limits: GemvLimits = field(default_factory=lambda: GemvLimits(0, 0, 0))
 
 
-TORCH_KERNELS = PointwiseKernels(
+TORCH_KERNELS = KernelSet(
     "torch", reference.rms_norm, reference.fused_add_rms_norm, reference.rotary_embedding,
-    reference.silu_and_mul,
+    reference.silu_and_mul, reference.argmax_rows, TORCH_ATTENTION,
 )
 
 
-def _triton_kernels() -> PointwiseKernels:
+def triton_available() -> bool:
+    """True when the triton package can be imported (the kernels still need a CUDA device, or
+    TRITON_INTERPRET=1 set before the first kernel import, to run)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_kernels() -> KernelSet:
+    if not triton_available():
+        raise ImportError("the Triton kernels need the 'triton' package (pip install pagedserve[triton])")
     from pagedserve.kernels.triton.activation import silu_and_mul
+    from pagedserve.kernels.triton.argmax import argmax_rows
+    from pagedserve.kernels.triton.attention import paged_attention
     from pagedserve.kernels.triton.gemv import MAX_M, fused_gemv, prefer_fused_gemv
+    from pagedserve.kernels.triton.kv_cache import write_kv_cache
     from pagedserve.kernels.triton.norm import fused_add_rms_norm, rms_norm
-    from pagedserve.kernels.triton.rotary import rotary_embedding
+    from pagedserve.kernels.triton.rotary import rotary_embedding, rotary_write_kv_cache
 
     def limit(norm: bool, gated: bool) -> int:
         return max((m for m in range(1, MAX_M + 1) if prefer_fused_gemv(m, norm=norm, gated=gated)),
                    default=0)
 
-    return PointwiseKernels("triton", rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul,
-                            fused_gemv=fused_gemv,
-                            gemv_limits=GemvLimits(limit(False, False), limit(True, False), limit(True, True)))
+    # write_kv = Triton KV scatter; attend = the paged_attention dispatcher (decode / prefill
+    # kernels), which takes max_query_len / max_seq_len; rotary_write_kv = fused rotary + KV
+    # scatter (one launch per layer instead of two).
+    attention = AttentionBackend("triton", write_kv=write_kv_cache, attend=paged_attention,
+                                 accepts_max_lens=True, rotary_write_kv=rotary_write_kv_cache)
+    return KernelSet("triton", rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul,
+                     argmax_rows, attention, fused_gemv=fused_gemv,
+                     gemv_limits=GemvLimits(limit(False, False), limit(True, False), limit(True, True)))
 
 
-_active: PointwiseKernels = TORCH_KERNELS
+def available_kernel_sets() -> list[str]:
+    return list(KERNEL_SET_NAMES)
 
 
-def use_kernels(name: str) -> PointwiseKernels:
-    """Select the pointwise kernels for layers built from now on."""
-    global _active
+def get_kernel_set(name: str) -> KernelSet:
+    """The kernel set called `name`; ValueError for an unknown or (no Triton) unavailable one."""
     if name == "torch":
-        _active = TORCH_KERNELS
-    elif name == "triton":
-        _active = _triton_kernels()
-    else:
-        raise ValueError(f"kernel set must be 'torch' or 'triton', got {name!r}")
-    return _active
-
-
-def active_kernels() -> PointwiseKernels:
-    return _active
+        return TORCH_KERNELS
+    if name == "triton":
+        try:
+            return _triton_kernels()
+        except ImportError as exc:
+            raise ValueError(f"attn_backend {name!r} is unavailable here: {exc}") from exc
+    raise ValueError(f"attn_backend must be one of {available_kernel_sets()}, got {name!r}")

@@ -1,7 +1,7 @@
 """Model loading: locate the checkpoint, pick the dtype, build the module, stream the weights.
 
     resolve_model_dir("org/name")        local dir, or a hub snapshot (offline: local cache only)
-    resolve_dtype("auto", hf_config)     checkpoint dtype (float32 stays float32 on CPU)
+    resolve_dtype("auto", model_spec)    checkpoint dtype (float32 stays float32 on CPU)
     load_model(dir, dtype, device)       module built on `device` in `dtype`, no random init;
                                          safetensors tensors copied in one at a time
 
@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedserve.kernels.registry import use_kernels
+from pagedserve.kernels.registry import KernelSet, get_kernel_set
+from pagedserve.model_executor.layers.context import BuildContext
+from pagedserve.model_executor.model_spec import ModelSpec, checkpoint_dtype, load_hf_config
 from pagedserve.model_executor.models.registry import get_model_class
 
 __all__ = [
@@ -49,9 +51,11 @@ _WEIGHT_PATTERNS = {"safetensors": ["*.safetensors"], "pt": ["*.bin", "*.pt"], "
 @dataclass(slots=True)
 class LoadedModel:
     model: nn.Module
-    hf_config: Any  # transformers.PretrainedConfig
+    hf_config: Any  # transformers.PretrainedConfig: the engine's one config object
+    model_spec: ModelSpec  # what the model was built from (model_spec.py)
     model_dir: str
     dtype: torch.dtype
+    kernels: KernelSet  # the one kernel set the model was built with
 
 
 def resolve_model_dir(model: str, revision: str | None = None, download_dir: str | None = None,
@@ -85,9 +89,10 @@ def resolve_model_dir(model: str, revision: str | None = None, download_dir: str
 
 def resolve_dtype(dtype: str | torch.dtype, hf_config: Any,
                   device: str | torch.device | None = None) -> torch.dtype:
-    """Mirror vLLM: "auto" takes the checkpoint's dtype (config `dtype`/`torch_dtype`, float32 if
-    absent); a float32 checkpoint stays float32 on CPU and runs in bfloat16 (float16 where bf16 is
-    unsupported) on a GPU. `device` defaults to CUDA when available."""
+    """Mirror vLLM: "auto" takes the checkpoint's dtype (a ModelSpec's `dtype`, or a config's, read
+    by model_spec.checkpoint_dtype; float32 if absent); a float32 checkpoint stays float32 on CPU
+    and runs in bfloat16 (float16 where bf16 is unsupported) on a GPU. `device` defaults to CUDA
+    when available."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
@@ -97,11 +102,9 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: Any,
         if key not in _DTYPES:
             raise ValueError(f"dtype must be one of {['auto', *_DTYPES]}, got {dtype!r}")
         return _DTYPES[key]
-    cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    if isinstance(cfg_dtype, str):
-        cfg_dtype = _DTYPES.get(cfg_dtype.removeprefix("torch."), None)
-    if not isinstance(cfg_dtype, torch.dtype) or cfg_dtype not in _DTYPES.values():
-        cfg_dtype = torch.float32
+    source = hf_config  # a ModelSpec (the engine) or a transformers config / namespace (tools, tests)
+    name = source.dtype if isinstance(source, ModelSpec) else checkpoint_dtype(source)
+    cfg_dtype = _DTYPES.get(name or "", torch.float32)
     dev = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     if cfg_dtype == torch.float32 and dev.type == "cuda":
@@ -210,23 +213,29 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
                attn_backend: str = "torch", show_progress: bool = True, load_format: str = "auto",
-               trust_remote_code: bool = False) -> LoadedModel:
-    """Build the model for model_dir's config on `device` in `dtype` and load its weights."""
-    from transformers import AutoConfig
+               trust_remote_code: bool = False, hf_config: Any = None,
+               model_spec: ModelSpec | None = None) -> LoadedModel:
+    """Build the model for model_dir's config on `device` in `dtype` and load its weights.
 
-    if not (Path(model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in {model_dir!r}; not a Hugging Face checkpoint")
-    hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model_cls = get_model_class(getattr(hf_config, "architectures", None))
+    The engine passes the config (and spec) it read at start-up, so the checkpoint's config is
+    read once; without them (tests, tools) it is read here with `trust_remote_code`."""
+    if hf_config is None:
+        if not (Path(model_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"no config.json in {model_dir!r}; not a Hugging Face checkpoint")
+        hf_config = load_hf_config(model_dir, trust_remote_code=trust_remote_code)
+    spec = model_spec if model_spec is not None else ModelSpec.from_hf(hf_config)
+    model_cls = get_model_class(list(spec.architectures))
     weights = iterate_weights(model_dir, load_format, show_progress)  # fails here on missing files
     device = torch.device(device)
     with torch.device(device), _default_dtype(dtype):
-        use_kernels(attn_backend)  # the pointwise kernels follow the attention backend
-        model = model_cls(hf_config, attn_backend=attn_backend)  # type: ignore[call-arg]
+        # The one kernel choice: pointwise ops, GEMV and argmax follow the attention backend.
+        kernels = get_kernel_set(attn_backend)
+        model = model_cls(hf_config, ctx=BuildContext.create(kernels), spec=spec)  # type: ignore[call-arg]
     loaded = model.load_weights(weights)  # type: ignore[operator]
     missing = sorted(set(dict(model.named_parameters())) - set(loaded))
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise ValueError(f"checkpoint {model_dir!r} lacks weights for: {shown}")
     model.eval()
-    return LoadedModel(model=model, hf_config=hf_config, model_dir=model_dir, dtype=dtype)
+    return LoadedModel(model=model, hf_config=hf_config, model_spec=spec, model_dir=model_dir, dtype=dtype,
+                       kernels=kernels)

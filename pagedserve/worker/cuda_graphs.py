@@ -65,9 +65,8 @@ class DecodeGraphs:
         max_blocks_per_seq: int,
         block_size: int,
         device: torch.device,
+        argmax_rows: Callable[[torch.Tensor], torch.Tensor],  # the kernel set's (captured)
     ) -> None:
-        from pagedserve.kernels.triton.argmax import argmax_rows
-
         self.model = model
         self.kv_caches = kv_caches
         self.argmax = argmax_rows

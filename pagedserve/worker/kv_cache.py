@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from pagedserve.model_executor.model_spec import ModelSpec
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,11 +31,10 @@ class KVCacheSpec:
     dtype: torch.dtype
 
     @classmethod
-    def from_hf_config(cls, hf_config: Any, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
-        num_heads = hf_config.num_attention_heads
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
-        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
-        return cls(hf_config.num_hidden_layers, num_kv_heads, head_dim, block_size, dtype)
+    def from_model_spec(cls, spec: ModelSpec, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+        """Sized by the model spec (our names: a ChatGLM `num_layers` / `multi_query_group_num`
+        config yields the same fields as a Llama one)."""
+        return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, block_size, dtype)
 
     @property
     def bytes_per_block(self) -> int:

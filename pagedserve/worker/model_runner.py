@@ -119,19 +119,23 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         model_config = config.model_config
-        self.dtype = resolve_dtype(model_config.dtype, model_config.hf_config)
+        self.model_spec = model_config.model_spec  # built once, in EngineArgs.create_engine_config
+        self.dtype = resolve_dtype(model_config.dtype, self.model_spec)
         torch.manual_seed(model_config.seed)
         started = time.perf_counter()
+        # The engine's one HF config object and spec: the loader reads no config of its own.
         loaded = load_model(
             model_config.model_dir, self.dtype, self.device, attn_backend=config.attention_backend,
             load_format=model_config.load_format, trust_remote_code=model_config.trust_remote_code,
+            hf_config=model_config.hf_config, model_spec=self.model_spec,
         )
         self.model: Any = loaded.model  # a CausalLM: forward(...) and compute_logits(...)
         self.hf_config = loaded.hf_config
-        self.vocab_size = self.hf_config.vocab_size
+        self.kernels = loaded.kernels  # chosen once, at load (kernels/registry.py)
+        self.vocab_size = self.model_spec.vocab_size
         self.load_seconds = time.perf_counter() - started
-        self.spec = KVCacheSpec.from_hf_config(
-            self.hf_config, config.cache_config.block_size, self.dtype
+        self.spec = KVCacheSpec.from_model_spec(
+            self.model_spec, config.cache_config.block_size, self.dtype
         )
         self.sampler = Sampler()
         self.states: dict[str, RequestState] = {}
@@ -196,7 +200,7 @@ class ModelRunner:
             max_blocks = -(-sched.max_model_len // self.spec.block_size)
             self.decode_graphs = DecodeGraphs(
                 self.model, self.kv_caches, sched.max_num_seqs, max_blocks,
-                self.spec.block_size, self.device,
+                self.spec.block_size, self.device, argmax_rows=self.kernels.argmax_rows,
             )
             self.decode_graphs.capture()
 

@@ -153,8 +153,9 @@ def test_decode_zero_query_len_goes_to_varlen_kernel() -> None:
 
 @pytest.mark.parametrize("with_cache", [True, False])
 def test_attention_forward_rotary_backends_agree(with_cache: bool) -> None:
-    from pagedserve.kernels.triton.backend import make_attention_backend
-    from pagedserve.model_executor.layers.attention import Attention, AttentionMetadata, get_attention_backend
+    from pagedserve.kernels.registry import get_kernel_set
+    from pagedserve.model_executor.layers.attention import Attention, AttentionMetadata
+    from pagedserve.model_executor.layers.context import BuildContext
     from pagedserve.model_executor.layers.rotary import RopeConfig, RotaryEmbedding
 
     heads, kv_heads, hd, bs = 4, 2, 32, 16
@@ -178,16 +179,16 @@ def test_attention_forward_rotary_backends_agree(with_cache: bool) -> None:
     )
     pos_t = torch.tensor(positions, dtype=torch.int64, device=DEVICE)
     with torch.device(DEVICE):
-        rotary = RotaryEmbedding(hd, 64, RopeConfig("default", 10000.0))
+        rotary = RotaryEmbedding(hd, 64, RopeConfig("default", 10000.0), ctx=BuildContext.create())
     outs, caches = [], []
-    triton_backend = make_attention_backend()
+    triton_backend = get_kernel_set("triton").attention
     assert triton_backend.rotary_write_kv is not None
-    assert get_attention_backend("torch").rotary_write_kv is None
-    for be in (triton_backend, get_attention_backend("torch")):
+    assert get_kernel_set("torch").attention.rotary_write_kv is None
+    for be in (triton_backend, get_kernel_set("torch").attention):
         kc, vc = case.key_cache.clone(), case.value_cache.clone()
         x = qkv.clone()
         q, k, v = x[:, : heads * hd], x[:, heads * hd : (heads + kv_heads) * hd], x[:, (heads + kv_heads) * hd :]
-        layer = Attention(heads, hd, kv_heads, case.scale, be)
+        layer = Attention(heads, hd, kv_heads, case.scale, BuildContext.create(attention=be))
         if not with_cache:  # profiling run: whole prompts, no cache
             md.query_start_loc = torch.tensor([0, 4, 13, 14], dtype=torch.int32, device=DEVICE)
         outs.append(layer.forward_rotary(pos_t, q, k, v, rotary, (kc, vc) if with_cache else None, md))

@@ -389,23 +389,20 @@ def test_bad_inputs_raise_value_error() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_import_backend_module_does_not_import_triton() -> None:
-    code = "import sys, pagedserve.kernels.triton.backend; assert 'triton' not in sys.modules"
+def test_import_kernel_registry_does_not_import_triton() -> None:
+    code = "import sys, pagedserve.kernels.registry; assert 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "1"})
 
 
 def test_triton_backend_layer_matches_torch_backend() -> None:
-    # One Attention layer step (KV write + attend) through the registry, both backends.
-    from pagedserve.kernels.triton.backend import (
-        make_elementwise_ops,
-        make_reference_elementwise_ops,
-        register_triton_attention_backend,
-    )
-    from pagedserve.model_executor.layers.attention import Attention, AttentionMetadata, get_attention_backend
+    # One Attention layer step (KV write + attend) through the kernel registry, both sets.
+    from pagedserve.kernels.registry import get_kernel_set
+    from pagedserve.model_executor.layers.attention import Attention, AttentionMetadata
+    from pagedserve.model_executor.layers.context import BuildContext
 
-    # Registering under the standard name replaces the lazy entry with an equivalent object.
-    backend = register_triton_attention_backend("triton")
-    assert get_attention_backend("triton") is backend
+    ops, twins = get_kernel_set("triton"), get_kernel_set("torch")
+    backend = ops.attention
+    assert ops.name == "triton" and twins.name == "torch"
     assert backend.accepts_max_lens and backend.name == "triton"
     heads, kv_heads, hd, bs = 4, 2, 32, 16
     case = make_case([20, 9, 33], [4, 9, 1], heads, kv_heads, hd, bs, torch.float32, seed=40)
@@ -427,16 +424,15 @@ def test_triton_backend_layer_matches_torch_backend() -> None:
         max_seq_len=33,
     )
     outs, caches = [], []
-    for be in (backend, get_attention_backend("torch")):
+    for be in (backend, twins.attention):
         kc, vc = case.key_cache.clone(), case.value_cache.clone()
-        layer = Attention(heads, hd, kv_heads, case.scale, be)
+        layer = Attention(heads, hd, kv_heads, case.scale, BuildContext.create(attention=be))
         outs.append(layer(case.query.reshape(num_tokens, -1), k_new, v_new, (kc, vc), md))
         caches.append((kc, vc))
     assert_close(outs[0], outs[1], torch.float32)
     torch.testing.assert_close(caches[0][0], caches[1][0], equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(caches[0][1], caches[1][1], equal_nan=True, rtol=0, atol=0)
 
-    ops, twins = make_elementwise_ops(), make_reference_elementwise_ops()
     x = _randn((3, 64), torch.float32, g) * 2
     assert_close(ops.silu_and_mul(x), twins.silu_and_mul(x), torch.float32)
     w = _randn((64,), torch.float32, g)

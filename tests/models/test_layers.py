@@ -1,4 +1,4 @@
-"""Layers: rope parsing/scaling vs transformers, merged-linear weight loaders, backend registry."""
+"""Layers: rope parsing/scaling vs transformers, merged-linear weight loaders, kernel registry."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pagedserve.kernels import reference
-from pagedserve.model_executor.layers import attention as attn_mod
+from pagedserve.kernels.registry import get_kernel_set
 from pagedserve.model_executor.layers.activation import get_gated_activation
 from pagedserve.model_executor.layers.attention import (
     Attention,
     AttentionBackend,
     AttentionMetadata,
     dense_causal_attention,
-    get_attention_backend,
 )
+from pagedserve.model_executor.layers.context import BuildContext
 from pagedserve.model_executor.layers.linear import Linear, MergedLinear, QKVLinear
 from pagedserve.model_executor.layers.rotary import RotaryEmbedding, compute_inv_freq, get_rope_config
 from pagedserve.model_executor.models import SUPPORTED_ARCHITECTURES, get_model_class
@@ -28,6 +28,7 @@ from pagedserve.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+CTX = BuildContext.create(get_kernel_set("torch"))
 
 
 def _hf_config(rope: dict[str, Any]) -> LlamaConfig:
@@ -68,7 +69,7 @@ def test_rotary_cache_matches_transformers_cos_sin() -> None:
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     cfg = _hf_config(LLAMA3)
-    rope = RotaryEmbedding(32, 2048, get_rope_config(cfg))
+    rope = RotaryEmbedding(32, 2048, get_rope_config(cfg), ctx=CTX)
     pos = torch.tensor([[0, 1, 255, 256, 2047]])
     cos, sin = LlamaRotaryEmbedding(cfg)(torch.zeros(1, dtype=torch.float32), pos)
     cache = rope.cos_sin_cache[pos[0]]
@@ -77,7 +78,7 @@ def test_rotary_cache_matches_transformers_cos_sin() -> None:
 
 
 def test_merged_linear_weight_loaders() -> None:
-    qkv: Any = QKVLinear(hidden_size=6, head_dim=2, num_heads=4, num_kv_heads=1, bias=True)
+    qkv: Any = QKVLinear(hidden_size=6, head_dim=2, num_heads=4, num_kv_heads=1, bias=True, ctx=CTX)
     assert qkv.weight.shape == (12, 6) and qkv.bias is not None
     parts = {"q": torch.full((8, 6), 1.0), "k": torch.full((2, 6), 2.0), "v": torch.full((2, 6), 3.0)}
     for sid, t in parts.items():
@@ -92,30 +93,28 @@ def test_merged_linear_weight_loaders() -> None:
     with pytest.raises(ValueError, match="shard_id must be one of"):
         qkv.weight.weight_loader(qkv.weight, torch.zeros(2, 6), "x")
 
-    gate_up: Any = MergedLinear(3, [4, 4])
+    gate_up: Any = MergedLinear(3, [4, 4], ctx=CTX)
     assert gate_up.bias is None
     gate_up.weight.weight_loader(gate_up.weight, torch.ones(4, 3), 1)
     gate_up.weight.weight_loader(gate_up.weight, torch.zeros(4, 3), 0)
     assert gate_up.weight[:4].sum() == 0 and gate_up.weight[4:].sum() == 12
-    plain: Any = Linear(3, 2)
+    plain: Any = Linear(3, 2, ctx=CTX)
     plain.weight.weight_loader(plain.weight, torch.eye(2, 3))
     assert torch.equal(plain(torch.tensor([[1.0, 2.0, 3.0]])), torch.tensor([[1.0, 2.0]]))
 
 
-def test_attention_backend_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert get_attention_backend("torch").attend is reference.paged_attention
+def test_attention_backend_registry() -> None:
+    assert get_kernel_set("torch").attention.attend is reference.paged_attention
     with pytest.raises(ValueError, match="attn_backend must be one of .*'torch'.*got 'nope'"):
-        get_attention_backend("nope")
+        get_kernel_set("nope")
     calls: list[dict[str, Any]] = []
 
     def attend(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls.append(kwargs)
         return reference.paged_attention(*args)
 
-    monkeypatch.setitem(attn_mod._BACKENDS, "counting",
-                        AttentionBackend("counting", reference.write_kv_cache, attend,
-                                         accepts_max_lens=True))
-    layer = Attention(2, 4, 1, 0.5, get_attention_backend("counting"))
+    counting = AttentionBackend("counting", reference.write_kv_cache, attend, accepts_max_lens=True)
+    layer = Attention(2, 4, 1, 0.5, BuildContext.create(get_kernel_set("torch"), attention=counting))
     kc, vc = torch.zeros(2, 4, 1, 4), torch.zeros(2, 4, 1, 4)
     md = AttentionMetadata(torch.tensor([5, 6]), torch.tensor([0, 2], dtype=torch.int32),
                            torch.tensor([2], dtype=torch.int32),
@@ -143,7 +142,7 @@ def test_registry_and_flags() -> None:
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported"):
         get_model_class(["GPT2LMHeadModel"])
     with pytest.raises(ValueError, match="hidden_act"):
-        get_gated_activation("gelu")
+        get_gated_activation("gelu", ctx=CTX)
     # Qwen2 semantics without layer_types: layers >= max_window_layers slide, if enabled
     cfg = SimpleNamespace(num_hidden_layers=4, use_sliding_window=True, sliding_window=32,
                           max_window_layers=2)
@@ -151,4 +150,4 @@ def test_registry_and_flags() -> None:
     cfg.use_sliding_window = False
     assert layer_sliding_windows(cfg) == [None] * 4
     with pytest.raises(ValueError, match="num_attention_heads .* multiple"):
-        Attention(6, 8, 4, 1.0, get_attention_backend("torch"))
+        Attention(6, 8, 4, 1.0, CTX)

@@ -1,15 +1,8 @@
-"""Paged attention layer and the attention-backend registry.
+"""Paged attention layer.
 
-A backend is a pair of functions with the signatures of the plain-torch twins in
-`pagedserve.kernels.reference` (`write_kv_cache`, `paged_attention`), plus an optional fused
-rotary + KV write (`rotary_write_kv_cache`) that `Attention.forward_rotary` uses when present
-(one launch instead of two at every layer of a decode step). "torch" (the twins, no fused entry) is
-registered here; "triton" (`kernels/triton/attention.py` + `kv_cache.py`) is built on first
-request, so importing this module never needs Triton.
-
-Selection happens once: the model constructor takes `attn_backend: str`, resolves it with
-`get_attention_backend` and hands the backend object to every `Attention` layer. Nothing in the
-forward pass looks a backend up again.
+The backend (`pagedserve.kernels.attention_backend.AttentionBackend`: KV write, attend, optional
+fused rotary + KV write) comes from the layer's `BuildContext`, chosen once at start-up with the
+kernel set (kernels/registry.py). Nothing in the forward pass looks a backend up again.
 
 Packed batch layout (B = 3 requests, T = 7 new tokens):
 
@@ -21,22 +14,19 @@ Packed batch layout (B = 3 requests, T = 7 new tokens):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pagedserve.kernels import reference
+from pagedserve.kernels.attention_backend import AttentionBackend
+from pagedserve.model_executor.layers.context import BuildContext
 from pagedserve.model_executor.layers.rotary import RotaryEmbedding
 
 __all__ = [
     "AttentionMetadata",
     "AttentionBackend",
-    "register_attention_backend",
-    "get_attention_backend",
-    "available_attention_backends",
     "Attention",
     "dense_causal_attention",
 ]
@@ -52,68 +42,6 @@ class AttentionMetadata:
     block_tables: Tensor  # [B, max_blocks] int32, padded
     max_query_len: int
     max_seq_len: int
-
-
-WriteKVFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
-AttendFn = Callable[..., Tensor]  # the `reference.paged_attention` signature
-RotaryWriteKVFn = Callable[..., Tensor]  # the `reference.rotary_write_kv_cache` signature
-
-
-@dataclass(frozen=True, slots=True)
-class AttentionBackend:
-    name: str
-    write_kv: WriteKVFn  # (key, value, key_cache, value_cache, slot_mapping) -> None
-    attend: AttendFn  # (query, key_cache, value_cache, block_tables, seq_lens,
-    #                    query_start_loc, scale, sliding_window=None) -> [T, H, d]
-    # True: `attend` also takes keyword-only max_query_len / max_seq_len (host-side ints from the
-    # metadata), which lets a GPU backend pick its kernel and grid without a device sync.
-    accepts_max_lens: bool = False
-    # (positions, query, key, value, cos_sin_cache, is_neox, key_cache, value_cache, slot_mapping)
-    # -> query rotated in place; rotated key and value written to the cache. None: rotary, then
-    # write_kv (two launches).
-    rotary_write_kv: RotaryWriteKVFn | None = None
-
-
-_BACKENDS: dict[str, AttentionBackend] = {}
-
-
-def _triton_backend() -> AttentionBackend:
-    # Imported only when asked for: Triton is optional and absent on CPU-only installs.
-    from pagedserve.kernels.triton.backend import make_attention_backend
-
-    return make_attention_backend()
-
-
-# Backends built on first request (optional dependencies); an explicit registration wins.
-_LAZY_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"triton": _triton_backend}
-
-
-def register_attention_backend(name: str, backend: AttentionBackend) -> None:
-    """Register (or replace) a backend under `name`."""
-    _BACKENDS[name] = backend
-
-
-def available_attention_backends() -> list[str]:
-    return sorted(set(_BACKENDS) | set(_LAZY_BACKENDS))
-
-
-def get_attention_backend(name: str) -> AttentionBackend:
-    """The backend registered as `name`; ValueError naming the known ones otherwise."""
-    if name not in _BACKENDS and name in _LAZY_BACKENDS:
-        try:
-            _BACKENDS[name] = _LAZY_BACKENDS[name]()
-        except ImportError as exc:
-            raise ValueError(f"attn_backend {name!r} is unavailable here: {exc}") from exc
-    backend = _BACKENDS.get(name)
-    if backend is None:
-        raise ValueError(f"attn_backend must be one of {available_attention_backends()}, got {name!r}")
-    return backend
-
-
-register_attention_backend(
-    "torch",
-    AttentionBackend("torch", write_kv=reference.write_kv_cache, attend=reference.paged_attention),
-)
 
 
 def dense_causal_attention(query: Tensor, key: Tensor, value: Tensor, query_start_loc: Tensor,
@@ -153,7 +81,7 @@ class Attention(nn.Module):
     """
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
-                 backend: AttentionBackend, sliding_window: int | None = None) -> None:
+                 ctx: BuildContext, sliding_window: int | None = None) -> None:
         super().__init__()
         if num_heads % num_kv_heads != 0:
             raise ValueError(
@@ -166,8 +94,8 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.sliding_window = sliding_window
-        self.backend = backend
-        self._pass_max_lens = backend.accepts_max_lens  # fixed at construction
+        self.backend: AttentionBackend = ctx.attention
+        self._pass_max_lens = self.backend.accepts_max_lens  # fixed at construction
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor,
                 kv_cache: tuple[Tensor, Tensor] | tuple[()] | None,

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pagedserve.kernels.registry import active_kernels
+from pagedserve.model_executor.layers.context import BuildContext
 
 __all__ = ["VocabEmbedding", "LMHead", "default_weight_loader"]
 
@@ -22,8 +22,9 @@ def default_weight_loader(param: Tensor, loaded: Tensor) -> None:
 class VocabEmbedding(nn.Module):
     """input_ids [T] int64 -> [T, hidden]. Weight [vocab, hidden], uninitialised until loaded."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, ctx: BuildContext) -> None:
         super().__init__()
+        self.prefix = ctx.prefix
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim), requires_grad=False)
@@ -43,7 +44,7 @@ class LMHead(nn.Module):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int,
-                 tie_to: VocabEmbedding | None = None) -> None:
+                 tie_to: VocabEmbedding | None = None, *, ctx: BuildContext) -> None:
         super().__init__()
         self.num_embeddings = num_embeddings
         self.tied = tie_to is not None
@@ -54,7 +55,7 @@ class LMHead(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim),
                                        requires_grad=False)
-        kernels = active_kernels()  # bound once: the decode GEMV for a few rows, as in Linear
+        kernels = ctx.kernels  # bound once: the decode GEMV for a few rows, as in Linear
         self._gemv = kernels.fused_gemv
         self._gemv_max_tokens = kernels.gemv_limits.plain
 

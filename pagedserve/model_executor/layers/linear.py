@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pagedserve.kernels.registry import active_kernels
+from pagedserve.kernels.registry import KernelSet
+from pagedserve.model_executor.layers.context import BuildContext
 
 __all__ = [
     "LinearMethod",
@@ -68,8 +69,8 @@ class UnquantizedLinearMethod(LinearMethod):
     GEMV when it has one: cuBLAS picks split-K plans with an extra reduce kernel for them and
     reaches ~75% of bandwidth on the 4096-wide projections; larger inputs use F.linear."""
 
-    def __init__(self) -> None:
-        kernels = active_kernels()  # bound once, at construction
+    def __init__(self, kernels: KernelSet) -> None:
+        # bound once, at construction
         self._gemv = kernels.fused_gemv
         self._gemv_max_tokens = kernels.gemv_limits.plain
 
@@ -100,8 +101,9 @@ class LinearBase(nn.Module):
 
     def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool,
                  shard_ids: Sequence[ShardId] | None = None,
-                 linear_method: LinearMethod | None = None) -> None:
+                 linear_method: LinearMethod | None = None, *, ctx: BuildContext) -> None:
         super().__init__()
+        self.prefix = ctx.prefix
         self.input_size = input_size
         self.output_sizes = list(output_sizes)
         self.output_size = sum(self.output_sizes)
@@ -112,7 +114,7 @@ class LinearBase(nn.Module):
             offsets[sid] = (start, size)
             start += size
         self.shard_offsets = offsets  # shard id -> (offset, size) in logical output features
-        self.linear_method = linear_method or UnquantizedLinearMethod()
+        self.linear_method = linear_method or UnquantizedLinearMethod(ctx.kernels)
         self.linear_method.create_weights(self, input_size, self.output_sizes, bias,
                                           torch.get_default_dtype())
         for param in self.parameters(recurse=False):
@@ -150,27 +152,28 @@ class Linear(LinearBase):
     """Plain y = x W^T (+ b): o_proj, down_proj."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 linear_method: LinearMethod | None = None) -> None:
-        super().__init__(input_size, [output_size], bias, linear_method=linear_method)
+                 linear_method: LinearMethod | None = None, *, ctx: BuildContext) -> None:
+        super().__init__(input_size, [output_size], bias, linear_method=linear_method, ctx=ctx)
 
 
 class MergedLinear(LinearBase):
     """Several projections of the same input stacked into one matmul (gate_up: shards 0, 1)."""
 
     def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False,
-                 linear_method: LinearMethod | None = None) -> None:
-        super().__init__(input_size, output_sizes, bias, linear_method=linear_method)
+                 linear_method: LinearMethod | None = None, *, ctx: BuildContext) -> None:
+        super().__init__(input_size, output_sizes, bias, linear_method=linear_method, ctx=ctx)
 
 
 class QKVLinear(LinearBase):
     """q, k, v projections as one matmul; shard ids "q", "k", "v"."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False, linear_method: LinearMethod | None = None) -> None:
+                 bias: bool = False, linear_method: LinearMethod | None = None, *,
+                 ctx: BuildContext) -> None:
         self.q_size = num_heads * head_dim
         self.kv_size = num_kv_heads * head_dim
         super().__init__(hidden_size, [self.q_size, self.kv_size, self.kv_size], bias,
-                         shard_ids=["q", "k", "v"], linear_method=linear_method)
+                         shard_ids=["q", "k", "v"], linear_method=linear_method, ctx=ctx)
 
     def split(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """[T, q+2kv] -> q [T, H*d], k [T, KVH*d], v [T, KVH*d] (views)."""

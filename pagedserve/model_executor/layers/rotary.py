@@ -1,4 +1,4 @@
-"""Rotary position embedding: config parsing, frequency scaling, and the cos/sin cache.
+"""Rotary position embedding: frequency scaling and the cos/sin cache (settings: model_spec.py).
 
 cos_sin_cache [max_position, rot_dim] float32, row p = [cos(p * f_0..f_{r/2-1}) | sin(...)],
 with inverse frequencies f_i = base^(-2i / rot_dim) (rescaled per rope type). The cache is a
@@ -11,55 +11,17 @@ max_position * factor, as vLLM does), llama3 (Llama 3.1 wavelength-banded scalin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from pagedserve.kernels.registry import active_kernels
+from pagedserve.model_executor.layers.context import BuildContext
+from pagedserve.model_executor.model_spec import SUPPORTED_ROPE_TYPES, RopeConfig, rope_from_hf
 
 __all__ = ["RopeConfig", "get_rope_config", "RotaryEmbedding", "SUPPORTED_ROPE_TYPES"]
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-_DEFAULT_THETA = 10000.0
-
-
-@dataclass(slots=True)
-class RopeConfig:
-    rope_type: str
-    theta: float
-    factor: float = 1.0
-    low_freq_factor: float = 1.0  # llama3
-    high_freq_factor: float = 4.0  # llama3
-    original_max_position: int | None = None  # llama3 (pre-training context)
-    partial_rotary_factor: float = 1.0
-
-
-def get_rope_config(hf_config: Any) -> RopeConfig:
-    """Read rope settings the transformers-5 way (`rope_parameters` dict) or the older way
-    (`rope_theta` + `rope_scaling` with `type` or `rope_type`). Unknown type -> ValueError."""
-    params: dict[str, Any] = dict(getattr(hf_config, "rope_parameters", None) or {})
-    scaling = getattr(hf_config, "rope_scaling", None)
-    if not params.get("rope_type") and isinstance(scaling, dict):
-        params = {**scaling, **params}
-    theta = params.get("rope_theta") or getattr(hf_config, "rope_theta", None) or _DEFAULT_THETA
-    rope_type = params.get("rope_type") or params.get("type") or "default"
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope_type must be one of {list(SUPPORTED_ROPE_TYPES)}, got {rope_type!r}")
-    partial = params.get("partial_rotary_factor") or getattr(hf_config, "partial_rotary_factor",
-                                                             None) or 1.0
-    cfg = RopeConfig(rope_type=rope_type, theta=float(theta), partial_rotary_factor=float(partial))
-    if rope_type != "default":
-        if "factor" not in params:
-            raise ValueError(f"rope scaling of type {rope_type!r} needs a 'factor'")
-        cfg.factor = float(params["factor"])
-    if rope_type == "llama3":
-        cfg.low_freq_factor = float(params.get("low_freq_factor", 1.0))
-        cfg.high_freq_factor = float(params.get("high_freq_factor", 4.0))
-        cfg.original_max_position = int(params.get("original_max_position_embeddings")
-                                        or hf_config.max_position_embeddings)
-    return cfg
+# Rope settings are parsed with the rest of the model config (model_spec.py); re-exported here.
+get_rope_config = rope_from_hf
 
 
 def _inv_freq(base: float, rot_dim: int) -> Tensor:
@@ -105,16 +67,16 @@ class RotaryEmbedding(nn.Module):
     cos_sin_cache: Tensor
 
     def __init__(self, head_dim: int, max_position: int, cfg: RopeConfig,
-                 is_neox: bool = True) -> None:
+                 is_neox: bool | None = None, *, ctx: BuildContext) -> None:
         super().__init__()
-        self._rotary = active_kernels().rotary_embedding  # bound once, at construction
+        self._rotary = ctx.kernels.rotary_embedding  # bound once, at construction
         rot_dim = int(head_dim * cfg.partial_rotary_factor)
         if rot_dim % 2 != 0 or rot_dim <= 0:
             raise ValueError(f"rotary dim (head_dim * partial_rotary_factor) must be a positive "
                              f"even number, got {rot_dim}")
         self.head_dim = head_dim
         self.rot_dim = rot_dim
-        self.is_neox = is_neox
+        self.is_neox = cfg.is_neox if is_neox is None else is_neox  # the config decides by default
         inv_freq, length = compute_inv_freq(cfg, rot_dim, max_position)
         # Built on the current default device (the loader constructs the model on its device).
         inv_freq = inv_freq.to(torch.get_default_device())

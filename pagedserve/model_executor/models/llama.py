@@ -1,8 +1,9 @@
 """Llama-family decoder (Llama 2/3/3.1, DeepSeek-LLM; Mistral and Qwen2/3 subclass it).
 
-One implementation driven by config flags (`DecoderFlags`): q/k/v/o and MLP biases, per-head
-q/k RMSNorm (Qwen3), per-layer sliding windows. Every parameter is named as in the Hugging Face
-checkpoint except the merged projections:
+One implementation driven by the `ModelSpec` (model_spec.py; this module reads no Hugging Face
+config names): q/k/v/o and MLP biases, per-head q/k RMSNorm (Qwen3), per-layer sliding windows.
+Every parameter is named as in the Hugging Face Llama checkpoint except the merged projections
+(the spec's `checkpoint_names` maps other layouts onto these names):
 
     model.layers.N.self_attn.{q,k,v}_proj.*   ->  model.layers.N.self_attn.qkv_proj.*  (shards q/k/v)
     model.layers.N.mlp.{gate,up}_proj.*       ->  model.layers.N.mlp.gate_up_proj.*    (shards 0/1)
@@ -14,20 +15,14 @@ token's absolute position and `AttentionMetadata` says which request it belongs 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from pagedserve.kernels.registry import active_kernels
 from pagedserve.model_executor.layers.activation import SiluAndMul, get_gated_activation
-from pagedserve.model_executor.layers.attention import (
-    Attention,
-    AttentionBackend,
-    AttentionMetadata,
-    get_attention_backend,
-)
+from pagedserve.model_executor.layers.attention import Attention, AttentionMetadata
+from pagedserve.model_executor.layers.context import BuildContext
 from pagedserve.model_executor.layers.embedding import LMHead, VocabEmbedding, default_weight_loader
 from pagedserve.model_executor.layers.linear import (
     Linear,
@@ -37,61 +32,33 @@ from pagedserve.model_executor.layers.linear import (
     UnquantizedLinearMethod,
 )
 from pagedserve.model_executor.layers.norm import RMSNorm
-from pagedserve.model_executor.layers.rotary import RotaryEmbedding, get_rope_config
+from pagedserve.model_executor.layers.rotary import RotaryEmbedding
+from pagedserve.model_executor.model_spec import ModelSpec, layer_sliding_windows
 
-__all__ = ["DecoderFlags", "LlamaForCausalLM", "layer_sliding_windows"]
+__all__ = ["LlamaForCausalLM", "layer_sliding_windows"]
 
 KVCache = tuple[Tensor, Tensor]
 
 
-@dataclass(slots=True)
-class DecoderFlags:
-    """Per-architecture switches, derived once from the HF config."""
-
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    qk_norm: bool  # RMSNorm over head_dim on q and k before rotary (Qwen3)
-    sliding_windows: list[int | None]  # one entry per layer
-
-
-def layer_sliding_windows(config: Any) -> list[int | None]:
-    """Qwen2/Qwen3 semantics, as transformers applies them: `layer_types[i] ==
-    "sliding_attention"` gets `sliding_window`; without layer_types, layers i >=
-    max_window_layers slide when use_sliding_window is set."""
-    n = config.num_hidden_layers
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is None:
-        if not getattr(config, "use_sliding_window", False) or window is None:
-            return [None] * n
-        first = getattr(config, "max_window_layers", 0)
-        return [window if i >= first else None for i in range(n)]
-    if len(layer_types) != n:
-        raise ValueError(f"layer_types has {len(layer_types)} entries, expected num_hidden_layers={n}")
-    if not getattr(config, "use_sliding_window", True):
-        window = None
-    return [window if t == "sliding_attention" else None for t in layer_types]
-
-
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, flags: DecoderFlags, layer_idx: int, rotary: RotaryEmbedding,
-                 backend: AttentionBackend, linear_method: LinearMethod | None) -> None:
+    def __init__(self, spec: ModelSpec, layer_idx: int, rotary: RotaryEmbedding,
+                 linear_method: LinearMethod | None, *, ctx: BuildContext) -> None:
         super().__init__()
-        hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
+        hidden = spec.hidden_size
+        self.num_heads = spec.num_heads
+        self.num_kv_heads = spec.num_kv_heads
+        self.head_dim = spec.head_dim
         self.qkv_proj = QKVLinear(hidden, self.head_dim, self.num_heads, self.num_kv_heads,
-                                  bias=flags.qkv_bias, linear_method=linear_method)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=flags.o_bias,
-                             linear_method=linear_method)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if flags.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if flags.qk_norm else None
+                                  bias=spec.qkv_bias, linear_method=linear_method,
+                                  ctx=ctx.child("qkv_proj"))
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=spec.o_bias,
+                             linear_method=linear_method, ctx=ctx.child("o_proj"))
+        self.q_norm = RMSNorm(self.head_dim, spec.norm_eps, ctx=ctx.child("q_norm")) if spec.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, spec.norm_eps, ctx=ctx.child("k_norm")) if spec.qk_norm else None
         self.rotary_emb = rotary  # shared by all layers (one cos/sin cache)
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads,
-                              scale=self.head_dim**-0.5, backend=backend,
-                              sliding_window=flags.sliding_windows[layer_idx])
+                              scale=self.head_dim**-0.5, ctx=ctx.child("attn"),
+                              sliding_window=spec.sliding_windows[layer_idx])
 
     def forward(self, positions: Tensor, hidden: Tensor, kv_cache: KVCache | None,
                 attn_metadata: AttentionMetadata) -> Tensor:
@@ -112,30 +79,33 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any, bias: bool, linear_method: LinearMethod | None) -> None:
+    def __init__(self, spec: ModelSpec, linear_method: LinearMethod | None, *,
+                 ctx: BuildContext) -> None:
         super().__init__()
-        inter = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [inter, inter], bias=bias,
-                                         linear_method=linear_method)
-        self.act_fn = get_gated_activation(getattr(config, "hidden_act", "silu"))
-        self.down_proj = Linear(inter, config.hidden_size, bias=bias, linear_method=linear_method)
+        inter, bias = spec.intermediate_size, spec.mlp_bias
+        self.gate_up_proj = MergedLinear(spec.hidden_size, [inter, inter], bias=bias,
+                                         linear_method=linear_method, ctx=ctx.child("gate_up_proj"))
+        self.act_fn = get_gated_activation(spec.hidden_act, ctx=ctx.child("act_fn"))
+        self.down_proj = Linear(inter, spec.hidden_size, bias=bias, linear_method=linear_method,
+                                ctx=ctx.child("down_proj"))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, flags: DecoderFlags, layer_idx: int, rotary: RotaryEmbedding,
-                 backend: AttentionBackend, linear_method: LinearMethod | None) -> None:
+    def __init__(self, spec: ModelSpec, layer_idx: int, rotary: RotaryEmbedding,
+                 linear_method: LinearMethod | None, *, ctx: BuildContext) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, flags, layer_idx, rotary, backend, linear_method)
-        self.mlp = LlamaMLP(config, flags.mlp_bias, linear_method)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(spec, layer_idx, rotary, linear_method, ctx=ctx.child("self_attn"))
+        self.mlp = LlamaMLP(spec, linear_method, ctx=ctx.child("mlp"))
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps, ctx=ctx.child("input_layernorm"))
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps,
+                                                ctx=ctx.child("post_attention_layernorm"))
         # Small batches (decode) fold each RMSNorm into the projection after it and the
         # SiLU-and-mul into gate_up (3 kernels per layer fewer), up to the kernel set's limits.
         # Only for plain weights.
-        kernels = active_kernels()
+        kernels = ctx.kernels
         plain = all(isinstance(p.linear_method, UnquantizedLinearMethod)
                     for p in (self.self_attn.qkv_proj, self.mlp.gate_up_proj))
         silu = isinstance(self.mlp.act_fn, SiluAndMul)
@@ -179,17 +149,20 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, flags: DecoderFlags, backend: AttentionBackend,
-                 linear_method: LinearMethod | None) -> None:
+    def __init__(self, spec: ModelSpec, linear_method: LinearMethod | None, *,
+                 ctx: BuildContext) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, get_rope_config(config))
+        if spec.rope is None or not spec.rms_norm or spec.num_experts:
+            raise ValueError(f"the Llama decoder needs rotary embedding, RMSNorm and a dense MLP; "
+                             f"model_type {spec.model_type!r} has alibi={spec.alibi}, "
+                             f"rms_norm={spec.rms_norm}, num_experts={spec.num_experts}")
+        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size, ctx=ctx.child("embed_tokens"))
+        rotary = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope, ctx=ctx.child("rotary_emb"))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, flags, i, rotary, backend, linear_method)
-            for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(spec, i, rotary, linear_method, ctx=ctx.child(f"layers.{i}"))
+            for i in range(spec.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(spec.hidden_size, spec.norm_eps, ctx=ctx.child("norm"))
 
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[KVCache],
                 attn_metadata: AttentionMetadata) -> Tensor:
@@ -202,38 +175,24 @@ class LlamaModel(nn.Module):
         return hidden
 
 
-# (fused parameter, checkpoint name, shard id)
-_STACKED_PARAMS: tuple[tuple[str, str, str | int], ...] = (
-    (".qkv_proj.", ".q_proj.", "q"),
-    (".qkv_proj.", ".k_proj.", "k"),
-    (".qkv_proj.", ".v_proj.", "v"),
-    (".gate_up_proj.", ".gate_proj.", 0),
-    (".gate_up_proj.", ".up_proj.", 1),
-)
-_NUM_SHARDS = {".qkv_proj.": 3, ".gate_up_proj.": 2}
-
-
 class LlamaForCausalLM(nn.Module):
     """Causal LM with a paged KV cache. Parameters are created uninitialised on the current
-    default device/dtype (the loader sets both) and filled by `load_weights`."""
+    default device/dtype (the loader sets both) and filled by `load_weights`.
 
-    def __init__(self, config: Any, attn_backend: str = "torch",
-                 linear_method: LinearMethod | None = None) -> None:
+    `config` is the transformers config, kept as `self.config` for callers that inspect it (as a
+    transformers model has it); everything is built from `spec` (default: derived from `config`;
+    the loader passes the engine's one spec). `ctx` carries the kernel set, chosen once by the
+    loader, down to every layer (module names as prefixes: "model.layers.0.mlp.gate_up_proj")."""
+
+    def __init__(self, config: Any, *, ctx: BuildContext,
+                 linear_method: LinearMethod | None = None, spec: ModelSpec | None = None) -> None:
         super().__init__()
         self.config = config
-        self.flags = self.decoder_flags(config)
-        backend = get_attention_backend(attn_backend)  # chosen once, here
-        self.model = LlamaModel(config, self.flags, backend, linear_method)
-        tie = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size,
-                              tie_to=self.model.embed_tokens if tie else None)
-
-    @classmethod
-    def decoder_flags(cls, config: Any) -> DecoderFlags:
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        return DecoderFlags(qkv_bias=attention_bias, o_bias=attention_bias,
-                            mlp_bias=bool(getattr(config, "mlp_bias", False)), qk_norm=False,
-                            sliding_windows=[None] * config.num_hidden_layers)
+        self.spec = spec if spec is not None else ModelSpec.from_hf(config)
+        self.model = LlamaModel(self.spec, linear_method, ctx=ctx.child("model"))
+        tie = self.spec.tie_word_embeddings
+        self.lm_head = LMHead(self.spec.vocab_size, self.spec.hidden_size,
+                              tie_to=self.model.embed_tokens if tie else None, ctx=ctx.child("lm_head"))
 
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[KVCache],
                 attn_metadata: AttentionMetadata) -> Tensor:
@@ -248,28 +207,30 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
         """Copy checkpoint tensors (HF names) into the parameters; returns the names of our
         parameters that were fully loaded (a merged one only once all its shards arrived).
-        Unknown names raise ValueError; `rotary_emb.inv_freq` and a tied lm_head are skipped."""
+        Names are mapped by the spec's `checkpoint_names`. Unknown names raise ValueError; the
+        `ignored` ones (`rotary_emb.inv_freq`, ...) and a tied lm_head are skipped."""
+        names = self.spec.checkpoint_names
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         shards_seen: dict[str, set[str | int]] = {}
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name \
-                    or "rotary_emb.sin_cached" in name:
+        for ckpt_name, tensor in weights:
+            if any(piece in ckpt_name for piece in names.ignored):
                 continue
+            name = names.rename(ckpt_name)
             if self.lm_head.tied and name.startswith("lm_head."):
                 continue
-            for fused, ckpt, shard_id in _STACKED_PARAMS:
+            for fused, ckpt, shard_id in names.stacked:
                 if ckpt in name:
                     target = name.replace(ckpt, fused)
-                    param = self._param(params, target, name)
+                    param = self._param(params, target, ckpt_name)
                     param.weight_loader(param, tensor, shard_id)  # type: ignore[attr-defined]
                     seen = shards_seen.setdefault(target, set())
                     seen.add(shard_id)
-                    if len(seen) == _NUM_SHARDS[fused]:
+                    if len(seen) == names.num_shards(fused):
                         loaded.add(target)
                     break
             else:
-                param = self._param(params, name, name)
+                param = self._param(params, name, ckpt_name)
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 loader(param, tensor)
                 loaded.add(name)

@@ -1,0 +1,45 @@
+"""What every layer constructor is given: the kernel set, the attention backend, the quantization
+config, the parallel group and the layer's own name (prefix).
+
+Built once by the loader (`BuildContext.create(get_kernel_set(name))`) and handed down the
+module tree, each parent passing `ctx.child("mlp.gate_up_proj")`-style copies, so a layer binds
+its kernels at construction (the forward pass does no lookups and no device checks) and nothing
+selects kernels through a module global. Frozen: a child never changes its parent's context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from pagedserve.kernels.attention_backend import AttentionBackend
+from pagedserve.kernels.registry import TORCH_KERNELS, KernelSet
+
+__all__ = ["BuildContext", "ParallelGroup"]
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelGroup:
+    """This process's place in the tensor-parallel group (placeholder: always rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class BuildContext:
+    kernels: KernelSet
+    attention: AttentionBackend  # normally kernels.attention; tests may put another one in
+    # Placeholder for the quantization config (model_executor/quantization): None = unquantized.
+    quant_config: object | None = None
+    parallel: ParallelGroup = field(default_factory=ParallelGroup)
+    prefix: str = ""  # dotted module name of the layer being built ("" = the root)
+
+    @classmethod
+    def create(cls, kernels: KernelSet = TORCH_KERNELS,
+               attention: AttentionBackend | None = None) -> BuildContext:
+        """A root context for `kernels`, with their own attention backend unless one is given."""
+        return cls(kernels, attention if attention is not None else kernels.attention)
+
+    def child(self, name: str) -> BuildContext:
+        """The context of submodule `name` ("mlp.gate_up_proj"): same settings, longer prefix."""
+        return replace(self, prefix=f"{self.prefix}.{name}" if self.prefix else name)
