@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pagedserve.kernels.registry import KernelSet, get_kernel_set
-from pagedserve.model_executor.layers.context import BuildContext
+from pagedserve.model_executor.layers.context import BuildContext, ParallelGroup
 from pagedserve.model_executor.model_spec import ModelSpec, checkpoint_dtype, load_hf_config
 from pagedserve.model_executor.models.registry import get_model_class
 
@@ -214,11 +214,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
                attn_backend: str = "torch", show_progress: bool = True, load_format: str = "auto",
                trust_remote_code: bool = False, hf_config: Any = None,
-               model_spec: ModelSpec | None = None) -> LoadedModel:
+               model_spec: ModelSpec | None = None,
+               parallel: ParallelGroup | None = None) -> LoadedModel:
     """Build the model for model_dir's config on `device` in `dtype` and load its weights.
 
     The engine passes the config (and spec) it read at start-up, so the checkpoint's config is
-    read once; without them (tests, tools) it is read here with `trust_remote_code`."""
+    read once; without them (tests, tools) it is read here with `trust_remote_code`. `parallel` is
+    this process's tensor-parallel rank (default: the only rank); each rank loads its shard."""
     if hf_config is None:
         if not (Path(model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {model_dir!r}; not a Hugging Face checkpoint")
@@ -230,7 +232,8 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     with torch.device(device), _default_dtype(dtype):
         # The one kernel choice: pointwise ops, GEMV and argmax follow the attention backend.
         kernels = get_kernel_set(attn_backend)
-        model = model_cls(hf_config, ctx=BuildContext.create(kernels), spec=spec)  # type: ignore[call-arg]
+        ctx = BuildContext.create(kernels, parallel=parallel or ParallelGroup())
+        model = model_cls(hf_config, ctx=ctx, spec=spec)  # type: ignore[call-arg]
     loaded = model.load_weights(weights)  # type: ignore[operator]
     missing = sorted(set(dict(model.named_parameters())) - set(loaded))
     if missing:

@@ -10,19 +10,43 @@ selects kernels through a module global. Frozen: a child never changes its paren
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from torch import Tensor
 
 from pagedserve.kernels.attention_backend import AttentionBackend
 from pagedserve.kernels.registry import TORCH_KERNELS, KernelSet
 
-__all__ = ["BuildContext", "ParallelGroup"]
+__all__ = ["BuildContext", "Communicator", "ParallelGroup"]
+
+
+class Communicator(Protocol):
+    """Collectives over one tensor-parallel group (implemented over torch.distributed in
+    pagedserve/distributed/). Every rank of the group calls each method in the same order."""
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        """Sum of `x` over the ranks (same shape); may reduce in place and return `x`."""
+        ...
+
+    def all_gather(self, x: Tensor, dim: int = -1) -> Tensor:
+        """The ranks' `x` concatenated along `dim`, in rank order."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
 class ParallelGroup:
-    """This process's place in the tensor-parallel group (placeholder: always rank 0 of 1)."""
+    """This process's place in the tensor-parallel group. `comm` is None exactly when
+    world_size == 1 (no collectives: a layer's parallel path is never taken)."""
 
     rank: int = 0
     world_size: int = 1
+    comm: Communicator | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside a group of {self.world_size}")
+        if (self.comm is None) != (self.world_size == 1):
+            raise ValueError("a ParallelGroup has a communicator exactly when world_size > 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +59,11 @@ class BuildContext:
     prefix: str = ""  # dotted module name of the layer being built ("" = the root)
 
     @classmethod
-    def create(cls, kernels: KernelSet = TORCH_KERNELS,
-               attention: AttentionBackend | None = None) -> BuildContext:
+    def create(cls, kernels: KernelSet = TORCH_KERNELS, attention: AttentionBackend | None = None,
+               parallel: ParallelGroup | None = None) -> BuildContext:
         """A root context for `kernels`, with their own attention backend unless one is given."""
-        return cls(kernels, attention if attention is not None else kernels.attention)
+        return cls(kernels, attention if attention is not None else kernels.attention,
+                   parallel=parallel or ParallelGroup())
 
     def child(self, name: str) -> BuildContext:
         """The context of submodule `name` ("mlp.gate_up_proj"): same settings, longer prefix."""
