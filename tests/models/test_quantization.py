@@ -24,7 +24,7 @@ from pagedserve.model_executor.quantization.base import resolve_quant_config
 from tests.engine.engine_helpers import greedy, make_engine, make_prompts, run_staggered
 from tests.models.int4_method import NAME, Int4Config, Int4Method, quantize
 from tests.models.test_model_parity import PagedHarness
-from tests.models.test_tensor_parallel import TWIN_KERNELS, _run_tp, _steps
+from tests.models.test_tensor_parallel import TWIN_KERNELS, _run_tp, _steps, run_steps
 from tests.models.thread_comm import ThreadGroup
 
 # checkpoint module names: layer 0's o_proj; layer 1's q/k/v (-> qkv_proj) and gate/up (-> gate_up_proj)
@@ -114,8 +114,7 @@ def test_quantized_tensor_parallel_matches_tp1(arch: str, int4_pairs: Any) -> No
     quant_dir, _ = int4_pairs[arch]
     one = load_model(quant_dir, torch.float32, "cpu", show_progress=False).model
     steps = _steps(one.spec.vocab_size)
-    h = PagedHarness(one, seed=1)
-    want = [h.step(chunk) for chunk in steps]
+    want = run_steps(one, steps)
     per_rank, _ = _run_tp(quant_dir, 2, steps)
     for got in per_rank:
         for g, w in zip(got, want, strict=True):

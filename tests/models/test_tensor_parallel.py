@@ -52,6 +52,15 @@ def _harness(model: Any, kv_heads: int) -> PagedHarness:
     return h
 
 
+def run_steps(model: Any, steps: list[Any], kv_heads: int | None = None) -> list[Any]:
+    """Logits of every step through the paged cache, then of the first step without a cache
+    (the memory-profiling run: dense attention)."""
+    h = PagedHarness(model, seed=1) if kv_heads is None else _harness(model, kv_heads)
+    out = [h.step(chunk) for chunk in steps]
+    h.kv_caches = []
+    return [*out, h.step(steps[0])]
+
+
 def _run_tp(path: str, tp: int, steps: list[Any], kernels: Any = None) -> tuple[list[list[Any]], ThreadGroup]:
     group = ThreadGroup(tp)
     models = [load_model(path, torch.float32, "cpu", show_progress=False, kernels=kernels,
@@ -60,8 +69,7 @@ def _run_tp(path: str, tp: int, steps: list[Any], kernels: Any = None) -> tuple[
     def rank_run(rank: int) -> list[Any]:
         model = models[rank]
         qkv = next(m for m in model.modules() if isinstance(m, QKVParallelLinear))
-        h = _harness(model, qkv.num_kv_heads)
-        return [h.step(chunk) for chunk in steps]
+        return run_steps(model, steps, qkv.num_kv_heads)
 
     return group.run(rank_run), group
 
@@ -69,8 +77,7 @@ def _run_tp(path: str, tp: int, steps: list[Any], kernels: Any = None) -> tuple[
 def _compare(path: str, tp: int, kernels: Any = None) -> ThreadGroup:
     plain = load_model(path, torch.float32, "cpu", show_progress=False, kernels=kernels).model
     steps = _steps(plain.spec.vocab_size)
-    h = PagedHarness(plain, seed=1)
-    want = [h.step(chunk) for chunk in steps]
+    want = run_steps(plain, steps)
     per_rank, group = _run_tp(path, tp, steps, kernels)
     for rank, got in enumerate(per_rank):
         for step, (g, w) in enumerate(zip(got, want, strict=True)):
