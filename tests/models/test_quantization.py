@@ -148,3 +148,12 @@ def test_checkpoint_and_request_must_agree(int4_pairs: Any, tiny_checkpoints: An
         resolve_quant_config(str(unknown), None, None)
     found = resolve_quant_config(str(unknown), None, NAME)
     assert isinstance(found, Int4Config) and found.modules == MODULES
+
+
+def test_cli_flag_names_known_methods(capsys: pytest.CaptureFixture[str]) -> None:
+    from pagedserve.entrypoints.openai.cli_args import engine_args_from, parse_args
+
+    assert engine_args_from(parse_args(["--model", "m", "--quantization", NAME])).quantization == NAME
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--quantization", "nope"])
+    assert "--quantization 'nope' is not a known method; known: ['test_int4']" in capsys.readouterr().err
