@@ -64,7 +64,8 @@ def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 def test_the_expected_kustomizations_exist() -> None:
     names = {p.relative_to(DEPLOY).as_posix() for p in KUSTOMIZATIONS}
-    assert {"k8s/base", "k8s/overlays/gpu", "k8s/overlays/us-east", "k8s/overlays/eu-west", "policy",
+    assert {"k8s/base", "k8s/overlays/gpu", "k8s/overlays/us-east", "k8s/overlays/eu-west",
+            "k8s/overlays/us-east-canary", "policy",
             "prometheus", "grafana", "monitoring"} <= names  # fmt: skip
 
 
@@ -211,3 +212,29 @@ def test_applicationset_points_at_every_region_overlay() -> None:
     assert "RespectIgnoreDifferences=true" in template["syncPolicy"]["syncOptions"]
     policy = _one(tuple(docs), "ApplicationSet", "pagedserve-policy")
     render(ROOT / policy["spec"]["template"]["spec"]["source"]["path"])
+
+
+def test_canary_overlay_is_one_server_the_router_can_reach() -> None:
+    main = render(DEPLOY / "k8s" / "overlays" / "us-east")
+    canary = render(DEPLOY / "k8s" / "overlays" / "us-east-canary")
+    assert all(d["metadata"].get("namespace", d["metadata"]["name"]) == "pagedserve-canary" for d in canary)
+    deployments = [d for d in canary if d["kind"] == "Deployment"]
+    assert [d["metadata"]["name"] for d in deployments] == ["pagedserve-server"]
+    assert deployments[0]["spec"]["replicas"] == 1
+    assert not [d for d in canary if d["kind"] == "HorizontalPodAutoscaler"]  # the HPA would fight replicas: 1
+    image = deployments[0]["spec"]["template"]["spec"]["containers"][0]["image"]
+    stable = _one(main, "Deployment", "pagedserve-server")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image != stable and image.startswith(IMAGE + ":")
+    policy = _one(canary, "NetworkPolicy", "pagedserve-server")
+    router_from_main = [src for rule in policy["spec"]["ingress"] for src in rule["from"]
+                        if src.get("namespaceSelector", {}).get("matchLabels") == {"kubernetes.io/metadata.name": "pagedserve"}]  # fmt: skip
+    assert router_from_main and router_from_main[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "router"
+    # The router's canary section as docs/runbooks/canary.md writes it parses and names this Service.
+    service = _one(canary, "Service", "pagedserve-server")
+    url = f"http://{service['metadata']['name']}.pagedserve-canary.svc.cluster.local:8000"
+    assert url in (ROOT / "docs" / "runbooks" / "canary.md").read_text()
+    router_cm = _one(main, "ConfigMap", "pagedserve-router")
+    config = yaml.safe_load(router_cm["data"]["router.yaml"])
+    config["canary"] = {"backends": [{"url": url}], "weight": 0.05, "window_s": 300, "min_requests": 50,
+                        "max_error_rate": 0.02, "max_p99_s": 30}  # fmt: skip
+    assert parse_config(config).canary is not None
