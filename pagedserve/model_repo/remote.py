@@ -4,8 +4,9 @@
     upload(local_dir, fs, root, files, jobs)
 
 Downloads are concurrent (one thread per file, `jobs` at a time; s3fs and gcsfs are thread-safe)
-and resumable: bytes land in dest/.pagedserve-cache/parts/<name>.part and a restart continues from
-the part's length with a ranged read (its prefix is re-hashed first). A file is renamed into place
+and resumable: bytes land in dest/.pagedserve-cache/parts/<name>.part and a dropped connection (a
+few times, backing off) or a restarted process continues from the part's length with a ranged read
+(its prefix is re-hashed first). A file is renamed into place
 only when complete and matching its sha256; a mismatching part is deleted, so the next attempt
 downloads it afresh. One tqdm bar counts the bytes of all files.
 
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 
 from pagedserve.model_repo.manifest import CACHE_META_DIR, CHUNK, ModelVerificationError, mismatch_message
 
+logger = logging.getLogger(__name__)
 STORAGE_OPTIONS_ENV = "PAGEDSERVE_MODEL_STORAGE_OPTIONS"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 PlanItem = tuple[str, int, "str | None"]  # relative path, size in bytes, expected sha256 (None: unverified)
@@ -124,6 +128,23 @@ def _fetch_one(fs: Any, src: str, item: PlanItem, dest: Path, parts: Path, progr
     os.replace(part, final)
 
 
+def _fetch_with_retries(fs: Any, src: str, item: PlanItem, dest: Path, parts: Path, progress: _Progress,
+                       attempts: int) -> None:  # fmt: skip
+    """A dropped connection resumes from the part's length (at most `attempts` tries, backing off);
+    a verification failure is final."""
+    for attempt in range(1, attempts + 1):
+        try:
+            _fetch_one(fs, src, item, dest, parts, progress)
+            return
+        except ModelVerificationError:
+            raise
+        except (OSError, TimeoutError, ConnectionError) as e:
+            if attempt == attempts:
+                raise
+            logger.warning("%s: %s; resuming (attempt %d of %d)", src, e, attempt + 1, attempts)
+            time.sleep(min(8.0, 0.5 * 2**attempt))
+
+
 def _is_cached(final: Path, size: int, expected: str | None) -> bool:
     if not final.is_file() or final.stat().st_size != size:
         return False
@@ -135,7 +156,7 @@ def _is_cached(final: Path, size: int, expected: str | None) -> bool:
 
 
 def download(fs: Any, root: str, plan: Sequence[PlanItem], dest: Path, jobs: int = 8,
-             progress: bool = True) -> None:  # fmt: skip
+             progress: bool = True, attempts: int = 4) -> None:  # fmt: skip
     """Brings every planned file to dest/relpath, verified against its sha256 when one is given.
     Files already in dest with the right size and hash are kept (the cache hit)."""
     parts = dest / CACHE_META_DIR / "parts"
@@ -147,8 +168,8 @@ def download(fs: Any, root: str, plan: Sequence[PlanItem], dest: Path, jobs: int
     tracker = _Progress(bar)
     try:
         with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(todo)))) as pool:
-            futures = [pool.submit(_fetch_one, fs, f"{root}/{item[0]}", item, dest, parts, tracker)
-                       for item in todo]  # fmt: skip
+            futures = [pool.submit(_fetch_with_retries, fs, f"{root}/{item[0]}", item, dest, parts, tracker,
+                                   attempts) for item in todo]  # fmt: skip
             errors = [f.exception() for f in futures]
     finally:
         bar.close()

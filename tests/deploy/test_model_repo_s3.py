@@ -148,3 +148,45 @@ def test_local_directory_is_verified_before_loading(tmp_path: Path, keys: tuple[
         prepare_model(str(model))  # a manifest beside the model is checked even without a key
     with pytest.raises(ValueError, match="needs a local model directory or an fsspec URL"):
         prepare_model("org/some-hub-id", pub)
+
+
+class _DroppingFile:
+    """A real file whose second read fails once, as a connection dropped mid-download does."""
+
+    dropped = 0
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.reads = inner, 0
+
+    def read(self, n: int = -1) -> bytes:
+        self.reads += 1
+        if self.reads == 2 and _DroppingFile.dropped == 0:
+            _DroppingFile.dropped += 1
+            raise ConnectionResetError("connection reset by peer")
+        return bytes(self.inner.read(min(n, 1 << 20) if n > 0 else 1 << 20))
+
+    def seek(self, offset: int) -> int:
+        return int(self.inner.seek(offset))
+
+    def __enter__(self) -> _DroppingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.close()
+
+
+def test_a_dropped_connection_resumes_within_the_same_pull(tmp_path: Path, keys: tuple[str, str]) -> None:
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pagedserve.model_repo.remote import download
+
+    class Dropping(LocalFileSystem):  # the local filesystem, with the failure injected into open()
+        def open(self, path: str, mode: str = "rb", **kw: Any) -> Any:  # type: ignore[override]
+            return _DroppingFile(super().open(path, mode, **kw))
+
+    model = make_model_dir(tmp_path / "model")
+    data = (model / SHARD).read_bytes()
+    expected = hashlib.sha256(data).hexdigest()
+    dest = tmp_path / "dest"
+    download(Dropping(), str(model), [(SHARD, len(data), expected)], dest, jobs=1, progress=False)
+    assert _DroppingFile.dropped == 1 and (dest / SHARD).read_bytes() == data
