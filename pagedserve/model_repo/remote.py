@@ -71,12 +71,12 @@ def read_optional(fs: Any, path: str) -> bytes | None:
 def remote_sizes(fs: Any, root: str) -> dict[str, int]:
     """relative path -> size of every file under root (directory markers left out)."""
     out: dict[str, int] = {}
+    fs.invalidate_cache(root)  # s3fs and gcsfs cache listings: a long-lived process must see changes
     for path, info in fs.find(root, detail=True).items():
-        if info.get("type", "file") != "file":
-            continue
-        rel = str(path)[len(root):].lstrip("/")
-        if rel:
-            out[rel] = int(info.get("size") or 0)
+        path = str(path)
+        if info.get("type", "file") != "file" or not path.startswith(root + "/"):
+            continue  # a directory marker, or a sibling prefix (s3://b/m2 when root is s3://b/m)
+        out[path[len(root) + 1:]] = int(info.get("size") or 0)
     return out
 
 

@@ -92,10 +92,13 @@ def test_unsigned_or_wrongly_signed_manifest_is_refused(bucket: str, s3: Any, ke
     s3.put_object(Bucket=bucket, Key="signed/SHA256SUMS", Body=build_manifest(model))
     with pytest.raises(ModelVerificationError, match="does not verify SHA256SUMS"):
         pull(f"s3://{bucket}/signed", pub, cache, progress=False)
-    # A URL without a manifest at all cannot satisfy a key.
+    # A URL without a manifest at all cannot satisfy a key; without a key its files come unverified
+    # (and only its own: not those of a sibling prefix).
     s3.put_object(Bucket=bucket, Key="bare/config.json", Body=b"{}")
+    s3.put_object(Bucket=bucket, Key="bare2/stray.bin", Body=b"not this model's")
     with pytest.raises(ModelVerificationError, match="no SHA256SUMS"):
         pull(f"s3://{bucket}/bare", pub, cache, progress=False)
+    assert _files(pull(f"s3://{bucket}/bare", None, cache, progress=False)) == {"config.json": b"{}"}
 
 
 def test_download_resumes_from_a_partial_file(bucket: str, keys: tuple[str, str], tmp_path: Path) -> None:
