@@ -110,6 +110,7 @@ class EngineArgs:
     generation_config: str = "auto"  # "auto" (the model's file), "vllm" (ignore it) or a directory
     override_generation_config: dict[str, Any] | None = None
     cpu_threads: int | None = None  # torch intra-op threads of the engine (default: chosen on CPU)
+    model_public_key: str | None = None  # Ed25519 key the model's SHA256SUMS.sig must verify with
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
@@ -154,8 +155,10 @@ class EngineArgs:
         from pagedserve.generation_defaults import load_generation_defaults
         from pagedserve.model_executor.loader import resolve_model_dir  # lazy: torch-free import
         from pagedserve.model_executor.model_spec import load_hf_config
+        from pagedserve.model_repo import prepare_model  # URL -> verified local cache (model_repo/)
 
-        model_dir = resolve_model_dir(self.model, self.revision, self.download_dir, self.load_format)
+        model_path = prepare_model(self.model, self.model_public_key, self.download_dir)
+        model_dir = resolve_model_dir(model_path, self.revision, self.download_dir, self.load_format)
         tokenizer = model_dir
         if self.tokenizer:
             tokenizer = resolve_model_dir(self.tokenizer, self.tokenizer_revision, self.download_dir,

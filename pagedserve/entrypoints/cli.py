@@ -7,6 +7,7 @@ pagedserve audit verify FILE [--key-file K] [--expect-head [SEQ:]HASH] [--checkp
 pagedserve --version                            print the version
 pagedserve --help                               this text (`pagedserve serve --help`: the flags)
 pagedserve router --config router.yaml          multi-region router in front of servers
+pagedserve model keygen|sign|push|pull|verify   model repository: manifests, signatures, s3:// (fsspec)
 """
 
 from __future__ import annotations
@@ -88,7 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pagedserve.ops.audit_verify import audit_main
 
         return audit_main(argv[1:])
-    usage = "usage: pagedserve {serve,generate,audit,router} ...\n" + (__doc__ or "")
+    if argv and argv[0] == "model":
+        from pagedserve.model_repo.cli import model_main
+
+        return model_main(argv[1:])
+    usage = "usage: pagedserve {serve,generate,audit,router,model} ...\n" + (__doc__ or "")
     if argv[:1] in (["-h"], ["--help"]):  # asked for: stdout, success (argparse's convention)
         print(usage)
         return 0

@@ -29,7 +29,10 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
     if positional_model:
         parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                             help="model directory or hub id (default: the built-in demo model)")  # fmt: skip
-    parser.add_argument("--model", default=None, help="model directory or hub id")
+    parser.add_argument("--model", default=None,
+                        help="model directory, hub id, or fsspec URL (s3://bucket/prefix: pulled into the cache)")
+    parser.add_argument("--model-public-key", default=None, metavar="PEM",
+                        help="Ed25519 public key (file or PEM text): the model's SHA256SUMS.sig must verify")
     http = parser.add_argument_group("HTTP server")
     http.add_argument("--host", default="0.0.0.0")
     http.add_argument("--port", type=_port, default=8000)
@@ -196,5 +199,6 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         generation_config=args.generation_config,
         override_generation_config=args.override_generation_config,
         cpu_threads=getattr(args, "cpu_threads", None),
+        model_public_key=getattr(args, "model_public_key", None),
         **vllm_compat_engine_kwargs(args),
     )
