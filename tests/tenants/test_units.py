@@ -247,3 +247,19 @@ def test_output_checks() -> None:
     assert choice is not None and choice.check("no") is None and choice.check("maybe") is not None
     assert check_for(StructuredOutputsParams(grammar='root ::= "a"')) is None
     assert check_for(None) is None
+
+
+def test_jwt_policy_claim_reaches_the_tenant_policy() -> None:
+    import time
+
+    import jwt
+
+    from pagedserve.ops.auth import AuthConfig, Authenticator
+
+    auth = Authenticator(AuthConfig(jwt_secret="s" * 32, jwt_audience="aud", policy_claim="limits"), environ={})
+    claims = {"tenant": "bank", "aud": "aud", "exp": time.time() + 60,
+              "limits": {"rpm": 7, "priority_class": "batch", "deidentify": "mask"}}  # fmt: skip
+    principal = auth.authenticate("Bearer " + jwt.encode(claims, "s" * 32, algorithm="HS256"))
+    ctx = load_registry(None, None).resolve(principal.tenant, principal.policy)
+    assert ctx.policy == TenantPolicy(requests_per_minute=7, priority_class="batch", deidentify="mask")
+    assert ctx.priority_class == "batch"
