@@ -54,7 +54,7 @@ from pagedserve.entrypoints.openai.responses import (
     sse_event,
 )
 from pagedserve.entrypoints.openai.structured_limits import StructuredOutputLimits, compile_request_grammar
-from pagedserve.entrypoints.openai.tenancy import Tenancy, TenantGate
+from pagedserve.entrypoints.openai.tenancy import TenantGate, tenancy_of
 from pagedserve.entrypoints.openai.vllm_compat import log_request
 from pagedserve.ops.audit import AuditLog
 from pagedserve.ops.audit_middleware import claim_audit, write_line
@@ -174,16 +174,7 @@ class OpenAIServing:
 
     def tenant_gate(self, raw: Request, request: _SamplingRequest, path: str) -> TenantGate:
         """The request's tenant policy at work (entrypoints/openai/tenancy.py)."""
-        tenancy = self.state.extra.get("tenancy")
-        if tenancy is None:  # a state built without build_app: default policies, own registry
-            from prometheus_client import CollectorRegistry
-
-            from pagedserve.ops.tenant_metrics import TenantMetrics
-            from pagedserve.ops.tenants import TenantRegistry
-
-            tenancy = Tenancy(TenantRegistry(), TenantMetrics(CollectorRegistry()), self.state.served_model_names)
-            self.state.extra["tenancy"] = tenancy
-        return tenancy.gate(raw, request, path)
+        return tenancy_of(self.state.extra, self.state.served_model_names).gate(raw, request, path)
 
     def request_id(self, raw: Request, prefix: str) -> str:
         rid = getattr(raw.state, "request_id", None)

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
+from prometheus_client import CollectorRegistry
 
 from pagedserve.entrypoints.openai.errors import BadRequestError, OpenAIError, RateLimitError
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, _SamplingRequest
@@ -227,6 +228,15 @@ class TenantGate:
         chunk = {"id": response_id, "object": obj, "created": int(time.time()), "model": self.model,
                  "choices": [], "output_validation": results}  # fmt: skip
         return f"data: {json.dumps(chunk)}\n\n"
+
+
+def tenancy_of(extra: dict[str, Any], model_names: list[str]) -> Tenancy:
+    """The server's Tenancy (ServerState.extra["tenancy"], set by build_app); a state built
+    without it gets default policies and metrics of its own."""
+    tenancy = extra.get("tenancy")
+    if tenancy is None:
+        tenancy = extra["tenancy"] = Tenancy(TenantRegistry(), TenantMetrics(CollectorRegistry()), model_names)
+    return tenancy  # type: ignore[no-any-return]
 
 
 def _rate_limited(e: LimitExceeded) -> RateLimitError:
