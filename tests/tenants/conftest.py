@@ -5,7 +5,7 @@ config giving every test its own tenants, so that the tests' counters never mix:
     free     no limits                        capped   max_concurrent 3, max_tokens 8, models [tiny]
     salt_a / salt_b   own cache salts         shared_1 / shared_2   cache_group "public"
     clinic   deidentify mask (a request may ask "reversible"), an MRN pattern
-    risk     outputs must match a JSON schema
+    risk     outputs must match a JSON schema     nomodel  may not use the served model
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import pytest
 
 from tests.server.conftest import RunningServer, start_server
 
-TENANTS = ("limited", "tokens", "free", "capped", "salt_a", "salt_b", "shared_1", "shared_2", "clinic", "risk")
 RISK_SCHEMA = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 9}},
                "required": ["score"], "additionalProperties": False}  # fmt: skip
 KEY_FILE = """\
@@ -37,6 +36,7 @@ sk-shared-1 shared_1 cache_group=public
 sk-shared-2 shared_2 cache_group=public
 sk-clinic clinic
 sk-risk risk
+sk-nomodel nomodel models=another-model
 """
 TENANT_CONFIG = {
     "tenants": {

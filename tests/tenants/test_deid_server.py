@@ -66,6 +66,11 @@ def test_the_engine_gets_placeholders_and_reversible_restores(tenant_server: Run
                     text += c["delta"].get("content") or ""
     assert text == f"{CARD}!{PHONE}"
 
+    # token ids cannot be de-identified: refused when de-identification is on
+    r = httpx.post(tenant_server.v1 + "/completions", headers=headers("clinic"),
+                   json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
     count = metric_value(metrics(tenant_server), "pagedserve:tenant_deidentified_entities_total", tenant="clinic")
     assert count == 3 * 5  # five identifiers in each of the three requests (the invalid ID is none)
 

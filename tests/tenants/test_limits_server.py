@@ -105,7 +105,10 @@ def test_max_tokens_and_model_limits(tenant_server: RunningServer) -> None:
     r = httpx.post(url, json={"model": "tiny", "messages": msg, "ignore_eos": True}, headers=headers("capped"),
                    timeout=60)  # fmt: skip
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    r = httpx.post(url, json={"model": "tiny", "messages": msg, "max_tokens": 1}, headers=headers("nomodel"))
+    assert r.status_code == 403 and r.json()["error"]["param"] == "model"
     text = metrics(tenant_server)
     assert metric_value(text, "pagedserve:tenant_rejected_requests_total", tenant="capped", limit="max_tokens") == 1
+    assert metric_value(text, "pagedserve:tenant_rejected_requests_total", tenant="nomodel", limit="model") == 1
     # unlabelled tenants never appear: the label set is the configured tenants
     assert "tenant=\"sk-" not in text

@@ -4,7 +4,9 @@
 
 Request path: AccessLogMiddleware (request id, access line) -> HTTPMetricsMiddleware ->
 CORSMiddleware -> HTTPLimitsMiddleware (body size/time, concurrency) -> AuthMiddleware (every
-route but the public probes) -> TenantMiddleware (tenant policy, rate-limit leases) -> route -> OpenAIServing* -> AsyncLLM -> engine core process.
+route but the public probes) -> TenantMiddleware (tenant policy, rate-limit leases) -> route ->
+OpenAIServing* (TenantGate: limits, de-identification, cache salt, output checks) -> AsyncLLM ->
+engine core process.
 
 The engine starts in the background once uvicorn is up: until it is ready /health and the
 generation routes answer 503. How the server stops (drain on SIGTERM, exit or restart when the
