@@ -4,7 +4,8 @@ config giving every test its own tenants, so that the tests' counters never mix:
     limited  requests_per_minute 5            tokens   tokens_per_minute 100
     free     no limits                        capped   max_concurrent 3, max_tokens 8, models [tiny]
     salt_a / salt_b   own cache salts         shared_1 / shared_2   cache_group "public"
-    clinic   deidentify mask (a request may ask "reversible"), an MRN pattern
+    clinic   deidentify mask (a request may ask "reversible"), an MRN pattern; cache_group "ward"
+    ward     no de-identification, cache_group "ward": it sees clinic's cached blocks
     risk     outputs must match a JSON schema     nomodel  may not use the served model
 """
 
@@ -34,7 +35,8 @@ sk-salt-a salt_a
 sk-salt-b salt_b
 sk-shared-1 shared_1 cache_group=public
 sk-shared-2 shared_2 cache_group=public
-sk-clinic clinic
+sk-clinic clinic cache_group=ward
+sk-ward ward cache_group=ward
 sk-risk risk
 sk-nomodel nomodel models=another-model
 """

@@ -20,6 +20,7 @@ PROMPT = (f"Patient phone {PHONE}, mail {EMAIL}; ID {VALID_ID} (not {INVALID_ID}
           f"record {MRN}.")  # fmt: skip
 REDACTED = ("Patient phone <PHONE_1>, mail <EMAIL_1>; ID <CN_ID_1> (not 110105194912310021); "
             "card <BANK_CARD_1>; record HN-<MRN_1>.")  # fmt: skip
+BLOCK = 16
 VALUES = (PHONE, EMAIL, VALID_ID, CARD, CARD.replace(" ", ""), "204518")
 
 
@@ -27,6 +28,16 @@ def post(server: RunningServer, body: dict[str, Any], route: str = "/completions
     r = httpx.post(server.v1 + route, json={"model": "tiny", **body}, headers=headers("clinic"), timeout=60)
     assert r.status_code == 200, r.text
     return r
+
+
+def cached(server: RunningServer, ids: list[int]) -> tuple[float, int]:
+    """Tenant ward sends token ids: (engine prefix-cache hits it added, its cached_tokens)."""
+    before = metric_value(metrics(server), "vllm:prefix_cache_hits_total")
+    r = httpx.post(server.v1 + "/completions", headers=headers("ward"), timeout=60,
+                   json={"model": "tiny", "prompt": ids, "max_tokens": 1})  # fmt: skip
+    assert r.status_code == 200, r.text
+    details = r.json()["usage"].get("prompt_tokens_details") or {}
+    return metric_value(metrics(server), "vllm:prefix_cache_hits_total") - before, int(details.get("cached_tokens") or 0)
 
 
 def tokenize(server: RunningServer, text: str) -> list[int]:
@@ -40,6 +51,12 @@ def test_the_engine_gets_placeholders_and_reversible_restores(tenant_server: Run
     masked = post(tenant_server, {"prompt": PROMPT, "max_tokens": 2, "echo": True, "return_token_ids": True}).json()
     assert masked["choices"][0]["prompt_token_ids"] == expected_ids
     assert masked["choices"][0]["text"].startswith(REDACTED)
+    # the engine's own prefix cache holds the blocks it computed: those of the redacted token ids
+    # (tenant ward shares clinic's cache group), none of the identifiers' text
+    full = (len(expected_ids) - 1) // BLOCK * BLOCK
+    assert full >= BLOCK
+    assert cached(tenant_server, expected_ids) == (full, full)
+    assert cached(tenant_server, tokenize(tenant_server, PROMPT)) == (0, 0)
 
     # reversible: the model is made to write placeholders (regex); the caller reads the values
     body = {"prompt": PROMPT, "deidentify": "reversible", "max_tokens": 120, "return_token_ids": True,
