@@ -203,10 +203,6 @@ class TenantRegistry:
     routes: dict[str, OutputRequirement] = field(default_factory=dict)
     labels: TenantLabels = field(default_factory=lambda: TenantLabels(()))
 
-    @property
-    def configured(self) -> bool:
-        return bool(self.tenants or self.routes or self.defaults != TenantPolicy())
-
     def resolve(self, tenant: str | None, jwt_policy: Mapping[str, Any] | None = None) -> TenantContext:
         policy = self.tenants.get(tenant, self.defaults) if tenant is not None else self.defaults
         if jwt_policy:

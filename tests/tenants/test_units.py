@@ -263,3 +263,34 @@ def test_jwt_policy_claim_reaches_the_tenant_policy() -> None:
     ctx = load_registry(None, None).resolve(principal.tenant, principal.policy)
     assert ctx.policy == TenantPolicy(requests_per_minute=7, priority_class="batch", deidentify="mask")
     assert ctx.priority_class == "batch"
+
+
+def test_tenant_middleware_sets_state_releases_leases_and_refuses_bad_claims() -> None:
+    from pagedserve.ops.auth import Principal
+    from pagedserve.ops.tenants import TenantMiddleware, TenantRegistry
+
+    registry = TenantRegistry(tenants={"bank": TenantPolicy(priority_class="batch", max_concurrent=1)})
+    limiter = TenantLimiter()
+    seen: dict[str, object] = {}
+    sent: list[dict[str, object]] = []
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        state = scope["state"]
+        seen.update(priority_class=state["priority_class"], tenant=state["tenant"].name)
+        state["tenant_lease"] = limiter.admit(state["tenant"], 1, 1)
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request"}
+
+    mw = TenantMiddleware(app, registry)  # type: ignore[arg-type]
+    bank = Principal(kind="api_key", tenant="bank", key_id="k")
+    for _ in range(2):  # the lease ends with the request: the second one fits the cap of 1 again
+        asyncio.run(mw({"type": "http", "state": {"principal": bank}}, receive, send))  # type: ignore[arg-type]
+    assert seen == {"priority_class": "batch", "tenant": "bank"}
+    assert limiter.state("bank").in_flight == 0 and limiter.state("bank").peak_in_flight == 1
+    bad = Principal(kind="jwt", tenant="bank", key_id="j", policy={"rpm": "lots"})
+    asyncio.run(mw({"type": "http", "state": {"principal": bad}}, receive, send))  # type: ignore[arg-type]
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 401

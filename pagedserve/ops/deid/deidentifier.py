@@ -14,6 +14,7 @@ is skipped, so the caller's own "<PHONE_1>" text is never re-identified as someo
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from typing import Literal
@@ -29,7 +30,13 @@ _PARTIAL = re.compile(r"<[A-Z_]*[0-9]*$")
 
 
 def recognizers_for(mrn_patterns: Iterable[str] = ()) -> list[Recognizer]:
-    """The default recognizers with a tenant's MRN patterns first (they are the most specific)."""
+    """The default recognizers with a tenant's MRN patterns first (they are the most specific).
+    The list is shared between requests (compiled once per pattern set): do not change it."""
+    return _recognizers(tuple(mrn_patterns))
+
+
+@functools.lru_cache(maxsize=64)
+def _recognizers(mrn_patterns: tuple[str, ...]) -> list[Recognizer]:
     return [mrn_recognizer(p) for p in mrn_patterns] + default_recognizers()
 
 
