@@ -68,7 +68,8 @@ class KVCacheManager:
         if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
             return []
         bs = self.block_size
-        extend_block_hashes(request.block_hashes, request.token_ids_range, request.num_tokens, bs)
+        extend_block_hashes(request.block_hashes, request.token_ids_range, request.num_tokens, bs,
+                            request.cache_salt)
         max_hit_blocks = (request.max_computable_tokens - 1) // bs
         hits: list[KVCacheBlock] = []
         for block_hash in request.block_hashes[:max_hit_blocks]:
@@ -96,7 +97,7 @@ class KVCacheManager:
         first = self.num_cached_blocks.get(request.request_id, 0)
         if num_full <= first:
             return
-        extend_block_hashes(request.block_hashes, request.token_ids_range, num_known, bs)
+        extend_block_hashes(request.block_hashes, request.token_ids_range, num_known, bs, request.cache_salt)
         for i in range(first, num_full):
             self.pool.cache_block(blocks[i], request.block_hashes[i])
         self.num_cached_blocks[request.request_id] = num_full

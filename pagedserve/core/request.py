@@ -62,6 +62,9 @@ class Request:
     eos_token_id: int | None
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # lower runs first under the priority policy (vLLM's convention)
+    # vLLM's cache_salt: enters the hash of the first block, so that only requests with the same
+    # salt share prefix-cache blocks (the server sets one per tenant: ops/tenants.py)
+    cache_salt: str | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -34,7 +34,7 @@ from pagedserve.engine.core_client import (
 from pagedserve.engine.grammar_pool import GrammarService
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.request_builder import RequestBuilder, load_tokenizer
-from pagedserve.inputs import PromptType
+from pagedserve.inputs import PromptType, cache_salt_of
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -194,13 +194,14 @@ class AsyncLLM:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self.request_builder.prepare(prompt, params)
+        cache_salt = cache_salt_of(prompt)
         arrival = time.monotonic()
         children = self.request_builder.child_params(request_id, params)
         child_ids = [cid for cid, _ in children]
         msg = AddRequestMsg(
             children=[ChildSpec(cid, params_to_dict(p)) for cid, p in children],
             prompt_token_ids=token_ids, eos_token_id=self.request_builder.eos_token_id, arrival_time=arrival,
-            priority=priority, grammar=grammar,
+            priority=priority, grammar=grammar, cache_salt=cache_salt,
         )  # fmt: skip
         self.output_processor.add_request(request_id, text, token_ids, params, child_ids, arrival)
         try:

@@ -64,6 +64,7 @@ class AddRequestMsg(msgspec.Struct, tag="add"):
     # the children's structured output grammar, compiled and serialized by the front end (the
     # engine deserializes it off its step loop instead of compiling again): structured_output.py
     grammar: str | None = None
+    cache_salt: str | None = None  # vLLM's cache_salt: enters the first block's prefix-cache hash
 
 
 class AbortMsg(msgspec.Struct, tag="abort"):
@@ -135,6 +136,7 @@ def requests_from_msg(msg: AddRequestMsg) -> list[Request]:
             eos_token_id=msg.eos_token_id,
             arrival_time=msg.arrival_time,
             priority=msg.priority,
+            cache_salt=msg.cache_salt,
         )
         for c in msg.children
     ]

@@ -22,7 +22,7 @@ from pagedserve.core.request import Request
 from pagedserve.engine.engine_core import EngineCore, EngineStats
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.request_builder import RequestBuilder, link_children, load_tokenizer
-from pagedserve.inputs import PromptType
+from pagedserve.inputs import PromptType, cache_salt_of
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -69,10 +69,11 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params if params is not None else SamplingParams()
         text, token_ids = self.request_builder.prepare(prompt, params)
+        cache_salt = cache_salt_of(prompt)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         children = [
             Request(child_id, token_ids, child_params, self.request_builder.eos_token_id,
-                    arrival_time=arrival, priority=priority)
+                    arrival_time=arrival, priority=priority, cache_salt=cache_salt)
             for child_id, child_params in self.request_builder.child_params(request_id, params)
         ]
         child_ids = [child.request_id for child in children]

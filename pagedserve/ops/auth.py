@@ -1,8 +1,8 @@
 """Authentication: static API keys and JWT bearer tokens.
 
 Sources of API keys (all merged): `--api-key` values (repeatable, each may be a comma list), a key
-file (one key per line, optionally followed by a tenant name; `#` starts a comment), and the
-environment (`PAGEDSERVE_API_KEYS`, comma-separated, and vLLM's `VLLM_API_KEY`).
+file (one key per line, optionally followed by a tenant name and the tenant's policy as
+`name=value` fields, read by ops/tenants.py; `#` starts a comment), and the environment (`PAGEDSERVE_API_KEYS`, comma-separated, and vLLM's `VLLM_API_KEY`).
 
 Key comparison is constant-time: the presented token and every stored key are reduced to SHA-256
 digests (equal lengths, so compare_digest leaks no length), and the token is compared against ALL
@@ -10,7 +10,8 @@ keys with no early exit, so response time does not tell how many keys exist or w
 
 JWTs (PyJWT): HS256 with a shared secret and/or RS256 with a PEM public key; `exp` is required,
 `aud` must match the configured audience, `iss` too when configured. The tenant comes from a
-configurable claim (default "tenant"); a token without it is rejected. The time claims `exp`,
+configurable claim (default "tenant"); a token without it is rejected. With `policy_claim` set, that
+claim (an object) is the tenant policy the issuer grants (ops/tenants.py reads it). The time claims `exp`,
 `nbf`, `iat` must be JSON numbers (not strings, not booleans), finite and within [0, MAX_NUMERIC_DATE]
 (PyJWT alone would take `"exp": "1999999999"` and `"exp": 1e20`), and a token may not live longer
 than `jwt_max_lifetime_s` (exp - iat, or exp - now when there is no iat; default 24 h, 0 = no limit),
@@ -57,6 +58,8 @@ class Principal:
     tenant: str | None
     key_id: str
     subject: str | None = None  # the JWT `sub` claim, when there is one
+    # the JWT's policy claim (AuthConfig.policy_claim), read by ops/tenants.py; not compared
+    policy: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
 
 
 ANONYMOUS = Principal(kind="anonymous", tenant=None, key_id="anonymous")
@@ -74,20 +77,37 @@ def split_keys(values: Iterable[str]) -> list[str]:
     return [k.strip() for v in values for k in v.split(",") if k.strip()]
 
 
-def read_key_file(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
-    """Lines `KEY [TENANT]`; blank lines and `#` comments (whole-line or trailing) are skipped."""
-    entries: list[tuple[str, str | None]] = []
+KeyFileEntry = tuple[str, str | None, dict[str, str]]  # key, tenant, the tenant's policy fields
+
+
+def read_key_file_entries(path: str | os.PathLike[str]) -> list[tuple[int, KeyFileEntry]]:
+    """(line number, entry) of lines `KEY [TENANT [name=value ...]]`; blank lines and `#`
+    comments (whole-line or trailing) are skipped. Policy fields need a tenant (ops/tenants.py
+    checks their names and values)."""
+    entries: list[tuple[int, KeyFileEntry]] = []
     for lineno, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
-        if len(parts) > 2:
-            raise ValueError(
-                f"api key file {path}: line {lineno} must be 'KEY [TENANT]', got {len(parts)} fields"
-            )
-        entries.append((parts[0], parts[1] if len(parts) == 2 else None))
+        options: dict[str, str] = {}
+        for item in parts[2:]:
+            name, eq, value = item.partition("=")
+            if not eq or not name or not value:
+                raise ValueError(f"api key file {path}: line {lineno} must be 'KEY [TENANT [name=value ...]]', "
+                                 f"got {len(parts)} fields ({item[:1]}... is not name=value)")
+            if name in options:
+                raise ValueError(f"api key file {path}: line {lineno} gives {name!r} twice")
+            options[name] = value
+        if len(parts) > 1 and "=" in parts[1]:
+            raise ValueError(f"api key file {path}: line {lineno}: policy fields need a tenant name first")
+        entries.append((lineno, (parts[0], parts[1] if len(parts) >= 2 else None, options)))
     return entries
+
+
+def read_key_file(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
+    """(key, tenant) of each line (see read_key_file_entries)."""
+    return [(key, tenant) for _, (key, tenant, _) in read_key_file_entries(path)]
 
 
 @dataclass(slots=True)
@@ -100,6 +120,7 @@ class AuthConfig:
     jwt_audience: str | None = None  # required when JWT is enabled
     jwt_issuer: str | None = None
     tenant_claim: str = "tenant"
+    policy_claim: str | None = None  # a claim holding the tenant's policy object (ops/tenants.py)
     leeway_s: float = 0.0  # clock skew allowed on exp / nbf / iat
     # Longest accepted token lifetime: exp - iat (exp - now without iat); 0 = no limit.
     jwt_max_lifetime_s: float = DEFAULT_JWT_MAX_LIFETIME_S
@@ -224,7 +245,11 @@ class Authenticator:
         sub = claims.get("sub") if isinstance(claims.get("sub"), str) else None
         # key_id groups one caller's tokens: issuer + subject when known, else the token itself.
         ident = f"{claims.get('iss', '')}|{sub}" if sub else token
-        return Principal(kind="jwt", tenant=tenant, key_id="jwt-" + key_fingerprint(ident), subject=sub)
+        policy = claims.get(cfg.policy_claim) if cfg.policy_claim else None
+        if policy is not None and not isinstance(policy, dict):
+            raise AuthenticationError(f"Invalid bearer token: the '{cfg.policy_claim}' claim must be an object.")
+        return Principal(kind="jwt", tenant=tenant, key_id="jwt-" + key_fingerprint(ident), subject=sub,
+                         policy=policy)
 
 
 def _check_time_claims(claims: Mapping[str, Any], now: float, max_lifetime_s: float, leeway_s: float) -> None:

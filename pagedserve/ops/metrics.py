@@ -14,6 +14,9 @@ get the same series:
     http        http_requests_total{handler,method,status}, http_request_duration_seconds{handler,method}
                 (the names and labels of prometheus-fastapi-instrumentator, which vLLM uses)
 
+Per-tenant series (requests, rejections by limit, tokens, concurrency, de-identified entities,
+output compliance) are ops/tenant_metrics.py's, in the same registry.
+
 Every series carries `model_name`. Each EngineMetrics owns its own CollectorRegistry, so several
 servers (or tests) in one process never collide.
 """

@@ -4,7 +4,9 @@
 
 Request path: AccessLogMiddleware (request id, access line) -> HTTPMetricsMiddleware ->
 CORSMiddleware -> HTTPLimitsMiddleware (body size/time, concurrency) -> AuthMiddleware (every
-route but the public probes) -> route -> OpenAIServing* -> AsyncLLM -> engine core process.
+route but the public probes) -> TenantMiddleware (tenant policy, rate-limit leases) -> route ->
+OpenAIServing* (TenantGate: limits, de-identification, cache salt, output checks) -> AsyncLLM ->
+engine core process.
 
 The engine starts in the background once uvicorn is up: until it is ready /health and the
 generation routes answer 503. How the server stops (drain on SIGTERM, exit or restart when the
@@ -66,6 +68,7 @@ from pagedserve.entrypoints.openai.responses import (
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion, ServerState
 from pagedserve.entrypoints.openai.structured_limits import limits_from_args
+from pagedserve.entrypoints.openai.tenancy import Tenancy
 from pagedserve.entrypoints.openai.vllm_compat import install_vllm_compat, on_engine_ready
 from pagedserve.ops.audit_middleware import AuditMiddleware, audit_log_from_args
 from pagedserve.ops.auth import AuthConfig, Authenticator, AuthMiddleware
@@ -73,6 +76,8 @@ from pagedserve.ops.conn_limits import RepeatFilter, raise_nofile_limit, uvicorn
 from pagedserve.ops.http_limits import HTTPLimits, HTTPLimitsMiddleware, cors_kwargs
 from pagedserve.ops.logging import AccessLogMiddleware, configure_logging
 from pagedserve.ops.metrics import CONTENT_TYPE, EngineMetrics, HTTPMetricsMiddleware
+from pagedserve.ops.tenant_metrics import TenantMetrics
+from pagedserve.ops.tenants import TenantMiddleware, load_registry
 from pagedserve.worker.cpu_resources import configure_front_threads
 
 logger = logging.getLogger("pagedserve.api_server")
@@ -144,6 +149,9 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
         logger.info("requests default to the model's generation config: %s "
                     "(--generation-config vllm turns this off)", state.default_sampling_params)
     metrics = EngineMetrics(names[0], max_model_len=state.max_model_len)
+    tenants = load_registry(getattr(args, "tenant_config", None), args.api_key_file,
+                            getattr(args, "max_tenant_labels", None))  # fmt: skip
+    state.extra["tenancy"] = Tenancy(tenants, TenantMetrics(metrics.registry), names)
     bridge = MetricsBridge(metrics)
     multiprocess = getattr(args, "engine_in_process", False) is False
     lifecycle = ServerLifecycle(
@@ -278,7 +286,10 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
         api_keys=list(args.api_key or []), api_key_file=args.api_key_file, jwt_secret=args.jwt_secret,
         jwt_public_key=args.jwt_public_key, jwt_audience=args.jwt_audience, jwt_issuer=args.jwt_issuer,
         tenant_claim=args.jwt_tenant_claim, jwt_max_lifetime_s=getattr(args, "jwt_max_lifetime", 86400),
+        policy_claim=getattr(args, "jwt_policy_claim", None),
     ))  # fmt: skip
+    # tenant policy and its rate-limit leases: inside auth (it reads the principal)
+    app.add_middleware(TenantMiddleware, registry=tenants)  # type: ignore[arg-type]
     if authenticator.enabled:
         app.add_middleware(AuthMiddleware, authenticator=authenticator)  # type: ignore[arg-type]
     # Limits outside auth: an unauthenticated flood is counted and bounded too. CORS outside both,

@@ -57,6 +57,13 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
     sec.add_argument("--jwt-issuer", default=None)
     sec.add_argument("--jwt-tenant-claim", default="tenant")
     sec.add_argument("--audit-log", default=None, help="append one hash-chained JSON line per request")
+    # Tenants (ops/tenants.py): policies from this file, the key file's name=value fields, a JWT claim.
+    sec.add_argument("--tenant-config", default=None, metavar="FILE",
+                     help="YAML/JSON tenant policies: defaults, tenants, routes (see README, Tenants)")
+    sec.add_argument("--jwt-policy-claim", default=None, metavar="CLAIM",
+                     help="a JWT claim holding the tenant's policy object (merged over --tenant-config)")
+    sec.add_argument("--max-tenant-labels", type=_positive_int, default=None, metavar="N",
+                     help="distinct tenant labels in /metrics beyond the configured tenants (default 100)")
     # Hardening (JWT lifetime; keyed audit chain + checkpoints): one block, see ops/auth.py, ops/audit.py.
     sec.add_argument("--jwt-max-lifetime", type=_non_negative_int, default=86400, metavar="SECONDS",
                      help="refuse JWTs living longer (exp - iat, or exp - now without iat); 0 = no limit")

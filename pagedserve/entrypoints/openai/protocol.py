@@ -161,6 +161,12 @@ class _SamplingRequest(_RequestModel):
     priority: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] = 0
     return_token_ids: bool | None = None  # vLLM extra: prompt/generated token ids in the response
     request_id: Annotated[str, Field(max_length=256)] | None = None
+    # vLLM's cache_salt (only requests with the same salt share cached prefixes); the server puts
+    # the tenant's own salt in front of it (ops/tenants.py), so it never reaches another tenant's
+    cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    # pagedserve extra: replace personal identifiers by placeholders before tokenization
+    # ("reversible": and restore them in the response); ops/deid
+    deidentify: Literal["mask", "reversible"] | None = None
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and guided_* fields
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None

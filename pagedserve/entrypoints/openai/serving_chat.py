@@ -50,6 +50,7 @@ from pagedserve.entrypoints.openai.serving_completion import (
     prompt_logprobs_json,
     run_to_end,
 )
+from pagedserve.entrypoints.openai.tenancy import TenantGate
 from pagedserve.entrypoints.openai.tool_calls import ToolCallStream, forces_tool_calls, parse_tool_calls
 from pagedserve.entrypoints.openai.tool_calls import finish_reason as tool_finish_reason
 from pagedserve.entrypoints.openai.vllm_compat import (
@@ -119,12 +120,15 @@ class OpenAIServingChat(OpenAIServing):
         if auto_tools and options.tools_need_special_tokens:
             request.skip_special_tokens = False  # the format's markers are special tokens
         engine = self.engine()
+        gate = self.tenant_gate(raw, request, "/v1/chat/completions")
         self.state.bounds.check_num_prompts(1, request.n)
         self.check_load(engine, 1)
+        gate.redact_messages(request)  # before the template and the tokenizer
         text, ids = await self.render(engine, request)
         if request.truncate_prompt_tokens is not None:
             ids = ids[-request.truncate_prompt_tokens :]
         params = self.sampling_params(request, len(ids), request.is_streaming)
+        gate.cap(params)
         try:
             engine.validate(ids, params)
         except ValueError as e:
@@ -133,16 +137,18 @@ class OpenAIServingChat(OpenAIServing):
         request_id = self.request_id(raw, "chatcmpl")
         log_request(self.state, request_id, text, ids, params)
         info = AuditInfo(request_id, time.time(), text, prompt_tokens=len(ids))
+        gate.admit(len(ids), (params.max_tokens or 0) * params.n)  # 429 past a tenant limit
         handle = engine.add_request(
-            {"prompt": text, "prompt_token_ids": ids}, params, request_id, request.priority, grammar=grammar
-        )
-        gen = engine.stream(handle)
+            gate.salted({"prompt": text, "prompt_token_ids": ids}), params, request_id, request.priority,
+            grammar=grammar,
+        )  # fmt: skip
+        gen = gate.outputs(engine.stream(handle))
         role = options.response_role
         echo = ""
         if request.echo and request.messages[-1].role == role:
-            echo = request.messages[-1].text()
+            echo = gate.restore(request.messages[-1].text())
         if request.is_streaming:
-            return StreamingResponse(self._stream(request, raw, engine, handle, gen, info, echo, auto_tools),
+            return StreamingResponse(self._stream(request, raw, engine, handle, gen, info, echo, auto_tools, gate),
                                      media_type="text/event-stream")  # fmt: skip
         result = await run_to_end(self, raw, _last(gen), info, [handle], engine)
         if isinstance(result, Response):
@@ -189,11 +195,11 @@ class OpenAIServingChat(OpenAIServing):
         )  # fmt: skip
         info.status = "ok"
         self.audit(raw, info)
-        return JSONResponse(response.model_dump())
+        return JSONResponse(gate.annotate(response.model_dump()))
 
     async def _stream(
         self, request: ChatCompletionRequest, raw: Request, engine: AsyncLLM, handle: RequestHandle,
-        gen: AsyncIterator[RequestOutput], info: AuditInfo, echo: str, auto_tools: bool,
+        gen: AsyncIterator[RequestOutput], info: AuditInfo, echo: str, auto_tools: bool, gate: TenantGate,
     ) -> AsyncIterator[str]:  # fmt: skip
         created = int(time.time())
         options = chat_options(self.state)
@@ -264,6 +270,8 @@ class OpenAIServingChat(OpenAIServing):
         finally:
             engine.release(handle)
             self.audit(raw, info)
+        if (checked := gate.validation_event(request_id, "chat.completion.chunk")) is not None:
+            yield checked
         yield SSE_DONE
 
 

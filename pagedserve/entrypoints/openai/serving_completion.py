@@ -54,6 +54,7 @@ from pagedserve.entrypoints.openai.responses import (
     sse_event,
 )
 from pagedserve.entrypoints.openai.structured_limits import StructuredOutputLimits, compile_request_grammar
+from pagedserve.entrypoints.openai.tenancy import TenantGate, tenancy_of
 from pagedserve.entrypoints.openai.vllm_compat import log_request
 from pagedserve.ops.audit import AuditLog
 from pagedserve.ops.audit_middleware import claim_audit, write_line
@@ -170,6 +171,10 @@ class OpenAIServing:
         limits = self.state.extra.get("structured_output_limits") or StructuredOutputLimits()
         return await compile_request_grammar(engine, params.structured_outputs, limits,
                                              request.structured_outputs_param())
+
+    def tenant_gate(self, raw: Request, request: _SamplingRequest, path: str) -> TenantGate:
+        """The request's tenant policy at work (entrypoints/openai/tenancy.py)."""
+        return tenancy_of(self.state.extra, self.state.served_model_names).gate(raw, request, path)
 
     def request_id(self, raw: Request, prefix: str) -> str:
         rid = getattr(raw.state, "request_id", None)
@@ -337,7 +342,8 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw: Request) -> Response:
         self.check_model(request.model)
         engine = self.engine()
-        prompts = request.prompts()
+        gate = self.tenant_gate(raw, request, "/v1/completions")
+        prompts = gate.redact_prompts(request.prompts())  # before tokenization
         self.state.bounds.check_num_prompts(len(prompts), request.n)
         self.check_load(engine, len(prompts))
         tokenized: list[tuple[str | None, list[int]]] = []
@@ -348,6 +354,7 @@ class OpenAIServingCompletion(OpenAIServing):
             tokenized.append((text, ids))
         params = [self.sampling_params(request, len(ids), request.is_streaming) for _, ids in tokenized]
         for (_, ids), sp in zip(tokenized, params):
+            gate.cap(sp)
             try:
                 engine.validate(ids, sp)
             except InvalidInputError as e:
@@ -361,10 +368,11 @@ class OpenAIServingCompletion(OpenAIServing):
             prompts[0] if len(prompts) == 1 else json.dumps(prompts),  # type: ignore[arg-type]
             prompt_tokens=sum(len(ids) for _, ids in tokenized),
         )  # fmt: skip
+        gate.admit(info.prompt_tokens, sum((sp.max_tokens or 0) * sp.n for sp in params))  # 429 past a limit
         handles: list[RequestHandle] = []
         try:
             for i, ((t, ids), sp) in enumerate(zip(tokenized, params)):
-                prompt: Any = {"prompt_token_ids": ids, **({"prompt": t} if t else {})}
+                prompt: Any = gate.salted({"prompt_token_ids": ids, **({"prompt": t} if t else {})})
                 log_request(self.state, f"{base_id}-{i}", t, ids, sp)  # --enable-log-requests
                 handles.append(engine.add_request(prompt, sp, f"{base_id}-{i}", priority=request.priority,
                                                   grammar=grammar))
@@ -372,10 +380,10 @@ class OpenAIServingCompletion(OpenAIServing):
             for h in handles:
                 engine.release(h)
             raise
-        gens = [engine.stream(h) for h in handles]
+        gens = [gate.outputs(engine.stream(h), i * request.n) for i, h in enumerate(handles)]
         if request.is_streaming:
             return StreamingResponse(
-                self._stream(request, raw, engine, base_id, tokenized, gens, info, handles),
+                self._stream(request, raw, engine, base_id, tokenized, gens, info, handles, gate),
                 media_type="text/event-stream",
             )
         finals: list[RequestOutput | None] = [None] * len(gens)
@@ -386,7 +394,7 @@ class OpenAIServingCompletion(OpenAIServing):
         response = self._response(request, engine, base_id, finals, info)
         info.status = "ok"
         self.audit(raw, info)
-        return JSONResponse(response.model_dump(exclude_none=False))
+        return JSONResponse(gate.annotate(response.model_dump(exclude_none=False)))
 
     @staticmethod
     async def _collect(gens: list[AsyncIterator[RequestOutput]], finals: list[Any]) -> list[Any]:
@@ -427,7 +435,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def _stream(
         self, request: CompletionRequest, raw: Request, engine: AsyncLLM, base_id: str,
         tokenized: list[tuple[str | None, list[int]]], gens: list[AsyncIterator[RequestOutput]],
-        info: AuditInfo, handles: list[RequestHandle],
+        info: AuditInfo, handles: list[RequestHandle], gate: TenantGate,
     ) -> AsyncIterator[str]:  # fmt: skip
         created = int(time.time())
         decode = _single_decoder(engine.tokenizer.decode)
@@ -448,7 +456,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     echo = None
                     if request.echo and first:
                         text, ids = tokenized[i]
-                        echo = _Echo(text or engine.tokenizer.decode(ids), ids, prompt_lps.get(i))
+                        echo = _Echo(gate.restore(text or engine.tokenizer.decode(ids)), ids, prompt_lps.get(i))
                     part = _choice_part(request, out, echo, offsets.get(index, 0), decode)
                     offsets[index] = offsets.get(index, 0) + len(part.text)
                     info.completion_tokens += part.num_generated
@@ -481,6 +489,8 @@ class OpenAIServingCompletion(OpenAIServing):
             for h in handles:
                 engine.release(h)
             self.audit(raw, info)
+        if (checked := gate.validation_event(base_id, "text_completion")) is not None:
+            yield checked
         yield SSE_DONE
 
 
