@@ -58,6 +58,7 @@ def test_runner_applies_the_plans_bitmask_without_any_tokenizer(
     for token in allowed:
         words[token // 32] |= 1 << (token % 32)
     bitmask = torch.tensor([[w - (1 << 32) if w >= 1 << 31 else w for w in words]], dtype=torch.int32)
+    mask = (bitmask.numpy().tobytes(), bitmask.shape[1])  # as the engine core sends it
     spec = StructuredOutputsParams(regex="a+")  # never compiled: the worker must not look at it
     plain = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     prompt = [5, 6, 7, 8]
@@ -73,7 +74,7 @@ def test_runner_applies_the_plans_bitmask_without_any_tokenizer(
     free = []  # the same seeds without a mask: the tokens the mask kept away
     for step in range(1, 5):
         unmasked = runner.execute_model(plan(2 * step, step, None)).sampled_token_ids
-        out = runner.execute_model(plan(2 * step + 1, step, GrammarOutput([f"s{2 * step + 1}"], bitmask)))
+        out = runner.execute_model(plan(2 * step + 1, step, GrammarOutput([f"s{2 * step + 1}"], *mask)))
         assert out.sampled_token_ids[f"s{2 * step + 1}"] in allowed
         # the mask touches only its own row
         assert out.sampled_token_ids[f"plain{2 * step + 1}"] == unmasked[f"plain{2 * step}"]
