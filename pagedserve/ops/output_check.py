@@ -49,12 +49,17 @@ def check_for(spec: StructuredOutputsParams | None) -> OutputCheck | None:
     if spec is None:
         return None
     if spec.json is not None:
-        schema = json.loads(spec.json) if isinstance(spec.json, str) else spec.json
+        try:  # a spec that does not parse is the grammar compiler's 400, not ours
+            schema = json.loads(spec.json) if isinstance(spec.json, str) else spec.json
+        except ValueError:
+            return None
+        if not isinstance(schema, (dict, bool)):
+            return None
         try:
             cls = jsonschema.validators.validator_for(schema)
             cls.check_schema(schema)
-        except jsonschema.SchemaError:
-            return OutputCheck("json_object") if schema == {"type": "object"} else None
+        except jsonschema.SchemaError:  # xgrammar's 400 names it (compile_grammar)
+            return None
         return OutputCheck("json_schema", cls(schema))
     if spec.json_object:
         return OutputCheck("json_object")

@@ -294,3 +294,9 @@ def test_tenant_middleware_sets_state_releases_leases_and_refuses_bad_claims() -
     bad = Principal(kind="jwt", tenant="bank", key_id="j", policy={"rpm": "lots"})
     asyncio.run(mw({"type": "http", "state": {"principal": bad}}, receive, send))  # type: ignore[arg-type]
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 401
+
+
+def test_output_check_leaves_bad_specs_to_the_compiler() -> None:
+    assert check_for(StructuredOutputsParams(json='{"type": ')) is None
+    assert check_for(StructuredOutputsParams(json="[1, 2]")) is None
+    assert check_for(StructuredOutputsParams(regex="(x")) is None
