@@ -194,6 +194,10 @@ def test_region_overlay_is_consistent(region: str) -> None:
     config = parse_config(yaml.safe_load(cm["data"]["router.yaml"]))
     regions = sorted(config.regions, key=lambda r: r.priority)
     assert [r.name for r in regions] == [region] + [r for r in REGIONS if r != region]
+    # The key file it reads is where the router pod mounts the API-key Secret.
+    mounts = {m["name"]: m["mountPath"] for m in router["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    key_file = yaml.safe_load(cm["data"]["router.yaml"])["auth"]["api_key_file"]
+    assert key_file == mounts["api-keys"] + "/api-keys.txt"
     peer_host = regions[1].backends[0].url.split("//")[1].split(":")[0]
     peer_service = _one(render(DEPLOY / "k8s" / "overlays" / regions[1].name), "Service", "pagedserve-server-peer")
     assert peer_service["metadata"]["annotations"]["external-dns.alpha.kubernetes.io/hostname"] == peer_host
@@ -261,3 +265,10 @@ def test_canary_overlay_is_one_server_the_router_can_reach() -> None:
     config["canary"] = {"backends": [{"url": url}], "weight": 0.05, "window_s": 300, "min_requests": 50,
                         "max_error_rate": 0.02, "max_p99_s": 30}  # fmt: skip
     assert parse_config(config).canary is not None
+
+
+def test_base_router_config_parses() -> None:
+    cm = _one(render(DEPLOY / "k8s" / "base"), "ConfigMap", "pagedserve-router")
+    config = parse_config(yaml.safe_load(cm["data"]["router.yaml"]))
+    assert [r.name for r in config.regions] == ["local"]
+    assert config.regions[0].backends[0].url == "http://pagedserve-server:8000"  # the base's Service
