@@ -28,7 +28,7 @@ from pagedserve.ops.http_limits import add_hardening_args
 def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> argparse.ArgumentParser:
     if positional_model:
         parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                            help="model directory or hub id (default: the built-in demo model)")  # fmt: skip
+                            help="model directory, .gguf file or hub id (default: the built-in model)")  # fmt: skip
     parser.add_argument("--model", default=None, help="model directory or hub id")
     http = parser.add_argument_group("HTTP server")
     http.add_argument("--host", default="0.0.0.0")
