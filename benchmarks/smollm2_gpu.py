@@ -47,8 +47,8 @@ def hf_model(gguf: str, dtype: torch.dtype, device: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype).to(device).eval()
 
 
-def free(*objs: Any) -> None:
-    del objs
+def free() -> None:
+    """Return the memory of models the caller has just dropped (`del`) to the device."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -131,7 +131,8 @@ def decode_run(gguf: str, num_tokens: int, async_scheduling: bool, device: str) 
     if graphs is not None:  # the replayed graph (forward + LM head + argmax) vs the rest of the step
         row["graph_ms"] = time_cuda_ms(graphs.graphs[1].replay)
         row["host_ms"] = row["step_ms"] - row["graph_ms"]
-    free(engine)
+    del engine
+    free()
     return row
 
 
@@ -170,11 +171,14 @@ def main() -> None:
     greedy_rows = []
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
-        ref = hf_greedy(hf := hf_model(args.gguf, dtype, args.device), prompts, args.greedy_tokens)
-        free(hf)
+        hf = hf_model(args.gguf, dtype, args.device)
+        ref = hf_greedy(hf, prompts, args.greedy_tokens)
+        del hf
+        free()
         llm = LLM(model=args.gguf, dtype=name, max_model_len=4096, device=args.device)
         ours = our_greedy(llm, prompts, args.greedy_tokens)
-        free(llm)
+        del llm
+        free()
         prefix = [common_prefix(a, b) for a, b in zip(ours, ref)]
         greedy_rows.append({"dtype": name, "prompts": len(prompts), "identical": sum(a == b for a, b in zip(ours, ref)),
                             "mean_common_prefix": sum(prefix) / len(prefix), "tokens_each": args.greedy_tokens})
@@ -188,13 +192,16 @@ def main() -> None:
         sequences = [s[: args.max_positions + 1] for s in sequences[:2]]
     hf32 = hf_model(args.gguf, torch.float32, args.device)
     top32, lead32 = zip(*(hf_top(hf32, s) for s in sequences))
-    free(hf32)
+    del hf32
+    free()
     hf16 = hf_model(args.gguf, torch.bfloat16, args.device)
     top16 = [hf_top(hf16, s)[0] for s in sequences]
-    free(hf16)
+    del hf16
+    free()
     llm = LLM(model=args.gguf, dtype="bfloat16", max_model_len=4096, device=args.device)
     ours16 = [our_top(llm, s) for s in sequences]
-    free(llm)
+    del llm
+    free()
     flat = {k: sum(v, []) for k, v in {"hf32": list(top32), "lead": list(lead32), "hf16": top16, "ours": ours16}.items()}
     confident = [lead >= 0.5 for lead in flat["lead"]]
     tf = {
