@@ -43,8 +43,11 @@ def sha256(path: str) -> str:
 def hf_model(gguf: str, dtype: torch.dtype, device: str) -> Any:
     from transformers import AutoModelForCausalLM
 
+    # Loaded in float32 (dequantized), then cast: a plain bf16 network, whatever the transformers
+    # version would otherwise do with packed GGUF blocks in another dtype.
     p = Path(gguf)
-    return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def free() -> None:

@@ -74,6 +74,50 @@ numbers are exported in a standard text format that monitoring systems scrape ev
 alerts fire when the waiting queue grows faster than the service can drain it. A well designed server \
 sheds load early, answering with a clear error instead of letting every request slow down together, so \
 that clients can retry elsewhere while the system recovers.
+
+Deploying a new version of a model is a risk that teams manage in steps. A small share of the \
+traffic is first sent to the new servers, and their error rate and latency are compared with those \
+of the servers already in service. If the new version answers more slowly or fails more often, the \
+router takes the traffic away again without waiting for a person to notice. Only when the canary has \
+served enough requests without trouble does its share grow, until the old servers can be retired. \
+The same idea applies to configuration: a change that cannot be tested on a small share first is a \
+change that can break everything at once.
+
+Tokenizers are an easily overlooked source of differences between systems. A model is trained on \
+sequences of integer identifiers, not on characters, and the mapping from text to identifiers must \
+be exactly the one used during training. Byte pair encoding starts from single bytes and repeatedly \
+merges the most frequent adjacent pair into a new symbol, so the vocabulary contains whole common \
+words, frequent fragments of rare words, and every single byte as a last resort. Two tokenizers that \
+disagree on a single merge rule will split some words differently, and the model will then see \
+inputs it was never trained on, which quietly lowers the quality of its answers.
+
+Sampling turns the probabilities computed by the model into text. Greedy decoding always takes the \
+most likely token, which is reproducible but tends to repeat itself. Temperature divides the logits \
+before the softmax, so that a value below one sharpens the distribution and a value above one \
+flattens it. Nucleus sampling keeps only the smallest set of tokens whose probabilities add up to a \
+chosen threshold and draws from that set. A seed makes the draws repeatable, which matters when a \
+user wants to reproduce a result or when a test must compare two runs token by token.
+
+Memory on the accelerator is divided between the weights, the activations of the current step, and \
+the cache. At start-up the engine runs the model once on the largest batch it will ever schedule, \
+measures the peak memory that pass needed, and gives what remains, up to a configured fraction of \
+the device, to the cache. Asking for too much leaves no room for the activations of a large step and \
+the server fails under load; asking for too little wastes capacity and forces requests to wait. \
+Profiling at start-up replaces guesswork with a measurement taken on the machine that will serve.
+
+Small models have a place beside large ones. A model with a hundred million parameters fits in the \
+cache of a laptop processor, answers simple questions in a fraction of a second, and can run where \
+no accelerator is available at all. It will not write a long essay or solve a hard puzzle, but it can \
+classify requests, extract names and dates, suggest completions, or check that a serving system works \
+end to end before a larger model is deployed on it. For developers, a small model that installs in a \
+minute is the difference between trying a system today and postponing it until a large download ends.
+
+Benchmarks deserve as much care as the systems they measure. A number without the command that \
+produced it, the commit it ran at, and the machine it ran on cannot be reproduced, and a number that \
+cannot be reproduced cannot be trusted. Good reports state the workload, the warm-up, and the spread \
+between repeated runs, and they put each figure beside a floor or a peer so that a reader can judge \
+whether it is good. The most useful benchmark is often the one that explains where the time goes, \
+because it tells the next engineer which part of the system to improve.
 """
 
 PROMPTS: tuple[str, ...] = (
