@@ -45,7 +45,7 @@ class SchedulerConfig:
 @dataclass(slots=True)
 class ModelConfig:
     model: str  # as given by the user (path or hub id)
-    model_dir: str  # resolved local directory
+    model_dir: str  # resolved local directory, or the .gguf file of a GGUF checkpoint
     tokenizer: str
     dtype: str  # resolved later to a torch dtype by the loader; the user's string here
     max_model_len: int
@@ -122,7 +122,7 @@ class EngineArgs:
 
     def _validate(self) -> None:
         if not self.model:
-            raise ValueError("model must be given (a local directory or a Hugging Face hub id)")
+            raise ValueError("model must be given (a local directory, a .gguf file or a Hugging Face hub id)")
         checks: list[tuple[bool, str]] = [
             (self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size must be a power of two in [1, 128]"),
             (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"),
@@ -153,25 +153,32 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         self._validate()
         from pagedserve.generation_defaults import load_generation_defaults
+        from pagedserve.model_executor.gguf_loader import find_gguf_file, load_gguf_config
         from pagedserve.model_executor.loader import resolve_model_dir  # lazy: torch-free import
         from pagedserve.model_executor.model_spec import load_hf_config
         from pagedserve.model_repo import prepare_model  # URL -> verified local cache (model_repo/)
 
         model_path = prepare_model(self.model, self.model_public_key, self.download_dir)
         model_dir = resolve_model_dir(model_path, self.revision, self.download_dir, self.load_format)
+        # A GGUF checkpoint (a .gguf file, or a directory holding one): model_dir is the file, its
+        # config and tokenizer come from its metadata, generation_config.json from beside it.
+        gguf_file = find_gguf_file(model_dir)
+        model_dir = gguf_file or model_dir
         tokenizer = model_dir
         if self.tokenizer:
-            tokenizer = resolve_model_dir(self.tokenizer, self.tokenizer_revision, self.download_dir,
-                                          tokenizer_only=True)
+            tokenizer = find_gguf_file(self.tokenizer) or resolve_model_dir(
+                self.tokenizer, self.tokenizer_revision, self.download_dir, tokenizer_only=True)
         # The only read of the checkpoint's config: the worker builds the model from these two.
-        hf_config = load_hf_config(model_dir, trust_remote_code=self.trust_remote_code)
+        hf_config = (load_gguf_config(gguf_file) if gguf_file else
+                     load_hf_config(model_dir, trust_remote_code=self.trust_remote_code))
         model_spec = ModelSpec.from_hf(hf_config)
         # quantization= must agree with the checkpoint (and name a known method): fail at start-up
         from pagedserve.model_executor.quantization.base import resolve_quant_config
 
         resolve_quant_config(model_dir, model_spec, self.quantization)
         generation_defaults = load_generation_defaults(
-            model_dir, self.generation_config, self.override_generation_config)
+            os.path.dirname(gguf_file) if gguf_file else model_dir, self.generation_config,
+            self.override_generation_config)
         max_model_len = _derive_max_model_len(model_spec.max_context_len, self.max_model_len)
         if self.max_num_batched_tokens is not None:
             max_batched = self.max_num_batched_tokens

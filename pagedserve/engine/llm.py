@@ -18,7 +18,7 @@ from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 class LLM:
     def __init__(
         self,
-        model: str,
+        model: str | None = None,
         tokenizer: str | None = None,
         dtype: str = "auto",
         seed: int = 0,
@@ -30,6 +30,14 @@ class LLM:
         enable_prefix_caching: bool = True,
         **kwargs: Any,
     ) -> None:
+        if not model:  # the built-in model: SmolLM2-135M-Instruct, else the demo (builtin_model.py)
+            from pagedserve.builtin_model import builtin_model
+
+            builtin = builtin_model()
+            model = builtin.model
+            kwargs.setdefault("served_model_name", builtin.served_model_name)
+            kwargs["override_generation_config"] = {**builtin.generation_defaults,
+                                                    **(kwargs.get("override_generation_config") or {})}
         engine_args = EngineArgs.from_kwargs(
             model=model,
             tokenizer=tokenizer,

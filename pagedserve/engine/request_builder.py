@@ -25,6 +25,12 @@ def load_tokenizer(config: EngineConfig) -> Any:
     from transformers import AutoTokenizer
 
     model_config = config.model_config
+    from pagedserve.model_executor.gguf_loader import is_gguf
+
+    if is_gguf(model_config.tokenizer):  # the tokenizer embedded in a GGUF checkpoint
+        from pagedserve.model_executor.gguf_loader import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(model_config.tokenizer, model_config.trust_remote_code)
     # The tokenizer of the checkpoint itself picks its class from the engine's one config object
     # (transformers would otherwise read config.json again); a separate tokenizer reads its own.
     same_dir = model_config.tokenizer == model_config.model_dir
@@ -35,8 +41,14 @@ def load_tokenizer(config: EngineConfig) -> Any:
 
 def generation_eos_ids(model_dir: str) -> list[int]:
     """EOS ids listed in generation_config.json (some models stop on several)."""
+    import os
+
     from transformers import GenerationConfig
 
+    if os.path.isfile(model_dir):  # a GGUF file: a generation_config.json may sit beside it
+        model_dir = os.path.dirname(model_dir)
+        if not os.path.isfile(os.path.join(model_dir, "generation_config.json")):
+            return []
     try:
         generation_config = GenerationConfig.from_pretrained(model_dir)
     except OSError:

@@ -1,6 +1,6 @@
 """The `pagedserve` command.
 
-pagedserve serve [MODEL] [vLLM server flags]    OpenAI-compatible server (demo model if none)
+pagedserve serve [MODEL] [vLLM server flags]    OpenAI-compatible server (built-in SmolLM2-135M-Instruct if none)
 pagedserve generate [--model M] PROMPT...       offline completions through `LLM`
 pagedserve audit verify FILE [--key-file K] [--expect-head [SEQ:]HASH] [--checkpoint CP]
                                                 check an audit log (chain, HMACs, checkpoint)
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pagedserve.entrypoints.openai.cli_args import add_server_args, validate_args
 
@@ -23,7 +24,7 @@ def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pagedserve generate", allow_abbrev=False,
                                 description="Generate completions offline and print them.")  # fmt: skip
     p.add_argument("prompts", nargs="+", metavar="PROMPT")
-    p.add_argument("--model", default=None, help="model directory or hub id (default: the demo model)")
+    p.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: the built-in model)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -48,11 +49,14 @@ def generate_main(argv: Sequence[str]) -> int:
     except ValueError as e:
         parser.error(str(e))
     model = args.model
-    if model is None:
-        from pagedserve.testing.checkpoints import build_demo_checkpoint
+    extra: dict[str, Any] = {}
+    if model is None:  # the built-in model: SmolLM2-135M-Instruct, else the demo (builtin_model.py)
+        from pagedserve.builtin_model import builtin_model
 
-        model = build_demo_checkpoint()
-    extra = {"kv_cache_memory_bytes": args.kv_cache_memory_bytes} if args.kv_cache_memory_bytes else {}
+        builtin = builtin_model()
+        model, extra["served_model_name"] = builtin.model, builtin.served_model_name
+    if args.kv_cache_memory_bytes:
+        extra["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
     llm = LLM(model=model, dtype=args.dtype, max_model_len=args.max_model_len, **extra)
     for output in llm.generate(args.prompts, params, use_tqdm=False):
         for completion in output.outputs:

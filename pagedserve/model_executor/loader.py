@@ -77,7 +77,11 @@ def resolve_model_dir(model: str, revision: str | None = None, download_dir: str
     if path.is_dir():
         return str(path.resolve())
     if path.exists():
-        raise ValueError(f"model {model!r} is a file; expected a checkpoint directory")
+        from pagedserve.model_executor.gguf_loader import is_gguf
+
+        if is_gguf(path):  # a single-file GGUF checkpoint (gguf_loader.py)
+            return str(path.resolve())
+        raise ValueError(f"model {model!r} is a file; expected a checkpoint directory or a .gguf file")
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
@@ -229,6 +233,11 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     this process's tensor-parallel rank (default: the only rank); each rank loads its shard.
     `quantization` must agree with the checkpoint's quantization config (None: take it).
     `kernels` replaces the set `attn_backend` names (tests inject twins)."""
+    from pagedserve.model_executor.gguf_loader import find_gguf_file, iterate_gguf, load_gguf_config
+
+    gguf_file = find_gguf_file(model_dir)
+    if hf_config is None and gguf_file is not None:
+        hf_config = load_gguf_config(gguf_file)
     if hf_config is None:
         if not (Path(model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {model_dir!r}; not a Hugging Face checkpoint")
@@ -238,7 +247,8 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     quant_config = resolve_quant_config(model_dir, spec, quantization)
     if quant_config is not None:  # merged module -> its checkpoint parts, for get_method
         quant_config.packed_modules_mapping = dict(getattr(model_cls, "packed_modules_mapping", {}))
-    weights = iterate_weights(model_dir, load_format, show_progress)  # fails here on missing files
+    weights = (iterate_gguf(gguf_file, dtype, show_progress) if gguf_file is not None  # dequantized
+               else iterate_weights(model_dir, load_format, show_progress))  # fails here on missing files
     device = torch.device(device)
     with torch.device(device), _default_dtype(dtype):
         # The one kernel choice: pointwise ops, GEMV and argmax follow the attention backend.

@@ -40,6 +40,7 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSer
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ENV_OVERRIDES}
     env["PAGEDSERVE_CACHE"] = str(tmp / "cache")  # the demo model is built there
+    env["PAGEDSERVE_BUILTIN_MODEL"] = "demo"  # the random demo model, even where SmolLM2 is installed
     # `pagedserve serve` as the README runs it; --device cpu only pins what a CPU-only host picks
     args = [sys.executable, "-m", "pagedserve.entrypoints.cli", "serve", "--host", "127.0.0.1",
             "--port", str(port), "--device", "cpu", "--log-format", "text"]  # fmt: skip

@@ -123,11 +123,13 @@ class MetricsBridge:
 
 def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> FastAPI:
     """The app for parsed CLI `args`. The engine starts in the app's lifespan (in the background)."""
-    if args.model is None:
-        from pagedserve.testing.checkpoints import build_demo_checkpoint
+    if args.model is None:  # the built-in model: SmolLM2-135M-Instruct, else the demo (builtin_model.py)
+        from pagedserve.builtin_model import builtin_model
 
-        args.model = build_demo_checkpoint()
-        args.served_model_name = args.served_model_name or ["pagedserve-demo"]
+        builtin = builtin_model()
+        args.model = builtin.model
+        args.served_model_name = args.served_model_name or [builtin.served_model_name]
+        args.override_generation_config = {**builtin.generation_defaults, **(args.override_generation_config or {})}
     if config is None:
         config = engine_args_from(args).create_engine_config()
     names = list(args.served_model_name or [config.model_config.served_model_name])

@@ -28,9 +28,9 @@ from pagedserve.ops.http_limits import add_hardening_args
 def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> argparse.ArgumentParser:
     if positional_model:
         parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                            help="model directory or hub id (default: the built-in demo model)")  # fmt: skip
+                            help="model directory, .gguf file or hub id (default: the built-in model)")  # fmt: skip
     parser.add_argument("--model", default=None,
-                        help="model directory, hub id, or fsspec URL (s3://bucket/prefix: pulled into the cache)")
+                        help="model directory, .gguf file, hub id, or fsspec URL (s3://bucket/prefix: pulled into the cache)")
     parser.add_argument("--model-public-key", default=None, metavar="PEM",
                         help="Ed25519 public key (file or PEM text): the model's SHA256SUMS.sig must verify")
     http = parser.add_argument_group("HTTP server")
