@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import hashlib
 import time
@@ -170,40 +171,39 @@ def main() -> None:
         prompts = prompts[:3]
     result: dict[str, Any] = {"args": vars(args)}
 
+    # transformers loads the GGUF once (float32, dequantized); its bf16 twin is a cast copy.
+    hf32 = hf_model(args.gguf, torch.float32, args.device)
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    llm16 = LLM(model=args.gguf, dtype="bfloat16", max_model_len=4096, device=args.device)
+
     # 1. greedy, float32 then bf16
     greedy_rows = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, hf in ((torch.float32, hf32), (torch.bfloat16, hf16)):
         name = str(dtype).removeprefix("torch.")
-        hf = hf_model(args.gguf, dtype, args.device)
         ref = hf_greedy(hf, prompts, args.greedy_tokens)
-        del hf
-        free()
-        llm = LLM(model=args.gguf, dtype=name, max_model_len=4096, device=args.device)
-        ours = our_greedy(llm, prompts, args.greedy_tokens)
-        del llm
-        free()
+        if dtype == torch.float32:
+            llm = LLM(model=args.gguf, dtype=name, max_model_len=4096, device=args.device)
+            ours = our_greedy(llm, prompts, args.greedy_tokens)
+            del llm
+            free()
+        else:
+            ours = our_greedy(llm16, prompts, args.greedy_tokens)
         prefix = [common_prefix(a, b) for a, b in zip(ours, ref)]
         greedy_rows.append({"dtype": name, "prompts": len(prompts), "identical": sum(a == b for a, b in zip(ours, ref)),
                             "mean_common_prefix": sum(prefix) / len(prefix), "tokens_each": args.greedy_tokens})
     print_table("greedy vs transformers (same GGUF)", greedy_rows)
     result["greedy"] = greedy_rows
+    write_json(args.json, result)
 
     # 2. teacher-forced top-1 over real text
     paragraphs = [p for p in TECHNICAL_TEXT.split("\n\n") if p.strip()]
     sequences = [tok(t, add_special_tokens=False).input_ids for t in [TECHNICAL_TEXT, *paragraphs]]
     if args.max_positions:
         sequences = [s[: args.max_positions + 1] for s in sequences[:2]]
-    hf32 = hf_model(args.gguf, torch.float32, args.device)
     top32, lead32 = zip(*(hf_top(hf32, s) for s in sequences))
-    del hf32
-    free()
-    hf16 = hf_model(args.gguf, torch.bfloat16, args.device)
     top16 = [hf_top(hf16, s)[0] for s in sequences]
-    del hf16
-    free()
-    llm = LLM(model=args.gguf, dtype="bfloat16", max_model_len=4096, device=args.device)
-    ours16 = [our_top(llm, s) for s in sequences]
-    del llm
+    ours16 = [our_top(llm16, s) for s in sequences]
+    del hf32, hf16, llm16
     free()
     flat = {k: sum(v, []) for k, v in {"hf32": list(top32), "lead": list(lead32), "hf16": top16, "ours": ours16}.items()}
     confident = [lead >= 0.5 for lead in flat["lead"]]
@@ -218,11 +218,13 @@ def main() -> None:
     }
     print_table("teacher-forced top-1 agreement (bf16)", [tf])
     result["teacher_forced"] = tf
+    write_json(args.json, result)
 
     # 3. batch-1 decode, 512 tokens, sync and async scheduling
     decode_rows = [decode_run(args.gguf, args.decode_tokens, a, args.device) for a in (False, True)]
     print_table(f"batch-1 decode ({args.decode_tokens} tokens)", decode_rows)
     result["decode"] = decode_rows
+    write_json(args.json, result)
 
     # 4. offline throughput (bf16 on a GPU: dtype auto)
     from benchmarks.throughput import run as throughput_run

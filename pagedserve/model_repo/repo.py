@@ -43,7 +43,6 @@ from pagedserve.model_repo.remote import (
     remote_sizes,
     upload,
 )
-from pagedserve.model_repo.signing import load_private_key, load_public_key, sign_manifest, verify_signature
 
 logger = logging.getLogger(__name__)
 CACHE_ENV = "PAGEDSERVE_MODEL_CACHE"
@@ -98,6 +97,11 @@ def _check_signature(manifest: bytes | None, signature: bytes | None, public_key
     if manifest is None:
         raise ModelVerificationError(f"{where}: no {MANIFEST_NAME} and a model public key is required; "
                                      "refusing to load an unsigned model")  # fmt: skip
+    from pagedserve.model_repo.signing import (  # cryptography: only when signed
+        load_public_key,
+        verify_signature,
+    )
+
     verify_signature(manifest, signature, load_public_key(public_key), where)
 
 
@@ -168,6 +172,8 @@ def sign_dir(local_dir: str, key: str | None = None) -> tuple[Path, Path | None]
     if key is None:
         sig.unlink(missing_ok=True)
         return path / MANIFEST_NAME, None
+    from pagedserve.model_repo.signing import load_private_key, sign_manifest
+
     sig.write_bytes(sign_manifest(manifest, load_private_key(key)))
     return path / MANIFEST_NAME, sig
 
