@@ -62,6 +62,7 @@ class Request:
     eos_token_id: int | None
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # lower runs first under the priority policy (vLLM's convention)
+    priority_class: str = "interactive"  # or "batch": waits behind interactive work, evicted first
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -1,0 +1,378 @@
+"""SLO controller: the running-batch cap and the per-step token budget, fed by measured steps.
+
+Pure Python (no torch, no clock of its own): the scheduler hands it one StepSample per finished
+step (its wall duration and composition) and asks it for the caps before planning the next.
+
+    schedule():  max_num_seqs  <- controller.max_num_seqs            (feedback, every `interval`)
+                 token budget  <- controller.token_budget(running)   (model, every step)
+    update():    controller.observe(StepSample(duration, composition))
+
+1. Running-batch cap (feedback). A decode request gets one token per step, so its TPOT is the
+   step duration. Over a moving window of the last `window` steps that carried decodes:
+       p = percentile(durations, q)
+       p > target                        -> shrink: cap -= max(1, cap * shrink_frac)
+       p < target * (1 - margin), cap hit -> grow:   cap += max(1, cap * grow_frac), no further
+                                                     than the step-time model predicts is safe
+       otherwise                          -> hold (the dead band is the hysteresis)
+   After every change the window is cleared and the next decision waits for `interval` fresh
+   samples measured under the new cap, so one change is judged by its own effect; a shrink also
+   blocks growth for `cooldown` decisions. The cap grows only while it binds (requests waited
+   for a seat), so under light load it stays where the load is.
+2. Token budget (model). A step-time model t = w . [1, seqs, tokens, context/1024] is fitted by
+   exponentially weighted least squares. A step's prefill share is sized so that the running
+   requests' step stays under target * (1 - margin / 2): chunked prefill never breaks the TPOT
+   of the requests already decoding. Steps without decodes get the whole (adapted) token cap.
+3. Queueing delay, for admission control: while requests wait, seats are handed out at a
+   measured rate (admissions per second, EWMA); a request with n ahead waits about n / rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pagedserve.config import SloConfig
+    from pagedserve.core.outputs import SchedulerOutput
+    from pagedserve.core.request import Request
+
+@dataclass(slots=True)
+class StepSample:
+    duration_s: float  # wall time the step took (its tokens' inter-token interval)
+    num_seqs: int  # requests scheduled in the step
+    num_decode: int  # of which decoding (1 token, past their prompt)
+    num_tokens: int  # scheduled tokens in all (decode + prefill)
+    context_tokens: int  # KV positions the step attends over, summed over its requests
+    # per priority class (interactive, batch): requests left waiting after the step was
+    # planned, and requests the step gave a seat (from the waiting queue, or swapped back in)
+    num_waiting: tuple[int, int] = (0, 0)
+    num_admitted: tuple[int, int] = (0, 0)
+    cap_hit: bool = False  # the seat cap kept a waiting request out
+    budget_hit: bool = False  # the token budget cut a prefill short
+
+
+@dataclass(slots=True)
+class ControllerParams:
+    margin: float = 0.15  # grow only while p < target * (1 - margin)
+    percentile: float = 0.9  # the moving high percentile compared with the target
+    window: int = 32  # step samples in the moving window
+    interval: int = 8  # fresh samples needed before the next decision
+    grow_frac: float = 0.25  # at most this relative growth per decision (at least +1)
+    shrink_frac: float = 0.2  # at most this relative cut per decision (at least -1)
+    cooldown: int = 4  # decisions without growth after a shrink
+    initial_seqs: int = 8
+    min_seqs: int = 1
+    min_chunk: int = 16  # prefill tokens a step may always take beside its decodes
+    forgetting: float = 0.98  # per-sample weight decay of the step-time model
+
+
+class StepTimeModel:
+    """Exponentially weighted ridge regression of step time on the step's composition.
+
+    features x = [1, seqs, tokens, context / 1024]; keeps A = sum w x x^T and b = sum w x y
+    (4 x 4 and 4), solved on demand. Tiny, so plain lists and Gaussian elimination.
+    """
+
+    DIM = 4
+
+    def __init__(self, forgetting: float, ridge: float = 1e-8) -> None:
+        self.forgetting = forgetting
+        self.ridge = ridge
+        self.a = [[0.0] * self.DIM for _ in range(self.DIM)]
+        self.b = [0.0] * self.DIM
+        self.num_samples = 0
+        self._weights: list[float] | None = None
+
+    @staticmethod
+    def features(num_seqs: int, num_tokens: int, context_tokens: int) -> list[float]:
+        return [1.0, float(num_seqs), float(num_tokens), context_tokens / 1024.0]
+
+    def add(self, x: list[float], y: float) -> None:
+        f = self.forgetting
+        for i in range(self.DIM):
+            self.b[i] = f * self.b[i] + x[i] * y
+            row = self.a[i]
+            for j in range(self.DIM):
+                row[j] = f * row[j] + x[i] * x[j]
+        self.num_samples += 1
+        self._weights = None
+
+    def weights(self) -> list[float] | None:
+        """The fitted weights, or None before enough samples. Negative marginal costs (noise,
+        collinear features) are clamped to 0 and the rest refitted, so predictions are monotone."""
+        if self.num_samples < 2 * self.DIM:
+            return None
+        if self._weights is None:
+            active = list(range(self.DIM))
+            while True:
+                w = _solve([[self.a[i][j] for j in active] for i in active], [self.b[i] for i in active],
+                           self.ridge)
+                full = [0.0] * self.DIM
+                for k, i in enumerate(active):
+                    full[i] = w[k]
+                negative = [i for i in active[1:] if full[i] < 0]
+                if not negative:
+                    break
+                active = [i for i in active if i not in negative]
+            self._weights = full
+        return self._weights
+
+    def predict(self, num_seqs: int, num_tokens: int, context_tokens: int) -> float | None:
+        w = self.weights()
+        if w is None:
+            return None
+        x = self.features(num_seqs, num_tokens, context_tokens)
+        return sum(wi * xi for wi, xi in zip(w, x))
+
+
+def _solve(a: list[list[float]], b: list[float], ridge: float) -> list[float]:
+    """Solve (a + ridge * diag(a)) w = b by Gaussian elimination with partial pivoting (the
+    ridge is relative to each feature's own scale, so it only settles collinear directions)."""
+    n = len(b)
+    m = [[a[i][j] * (1 + ridge if i == j else 1.0) for j in range(n)] + [b[i]] for i in range(n)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        if abs(m[col][col]) < 1e-300:
+            continue
+        for r in range(col + 1, n):
+            factor = m[r][col] / m[col][col]
+            for c in range(col, n + 1):
+                m[r][c] -= factor * m[col][c]
+    w = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        if abs(m[r][r]) < 1e-300:
+            continue
+        w[r] = (m[r][n] - sum(m[r][c] * w[c] for c in range(r + 1, n))) / m[r][r]
+    return w
+
+
+class SloController:
+    """Caps for one engine under a TPOT objective (seconds) and the configured maxima."""
+
+    def __init__(self, tpot_target_s: float, max_num_seqs: int, max_num_batched_tokens: int,
+                 params: ControllerParams | None = None) -> None:  # fmt: skip
+        self.params = p = params or ControllerParams()
+        self.tpot_target_s = tpot_target_s
+        self.max_seqs_limit = max_num_seqs
+        self.max_tokens_limit = max_num_batched_tokens
+        self.max_num_seqs = max(p.min_seqs, min(max_num_seqs, p.initial_seqs))
+        self.token_cap = max_num_batched_tokens
+        self.model = StepTimeModel(p.forgetting)
+        self.window: deque[float] = deque(maxlen=p.window)
+        self.last_budget = max_num_batched_tokens
+        self.num_changes = 0  # cap changes so far (grow or shrink)
+        self._fresh = 0  # samples since the last decision
+        self._cooldown = 0
+        self._cap_hit = self._budget_hit = False  # within the current decision interval
+        self._seqs_seen = 0  # most requests scheduled in one step this interval
+        self._mean_context = 0.0  # EWMA of context tokens per decoding request
+        self._mean_chunk = float(self.params.min_chunk)  # EWMA of prefill tokens per prefilling request
+        # per class: admissions while that class had requests waiting, (admitted, seconds)
+        # summed over the current interval, and their rate in requests per second (EWMA; None
+        # while the class never waited)
+        self._admit_count = [0, 0]
+        self._admit_time = [0.0, 0.0]
+        self.admit_rate: list[float | None] = [None, None]
+
+    # ------------------------------------------------------------------ the scheduler's calls
+
+    def token_budget(self, num_decode: int, context_tokens: int) -> int:
+        """The token budget for a step whose running requests are num_decode decodes attending
+        over context_tokens positions: their tokens plus a prefill share that keeps the predicted
+        step under target * (1 - margin / 2)."""
+        limit = self.max_tokens_limit
+        cap = min(self.token_cap, limit)
+        w = self.model.weights()
+        if num_decode == 0 or w is None or w[2] <= 0:
+            budget = cap  # no TPOT at stake, or no model to size the prefill share by yet
+        else:
+            # every running request gets its token, and a prefill always makes some progress
+            floor = min(limit, num_decode + self.params.min_chunk)
+            goal = self.tpot_target_s * (1 - self.params.margin / 2)
+            base = self.model.predict(num_decode, num_decode, context_tokens)
+            assert base is not None
+            # a prefill token costs w[2], its share of the w[1] of the request it belongs to
+            # (chunks of about _mean_chunk tokens), and at least one more position attended
+            per_token = w[2] + w[1] / max(1.0, self._mean_chunk) + w[3] / 1024
+            extra = (goal - base) / per_token
+            budget = max(floor, min(cap, num_decode + int(extra)))
+        self.last_budget = budget
+        return budget
+
+    def observe(self, sample: StepSample) -> None:
+        p = self.params
+        if sample.num_seqs == 0:
+            return
+        x = StepTimeModel.features(sample.num_seqs, sample.num_tokens, sample.context_tokens)
+        self.model.add(x, sample.duration_s)
+        for k in (0, 1):
+            if sample.num_waiting[k] > 0 or sample.num_admitted[k] > 0:
+                self._admit_count[k] += sample.num_admitted[k]
+                self._admit_time[k] += sample.duration_s
+        prefill_seqs = sample.num_seqs - sample.num_decode
+        if prefill_seqs > 0:
+            chunk = (sample.num_tokens - sample.num_decode) / prefill_seqs
+            self._mean_chunk += 0.2 * (chunk - self._mean_chunk)
+        self._cap_hit |= sample.cap_hit
+        self._budget_hit |= sample.budget_hit
+        self._seqs_seen = max(self._seqs_seen, sample.num_seqs)
+        if sample.num_decode == 0:
+            return  # no request's TPOT was at stake
+        self._mean_context += 0.1 * (sample.context_tokens / sample.num_seqs - self._mean_context)
+        self.window.append(sample.duration_s)
+        self._fresh += 1
+        if self._fresh >= p.interval:
+            self._decide()
+
+    # ------------------------------------------------------------------ decisions
+
+    def high_percentile(self) -> float | None:
+        if not self.window:
+            return None
+        ordered = sorted(self.window)
+        index = max(0, math.ceil(self.params.percentile * len(ordered)) - 1)
+        return ordered[index]
+
+    def _decide(self) -> None:
+        p = self.params
+        high = self.high_percentile()
+        assert high is not None
+        target = self.tpot_target_s
+        old_seqs, old_tokens = self.max_num_seqs, self.token_cap
+        if high > target:
+            # cut from what actually ran, so that a cap far above the batch still bites
+            base = min(self.max_num_seqs, max(self._seqs_seen, p.min_seqs))
+            self.max_num_seqs = max(p.min_seqs, base - max(1, int(base * p.shrink_frac)))
+            floor = min(self.max_tokens_limit, max(p.min_chunk, self.max_num_seqs))
+            self.token_cap = max(floor, self.token_cap - max(1, int(self.token_cap * p.shrink_frac)))
+            self._cooldown = p.cooldown
+        elif self._cooldown > 0:
+            self._cooldown -= 1
+        elif high < target * (1 - p.margin):
+            if self._cap_hit:
+                self.max_num_seqs = self._grown_seqs()
+            if self._budget_hit:
+                step = max(1, int(self.token_cap * p.grow_frac))
+                self.token_cap = min(self.max_tokens_limit, self.token_cap + step)
+        if (self.max_num_seqs, self.token_cap) != (old_seqs, old_tokens):
+            self.num_changes += 1
+            self.window.clear()  # judge the new caps by samples measured under them
+        self._fresh = 0
+        self._cap_hit = self._budget_hit = False
+        self._seqs_seen = 0
+        for k in (0, 1):
+            if self._admit_time[k] > 0:
+                rate = self._admit_count[k] / self._admit_time[k]
+                old = self.admit_rate[k]
+                self.admit_rate[k] = rate if old is None else 0.5 * old + 0.5 * rate
+        self._admit_count, self._admit_time = [0, 0], [0.0, 0.0]
+
+    def _grown_seqs(self) -> int:
+        """cap + a bounded step, but no further than the model predicts a decode step stays
+        under target * (1 - margin)."""
+        p = self.params
+        cap = self.max_num_seqs
+        grown = min(self.max_seqs_limit, cap + max(1, int(cap * p.grow_frac)))
+        goal = self.tpot_target_s * (1 - p.margin)
+        while grown > cap + 1:
+            n = grown
+            predicted = self.model.predict(n, n, int(n * self._mean_context))
+            if predicted is None or predicted <= goal:
+                break
+            grown -= 1
+        return grown
+
+    # ------------------------------------------------------------------ admission control
+
+    def predicted_queue_delay_s(self, num_ahead: int, batch: bool = False) -> float | None:
+        """Seconds a new request waits for a seat behind the num_ahead requests of its class
+        queued before it (a batch request: behind the batch ones; the interactive ones that pass
+        it show in the batch class's lower admission rate). None: its class never waited yet,
+        so there is no rate to go by."""
+        return predicted_delay(num_ahead, self.admit_rate[int(batch)])
+
+
+def predicted_delay(num_ahead: int, admit_rate: float | None) -> float | None:
+    if num_ahead <= 0:
+        return 0.0
+    if admit_rate is None:
+        return None
+    if admit_rate <= 0:
+        return math.inf  # requests of the class waited and none got a seat
+    return num_ahead / admit_rate
+
+
+class SchedulerSlo:
+    """The scheduler's side of the controller: composes each planned step's StepSample and times
+    it with the given clock (the engine's time.monotonic; a simulated one in tests).
+
+    A step's duration is the time from the later of its planning and the previous step's update
+    to its own update: under async scheduling (step n+1 planned before step n's update) this is
+    still the interval between two tokens of a decoding request."""
+
+    def __init__(self, slo: SloConfig, max_num_seqs: int, max_num_batched_tokens: int,
+                 clock: Callable[[], float], params: ControllerParams | None = None) -> None:  # fmt: skip
+        tightest = slo.tightest_tpot_s
+        assert tightest is not None, "the controller needs a TPOT objective"
+        self.slo = slo
+        self.controller = SloController(tightest, max_num_seqs, max_num_batched_tokens, params)
+        self.clock = clock
+        self._planned: dict[int, tuple[float, StepSample]] = {}
+        self._last_update: float | None = None
+
+    def target_for(self, running: Iterable[Request]) -> float:
+        """The TPOT objective the running batch must meet: the interactive one while an
+        interactive request runs, else the batch class's (else the tightest)."""
+        tpot = self.slo.tpot_s
+        classes = {r.priority_class for r in running}
+        for cls in ("interactive", "batch"):
+            if cls in classes and cls in tpot:
+                return tpot[cls]
+        tightest = self.slo.tightest_tpot_s
+        assert tightest is not None
+        return tightest
+
+    def caps(self, running: list[Request]) -> tuple[int, int]:
+        """(running-batch cap, token budget) for the step about to be planned."""
+        c = self.controller
+        c.tpot_target_s = self.target_for(running)
+        num_decode = context = 0
+        for r in running:
+            if r.num_computed_tokens >= r.num_prompt_tokens:
+                num_decode += 1
+                context += r.num_computed_tokens
+        return c.max_num_seqs, c.token_budget(num_decode, context)
+
+    def planned(self, plan: SchedulerOutput, requests: dict[str, Request], num_waiting: tuple[int, int],
+                max_seqs: int, budget: int, num_running: int) -> None:  # fmt: skip
+        """Call before schedule() advances num_computed_tokens past the plan."""
+        num_decode = context = 0
+        for req_id, num in plan.num_scheduled_tokens.items():
+            r = requests[req_id]
+            context += r.num_computed_tokens + num
+            num_decode += num == 1 and r.num_computed_tokens >= r.num_prompt_tokens
+        admitted = [0, 0]
+        for new in plan.scheduled_new_reqs:
+            admitted[requests[new.req_id].priority_class == "batch"] += 1
+        sample = StepSample(
+            duration_s=0.0, num_seqs=len(plan.num_scheduled_tokens), num_decode=num_decode,
+            num_tokens=plan.total_num_scheduled_tokens, context_tokens=context, num_waiting=num_waiting,
+            num_admitted=(admitted[0], admitted[1]), cap_hit=sum(num_waiting) > 0 and num_running >= max_seqs,
+            budget_hit=plan.total_num_scheduled_tokens >= budget,
+        )  # fmt: skip
+        self._planned[plan.step_id] = (self.clock(), sample)
+
+    def updated(self, step_id: int) -> None:
+        entry = self._planned.pop(step_id, None)
+        if entry is None:
+            return
+        now = self.clock()
+        planned_at, sample = entry
+        start = planned_at if self._last_update is None else max(planned_at, self._last_update)
+        self._last_update = now
+        sample.duration_s = max(0.0, now - start)
+        self.controller.observe(sample)
