@@ -256,6 +256,11 @@ class EngineArgs:
 PRIORITY_CLASSES = ("interactive", "batch")
 
 
+def check_priority_class(priority_class: str) -> None:
+    if priority_class not in PRIORITY_CLASSES:
+        raise ValueError(f"priority_class must be one of {', '.join(PRIORITY_CLASSES)}, got {priority_class!r}")
+
+
 def parse_slo_ms(value: float | str | dict[str, float] | None, name: str) -> dict[str, float]:
     """An objective in ms -> {class: ms}. A plain number applies to every priority class;
     "interactive=30,batch=200" (or a dict) sets classes one by one."""

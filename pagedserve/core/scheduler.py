@@ -51,6 +51,13 @@ class SchedulerStats:
     num_scheduled_tokens: int  # this step
     kv_slots_allocated: int  # this step: slots in blocks held by scheduled requests
     kv_slots_wasted: int  # of which not holding a token (partial last blocks)
+    # the SLO controller (0 / None without objectives): its caps now, the batch-class share of
+    # num_waiting, and each class's admission rate (requests/s; None: that class never waited)
+    slo_max_num_seqs: int = 0
+    slo_token_budget: int = 0
+    num_waiting_batch: int = 0
+    admit_rate_interactive: float | None = None
+    admit_rate_batch: float | None = None
 
 
 class Scheduler:
@@ -491,7 +498,7 @@ class Scheduler:
         """Queue and cache gauges as they stand now (after the step's update)."""
         stats = self.kv.prefix_stats
         num_followers = sum(len(r.followers) for r in self.running + self.waiting + self.swapped)
-        return SchedulerStats(
+        out = SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting) + num_followers,
             num_swapped=len(self.swapped),
@@ -502,7 +509,11 @@ class Scheduler:
             num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens,
             kv_slots_allocated=slot_usage[0],
             kv_slots_wasted=slot_usage[1],
+            num_waiting_batch=self.num_waiting_ahead("batch"),
         )
+        if self.slo is not None:
+            self.slo.fill_stats(out)
+        return out
 
 
 def _unseen_prompt_logprobs(

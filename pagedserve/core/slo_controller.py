@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from pagedserve.config import SloConfig
     from pagedserve.core.outputs import SchedulerOutput
     from pagedserve.core.request import Request
+    from pagedserve.core.scheduler import SchedulerStats
 
 @dataclass(slots=True)
 class StepSample:
@@ -365,6 +366,12 @@ class SchedulerSlo:
             budget_hit=plan.total_num_scheduled_tokens >= budget,
         )  # fmt: skip
         self._planned[plan.step_id] = (self.clock(), sample)
+
+    def fill_stats(self, stats: SchedulerStats) -> None:
+        """The controller's fields of the step's SchedulerStats."""
+        c = self.controller
+        stats.slo_max_num_seqs, stats.slo_token_budget = c.max_num_seqs, c.last_budget
+        stats.admit_rate_interactive, stats.admit_rate_batch = c.admit_rate[0], c.admit_rate[1]
 
     def updated(self, step_id: int) -> None:
         entry = self._planned.pop(step_id, None)

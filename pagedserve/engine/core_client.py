@@ -61,6 +61,7 @@ class AddRequestMsg(msgspec.Struct, tag="add"):
     eos_token_id: int | None
     arrival_time: float  # time.monotonic(): CLOCK_MONOTONIC is system-wide on Linux
     priority: int = 0
+    priority_class: str = "interactive"  # or "batch"
     # the children's structured output grammar, compiled and serialized by the front end (the
     # engine deserializes it off its step loop instead of compiling again): structured_output.py
     grammar: str | None = None
@@ -135,6 +136,7 @@ def requests_from_msg(msg: AddRequestMsg) -> list[Request]:
             eos_token_id=msg.eos_token_id,
             arrival_time=msg.arrival_time,
             priority=msg.priority,
+            priority_class=msg.priority_class,
         )
         for c in msg.children
     ]

@@ -50,6 +50,7 @@ from pagedserve.entrypoints.openai.serving_completion import (
     prompt_logprobs_json,
     run_to_end,
 )
+from pagedserve.entrypoints.openai.slo_admission import priority_class_of
 from pagedserve.entrypoints.openai.tool_calls import ToolCallStream, forces_tool_calls, parse_tool_calls
 from pagedserve.entrypoints.openai.tool_calls import finish_reason as tool_finish_reason
 from pagedserve.entrypoints.openai.vllm_compat import (
@@ -120,7 +121,8 @@ class OpenAIServingChat(OpenAIServing):
             request.skip_special_tokens = False  # the format's markers are special tokens
         engine = self.engine()
         self.state.bounds.check_num_prompts(1, request.n)
-        self.check_load(engine, 1)
+        priority_class = priority_class_of(raw, request.priority_class)
+        self.check_load(engine, 1, priority_class)
         text, ids = await self.render(engine, request)
         if request.truncate_prompt_tokens is not None:
             ids = ids[-request.truncate_prompt_tokens :]
@@ -134,7 +136,8 @@ class OpenAIServingChat(OpenAIServing):
         log_request(self.state, request_id, text, ids, params)
         info = AuditInfo(request_id, time.time(), text, prompt_tokens=len(ids))
         handle = engine.add_request(
-            {"prompt": text, "prompt_token_ids": ids}, params, request_id, request.priority, grammar=grammar
+            {"prompt": text, "prompt_token_ids": ids}, params, request_id, request.priority, grammar=grammar,
+            priority_class=priority_class,
         )
         gen = engine.stream(handle)
         role = options.response_role
