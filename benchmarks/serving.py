@@ -102,12 +102,13 @@ async def run_rate(base: str, model: str, prompts, out_lens, rate: float, seed: 
 
 
 @contextlib.contextmanager
-def running_server(model: str, server_args: list[str], log_name: str = "pagedserve-server.log",
+def running_server(model: str, server_args: list[str], log_path: str | None = None,
                    served_name: str = "bench") -> Iterator[tuple[str, float]]:  # fmt: skip
-    """(base URL, seconds to ready) of a server started for the benchmark; stopped on exit."""
+    """(base URL, seconds to ready) of a server started for the benchmark; stopped on exit.
+    Its log goes to log_path (default: $SERVER_LOG, else /tmp/pagedserve-server.log)."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    log_path = os.environ.get("SERVER_LOG") or os.path.join("/tmp", log_name)
+    log_path = log_path or os.environ.get("SERVER_LOG") or "/tmp/pagedserve-server.log"
     started = time.perf_counter()
     with open(log_path, "w") as log:
         server = subprocess.Popen(

@@ -177,7 +177,7 @@ def main() -> None:
         work = work.clipped(64, 32, 256)
     rows: list[dict] = []
     probes: list[dict] = []
-    with running_server(args.model, server_args, "pagedserve-slo-baseline.log") as (base, _):
+    with running_server(args.model, server_args, str(out / "server-no-objectives.log")) as (base, _):
         _run(base, work, args.start_rate, args, seed=99, n=min(16, len(work.prompts)))  # warm-up
         rate = args.sustainable_rate
         if rate is None:
@@ -186,7 +186,7 @@ def main() -> None:
         loads = {"light": args.light * rate, "overload": args.overload * rate}
         for load, r in loads.items():
             rows.append({"load": load, "server": "no objectives", **_run(base, work, r, args, seed=1)})
-    with running_server(args.model, slo_args, "pagedserve-slo-aware.log") as (base, _):
+    with running_server(args.model, slo_args, str(out / "server-slo-aware.log")) as (base, _):
         _run(base, work, args.start_rate, args, seed=99, n=min(16, len(work.prompts)))  # warm-up
         for load, r in loads.items():
             rows.append({"load": load, "server": "SLO-aware", **_run(base, work, r, args, seed=1)})
