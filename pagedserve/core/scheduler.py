@@ -438,8 +438,6 @@ class Scheduler:
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
         outputs: list[EngineCoreOutput] = []
-        if self.slo is not None:
-            self.slo.updated(scheduler_output.step_id)
         planned = self._planned.pop(scheduler_output.step_id, {})
         # where each request's chunk started (num_computed_tokens is advanced at schedule time)
         starts = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
@@ -478,6 +476,8 @@ class Scheduler:
                 )
             if finish_status is not None:
                 self._finish(request, finish_status)
+        if self.slo is not None:
+            self.slo.updated(scheduler_output.step_id, busy=bool(self.running or self.waiting))
         return outputs
 
     # ---------------------------------------------------------------- stats

@@ -11,14 +11,16 @@ step (its wall duration and composition) and asks it for the caps before plannin
    step duration. Over a moving window of the last `window` steps that carried decodes:
        p = percentile(durations, q)
        p > target                        -> shrink: cap -= max(1, cap * shrink_frac)
-       p < target * (1 - margin), cap hit -> grow:   cap += max(1, cap * grow_frac), no further
-                                                     than the step-time model predicts is safe
+       p < target * (1 - margin), cap hit -> grow:   cap *= clamp(goal / p, 1 + grow_frac, 2)
+                                                     (at least +1; fast far below the goal, +25%
+                                                     near it), no further than the step-time
+                                                     model predicts is safe
        otherwise                          -> hold (the dead band is the hysteresis)
    After every change the window is cleared and the next decision waits for `interval` fresh
    samples measured under the new cap, so one change is judged by its own effect; a shrink also
    blocks growth for `cooldown` decisions. The cap grows only while it binds (requests waited
    for a seat), so under light load it stays where the load is.
-2. Token budget (model). A step-time model t = w . [1, seqs, tokens, context/1024] is fitted by
+2. Token budget (model). A step-time model t = w . [1, seqs, tokens, context/1024, prefill?] is fitted by
    exponentially weighted least squares. A step's prefill share is sized so that the running
    requests' step stays under target * (1 - margin / 2): chunked prefill never breaks the TPOT
    of the requests already decoding. Steps without decodes get the whole (adapted) token cap.
@@ -61,7 +63,8 @@ class ControllerParams:
     percentile: float = 0.9  # the moving high percentile compared with the target
     window: int = 32  # step samples in the moving window
     interval: int = 8  # fresh samples needed before the next decision
-    grow_frac: float = 0.25  # at most this relative growth per decision (at least +1)
+    grow_frac: float = 0.25  # relative growth per decision near the goal (at least +1)
+    max_grow: float = 2.0  # at most this factor per decision, far below the goal
     shrink_frac: float = 0.2  # at most this relative cut per decision (at least -1)
     cooldown: int = 4  # decisions without growth after a shrink
     initial_seqs: int = 8
@@ -73,11 +76,13 @@ class ControllerParams:
 class StepTimeModel:
     """Exponentially weighted ridge regression of step time on the step's composition.
 
-    features x = [1, seqs, tokens, context / 1024]; keeps A = sum w x x^T and b = sum w x y
-    (4 x 4 and 4), solved on demand. Tiny, so plain lists and Gaussian elimination.
+    features x = [1, seqs, tokens, context / 1024, 1 if the step prefills]; the last one is the
+    fixed extra cost of a mixed step (on a GPU decode-only steps replay CUDA graphs, mixed ones
+    run eagerly). Keeps A = sum w x x^T and b = sum w x y (5 x 5 and 5), solved on demand. Tiny,
+    so plain lists and Gaussian elimination.
     """
 
-    DIM = 4
+    DIM = 5
 
     def __init__(self, forgetting: float, ridge: float = 1e-8) -> None:
         self.forgetting = forgetting
@@ -88,8 +93,10 @@ class StepTimeModel:
         self._weights: list[float] | None = None
 
     @staticmethod
-    def features(num_seqs: int, num_tokens: int, context_tokens: int) -> list[float]:
-        return [1.0, float(num_seqs), float(num_tokens), context_tokens / 1024.0]
+    def features(num_seqs: int, num_tokens: int, context_tokens: int, prefill: bool | None = None) -> list[float]:
+        """prefill None: a step prefills when it has more tokens than requests."""
+        mixed = num_tokens > num_seqs if prefill is None else prefill
+        return [1.0, float(num_seqs), float(num_tokens), context_tokens / 1024.0, float(mixed)]
 
     def add(self, x: list[float], y: float) -> None:
         f = self.forgetting
@@ -121,11 +128,12 @@ class StepTimeModel:
             self._weights = full
         return self._weights
 
-    def predict(self, num_seqs: int, num_tokens: int, context_tokens: int) -> float | None:
+    def predict(self, num_seqs: int, num_tokens: int, context_tokens: int,
+                prefill: bool | None = None) -> float | None:  # fmt: skip
         w = self.weights()
         if w is None:
             return None
-        x = self.features(num_seqs, num_tokens, context_tokens)
+        x = self.features(num_seqs, num_tokens, context_tokens, prefill)
         return sum(wi * xi for wi, xi in zip(w, x))
 
 
@@ -194,7 +202,8 @@ class SloController:
             # every running request gets its token, and a prefill always makes some progress
             floor = min(limit, num_decode + self.params.min_chunk)
             goal = self.tpot_target_s * (1 - self.params.margin / 2)
-            base = self.model.predict(num_decode, num_decode, context_tokens)
+            # the decodes' step, run as a mixed one (its fixed cost w[4] included)
+            base = self.model.predict(num_decode, num_decode, context_tokens, prefill=True)
             assert base is not None
             # a prefill token costs w[2], its share of the w[1] of the request it belongs to
             # (chunks of about _mean_chunk tokens), and at least one more position attended
@@ -255,7 +264,7 @@ class SloController:
             self._cooldown -= 1
         elif high < target * (1 - p.margin):
             if self._cap_hit:
-                self.max_num_seqs = self._grown_seqs()
+                self.max_num_seqs = self._grown_seqs(target * (1 - p.margin) / max(high, 1e-9))
             if self._budget_hit:
                 step = max(1, int(self.token_cap * p.grow_frac))
                 self.token_cap = min(self.max_tokens_limit, self.token_cap + step)
@@ -272,12 +281,13 @@ class SloController:
                 self.admit_rate[k] = rate if old is None else 0.5 * old + 0.5 * rate
         self._admit_count, self._admit_time = [0, 0], [0.0, 0.0]
 
-    def _grown_seqs(self) -> int:
-        """cap + a bounded step, but no further than the model predicts a decode step stays
-        under target * (1 - margin)."""
+    def _grown_seqs(self, headroom: float) -> int:
+        """cap x a bounded factor (headroom = goal / measured percentile, > 1), but no further
+        than the model predicts a decode step stays under target * (1 - margin)."""
         p = self.params
         cap = self.max_num_seqs
-        grown = min(self.max_seqs_limit, cap + max(1, int(cap * p.grow_frac)))
+        factor = min(p.max_grow, max(1 + p.grow_frac, headroom))
+        grown = min(self.max_seqs_limit, max(cap + 1, int(cap * factor)))
         goal = self.tpot_target_s * (1 - p.margin)
         while grown > cap + 1:
             n = grown
@@ -311,9 +321,10 @@ class SchedulerSlo:
     """The scheduler's side of the controller: composes each planned step's StepSample and times
     it with the given clock (the engine's time.monotonic; a simulated one in tests).
 
-    A step's duration is the time from the later of its planning and the previous step's update
-    to its own update: under async scheduling (step n+1 planned before step n's update) this is
-    still the interval between two tokens of a decoding request."""
+    A step's duration runs from the previous step's update (when requests were left running, so
+    the engine loop went straight on: its output handling belongs to this interval), else from
+    its own planning, to its own update. Under async scheduling (step n+1 planned before step n's
+    update) this is still the interval between two tokens of a decoding request."""
 
     def __init__(self, slo: SloConfig, max_num_seqs: int, max_num_batched_tokens: int,
                  clock: Callable[[], float], params: ControllerParams | None = None) -> None:  # fmt: skip
@@ -373,13 +384,16 @@ class SchedulerSlo:
         stats.slo_max_num_seqs, stats.slo_token_budget = c.max_num_seqs, c.last_budget
         stats.admit_rate_interactive, stats.admit_rate_batch = c.admit_rate[0], c.admit_rate[1]
 
-    def updated(self, step_id: int) -> None:
+    def updated(self, step_id: int, busy: bool) -> None:
+        """busy: requests are left to run, so the engine plans the next step at once (the time
+        until then, spent on the step's outputs, is part of the next inter-token interval)."""
         entry = self._planned.pop(step_id, None)
         if entry is None:
             return
         now = self.clock()
         planned_at, sample = entry
-        start = planned_at if self._last_update is None else max(planned_at, self._last_update)
-        self._last_update = now
+        # sync: the previous update came before this plan; async: after it (planned ahead)
+        start = planned_at if self._last_update is None else self._last_update
+        self._last_update = now if busy else None
         sample.duration_s = max(0.0, now - start)
         self.controller.observe(sample)
