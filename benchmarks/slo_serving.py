@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--bisect", type=int, default=3)
     parser.add_argument("--overload", type=float, default=1.5)
     parser.add_argument("--light", type=float, default=0.3)
+    parser.add_argument("--light-requests", type=int, default=None, help="requests of the light runs (default: half)")
     parser.add_argument("--device-cpu-tiny", action="store_true",
                         help="CPU flags for a tiny test model (a check of the script end to end)")
     args = parser.parse_args()
@@ -184,12 +185,13 @@ def main() -> None:
             rate, probes = find_sustainable_rate(base, work, args)
         print(f"sustainable rate without objectives: {rate:.3f} req/s", flush=True)
         loads = {"light": args.light * rate, "overload": args.overload * rate}
+        sizes = {"light": args.light_requests or max(8, args.num_requests // 2), "overload": args.num_requests}
         for load, r in loads.items():
-            rows.append({"load": load, "server": "no objectives", **_run(base, work, r, args, seed=1)})
+            rows.append({"load": load, "server": "no objectives", **_run(base, work, r, args, 1, sizes[load])})
     with running_server(args.model, slo_args, str(out / "server-slo-aware.log")) as (base, _):
         _run(base, work, args.start_rate, args, seed=99, n=min(16, len(work.prompts)))  # warm-up
         for load, r in loads.items():
-            rows.append({"load": load, "server": "SLO-aware", **_run(base, work, r, args, seed=1)})
+            rows.append({"load": load, "server": "SLO-aware", **_run(base, work, r, args, 1, sizes[load])})
     for row in rows:
         row["shed_share"] = row["shed_429"] / row["requests"]
     columns = ["load", "server", "rate_rps", "goodput_rps", "slo_attainment", "tpot_p50_ms", "tpot_p99_ms",

@@ -17,7 +17,8 @@ step (its wall duration and composition) and asks it for the caps before plannin
                                                      model predicts is safe
        otherwise                          -> hold (the dead band is the hysteresis)
    After every change the window is cleared and the next decision waits for `interval` fresh
-   samples measured under the new cap, so one change is judged by its own effect; a shrink also
+   samples measured under the new cap (half as many while the cap binds and every fresh step
+   took under half the goal), so one change is judged by its own effect; a shrink also
    blocks growth for `cooldown` decisions. The cap grows only while it binds (requests waited
    for a seat), so under light load it stays where the load is.
 2. Token budget (model). A step-time model t = w . [1, seqs, tokens, context/1024, prefill?] is fitted by
@@ -235,8 +236,16 @@ class SloController:
         self._mean_context += 0.1 * (sample.context_tokens / sample.num_seqs - self._mean_context)
         self.window.append(sample.duration_s)
         self._fresh += 1
-        if self._fresh >= p.interval:
+        if self._fresh >= p.interval or self._fresh >= p.interval // 2 and self._far_below():
             self._decide()
+
+    def _far_below(self) -> bool:
+        """The cap binds while every fresh step took under half the goal: a ramp (a burst after
+        light load) need not wait a full interval to grow."""
+        if not self._cap_hit or self._cooldown > 0:
+            return False
+        goal = self.tpot_target_s * (1 - self.params.margin)
+        return max(self.window) < goal / 2
 
     # ------------------------------------------------------------------ decisions
 

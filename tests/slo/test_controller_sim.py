@@ -141,7 +141,7 @@ def test_dead_band_holds_and_a_breach_shrinks_with_a_cooldown() -> None:
     _feed(c, 0.024, c.params.interval)  # just under the goal (0.85 x 30 ms): +25%
     assert c.max_num_seqs == start + max(1, int(start * c.params.grow_frac))
     start = c.max_num_seqs
-    _feed(c, 0.010, c.params.interval)  # far under: up to x2
+    _feed(c, 0.010, c.params.interval // 2)  # far under (< half the goal): x2, after half an interval
     assert c.max_num_seqs == int(start * c.params.max_grow)
     grown = c.max_num_seqs
     _feed(c, 0.028, 10 * c.params.interval)  # in the dead band [0.85, 1] x target: holds
