@@ -90,7 +90,8 @@ async def run_rate(base: str, model: str, prompts, out_lens, rate: float, seed: 
         return float(np.percentile(values, q) * 1e3) if values else float("nan")
 
     return {
-        "rate_rps": rate, "requests": len(prompts), "failed": len(record) - len(ok),
+        "rate_rps": rate, "requests": len(prompts),
+        "failed": sum(1 for r in record if not r["ok"] and r["status"] != 429),
         "shed_429": sum(1 for r in record if not r["ok"] and r["status"] == 429),
         "elapsed_s": elapsed, "achieved_rps": len(ok) / elapsed, "output_tokens_per_s": tokens / elapsed,
         "goodput_rps": met / elapsed, "slo_attainment": met / len(prompts),

@@ -316,6 +316,9 @@ class SloController:
         return predicted_delay(num_ahead, self.admit_rate[int(batch)])
 
 
+ADMISSION_SHARE = 0.8  # of the TTFT objective a predicted queueing delay may take (admission control)
+
+
 def predicted_delay(num_ahead: int, admit_rate: float | None) -> float | None:
     if num_ahead <= 0:
         return 0.0

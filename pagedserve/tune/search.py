@@ -174,8 +174,11 @@ class Tuner:
         study.enqueue_trial(dict(DEFAULTS))
         best = {"value": -1.0, "since": 0}
 
+        complete = optuna.trial.TrialState.COMPLETE
+
         def patience(study: Any, trial: Any) -> None:
-            if trial.value is not None and trial.value > best["value"]:
+            # (a pruned trial carries its last intermediate value: not a result)
+            if trial.state == complete and trial.value > best["value"]:
                 best["value"], best["since"] = trial.value, 0
             else:
                 best["since"] += 1
@@ -184,7 +187,7 @@ class Tuner:
 
         study.optimize(self.objective, n_trials=a.trials, callbacks=[patience],
                        show_progress_bar=not a.no_progress, gc_after_trial=True)  # fmt: skip
-        completed = [t for t in study.trials if t.value is not None]
+        completed = [t for t in study.trials if t.state == complete]
         chosen = max(completed, key=lambda t: (t.value, -t.number))
         default_row = next(r for r in self.trials if r["number"] == 0)
         return {"best": {"number": chosen.number, "params": chosen.params, **chosen.user_attrs},

@@ -108,19 +108,19 @@ def test_admission_predicts_per_class_and_sets_retry_after() -> None:
     slo = SloConfig(ttft_s={"interactive": 0.5, "batch": 4.0}, tpot_s={"interactive": 0.05})
     adm = SloAdmission(slo, metrics.slo)
     adm.check(1, "interactive")  # no report yet: nothing to predict from, admitted
-    adm.on_stats(_stats(waiting=12, waiting_batch=8, rate_i=10.0, rate_b=1.0))
-    # interactive: 4 ahead / 10 per s = 0.4 s <= 0.5 s; the next one sees 5 ahead (it counts the
-    # one just sent) = 0.5 s, still in; then 6 / 10 = 0.6 s > 0.5 s: 429
+    adm.on_stats(_stats(waiting=11, waiting_batch=8, rate_i=10.0, rate_b=1.0))
+    # interactive: 3 ahead / 10 per s = 0.3 s <= 0.8 x 0.5 s; the next one sees 4 ahead (it
+    # counts the one just sent) = 0.4 s, still in; then 5 / 10 = 0.5 s > 0.4 s: 429
     adm.check(1, "interactive")
     adm.check(1, "interactive")
     with pytest.raises(RateLimitError) as e:
         adm.check(1, "interactive")
-    # drain to the objective: (6 - 0.5 * 10) / 10 = 0.1 s -> at least 1 s
+    # drain to the objective's share: (5 - 0.4 * 10) / 10 = 0.1 s -> at least 1 s
     assert e.value.headers["Retry-After"] == "1"
-    # batch: 8 ahead / 1 per s = 8 s > 4 s; Retry-After (8 - 4) / 1 = 4 s
+    # batch: 8 ahead / 1 per s = 8 s > 0.8 x 4 s; Retry-After (8 - 3.2) / 1 = 4.8 -> 5 s
     with pytest.raises(RateLimitError) as e:
         adm.check(1, "batch")
-    assert e.value.headers["Retry-After"] == "4"
+    assert e.value.headers["Retry-After"] == "5"
     # a starved class (rate 0 while it waits) is refused whatever the objective
     adm.on_stats(_stats(waiting=3, waiting_batch=3, rate_i=10.0, rate_b=0.0))
     with pytest.raises(RateLimitError):

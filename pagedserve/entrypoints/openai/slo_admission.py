@@ -8,7 +8,8 @@ them). Its predicted queueing delay is
     ahead_c / rate_c,  ahead_c = waiting of class c at the last engine report
                                  + requests of class c this process sent since that report
 
-and past the class's TTFT objective the request is refused with 429, `Retry-After` (seconds
+and past ADMISSION_SHARE of the class's TTFT objective (the rest is left for the prefill and
+for the rate's error) the request is refused with 429, `Retry-After` (seconds
 for the queue to drain to the objective at that rate) and an OpenAI error JSON: the queue
 stays bounded instead of every request's TTFT growing with it.
 
@@ -23,7 +24,7 @@ from typing import Any
 
 from pagedserve.config import PRIORITY_CLASSES, SloConfig
 from pagedserve.core.scheduler import SchedulerStats
-from pagedserve.core.slo_controller import predicted_delay
+from pagedserve.core.slo_controller import ADMISSION_SHARE, predicted_delay
 from pagedserve.engine.async_llm import FinishedRequestStats
 from pagedserve.entrypoints.openai.errors import BadRequestError, overloaded
 from pagedserve.ops.metrics import SloMetrics
@@ -81,12 +82,12 @@ class SloAdmission:
         target = self.slo.ttft_s.get(klass) if self.slo is not None else None
         if target is not None:
             delay = self.predicted_delay_s(klass)
-            if delay is not None and delay > target:
+            if delay is not None and delay > ADMISSION_SHARE * target:
                 self.metrics.rejected[klass].inc(num_new)
                 rate = (self.last.admit_rate_batch if klass == "batch" else self.last.admit_rate_interactive
                         ) if self.last is not None else None  # fmt: skip
                 # time for the queue to drain to what the objective allows at the measured rate
-                drain = (self.num_ahead(klass) - target * rate) / rate if rate else math.inf
+                drain = (self.num_ahead(klass) - ADMISSION_SHARE * target * rate) / rate if rate else math.inf
                 retry = 60 if not math.isfinite(drain) else min(60, max(1, math.ceil(drain)))
                 shown = "unbounded" if not math.isfinite(delay) else f"{delay * 1e3:.0f} ms"
                 raise overloaded(
