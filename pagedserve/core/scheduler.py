@@ -35,7 +35,7 @@ from pagedserve.core.outputs import (
     SchedulerOutput,
 )
 from pagedserve.core.request import Request, RequestStatus
-from pagedserve.core.slo_controller import SchedulerSlo
+from pagedserve.core.slo_scheduler import SchedulerSlo
 from pagedserve.core.stop_check import check_stop
 
 
