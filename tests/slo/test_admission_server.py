@@ -42,7 +42,7 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_overload_is_shed_with_429_and_retry_after(slo_server: RunningServer) -> None:
-    body = {"model": "tiny", "prompt": "the model runs", "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+    body = {"model": "tiny", "prompt": "the model runs", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
 
     async def run() -> tuple[list[httpx.Response], list[int]]:
         waiting: list[int] = []
@@ -67,7 +67,7 @@ def test_overload_is_shed_with_429_and_retry_after(slo_server: RunningServer) ->
         assert "time-to-first-token objective (1 ms)" in error["message"]
     # the queue stays short while the load keeps coming: without shedding every request beyond
     # the two seats would wait (a queue growing towards NUM_SENT - 2)
-    assert max(waiting) < NUM_SENT // 3, waiting
+    assert max(waiting) < NUM_SENT // 2, waiting
     metrics = httpx.get(slo_server.base_url + "/metrics").text
     assert _metric(metrics, "pagedserve:slo_rejected_requests_total", priority_class="interactive") == len(shed)
     assert _metric(metrics, "pagedserve:slo_max_num_seqs") == 2  # the configured maximum bounds the controller
