@@ -5,6 +5,7 @@
 #   benchmarks/gpu_suite.sh speed    # batch-1 latency (+ its profile), offline throughput
 #   benchmarks/gpu_suite.sh peers    # transformers static batches and continuous batching
 #   benchmarks/gpu_suite.sh serving  # the OpenAI server under Poisson arrivals
+#   benchmarks/gpu_suite.sh slo      # SLO-aware server vs no objectives at 1.5x sustainable and light load
 # Results (JSON + logs) go to $OUT (or benchmarks/results/raw); the 8B model is built once into
 # $MODEL_DIR (default /tmp/llama3-8b-random).
 set -uo pipefail
@@ -37,6 +38,11 @@ case "$part" in
     SERVER_LOG="$out/server.log" python3 -m benchmarks.serving --model "$model" \
         --server-args "--max-model-len 4096 --log-level WARNING" --json "$out/serving.json" 2>&1 | grep -v Loading | tail -12
     ;;
+  slo)
+    python3 -m benchmarks.slo_serving --model "$model" --out "$out/slo" --slo-tpot-ms 30 --slo-ttft-ms 2000 \
+        --num-requests 600 --probe-requests 150 --start-rate 8 \
+        --server-args "--max-model-len 4096 --log-level WARNING" 2>&1 | grep -v Loading | tail -20
+    ;;
   *)
-    echo "unknown part $part (checks | speed | peers | serving)"; exit 2;;
+    echo "unknown part $part (checks | speed | peers | serving | slo)"; exit 2;;
 esac

@@ -1,23 +1,32 @@
-"""The OpenAI server under Poisson arrivals: TTFT, TPOT and inter-token latency (P50/P99) and the
-achieved throughput, at several request rates, on the ShareGPT-like mix (ignore_eos, streamed).
+"""The OpenAI server under Poisson arrivals: TTFT, TPOT and inter-token latency (P50/P99), the
+achieved throughput, goodput and SLO attainment, at several request rates, on the ShareGPT-like
+mix (ignore_eos, streamed).
 
 Starts `python -m pagedserve.entrypoints.openai.api_server` itself, waits for /health, then for
 each rate sends `--num-requests` streamed /v1/completions requests (token-id prompts) whose
 inter-arrival gaps are exponential with mean 1/rate (seeded).
 
+Goodput is the requests per second that met both objectives (`--slo-ttft-ms`, `--slo-tpot-ms`;
+TTFT and TPOT as measured by the client); SLO attainment the share of the requests sent that met
+them: a request refused with 429 (load shedding) counts as sent and missed. TTFT/TPOT percentiles
+are over the admitted requests.
+
     python -m benchmarks.serving --model DIR [--rates 4 8 16 32] [--num-requests 500] [--json OUT]
+        [--slo-ttft-ms 1000 --slo-tpot-ms 50]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -53,7 +62,8 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
     record.append({"ok": True, "sent": sent, "arrivals": arrivals, "done": done, "tokens": max_tokens})
 
 
-async def run_rate(base: str, model: str, prompts, out_lens, rate: float, seed: int) -> dict:
+async def run_rate(base: str, model: str, prompts, out_lens, rate: float, seed: int,
+                   slo_ttft_ms: float = 1000.0, slo_tpot_ms: float = 50.0) -> dict:
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(1.0 / rate, len(prompts))
     starts = np.cumsum(gaps) - gaps[0]
@@ -69,6 +79,10 @@ async def run_rate(base: str, model: str, prompts, out_lens, rate: float, seed: 
     ok = [r for r in record if r["ok"]]
     ttft = [r["arrivals"][0] - r["sent"] for r in ok if r["arrivals"]]
     tpot = [(r["done"] - r["arrivals"][0]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1 and r["arrivals"]]
+    ttft_met = [bool(r["arrivals"]) and (r["arrivals"][0] - r["sent"]) * 1e3 <= slo_ttft_ms for r in ok]
+    tpot_met = [r["tokens"] <= 1 or (bool(r["arrivals"]) and (r["done"] - r["arrivals"][0]) / (r["tokens"] - 1)
+                                     * 1e3 <= slo_tpot_ms) for r in ok]  # fmt: skip
+    met = sum(a and b for a, b in zip(ttft_met, tpot_met))
     itl = [b - a for r in ok for a, b in zip(r["arrivals"], r["arrivals"][1:])]
     tokens = sum(r["tokens"] for r in ok)
 
@@ -76,12 +90,47 @@ async def run_rate(base: str, model: str, prompts, out_lens, rate: float, seed: 
         return float(np.percentile(values, q) * 1e3) if values else float("nan")
 
     return {
-        "rate_rps": rate, "requests": len(prompts), "failed": len(record) - len(ok),
+        "rate_rps": rate, "requests": len(prompts),
+        "failed": sum(1 for r in record if not r["ok"] and r["status"] != 429),
+        "shed_429": sum(1 for r in record if not r["ok"] and r["status"] == 429),
         "elapsed_s": elapsed, "achieved_rps": len(ok) / elapsed, "output_tokens_per_s": tokens / elapsed,
+        "goodput_rps": met / elapsed, "slo_attainment": met / len(prompts),
+        "ttft_attainment": sum(ttft_met) / len(prompts), "tpot_attainment": sum(tpot_met) / len(prompts),
         "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
         "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99),
         "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99),
     }
+
+
+@contextlib.contextmanager
+def running_server(model: str, server_args: list[str], log_path: str | None = None,
+                   served_name: str = "bench") -> Iterator[tuple[str, float]]:  # fmt: skip
+    """(base URL, seconds to ready) of a server started for the benchmark; stopped on exit.
+    Its log goes to log_path (default: $SERVER_LOG, else /tmp/pagedserve-server.log)."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = log_path or os.environ.get("SERVER_LOG") or "/tmp/pagedserve-server.log"
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "pagedserve.entrypoints.openai.api_server", "--model", model,
+             "--port", str(port), "--host", "127.0.0.1", "--served-model-name", served_name, *server_args],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited during start-up; see {log_path}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield base, time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def main() -> None:
@@ -91,38 +140,18 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=500)
     parser.add_argument("--vocab-size", type=int, default=128256)
     parser.add_argument("--server-args", default="", help="extra flags for the server")
+    parser.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="TTFT objective of the goodput columns")
+    parser.add_argument("--slo-tpot-ms", type=float, default=50.0, help="TPOT objective of the goodput columns")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(os.environ.get("SERVER_LOG", "/tmp/pagedserve-server.log"), "w")
-    started = time.perf_counter()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pagedserve.entrypoints.openai.api_server", "--model", args.model,
-         "--port", str(port), "--host", "127.0.0.1", "--served-model-name", "bench",
-         *args.server_args.split()],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError("the server exited during start-up; see its log")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        ready = time.perf_counter() - started
+    with running_server(args.model, args.server_args.split()) as (base, ready):
         work = sharegpt_like(args.vocab_size, args.num_requests)
         rows = []
         for i, rate in enumerate(args.rates):
-            rows.append(asyncio.run(run_rate(base, "bench", work.prompts, work.output_lens, rate, seed=i)))
+            rows.append(asyncio.run(run_rate(base, "bench", work.prompts, work.output_lens, rate, seed=i,
+                                             slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)))
             print_table("serving (so far)", rows)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     print(f"server ready in {ready:.1f} s")
     print_table("OpenAI server, Poisson arrivals, ShareGPT-like mix (ms)", rows)
     write_json(args.json, {"serving": rows, "server_ready_s": ready, "args": vars(args)})

@@ -33,6 +33,19 @@ class CacheConfig:
 
 
 @dataclass(slots=True)
+class SloConfig:
+    """Service-level objectives per priority class ("interactive", "batch"), in seconds; a class
+    missing from a map has no such objective. Set with --slo-ttft-ms / --slo-tpot-ms."""
+
+    ttft_s: dict[str, float]
+    tpot_s: dict[str, float]
+
+    @property
+    def tightest_tpot_s(self) -> float | None:
+        return min(self.tpot_s.values()) if self.tpot_s else None
+
+
+@dataclass(slots=True)
 class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
@@ -40,6 +53,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool
     preemption_mode: str  # "recompute" | "swap"
     policy: str  # "fcfs" | "priority"
+    slo: SloConfig | None = None  # objectives: the SLO controller sets the caps (core/slo_controller.py)
 
 
 @dataclass(slots=True)
@@ -111,6 +125,10 @@ class EngineArgs:
     override_generation_config: dict[str, Any] | None = None
     cpu_threads: int | None = None  # torch intra-op threads of the engine (default: chosen on CPU)
     model_public_key: str | None = None  # Ed25519 key the model's SHA256SUMS.sig must verify with
+    # SLOs in ms: a number (every priority class) or {"interactive": 30, "batch": 200} (or the
+    # same as text, "interactive=30,batch=200"); see parse_slo_ms
+    slo_ttft_ms: float | str | dict[str, float] | None = None
+    slo_tpot_ms: float | str | dict[str, float] | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
@@ -149,6 +167,15 @@ class EngineArgs:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        parse_slo_ms(self.slo_ttft_ms, "slo_ttft_ms")
+        parse_slo_ms(self.slo_tpot_ms, "slo_tpot_ms")
+
+    def slo_config(self) -> SloConfig | None:
+        ttft = parse_slo_ms(self.slo_ttft_ms, "slo_ttft_ms")
+        tpot = parse_slo_ms(self.slo_tpot_ms, "slo_tpot_ms")
+        if not ttft and not tpot:
+            return None
+        return SloConfig(ttft_s={k: v / 1e3 for k, v in ttft.items()}, tpot_s={k: v / 1e3 for k, v in tpot.items()})
 
     def create_engine_config(self) -> EngineConfig:
         self._validate()
@@ -231,6 +258,7 @@ class EngineArgs:
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 preemption_mode=self.preemption_mode,
                 policy=self.scheduling_policy,
+                slo=self.slo_config(),
             ),
             device=device,
             enforce_eager=self.enforce_eager,
@@ -238,6 +266,51 @@ class EngineArgs:
             async_scheduling=self.async_scheduling,
             cpu_threads=self.cpu_threads,
         )
+
+
+PRIORITY_CLASSES = ("interactive", "batch")
+
+
+def check_priority_class(priority_class: str) -> None:
+    if priority_class not in PRIORITY_CLASSES:
+        raise ValueError(f"priority_class must be one of {', '.join(PRIORITY_CLASSES)}, got {priority_class!r}")
+
+
+def parse_slo_ms(value: float | str | dict[str, float] | None, name: str) -> dict[str, float]:
+    """An objective in ms -> {class: ms}. A plain number applies to every priority class;
+    "interactive=30,batch=200" (or a dict) sets classes one by one."""
+    if value is None:
+        return {}
+    per_class: dict[str, float]
+    if isinstance(value, str):
+        text = value.strip()
+        if "=" in text:
+            per_class = {}
+            for part in text.split(","):
+                key, _, text_ms = part.partition("=")
+                try:
+                    per_class[key.strip()] = float(text_ms)
+                except ValueError:
+                    raise ValueError(f"{name}: {part!r} is not CLASS=MS") from None
+        else:
+            try:
+                per_class = dict.fromkeys(PRIORITY_CLASSES, float(text))
+            except ValueError:
+                raise ValueError(f"{name} must be a number of ms or 'interactive=MS,batch=MS', got {value!r}") from None
+    elif isinstance(value, bool):
+        raise ValueError(f"{name} must be a number of ms, got {value!r}")
+    elif isinstance(value, (int, float)):
+        per_class = dict.fromkeys(PRIORITY_CLASSES, float(value))
+    else:
+        per_class = dict(value)
+    out: dict[str, float] = {}
+    for key, ms in per_class.items():
+        if key not in PRIORITY_CLASSES:
+            raise ValueError(f"{name}: unknown priority class {key!r} (classes: {', '.join(PRIORITY_CLASSES)})")
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not (0 < float(ms) < float("inf")):
+            raise ValueError(f"{name}: the objective of {key!r} must be a positive number of ms, got {ms!r}")
+        out[key] = float(ms)
+    return out
 
 
 def _derive_max_model_len(limit: int | None, requested: int | None) -> int:

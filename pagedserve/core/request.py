@@ -65,6 +65,7 @@ class Request:
     # vLLM's cache_salt: enters the hash of the first block, so that only requests with the same
     # salt share prefix-cache blocks (the server sets one per tenant: ops/tenants.py)
     cache_salt: str | None = None
+    priority_class: str = "interactive"  # or "batch": waits behind interactive work, evicted first
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

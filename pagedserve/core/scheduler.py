@@ -35,6 +35,7 @@ from pagedserve.core.outputs import (
     SchedulerOutput,
 )
 from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.slo_scheduler import SchedulerSlo
 from pagedserve.core.stop_check import check_stop
 
 
@@ -50,6 +51,13 @@ class SchedulerStats:
     num_scheduled_tokens: int  # this step
     kv_slots_allocated: int  # this step: slots in blocks held by scheduled requests
     kv_slots_wasted: int  # of which not holding a token (partial last blocks)
+    # the SLO controller (0 / None without objectives): its caps now, the batch-class share of
+    # num_waiting, and each class's admission rate (requests/s; None: that class never waited)
+    slo_max_num_seqs: int = 0
+    slo_token_budget: int = 0
+    num_waiting_batch: int = 0
+    admit_rate_interactive: float | None = None
+    admit_rate_batch: float | None = None
 
 
 class Scheduler:
@@ -76,13 +84,22 @@ class Scheduler:
         # step id -> req_id -> request as planned: an update applies only to that request object
         # (under async scheduling an id may be aborted and added again before the update).
         self._planned: dict[int, dict[str, Request]] = {}
+        # SLOs with a TPOT objective: the controller sets the seat cap and the token budget of
+        # every step (core/slo_controller.py); without, the configured maxima are the caps
+        self.slo: SchedulerSlo | None = None
+        if scheduler_config.slo is not None and scheduler_config.slo.tpot_s:
+            self.slo = SchedulerSlo(scheduler_config.slo, scheduler_config.max_num_seqs,
+                                    scheduler_config.max_num_batched_tokens, time.monotonic)
+        self._max_seqs = scheduler_config.max_num_seqs
 
     # ---------------------------------------------------------------- requests in and out
 
     def _rank(self, request: Request) -> tuple[float, ...]:
+        # the batch class yields to interactive requests whatever the policy
+        batch = float(request.priority_class == "batch")
         if self.config.policy == "priority":
-            return (request.priority, request.arrival_time)
-        return (request.arrival_time,)
+            return (batch, request.priority, request.arrival_time)
+        return (batch, request.arrival_time)
 
     def _insert_by_rank(self, queue: list[Request], request: Request) -> None:
         rank = self._rank(request)
@@ -125,6 +142,11 @@ class Scheduler:
         del self.requests[request.request_id]
         self.finished_req_ids.add(request.request_id)
 
+    def num_waiting_ahead(self, priority_class: str) -> int:
+        """Waiting requests of this class (a new one queues behind them)."""
+        batch = priority_class == "batch"
+        return sum((r.priority_class == "batch") == batch for r in self.waiting)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -138,6 +160,9 @@ class Scheduler:
         self._copies = []
         self._swap_out = []
         budget = self.config.max_num_batched_tokens
+        if self.slo is not None:
+            self._max_seqs, budget = self.slo.caps(self.running)
+        step_budget = budget
         num_preempted_before = self.num_preemptions
 
         self._fork_ready_leaders()
@@ -192,6 +217,10 @@ class Scheduler:
         self.finished_req_ids = set()
         self._step_id += 1
         output.step_id = self._step_id
+        if self.slo is not None:
+            num_interactive = self.num_waiting_ahead("interactive")
+            self.slo.planned(output, self.requests, (num_interactive, len(self.waiting) - num_interactive),
+                             self._max_seqs, step_budget, len(self.running))
         planned: dict[str, Request] = {}
         for request in self.running:
             num = self._num_scheduled.get(request.request_id)
@@ -219,12 +248,12 @@ class Scheduler:
                 continue
             needs_copy = leader.num_computed_tokens % self.block_size != 0
             while (
-                len(self.running) + len(leader.followers) > self.config.max_num_seqs
+                len(self.running) + len(leader.followers) > self._max_seqs
                 or (needs_copy and self.kv.pool.num_free_blocks < len(leader.followers))
             ):
                 victim = self._pick_victim()
                 if victim is leader:
-                    seats = self.config.max_num_seqs - len(self.running)
+                    seats = self._max_seqs - len(self.running)
                     fit = min(seats, self.kv.pool.num_free_blocks if needs_copy else seats)
                     self._fork(leader, max(fit, 0))
                     break
@@ -283,7 +312,7 @@ class Scheduler:
         )
 
     def _schedule_swapped(self, budget: int, swap_in: list[tuple[int, int]]) -> int:
-        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.swapped and budget > 0 and len(self.running) < self._max_seqs:
             request = self.swapped[0]
             if request.num_pending:  # preempted with a token in flight: resume after its update
                 break
@@ -324,7 +353,7 @@ class Scheduler:
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            if len(self.running) >= self.config.max_num_seqs:
+            if len(self.running) >= self._max_seqs:
                 freed = self._evict_lower_priority(request)
                 if freed is None:
                     break
@@ -356,12 +385,15 @@ class Scheduler:
         return max(self.running, key=self._rank)
 
     def _evict_lower_priority(self, request: Request) -> int | None:
-        """Priority policy only: preempt (by recompute) a running request ranked below the
-        waiting one. Returns the budget it gives back, or None when there is no such request."""
-        if self.config.policy != "priority" or not self.running:
+        """Priority policy (or an interactive request over a batch one): preempt (by recompute) a
+        running request ranked below the waiting one. Returns the budget it gives back, or None
+        when there is no such request."""
+        if not self.running:
             return None
         victim = self._pick_victim()
         if self._rank(victim) <= self._rank(request):
+            return None
+        if self.config.policy != "priority" and victim.priority_class == request.priority_class:
             return None
         return self._preempt(victim, force_recompute=True)
 
@@ -444,6 +476,8 @@ class Scheduler:
                 )
             if finish_status is not None:
                 self._finish(request, finish_status)
+        if self.slo is not None:
+            self.slo.updated(scheduler_output.step_id, busy=bool(self.running or self.waiting))
         return outputs
 
     # ---------------------------------------------------------------- stats
@@ -464,7 +498,7 @@ class Scheduler:
         """Queue and cache gauges as they stand now (after the step's update)."""
         stats = self.kv.prefix_stats
         num_followers = sum(len(r.followers) for r in self.running + self.waiting + self.swapped)
-        return SchedulerStats(
+        out = SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting) + num_followers,
             num_swapped=len(self.swapped),
@@ -475,7 +509,11 @@ class Scheduler:
             num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens,
             kv_slots_allocated=slot_usage[0],
             kv_slots_wasted=slot_usage[1],
+            num_waiting_batch=self.num_waiting_ahead("batch"),
         )
+        if self.slo is not None:
+            self.slo.fill_stats(out)
+        return out
 
 
 def _unseen_prompt_logprobs(

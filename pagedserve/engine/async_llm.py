@@ -52,6 +52,7 @@ class FinishedRequestStats:
     tpot: float | None
     e2e: float
     queue_time: float | None = None  # arrival -> first scheduled
+    priority_class: str = "interactive"
 
 
 @dataclass(slots=True)
@@ -65,6 +66,7 @@ class RequestHandle:
     queue: asyncio.Queue[RequestOutput | BaseException]
     finished: bool = False
     num_generated: int = 0
+    priority_class: str = "interactive"
 
 
 StatsListener = Callable[[SchedulerStats], None]
@@ -184,6 +186,7 @@ class AsyncLLM:
         request_id: str,
         priority: int = 0,
         grammar: str | None = None,
+        priority_class: str = "interactive",
     ) -> RequestHandle:
         """Validate, register and send one request now (synchronously, so load accounting sees it
         at once). Raises ValueError for bad input, EngineDeadError when the engine is gone.
@@ -201,7 +204,7 @@ class AsyncLLM:
         msg = AddRequestMsg(
             children=[ChildSpec(cid, params_to_dict(p)) for cid, p in children],
             prompt_token_ids=token_ids, eos_token_id=self.request_builder.eos_token_id, arrival_time=arrival,
-            priority=priority, grammar=grammar, cache_salt=cache_salt,
+            priority=priority, priority_class=priority_class, grammar=grammar, cache_salt=cache_salt,
         )  # fmt: skip
         self.output_processor.add_request(request_id, text, token_ids, params, child_ids, arrival)
         try:
@@ -209,7 +212,8 @@ class AsyncLLM:
         except Exception:
             self.output_processor.abort_requests([request_id])
             raise
-        handle = RequestHandle(request_id, params, len(token_ids), arrival, asyncio.Queue())
+        handle = RequestHandle(request_id, params, len(token_ids), arrival, asyncio.Queue(),
+                               priority_class=priority_class)
         self._queues[request_id] = handle.queue
         return handle
 
@@ -247,7 +251,7 @@ class AsyncLLM:
         tpot = (last - first) / (n - 1) if first is not None and last is not None and n > 1 else None
         self._notify_finished(FinishedRequestStats(
             reason, handle.num_prompt_tokens, n, None if first is None else first - handle.arrival, tpot,
-            time.monotonic() - handle.arrival, queued,
+            time.monotonic() - handle.arrival, queued, handle.priority_class,
         ))  # fmt: skip
 
     async def generate(

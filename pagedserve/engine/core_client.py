@@ -61,6 +61,7 @@ class AddRequestMsg(msgspec.Struct, tag="add"):
     eos_token_id: int | None
     arrival_time: float  # time.monotonic(): CLOCK_MONOTONIC is system-wide on Linux
     priority: int = 0
+    priority_class: str = "interactive"  # or "batch"
     # the children's structured output grammar, compiled and serialized by the front end (the
     # engine deserializes it off its step loop instead of compiling again): structured_output.py
     grammar: str | None = None
@@ -137,6 +138,7 @@ def requests_from_msg(msg: AddRequestMsg) -> list[Request]:
             arrival_time=msg.arrival_time,
             priority=msg.priority,
             cache_salt=msg.cache_salt,
+            priority_class=msg.priority_class,
         )
         for c in msg.children
     ]

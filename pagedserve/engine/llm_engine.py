@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from pagedserve.config import EngineArgs, EngineConfig
+from pagedserve.config import EngineArgs, EngineConfig, check_priority_class
 from pagedserve.core.request import Request
 from pagedserve.engine.engine_core import EngineCore, EngineStats
 from pagedserve.engine.output_processor import OutputProcessor
@@ -62,18 +62,22 @@ class LLMEngine:
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
+        priority_class: str = "interactive",
     ) -> None:
+        """priority_class: "interactive" or "batch" (waits behind interactive requests)."""
         if not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params if params is not None else SamplingParams()
+        check_priority_class(priority_class)
         text, token_ids = self.request_builder.prepare(prompt, params)
         cache_salt = cache_salt_of(prompt)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         children = [
             Request(child_id, token_ids, child_params, self.request_builder.eos_token_id,
-                    arrival_time=arrival, priority=priority, cache_salt=cache_salt)
+                    arrival_time=arrival, priority=priority, cache_salt=cache_salt,
+                    priority_class=priority_class)
             for child_id, child_params in self.request_builder.child_params(request_id, params)
         ]
         child_ids = [child.request_id for child in children]

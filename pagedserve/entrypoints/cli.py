@@ -8,6 +8,9 @@ pagedserve --version                            print the version
 pagedserve --help                               this text (`pagedserve serve --help`: the flags)
 pagedserve router --config router.yaml          multi-region router in front of servers
 pagedserve model keygen|sign|push|pull|verify   model repository: manifests, signatures, s3:// (fsspec)
+pagedserve tune [--model M] [--workload W] [-o tuned.yaml]
+                                                search engine settings for the best goodput under SLOs
+                                                (then: pagedserve serve --config tuned.yaml)
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pagedserve.entrypoints.config_file import expand_config_file
 from pagedserve.entrypoints.openai.cli_args import add_server_args, validate_args
 
 
@@ -70,7 +74,7 @@ def serve_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="pagedserve serve", allow_abbrev=False,
                                      description="OpenAI-compatible server (vLLM's flags).")  # fmt: skip
     add_server_args(parser, positional_model=True)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(expand_config_file(parser, argv))  # --config FILE: flags from YAML
     validate_args(parser, args)
     try:
         run_server(args)
@@ -78,6 +82,12 @@ def serve_main(argv: Sequence[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def tune_main(argv: Sequence[str]) -> int:
+    from pagedserve.tune.search import tune_main as run
+
+    return run(argv)
 
 
 def router_main(argv: Sequence[str]) -> int:
@@ -88,7 +98,7 @@ def router_main(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve": serve_main, "generate": generate_main, "router": router_main}
+    commands = {"serve": serve_main, "generate": generate_main, "router": router_main, "tune": tune_main}
     if argv and argv[0] == "audit":
         from pagedserve.ops.audit_verify import audit_main
 
@@ -97,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pagedserve.model_repo.cli import model_main
 
         return model_main(argv[1:])
-    usage = "usage: pagedserve {serve,generate,audit,router,model} ...\n" + (__doc__ or "")
+    usage = "usage: pagedserve {serve,generate,audit,router,model,tune} ...\n" + (__doc__ or "")
     if argv[:1] in (["-h"], ["--help"]):  # asked for: stdout, success (argparse's convention)
         print(usage)
         return 0

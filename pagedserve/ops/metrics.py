@@ -16,6 +16,15 @@ get the same series:
 
 Per-tenant series (requests, rejections by limit, tokens, concurrency, de-identified entities,
 output compliance) are ops/tenant_metrics.py's, in the same registry.
+SLOs (pagedserve's own; ops/metrics.py SloMetrics, fed by entrypoints/openai/slo_admission.py):
+
+    counters    pagedserve:slo_requests_total{priority_class,result=met|missed},
+                pagedserve:slo_rejected_requests_total{priority_class} (429: predicted queueing delay),
+                pagedserve:goodput_requests_total (finished requests that met every objective)
+    gauges      pagedserve:slo_attainment{priority_class,objective=ttft|tpot|all} (share meeting it),
+                pagedserve:goodput_requests_per_second (over the last 60 s),
+                pagedserve:slo_max_num_seqs, pagedserve:slo_max_num_batched_tokens (the controller's
+                caps now), pagedserve:slo_predicted_queue_delay_seconds{priority_class}
 
 Every series carries `model_name`. Each EngineMetrics owns its own CollectorRegistry, so several
 servers (or tests) in one process never collide.
@@ -24,6 +33,7 @@ servers (or tests) in one process never collide.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -145,6 +155,7 @@ class EngineMetrics:
             "http_request_duration_seconds", "Latency with only few buckets by handler.",
             ["model_name", "handler", "method"], buckets=HTTP_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.slo = SloMetrics(r, model_name)
 
     # ------------------------------------------------------------------ engine side
 
@@ -223,6 +234,63 @@ class EngineMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry (serve with CONTENT_TYPE)."""
         return generate_latest(self.registry)
+
+
+PRIORITY_CLASSES = ("interactive", "batch")
+SLO_OBJECTIVES = ("ttft", "tpot", "all")
+
+
+class SloMetrics:
+    """Attainment per priority class, goodput and the SLO controller's caps (see the top)."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str, goodput_window_s: float = 60.0) -> None:
+        classes, model = PRIORITY_CLASSES, [model_name]
+        requests = Counter("pagedserve:slo_requests", "Finished requests by priority class and whether "
+                           "they met their SLOs.", ["model_name", "priority_class", "result"], registry=registry)
+        self.requests = {(c, r): requests.labels(model_name, c, r) for c in classes for r in ("met", "missed")}
+        rejected = Counter("pagedserve:slo_rejected_requests", "Requests refused with 429 because their "
+                           "predicted queueing delay passed the TTFT objective.", ["model_name", "priority_class"],
+                           registry=registry)  # fmt: skip
+        self.rejected = {c: rejected.labels(model_name, c) for c in classes}
+        attainment = Gauge("pagedserve:slo_attainment", "Share of finished requests meeting the objective.",
+                           ["model_name", "priority_class", "objective"], registry=registry)  # fmt: skip
+        self.attainment = {(c, o): attainment.labels(model_name, c, o) for c in classes for o in SLO_OBJECTIVES}
+        self.goodput = Counter("pagedserve:goodput_requests", "Finished requests that met all their SLOs.",
+                               ["model_name"], registry=registry).labels(*model)  # fmt: skip
+        self.goodput_rate = Gauge("pagedserve:goodput_requests_per_second", "Requests per second that met "
+                                  "all their SLOs, over the last window.", ["model_name"], registry=registry
+                                  ).labels(*model)  # fmt: skip
+        self.goodput_rate.set_function(self._goodput_rate)
+        self.max_num_seqs = Gauge("pagedserve:slo_max_num_seqs", "The SLO controller's running-batch cap.",
+                                  ["model_name"], registry=registry).labels(*model)  # fmt: skip
+        self.max_num_batched_tokens = Gauge(
+            "pagedserve:slo_max_num_batched_tokens", "The SLO controller's token budget of the last step.",
+            ["model_name"], registry=registry).labels(*model)  # fmt: skip
+        delay = Gauge("pagedserve:slo_predicted_queue_delay_seconds", "Predicted wait for a seat of a new "
+                      "request (-1: unknown).", ["model_name", "priority_class"], registry=registry)  # fmt: skip
+        self.queue_delay = {c: delay.labels(model_name, c) for c in classes}
+        self._window_s = goodput_window_s
+        self._met_times: deque[float] = deque()
+        self._counts = {(c, o): [0, 0] for c in classes for o in SLO_OBJECTIVES}  # met, total
+        self._clock = time.monotonic
+
+    def record_finished(self, priority_class: str, ttft_met: bool, tpot_met: bool) -> None:
+        for objective, met in (("ttft", ttft_met), ("tpot", tpot_met), ("all", ttft_met and tpot_met)):
+            counts = self._counts[(priority_class, objective)]
+            counts[0] += met
+            counts[1] += 1
+            self.attainment[(priority_class, objective)].set(counts[0] / counts[1])
+        met_all = ttft_met and tpot_met
+        self.requests[(priority_class, "met" if met_all else "missed")].inc()
+        if met_all:
+            self.goodput.inc()
+            self._met_times.append(self._clock())
+
+    def _goodput_rate(self) -> float:
+        now = self._clock()
+        while self._met_times and self._met_times[0] < now - self._window_s:
+            self._met_times.popleft()
+        return len(self._met_times) / self._window_s
 
 
 class HTTPMetricsMiddleware:

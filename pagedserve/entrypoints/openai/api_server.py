@@ -67,6 +67,7 @@ from pagedserve.entrypoints.openai.responses import (
 )
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion, ServerState
+from pagedserve.entrypoints.openai.slo_admission import SloAdmission
 from pagedserve.entrypoints.openai.structured_limits import limits_from_args
 from pagedserve.entrypoints.openai.tenancy import Tenancy
 from pagedserve.entrypoints.openai.vllm_compat import install_vllm_compat, on_engine_ready
@@ -155,6 +156,7 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
                             getattr(args, "max_tenant_labels", None))  # fmt: skip
     state.extra["tenancy"] = Tenancy(tenants, TenantMetrics(metrics.registry), names)
     bridge = MetricsBridge(metrics)
+    state.extra["slo"] = slo = SloAdmission(config.scheduler_config.slo, metrics.slo)
     multiprocess = getattr(args, "engine_in_process", False) is False
     lifecycle = ServerLifecycle(
         state, getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT_S), engine_restarts(args)
@@ -170,6 +172,8 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
             return
         engine.stats_listeners.append(bridge.on_stats)
         engine.finished_listeners.append(bridge.on_finished)
+        engine.stats_listeners.append(slo.on_stats)
+        engine.finished_listeners.append(slo.on_finished)
         lifecycle.watch(engine)
         on_engine_ready(args, engine)  # --disable-log-stats
         state.engine = engine

@@ -7,14 +7,16 @@ flags, abbreviations and conflicting combinations fail at start with an argparse
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
-from pagedserve.config import EngineArgs
+from pagedserve.config import EngineArgs, parse_slo_ms
 from pagedserve.entrypoints.arg_types import json_object as _json_object
 from pagedserve.entrypoints.arg_types import non_negative_float as _non_negative_float
 from pagedserve.entrypoints.arg_types import non_negative_int as _non_negative_int
 from pagedserve.entrypoints.arg_types import port as _port
 from pagedserve.entrypoints.arg_types import positive_int as _positive_int
+from pagedserve.entrypoints.config_file import add_config_arg, expand_config_file
 from pagedserve.entrypoints.openai.structured_limits import add_structured_output_args
 from pagedserve.entrypoints.openai.vllm_compat_args import (
     _dtype,  # vLLM spellings (bf16, fp16) of --dtype
@@ -33,6 +35,7 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
                         help="model directory, .gguf file, hub id, or fsspec URL (s3://bucket/prefix: pulled into the cache)")
     parser.add_argument("--model-public-key", default=None, metavar="PEM",
                         help="Ed25519 public key (file or PEM text): the model's SHA256SUMS.sig must verify")
+    add_config_arg(parser)  # --config FILE (entrypoints/config_file.py)
     http = parser.add_argument_group("HTTP server")
     http.add_argument("--host", default="0.0.0.0")
     http.add_argument("--port", type=_port, default=8000)
@@ -105,6 +108,7 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
     eng.add_argument("--async-scheduling", action="store_true",
                      help="plan and launch step n+1 while step n runs on the GPU")  # fmt: skip
     add_cpu_args(parser)
+    add_slo_args(parser)
     # --- lifecycle: graceful drain and engine death (entrypoints/openai/lifecycle.py)
     life = parser.add_argument_group("shutdown and engine failure")
     life.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0, metavar="SECONDS",
@@ -129,6 +133,24 @@ def add_cpu_args(parser: argparse.ArgumentParser) -> None:
     cpu.add_argument("--cpu-threads", type=_positive_int, default=None,
                      help="torch intra-op threads of the engine process (default on CPU: "
                           "$OMP_NUM_THREADS, else the usable cores minus one for the HTTP process)")  # fmt: skip
+
+
+def _slo_ms(text: str) -> dict[str, float]:
+    try:
+        return parse_slo_ms(text, "the objective")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_slo_args(parser: argparse.ArgumentParser) -> None:
+    """Service-level objectives (core/slo_controller.py, entrypoints/openai/slo_admission.py)."""
+    slo = parser.add_argument_group("service-level objectives")
+    slo.add_argument("--slo-ttft-ms", type=_slo_ms, default=None, metavar="MS",
+                     help="time-to-first-token objective: requests whose predicted queueing delay "
+                          "passes it get 429 + Retry-After; MS or 'interactive=MS,batch=MS'")
+    slo.add_argument("--slo-tpot-ms", type=_slo_ms, default=None, metavar="MS",
+                     help="time-per-output-token objective: the running batch and each step's token "
+                          "budget adapt to hold it; MS or 'interactive=MS,batch=MS'")
 
 
 def make_arg_parser(prog: str = "pagedserve.entrypoints.openai.api_server", positional_model: bool = False
@@ -173,7 +195,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None,
                positional_model: bool = False) -> argparse.Namespace:  # fmt: skip
     parser = make_arg_parser(prog or "pagedserve.entrypoints.openai.api_server", positional_model)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(expand_config_file(parser, sys.argv[1:] if argv is None else argv))
     validate_args(parser, args)
     return args
 
@@ -207,5 +229,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         override_generation_config=args.override_generation_config,
         cpu_threads=getattr(args, "cpu_threads", None),
         model_public_key=getattr(args, "model_public_key", None),
+        slo_ttft_ms=getattr(args, "slo_ttft_ms", None),
+        slo_tpot_ms=getattr(args, "slo_tpot_ms", None),
         **vllm_compat_engine_kwargs(args),
     )

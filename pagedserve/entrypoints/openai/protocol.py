@@ -159,6 +159,8 @@ class _SamplingRequest(_RequestModel):
     truncate_prompt_tokens: PositiveCount | None = None
     prompt_logprobs: Count | None = None
     priority: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] = 0
+    # pagedserve: "batch" waits behind "interactive" work (a tenant's class wins; see slo_admission.py)
+    priority_class: Literal["interactive", "batch"] | None = None
     return_token_ids: bool | None = None  # vLLM extra: prompt/generated token ids in the response
     request_id: Annotated[str, Field(max_length=256)] | None = None
     # vLLM's cache_salt (only requests with the same salt share cached prefixes); the server puts

@@ -50,6 +50,7 @@ from pagedserve.entrypoints.openai.serving_completion import (
     prompt_logprobs_json,
     run_to_end,
 )
+from pagedserve.entrypoints.openai.slo_admission import priority_class_of
 from pagedserve.entrypoints.openai.tenancy import TenantGate
 from pagedserve.entrypoints.openai.tool_calls import ToolCallStream, forces_tool_calls, parse_tool_calls
 from pagedserve.entrypoints.openai.tool_calls import finish_reason as tool_finish_reason
@@ -122,7 +123,8 @@ class OpenAIServingChat(OpenAIServing):
         engine = self.engine()
         gate = self.tenant_gate(raw, request, "/v1/chat/completions")
         self.state.bounds.check_num_prompts(1, request.n)
-        self.check_load(engine, 1)
+        priority_class = priority_class_of(raw, request.priority_class)
+        self.check_load(engine, 1, priority_class)
         gate.redact_messages(request)  # before the template and the tokenizer
         text, ids = await self.render(engine, request)
         if request.truncate_prompt_tokens is not None:
@@ -140,7 +142,7 @@ class OpenAIServingChat(OpenAIServing):
         gate.admit(len(ids), (params.max_tokens or 0) * params.n)  # 429 past a tenant limit
         handle = engine.add_request(
             gate.salted({"prompt": text, "prompt_token_ids": ids}), params, request_id, request.priority,
-            grammar=grammar,
+            grammar=grammar, priority_class=priority_class,
         )  # fmt: skip
         gen = gate.outputs(engine.stream(handle))
         role = options.response_role

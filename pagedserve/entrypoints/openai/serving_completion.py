@@ -53,6 +53,7 @@ from pagedserve.entrypoints.openai.responses import (
     UsageInfo,
     sse_event,
 )
+from pagedserve.entrypoints.openai.slo_admission import priority_class_of
 from pagedserve.entrypoints.openai.structured_limits import StructuredOutputLimits, compile_request_grammar
 from pagedserve.entrypoints.openai.tenancy import TenantGate, tenancy_of
 from pagedserve.entrypoints.openai.vllm_compat import log_request
@@ -128,16 +129,19 @@ class OpenAIServing:
             raise ServiceUnavailableError("The engine is not running.")
         return engine
 
-    def check_load(self, engine: AsyncLLM, num_new: int) -> None:
-        """Load shedding: 429 once the waiting queue would pass --max-waiting-requests."""
+    def check_load(self, engine: AsyncLLM, num_new: int, priority_class: str = "interactive") -> None:
+        """Load shedding: 429 once the waiting queue would pass --max-waiting-requests, or the
+        predicted queueing delay the TTFT objective (slo_admission.py)."""
         limit = self.state.max_waiting_requests
-        if limit is None:
-            return
-        waiting = engine.num_waiting_estimate
-        if waiting + num_new > limit:
-            raise overloaded(
-                f"Too many requests waiting ({waiting}, limit {limit}); retry later.", retry_after_s=1
-            )
+        if limit is not None:
+            waiting = engine.num_waiting_estimate
+            if waiting + num_new > limit:
+                raise overloaded(
+                    f"Too many requests waiting ({waiting}, limit {limit}); retry later.", retry_after_s=1
+                )
+        admission = self.state.extra.get("slo")
+        if admission is not None:
+            admission.check(num_new, priority_class)
 
     def sampling_params(self, request: _SamplingRequest, prompt_len: int, stream: bool) -> SamplingParams:
         max_len = self.state.max_model_len
@@ -345,7 +349,8 @@ class OpenAIServingCompletion(OpenAIServing):
         gate = self.tenant_gate(raw, request, "/v1/completions")
         prompts = gate.redact_prompts(request.prompts())  # before tokenization
         self.state.bounds.check_num_prompts(len(prompts), request.n)
-        self.check_load(engine, len(prompts))
+        priority_class = priority_class_of(raw, request.priority_class)
+        self.check_load(engine, len(prompts), priority_class)
         tokenized: list[tuple[str | None, list[int]]] = []
         for p in prompts:
             text, ids = await tokenize_prompt(engine, self.state.bounds, p)
@@ -375,7 +380,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 prompt: Any = gate.salted({"prompt_token_ids": ids, **({"prompt": t} if t else {})})
                 log_request(self.state, f"{base_id}-{i}", t, ids, sp)  # --enable-log-requests
                 handles.append(engine.add_request(prompt, sp, f"{base_id}-{i}", priority=request.priority,
-                                                  grammar=grammar))
+                                                  grammar=grammar, priority_class=priority_class))
         except Exception:
             for h in handles:
                 engine.release(h)

@@ -1,0 +1,211 @@
+"""The SLO-aware server against the same server without objectives, at overload and at light load.
+
+    python -m benchmarks.slo_serving --model DIR --out RESULTS_DIR [--slo-tpot-ms 30] [--slo-ttft-ms 2000]
+        [--num-requests 400] [--server-args "..."] [--sustainable-rate R]
+
+1. Start the server without objectives and find the rate it sustains: the highest Poisson
+   arrival rate at which its P99 TPOT and P99 TTFT meet the objectives and nothing fails
+   (doubling or halving from --start-rate until it changes, then bisecting --bisect times); or take
+   --sustainable-rate.
+2. At --overload x that rate (default 1.5) and at --light x it (default 0.3): run the same
+   seeded workload (the ShareGPT-like mix, streamed, ignore_eos) against the server without
+   objectives and against the server with `--slo-ttft-ms --slo-tpot-ms`.
+3. Print one table, write RESULTS_DIR/slo_serving.json (every run, the search's probes, the
+   environment) and RESULTS_DIR/slo_serving.png (matplotlib; an .svg without it): goodput,
+   P99 TPOT against the target, P99 TTFT and the share shed, per load and server.
+
+What should show: at overload the SLO-aware server keeps the P99 TPOT of the requests it admits
+under the target (it sheds with 429 what it cannot serve in time) and its goodput beats the
+server without objectives, which breaks the target; at light load both are alike.
+On the CPU with the tiny model (an end-to-end check of the script, not a measurement):
+    python -m benchmarks.slo_serving --model TINY --out /tmp/slo --device-cpu-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import environment, print_table
+from benchmarks.serving import run_rate, running_server
+from pagedserve.tune.workload import sharegpt_like
+
+CPU_TINY_FLAGS = ["--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory-bytes", str(16 << 20),
+                  "--device", "cpu"]  # fmt: skip
+
+
+def _meets(row: dict[str, Any], args: argparse.Namespace) -> bool:
+    return (row["failed"] == 0 and row["tpot_p99_ms"] <= args.slo_tpot_ms
+            and row["ttft_p99_ms"] <= args.slo_ttft_ms)  # fmt: skip
+
+
+def _run(base: str, work: Any, rate: float, args: argparse.Namespace, seed: int, n: int | None = None) -> dict:
+    n = n or len(work.prompts)
+    row = asyncio.run(run_rate(base, "bench", work.prompts[:n], work.output_lens[:n], rate, seed,
+                               slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms))  # fmt: skip
+    return row
+
+
+def find_sustainable_rate(base: str, work: Any, args: argparse.Namespace) -> tuple[float, list[dict]]:
+    """The highest rate (of those probed) at which the server meets both objectives at P99."""
+    probes: list[dict] = []
+    n = args.probe_requests
+
+    def probe(rate: float) -> bool:
+        row = _run(base, work, rate, args, seed=100 + len(probes), n=n)
+        row["meets_slo"] = _meets(row, args)
+        probes.append(row)
+        print(f"probe {rate:8.2f} req/s: P99 TPOT {row['tpot_p99_ms']:.1f} ms, P99 TTFT {row['ttft_p99_ms']:.0f} ms"
+              f" -> {'meets' if row['meets_slo'] else 'breaks'} the objectives", flush=True)
+        return bool(row["meets_slo"])
+
+    low, high = 0.0, args.start_rate
+    if probe(high):  # double until it breaks them
+        low, high = high, high * 2
+        while probe(high):
+            low, high = high, high * 2
+            if high > args.max_rate:
+                return low, probes
+    else:  # halve until it meets them
+        for _ in range(6):
+            high, low = high / 2, 0.0
+            if probe(high):
+                low, high = high, high * 2
+                break
+        if low == 0.0:
+            raise SystemExit(f"the server meets the objectives at no probed rate (lowest {high:.3g} req/s)")
+    for _ in range(args.bisect):
+        mid = (low + high) / 2
+        if probe(mid):
+            low = mid
+        else:
+            high = mid
+    return low, probes
+
+
+def plot(rows: list[dict], args: argparse.Namespace, out: Path) -> Path:
+    loads = ["light", "overload"]
+    servers = ["no objectives", "SLO-aware"]
+    panels = [("goodput_rps", "goodput (req/s)"), ("tpot_p99_ms", "P99 TPOT of admitted (ms)"),
+              ("ttft_p99_ms", "P99 TTFT of admitted (ms)"), ("shed_share", "share shed (429)")]  # fmt: skip
+    value = {(r["load"], r["server"]): r for r in rows}
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return _plot_svg(rows, args, out, loads, servers, panels, value)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        for j, server in enumerate(servers):
+            xs = [i + (j - 0.5) * 0.38 for i in range(len(loads))]
+            ax.bar(xs, [value[(load, server)][key] for load in loads], width=0.36, label=server)
+        ax.set_xticks(range(len(loads)), [f"{load}\n{value[(load, servers[0])]['rate_rps']:.3g} req/s" for load in loads])
+        ax.set_title(title, fontsize=10)
+        if key == "tpot_p99_ms":
+            ax.axhline(args.slo_tpot_ms, color="red", linestyle="--", linewidth=1, label="target")
+        if key == "ttft_p99_ms":
+            ax.axhline(args.slo_ttft_ms, color="red", linestyle="--", linewidth=1)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"SLO-aware vs no objectives (TPOT {args.slo_tpot_ms:g} ms, TTFT {args.slo_ttft_ms:g} ms)")
+    fig.tight_layout()
+    path = out / "slo_serving.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _plot_svg(rows: list[dict], args: argparse.Namespace, out: Path, loads: list[str], servers: list[str],
+              panels: list[tuple[str, str]], value: dict) -> Path:  # fmt: skip
+    """The same bars as SVG text (no matplotlib on the machine)."""
+    w, h, pad = 260, 220, 30
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w * len(panels)}" height="{h + 40}" '
+             'font-family="sans-serif" font-size="11">']
+    colors = ["#1f77b4", "#ff7f0e"]
+    for p, (key, title) in enumerate(panels):
+        x0 = p * w
+        top = max([value[(lo, s)][key] for lo in loads for s in servers] + [1e-9])
+        parts.append(f'<text x="{x0 + w / 2}" y="14" text-anchor="middle">{title}</text>')
+        for i, load in enumerate(loads):
+            for j, server in enumerate(servers):
+                v = value[(load, server)][key]
+                bar = 0 if not math.isfinite(v) else (h - 2 * pad) * v / top
+                x = x0 + pad + i * 100 + j * 42
+                parts.append(f'<rect x="{x}" y="{h - pad - bar}" width="38" height="{bar}" fill="{colors[j]}"/>')
+                parts.append(f'<text x="{x + 19}" y="{h - pad - bar - 3}" text-anchor="middle">{v:.3g}</text>')
+            parts.append(f'<text x="{x0 + pad + i * 100 + 40}" y="{h - 12}" text-anchor="middle">{load}</text>')
+    for j, server in enumerate(servers):
+        parts.append(f'<rect x="{10 + j * 140}" y="{h + 15}" width="10" height="10" fill="{colors[j]}"/>'
+                     f'<text x="{24 + j * 140}" y="{h + 24}">{server}</text>')
+    parts.append("</svg>")
+    path = out / "slo_serving.svg"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True, help="results directory (JSON, plot)")
+    parser.add_argument("--slo-tpot-ms", type=float, default=30.0)
+    parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    parser.add_argument("--num-requests", type=int, default=400)
+    parser.add_argument("--probe-requests", type=int, default=None, help="requests per search probe (default: --num-requests / 2)")
+    parser.add_argument("--vocab-size", type=int, default=128256)
+    parser.add_argument("--server-args", default="", help="flags for both servers (the SLO flags are added to one)")
+    parser.add_argument("--sustainable-rate", type=float, default=None, help="skip the search")
+    parser.add_argument("--start-rate", type=float, default=4.0)
+    parser.add_argument("--max-rate", type=float, default=1024.0)
+    parser.add_argument("--bisect", type=int, default=3)
+    parser.add_argument("--overload", type=float, default=1.5)
+    parser.add_argument("--light", type=float, default=0.3)
+    parser.add_argument("--light-requests", type=int, default=None, help="requests of the light runs (default: half)")
+    parser.add_argument("--device-cpu-tiny", action="store_true",
+                        help="CPU flags for a tiny test model (a check of the script end to end)")
+    args = parser.parse_args()
+    args.probe_requests = args.probe_requests or max(8, args.num_requests // 2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    server_args = args.server_args.split() + (CPU_TINY_FLAGS if args.device_cpu_tiny else [])
+    slo_args = [*server_args, "--slo-ttft-ms", f"{args.slo_ttft_ms:g}", "--slo-tpot-ms", f"{args.slo_tpot_ms:g}"]
+    work = sharegpt_like(args.vocab_size, args.num_requests)
+    if args.device_cpu_tiny:
+        work = work.clipped(64, 32, 256)
+    rows: list[dict] = []
+    probes: list[dict] = []
+    with running_server(args.model, server_args, str(out / "server-no-objectives.log")) as (base, _):
+        _run(base, work, args.start_rate, args, seed=99, n=min(16, len(work.prompts)))  # warm-up
+        rate = args.sustainable_rate
+        if rate is None:
+            rate, probes = find_sustainable_rate(base, work, args)
+        print(f"sustainable rate without objectives: {rate:.3f} req/s", flush=True)
+        loads = {"light": args.light * rate, "overload": args.overload * rate}
+        sizes = {"light": args.light_requests or max(8, args.num_requests // 2), "overload": args.num_requests}
+        for load, r in loads.items():
+            rows.append({"load": load, "server": "no objectives", **_run(base, work, r, args, 1, sizes[load])})
+    with running_server(args.model, slo_args, str(out / "server-slo-aware.log")) as (base, _):
+        _run(base, work, args.start_rate, args, seed=99, n=min(16, len(work.prompts)))  # warm-up
+        for load, r in loads.items():
+            rows.append({"load": load, "server": "SLO-aware", **_run(base, work, r, args, 1, sizes[load])})
+    for row in rows:
+        row["shed_share"] = row["shed_429"] / row["requests"]
+    columns = ["load", "server", "rate_rps", "goodput_rps", "slo_attainment", "tpot_p50_ms", "tpot_p99_ms",
+               "ttft_p50_ms", "ttft_p99_ms", "shed_429", "failed", "output_tokens_per_s"]  # fmt: skip
+    print_table(f"SLO-aware serving (TPOT target {args.slo_tpot_ms:g} ms, TTFT {args.slo_ttft_ms:g} ms; "
+                f"sustainable {rate:.3g} req/s)", [{c: r[c] for c in columns} for r in rows])  # fmt: skip
+    path = plot(rows, args, out)
+    result = {"environment": environment(), "command": "python -m benchmarks.slo_serving " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False, "")),
+        "sustainable_rate_rps": rate, "runs": rows, "probes": probes, "args": vars(args),
+        "plot": os.path.basename(path)}  # fmt: skip
+    (out / "slo_serving.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {out / 'slo_serving.json'} and {path}")
+
+
+if __name__ == "__main__":
+    main()

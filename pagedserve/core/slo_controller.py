@@ -1,0 +1,324 @@
+"""SLO controller: the running-batch cap and the per-step token budget, fed by measured steps.
+
+Pure Python (no torch, no clock of its own): the scheduler hands it one StepSample per finished
+step (its wall duration and composition) and asks it for the caps before planning the next.
+
+    schedule():  max_num_seqs  <- controller.max_num_seqs            (feedback, every `interval`)
+                 token budget  <- controller.token_budget(running)   (model, every step)
+    update():    controller.observe(StepSample(duration, composition))
+
+core/slo_scheduler.py composes the samples from the scheduler's plans and times them.
+
+1. Running-batch cap (feedback). A decode request gets one token per step, so its TPOT is the
+   step duration. Over a moving window of the last `window` steps that carried decodes:
+       p = percentile(durations, q)
+       p > target                        -> shrink: cap -= max(1, cap * shrink_frac)
+       p < target * (1 - margin), cap hit -> grow:   cap *= clamp(goal / p, 1 + grow_frac, 2)
+                                                     (at least +1; fast far below the goal, +25%
+                                                     near it), no further than the step-time
+                                                     model predicts is safe
+       otherwise                          -> hold (the dead band is the hysteresis)
+   After every change the window is cleared and the next decision waits for `interval` fresh
+   samples measured under the new cap (half as many while the cap binds and every fresh step
+   took under half the goal), so one change is judged by its own effect; a shrink also
+   blocks growth for `cooldown` decisions. The cap grows only while it binds (requests waited
+   for a seat), so under light load it stays where the load is.
+2. Token budget (model). A step-time model t = w . [1, seqs, tokens, context/1024, prefill?] is fitted by
+   exponentially weighted least squares. A step's prefill share is sized so that the running
+   requests' step stays under target * (1 - margin / 2): chunked prefill never breaks the TPOT
+   of the requests already decoding. Steps without decodes get the whole (adapted) token cap.
+3. Queueing delay, for admission control: while requests wait, seats are handed out at a
+   measured rate (admissions per second, EWMA); a request with n ahead waits about n / rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class StepSample:
+    duration_s: float  # wall time the step took (its tokens' inter-token interval)
+    num_seqs: int  # requests scheduled in the step
+    num_decode: int  # of which decoding (1 token, past their prompt)
+    num_tokens: int  # scheduled tokens in all (decode + prefill)
+    context_tokens: int  # KV positions the step attends over, summed over its requests
+    # per priority class (interactive, batch): requests left waiting after the step was
+    # planned, and requests the step gave a seat (from the waiting queue, or swapped back in)
+    num_waiting: tuple[int, int] = (0, 0)
+    num_admitted: tuple[int, int] = (0, 0)
+    cap_hit: bool = False  # the seat cap kept a waiting request out
+    budget_hit: bool = False  # the token budget cut a prefill short
+
+
+@dataclass(slots=True)
+class ControllerParams:
+    margin: float = 0.15  # grow only while p < target * (1 - margin)
+    percentile: float = 0.9  # the moving high percentile compared with the target
+    window: int = 32  # step samples in the moving window
+    interval: int = 8  # fresh samples needed before the next decision
+    grow_frac: float = 0.25  # relative growth per decision near the goal (at least +1)
+    max_grow: float = 2.0  # at most this factor per decision, far below the goal
+    shrink_frac: float = 0.2  # at most this relative cut per decision (at least -1)
+    cooldown: int = 4  # decisions without growth after a shrink
+    initial_seqs: int = 8
+    min_seqs: int = 1
+    min_chunk: int = 16  # prefill tokens a step may always take beside its decodes
+    forgetting: float = 0.98  # per-sample weight decay of the step-time model
+
+
+class StepTimeModel:
+    """Exponentially weighted ridge regression of step time on the step's composition.
+
+    features x = [1, seqs, tokens, context / 1024, 1 if the step prefills]; the last one is the
+    fixed extra cost of a mixed step (on a GPU decode-only steps replay CUDA graphs, mixed ones
+    run eagerly). Keeps A = sum w x x^T and b = sum w x y (5 x 5 and 5), solved on demand. Tiny,
+    so plain lists and Gaussian elimination.
+    """
+
+    DIM = 5
+
+    def __init__(self, forgetting: float, ridge: float = 1e-8) -> None:
+        self.forgetting = forgetting
+        self.ridge = ridge
+        self.a = [[0.0] * self.DIM for _ in range(self.DIM)]
+        self.b = [0.0] * self.DIM
+        self.num_samples = 0
+        self._weights: list[float] | None = None
+
+    @staticmethod
+    def features(num_seqs: int, num_tokens: int, context_tokens: int, prefill: bool | None = None) -> list[float]:
+        """prefill None: a step prefills when it has more tokens than requests."""
+        mixed = num_tokens > num_seqs if prefill is None else prefill
+        return [1.0, float(num_seqs), float(num_tokens), context_tokens / 1024.0, float(mixed)]
+
+    def add(self, x: list[float], y: float) -> None:
+        f = self.forgetting
+        for i in range(self.DIM):
+            self.b[i] = f * self.b[i] + x[i] * y
+            row = self.a[i]
+            for j in range(self.DIM):
+                row[j] = f * row[j] + x[i] * x[j]
+        self.num_samples += 1
+        self._weights = None
+
+    def weights(self) -> list[float] | None:
+        """The fitted weights, or None before enough samples. Negative marginal costs (noise,
+        collinear features) are clamped to 0 and the rest refitted, so predictions are monotone."""
+        if self.num_samples < 2 * self.DIM:
+            return None
+        if self._weights is None:
+            active = list(range(self.DIM))
+            while True:
+                w = _solve([[self.a[i][j] for j in active] for i in active], [self.b[i] for i in active],
+                           self.ridge)
+                full = [0.0] * self.DIM
+                for k, i in enumerate(active):
+                    full[i] = w[k]
+                negative = [i for i in active[1:] if full[i] < 0]
+                if not negative:
+                    break
+                active = [i for i in active if i not in negative]
+            self._weights = full
+        return self._weights
+
+    def predict(self, num_seqs: int, num_tokens: int, context_tokens: int,
+                prefill: bool | None = None) -> float | None:  # fmt: skip
+        w = self.weights()
+        if w is None:
+            return None
+        x = self.features(num_seqs, num_tokens, context_tokens, prefill)
+        return sum(wi * xi for wi, xi in zip(w, x))
+
+
+def _solve(a: list[list[float]], b: list[float], ridge: float) -> list[float]:
+    """Solve (a + ridge * diag(a)) w = b by Gaussian elimination with partial pivoting (the
+    ridge is relative to each feature's own scale, so it only settles collinear directions)."""
+    n = len(b)
+    m = [[a[i][j] * (1 + ridge if i == j else 1.0) for j in range(n)] + [b[i]] for i in range(n)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        if abs(m[col][col]) < 1e-300:
+            continue
+        for r in range(col + 1, n):
+            factor = m[r][col] / m[col][col]
+            for c in range(col, n + 1):
+                m[r][c] -= factor * m[col][c]
+    w = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        if abs(m[r][r]) < 1e-300:
+            continue
+        w[r] = (m[r][n] - sum(m[r][c] * w[c] for c in range(r + 1, n))) / m[r][r]
+    return w
+
+
+class SloController:
+    """Caps for one engine under a TPOT objective (seconds) and the configured maxima."""
+
+    def __init__(self, tpot_target_s: float, max_num_seqs: int, max_num_batched_tokens: int,
+                 params: ControllerParams | None = None) -> None:  # fmt: skip
+        self.params = p = params or ControllerParams()
+        self.tpot_target_s = tpot_target_s
+        self.max_seqs_limit = max_num_seqs
+        self.max_tokens_limit = max_num_batched_tokens
+        self.max_num_seqs = max(p.min_seqs, min(max_num_seqs, p.initial_seqs))
+        self.token_cap = max_num_batched_tokens
+        self.model = StepTimeModel(p.forgetting)
+        self.window: deque[float] = deque(maxlen=p.window)
+        self.last_budget = max_num_batched_tokens
+        self.num_changes = 0  # cap changes so far (grow or shrink)
+        self._fresh = 0  # samples since the last decision
+        self._cooldown = 0
+        self._cap_hit = self._budget_hit = False  # within the current decision interval
+        self._seqs_seen = 0  # most requests scheduled in one step this interval
+        self._mean_context = 0.0  # EWMA of context tokens per decoding request
+        self._mean_chunk = float(self.params.min_chunk)  # EWMA of prefill tokens per prefilling request
+        # per class: admissions while that class had requests waiting, (admitted, seconds)
+        # summed over the current interval, and their rate in requests per second (EWMA; None
+        # while the class never waited)
+        self._admit_count = [0, 0]
+        self._admit_time = [0.0, 0.0]
+        self.admit_rate: list[float | None] = [None, None]
+
+    # ------------------------------------------------------------------ the scheduler's calls
+
+    def token_budget(self, num_decode: int, context_tokens: int) -> int:
+        """The token budget for a step whose running requests are num_decode decodes attending
+        over context_tokens positions: their tokens plus a prefill share that keeps the predicted
+        step under target * (1 - margin / 2)."""
+        limit = self.max_tokens_limit
+        cap = min(self.token_cap, limit)
+        w = self.model.weights()
+        if num_decode == 0 or w is None or w[2] <= 0:
+            budget = cap  # no TPOT at stake, or no model to size the prefill share by yet
+        else:
+            # every running request gets its token, and a prefill always makes some progress
+            floor = min(limit, num_decode + self.params.min_chunk)
+            goal = self.tpot_target_s * (1 - self.params.margin / 2)
+            # the decodes' step, run as a mixed one (its fixed cost w[4] included)
+            base = self.model.predict(num_decode, num_decode, context_tokens, prefill=True)
+            assert base is not None
+            # a prefill token costs w[2], its share of the w[1] of the request it belongs to
+            # (chunks of about _mean_chunk tokens), and at least one more position attended
+            per_token = w[2] + w[1] / max(1.0, self._mean_chunk) + w[3] / 1024
+            extra = (goal - base) / per_token
+            budget = max(floor, min(cap, num_decode + int(extra)))
+        self.last_budget = budget
+        return budget
+
+    def observe(self, sample: StepSample) -> None:
+        p = self.params
+        if sample.num_seqs == 0:
+            return
+        x = StepTimeModel.features(sample.num_seqs, sample.num_tokens, sample.context_tokens)
+        self.model.add(x, sample.duration_s)
+        for k in (0, 1):
+            if sample.num_waiting[k] > 0 or sample.num_admitted[k] > 0:
+                self._admit_count[k] += sample.num_admitted[k]
+                self._admit_time[k] += sample.duration_s
+        prefill_seqs = sample.num_seqs - sample.num_decode
+        if prefill_seqs > 0:
+            chunk = (sample.num_tokens - sample.num_decode) / prefill_seqs
+            self._mean_chunk += 0.2 * (chunk - self._mean_chunk)
+        self._cap_hit |= sample.cap_hit
+        self._budget_hit |= sample.budget_hit
+        self._seqs_seen = max(self._seqs_seen, sample.num_seqs)
+        if sample.num_decode == 0:
+            return  # no request's TPOT was at stake
+        self._mean_context += 0.1 * (sample.context_tokens / sample.num_seqs - self._mean_context)
+        self.window.append(sample.duration_s)
+        self._fresh += 1
+        if self._fresh >= p.interval or self._fresh >= p.interval // 2 and self._far_below():
+            self._decide()
+
+    def _far_below(self) -> bool:
+        """The cap binds while every fresh step took under half the goal: a ramp (a burst after
+        light load) need not wait a full interval to grow."""
+        if not self._cap_hit or self._cooldown > 0:
+            return False
+        goal = self.tpot_target_s * (1 - self.params.margin)
+        return max(self.window) < goal / 2
+
+    # ------------------------------------------------------------------ decisions
+
+    def high_percentile(self) -> float | None:
+        if not self.window:
+            return None
+        ordered = sorted(self.window)
+        index = max(0, math.ceil(self.params.percentile * len(ordered)) - 1)
+        return ordered[index]
+
+    def _decide(self) -> None:
+        p = self.params
+        high = self.high_percentile()
+        assert high is not None
+        target = self.tpot_target_s
+        old_seqs, old_tokens = self.max_num_seqs, self.token_cap
+        if high > target:
+            # cut from what actually ran, so that a cap far above the batch still bites
+            base = min(self.max_num_seqs, max(self._seqs_seen, p.min_seqs))
+            self.max_num_seqs = max(p.min_seqs, base - max(1, int(base * p.shrink_frac)))
+            floor = min(self.max_tokens_limit, max(p.min_chunk, self.max_num_seqs))
+            self.token_cap = max(floor, self.token_cap - max(1, int(self.token_cap * p.shrink_frac)))
+            self._cooldown = p.cooldown
+        elif self._cooldown > 0:
+            self._cooldown -= 1
+        elif high < target * (1 - p.margin):
+            if self._cap_hit:
+                self.max_num_seqs = self._grown_seqs(target * (1 - p.margin) / max(high, 1e-9))
+            if self._budget_hit:
+                step = max(1, int(self.token_cap * p.grow_frac))
+                self.token_cap = min(self.max_tokens_limit, self.token_cap + step)
+        if (self.max_num_seqs, self.token_cap) != (old_seqs, old_tokens):
+            self.num_changes += 1
+            self.window.clear()  # judge the new caps by samples measured under them
+        self._fresh = 0
+        self._cap_hit = self._budget_hit = False
+        self._seqs_seen = 0
+        for k in (0, 1):
+            if self._admit_time[k] > 0:
+                rate = self._admit_count[k] / self._admit_time[k]
+                old = self.admit_rate[k]
+                self.admit_rate[k] = rate if old is None else 0.5 * old + 0.5 * rate
+        self._admit_count, self._admit_time = [0, 0], [0.0, 0.0]
+
+    def _grown_seqs(self, headroom: float) -> int:
+        """cap x a bounded factor (headroom = goal / measured percentile, > 1), but no further
+        than the model predicts a decode step stays under target * (1 - margin)."""
+        p = self.params
+        cap = self.max_num_seqs
+        factor = min(p.max_grow, max(1 + p.grow_frac, headroom))
+        grown = min(self.max_seqs_limit, max(cap + 1, int(cap * factor)))
+        goal = self.tpot_target_s * (1 - p.margin)
+        while grown > cap + 1:
+            n = grown
+            predicted = self.model.predict(n, n, int(n * self._mean_context))
+            if predicted is None or predicted <= goal:
+                break
+            grown -= 1
+        return grown
+
+    # ------------------------------------------------------------------ admission control
+
+    def predicted_queue_delay_s(self, num_ahead: int, batch: bool = False) -> float | None:
+        """Seconds a new request waits for a seat behind the num_ahead requests of its class
+        queued before it (a batch request: behind the batch ones; the interactive ones that pass
+        it show in the batch class's lower admission rate). None: its class never waited yet,
+        so there is no rate to go by."""
+        return predicted_delay(num_ahead, self.admit_rate[int(batch)])
+
+
+ADMISSION_SHARE = 0.8  # of the TTFT objective a predicted queueing delay may take (admission control)
+
+
+def predicted_delay(num_ahead: int, admit_rate: float | None) -> float | None:
+    if num_ahead <= 0:
+        return 0.0
+    if admit_rate is None:
+        return None
+    if admit_rate <= 0:
+        return math.inf  # requests of the class waited and none got a seat
+    return num_ahead / admit_rate

@@ -1,0 +1,169 @@
+"""The SLO controller against a simulated, deterministic step-time model (tests/slo/sim_load.py):
+no model and no wall clock, so every number here is exactly reproducible."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from pagedserve.config import SloConfig
+from pagedserve.core.slo_controller import ControllerParams, SloController, StepSample, StepTimeModel
+from tests.slo.sim_load import Phase, SimResult, simulate
+
+TPOT = 0.030
+SLO = SloConfig(ttft_s={"interactive": 1.0, "batch": 5.0}, tpot_s={"interactive": TPOT, "batch": TPOT})
+# Under the step-time model a decode-only step of n requests (context ~130 each) takes about
+# 2 + 0.583 n ms: n = 48 is the largest batch whose TPOT meets 30 ms. At that batch and 64-token
+# outputs the server completes about 48 / (0.030 * 64) = 25 requests/s: the capacity.
+CAPACITY_RPS = 25.0
+LIGHT, HEAVY = Phase(4, 0.3 * CAPACITY_RPS), Phase(12, 2 * CAPACITY_RPS)
+SETTLE_STEPS = 300  # the bound: requests first scheduled this many steps after the load step meet the TPOT
+
+
+@pytest.fixture(scope="module")
+def load_step() -> SimResult:
+    return simulate([LIGHT, HEAVY], SLO, admission=True)
+
+
+def _changes(caps: list[int]) -> list[int]:
+    return [i for i in range(1, len(caps)) if caps[i] != caps[i - 1]]
+
+
+def test_caps_grow_under_the_load_step_then_settle(load_step: SimResult) -> None:
+    caps, k = load_step.caps, load_step.load_step_index
+    light_max, final = max(caps[:k]), caps[-1]
+    # light load: the cap never binds, so it stays at its start
+    assert light_max == ControllerParams().initial_seqs
+    # 2x capacity: it grows to most of what the step-time model allows, never past it
+    assert 0.7 * 48 <= final <= 48, caps[k:]
+    changes = _changes(caps)
+    assert all(i > k for i in changes), "the cap moved under light load"
+    # every change is bounded (at most x2 a decision, never a jump to the maximum)
+    for i in changes:
+        assert caps[i] <= caps[i - 1] * ControllerParams().max_grow
+    assert changes[-1] - k < SETTLE_STEPS, "took too long to settle"
+    assert len(caps) - changes[-1] > 0.5 * (len(caps) - k), "still moving in the second half"
+
+
+def test_tpot_of_admitted_requests_meets_the_target_after_a_bounded_number_of_steps(load_step: SimResult) -> None:
+    k = load_step.load_step_index
+    late = [r.tpot for r in load_step.records.values() if r.first_step >= k + SETTLE_STEPS and r.tpot is not None]
+    assert len(late) > 50
+    assert max(late) < TPOT
+    # the same load without objectives breaks it (the static cap of 256 admits everything)
+    static = simulate([LIGHT, HEAVY], None, admission=False)
+    static_late = [r.tpot for r in static.records.values()
+                   if r.arrival >= LIGHT.duration_s + HEAVY.duration_s / 2 and r.tpot is not None]  # fmt: skip
+    assert statistics.median(static_late) > TPOT
+
+
+def test_no_oscillation_under_steady_load() -> None:
+    """1.5x capacity from the start, lengths drawn over a wide range: after the climb the cap stays put."""
+    result = simulate([Phase(30, 1.5 * CAPACITY_RPS)], SLO, admission=True,
+                      prompt_len=(16, 400), output_len=(16, 160), seed=3)  # fmt: skip
+    caps = result.caps
+    changes = _changes(caps)
+    second_half = [i for i in changes if i >= len(caps) // 2]
+    assert len(second_half) <= 1, [(i, caps[i]) for i in changes]
+    # no reversal: the direction of change flips at most once over the whole run
+    deltas = [caps[i] - caps[i - 1] for i in changes]
+    flips = sum(1 for a, b in zip(deltas, deltas[1:]) if (a > 0) != (b > 0))
+    assert flips <= 1, deltas
+
+
+def test_admission_control_bounds_ttft_where_queueing_does_not(load_step: SimResult) -> None:
+    heavy = [r.ttft for r in load_step.records.values() if r.arrival >= LIGHT.duration_s and r.ttft is not None]
+    assert load_step.rejected, "nothing was shed at 2x capacity"
+    assert max(heavy) < 2 * SLO.ttft_s["interactive"]
+    unshed = simulate([LIGHT, HEAVY], SLO, admission=False)
+    late = [r.ttft for r in unshed.records.values() if r.arrival >= LIGHT.duration_s + 0.75 * HEAVY.duration_s]
+    early = [r.ttft for r in unshed.records.values()
+             if LIGHT.duration_s <= r.arrival < LIGHT.duration_s + 0.25 * HEAVY.duration_s]  # fmt: skip
+    assert min(x for x in late if x is not None) > 5 * SLO.ttft_s["interactive"]
+    assert statistics.mean(x for x in late if x is not None) > 3 * statistics.mean(x for x in early if x is not None)
+
+
+def test_batch_class_yields_to_interactive() -> None:
+    result = simulate([LIGHT, HEAVY], SLO, admission=True, batch_share=0.5)
+    by_class: dict[str, list[float]] = {"interactive": [], "batch": []}
+    for r in result.records.values():
+        if r.arrival >= LIGHT.duration_s and r.ttft is not None:
+            by_class[r.klass].append(r.ttft)
+    shed = {c: sum(1 for _, k in result.rejected if k == c) for c in by_class}
+    assert statistics.mean(by_class["interactive"]) < statistics.mean(by_class["batch"])
+    assert max(by_class["interactive"]) < 2 * SLO.ttft_s["interactive"]
+    assert shed["batch"] > shed["interactive"]
+
+
+# ---------------------------------------------------------------------------- units
+
+
+def test_step_time_model_recovers_a_linear_cost_exactly() -> None:
+    model = StepTimeModel(forgetting=0.98)
+    truth = (0.002, 0.0005, 0.00002, 0.0004)
+    for i in range(40):
+        seqs, tokens, context = 1 + i % 7, 1 + (i * 37) % 300, (i * 911) % 5000
+        x = StepTimeModel.features(seqs, tokens, context)
+        model.add(x, sum(w * v for w, v in zip(truth, x)))
+    w = model.weights()
+    assert w is not None
+    for got, want in zip(w, truth):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-9)
+
+
+def test_prefill_share_keeps_the_predicted_step_under_the_target() -> None:
+    c = SloController(TPOT, max_num_seqs=256, max_num_batched_tokens=8192)
+    truth = (0.002, 0.0005, 0.00002, 0.0004)
+    for i in range(40):
+        seqs, tokens, context = 1 + i % 7, 1 + (i * 37) % 300, (i * 911) % 5000
+        x = StepTimeModel.features(seqs, tokens, context)
+        c.model.add(x, sum(w * v for w, v in zip(truth, x)))
+    for num_decode in (1, 10, 30):
+        budget = c.token_budget(num_decode, num_decode * 500)
+        assert budget > num_decode
+        prefill = budget - num_decode
+        seqs = num_decode + max(1, round(prefill / c._mean_chunk))
+        t = truth[0] + truth[1] * seqs + truth[2] * budget + truth[3] * (num_decode * 500 + prefill) / 1024
+        assert t <= TPOT * (1 - c.params.margin / 2) * 1.01, (num_decode, budget, t)
+    assert c.token_budget(0, 0) == 8192  # nothing decoding: no TPOT to protect
+
+
+def _feed(c: SloController, duration: float, n: int, cap_hit: bool = True) -> None:
+    for _ in range(n):
+        c.observe(StepSample(duration, c.max_num_seqs, c.max_num_seqs, c.max_num_seqs, 100 * c.max_num_seqs,
+                             num_waiting=(1, 0), cap_hit=cap_hit))  # fmt: skip
+
+
+def test_dead_band_holds_and_a_breach_shrinks_with_a_cooldown() -> None:
+    c = SloController(TPOT, max_num_seqs=256, max_num_batched_tokens=2048)
+    start = c.max_num_seqs
+    _feed(c, 0.024, c.params.interval)  # just under the goal (0.85 x 30 ms): +25%
+    assert c.max_num_seqs == start + max(1, int(start * c.params.grow_frac))
+    start = c.max_num_seqs
+    _feed(c, 0.010, c.params.interval // 2)  # far under (< half the goal): x2, after half an interval
+    assert c.max_num_seqs == int(start * c.params.max_grow)
+    grown = c.max_num_seqs
+    _feed(c, 0.028, 10 * c.params.interval)  # in the dead band [0.85, 1] x target: holds
+    assert c.max_num_seqs == grown
+    _feed(c, 0.035, c.params.interval)  # over: one bounded cut
+    assert c.max_num_seqs == grown - max(1, int(grown * c.params.shrink_frac))
+    shrunk = c.max_num_seqs
+    _feed(c, 0.010, c.params.cooldown * c.params.interval)  # cooldown: no growth yet
+    assert c.max_num_seqs == shrunk
+    _feed(c, 0.010, c.params.interval)
+    assert c.max_num_seqs > shrunk
+    _feed(c, 0.010, 5 * c.params.interval, cap_hit=False)  # not binding: no growth
+    held = c.max_num_seqs
+    _feed(c, 0.010, 5 * c.params.interval, cap_hit=False)
+    assert c.max_num_seqs == held
+
+
+def test_queue_delay_prediction_per_class() -> None:
+    c = SloController(TPOT, max_num_seqs=8, max_num_batched_tokens=2048)
+    assert c.predicted_queue_delay_s(3) is None  # never backlogged: no rate yet
+    for _ in range(c.params.interval):  # 20 ms steps, one interactive admission per step, batch starved
+        c.observe(StepSample(0.020, 8, 8, 8, 800, num_waiting=(5, 5), num_admitted=(1, 0), cap_hit=True))
+    assert c.predicted_queue_delay_s(10) == pytest.approx(10 / 50.0)
+    assert c.predicted_queue_delay_s(1, batch=True) == float("inf")
+    assert c.predicted_queue_delay_s(0, batch=True) == 0.0
