@@ -31,10 +31,12 @@ class KVCacheSpec:
     dtype: torch.dtype
 
     @classmethod
-    def from_model_spec(cls, spec: ModelSpec, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+    def from_model_spec(cls, spec: ModelSpec, block_size: int, dtype: torch.dtype,
+                        tp_size: int = 1) -> KVCacheSpec:
         """Sized by the model spec (our names: a ChatGLM `num_layers` / `multi_query_group_num`
-        config yields the same fields as a Llama one)."""
-        return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, block_size, dtype)
+        config yields the same fields as a Llama one), for one of `tp_size` tensor-parallel ranks:
+        each holds kv_heads / tp of the KV heads, or one (replicated) when there are fewer."""
+        return cls(spec.num_layers, max(1, spec.num_kv_heads // tp_size), spec.head_dim, block_size, dtype)
 
     @property
     def bytes_per_block(self) -> int:

@@ -35,7 +35,9 @@ import torch
 from pagedserve.config import EngineConfig
 from pagedserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from pagedserve.core.request import token_slice
+from pagedserve.distributed.sampling import make_sampler
 from pagedserve.model_executor.layers.attention import AttentionMetadata
+from pagedserve.model_executor.layers.context import ParallelGroup
 from pagedserve.model_executor.loader import load_model, resolve_dtype
 from pagedserve.sampling_params import SamplingParams, SamplingType
 from pagedserve.structured_output import GrammarCompilerCache
@@ -54,7 +56,7 @@ from pagedserve.worker.kv_cache import (
     num_blocks_from_budget,
     profile_gpu_kv_budget,
 )
-from pagedserve.worker.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
+from pagedserve.worker.sampler import SamplingMetadata, compute_prompt_logprobs
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant, spreads (seed, step) pairs
 
@@ -115,9 +117,14 @@ class StepHandle:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, parallel: ParallelGroup | None = None,
+                 device: torch.device | None = None) -> None:
+        """parallel: this process's tensor-parallel rank (default: the only one); device: the
+        rank's device (default: config.device). Every rank runs the same steps; only rank 0's
+        sampler draws tokens (distributed/sampling.py) and only its output leaves the group."""
         self.config = config
-        self.device = torch.device(config.device)
+        self.parallel = parallel or ParallelGroup()
+        self.device = device if device is not None else torch.device(config.device)
         model_config = config.model_config
         self.model_spec = model_config.model_spec  # built once, in EngineArgs.create_engine_config
         self.dtype = resolve_dtype(model_config.dtype, self.model_spec)
@@ -127,7 +134,7 @@ class ModelRunner:
         loaded = load_model(
             model_config.model_dir, self.dtype, self.device, attn_backend=config.attention_backend,
             load_format=model_config.load_format, trust_remote_code=model_config.trust_remote_code,
-            hf_config=model_config.hf_config, model_spec=self.model_spec,
+            hf_config=model_config.hf_config, model_spec=self.model_spec, parallel=self.parallel,
         )
         self.model: Any = loaded.model  # a CausalLM: forward(...) and compute_logits(...)
         self.hf_config = loaded.hf_config
@@ -135,9 +142,9 @@ class ModelRunner:
         self.vocab_size = self.model_spec.vocab_size
         self.load_seconds = time.perf_counter() - started
         self.spec = KVCacheSpec.from_model_spec(
-            self.model_spec, config.cache_config.block_size, self.dtype
+            self.model_spec, config.cache_config.block_size, self.dtype, self.parallel.world_size
         )
-        self.sampler = Sampler()
+        self.sampler = make_sampler(self.parallel)
         self.states: dict[str, RequestState] = {}
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -163,6 +170,8 @@ class ModelRunner:
         sched = self.config.scheduler_config
         on_cpu = self.device.type == "cpu"
         available = mem_available_bytes()
+        if on_cpu and available is not None:
+            available //= self.parallel.world_size  # the ranks' CPU pools share this host's memory
         if cache.num_gpu_blocks_override is not None:
             num_gpu, self._kv_sizing = cache.num_gpu_blocks_override, "num_gpu_blocks_override"
         elif cache.kv_cache_memory_bytes is not None:

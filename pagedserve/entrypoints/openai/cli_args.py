@@ -147,8 +147,6 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     if args.swap_space < 0:
         parser.error(f"--swap-space must be >= 0, got {args.swap_space}")
-    if args.tensor_parallel_size != 1:
-        parser.error("--tensor-parallel-size > 1 is not supported yet")
     if args.quantization is not None:
         parser.error(f"--quantization {args.quantization!r} is not supported yet")
     if args.max_engine_restarts is not None and not args.restart_engine:
