@@ -146,6 +146,8 @@ class MultiprocExecutor(Executor):
 
     def launch(self, plan: SchedulerOutput) -> PendingStep:
         self._send(encode(Step(plan)))
+        if plan.is_empty:  # only forgets requests / moves blocks: nothing to sample, no answer
+            return PendingStep(plan.step_id, ModelRunnerOutput(sampled_token_ids={}))
         return PendingStep(plan.step_id)
 
     def collect(self, handle: LaunchedStep) -> ModelRunnerOutput:

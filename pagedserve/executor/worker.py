@@ -111,7 +111,7 @@ def serve(launch: WorkerLaunch, rank: int) -> int:
             if isinstance(msg, Step):
                 grammars.prepare(msg.plan)
                 output = runner.execute_model(msg.plan)
-                if rank == 0:
+                if rank == 0 and not msg.plan.is_empty:  # an empty plan's output is known
                     results.send(encode(StepOutput(msg.plan.step_id, output)))
             elif isinstance(msg, Call):
                 if msg.method == "determine_num_blocks":
