@@ -56,6 +56,7 @@ class ModelConfig:
     max_logprobs: int
     trust_remote_code: bool = False  # passed to transformers (config, tokenizer, loader)
     load_format: str = "auto"  # "auto" | "safetensors" | "pt" (see loader.weight_files)
+    quantization: str | None = None  # the user's method name; None: the checkpoint's (if any)
     # SamplingParams defaults from generation_config.json (see generation_defaults.py): used for
     # the knobs a request leaves unset, by the OpenAI server and LLM.generate without params
     generation_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -183,7 +184,6 @@ class EngineArgs:
             (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
             (self.distributed_executor_backend in (None, "uni", "mp"),
              "distributed_executor_backend must be 'uni' or 'mp'"),
-            (self.quantization is None, f"quantization {self.quantization!r} is not supported yet"),
             (self.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
             (self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
              "num_gpu_blocks_override must be >= 1"),
@@ -209,6 +209,10 @@ class EngineArgs:
         # The only read of the checkpoint's config: the worker builds the model from these two.
         hf_config = load_hf_config(model_dir, trust_remote_code=self.trust_remote_code)
         model_spec = ModelSpec.from_hf(hf_config)
+        # quantization= must agree with the checkpoint (and name a known method): fail at start-up
+        from pagedserve.model_executor.quantization.base import resolve_quant_config
+
+        resolve_quant_config(model_dir, model_spec, self.quantization)
         generation_defaults = load_generation_defaults(
             model_dir, self.generation_config, self.override_generation_config)
         max_model_len = _derive_max_model_len(model_spec.max_context_len, self.max_model_len)
@@ -247,6 +251,7 @@ class EngineArgs:
                 max_logprobs=self.max_logprobs,
                 trust_remote_code=self.trust_remote_code,
                 load_format=self.load_format,
+                quantization=self.quantization,
                 generation_defaults=generation_defaults,
             ),
             cache_config=CacheConfig(

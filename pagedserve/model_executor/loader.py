@@ -3,7 +3,9 @@
     resolve_model_dir("org/name")        local dir, or a hub snapshot (offline: local cache only)
     resolve_dtype("auto", model_spec)    checkpoint dtype (float32 stays float32 on CPU)
     load_model(dir, dtype, device)       module built on `device` in `dtype`, no random init;
-                                         safetensors tensors copied in one at a time
+                                         safetensors tensors copied in one at a time (each
+                                         rank its slice), then every LinearMethod's
+                                         process_weights_after_loading
 
 The module is constructed under `torch.device(device)` with the default dtype set to `dtype`;
 our layers allocate parameters with `torch.empty` (no initialisation), so the only full copy of
@@ -27,6 +29,7 @@ from pagedserve.kernels.registry import KernelSet, get_kernel_set
 from pagedserve.model_executor.layers.context import BuildContext, ParallelGroup
 from pagedserve.model_executor.model_spec import ModelSpec, checkpoint_dtype, load_hf_config
 from pagedserve.model_executor.models.registry import get_model_class
+from pagedserve.model_executor.quantization.base import LinearMethod, QuantConfig, resolve_quant_config
 
 __all__ = [
     "LoadedModel",
@@ -36,6 +39,7 @@ __all__ = [
     "safetensors_files",
     "iterate_safetensors",
     "iterate_weights",
+    "process_weights_after_loading",
     "pt_files",
 ]
 
@@ -56,6 +60,7 @@ class LoadedModel:
     model_dir: str
     dtype: torch.dtype
     kernels: KernelSet  # the one kernel set the model was built with
+    quant_config: QuantConfig | None = None  # the checkpoint's quantization (None: unquantized)
 
 
 def resolve_model_dir(model: str, revision: str | None = None, download_dir: str | None = None,
@@ -215,30 +220,48 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
                attn_backend: str = "torch", show_progress: bool = True, load_format: str = "auto",
                trust_remote_code: bool = False, hf_config: Any = None,
                model_spec: ModelSpec | None = None,
-               parallel: ParallelGroup | None = None) -> LoadedModel:
+               parallel: ParallelGroup | None = None, quantization: str | None = None,
+               kernels: KernelSet | None = None) -> LoadedModel:
     """Build the model for model_dir's config on `device` in `dtype` and load its weights.
 
     The engine passes the config (and spec) it read at start-up, so the checkpoint's config is
     read once; without them (tests, tools) it is read here with `trust_remote_code`. `parallel` is
-    this process's tensor-parallel rank (default: the only rank); each rank loads its shard."""
+    this process's tensor-parallel rank (default: the only rank); each rank loads its shard.
+    `quantization` must agree with the checkpoint's quantization config (None: take it).
+    `kernels` replaces the set `attn_backend` names (tests inject twins)."""
     if hf_config is None:
         if not (Path(model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {model_dir!r}; not a Hugging Face checkpoint")
         hf_config = load_hf_config(model_dir, trust_remote_code=trust_remote_code)
     spec = model_spec if model_spec is not None else ModelSpec.from_hf(hf_config)
     model_cls = get_model_class(list(spec.architectures))
+    quant_config = resolve_quant_config(model_dir, spec, quantization)
+    if quant_config is not None:  # merged module -> its checkpoint parts, for get_method
+        quant_config.packed_modules_mapping = dict(getattr(model_cls, "packed_modules_mapping", {}))
     weights = iterate_weights(model_dir, load_format, show_progress)  # fails here on missing files
     device = torch.device(device)
     with torch.device(device), _default_dtype(dtype):
         # The one kernel choice: pointwise ops, GEMV and argmax follow the attention backend.
-        kernels = get_kernel_set(attn_backend)
-        ctx = BuildContext.create(kernels, parallel=parallel or ParallelGroup())
+        if kernels is None:
+            kernels = get_kernel_set(attn_backend)
+        ctx = BuildContext.create(kernels, parallel=parallel or ParallelGroup(),
+                                  quant_config=quant_config)
         model = model_cls(hf_config, ctx=ctx, spec=spec)  # type: ignore[call-arg]
     loaded = model.load_weights(weights)  # type: ignore[operator]
     missing = sorted(set(dict(model.named_parameters())) - set(loaded))
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise ValueError(f"checkpoint {model_dir!r} lacks weights for: {shown}")
+    with torch.device(device), _default_dtype(dtype):
+        process_weights_after_loading(model)
     model.eval()
     return LoadedModel(model=model, hf_config=hf_config, model_spec=spec, model_dir=model_dir, dtype=dtype,
-                       kernels=kernels)
+                       kernels=kernels, quant_config=quant_config)
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Every linear layer's method repacks / converts its weights, once all are loaded."""
+    for module in model.modules():
+        method = getattr(module, "linear_method", None)
+        if isinstance(method, LinearMethod):
+            method.process_weights_after_loading(module)

@@ -18,7 +18,7 @@ names; those families have no model class yet (the registry refuses their archit
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = [
@@ -121,6 +121,8 @@ class ModelSpec:
     moe_intermediate_size: int | None = None
     dtype: str | None = None  # the checkpoint's dtype name ("bfloat16"), if the config gives one
     checkpoint_names: CheckpointNames = field(default_factory=CheckpointNames)
+    # config.json's `quantization_config` as a dict (quantization/base.py reads it), if any
+    quantization_config: Mapping[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.sliding_windows) != self.num_layers:
@@ -141,7 +143,13 @@ class ModelSpec:
         if build is None:
             raise ValueError(f"model_type {model_type!r} is not supported; supported: "
                              f"{sorted(_ADAPTERS)}")
-        return build(view)
+        spec = build(view)
+        quant = view.get("quantization_config")
+        if quant is None:
+            return spec
+        if not isinstance(quant, Mapping):  # a transformers QuantizationConfigMixin object
+            quant = quant.to_dict()
+        return replace(spec, quantization_config=dict(quant))
 
 
 class ConfigView:

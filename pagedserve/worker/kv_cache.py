@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pagedserve.model_executor.layers.linear import kv_heads_per_rank
 from pagedserve.model_executor.model_spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class KVCacheSpec:
         """Sized by the model spec (our names: a ChatGLM `num_layers` / `multi_query_group_num`
         config yields the same fields as a Llama one), for one of `tp_size` tensor-parallel ranks:
         each holds kv_heads / tp of the KV heads, or one (replicated) when there are fewer."""
-        return cls(spec.num_layers, max(1, spec.num_kv_heads // tp_size), spec.head_dim, block_size, dtype)
+        num_kv_heads = kv_heads_per_rank(spec.num_kv_heads, tp_size)  # as QKVParallelLinear splits them
+        return cls(spec.num_layers, num_kv_heads, spec.head_dim, block_size, dtype)
 
     @property
     def bytes_per_block(self) -> int:

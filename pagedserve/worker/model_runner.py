@@ -135,6 +135,7 @@ class ModelRunner:
             model_config.model_dir, self.dtype, self.device, attn_backend=config.attention_backend,
             load_format=model_config.load_format, trust_remote_code=model_config.trust_remote_code,
             hf_config=model_config.hf_config, model_spec=self.model_spec, parallel=self.parallel,
+            quantization=model_config.quantization,
         )
         self.model: Any = loaded.model  # a CausalLM: forward(...) and compute_logits(...)
         self.hf_config = loaded.hf_config

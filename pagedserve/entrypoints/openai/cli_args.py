@@ -147,8 +147,12 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     if args.swap_space < 0:
         parser.error(f"--swap-space must be >= 0, got {args.swap_space}")
-    if args.quantization is not None:
-        parser.error(f"--quantization {args.quantization!r} is not supported yet")
+    if args.quantization is not None:  # the engine checks it against the checkpoint at start
+        from pagedserve.model_executor.quantization.base import known_quantization_methods
+
+        if args.quantization.lower() not in known_quantization_methods():
+            parser.error(f"--quantization {args.quantization!r} is not a known method; known: "
+                         f"{known_quantization_methods()}")
     if args.max_engine_restarts is not None and not args.restart_engine:
         parser.error("--max-engine-restarts needs --restart-engine")
     validate_vllm_compat_args(parser, args)

@@ -10,12 +10,15 @@ selects kernels through a module global. Frozen: a child never changes its paren
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from torch import Tensor
 
 from pagedserve.kernels.attention_backend import AttentionBackend
 from pagedserve.kernels.registry import TORCH_KERNELS, KernelSet
+
+if TYPE_CHECKING:
+    from pagedserve.model_executor.quantization.base import QuantConfig
 
 __all__ = ["BuildContext", "Communicator", "ParallelGroup"]
 
@@ -53,17 +56,18 @@ class ParallelGroup:
 class BuildContext:
     kernels: KernelSet
     attention: AttentionBackend  # normally kernels.attention; tests may put another one in
-    # Placeholder for the quantization config (model_executor/quantization): None = unquantized.
-    quant_config: object | None = None
+    # Picks each linear layer's LinearMethod by prefix (quantization/base.py); None = unquantized.
+    quant_config: QuantConfig | None = None
     parallel: ParallelGroup = field(default_factory=ParallelGroup)
     prefix: str = ""  # dotted module name of the layer being built ("" = the root)
 
     @classmethod
     def create(cls, kernels: KernelSet = TORCH_KERNELS, attention: AttentionBackend | None = None,
-               parallel: ParallelGroup | None = None) -> BuildContext:
+               parallel: ParallelGroup | None = None,
+               quant_config: QuantConfig | None = None) -> BuildContext:
         """A root context for `kernels`, with their own attention backend unless one is given."""
         return cls(kernels, attention if attention is not None else kernels.attention,
-                   parallel=parallel or ParallelGroup())
+                   quant_config=quant_config, parallel=parallel or ParallelGroup())
 
     def child(self, name: str) -> BuildContext:
         """The context of submodule `name` ("mlp.gate_up_proj"): same settings, longer prefix."""

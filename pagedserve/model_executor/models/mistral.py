@@ -1,13 +1,24 @@
-"""Mistral: Llama with a sliding window (`sliding_window`, may be None) on every layer and no
-projection biases (transformers' Mistral ignores attention_bias). The differences live in the
-"mistral" adapter of model_spec.py; the module is the same as Llama's."""
+"""Mistral: the Llama block with one sliding window (`sliding_window`, may be None) on every
+layer and no projection biases (transformers' Mistral ignores attention_bias); the "mistral"
+adapter of model_spec.py gives both."""
 
 from __future__ import annotations
 
-from pagedserve.model_executor.models.llama import LlamaForCausalLM
+from torch import nn
+
+from pagedserve.model_executor.layers.context import BuildContext
+from pagedserve.model_executor.layers.decoder import DecoderLayer, GatedMLP, RopeAttention
+from pagedserve.model_executor.layers.rotary import RotaryEmbedding
+from pagedserve.model_executor.model_spec import ModelSpec
+from pagedserve.model_executor.models.base import DecoderForCausalLM
 
 __all__ = ["MistralForCausalLM"]
 
 
-class MistralForCausalLM(LlamaForCausalLM):
-    pass
+class MistralForCausalLM(DecoderForCausalLM):
+    def make_layer(self, spec: ModelSpec, layer_idx: int, rotary: RotaryEmbedding,
+                   ctx: BuildContext) -> nn.Module:
+        attn = RopeAttention(spec, layer_idx, rotary, ctx=ctx.child("self_attn"))
+        mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, spec.hidden_act,
+                       ctx=ctx.child("mlp"))
+        return DecoderLayer(attn, mlp, spec.hidden_size, spec.norm_eps, ctx=ctx)

@@ -1,13 +1,24 @@
-"""Qwen2: Llama with q/k/v biases always on (o_proj and MLP without), and a sliding window on the
-layers that transformers marks "sliding_attention" (see `layer_sliding_windows`). The differences
-live in the "qwen2" adapter of model_spec.py; the module is the same as Llama's."""
+"""Qwen2: the Llama block with q/k/v biases always on (o_proj and MLP without; the "qwen2"
+adapter of model_spec.py sets them) and a sliding window on the layers transformers marks
+"sliding_attention" (spec.sliding_windows, see `layer_sliding_windows`)."""
 
 from __future__ import annotations
 
-from pagedserve.model_executor.models.llama import LlamaForCausalLM
+from torch import nn
+
+from pagedserve.model_executor.layers.context import BuildContext
+from pagedserve.model_executor.layers.decoder import DecoderLayer, GatedMLP, RopeAttention
+from pagedserve.model_executor.layers.rotary import RotaryEmbedding
+from pagedserve.model_executor.model_spec import ModelSpec
+from pagedserve.model_executor.models.base import DecoderForCausalLM
 
 __all__ = ["Qwen2ForCausalLM"]
 
 
-class Qwen2ForCausalLM(LlamaForCausalLM):
-    pass
+class Qwen2ForCausalLM(DecoderForCausalLM):
+    def make_layer(self, spec: ModelSpec, layer_idx: int, rotary: RotaryEmbedding,
+                   ctx: BuildContext) -> nn.Module:
+        attn = RopeAttention(spec, layer_idx, rotary, ctx=ctx.child("self_attn"))
+        mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, spec.hidden_act,
+                       ctx=ctx.child("mlp"))
+        return DecoderLayer(attn, mlp, spec.hidden_size, spec.norm_eps, ctx=ctx)

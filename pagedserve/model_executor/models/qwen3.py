@@ -1,13 +1,24 @@
 """Qwen3: per-head RMSNorm (`q_norm`, `k_norm` over head_dim) on q and k before rotary; explicit
-head_dim; q/k/v/o biases follow `attention_bias` (off by default); Qwen2 sliding-window rules.
-The differences live in the "qwen3" adapter of model_spec.py (`qk_norm` and the biases)."""
+head_dim; q/k/v/o biases follow `attention_bias` (off by default; the "qwen3" adapter of
+model_spec.py reads it); Qwen2's sliding-window rules."""
 
 from __future__ import annotations
 
-from pagedserve.model_executor.models.llama import LlamaForCausalLM
+from torch import nn
+
+from pagedserve.model_executor.layers.context import BuildContext
+from pagedserve.model_executor.layers.decoder import DecoderLayer, GatedMLP, RopeAttention
+from pagedserve.model_executor.layers.rotary import RotaryEmbedding
+from pagedserve.model_executor.model_spec import ModelSpec
+from pagedserve.model_executor.models.base import DecoderForCausalLM
 
 __all__ = ["Qwen3ForCausalLM"]
 
 
-class Qwen3ForCausalLM(LlamaForCausalLM):
-    pass
+class Qwen3ForCausalLM(DecoderForCausalLM):
+    def make_layer(self, spec: ModelSpec, layer_idx: int, rotary: RotaryEmbedding,
+                   ctx: BuildContext) -> nn.Module:
+        attn = RopeAttention(spec, layer_idx, rotary, ctx=ctx.child("self_attn"), qk_norm=True)
+        mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, spec.hidden_act,
+                       ctx=ctx.child("mlp"))
+        return DecoderLayer(attn, mlp, spec.hidden_size, spec.norm_eps, ctx=ctx)
