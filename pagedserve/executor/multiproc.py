@@ -193,6 +193,10 @@ class MultiprocExecutor(Executor):
             if self._results.poll(int(POLL_S * 1000)):
                 msg = decode(self._results.recv())
                 if isinstance(msg, Failure):
+                    # a rank's collective fails when a peer died: name the dead one, the cause
+                    for _ in range(5):
+                        self.check_health()
+                        time.sleep(POLL_S)
                     raise self._fail(f"tensor-parallel rank {msg.rank} failed: {msg.message}")
                 return msg
             if time.monotonic() > deadline:
