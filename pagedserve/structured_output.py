@@ -13,9 +13,12 @@ Where the one compile happens:
     off the event loop and under a deadline, and ships the serialized grammar with the request;
     the engine process only deserializes it (engine/grammars.py, in a background thread:
     xgrammar releases the GIL there, so steps go on meanwhile).
-  * offline (LLM / LLMEngine): the request builder compiles into the engine's own cache (the
-    same object the model runner reads), before the request reaches the scheduler.
-The runner never compiles: it builds matchers from grammars that are ready in this cache.
+  * offline (LLM / LLMEngine): the request builder compiles into the engine's own cache, before
+    the request reaches the scheduler.
+Nothing compiles in the step loop. The engine core builds each request's matcher from the grammar
+ready in this cache, fills the step's bitmask after scheduling (engine/grammars.py) and hands it to
+the worker with the plan (SchedulerOutput.grammar); the worker only applies it to the logits
+(apply_token_bitmask), so it loads no tokenizer.
 """
 
 from __future__ import annotations
@@ -151,7 +154,7 @@ class GrammarCompilerCache:
         return compiled
 
     def matcher(self, spec: StructuredOutputsParams, generated: Sequence[int] = ()) -> Any:
-        """A fresh matcher for `spec` (which must be ready in the cache: the runner never
+        """A fresh matcher for `spec` (which must be ready in the cache: the step loop never
         compiles) that has already accepted the `generated` tokens."""
         compiled = self.get(spec_digest(spec))
         if compiled is None:
@@ -166,7 +169,12 @@ class GrammarCompilerCache:
         """[rows, ceil(vocab / 32)] int32, every token allowed."""
         return self._xgr.allocate_token_bitmask(rows, self.info.vocab_size)
 
-    def apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-        """Set the logits of disallowed tokens to -inf in `rows` of logits [N, vocab], in place."""
-        self._xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                              indices=rows)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Set the logits of disallowed tokens to -inf in `rows` of logits [N, vocab], in place;
+    bitmask [>= max(rows) + 1, ceil(vocab / 32)] int32 (row r masks logits row r). The worker's
+    one use of xgrammar: no tokenizer, no grammar."""
+    import xgrammar as xgr
+
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pagedserve.sampling_params import SamplingParams
@@ -45,13 +45,33 @@ class CachedRequestData:
 
 
 @dataclass(slots=True)
+class GrammarOutput:
+    """The structured-output token masks of one step (vLLM's GrammarOutput), filled by the engine
+    core after scheduling: it holds the grammars and the tokenizer, so the worker needs neither and
+    only applies the masks to the logits.
+
+    Row i of `bitmask` constrains the token that request `req_ids[i]` samples this step:
+    [len(req_ids), ceil(vocab / 32)] int32 on the CPU, bit j of a row set = token j allowed
+    (xgrammar's layout). Only requests that sample this step with a grammar not yet terminated
+    have a row; every other row of the logits is left as it is. Typed `Any`: core imports no torch.
+    """
+
+    req_ids: list[str]
+    bitmask: Any
+
+
+@dataclass(slots=True)
 class SchedulerOutput:
     """The one plan handed to the model side for one step.
 
     Worker order of operations: forget `finished_req_ids`; swap out; swap in; copy blocks; run the
     forward pass over `num_scheduled_tokens` tokens per request; sample where a request catches up
     with all its tokens (num_computed_tokens + scheduled == prompt + output + pending tokens,
-    pending ones being those sampled by a step whose results the worker has not reported yet).
+    pending ones being those sampled by a step whose results the worker has not reported yet),
+    masking the logits of the structured-output requests listed in `grammar` first.
+
+    The worker's num_computed_tokens of a request is the one this plan carries (each scheduled
+    request is in `scheduled_new_reqs` or `scheduled_cached_reqs`): the plan is its one writer.
 
     Under async scheduling the plan for step n+1 is made before step n's tokens are known: a
     request may then compute the position of its token from step n, whose id the worker takes
@@ -67,6 +87,8 @@ class SchedulerOutput:
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, gpu)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src gpu, dst gpu)
     step_id: int = 0  # counts the scheduler's plans; pairs an update with its plan
+    # set by the engine core after schedule() when structured-output requests sample this step
+    grammar: GrammarOutput | None = None
 
     @property
     def is_empty(self) -> bool:

@@ -21,18 +21,17 @@ from pagedserve.worker.sampler import Sampler, SamplerOutput, SamplingMetadata
 __all__ = ["RankZeroSampler", "make_sampler"]
 
 
-class RankZeroSampler:
-    def __init__(self, parallel: ParallelGroup, sampler: Sampler | None = None) -> None:
+class RankZeroSampler(Sampler):
+    def __init__(self, parallel: ParallelGroup) -> None:
         assert parallel.comm is not None and parallel.world_size > 1
         self.parallel = parallel
         self.comm = parallel.comm
-        self.sampler = sampler or Sampler()
 
     def __call__(self, logits: Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits [N, vocab] (identical on every rank). Rank 0's result; on the other ranks only
         the token ids (their logprobs are never reported: only rank 0's output leaves the group)."""
         if self.parallel.rank == 0:
-            out = self.sampler(logits, meta)
+            out = super().__call__(logits, meta)
             ids = torch.tensor(out.sampled_token_ids, dtype=torch.int64, device=logits.device)
             self.comm.all_reduce(ids)
             return out
@@ -41,6 +40,6 @@ class RankZeroSampler:
         return SamplerOutput(sampled_token_ids=ids.tolist(), logprobs=[None] * meta.num_rows)
 
 
-def make_sampler(parallel: ParallelGroup) -> Sampler | RankZeroSampler:
+def make_sampler(parallel: ParallelGroup) -> Sampler:
     """The runner's sampler: the plain one for a single rank."""
     return Sampler() if parallel.world_size == 1 else RankZeroSampler(parallel)

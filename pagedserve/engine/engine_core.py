@@ -13,6 +13,10 @@ the runner takes them from step n's output on the device. A request that finishe
 is dropped. Its blocks are freed at update n and may go to another request in step n+2, which is
 safe because the device runs steps in launch order: step n+1's writes into those blocks land
 before anything step n+2 writes or reads there.
+
+Structured outputs: the plan carries the step's grammar bitmasks (plan.grammar, filled by
+self.grammars right after schedule, only when structured requests sample), and update feeds their
+sampled tokens back to the matchers. Grammars and the tokenizer stay here; the worker has neither.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedserve.config import EngineConfig
-from pagedserve.core.outputs import EngineCoreOutput, FinishReason, SchedulerOutput
+from pagedserve.core.outputs import EngineCoreOutput, FinishReason, ModelRunnerOutput, SchedulerOutput
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler, SchedulerStats
 from pagedserve.engine.grammars import EngineGrammars
@@ -90,7 +94,6 @@ class EngineCore:
         # structured outputs: a request waits in `grammars` (not the scheduler) until its grammar
         # is ready; one that cannot get one finishes as aborted (`_failed`, sent with the next step)
         self.grammars = EngineGrammars(self._make_grammar_cache)
-        self.executor.set_grammar_cache(self.grammars.cache)
         self._failed: list[EngineCoreOutput] = []
         self.stats.extra["model_load_seconds"] = self.executor.load_seconds
         if self.executor.cuda_graph_capture_seconds is not None:
@@ -173,11 +176,9 @@ class EngineCore:
     def _step(self) -> list[EngineCoreOutput]:
         plan = self.scheduler.schedule()
         slot_usage = self.scheduler.kv_slot_usage(plan)  # right after schedule (see there)
+        plan.grammar = self.grammars.fill_bitmask(plan)  # structured outputs' masks, or None
         if not self.async_scheduling:
-            runner_output = self.executor.execute_model(plan)
-            outputs = self.scheduler.update_from_output(plan, runner_output)
-            self._record(self.scheduler.make_stats(plan, slot_usage))
-            return outputs
+            return self._update(plan, self.executor.execute_model(plan), slot_usage)
         handle = self.executor.launch(plan)
         previous, self._in_flight = self._in_flight, (plan, handle, slot_usage)
         outputs = self._finish_step(*previous) if previous is not None else []
@@ -189,7 +190,13 @@ class EngineCore:
     def _finish_step(
         self, plan: SchedulerOutput, handle: LaunchedStep, slot_usage: tuple[int, int]
     ) -> list[EngineCoreOutput]:
-        outputs = self.scheduler.update_from_output(plan, self.executor.collect(handle))
+        return self._update(plan, self.executor.collect(handle), slot_usage)
+
+    def _update(
+        self, plan: SchedulerOutput, runner_output: ModelRunnerOutput, slot_usage: tuple[int, int]
+    ) -> list[EngineCoreOutput]:
+        self.grammars.accept(runner_output.sampled_token_ids)  # nothing to do without grammars
+        outputs = self.scheduler.update_from_output(plan, runner_output)
         self._record(self.scheduler.make_stats(plan, slot_usage))
         return outputs
 

@@ -14,8 +14,17 @@ xgrammar releases the GIL while it compiles and deserializes (measured: a ticker
 The deadline on compile time is the front end's (a killable process, grammar_pool.py); what
 arrives here has already compiled once within it.
 
-Each live request pins its grammar in the cache (a preempted request rebuilds its matcher from
-it), released when the request finishes or is aborted.
+Each live request pins its grammar in the cache, released when the request finishes or is aborted.
+
+The matchers live here too, on the engine core's side (with the tokenizer the cache was built
+from), so the worker needs neither: per step, after schedule(),
+
+    fill_bitmask(plan)   one bitmask row per structured request that samples this step (its
+                         matcher built from the cache on its first sampling step, replaying the
+                         tokens it generated before) -> plan.grammar, applied by the worker
+    accept(sampled)      each such request's sampled token advances its matcher
+
+A matcher outlives preemption (the request keeps its tokens), so it is never rebuilt.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.core.outputs import GrammarOutput, SchedulerOutput
 from pagedserve.core.request import Request
 from pagedserve.structured_output import GrammarCompilerCache, spec_digest
 
@@ -51,6 +61,8 @@ class EngineGrammars:
     _jobs: dict[str, Future[Any]] = field(default_factory=dict)  # digest -> job in progress
     _held: dict[str, _Held] = field(default_factory=dict)  # request id -> held request
     _pinned: dict[str, str] = field(default_factory=dict)  # request id -> digest
+    _live: dict[str, Request] = field(default_factory=dict)  # request id -> structured request
+    _matchers: dict[str, Any] = field(default_factory=dict)  # request id -> xgrammar GrammarMatcher
     _pin_counts: dict[str, int] = field(default_factory=dict)  # digest -> live requests using it
     _pin_lock: threading.Lock = field(default_factory=threading.Lock)  # the cache reads pins too
 
@@ -72,7 +84,7 @@ class EngineGrammars:
             return True
         digest = spec_digest(spec)
         for child in [request, *request.followers]:
-            self._pin(child.request_id, digest)
+            self._pin(child, digest)
         if self._cache is not None and self._cache.get(digest) is not None:
             return True
         job = self._jobs.get(digest)
@@ -122,10 +134,12 @@ class EngineGrammars:
         with self._pin_lock:
             return digest in self._pin_counts
 
-    def _pin(self, req_id: str, digest: str) -> None:
+    def _pin(self, request: Request, digest: str) -> None:
+        req_id = request.request_id
         if req_id in self._pinned:
             return
         self._pinned[req_id] = digest
+        self._live[req_id] = request
         with self._pin_lock:
             self._pin_counts[digest] = self._pin_counts.get(digest, 0) + 1
 
@@ -134,12 +148,56 @@ class EngineGrammars:
         digest = self._pinned.pop(req_id, None)
         if digest is None:
             return
+        del self._live[req_id]
+        self._matchers.pop(req_id, None)
         with self._pin_lock:
             left = self._pin_counts.pop(digest) - 1
             if left:
                 self._pin_counts[digest] = left
         if not left and self._cache is not None:
             self._cache.evict()
+
+    def fill_bitmask(self, plan: SchedulerOutput) -> GrammarOutput | None:
+        """The masks of the structured requests that sample in `plan` (None when there is none:
+        no work at all while no structured request is live).
+
+        Which requests sample: schedule() counted the token a step samples as pending. A step
+        that samples a structured request is never async (such a request is not plain greedy:
+        worker/input_batch.py), so it is updated before the next schedule and such a request
+        holds no pending token before schedule(): after it, num_pending is 1 exactly when this
+        step samples it. Its matcher has then accepted every token it has.
+        """
+        if not self._live:
+            return None
+        scheduled = plan.num_scheduled_tokens
+        req_ids: list[str] = []
+        matchers: list[Any] = []
+        for req_id, request in self._live.items():
+            if not request.num_pending or req_id not in scheduled:
+                continue  # not scheduled, or a prompt chunk that samples nothing
+            assert request.num_pending == 1, (req_id, request.num_pending)  # see above
+            matcher = self._matchers.get(req_id)
+            if matcher is None:
+                spec = request.sampling_params.structured_outputs
+                assert spec is not None  # only structured requests are live here
+                matcher = self._matchers[req_id] = self.cache().matcher(spec, request.output_token_ids)
+            if matcher.is_terminated():  # its end accepted (e.g. under ignore_eos): masks nothing
+                continue
+            req_ids.append(req_id)
+            matchers.append(matcher)
+        if not req_ids:
+            return None
+        bitmask = self.cache().allocate_bitmask(len(req_ids))  # [G, ceil(vocab / 32)] int32
+        for row, matcher in enumerate(matchers):
+            matcher.fill_next_token_bitmask(bitmask, row)
+        return GrammarOutput(req_ids, bitmask)
+
+    def accept(self, sampled_token_ids: dict[str, int]) -> None:
+        """Advance each matcher by the token its request sampled in a step (req_id -> token)."""
+        for req_id, matcher in self._matchers.items():
+            token = sampled_token_ids.get(req_id)
+            if token is not None and not matcher.is_terminated():
+                matcher.accept_token(token)
 
     def shutdown(self) -> None:
         if self._executor is not None:

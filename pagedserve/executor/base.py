@@ -14,11 +14,9 @@ block id means the same slots everywhere), initialize_kv_cache (allocate; captur
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import Protocol
 
 from pagedserve.core.outputs import ModelRunnerOutput, SchedulerOutput
-from pagedserve.structured_output import GrammarCompilerCache
 
 __all__ = ["Executor", "LaunchedStep", "WorkerDiedError"]
 
@@ -46,9 +44,6 @@ class Executor(ABC):
     @abstractmethod
     def initialize_kv_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None: ...
 
-    def set_grammar_cache(self, cache: Callable[[], GrammarCompilerCache]) -> None:
-        """The engine's compiled grammars, for runners in this process (workers keep their own)."""
-        return None
 
     @abstractmethod
     def launch(self, plan: SchedulerOutput) -> LaunchedStep: ...

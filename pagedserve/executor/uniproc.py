@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from pagedserve.config import EngineConfig
 from pagedserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from pagedserve.executor.base import Executor, LaunchedStep
-from pagedserve.structured_output import GrammarCompilerCache
 from pagedserve.worker.model_runner import ModelRunner, StepHandle
 
 __all__ = ["UniprocExecutor"]
@@ -26,9 +23,6 @@ class UniprocExecutor(Executor):
         self.runner.initialize_kv_cache(num_gpu_blocks, num_cpu_blocks)
         graphs = self.runner.decode_graphs
         self.cuda_graph_capture_seconds = graphs.capture_seconds if graphs is not None else None
-
-    def set_grammar_cache(self, cache: Callable[[], GrammarCompilerCache]) -> None:
-        self.runner.grammar_cache = cache
 
     def launch(self, plan: SchedulerOutput) -> StepHandle:
         return self.runner.launch(plan)

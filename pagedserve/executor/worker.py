@@ -66,30 +66,6 @@ def _configure(launch: WorkerLaunch, rank: int) -> Any:
     return torch.device("cpu")
 
 
-class _WorkerGrammars:
-    """Compiled grammars of this rank (it has no engine-side cache): compiled when a structured
-    request first arrives, before the runner builds its matcher."""
-
-    def __init__(self, config: Any, vocab_size: int) -> None:
-        self.config = config
-        self.vocab_size = vocab_size
-        self._cache: Any = None
-
-    def __call__(self) -> Any:
-        if self._cache is None:
-            from pagedserve.engine.request_builder import load_tokenizer
-            from pagedserve.structured_output import GrammarCompilerCache
-
-            self._cache = GrammarCompilerCache(load_tokenizer(self.config), self.vocab_size)
-        return self._cache
-
-    def prepare(self, plan: Any) -> None:
-        for new in plan.scheduled_new_reqs:
-            spec = new.sampling_params.structured_outputs
-            if spec is not None:
-                self().compile(spec)
-
-
 def serve(launch: WorkerLaunch, rank: int) -> int:
     from pagedserve.distributed.communicator import init_tensor_parallel, shutdown_tensor_parallel
     from pagedserve.worker.model_runner import ModelRunner
@@ -103,13 +79,10 @@ def serve(launch: WorkerLaunch, rank: int) -> int:
         device = _configure(launch, rank)
         parallel = init_tensor_parallel(rank, launch.world_size, launch.store_path, device)
         runner = ModelRunner(launch.config, parallel=parallel, device=device)
-        grammars = _WorkerGrammars(launch.config, runner.vocab_size)
-        runner.grammar_cache = grammars
         results.send(encode(Ready(rank, os.getpid(), runner.vocab_size, runner.load_seconds)))
         while True:
             msg = decode(plans.recv())
             if isinstance(msg, Step):
-                grammars.prepare(msg.plan)
                 output = runner.execute_model(msg.plan)
                 if rank == 0 and not msg.plan.is_empty:  # an empty plan's output is known
                     results.send(encode(StepOutput(msg.plan.step_id, output)))

@@ -1,5 +1,13 @@
 """KV cache tensors on the device and in CPU swap space, their sizing, and block movement.
 
+Sizing (determine_num_blocks), first match wins:
+    num_gpu_blocks_override  ->  that many blocks
+    kv_cache_memory_bytes    ->  budget // bytes_per_block
+    CPU                      ->  what host memory holds after the weights (cpu_resources.py)
+    GPU                      ->  profiled: one maximal forward (profile_forward) under
+                                 gpu_memory_utilization (profile_gpu_kv_budget)
+    swap pool                ->  swap_space_bytes // bytes_per_block CPU blocks
+
 Per layer, keys and values each live in one tensor of blocks:
 
     key_cache[layer]: [num_blocks, block_size, num_kv_heads, head_dim]
@@ -13,12 +21,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pagedserve.model_executor.layers.attention import AttentionMetadata
 from pagedserve.model_executor.layers.linear import kv_heads_per_rank
 from pagedserve.model_executor.model_spec import ModelSpec
+from pagedserve.worker.cpu_resources import (
+    check_host_pools_fit,
+    cpu_kv_cache_blocks,
+    mem_available_bytes,
+    module_bytes,
+)
+
+if TYPE_CHECKING:
+    from pagedserve.config import EngineConfig, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -140,3 +158,63 @@ def profile_gpu_kv_budget(
             "max_num_batched_tokens / max_model_len"
         )
     return budget
+
+
+def determine_num_blocks(
+    config: EngineConfig, spec: KVCacheSpec, model: Any, device: torch.device, vocab_size: int
+) -> tuple[int, int, str]:
+    """(device blocks, CPU swap blocks, how the device pool was sized: for the start-up log).
+    EngineCore checks that max_model_len fits."""
+    cache = config.cache_config
+    sched = config.scheduler_config
+    on_cpu = device.type == "cpu"
+    available = mem_available_bytes()
+    if on_cpu and available is not None:  # tensor-parallel ranks on one host share its memory
+        available //= config.parallel_config.world_size
+    if cache.num_gpu_blocks_override is not None:
+        num_gpu, sizing = cache.num_gpu_blocks_override, "num_gpu_blocks_override"
+    elif cache.kv_cache_memory_bytes is not None:
+        num_gpu = num_blocks_from_budget(cache.kv_cache_memory_bytes, spec)
+        sizing = "the explicit KV cache budget"
+    elif on_cpu:
+        cpu_sizing = cpu_kv_cache_blocks(
+            spec.bytes_per_block, spec.block_size, sched.max_num_seqs,
+            sched.max_model_len, available, module_bytes(model),
+        )  # fmt: skip
+        num_gpu, sizing = cpu_sizing.num_blocks, cpu_sizing.describe()
+    else:
+        budget = profile_gpu_kv_budget(
+            lambda: profile_forward(model, sched, vocab_size, device), cache.gpu_memory_utilization, device
+        )
+        num_gpu = num_blocks_from_budget(budget, spec)
+        sizing = f"profiled under gpu_memory_utilization {cache.gpu_memory_utilization}"
+    num_cpu = num_blocks_from_budget(cache.swap_space_bytes, spec)
+    if num_gpu < 1:
+        raise ValueError("the KV cache budget holds no block; give it more memory")
+    check_host_pools_fit((num_cpu + (num_gpu if on_cpu else 0)) * spec.bytes_per_block, available)
+    return num_gpu, num_cpu, sizing
+
+
+@torch.inference_mode()
+def profile_forward(model: Any, sched: SchedulerConfig, vocab_size: int, device: torch.device) -> None:
+    """The largest step the scheduler can plan: max_num_batched_tokens tokens, split into
+    sequences of at most max_model_len, with no KV cache (dense attention), then the LM head and a
+    softmax over max_num_seqs rows (the sampler's largest logits)."""
+    num_tokens = sched.max_num_batched_tokens
+    seq_len = min(num_tokens, sched.max_model_len)
+    lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+    input_ids = torch.randint(0, vocab_size, (num_tokens,), device=device)
+    positions = torch.cat([torch.arange(n, device=device) for n in lens])
+    qsl = torch.tensor([0] + lens, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=device),
+        query_start_loc=qsl,
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        block_tables=torch.zeros((len(lens), 1), dtype=torch.int32, device=device),
+        max_query_len=max(lens),
+        max_seq_len=max(lens),
+    )
+    hidden = model(input_ids, positions, [], meta)
+    rows = min(sched.max_num_seqs, num_tokens)
+    logits = model.compute_logits(hidden[-rows:])
+    torch.softmax(logits, dim=-1)

@@ -1,0 +1,127 @@
+"""Sampling on the host's schedule: the steps that do not stay on the device (async_output.py).
+
+For the S requests that sample in a step (HostInputs.sample_req_ids, in plan order):
+
+    logits [S, vocab] float32  = compute_logits(hidden[sample_rows])   (or the decode graph's)
+      -> seeded rows: generator reseeded from (seed, number of tokens generated so far)
+      -> structured rows: the engine core's bitmask (plan.grammar) applied, -inf where disallowed
+      -> Sampler (penalties, temperature, top-k/p, min-p, logprobs) -> one token per row
+
+and the prompt logprobs of the requests that asked for them. The grammars themselves (and the
+tokenizer they need) live in the engine core: the worker only applies the masks it is handed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pagedserve.core.outputs import GrammarOutput, ModelRunnerOutput, SchedulerOutput
+from pagedserve.structured_output import apply_token_bitmask
+from pagedserve.worker.cuda_graphs import DecodeResult
+from pagedserve.worker.input_batch import HostInputs, RequestState
+from pagedserve.worker.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant, spreads (seed, step) pairs
+
+
+class StepSampler:
+    """Samples the rows of one launched step. `states` is the runner's own dict (shared)."""
+
+    def __init__(self, model: Any, states: dict[str, RequestState], vocab_size: int,
+                 device: torch.device) -> None:
+        self.model = model  # a CausalLM: compute_logits(hidden [N, hidden]) -> [N, vocab]
+        self.states = states
+        self.vocab_size = vocab_size
+        self.device = device
+        self.sampler = Sampler()
+
+    def sample(self, host: HostInputs, hidden: torch.Tensor, decoded: DecodeResult | None,
+               grammar: GrammarOutput | None, output: ModelRunnerOutput) -> None:
+        """Sample every request of host.sample_req_ids, append its token to its state and to
+        `output` (with logprobs where asked)."""
+        states = [self.states[r] for r in host.sample_req_ids]
+        all_rows = len(host.sample_rows) == len(host.seq_lens) == host.query_start_loc[-1]
+        if decoded is not None and grammar is None and all(s.plain_greedy for s in states):
+            # The graph already took the argmax: one device-to-host copy and done.
+            greedy = decoded.greedy
+            if not all_rows:
+                greedy = greedy[torch.tensor(host.sample_rows, device=greedy.device)]
+            for state, token in zip(states, greedy.tolist()):
+                state.output_token_ids.append(token)
+                output.sampled_token_ids[state.req_id] = token
+            return
+        if decoded is not None:
+            # a copy either way: the sampler edits logits in place, the graph owns its buffer
+            logits = decoded.logits.clone() if all_rows else decoded.logits[
+                torch.tensor(host.sample_rows, device=self.device)]
+        else:
+            rows = torch.tensor(host.sample_rows, dtype=torch.long, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
+        generators = []
+        for state in states:
+            if state.generator is not None:
+                # Counter-based seeding: draw k of a seeded request depends only on (seed, k), so
+                # outputs survive preemption and do not depend on the rest of the batch.
+                seed = state.sampling_params.seed
+                assert seed is not None
+                step_seed = (seed * _SEED_MIX + len(state.output_token_ids)) % (1 << 63)
+                state.generator.manual_seed(step_seed)
+            generators.append(state.generator)
+        if grammar is not None:
+            apply_grammar(logits, host.sample_req_ids, grammar)
+        meta = SamplingMetadata.build(
+            params=[s.sampling_params for s in states],
+            prompt_token_ids=[s.prompt_token_ids for s in states],
+            output_token_ids=[s.output_token_ids for s in states],
+            generators=generators,
+            eos_token_ids=[s.eos_token_id for s in states],
+            vocab_size=self.vocab_size,
+            device=self.device,
+        )
+        result = self.sampler(logits, meta)
+        for state, token, logprobs in zip(states, result.sampled_token_ids, result.logprobs):
+            state.output_token_ids.append(token)
+            output.sampled_token_ids[state.req_id] = token
+            if logprobs is not None:
+                output.logprobs[state.req_id] = logprobs
+
+    def prompt_logprobs(self, plan: SchedulerOutput, host: HostInputs, hidden: torch.Tensor,
+                        output: ModelRunnerOutput) -> None:
+        """Rows for prompt positions p in this chunk with p + 1 < prompt length: the logits at p
+        score prompt token p + 1."""
+        for index, (req_id, num) in enumerate(plan.num_scheduled_tokens.items()):
+            state = self.states[req_id]
+            num_logprobs = state.sampling_params.prompt_logprobs
+            if num_logprobs is None:
+                continue
+            start = state.num_computed_tokens  # the chunk's start (from the plan)
+            end = min(start + num, len(state.prompt_token_ids) - 1)
+            if end <= start:
+                continue
+            first = host.query_start_loc[index]
+            logits = self.model.compute_logits(hidden[first : first + end - start])
+            targets = torch.tensor(
+                state.prompt_token_ids[start + 1 : end + 1], dtype=torch.long, device=self.device
+            )
+            output.prompt_logprobs[req_id] = compute_prompt_logprobs(logits, targets, num_logprobs)
+
+
+def apply_grammar(logits: torch.Tensor, sample_req_ids: list[str], grammar: GrammarOutput) -> None:
+    """Mask logits [S, vocab] (row i samples for sample_req_ids[i]) with the engine core's
+    bitmask [G, words], G <= S, whose row j belongs to grammar.req_ids[j]. xgrammar indexes the
+    logits and the bitmask with the same row numbers, so a compact bitmask is first spread to S
+    rows (all ones = nothing masked) unless its rows already are the logits' first G rows.
+
+        logits rows   0   1   2   3            grammar.req_ids = [c, a]
+        sample ids    a   b   c   d     ->     rows = [2, 0]; full[2] = bitmask[0], full[0] = bitmask[1]
+    """
+    row_of = {req_id: row for row, req_id in enumerate(sample_req_ids)}
+    rows = [row_of[req_id] for req_id in grammar.req_ids]  # KeyError: the plan and worker disagree
+    bitmask = grammar.bitmask
+    if rows != list(range(len(rows))):
+        full = torch.full((len(sample_req_ids), bitmask.shape[1]), -1, dtype=bitmask.dtype)
+        full[torch.tensor(rows, dtype=torch.long)] = bitmask
+        bitmask = full
+    apply_token_bitmask(logits, bitmask, rows)
