@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pagedserve.sampling_params import SamplingParams
@@ -50,14 +50,16 @@ class GrammarOutput:
     core after scheduling: it holds the grammars and the tokenizer, so the worker needs neither and
     only applies the masks to the logits.
 
-    Row i of `bitmask` constrains the token that request `req_ids[i]` samples this step:
-    [len(req_ids), ceil(vocab / 32)] int32 on the CPU, bit j of a row set = token j allowed
-    (xgrammar's layout). Only requests that sample this step with a grammar not yet terminated
-    have a row; every other row of the logits is left as it is. Typed `Any`: core imports no torch.
+    Row i of the bitmask constrains the token that request `req_ids[i]` samples this step: the
+    rows are [len(req_ids), num_words] int32, num_words = ceil(vocab / 32), bit j of a row set =
+    token j allowed (xgrammar's layout), sent as their raw bytes (native byte order, row-major) so
+    that the plan stays plain data for IPC. Only requests that sample this step with a grammar not
+    yet terminated have a row; every other row of the logits is left as it is.
     """
 
     req_ids: list[str]
-    bitmask: Any
+    bitmask: bytes  # len(req_ids) * num_words * 4 bytes
+    num_words: int
 
 
 @dataclass(slots=True)

@@ -187,10 +187,10 @@ class EngineGrammars:
             matchers.append(matcher)
         if not req_ids:
             return None
-        bitmask = self.cache().allocate_bitmask(len(req_ids))  # [G, ceil(vocab / 32)] int32
+        bitmask = self.cache().allocate_bitmask(len(req_ids))  # [G, ceil(vocab / 32)] int32, CPU
         for row, matcher in enumerate(matchers):
             matcher.fill_next_token_bitmask(bitmask, row)
-        return GrammarOutput(req_ids, bitmask)
+        return GrammarOutput(req_ids, bitmask.numpy().tobytes(), bitmask.shape[1])
 
     def accept(self, sampled_token_ids: dict[str, int]) -> None:
         """Advance each matcher by the token its request sampled in a step (req_id -> token)."""

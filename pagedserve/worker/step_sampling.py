@@ -119,9 +119,10 @@ def apply_grammar(logits: torch.Tensor, sample_req_ids: list[str], grammar: Gram
     """
     row_of = {req_id: row for row, req_id in enumerate(sample_req_ids)}
     rows = [row_of[req_id] for req_id in grammar.req_ids]  # KeyError: the plan and worker disagree
-    bitmask = grammar.bitmask
+    # the plan's raw bytes -> [G, num_words] int32 (bytearray: a writable buffer for torch)
+    bitmask = torch.frombuffer(bytearray(grammar.bitmask), dtype=torch.int32).view(len(rows), grammar.num_words)
     if rows != list(range(len(rows))):
-        full = torch.full((len(sample_req_ids), bitmask.shape[1]), -1, dtype=bitmask.dtype)
+        full = torch.full((len(sample_req_ids), grammar.num_words), -1, dtype=torch.int32)
         full[torch.tensor(rows, dtype=torch.long)] = bitmask
         bitmask = full
     apply_token_bitmask(logits, bitmask, rows)

@@ -1,5 +1,5 @@
 """Structured-output grammars compile once per spec, never in the engine's step loop:
-the offline engine compiles in the request builder into the cache the runner reads; the server's
+the offline engine compiles in the request builder into the engine core's cache; the server's
 AsyncLLM compiles in a worker process and the engine only deserializes; a request whose grammar
 is not ready waits outside the scheduler while the others keep stepping."""
 
@@ -55,7 +55,7 @@ def test_offline_engine_compiles_each_spec_once(tiny_checkpoints: Any, monkeypat
                 finished[out.request_id] = out
     texts = [o.text for ro in finished.values() for o in ro.outputs]
     assert len(texts) == 4 and all(json.loads(t, strict=False)["word"] in ("alpha", "beta", "gamma") for t in texts)
-    assert calls == [spec.key]  # once for 4 samples: the runner built its matchers from the cache
+    assert calls == [spec.key]  # once for 4 samples: the engine core built its matchers from the cache
     assert engine.engine_core.grammars.cache().num_compiles == 1
 
 
@@ -128,7 +128,7 @@ def test_cache_evicts_only_unpinned_grammars(tiny_checkpoints: Any) -> None:
     cache.evict()
     assert [cache.get(spec_digest(s)) is not None for s in specs] == [False, False, True]
     with pytest.raises(RuntimeError, match="before it was ready"):
-        cache.matcher(specs[1])  # the runner never compiles
+        cache.matcher(specs[1])  # the step loop never compiles
 
 
 def test_clean_error_drops_source_paths_and_check_noise() -> None:

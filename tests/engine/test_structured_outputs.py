@@ -73,7 +73,7 @@ def test_greedy_structured_and_plain_requests_share_a_batch(llm: LLM) -> None:
 
 def test_structured_output_survives_preemption(tiny_checkpoints: Any) -> None:
     # a pool too small for all four at once: requests are preempted (recompute) and resumed,
-    # their grammar matchers rebuilt from the tokens generated so far
+    # their grammar matchers (in the engine core) carried across it with the tokens generated so far
     small = LLM(tiny_checkpoints["llama"], max_model_len=512, num_gpu_blocks_override=40,
                 kv_cache_memory_bytes=8 << 20, max_num_seqs=4)
     params = SamplingParams(temperature=1.0, seed=7, max_tokens=150,

@@ -58,6 +58,7 @@ def test_runner_applies_the_plans_bitmask_without_any_tokenizer(
     for token in allowed:
         words[token // 32] |= 1 << (token % 32)
     bitmask = torch.tensor([[w - (1 << 32) if w >= 1 << 31 else w for w in words]], dtype=torch.int32)
+    mask = (bitmask.numpy().tobytes(), bitmask.shape[1])  # as the engine core sends it
     spec = StructuredOutputsParams(regex="a+")  # never compiled: the worker must not look at it
     plain = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     prompt = [5, 6, 7, 8]
@@ -73,7 +74,7 @@ def test_runner_applies_the_plans_bitmask_without_any_tokenizer(
     free = []  # the same seeds without a mask: the tokens the mask kept away
     for step in range(1, 5):
         unmasked = runner.execute_model(plan(2 * step, step, None)).sampled_token_ids
-        out = runner.execute_model(plan(2 * step + 1, step, GrammarOutput([f"s{2 * step + 1}"], bitmask)))
+        out = runner.execute_model(plan(2 * step + 1, step, GrammarOutput([f"s{2 * step + 1}"], *mask)))
         assert out.sampled_token_ids[f"s{2 * step + 1}"] in allowed
         # the mask touches only its own row
         assert out.sampled_token_ids[f"plain{2 * step + 1}"] == unmasked[f"plain{2 * step}"]
@@ -122,3 +123,43 @@ def test_in_process_structured_request_never_reaches_a_tokenizer_from_the_worker
     assert len(outputs) == 2 and all(o.finish_reason == "stop" and re.fullmatch(PATTERN, o.text) for o in outputs)
     assert len(finished["p"].outputs[0].token_ids) == 5
     assert not engine.engine_core.grammars._matchers  # released with their requests
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_plan_carries_a_mask_row_exactly_when_a_structured_request_samples(
+    tiny_checkpoints: Any, async_scheduling: bool
+) -> None:
+    """plan.grammar is None on every step without a sampling structured request (plain requests
+    alone, and the structured request's own prompt chunks under chunked prefill); a step where it
+    samples carries one row for it, and its tokens follow the pattern."""
+    engine = make_engine(tiny_checkpoints["llama"], max_num_batched_tokens=32, async_scheduling=async_scheduling)
+    core = engine.engine_core
+    seen: list[tuple[dict[str, int], list[str] | None]] = []
+    real_launch = core.runner.launch
+
+    def launch(plan: SchedulerOutput) -> Any:  # every step passes here (execute_model too)
+        seen.append((dict(plan.num_scheduled_tokens), None if plan.grammar is None else list(plan.grammar.req_ids)))
+        return real_launch(plan)
+
+    core.runner.launch = launch  # type: ignore[method-assign]
+    engine.add_request("p", {"prompt_token_ids": list(range(20, 30))},
+                       SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    for _ in range(3):  # plain steps first: nothing structured is live
+        engine.step()
+    engine.add_request("s", {"prompt_token_ids": list(range(40, 140))},  # 100 tokens: 4 chunks at 32
+                       SamplingParams(temperature=0.0, max_tokens=20, structured_outputs=StructuredOutputsParams(
+                           regex=PATTERN)))
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert all(rows is None for _, rows in seen[:3])
+    s_steps = [(num["s"], rows) for num, rows in seen if "s" in num]
+    computed = 0
+    for num, rows in s_steps:
+        computed += num
+        assert rows == (["s"] if computed >= 100 else None)  # a row only once its prompt is done
+    assert len([1 for _, rows in s_steps if rows is None]) >= 3  # the prompt took several chunks
+    assert finished["s"].outputs[0].finish_reason == "stop" and re.fullmatch(PATTERN, finished["s"].outputs[0].text)
+    assert not core.grammars._live and not core.grammars._matchers
