@@ -50,6 +50,7 @@ from pagedserve.executor.messages import (
     decode,
     encode,
 )
+from pagedserve.worker.input_batch import is_plain_greedy
 
 __all__ = ["MultiprocExecutor", "PendingStep"]
 
@@ -113,6 +114,7 @@ class MultiprocExecutor(Executor):
                 [sys.executable, "-m", "pagedserve.executor.worker", launch_path, str(rank)], env=env,
             ))  # fmt: skip
         self._unread: dict[int, ModelRunnerOutput] = {}  # rank 0's outputs read ahead of collect
+        self._overlappable: dict[str, bool] = {}  # req_id -> may its steps stay in flight
         try:
             readies: list[Ready] = self._gather(Ready, STARTUP_TIMEOUT_S, "start-up")
         except BaseException:
@@ -145,10 +147,22 @@ class MultiprocExecutor(Executor):
     # ---------------------------------------------------------------- steps
 
     def launch(self, plan: SchedulerOutput) -> PendingStep:
+        """Send the plan; the step stays in flight (async) only where the in-process runner's
+        would: when every scheduled request is plain greedy without prompt logprobs. Any other
+        step is collected here, so the engine updates it before planning the next (a grammar's
+        next mask needs this step's token)."""
+        for req_id in plan.finished_req_ids:
+            self._overlappable.pop(req_id, None)
+        for new in plan.scheduled_new_reqs:
+            params = new.sampling_params
+            self._overlappable[new.req_id] = is_plain_greedy(params) and params.prompt_logprobs is None
         self._send(encode(Step(plan)))
+        handle = PendingStep(plan.step_id)
         if plan.is_empty:  # only forgets requests / moves blocks: nothing to sample, no answer
-            return PendingStep(plan.step_id, ModelRunnerOutput(sampled_token_ids={}))
-        return PendingStep(plan.step_id)
+            handle.output = ModelRunnerOutput(sampled_token_ids={})
+        elif not all(self._overlappable[r] for r in plan.num_scheduled_tokens):
+            self.collect(handle)
+        return handle
 
     def collect(self, handle: LaunchedStep) -> ModelRunnerOutput:
         assert isinstance(handle, PendingStep)

@@ -14,8 +14,10 @@ import pytest
 from pagedserve import EngineArgs, LLMEngine, SamplingParams
 from pagedserve.executor import WorkerDiedError
 from pagedserve.executor.multiproc import MultiprocExecutor
+from pagedserve.sampling_params import StructuredOutputsParams
 from tests.engine.engine_helpers import greedy, make_prompts, run_staggered
 
+CHOICE = StructuredOutputsParams(choice=["river", "mountain", "city garden"])
 KWARGS: dict[str, Any] = dict(dtype="float32", max_model_len=256, kv_cache_memory_bytes=8 << 20, swap_space=0.01)
 
 
@@ -58,6 +60,8 @@ def test_worker_process_gives_the_in_process_tokens(tiny_checkpoints, prompts, a
         got = run_staggered(engine, prompts, greedy(), per_step=2)
         seeded = SamplingParams(temperature=1.0, seed=11, max_tokens=6, ignore_eos=True)
         sampled = run_staggered(engine, prompts[:2], seeded)
+        structured = SamplingParams(temperature=0.0, max_tokens=12, structured_outputs=CHOICE)
+        chosen = run_staggered(engine, prompts[:2], structured)  # the plan carries the bitmasks
         engine.engine_core.check_health()  # alive: no error
         if not async_scheduling:  # an idle engine notices a dead worker too (no step needed)
             os.kill(executor.pids[0], signal.SIGKILL)
@@ -66,8 +70,12 @@ def test_worker_process_gives_the_in_process_tokens(tiny_checkpoints, prompts, a
         engine.shutdown()
     for key, out in reference.items():
         assert got[key].outputs[0].token_ids == out.outputs[0].token_ids, key
-    want = run_staggered(_engine(model), prompts[:2], seeded)
+    in_process = _engine(model)
+    want = run_staggered(in_process, prompts[:2], seeded)
     assert [sampled[k].outputs[0].token_ids for k in "01"] == [want[k].outputs[0].token_ids for k in "01"]
+    want = run_staggered(in_process, prompts[:2], structured)
+    assert [chosen[k].outputs[0].text for k in "01"] == [want[k].outputs[0].text for k in "01"]
+    assert all(chosen[k].outputs[0].text in CHOICE.choice for k in "01")  # type: ignore[operator]
     assert all(_gone(pid) for pid in executor.pids)
     with pytest.raises(AttributeError, match="worker processes"):
         _ = engine.engine_core.runner
