@@ -77,6 +77,48 @@ class ModelConfig:
 
 
 @dataclass(slots=True)
+class ParallelConfig:
+    """How the model is split over processes (vLLM's names). tensor_parallel_size N > 1: N worker
+    processes, one per rank (pagedserve/executor/multiproc.py), each holding 1/N of the attention
+    heads, of the MLP and of the vocabulary, and its share of the KV heads."""
+
+    tensor_parallel_size: int = 1
+    # "uni": the runner in the engine process (tensor_parallel_size 1 only); "mp": one worker
+    # process per rank. None: "uni" for 1, "mp" otherwise.
+    distributed_executor_backend: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "uni" if self.tensor_parallel_size == 1 else "mp"
+
+    def verify(self, spec: ModelSpec, device: str) -> None:
+        """vLLM's rules: the query heads split evenly over the ranks; the KV heads too, or (fewer
+        KV heads than ranks) each KV head is replicated on tp / kv_heads ranks."""
+        tp = self.tensor_parallel_size
+        if spec.num_heads % tp:
+            raise ValueError(f"the model's {spec.num_heads} attention heads must be divisible by "
+                             f"tensor_parallel_size ({tp})")
+        kv = spec.num_kv_heads
+        if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+            raise ValueError(f"tensor_parallel_size ({tp}) and the model's {kv} KV heads must divide "
+                             "one another (KV heads are split over the ranks, or replicated)")
+        if self.executor_backend == "uni" and tp != 1:
+            raise ValueError("distributed_executor_backend 'uni' runs one rank: tensor_parallel_size must be 1")
+        if device == "cuda" and tp > 1:
+            import torch
+
+            count = torch.cuda.device_count()
+            if tp > count:
+                raise ValueError(f"tensor_parallel_size {tp} needs {tp} GPUs (one per rank), {count} visible")
+
+
+@dataclass(slots=True)
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
@@ -86,6 +128,7 @@ class EngineConfig:
     attention_backend: str  # "torch" or "triton"
     async_scheduling: bool = False  # plan step n+1 while step n runs (see engine_core.py)
     cpu_threads: int | None = None  # engine intra-op threads; None: chosen (worker/cpu_resources.py)
+    parallel_config: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
 
 @dataclass
@@ -117,6 +160,7 @@ class EngineArgs:
     enforce_eager: bool = False
     quantization: str | None = None
     tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # "uni" | "mp" | None (chosen by the size)
     device: str = "auto"
     served_model_name: str | None = None
     max_logprobs: int = 20
@@ -156,7 +200,9 @@ class EngineArgs:
             (self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}"),
             (self.load_format in _LOAD_FORMATS,
              f"load_format {self.load_format!r} is not supported yet (supported: {', '.join(_LOAD_FORMATS)})"),
-            (self.tensor_parallel_size == 1, "tensor_parallel_size > 1 is not supported yet"),
+            (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
+            (self.distributed_executor_backend in (None, "uni", "mp"),
+             "distributed_executor_backend must be 'uni' or 'mp'"),
             (self.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
             (self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
              "num_gpu_blocks_override must be >= 1"),
@@ -221,6 +267,8 @@ class EngineArgs:
         device = self.device
         if device == "auto":
             device = "cuda" if _cuda_available() else "cpu"
+        parallel = ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend)
+        parallel.verify(model_spec, device)
         kv_budget = self.kv_cache_memory_bytes
         if kv_budget is None and device == "cpu":
             kv_budget = _cpu_kv_space_from_env()  # None (the default): sized by the worker
@@ -265,6 +313,7 @@ class EngineArgs:
             attention_backend="triton" if device == "cuda" else "torch",
             async_scheduling=self.async_scheduling,
             cpu_threads=self.cpu_threads,
+            parallel_config=parallel,
         )
 
 

@@ -189,7 +189,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     out_sock.send(encoder.encode(ReadyMsg(
         pid=os.getpid(), num_gpu_blocks=cache.num_gpu_blocks, num_cpu_blocks=cache.num_cpu_blocks,
         block_size=cache.block_size, kv_capacity_tokens=core.kv_capacity_tokens,
-        vocab_size=core.runner.vocab_size, startup_seconds=core.stats.startup_seconds,
+        vocab_size=core.vocab_size, startup_seconds=core.stats.startup_seconds,
     )))  # fmt: skip
     poller = zmq.Poller()
     poller.register(in_sock, zmq.POLLIN)
@@ -221,10 +221,12 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
                 out_sock.send(encoder.encode(OutputsMsg([], idle_stats(core))))
             if not parent_is_alive(parent_pid):  # every step: an orphan stops computing at once
                 return
+            core.check_health()  # a dead tensor-parallel rank fails the engine even when idle
     except Exception as e:  # noqa: BLE001 - a bug in a step: tell the HTTP process, then die
         logger.exception("engine core failed")
         out_sock.send(encoder.encode(ErrorMsg(f"engine core failed: {e}")))
     finally:
+        core.shutdown()  # the tensor-parallel workers, if any
         in_sock.close(linger=0)
         out_sock.close(linger=1000)
         ctx.term()
@@ -383,7 +385,7 @@ class InprocClient:
         self.ready = ReadyMsg(
             pid=os.getpid(), num_gpu_blocks=cache.num_gpu_blocks, num_cpu_blocks=cache.num_cpu_blocks,
             block_size=cache.block_size, kv_capacity_tokens=self.core.kv_capacity_tokens,
-            vocab_size=self.core.runner.vocab_size, startup_seconds=self.core.stats.startup_seconds,
+            vocab_size=self.core.vocab_size, startup_seconds=self.core.stats.startup_seconds,
         )  # fmt: skip
         self.is_alive = True
         self._task = asyncio.create_task(self._drive(), name="inproc-engine")
@@ -435,6 +437,8 @@ class InprocClient:
     async def shutdown(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self.core is not None:
+            self.core.shutdown()
         self.is_alive = False
 
 

@@ -25,14 +25,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.outputs import EngineCoreOutput, FinishReason, ModelRunnerOutput, SchedulerOutput
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler, SchedulerStats
 from pagedserve.engine.grammars import EngineGrammars
+from pagedserve.executor import Executor, LaunchedStep, create_executor
 from pagedserve.structured_output import GrammarCompilerCache
-from pagedserve.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,16 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         started = time.perf_counter()
         self.config = config
-        self.runner = ModelRunner(config)
-        num_gpu, num_cpu = self.runner.determine_num_blocks()
+        # the model side: the runner in this process, or one worker process per tensor-parallel rank
+        self.executor: Executor = create_executor(config)
+        try:
+            self._start(config, started)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig, started: float) -> None:
+        num_gpu, num_cpu = self.executor.determine_num_blocks()
         cache = config.cache_config
         cache.num_gpu_blocks, cache.num_cpu_blocks = num_gpu, num_cpu
         capacity = num_gpu * cache.block_size
@@ -76,23 +85,42 @@ class EngineCore:
                 f"fewer than max_model_len ({config.scheduler_config.max_model_len}): give the cache "
                 "more memory or lower max_model_len"
             )
-        self.runner.initialize_kv_cache(num_gpu, num_cpu)
+        self.executor.initialize_kv_cache(num_gpu, num_cpu)
         self.scheduler = Scheduler(config.scheduler_config, cache)
         self.stats = EngineStats(startup_seconds=time.perf_counter() - started)
         self.async_scheduling = config.async_scheduling
         # async scheduling: the launched step not yet updated (plan, handle, KV slot usage)
-        self._in_flight: tuple[SchedulerOutput, StepHandle, tuple[int, int]] | None = None
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep, tuple[int, int]] | None = None
         # structured outputs: a request waits in `grammars` (not the scheduler) until its grammar
         # is ready; one that cannot get one finishes as aborted (`_failed`, sent with the next step)
         self.grammars = EngineGrammars(self._make_grammar_cache)
         self._failed: list[EngineCoreOutput] = []
-        self.stats.extra["model_load_seconds"] = self.runner.load_seconds
-        if self.runner.decode_graphs is not None:
-            self.stats.extra["cuda_graph_capture_seconds"] = self.runner.decode_graphs.capture_seconds
+        self.stats.extra["model_load_seconds"] = self.executor.load_seconds
+        if self.executor.cuda_graph_capture_seconds is not None:
+            self.stats.extra["cuda_graph_capture_seconds"] = self.executor.cuda_graph_capture_seconds
         logger.info(
             "engine ready in %.1f s: %d %s KV blocks (%d tokens), %d swap blocks",
             self.stats.startup_seconds, num_gpu, "CPU" if config.device == "cpu" else "GPU", capacity, num_cpu,
         )
+
+    @property
+    def runner(self) -> Any:
+        """The ModelRunner, when it runs in this process (tensor_parallel_size 1)."""
+        runner = getattr(self.executor, "runner", None)
+        if runner is None:
+            raise AttributeError("the model runners live in the tensor-parallel worker processes")
+        return runner
+
+    @property
+    def vocab_size(self) -> int:
+        return self.executor.vocab_size
+
+    def check_health(self) -> None:
+        """Raises WorkerDiedError when a tensor-parallel rank is gone (between steps)."""
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -101,7 +129,7 @@ class EngineCore:
     def _make_grammar_cache(self, is_pinned: Callable[[str], bool]) -> GrammarCompilerCache:
         from pagedserve.engine.request_builder import load_tokenizer
 
-        return GrammarCompilerCache(load_tokenizer(self.config), self.runner.vocab_size, is_pinned=is_pinned)
+        return GrammarCompilerCache(load_tokenizer(self.config), self.executor.vocab_size, is_pinned=is_pinned)
 
     def add_request(self, request: Request, grammar: str | None = None) -> None:
         """grammar: the serialized compiled grammar of a structured request, when the front end
@@ -150,8 +178,8 @@ class EngineCore:
         slot_usage = self.scheduler.kv_slot_usage(plan)  # right after schedule (see there)
         plan.grammar = self.grammars.fill_bitmask(plan)  # structured outputs' masks, or None
         if not self.async_scheduling:
-            return self._update(plan, self.runner.execute_model(plan), slot_usage)
-        handle = self.runner.launch(plan)
+            return self._update(plan, self.executor.execute_model(plan), slot_usage)
+        handle = self.executor.launch(plan)
         previous, self._in_flight = self._in_flight, (plan, handle, slot_usage)
         outputs = self._finish_step(*previous) if previous is not None else []
         if not handle.is_async:  # its tokens are known already: update now, not a step late
@@ -160,9 +188,9 @@ class EngineCore:
         return outputs
 
     def _finish_step(
-        self, plan: SchedulerOutput, handle: StepHandle, slot_usage: tuple[int, int]
+        self, plan: SchedulerOutput, handle: LaunchedStep, slot_usage: tuple[int, int]
     ) -> list[EngineCoreOutput]:
-        return self._update(plan, self.runner.collect(handle), slot_usage)
+        return self._update(plan, self.executor.collect(handle), slot_usage)
 
     def _update(
         self, plan: SchedulerOutput, runner_output: ModelRunnerOutput, slot_usage: tuple[int, int]

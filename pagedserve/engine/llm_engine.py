@@ -38,7 +38,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config)
         self.engine_core = EngineCore(config)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.vocab_size = self.engine_core.runner.vocab_size
+        self.vocab_size = self.engine_core.vocab_size
         self.request_builder = RequestBuilder.from_config(config, self.tokenizer, self.vocab_size)
         self.request_builder.grammars = self.engine_core.grammars.cache  # one compile, shared
 
@@ -107,3 +107,8 @@ class LLMEngine:
 
     def get_stats(self) -> EngineStats:
         return self.engine_core.stats
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes now (they also stop when this engine is
+        garbage collected, or when this process exits)."""
+        self.engine_core.shutdown()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pagedserve.model_executor.layers.attention import AttentionMetadata
+from pagedserve.model_executor.layers.linear import kv_heads_per_rank
 from pagedserve.model_executor.model_spec import ModelSpec
 from pagedserve.worker.cpu_resources import (
     check_host_pools_fit,
@@ -49,10 +50,13 @@ class KVCacheSpec:
     dtype: torch.dtype
 
     @classmethod
-    def from_model_spec(cls, spec: ModelSpec, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+    def from_model_spec(cls, spec: ModelSpec, block_size: int, dtype: torch.dtype,
+                        tp_size: int = 1) -> KVCacheSpec:
         """Sized by the model spec (our names: a ChatGLM `num_layers` / `multi_query_group_num`
-        config yields the same fields as a Llama one)."""
-        return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, block_size, dtype)
+        config yields the same fields as a Llama one), for one of `tp_size` tensor-parallel ranks:
+        each holds kv_heads / tp of the KV heads, or one (replicated) when there are fewer."""
+        num_kv_heads = kv_heads_per_rank(spec.num_kv_heads, tp_size)  # as QKVParallelLinear splits them
+        return cls(spec.num_layers, num_kv_heads, spec.head_dim, block_size, dtype)
 
     @property
     def bytes_per_block(self) -> int:
@@ -165,6 +169,8 @@ def determine_num_blocks(
     sched = config.scheduler_config
     on_cpu = device.type == "cpu"
     available = mem_available_bytes()
+    if on_cpu and available is not None:  # tensor-parallel ranks on one host share its memory
+        available //= config.parallel_config.world_size
     if cache.num_gpu_blocks_override is not None:
         num_gpu, sizing = cache.num_gpu_blocks_override, "num_gpu_blocks_override"
     elif cache.kv_cache_memory_bytes is not None:

@@ -23,6 +23,8 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.outputs import ModelRunnerOutput, SchedulerOutput
+from pagedserve.distributed.sampling import make_sampler
+from pagedserve.model_executor.layers.context import ParallelGroup
 from pagedserve.model_executor.loader import load_model, resolve_dtype
 from pagedserve.worker.async_output import AsyncOutputs, StepHandle
 from pagedserve.worker.cuda_graphs import DecodeGraphs, DecodeResult
@@ -40,9 +42,14 @@ __all__ = ["ModelRunner", "RequestState", "StepHandle"]
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, parallel: ParallelGroup | None = None,
+                 device: torch.device | None = None) -> None:
+        """parallel: this process's tensor-parallel rank (default: the only one); device: the
+        rank's device (default: config.device). Every rank runs the same steps; only rank 0's
+        sampler draws tokens (distributed/sampling.py) and only its output leaves the group."""
         self.config = config
-        self.device = torch.device(config.device)
+        self.parallel = parallel or ParallelGroup()
+        self.device = device if device is not None else torch.device(config.device)
         model_config = config.model_config
         self.model_spec = model_config.model_spec  # built once, in EngineArgs.create_engine_config
         self.dtype = resolve_dtype(model_config.dtype, self.model_spec)
@@ -52,7 +59,7 @@ class ModelRunner:
         loaded = load_model(
             model_config.model_dir, self.dtype, self.device, attn_backend=config.attention_backend,
             load_format=model_config.load_format, trust_remote_code=model_config.trust_remote_code,
-            hf_config=model_config.hf_config, model_spec=self.model_spec,
+            hf_config=model_config.hf_config, model_spec=self.model_spec, parallel=self.parallel,
             quantization=model_config.quantization,
         )
         self.model: Any = loaded.model  # a CausalLM: forward(...) and compute_logits(...)
@@ -61,12 +68,13 @@ class ModelRunner:
         self.vocab_size = self.model_spec.vocab_size
         self.load_seconds = time.perf_counter() - started
         self.spec = KVCacheSpec.from_model_spec(
-            self.model_spec, config.cache_config.block_size, self.dtype
+            self.model_spec, config.cache_config.block_size, self.dtype, self.parallel.world_size
         )
         # One dict of request states, shared (not copied) by the parts that read or extend it.
         self.states: dict[str, RequestState] = {}
         self.async_outputs = AsyncOutputs(self.states, self.device, config.scheduler_config.max_num_seqs)
         self.sampling = StepSampler(self.model, self.states, self.vocab_size, self.device)
+        self.sampling.sampler = make_sampler(self.parallel)  # tp: rank 0 draws, the others take its ids
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.decode_graphs: DecodeGraphs | None = None

@@ -115,7 +115,7 @@ def test_cli_flags() -> None:
         ["--model", "m", "--ssl-keyfile", "k.pem"],
         ["--model", "m", "--jwt-secret", "s"],
         ["--model", "m", "--max-num-seqs", "0"],
-        ["--model", "m", "--tensor-parallel-size", "2"],
+        ["--model", "m", "--tensor-parallel-size", "0"],
     ]
     for argv in bad:
         with pytest.raises(SystemExit) as e:

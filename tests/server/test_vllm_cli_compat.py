@@ -50,6 +50,7 @@ NOT_SUPPORTED = [
     ("vllm serve m --lora-modules sql-lora=/adapters/sql", "--lora-modules"),
     ("vllm serve m --cpu-offload-gb 10", "--cpu-offload-gb > 0"),
     ("vllm serve m --pipeline-parallel-size 2 --distributed-executor-backend ray", "--pipeline-parallel-size > 1"),
+    ("vllm serve m -tp 2 --distributed-executor-backend ray", "--distributed-executor-backend ray"),
     ("vllm serve m --kv-cache-dtype fp8", "--kv-cache-dtype fp8"),
     ("vllm serve m --load-format gguf", "--load-format gguf"),
     ("vllm serve m --load-format bitsandbytes", "--load-format bitsandbytes"),

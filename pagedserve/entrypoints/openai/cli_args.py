@@ -179,8 +179,6 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     if args.swap_space < 0:
         parser.error(f"--swap-space must be >= 0, got {args.swap_space}")
-    if args.tensor_parallel_size != 1:
-        parser.error("--tensor-parallel-size > 1 is not supported yet")
     if args.quantization is not None:  # the engine checks it against the checkpoint at start
         from pagedserve.model_executor.quantization.base import known_quantization_methods
 

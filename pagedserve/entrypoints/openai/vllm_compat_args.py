@@ -115,6 +115,9 @@ def validate_vllm_compat_args(parser: argparse.ArgumentParser, args: argparse.Na
                            "structured outputs use xgrammar: auto, xgrammar"))  # fmt: skip
     if args.pipeline_parallel_size != 1:
         fail(not_supported("--pipeline-parallel-size > 1"))
+    if args.distributed_executor_backend in ("ray", "external_launcher"):
+        fail(not_supported(f"--distributed-executor-backend {args.distributed_executor_backend}",
+                           "supported: mp (one worker process per rank), uni (one rank, in the engine)"))
     if args.cpu_offload_gb > 0:
         fail(not_supported("--cpu-offload-gb > 0"))
     for flag, given in (("--enable-lora", args.enable_lora), ("--lora-modules", args.lora_modules),
@@ -160,4 +163,5 @@ def vllm_compat_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "load_format": args.load_format,
         "enable_chunked_prefill": args.enable_chunked_prefill,
         "disable_log_stats": args.disable_log_stats,
+        "distributed_executor_backend": args.distributed_executor_backend,
     }
