@@ -174,7 +174,7 @@ def main() -> None:
     # transformers loads the GGUF once (float32, dequantized); its bf16 twin is a cast copy.
     hf32 = hf_model(args.gguf, torch.float32, args.device)
     hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
-    llm16 = LLM(model=args.gguf, dtype="bfloat16", max_model_len=4096, device=args.device)
+    llm16: Any = None  # built after the float32 engine is gone (each takes gpu_memory_utilization)
 
     # 1. greedy, float32 then bf16
     greedy_rows = []
@@ -187,6 +187,7 @@ def main() -> None:
             del llm
             free()
         else:
+            llm16 = LLM(model=args.gguf, dtype=name, max_model_len=4096, device=args.device)
             ours = our_greedy(llm16, prompts, args.greedy_tokens)
         prefix = [common_prefix(a, b) for a, b in zip(ours, ref)]
         greedy_rows.append({"dtype": name, "prompts": len(prompts), "identical": sum(a == b for a, b in zip(ours, ref)),
