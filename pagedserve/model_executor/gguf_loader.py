@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pagedserve.model_executor.model_spec import complete_gguf_config
+
 __all__ = [
     "GGUF_ARCHITECTURES",
     "SUPPORTED_QUANT_TYPES",
@@ -184,13 +186,7 @@ def load_gguf_config(file: str) -> Any:
     # transformers maps it for llama only (from rope.dimension_count) and would leave qwen2 / qwen3
     # at their config classes' defaults (hidden / heads, 128).
     head_dim = _field(reader, f"{arch}.attention.key_length")
-    if head_dim is not None:
-        config.head_dim = int(head_dim)
-    cls = _MODEL_TYPE_CLASS.get(config.model_type)
-    if cls is None:
-        raise ValueError(f"GGUF file {file!r} maps to model_type {config.model_type!r}, which is not "
-                         f"supported; supported: {', '.join(_MODEL_TYPE_CLASS)}")
-    config.architectures = [cls]
+    complete_gguf_config(config, None if head_dim is None else int(head_dim), _MODEL_TYPE_CLASS, file)
     _store(cached, config)
     return config
 

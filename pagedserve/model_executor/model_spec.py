@@ -501,3 +501,18 @@ def _baichuan(view: ConfigView) -> ModelSpec:
 
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_ADAPTERS)
+
+
+def complete_gguf_config(config: Any, head_dim: int | None, model_type_class: dict[str, str],
+                         source: str) -> None:
+    """Finish the transformers config read from a GGUF file's metadata (gguf_loader.py), in place:
+    the per-head size the file states (transformers maps it for llama only and would leave qwen2 /
+    qwen3 at their classes' defaults) and `architectures` from the model type, so the registry
+    can pick the class. ValueError naming the model type when we build no class for it."""
+    if head_dim is not None:
+        config.head_dim = head_dim
+    cls = model_type_class.get(config.model_type)
+    if cls is None:
+        raise ValueError(f"GGUF file {source!r} maps to model_type {config.model_type!r}, which is not "
+                         f"supported; supported: {', '.join(model_type_class)}")
+    config.architectures = [cls]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -38,7 +39,9 @@ def signed_s3_model(s3_server: dict[str, str], tiny_checkpoints: Any,
     boto3.client("s3").create_bucket(Bucket="deploy-metrics")
     priv, pub = generate_keypair(tmp / "model.key")
     url = "s3://deploy-metrics/tiny-llama/v1"
-    push(tiny_checkpoints["llama"], url, str(priv), progress=False)
+    # push writes SHA256SUMS beside the model: sign a copy, never the session's shared checkpoint
+    model = shutil.copytree(tiny_checkpoints["llama"], tmp / "llama")
+    push(str(model), url, str(priv), progress=False)
     return url, str(pub), tmp
 
 
@@ -135,7 +138,8 @@ def test_a_tampered_s3_model_never_reaches_the_engine(s3_server: dict[str, str],
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="deploy-tampered")
     priv, pub = generate_keypair(tmp_path / "k")
-    push(tiny_checkpoints["llama"], "s3://deploy-tampered/m", str(priv), progress=False)
+    model = shutil.copytree(tiny_checkpoints["llama"], tmp_path / "llama")  # push writes SHA256SUMS into it
+    push(str(model), "s3://deploy-tampered/m", str(priv), progress=False)
     s3.put_object(Bucket="deploy-tampered", Key="m/config.json", Body=b'{"architectures": ["Evil"]}')
     args = EngineArgs(model="s3://deploy-tampered/m", model_public_key=str(pub), download_dir=str(tmp_path / "c"))
     with pytest.raises(ModelVerificationError, match="model file 'config.json' does not match SHA256SUMS"):

@@ -279,7 +279,7 @@ _HF_NAMES = (
     "seq_length", "layernorm_epsilon", "layer_norm_epsilon", "rotary_pct", "rotary_emb_base",
     "n_positions", "max_seq_len", "num_experts", "num_local_experts", "num_experts_per_tok",
 )
-_ALLOWED_FILES = {"model_executor/model_spec.py", "testing/checkpoints.py"}
+_ALLOWED_FILES = {"model_executor/model_spec.py", "testing/checkpoints.py", "testing/gguf_files.py"}
 _NAMES = "|".join(_HF_NAMES)
 # config.NAME / hf_config.NAME / cfg.NAME, and getattr(<anything>config<anything>, ...)
 _PATTERNS = (
