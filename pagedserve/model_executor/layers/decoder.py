@@ -33,7 +33,7 @@ from pagedserve.model_executor.layers.norm import RMSNorm
 from pagedserve.model_executor.layers.rotary import RotaryEmbedding
 from pagedserve.model_executor.model_spec import ModelSpec
 
-__all__ = ["DecoderLayer", "GatedMLP", "KVCache", "RopeAttention"]
+__all__ = ["DecoderLayer", "GatedMLP", "KVCache", "RopeAttention", "dense_rope_layer"]
 
 KVCache = tuple[Tensor, Tensor]
 
@@ -120,3 +120,13 @@ class DecoderLayer(nn.Module):
         hidden, residual = self.self_attn(positions, hidden, residual, self.input_layernorm,
                                           kv_cache, attn_metadata)
         return cast(tuple[Tensor, Tensor], self.mlp(hidden, residual, self.post_attention_layernorm))
+
+
+def dense_rope_layer(spec: ModelSpec, layer_idx: int, rotary: RotaryEmbedding, ctx: BuildContext, *,
+                     qk_norm: bool = False) -> DecoderLayer:
+    """The Llama-shaped layer (rotary attention, gated MLP, RMSNorms) every dense family builds;
+    `qk_norm`: per-head RMSNorm on q and k before rotary (Qwen3)."""
+    attn = RopeAttention(spec, layer_idx, rotary, ctx=ctx.child("self_attn"), qk_norm=qk_norm)
+    mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, spec.hidden_act,
+                   ctx=ctx.child("mlp"))
+    return DecoderLayer(attn, mlp, spec.hidden_size, spec.norm_eps, ctx=ctx)

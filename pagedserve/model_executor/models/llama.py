@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from pagedserve.model_executor.layers.context import BuildContext
-from pagedserve.model_executor.layers.decoder import DecoderLayer, GatedMLP, RopeAttention
+from pagedserve.model_executor.layers.decoder import dense_rope_layer
 from pagedserve.model_executor.layers.rotary import RotaryEmbedding
 from pagedserve.model_executor.model_spec import ModelSpec, layer_sliding_windows
 from pagedserve.model_executor.models.base import DecoderForCausalLM
@@ -17,7 +17,4 @@ __all__ = ["LlamaForCausalLM", "layer_sliding_windows"]
 class LlamaForCausalLM(DecoderForCausalLM):
     def make_layer(self, spec: ModelSpec, layer_idx: int, rotary: RotaryEmbedding,
                    ctx: BuildContext) -> nn.Module:
-        attn = RopeAttention(spec, layer_idx, rotary, ctx=ctx.child("self_attn"))
-        mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, spec.hidden_act,
-                       ctx=ctx.child("mlp"))
-        return DecoderLayer(attn, mlp, spec.hidden_size, spec.norm_eps, ctx=ctx)
+        return dense_rope_layer(spec, layer_idx, rotary, ctx)
