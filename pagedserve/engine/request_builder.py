@@ -31,6 +31,11 @@ def load_tokenizer(config: EngineConfig) -> Any:
         from pagedserve.model_executor.gguf_loader import load_gguf_tokenizer
 
         return load_gguf_tokenizer(model_config.tokenizer, model_config.trust_remote_code)
+    from pagedserve.tokenizers.qwen_tiktoken import QwenTiktokenTokenizer, is_qwen_tiktoken_dir
+
+    if not model_config.trust_remote_code and is_qwen_tiktoken_dir(model_config.tokenizer):
+        # Qwen v1 ships qwen.tiktoken + remote tokenizer code: our own loader, no checkpoint code
+        return QwenTiktokenTokenizer.from_pretrained(model_config.tokenizer)
     # The tokenizer of the checkpoint itself picks its class from the engine's one config object
     # (transformers would otherwise read config.json again); a separate tokenizer reads its own.
     same_dir = model_config.tokenizer == model_config.model_dir

@@ -12,7 +12,7 @@ Families name the same quantity differently (ChatGLM: `num_layers`, `multi_query
 has a small adapter: a function from a `ConfigView` (uniform reads over a config object or a plain
 config.json dict) to a `ModelSpec`. Adding a family = one adapter function + `@adapter("type")`.
 The adapters for chatglm, qwen (v1) and baichuan are written from the published config.json key
-names; those families have no model class yet (the registry refuses their architectures).
+names (their configs are remote code: `load_hf_config` reads them as plain dicts).
 """
 
 from __future__ import annotations
@@ -208,10 +208,35 @@ def adapter(*model_types: str) -> Callable[[Adapter], Adapter]:
 
 
 def load_hf_config(model_dir: str, trust_remote_code: bool = False) -> Any:
-    """The checkpoint's transformers config: read once per engine (config.py) and handed on."""
-    from transformers import AutoConfig  # lazy: keeps this module torch-free at import
+    """The checkpoint's transformers config: read once per engine (config.py) and handed on.
 
+    A config whose class is the checkpoint's own code (`auto_map` names an AutoConfig: Qwen v1,
+    ChatGLM, Baichuan) is, without `trust_remote_code`, read from config.json into a plain
+    `PretrainedConfig` (every key an attribute) for our adapter of its model_type: no checkpoint
+    code runs. With `trust_remote_code` transformers builds the checkpoint's class."""
+    from transformers import AutoConfig, PretrainedConfig  # lazy: keeps this module torch-free
+
+    if not trust_remote_code:
+        raw = _remote_code_config(model_dir)
+        if raw is not None:
+            return PretrainedConfig(**raw)
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+
+def _remote_code_config(model_dir: str) -> dict[str, Any] | None:
+    """config.json as a dict when its config class is remote code and we have an adapter for its
+    model_type; None otherwise (transformers reads it, and refuses what it cannot)."""
+    import json
+    from pathlib import Path
+
+    file = Path(model_dir) / "config.json"
+    if not file.is_file():
+        return None
+    raw = json.loads(file.read_text())
+    auto_map = raw.get("auto_map")
+    if isinstance(auto_map, dict) and "AutoConfig" in auto_map and raw.get("model_type") in _ADAPTERS:
+        return dict(raw)
+    return None
 
 
 def checkpoint_dtype(hf_config: Any) -> str | None:

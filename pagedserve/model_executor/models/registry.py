@@ -6,6 +6,7 @@ from torch import nn
 
 from pagedserve.model_executor.models.llama import LlamaForCausalLM
 from pagedserve.model_executor.models.mistral import MistralForCausalLM
+from pagedserve.model_executor.models.qwen import QWenLMHeadModel
 from pagedserve.model_executor.models.qwen2 import Qwen2ForCausalLM
 from pagedserve.model_executor.models.qwen3 import Qwen3ForCausalLM
 
@@ -16,6 +17,7 @@ _MODELS: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "QWenLMHeadModel": QWenLMHeadModel,  # Qwen v1 (model_type "qwen")
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

@@ -1,0 +1,1 @@
+"""Tokenizers built by pagedserve from published tokenizer files (no checkpoint code run)."""
