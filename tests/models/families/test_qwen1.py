@@ -134,3 +134,17 @@ def test_checkpoint_template_wins_over_chatml(tmp_path: Path, qwen1: dict[str, A
         {"chat_template": "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"}))
     tok = QwenTiktokenTokenizer.from_pretrained(str(tmp_path))
     assert tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == "[user]x"
+
+
+def test_offline_chat_generates_what_the_oracle_does_on_chatml(qwen1: dict[str, Any]) -> None:
+    from pagedserve import LLM
+
+    llm = LLM(model=qwen1["dir"], dtype="float32", max_model_len=256, kv_cache_memory_bytes=8 << 20,
+              swap_space=0.01)
+    messages = [{"role": "user", "content": "Which river runs by the city?"}]
+    [out] = llm.chat(messages, greedy(), use_tqdm=False)
+    ids = qwen1["tok"].encode(qwen1["tok"].apply_chat_template(messages, add_generation_prompt=True,
+                                                               tokenize=False))
+    assert out.prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert list(out.prompt_token_ids) == ids
+    assert list(out.outputs[0].token_ids) == hf_greedy(qwen1["hf"], ids, MAX_TOKENS)
