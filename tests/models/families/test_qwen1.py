@@ -148,3 +148,23 @@ def test_offline_chat_generates_what_the_oracle_does_on_chatml(qwen1: dict[str, 
     assert out.prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
     assert list(out.prompt_token_ids) == ids
     assert list(out.outputs[0].token_ids) == hf_greedy(qwen1["hf"], ids, MAX_TOKENS)
+
+
+def test_trust_remote_code_uses_the_checkpoints_config_class(tmp_path: Path, qwen1: dict[str, Any]) -> None:
+    import shutil
+
+    model_dir = tmp_path / "with_code"
+    shutil.copytree(qwen1["dir"], model_dir)
+    # A stand-in for the published configuration_qwen.py (auto_map: configuration_qwen.QWenConfig).
+    (model_dir / "configuration_qwen.py").write_text(
+        "from transformers import PretrainedConfig\n\n\n"
+        "class QWenConfig(PretrainedConfig):\n"
+        "    model_type = 'qwen'\n\n"
+        "    def __init__(self, **kwargs):\n"
+        "        self.ran_checkpoint_code = True\n"
+        "        super().__init__(**kwargs)\n")
+    plain = load_hf_config(str(model_dir))
+    assert not hasattr(plain, "ran_checkpoint_code")
+    remote = load_hf_config(str(model_dir), trust_remote_code=True)
+    assert type(remote).__name__ == "QWenConfig" and remote.ran_checkpoint_code
+    assert ModelSpec.from_hf(remote) == ModelSpec.from_hf(plain)
