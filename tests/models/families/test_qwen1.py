@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from pagedserve.model_executor.model_spec import ModelSpec, load_hf_config
 from pagedserve.tokenizers.qwen_tiktoken import QWEN_SPECIAL_TOKENS, QwenTiktokenTokenizer
@@ -168,3 +169,15 @@ def test_trust_remote_code_uses_the_checkpoints_config_class(tmp_path: Path, qwe
     remote = load_hf_config(str(model_dir), trust_remote_code=True)
     assert type(remote).__name__ == "QWenConfig" and remote.ran_checkpoint_code
     assert ModelSpec.from_hf(remote) == ModelSpec.from_hf(plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_greedy_matches_oracle_on_gpu_with_triton_and_cuda_graphs(qwen1: dict[str, Any]) -> None:
+    from pagedserve import LLM
+
+    llm = LLM(qwen1["dir"], dtype="float32", max_model_len=512, max_num_seqs=16, enforce_eager=False,
+              gpu_memory_utilization=0.3)
+    assert llm.llm_engine.engine_core.runner.decode_graphs is not None
+    outs = llm.generate([{"prompt_token_ids": p} for p in qwen1["prompts"]], greedy(), use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == qwen1["expected"]
