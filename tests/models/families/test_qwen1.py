@@ -101,6 +101,18 @@ def test_tokenizer_round_trips_text(qwen1: dict[str, Any], text: str) -> None:
         assert "".join(tok.decode([i]) for i in ids) == text
 
 
+
+def test_streamed_text_equals_decode(qwen1: dict[str, Any]) -> None:
+    from pagedserve.engine.output_processor import IncrementalDetokenizer
+
+    tok: QwenTiktokenTokenizer = qwen1["tok"]
+    ids = tok.encode("Ünïcödé 你好 \U0001f600<|im_end|> the end")
+    for skip in (False, True):
+        detok = IncrementalDetokenizer(tok, skip_special_tokens=skip)
+        pieces = [detok.step(i) for i in ids]
+        assert "".join(pieces) + detok.flush() == tok.decode(ids, skip_special_tokens=skip)
+        assert all("\ufffd" not in p for p in pieces)  # split UTF-8 sequences are held back
+
 def test_special_tokens_as_published(qwen1: dict[str, Any]) -> None:
     tok: QwenTiktokenTokenizer = qwen1["tok"]
     eod = qwen1["num_ranks"]  # specials follow the mergeable ranks, in the published order
