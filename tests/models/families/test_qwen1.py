@@ -183,6 +183,27 @@ def test_trust_remote_code_uses_the_checkpoints_config_class(tmp_path: Path, qwe
     assert ModelSpec.from_hf(remote) == ModelSpec.from_hf(plain)
 
 
+def test_openai_chat_through_the_server(tmp_path: Path, qwen1: dict[str, Any]) -> None:
+    """The server (engine core in its own process) chats with ChatML and streams the same text."""
+    import openai
+
+    from tests.server.conftest import start_server
+
+    messages = [{"role": "user", "content": "Tell me a story about the river."}]
+    tok: QwenTiktokenTokenizer = qwen1["tok"]
+    ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    want = tok.decode(hf_greedy(qwen1["hf"], ids, MAX_TOKENS), skip_special_tokens=True)
+    with start_server(qwen1["dir"], tmp_path) as server:
+        c = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
+        kwargs: dict[str, Any] = dict(model="tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        r = c.chat.completions.create(**kwargs)
+        assert r.usage is not None and r.usage.prompt_tokens == len(ids)
+        assert r.choices[0].message.content == want
+        chunks = list(c.chat.completions.create(stream=True, **kwargs))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_greedy_matches_oracle_on_gpu_with_triton_and_cuda_graphs(qwen1: dict[str, Any]) -> None:
