@@ -6,8 +6,11 @@ from torch import nn
 
 from pagedserve.model_executor.models.llama import LlamaForCausalLM
 from pagedserve.model_executor.models.mistral import MistralForCausalLM
+from pagedserve.model_executor.models.mixtral import MixtralForCausalLM
 from pagedserve.model_executor.models.qwen2 import Qwen2ForCausalLM
+from pagedserve.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
 from pagedserve.model_executor.models.qwen3 import Qwen3ForCausalLM
+from pagedserve.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "get_model_class"]
 
@@ -16,6 +19,9 @@ _MODELS: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,  # mixture of experts (models/moe_base.py)
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
