@@ -15,7 +15,10 @@ experts.down_proj [E, H, I]; the checkpoint's per-expert tensors are copied into
 (transformers' own in-memory layout) loads whole. The routed-expert kernel is the kernel set's
 `fused_moe` (the torch twin or the Triton kernel), bound at construction.
 
-Tensor parallelism (tp > 1) and quantized checkpoints are refused for MoE layers.
+Tensor parallel: like the dense MLP, every expert's intermediate dim is split over the ranks
+(rank r holds gate/up rows and down columns r*I/tp .. (r+1)*I/tp of every expert) and the
+routed output is all-reduced; router and shared-expert gate are replicated, the shared expert is
+a GatedMLP (column / row parallel). No expert parallelism. Quantized MoE checkpoints are refused.
 """
 
 from __future__ import annotations
@@ -53,47 +56,56 @@ class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *,
                  ctx: BuildContext) -> None:
         super().__init__()
-        if ctx.parallel.world_size > 1:
-            raise ValueError(f"{ctx.prefix}: mixture-of-experts layers do not support tensor "
-                             f"parallelism yet (tensor_parallel_size={ctx.parallel.world_size}); "
-                             f"run MoE models with tensor_parallel_size=1")
         if ctx.quant_config is not None:
             raise ValueError(f"{ctx.prefix}: quantized mixture-of-experts checkpoints are not supported")
+        group = ctx.parallel
+        if intermediate_size % group.world_size:
+            raise ValueError(f"{ctx.prefix}: the experts' intermediate size ({intermediate_size}) must "
+                             f"be divisible by the tensor-parallel size ({group.world_size})")
         self.num_experts = num_experts
-        self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size),
+        self.local_inter = local = intermediate_size // group.world_size
+        self._first = group.rank * local  # this rank's slice of every expert's intermediate dim
+        self._comm = group.comm
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * local, hidden_size),
                                          requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size),
-                                      requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, local), requires_grad=False)
         for param in (self.gate_up_proj, self.down_proj):
             set_weight_attrs(param, {"weight_loader": self.weight_loader})
         self._fused_moe = ctx.kernels.fused_moe  # bound once
 
     def weight_loader(self, param: Tensor, loaded: Tensor, shard_id: ExpertShard | None = None) -> None:
-        """Copy one expert's gate / up ([I, H]) or down ([H, I]) tensor into its slice of the
-        stacked parameter; shard_id None: the whole stacked tensor."""
+        """Copy this rank's slice of one expert's gate / up ([I, H]) or down ([H, I]) tensor into
+        the stacked parameter; shard_id None: a whole stacked tensor ([E, 2I, H] or [E, H, I])."""
+        rows = slice(self._first, self._first + self.local_inter)
+        local = self.local_inter
         if shard_id is None:
-            target = param.data
+            if param is self.down_proj:
+                pieces = [(param.data, loaded[..., rows])]
+            else:
+                gate, up = loaded.chunk(2, dim=1)
+                pieces = [(param.data[:, :local], gate[:, rows]), (param.data[:, local:], up[:, rows])]
         else:
             expert, part = shard_id
             if not 0 <= expert < self.num_experts:
                 raise ValueError(f"expert {expert} is outside 0..{self.num_experts - 1}")
-            inter = self.intermediate_size
             if part == "gate":
-                target = param.data[expert, :inter]
+                pieces = [(param.data[expert, :local], loaded[rows])]
             elif part == "up":
-                target = param.data[expert, inter:]
+                pieces = [(param.data[expert, local:], loaded[rows])]
             elif part == "down":
-                target = param.data[expert]
+                pieces = [(param.data[expert], loaded[:, rows])]
             else:
                 raise ValueError(f"expert shard must be gate, up or down, got {part!r}")
-        if target.shape != loaded.shape:
-            raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit expert "
-                             f"shard {shard_id!r} of shape {tuple(target.shape)}")
-        target.copy_(loaded)
+        for target, piece in pieces:
+            if target.shape != piece.shape:
+                raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit expert "
+                                 f"shard {shard_id!r} (this rank's slice {tuple(target.shape)})")
+            target.copy_(piece)
 
     def forward(self, h: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
-        return cast(Tensor, self._fused_moe(h, self.gate_up_proj, self.down_proj, topk_weights, topk_ids))
+        out = cast(Tensor, self._fused_moe(h, self.gate_up_proj, self.down_proj, topk_weights, topk_ids))
+        # each rank summed over its slice of the intermediate dim: the all-reduce completes it
+        return self._comm.all_reduce(out) if self._comm is not None else out
 
 
 class SparseMoeBlock(nn.Module):

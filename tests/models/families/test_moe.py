@@ -5,6 +5,7 @@ through the engine, also under chunked prefill with preemption and with prefix c
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from pagedserve.model_executor.layers.moe import SparseMoeBlock
 from pagedserve.model_executor.loader import load_model
 from pagedserve.model_executor.model_spec import ModelSpec
 from pagedserve.model_executor.models.base import DecoderForCausalLM
+from pagedserve.model_executor.models.mixtral import MixtralForCausalLM
 from pagedserve.testing.checkpoints import _randomize_biases_and_norms, build_tokenizer
 from tests.engine.engine_helpers import (
     MAX_TOKENS,
@@ -25,6 +27,7 @@ from tests.engine.engine_helpers import (
     make_prompts,
     run_staggered,
 )
+from tests.models.thread_comm import ThreadGroup
 
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -175,20 +178,25 @@ def test_greedy_matches_hf_with_prefix_caching(arch, moe) -> None:
     assert engine.get_stats().prefix_cache_hit_rate > 0.5
 
 
-class _NoComm:
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+@pytest.mark.parametrize(("arch", "tp"), [("mixtral", 2), ("qwen2_moe", 2), ("qwen2_moe", 4),
+                                       ("qwen3_moe", 2)])
+def test_tensor_parallel_logits_match_tp1(arch, tp, moe) -> None:
+    from tests.models.test_tensor_parallel import _compare
 
-    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        return x
+    path, _, _, _ = moe(arch)
+    group = _compare(path, tp)  # every rank's logits (prefill, chunked, decode) == tp 1
+    assert "all_reduce" in group.calls
 
 
 def test_refusals(moe) -> None:
     path, hf, _, _ = moe("mixtral")
     spec = ModelSpec.from_hf(hf.config)
-    cls = type(load_model(path, torch.float32, "cpu").model)
-    tp2 = BuildContext.create(parallel=ParallelGroup(rank=0, world_size=2, comm=_NoComm()))
-    with pytest.raises(ValueError, match="do not support tensor parallelism"):
-        cls(hf.config, spec=spec, ctx=tp2)
     with pytest.raises(ValueError, match="dense MLP"):  # the dense decoders still refuse MoE
         DecoderForCausalLM.check_spec(spec)
+    with pytest.raises(ValueError, match="must be in 1..num_experts"):
+        MixtralForCausalLM.check_spec(dataclasses.replace(spec, num_experts_per_tok=5))
+    odd = dataclasses.replace(spec, moe_intermediate_size=95)
+    group = ThreadGroup(2)
+    with pytest.raises(ValueError, match=r"intermediate size \(95\) must be divisible"):
+        MixtralForCausalLM(hf.config, spec=odd,
+                           ctx=BuildContext.create(parallel=ParallelGroup(0, 2, group.comm(0))))
