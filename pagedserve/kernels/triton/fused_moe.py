@@ -36,7 +36,9 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int,
     flat = topk_ids.flatten()
     n = flat.numel()
     dev = flat.device
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    # scatter_add, not bincount: bincount on CUDA reads the max id back to the host
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(
+        0, flat, torch.ones_like(flat))  # [E]
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)  # [E], end of each expert's padded group
     padded_start = padded_end - padded

@@ -200,3 +200,24 @@ def test_refusals(moe) -> None:
     with pytest.raises(ValueError, match=r"intermediate size \(95\) must be divisible"):
         MixtralForCausalLM(hf.config, spec=odd,
                            ctx=BuildContext.create(parallel=ParallelGroup(0, 2, group.comm(0))))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_gpu_triton_and_cuda_graphs_greedy_match_hf(arch, moe) -> None:
+    """On CUDA: the Triton kernel set (fused MoE, attention, ...) and CUDA-graph decode give
+    transformers' greedy tokens (float32)."""
+    import gc
+
+    from pagedserve import LLM
+
+    path, _, prompts, expected = moe(arch)
+    llm = LLM(path, dtype="float32", max_model_len=512, max_num_seqs=16, gpu_memory_utilization=0.3)
+    runner = llm.llm_engine.engine_core.runner
+    assert runner.decode_graphs is not None
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == expected
+    del llm, runner
+    gc.collect()
+    torch.cuda.empty_cache()
