@@ -14,7 +14,8 @@
 3. Grouped GEMM 2: inter[sorted_id] @ w2[e].T times topk_weights[sorted_id], written to
    y[sorted_id] ([T*K, H]); out = y.view(T, K, H).sum(1) (the K slots of a token).
 
-Accumulation in float32; each product rounded once to the activation dtype.
+Accumulation in float32 (float32 inputs: IEEE products, not TF32); each GEMM's result rounded
+once to the activation dtype.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int,
 def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr,
                      num_valid, n_out, k_dim, a_row_div,
                      stride_am, stride_we, stride_wn, stride_om,
-                     GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+                     GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of out[sorted_id] = a[sorted_id // a_row_div] @ W_e.T, with
     GATED: W_e rows n (gate) and n_out + n (up), stored silu(gate) * up; MUL_WEIGHT: scaled by
@@ -85,11 +86,17 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, we
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & col_ok[None, :]
         w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None], mask=w_mask, other=0.0)
-        acc += tl.dot(a, w)
+        if IEEE:  # float32 activations: exact products, not TF32
+            acc += tl.dot(a, w, input_precision="ieee")
+        else:
+            acc += tl.dot(a, w)
         if GATED:
             w_up = tl.load(w_base + (cols[None, :] + n_out) * stride_wn + ks[:, None], mask=w_mask,
                            other=0.0)
-            acc_up += tl.dot(a, w_up)
+            if IEEE:
+                acc_up += tl.dot(a, w_up, input_precision="ieee")
+            else:
+                acc_up += tl.dot(a, w_up)
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if MUL_WEIGHT:
@@ -121,6 +128,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     weights = topk_weights.to(torch.float32).contiguous().flatten()
     sorted_ids, block_expert = sort_by_expert(topk_ids, num_experts)
     n = num_tokens * top_k
+    ieee = x.dtype == torch.float32
     num_blocks = block_expert.numel()
     inter_out = torch.empty((n, inter), dtype=x.dtype, device=x.device)
     y = torch.empty((n, hidden), dtype=x.dtype, device=x.device)
@@ -128,10 +136,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     _moe_gemm_kernel[(num_blocks, triton.cdiv(inter, bn1))](
         x, w13, inter_out, sorted_ids, block_expert, weights, n, inter, hidden, top_k,
         x.stride(0), w13.stride(0), w13.stride(1), inter_out.stride(0),
-        GATED=True, MUL_WEIGHT=False, BLOCK_M=BLOCK_M, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=4)
+        GATED=True, MUL_WEIGHT=False, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=4)
     bn2, bk2 = _block(hidden, 64), _block(inter, 64)
     _moe_gemm_kernel[(num_blocks, triton.cdiv(hidden, bn2))](
         inter_out, w2, y, sorted_ids, block_expert, weights, n, hidden, inter, 1,
         inter_out.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        GATED=False, MUL_WEIGHT=True, BLOCK_M=BLOCK_M, BLOCK_N=bn2, BLOCK_K=bk2, num_warps=4)
+        GATED=False, MUL_WEIGHT=True, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=bn2, BLOCK_K=bk2, num_warps=4)
     return y.view(num_tokens, top_k, hidden).sum(dim=1)
