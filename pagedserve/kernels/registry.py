@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.kernels import reference
+from pagedserve.kernels import reference, reference_moe
 from pagedserve.kernels.attention_backend import TORCH_ATTENTION, AttentionBackend
 
 __all__ = ["GemvLimits", "KernelSet", "TORCH_KERNELS", "available_kernel_sets", "get_kernel_set",
@@ -51,6 +51,9 @@ class KernelSet:
     # such path (the torch set: on CPU there is nothing to gain; tests inject the twin).
     fused_gemv: Callable[..., Any] | None = None
     gemv_limits: GemvLimits = field(default_factory=lambda: GemvLimits(0, 0, 0))
+    # fused_moe(x, w13, w2, topk_weights, topk_ids) -> [T, H]: routed experts of an MoE layer
+    # (layers/moe.py); torch: reference_moe.fused_moe, triton: kernels/triton/fused_moe.py.
+    fused_moe: Callable[..., Any] = reference_moe.fused_moe
 
 
 TORCH_KERNELS = KernelSet(
@@ -71,6 +74,7 @@ def _triton_kernels() -> KernelSet:
     from pagedserve.kernels.triton.activation import silu_and_mul
     from pagedserve.kernels.triton.argmax import argmax_rows
     from pagedserve.kernels.triton.attention import paged_attention
+    from pagedserve.kernels.triton.fused_moe import fused_moe
     from pagedserve.kernels.triton.gemv import MAX_M, fused_gemv, prefer_fused_gemv
     from pagedserve.kernels.triton.kv_cache import write_kv_cache
     from pagedserve.kernels.triton.norm import fused_add_rms_norm, rms_norm
@@ -87,7 +91,8 @@ def _triton_kernels() -> KernelSet:
                                  accepts_max_lens=True, rotary_write_kv=rotary_write_kv_cache)
     return KernelSet("triton", rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul,
                      argmax_rows, attention, fused_gemv=fused_gemv,
-                     gemv_limits=GemvLimits(limit(False, False), limit(True, False), limit(True, True)))
+                     gemv_limits=GemvLimits(limit(False, False), limit(True, False), limit(True, True)),
+                     fused_moe=fused_moe)
 
 
 def available_kernel_sets() -> list[str]:

@@ -118,7 +118,10 @@ class ModelSpec:
     num_experts: int = 0  # routed experts per MoE layer; 0: dense MLP
     num_experts_per_tok: int = 0
     num_shared_experts: int = 0
-    moe_intermediate_size: int | None = None
+    moe_intermediate_size: int | None = None  # of one routed expert's gate (or up) branch
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert; 0: none
+    norm_topk_prob: bool = True  # renormalize the top-k router probabilities to sum to 1
+    dense_mlp_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP instead
     dtype: str | None = None  # the checkpoint's dtype name ("bfloat16"), if the config gives one
     checkpoint_names: CheckpointNames = field(default_factory=CheckpointNames)
     # config.json's `quantization_config` as a dict (quantization/base.py reads it), if any
@@ -372,32 +375,51 @@ def _qwen3(view: ConfigView) -> ModelSpec:
 
 
 # ---------------------------------------------------------------- adapters: MoE, Llama layout
-# The spec carries the expert counts; no model class runs an MoE block yet (LlamaModel refuses a
-# spec with num_experts > 0), so these only describe the checkpoint for now.
+# Routed experts are checkpointed one tensor per expert and projection
+# (`mlp.experts.E.{gate,up,down}_proj.weight`, Mixtral: `block_sparse_moe.experts.E.w1/w3/w2`);
+# models/moe_base.py stacks them into [E, 2I, H] / [E, H, I] at load.
+
+_MIXTRAL_NAMES = CheckpointNames(
+    renames=((".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."),
+             (".w2.", ".down_proj.")),
+)
 
 
 @adapter("mixtral")
 def _mixtral(view: ConfigView) -> ModelSpec:
+    # MixtralTopKRouter always renormalizes the top-k probabilities.
     window = view.get("sliding_window")
     return _llama_like(view, sliding_windows=(window,) * view.require("num_hidden_layers"),
                        num_experts=view.require("num_local_experts"),
                        num_experts_per_tok=view.require("num_experts_per_tok"),
-                       moe_intermediate_size=view.require("intermediate_size"))
+                       moe_intermediate_size=view.require("intermediate_size"),
+                       norm_topk_prob=True, checkpoint_names=_MIXTRAL_NAMES)
 
 
 @adapter("qwen2_moe", "qwen3_moe")
 def _qwen_moe(view: ConfigView) -> ModelSpec:
-    """Qwen2-MoE (q/k/v biases, one gated shared expert of shared_expert_intermediate_size) and
-    Qwen3-MoE (q/k norms, no shared expert)."""
+    """Qwen2-MoE (q/k/v biases, one sigmoid-gated shared expert of
+    shared_expert_intermediate_size) and Qwen3-MoE (q/k norms, no shared expert). Layer i has
+    the dense MLP (intermediate_size) when it is in mlp_only_layers or (i + 1) is not a multiple
+    of decoder_sparse_step, as transformers builds them; norm_topk_prob defaults to False there."""
     qwen3 = view.get("model_type") == "qwen3_moe"
-    bias = bool(view.get("attention_bias", False)) if qwen3 else True
+    bias = bool(view.get("attention_bias", False)) if qwen3 else bool(view.get("qkv_bias", True))
     shared = view.get("shared_expert_intermediate_size") or 0
+    num_layers = view.require("num_hidden_layers")
+    mlp_only = set(view.get("mlp_only_layers") or ())
+    step = view.get("decoder_sparse_step") or 1
+    num_experts = view.require("num_experts")
+    dense = tuple(i for i in range(num_layers)
+                  if i in mlp_only or num_experts == 0 or (i + 1) % step != 0)
     return _llama_like(view, qkv_bias=bias, o_bias=bias and qwen3, qk_norm=qwen3,
                        sliding_windows=tuple(layer_sliding_windows(view)),
-                       num_experts=view.require("num_experts"),
+                       num_experts=num_experts,
                        num_experts_per_tok=view.require("num_experts_per_tok"),
                        num_shared_experts=1 if shared else 0,
-                       moe_intermediate_size=view.require("moe_intermediate_size"))
+                       shared_expert_intermediate_size=shared,
+                       moe_intermediate_size=view.require("moe_intermediate_size"),
+                       norm_topk_prob=bool(view.get("norm_topk_prob", False)),
+                       dense_mlp_layers=dense)
 
 
 # ---------------------------------------------------------------- adapters: other layouts

@@ -7,8 +7,11 @@ from torch import nn
 from pagedserve.model_executor.models.llama import LlamaForCausalLM
 from pagedserve.model_executor.models.mistral import MistralForCausalLM
 from pagedserve.model_executor.models.qwen import QWenLMHeadModel
+from pagedserve.model_executor.models.mixtral import MixtralForCausalLM
 from pagedserve.model_executor.models.qwen2 import Qwen2ForCausalLM
+from pagedserve.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
 from pagedserve.model_executor.models.qwen3 import Qwen3ForCausalLM
+from pagedserve.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "get_model_class"]
 
@@ -18,6 +21,9 @@ _MODELS: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "QWenLMHeadModel": QWenLMHeadModel,  # Qwen v1 (model_type "qwen")
+    "MixtralForCausalLM": MixtralForCausalLM,  # mixture of experts (models/moe_base.py)
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
