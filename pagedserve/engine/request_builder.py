@@ -34,7 +34,9 @@ def load_tokenizer(config: EngineConfig) -> Any:
     # The tokenizer of the checkpoint itself picks its class from the engine's one config object
     # (transformers would otherwise read config.json again); a separate tokenizer reads its own.
     same_dir = model_config.tokenizer == model_config.model_dir
-    extra = {"config": model_config.hf_config} if same_dir and model_config.hf_config is not None else {}
+    # A config our adapter read from config.json (a dict: no transformers class) is not handed on.
+    hf_config = model_config.hf_config
+    extra = {"config": hf_config} if same_dir and hf_config is not None and not isinstance(hf_config, dict) else {}
     return AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code,
                                          **extra)
 

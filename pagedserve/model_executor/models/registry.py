@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from pagedserve.model_executor.models.chatglm import ChatGLMForCausalLM
+from pagedserve.model_executor.models.glm import Glm4ForCausalLM, GlmForCausalLM
 from pagedserve.model_executor.models.llama import LlamaForCausalLM
 from pagedserve.model_executor.models.mistral import MistralForCausalLM
 from pagedserve.model_executor.models.qwen2 import Qwen2ForCausalLM
@@ -16,6 +18,11 @@ _MODELS: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    # the published ChatGLM2/3/GLM-4 configs name their remote classes; ours runs that layout
+    "ChatGLMModel": ChatGLMForCausalLM,
+    "ChatGLMForConditionalGeneration": ChatGLMForCausalLM,
+    "GlmForCausalLM": GlmForCausalLM,
+    "Glm4ForCausalLM": Glm4ForCausalLM,
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

@@ -1,0 +1,121 @@
+"""ChatGLM2/3/GLM-4 in the published ChatGLMModel layout, and transformers' GlmForCausalLM /
+Glm4ForCausalLM layouts: greedy tokens equal transformers' GlmForCausalLM (the same weights,
+remapped) on 16 prompts, also under chunked prefill, prefix caching and preemption; the config
+is read by our adapter from config.json (no checkpoint code runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pagedserve.model_executor.model_spec import ModelSpec, load_hf_config
+from tests.engine.engine_helpers import (
+    MAX_TOKENS,
+    greedy,
+    hf_greedy,
+    make_engine,
+    make_prompts,
+    run_staggered,
+)
+from tests.models.families.chatglm_layout import build_glm, glm_to_chatglm
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("chatglm")
+    glm = build_glm(str(root / "glm"), "glm")
+    return {"glm": glm, "chatglm": glm_to_chatglm(glm, str(root / "chatglm")),
+            "glm4": build_glm(str(root / "glm4"), "glm4", seed=1)}
+
+
+_REFS: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
+
+
+def _reference(dirs: dict[str, str], arch: str) -> tuple[list[list[int]], list[list[int]]]:
+    """(16 prompts of 1..300 tokens, transformers' greedy continuations); chatglm's oracle is the
+    GlmForCausalLM it was converted from."""
+    import transformers
+
+    src = "glm" if arch == "chatglm" else arch
+    if src not in _REFS:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(dirs[src], dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+        prompts = make_prompts(hf.config.vocab_size)
+        _REFS[src] = (prompts, [hf_greedy(hf, p, MAX_TOKENS) for p in prompts])
+    return _REFS[src]
+
+
+def _assert_matches(finished: dict[str, Any], expected: list[list[int]]) -> None:
+    assert len(finished) == len(expected)
+    for i, ref in enumerate(expected):
+        got = list(finished[str(i)].outputs[0].token_ids)
+        assert got == ref, f"prompt {i}: {got} != {ref}"
+
+
+def test_chatglm_config_read_by_our_adapter(dirs: dict[str, str]) -> None:
+    cfg = load_hf_config(dirs["chatglm"])  # auto_map present: read as config.json, no remote code
+    assert isinstance(cfg, dict) and cfg["model_type"] == "chatglm"
+    spec = ModelSpec.from_hf(cfg)
+    assert (spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim) == (2, 4, 2, 32)
+    assert spec.intermediate_size == 96 and spec.qkv_bias and not spec.o_bias and not spec.mlp_bias
+    assert spec.rope is not None and not spec.rope.is_neox and spec.rope.partial_rotary_factor == 0.5
+    assert spec.rope.theta == 20000.0 and spec.max_context_len == 2048
+    assert spec.norm_eps == 1.5625e-07
+    # the same numbers as the transformers config it was converted from
+    glm = ModelSpec.from_hf(load_hf_config(dirs["glm"]))
+    for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                  "intermediate_size", "vocab_size", "norm_eps", "rope", "qkv_bias", "o_bias"):
+        assert getattr(spec, field) == getattr(glm, field), field
+
+
+def test_chatglm_refuses_unsupported_variants(dirs: dict[str, str]) -> None:
+    with open(os.path.join(dirs["chatglm"], "config.json")) as f:
+        cfg = json.load(f)
+    with pytest.raises(ValueError, match="post_layernorm"):
+        ModelSpec.from_hf({**cfg, "apply_residual_connection_post_layernorm": True})
+    with pytest.raises(ValueError, match="2D position"):
+        ModelSpec.from_hf({**cfg, "position_encoding_2d": True})
+
+
+def test_trust_remote_code_uses_the_checkpoint_classes(dirs: dict[str, str], tmp_path: Path) -> None:
+    # With --trust-remote-code the checkpoint's own configuration_chatglm.py would be imported;
+    # our tiny checkpoint ships none, so transformers fails looking for it (nothing of ours ran).
+    with pytest.raises((OSError, ValueError)):
+        load_hf_config(dirs["chatglm"], trust_remote_code=True)
+
+
+@pytest.mark.parametrize("arch", ["chatglm", "glm", "glm4"])
+def test_greedy_matches_transformers_glm(arch: str, dirs: dict[str, str]) -> None:
+    prompts, expected = _reference(dirs, arch)
+    engine = make_engine(dirs[arch])
+    _assert_matches(run_staggered(engine, prompts, greedy()), expected)
+
+
+def test_chatglm_chunked_prefill(dirs: dict[str, str]) -> None:
+    prompts, expected = _reference(dirs, "chatglm")
+    engine = make_engine(dirs["chatglm"], max_num_batched_tokens=32)
+    _assert_matches(run_staggered(engine, prompts, greedy(), per_step=4), expected)
+
+
+def test_chatglm_prefix_caching(dirs: dict[str, str]) -> None:
+    prompts, expected = _reference(dirs, "chatglm")
+    engine = make_engine(dirs["chatglm"], enable_prefix_caching=True)
+    # each prompt twice: the second copy hits the cached blocks of the first
+    doubled = prompts + prompts
+    _assert_matches(run_staggered(engine, doubled, greedy(), per_step=2), expected + expected)
+    assert engine.get_stats().prefix_cache_hit_rate > 0.3
+
+
+def test_chatglm_preemption(dirs: dict[str, str]) -> None:
+    prompts, expected = _reference(dirs, "chatglm")
+    engine = make_engine(dirs["chatglm"], num_gpu_blocks_override=24, max_model_len=320,
+                         max_num_batched_tokens=64, preemption_mode="recompute",
+                         enable_prefix_caching=False)
+    _assert_matches(run_staggered(engine, prompts, greedy(), per_step=16), expected)
+    stats = engine.get_stats()
+    assert stats.last is not None and stats.last.num_preemptions > 0
