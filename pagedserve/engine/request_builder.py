@@ -31,11 +31,17 @@ def load_tokenizer(config: EngineConfig) -> Any:
         from pagedserve.model_executor.gguf_loader import load_gguf_tokenizer
 
         return load_gguf_tokenizer(model_config.tokenizer, model_config.trust_remote_code)
+    hf_config = model_config.hf_config
+    same_dir = model_config.tokenizer == model_config.model_dir
+    if isinstance(hf_config, dict) and same_dir:  # read by our adapter: no checkpoint code
+        from pagedserve.model_executor.family_tokenizers import load_family_tokenizer
+
+        family = load_family_tokenizer(model_config.tokenizer, hf_config)
+        if family is not None:
+            return family
     # The tokenizer of the checkpoint itself picks its class from the engine's one config object
     # (transformers would otherwise read config.json again); a separate tokenizer reads its own.
-    same_dir = model_config.tokenizer == model_config.model_dir
     # A config our adapter read from config.json (a dict: no transformers class) is not handed on.
-    hf_config = model_config.hf_config
     extra = {"config": hf_config} if same_dir and hf_config is not None and not isinstance(hf_config, dict) else {}
     return AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code,
                                          **extra)

@@ -41,13 +41,12 @@ def tiny_glm_config(arch: str, vocab_size: int) -> Any:
                                 "partial_rotary_factor": 0.5})
 
 
-def build_glm(out_dir: str, arch: str = "glm", seed: int = 0) -> str:
-    """A tiny random transformers GLM checkpoint (random biases and norm weights too)."""
+def build_glm(out_dir: str, arch: str = "glm", seed: int = 0, vocab_size: int = 528) -> str:
+    """A tiny random transformers GLM checkpoint (random biases and norm weights too); vocab_size
+    is padded past the tokenizers' ids, as ChatGLM's padded_vocab_size is."""
     import transformers
 
     build_tokenizer(out_dir)
-    with open(os.path.join(out_dir, "tokenizer.json")) as f:
-        vocab_size = len(json.load(f)["model"]["vocab"])
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(tiny_glm_config(arch, vocab_size))
     with torch.no_grad():
@@ -110,7 +109,29 @@ def glm_to_chatglm(glm_dir: str, out_dir: str) -> str:
     }
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(chatglm_cfg, f, indent=2)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "generation_config.json"):
-        shutil.copy(os.path.join(glm_dir, name), os.path.join(out_dir, name))
+    shutil.copy(os.path.join(glm_dir, "generation_config.json"), os.path.join(out_dir, "generation_config.json"))
+    write_sentencepiece_tokenizer(out_dir)
     return out_dir
+
+
+def write_sentencepiece_tokenizer(out_dir: str, vocab_size: int = 512) -> None:
+    """tokenizer.model (a SentencePiece BPE with byte fallback, trained on the synthetic corpus)
+    and a tokenizer_config.json naming the remote ChatGLMTokenizer class, as published."""
+    import io
+
+    import sentencepiece as spm
+
+    from pagedserve.testing.checkpoints import synthetic_corpus
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(synthetic_corpus(2000)), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, num_threads=1)
+    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "ChatGLMTokenizer", "remove_space": False, "do_lower_case": False,
+                   "padding_side": "left", "clean_up_tokenization_spaces": False,
+                   "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}}, f)

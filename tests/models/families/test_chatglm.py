@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from pagedserve.model_executor.chatglm_tokenizer import ChatGLMTokenizer, load_chatglm_tokenizer
 from pagedserve.model_executor.model_spec import ModelSpec, load_hf_config
 from tests.engine.engine_helpers import (
     MAX_TOKENS,
@@ -87,6 +88,51 @@ def test_trust_remote_code_uses_the_checkpoint_classes(dirs: dict[str, str], tmp
     # our tiny checkpoint ships none, so transformers fails looking for it (nothing of ours ran).
     with pytest.raises((OSError, ValueError)):
         load_hf_config(dirs["chatglm"], trust_remote_code=True)
+
+
+def test_sentencepiece_tokenizer_round_trips(dirs: dict[str, str]) -> None:
+    engine = make_engine(dirs["chatglm"])
+    tok = engine.get_tokenizer()  # ours, from tokenizer.model: no tokenization_chatglm.py ran
+    assert isinstance(tok, ChatGLMTokenizer)
+    n = tok.sp_model.get_piece_size()
+    specials = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>",
+                "<|observation|>"]
+    assert tok.convert_tokens_to_ids(specials) == list(range(n, n + 9))  # published numbering
+    assert tok.eos_token_id == tok.sp_model.eos_id() and tok.pad_token_id == tok.sp_model.unk_id()
+    for text in ["Hello world, 123.", "über 汉字 emoji 🙂\n  two  spaces\tand a tab", " leading space"]:
+        ids = tok.encode(text)
+        assert ids[:2] == [n + 1, n + 3]  # [gMASK] sop
+        assert ids[2:] == tok.sp_model.encode(text)
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        assert tok.decode(ids) == "[gMASK]sop" + text
+    assert tok.decode([n + 20, 5]) == tok.decode([5])  # a padded-vocab id (model only) has no text
+    # role tokens in text are single ids
+    ids = tok.encode("<|user|>\n hi", add_special_tokens=False)
+    assert ids[0] == n + 6 and n + 6 not in ids[1:]
+
+
+def test_chatglm3_chat_format(dirs: dict[str, str]) -> None:
+    tok = load_chatglm_tokenizer(dirs["chatglm"])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == ("[gMASK]sop<|system|>\n Be brief.<|user|>\n Hi there<|assistant|>\n Hello."
+                    "<|user|>\n Bye<|assistant|>")
+    n = tok.sp_model.get_piece_size()
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids[:3] == [n + 1, n + 3, n + 5] and ids[-1] == n + 7
+    assert [i for i in ids if i >= n] == [n + 1, n + 3, n + 5, n + 6, n + 7, n + 6, n + 7]
+    # a template the checkpoint carries wins over ours
+    with open(os.path.join(dirs["chatglm"], "tokenizer_config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(dirs["chatglm"], "tokenizer_config.json"), "w") as f:
+        json.dump({**cfg, "chat_template": "{{ messages[0]['content'] }}!"}, f)
+    try:
+        assert load_chatglm_tokenizer(dirs["chatglm"]).apply_chat_template(
+            messages, tokenize=False) == "Be brief.!"
+    finally:
+        with open(os.path.join(dirs["chatglm"], "tokenizer_config.json"), "w") as f:
+            json.dump(cfg, f)
 
 
 @pytest.mark.parametrize("arch", ["chatglm", "glm", "glm4"])
