@@ -13,7 +13,9 @@ the pieces' </s>, pad and unk <unk>. The special tokens are matched whole in tex
 template's "[gMASK]sop<|user|>" becomes three ids.
 
 ChatGLM3's chat format (its build_chat_input: role token, "\\n", the message; [gMASK] sop first;
-<|assistant|> to prompt a reply) as a template, used when tokenizer_config.json carries none.
+<|assistant|> to prompt a reply) and ChatGLM2's ("[Round N]\\n\\n问：...\\n\\n答：") as templates,
+used when tokenizer_config.json carries none. GLM-4's tokenizer.model is a tiktoken file, not
+read here (refused with a clear error).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-__all__ = ["CHATGLM3_CHAT_TEMPLATE", "ChatGLMTokenizer", "load_chatglm_tokenizer"]
+__all__ = ["CHATGLM2_CHAT_TEMPLATE", "CHATGLM3_CHAT_TEMPLATE", "ChatGLMTokenizer", "load_chatglm_tokenizer"]
 
 GLM_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
@@ -35,6 +37,17 @@ CHATGLM3_CHAT_TEMPLATE = (
     "<|{{ message['role'] }}|>\n {{ message['content'] }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# ChatGLM2's prompt (its modeling code's build_prompt; the tokenizer then prefixes [gMASK] sop):
+# "[Round 1]\n\n问：{query}\n\n答：{response}\n\n[Round 2]\n\n问：..." ending in "答：".
+CHATGLM2_CHAT_TEMPLATE = (
+    "[gMASK]sop{% set ns = namespace(round=0) %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{% set ns.round = ns.round + 1 %}"
+    "[Round {{ ns.round }}]\n\n问：{{ message['content'] }}\n\n答："
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}\n\n{% endif %}"
+    "{% endfor %}"
 )
 
 
@@ -102,10 +115,13 @@ def load_chatglm_tokenizer(model_dir: str) -> ChatGLMTokenizer:
     if os.path.isfile(cfg_path):
         with open(cfg_path) as f:
             cfg = json.load(f)
+    if cfg.get("tokenizer_class") == "ChatGLM4Tokenizer":  # tokenizer.model is a tiktoken file there
+        raise ValueError(f"{model_dir!r}: GLM-4's tiktoken tokenizer (ChatGLM4Tokenizer) is not built "
+                         f"by pagedserve yet; pass --trust-remote-code to use the checkpoint's own")
     added = {str(t.get("content")) for t in (cfg.get("added_tokens_decoder") or {}).values()}
     role_tokens = not added or "<|user|>" in added  # a ChatGLM2 list has no role tokens
     kwargs: dict[str, Any] = {"chat_template": cfg.get("chat_template") or
-                              (CHATGLM3_CHAT_TEMPLATE if role_tokens else None)}
+                              (CHATGLM3_CHAT_TEMPLATE if role_tokens else CHATGLM2_CHAT_TEMPLATE)}
     if isinstance(cfg.get("model_max_length"), int):
         kwargs["model_max_length"] = cfg["model_max_length"]
     return ChatGLMTokenizer(path, role_tokens=role_tokens, **kwargs)

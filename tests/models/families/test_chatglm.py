@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,27 @@ def test_chatglm3_chat_format(dirs: dict[str, str]) -> None:
     finally:
         with open(os.path.join(dirs["chatglm"], "tokenizer_config.json"), "w") as f:
             json.dump(cfg, f)
+
+
+def test_chatglm2_tokenizer_and_chat_format(dirs: dict[str, str], tmp_path: Path) -> None:
+    # a ChatGLM2 tokenizer_config.json lists the five GLM tokens and no role tokens
+    shutil.copy(os.path.join(dirs["chatglm"], "tokenizer.model"), tmp_path / "tokenizer.model")
+    probe = load_chatglm_tokenizer(dirs["chatglm"])
+    n = probe.sp_model.get_piece_size()
+    added = {str(n + i): {"content": t, "special": True}
+             for i, t in enumerate(["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"])}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added}))
+    tok = load_chatglm_tokenizer(str(tmp_path))
+    assert len(tok) == n + 5 and tok.convert_tokens_to_ids("sop") == n + 3
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "Hi."},
+                {"role": "user", "content": "Again"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "[gMASK]sop[Round 1]\n\n问：你好\n\n答：Hi.\n\n[Round 2]\n\n问：Again\n\n答："
+    assert tok.encode(text, add_special_tokens=False)[:2] == [n + 1, n + 3]
+    # GLM-4's tokenizer.model is tiktoken's: refused, pointing at --trust-remote-code
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ChatGLM4Tokenizer"}))
+    with pytest.raises(ValueError, match="trust-remote-code"):
+        load_chatglm_tokenizer(str(tmp_path))
 
 
 @pytest.mark.parametrize("arch", ["chatglm", "glm", "glm4"])
