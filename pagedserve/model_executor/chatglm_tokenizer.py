@@ -3,7 +3,8 @@ SentencePiece model) with the sentencepiece library: the checkpoint's tokenizati
 never imported (that needs --trust-remote-code, which hands the job to transformers).
 
 Ids: the SentencePiece pieces 0..n-1, then GLM's special tokens at n, n+1, ... in this order
-(as the published tokenizer numbers them; ChatGLM3-6B: n = 64790, "<|user|>" = 64795):
+(as the published tokenizer numbers them; ChatGLM2/3-6B: n = 64789, [gMASK] = 64790, sop = 64792,
+"<|user|>" = 64795):
 
     [MASK] [gMASK] [sMASK] sop eop  <|system|> <|user|> <|assistant|> <|observation|>
 

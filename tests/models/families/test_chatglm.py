@@ -84,11 +84,28 @@ def test_chatglm_refuses_unsupported_variants(dirs: dict[str, str]) -> None:
         ModelSpec.from_hf({**cfg, "position_encoding_2d": True})
 
 
-def test_trust_remote_code_uses_the_checkpoint_classes(dirs: dict[str, str], tmp_path: Path) -> None:
-    # With --trust-remote-code the checkpoint's own configuration_chatglm.py would be imported;
-    # our tiny checkpoint ships none, so transformers fails looking for it (nothing of ours ran).
-    with pytest.raises((OSError, ValueError)):
-        load_hf_config(dirs["chatglm"], trust_remote_code=True)
+_REMOTE_CONFIG = """
+from transformers import PretrainedConfig
+
+open(MARKER, "w").close()  # proof that this file was imported
+
+
+class ChatGLMConfig(PretrainedConfig):
+    model_type = "chatglm"
+"""
+
+
+def test_checkpoint_code_runs_only_with_trust_remote_code(dirs: dict[str, str], tmp_path: Path) -> None:
+    ckpt = tmp_path / "chatglm"
+    shutil.copytree(dirs["chatglm"], ckpt)
+    marker = tmp_path / "imported.marker"
+    (ckpt / "configuration_chatglm.py").write_text(_REMOTE_CONFIG.replace("MARKER", repr(str(marker))))
+    cfg = load_hf_config(str(ckpt))  # ours: config.json as a dict, the checkpoint's file not run
+    assert isinstance(cfg, dict) and not marker.exists()
+    remote = load_hf_config(str(ckpt), trust_remote_code=True)  # the checkpoint's own class
+    assert marker.exists()
+    assert type(remote).__name__ == "ChatGLMConfig" and not isinstance(remote, dict)
+    assert ModelSpec.from_hf(remote) == ModelSpec.from_hf(cfg)  # the adapter reads either
 
 
 def test_sentencepiece_tokenizer_round_trips(dirs: dict[str, str]) -> None:
