@@ -204,3 +204,24 @@ def test_chatglm_preemption(dirs: dict[str, str]) -> None:
     _assert_matches(run_staggered(engine, prompts, greedy(), per_step=16), expected)
     stats = engine.get_stats()
     assert stats.last is not None and stats.last.num_preemptions > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["chatglm", "glm", "glm4"])
+def test_gpu_greedy_matches_transformers_glm_with_cuda_graphs(arch: str, dirs: dict[str, str]) -> None:
+    """Through the Triton kernels (interleaved partial rotary, fused rotary/KV write) and CUDA
+    graph decode, float32."""
+    import gc
+
+    from pagedserve import LLM
+
+    prompts, expected = _reference(dirs, arch)
+    llm = LLM(dirs[arch], dtype="float32", max_model_len=512, max_num_seqs=16, enforce_eager=False,
+              gpu_memory_utilization=0.3)
+    assert llm.llm_engine.engine_core.runner.decode_graphs is not None
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == expected
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
