@@ -153,6 +153,19 @@ def test_chatglm3_chat_format(dirs: dict[str, str]) -> None:
             json.dump(cfg, f)
 
 
+def test_chatglm3_chat_through_the_engine(dirs: dict[str, str]) -> None:
+    """LLM.chat renders ChatGLM3's format with our tokenizer; the reply decodes to text."""
+    from pagedserve import LLM
+
+    llm = LLM(dirs["chatglm"], dtype="float32", max_model_len=256, kv_cache_memory_bytes=8 << 20)
+    tok = llm.get_tokenizer()
+    n = tok.sp_model.get_piece_size()
+    [out] = llm.chat([{"role": "user", "content": "Hello there"}], greedy(max_tokens=4), use_tqdm=False)
+    assert list(out.prompt_token_ids) == [n + 1, n + 3, n + 6] + tok.sp_model.encode("\n Hello there") + [n + 7]
+    assert len(out.outputs[0].token_ids) == 4
+    assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+
+
 def test_chatglm2_tokenizer_and_chat_format(dirs: dict[str, str], tmp_path: Path) -> None:
     # a ChatGLM2 tokenizer_config.json lists the five GLM tokens and no role tokens
     shutil.copy(os.path.join(dirs["chatglm"], "tokenizer.model"), tmp_path / "tokenizer.model")
