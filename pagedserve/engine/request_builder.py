@@ -36,10 +36,17 @@ def load_tokenizer(config: EngineConfig) -> Any:
     if not model_config.trust_remote_code and is_qwen_tiktoken_dir(model_config.tokenizer):
         # Qwen v1 ships qwen.tiktoken + remote tokenizer code: our own loader, no checkpoint code
         return QwenTiktokenTokenizer.from_pretrained(model_config.tokenizer)
+    hf_config = model_config.hf_config
+    same_dir = model_config.tokenizer == model_config.model_dir
+    if not model_config.trust_remote_code and same_dir:  # a family whose tokenizer is remote code
+        from pagedserve.model_executor.family_tokenizers import load_family_tokenizer
+
+        family = load_family_tokenizer(model_config.tokenizer, model_config.model_spec.model_type)
+        if family is not None:
+            return family
     # The tokenizer of the checkpoint itself picks its class from the engine's one config object
     # (transformers would otherwise read config.json again); a separate tokenizer reads its own.
-    same_dir = model_config.tokenizer == model_config.model_dir
-    extra = {"config": model_config.hf_config} if same_dir and model_config.hf_config is not None else {}
+    extra = {"config": hf_config} if same_dir and hf_config is not None else {}
     return AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code,
                                          **extra)
 

@@ -444,10 +444,16 @@ _CHATGLM_NAMES = CheckpointNames(
 
 @adapter("chatglm")
 def _chatglm(view: ConfigView) -> ModelSpec:
-    """ChatGLM2/ChatGLM3 (and GLM-4 chat checkpoints of the same layout): multi-query groups,
-    rotary over half of each head, interleaved pairs, base 10000 * rope_ratio."""
+    """ChatGLM2/ChatGLM3 (and GLM-4 chat checkpoints of the same layout), as their published
+    modeling_chatglm.py computes: RMSNorm, q|k|v fused with bias (`add_qkv_bias`), multi-query
+    groups, rotary over the first half of each head on interleaved pairs with base
+    10000 * rope_ratio, swiglu over dense_h_to_4h's [gate | up] halves."""
     if view.get("position_encoding_2d") is not None:
         raise ValueError("ChatGLM-6B v1 (2D position encoding) is not supported; ChatGLM2/3 are")
+    if view.get("apply_residual_connection_post_layernorm", False):
+        raise ValueError("ChatGLM with apply_residual_connection_post_layernorm is not supported")
+    if not view.get("post_layer_norm", True):
+        raise ValueError("ChatGLM without a final layernorm (post_layer_norm=false) is not supported")
     num_heads = view.require("num_attention_heads")
     hidden = view.require("hidden_size")
     num_layers = view.require("num_layers")
@@ -456,7 +462,7 @@ def _chatglm(view: ConfigView) -> ModelSpec:
     seq_length = view.require("seq_length")
     return ModelSpec(
         model_type="chatglm",
-        architectures=_architectures(view),
+        architectures=_architectures(view),  # "ChatGLMModel" as published (registry.py maps it)
         num_layers=num_layers,
         hidden_size=hidden,
         num_heads=num_heads,
@@ -478,6 +484,21 @@ def _chatglm(view: ConfigView) -> ModelSpec:
         dtype=checkpoint_dtype(view),
         checkpoint_names=_CHATGLM_NAMES,
     )
+
+
+_GLM_NAMES = CheckpointNames(stacked=CheckpointNames().stacked[:3])  # gate_up_proj is fused already
+
+
+@adapter("glm", "glm4")
+def _glm(view: ConfigView) -> ModelSpec:
+    """transformers-native GLM (GlmForCausalLM) and GLM-4-0414 (Glm4ForCausalLM): ChatGLM's math in
+    the Llama layout (q/k/v split, optional q/k/v bias, fused gate_up_proj, no o/MLP bias);
+    rotary on interleaved pairs over partial_rotary_factor (default 0.5) of each head."""
+    params: Mapping[str, Any] = view.get("rope_parameters") or {}
+    partial = params.get("partial_rotary_factor") or view.get("partial_rotary_factor") or 0.5
+    return _llama_like(view, qkv_bias=bool(view.get("attention_bias", True)),
+                       rope=_rope(view, partial=float(partial), is_neox=False),
+                       checkpoint_names=_GLM_NAMES)
 
 
 _QWEN_V1_NAMES = CheckpointNames(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from pagedserve.model_executor.models.chatglm import ChatGLMForCausalLM
+from pagedserve.model_executor.models.glm import Glm4ForCausalLM, GlmForCausalLM
 from pagedserve.model_executor.models.llama import LlamaForCausalLM
 from pagedserve.model_executor.models.mistral import MistralForCausalLM
-from pagedserve.model_executor.models.qwen import QWenLMHeadModel
 from pagedserve.model_executor.models.mixtral import MixtralForCausalLM
+from pagedserve.model_executor.models.qwen import QWenLMHeadModel
 from pagedserve.model_executor.models.qwen2 import Qwen2ForCausalLM
 from pagedserve.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
 from pagedserve.model_executor.models.qwen3 import Qwen3ForCausalLM
@@ -24,6 +26,11 @@ _MODELS: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,  # mixture of experts (models/moe_base.py)
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    # the published ChatGLM2/3/GLM-4 configs name their remote classes; ours runs that layout
+    "ChatGLMModel": ChatGLMForCausalLM,
+    "ChatGLMForConditionalGeneration": ChatGLMForCausalLM,
+    "GlmForCausalLM": GlmForCausalLM,
+    "Glm4ForCausalLM": Glm4ForCausalLM,
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
