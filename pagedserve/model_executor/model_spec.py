@@ -12,7 +12,8 @@ Families name the same quantity differently (ChatGLM: `num_layers`, `multi_query
 has a small adapter: a function from a `ConfigView` (uniform reads over a config object or a plain
 config.json dict) to a `ModelSpec`. Adding a family = one adapter function + `@adapter("type")`.
 The adapters for chatglm, qwen (v1) and baichuan are written from the published config.json key
-names; those families have no model class yet (the registry refuses their architectures).
+names. Without trust_remote_code, a model_type transformers does not know (its class is remote
+code) but an adapter does is read from config.json as a plain PretrainedConfig.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class ModelSpec:
     sliding_windows: tuple[int | None, ...] = ()  # one entry per layer
     tie_word_embeddings: bool = False
     alibi: bool = False
+    norm_head: bool = False  # LM head rows L2-normalized before use (Baichuan2's NormHead)
     num_experts: int = 0  # routed experts per MoE layer; 0: dense MLP
     num_experts_per_tok: int = 0
     num_shared_experts: int = 0
@@ -211,7 +213,32 @@ def load_hf_config(model_dir: str, trust_remote_code: bool = False) -> Any:
     """The checkpoint's transformers config: read once per engine (config.py) and handed on."""
     from transformers import AutoConfig  # lazy: keeps this module torch-free at import
 
+    if not trust_remote_code:
+        plain = _remote_only_config(model_dir)
+        if plain is not None:
+            return plain
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+
+def _remote_only_config(model_dir: str) -> Any:
+    """A checkpoint whose model_type transformers does not know (its config class is remote
+    code, `auto_map`) but one of our adapters does: config.json's keys as a plain
+    `PretrainedConfig`, so nothing from the checkpoint runs. None for every other checkpoint."""
+    import json
+    import os
+
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    model_type = data.get("model_type")
+    if model_type not in _ADAPTERS or model_type in CONFIG_MAPPING:
+        return None
+    return PretrainedConfig(**data)
 
 
 def checkpoint_dtype(hf_config: Any) -> str | None:
@@ -489,15 +516,22 @@ _BAICHUAN_NAMES = CheckpointNames(
 )
 
 
+_BAICHUAN2_VOCAB = 125696
+
+
 @adapter("baichuan")
 def _baichuan(view: ConfigView) -> ModelSpec:
-    """Baichuan / Baichuan2: the 7B models use rotary embedding, the 13B models ALiBi (told
-    apart by hidden size, as vLLM does); packed W_pack q|k|v, otherwise the Llama layout."""
-    alibi = view.require("hidden_size") != 4096
+    """Baichuan / Baichuan2: the 7B models use rotary embedding, the 13B models ALiBi. The
+    published 7B configs (hidden 4096) give `max_position_embeddings`, the 13B ones only
+    `model_max_length`: rotary when either says 7B. Baichuan2 (its 125696-token vocabulary, or
+    the `z_loss_weight` key only its configs carry) has the NormHead LM head. Packed W_pack
+    q|k|v, otherwise the Llama layout."""
+    alibi = view.require("hidden_size") != 4096 and view.get("max_position_embeddings") is None
     context = view.first("max_position_embeddings", "model_max_length")
+    norm_head = view.get("vocab_size") == _BAICHUAN2_VOCAB or view.get("z_loss_weight") is not None
     return _llama_like(view.with_defaults(max_position_embeddings=context), alibi=alibi,
                        rope=None if alibi else _rope(view), max_context_len=context,
-                       checkpoint_names=_BAICHUAN_NAMES)
+                       norm_head=norm_head, checkpoint_names=_BAICHUAN_NAMES)
 
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_ADAPTERS)

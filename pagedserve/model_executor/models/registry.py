@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from pagedserve.model_executor.models.baichuan import BaichuanForCausalLM
 from pagedserve.model_executor.models.llama import LlamaForCausalLM
 from pagedserve.model_executor.models.mistral import MistralForCausalLM
 from pagedserve.model_executor.models.qwen2 import Qwen2ForCausalLM
@@ -16,6 +17,8 @@ _MODELS: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "BaichuanForCausalLM": BaichuanForCausalLM,  # Baichuan-13B, Baichuan2-7B/13B
+    "BaiChuanForCausalLM": BaichuanForCausalLM,  # Baichuan-7B's spelling
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

@@ -1,0 +1,186 @@
+"""Baichuan / Baichuan2 (`BaichuanForCausalLM`) from tiny checkpoints in the published layout
+(config.json keys, fused `W_pack`, no `auto_map` code run), greedy-equal to their oracles through
+the engine under chunked prefill (32-token budget), preemption (a KV cache far too small for the
+batch) and prefix caching:
+
+    7B layout (rotary) + Baichuan2 NormHead -> transformers LlamaForCausalLM with W_pack split
+                                               and the head normalized into lm_head
+    13B layout (ALiBi)                      -> a plain-torch ALiBi decoder written here, its
+                                               slopes checked against BLOOM's build_alibi_tensor
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.kernels.reference import alibi_slopes
+from pagedserve.model_executor.model_spec import ModelSpec, load_hf_config
+from pagedserve.testing.checkpoints import build_checkpoint
+
+HEADS, HIDDEN, LAYERS = 4, 64, 2
+MAX_TOKENS = 6
+LENGTHS = [3, 41, 7, 18, 60, 1, 25, 12, 33, 5, 50, 9, 28, 2, 44, 15]  # 16 prompts, mixed
+
+
+def _baichuan_config(vocab: int, alibi: bool) -> dict[str, Any]:
+    """A config.json as Baichuan publishes it (remote-code classes in auto_map)."""
+    cfg: dict[str, Any] = {
+        "architectures": ["BaichuanForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                     "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
+        "model_type": "baichuan", "hidden_act": "silu", "hidden_size": HIDDEN,
+        "intermediate_size": 128, "num_attention_heads": HEADS, "num_hidden_layers": LAYERS,
+        "rms_norm_eps": 1e-5, "vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 1,
+        "pad_token_id": 3, "tie_word_embeddings": False, "torch_dtype": "float32",
+        "model_max_length": 512, "tokenizer_class": "BaichuanTokenizer",
+    }
+    if not alibi:  # the 7B configs: rotary, max_position_embeddings; Baichuan2's z_loss_weight
+        cfg.update(max_position_embeddings=512, z_loss_weight=0)
+    return cfg
+
+
+def _to_baichuan(llama_dir: str, out_dir: str, alibi: bool) -> dict[str, torch.Tensor]:
+    """Rewrite a tiny Llama checkpoint (MHA) in the Baichuan layout; returns the Llama tensors,
+    with lm_head replaced by what the oracle should use (the normalized NormHead for 7B)."""
+    tensors = load_file(os.path.join(llama_dir, "model.safetensors"))
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        if ".self_attn.q_proj." in name:
+            parts = [tensors[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            out[name.replace("q_proj", "W_pack")] = torch.cat(parts, 0).contiguous()
+        else:
+            out[name] = t
+    if not alibi:  # NormHead: the checkpoint holds an unnormalized head
+        raw = tensors["lm_head.weight"] * torch.linspace(0.5, 3.0, tensors["lm_head.weight"].shape[0])[:, None]
+        out["lm_head.weight"] = raw.contiguous()
+        tensors = {**tensors, "lm_head.weight": F.normalize(raw, dim=-1)}
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(out, os.path.join(out_dir, "model.safetensors"))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(llama_dir, f), out_dir)
+    vocab = tensors["model.embed_tokens.weight"].shape[0]
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(_baichuan_config(vocab, alibi), f)
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return build_checkpoint(str(tmp_path_factory.mktemp("llama")), "llama", num_key_value_heads=HEADS,
+                            head_dim=HIDDEN // HEADS, max_position_embeddings=512)
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def _engine_greedy(model_dir: str, prompts: list[list[int]]) -> tuple[list[list[int]], Any]:
+    llm = LLM(model=model_dir, dtype="float32", max_model_len=96, max_num_batched_tokens=32,
+              num_gpu_blocks_override=6, block_size=16, enable_prefix_caching=True, max_num_seqs=16)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    stats = llm.llm_engine.get_stats().last
+    assert stats is not None and stats.num_preemptions > 0  # 6 blocks cannot hold the batch
+    # Prefix caching: the longest prompt twice more; the second run reads the first one's blocks.
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    again = [llm.generate([{"prompt_token_ids": prompts[longest]}], params, use_tqdm=False)[0]
+             for _ in range(2)]
+    stats = llm.llm_engine.get_stats().last
+    assert stats is not None and stats.prefix_cache_hits > 0
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    for o in again:
+        assert list(o.outputs[0].token_ids) == got[longest]
+    return got, llm
+
+
+def test_config_read_without_remote_code(llama_dir: str, tmp_path: Any) -> None:
+    _to_baichuan(llama_dir, str(tmp_path / "b7"), alibi=False)
+    _to_baichuan(llama_dir, str(tmp_path / "b13"), alibi=True)
+    rope = ModelSpec.from_hf(load_hf_config(str(tmp_path / "b7")))
+    assert rope.rope is not None and not rope.alibi and rope.norm_head
+    assert ModelSpec.from_hf(load_hf_config(str(tmp_path / "b7"))).max_context_len == 512
+    alibi = ModelSpec.from_hf(load_hf_config(str(tmp_path / "b13")))
+    assert alibi.alibi and alibi.rope is None and not alibi.norm_head
+
+
+def test_rotary_normhead_greedy_equals_llama(llama_dir: str, tmp_path: Any) -> None:
+    from transformers import LlamaForCausalLM
+
+    tensors = _to_baichuan(llama_dir, str(tmp_path / "b7"), alibi=False)
+    hf = LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    hf.lm_head.weight.data.copy_(tensors["lm_head.weight"])  # the normalized NormHead
+    prompts = _prompts(hf.config.vocab_size)
+    expected = []
+    with torch.no_grad():
+        for p in prompts:
+            out = hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                              min_new_tokens=MAX_TOKENS, pad_token_id=3)
+            expected.append(out[0, len(p):].tolist())
+    got, _ = _engine_greedy(str(tmp_path / "b7"), prompts)
+    assert got == expected
+
+
+# ---------------------------------------------------------------- ALiBi (13B layout)
+
+
+def test_alibi_slopes_match_bloom() -> None:
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    for n in (1, 4, 6, 8, 12, 40):  # 40: Baichuan-13B's head count (not a power of two)
+        mask = torch.ones(1, 3)
+        bloom = build_alibi_tensor(mask, n, torch.float32)  # [n, 1, 3] = slope_h * key position
+        torch.testing.assert_close(alibi_slopes(n), bloom[:, 0, 1], rtol=1e-6, atol=0)
+    assert alibi_slopes(8)[0].item() == 2.0 ** -1  # Press et al.: 2^(-8/n), ratio 2^(-8/n)
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+@torch.no_grad()
+def _alibi_reference_logits(t: dict[str, torch.Tensor], ids: list[int]) -> torch.Tensor:
+    """Baichuan-13B's forward in plain torch, whole sequence: the bias is slope_h * key position
+    (as its `_gen_alibi_mask`; equal under softmax to slope_h * (j - i)) plus the causal mask."""
+    n, d = len(ids), HIDDEN // HEADS
+    slopes = alibi_slopes(HEADS)
+    pos = torch.arange(n)
+    bias = slopes[:, None, None] * pos[None, None, :].float()
+    bias = bias.masked_fill(pos[None, :] > pos[:, None], float("-inf"))  # [H, n, n]
+    x = t["model.embed_tokens.weight"][ids]
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        h = _rms(x, t[p + "input_layernorm.weight"])
+        q, k, v = (F.linear(h, t[p + f"self_attn.{m}_proj.weight"]).view(n, HEADS, d).transpose(0, 1)
+                   for m in ("q", "k", "v"))
+        probs = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d) + bias, dim=-1)
+        x = x + F.linear((probs @ v).transpose(0, 1).reshape(n, HIDDEN), t[p + "self_attn.o_proj.weight"])
+        h = _rms(x, t[p + "post_attention_layernorm.weight"])
+        act = F.silu(F.linear(h, t[p + "mlp.gate_proj.weight"])) * F.linear(h, t[p + "mlp.up_proj.weight"])
+        x = x + F.linear(act, t[p + "mlp.down_proj.weight"])
+    return F.linear(_rms(x, t["model.norm.weight"]), t["lm_head.weight"])
+
+
+def test_alibi_greedy_equals_reference(llama_dir: str, tmp_path: Any) -> None:
+    tensors = _to_baichuan(llama_dir, str(tmp_path / "b13"), alibi=True)
+    prompts = _prompts(tensors["model.embed_tokens.weight"].shape[0])
+    expected = []
+    for p in prompts:
+        ids = list(p)
+        for _ in range(MAX_TOKENS):
+            ids.append(int(_alibi_reference_logits(tensors, ids)[-1].argmax()))
+        expected.append(ids[len(p):])
+    got, _ = _engine_greedy(str(tmp_path / "b13"), prompts)
+    assert got == expected
