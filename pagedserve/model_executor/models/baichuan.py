@@ -11,7 +11,10 @@ and whether it has a NormHead, is read from config.json by model_spec.py's adapt
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +34,7 @@ from pagedserve.model_executor.layers.rotary import RotaryEmbedding
 from pagedserve.model_executor.model_spec import ModelSpec
 from pagedserve.model_executor.models.base import DecoderForCausalLM
 
-__all__ = ["AlibiAttention", "BaichuanForCausalLM"]
+__all__ = ["AlibiAttention", "BaichuanForCausalLM", "baichuan_tokenizer"]
 
 
 class AlibiAttention(nn.Module):
@@ -94,3 +97,42 @@ def _normalized_head(weights: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[st
         if name == "lm_head.weight":
             tensor = F.normalize(tensor.float(), dim=-1).to(tensor.dtype)
         yield name, tensor
+
+
+# Baichuan2-Chat's format (its generation_utils.build_chat_input): the system text as is, then
+# each user message after the user token, each assistant message after the assistant token (no
+# end-of-turn token), and the assistant token to prompt a reply. The role tokens are the pieces
+# of generation_config.json's user_token_id / assistant_token_id (195 / 196: <reserved_106>,
+# <reserved_107>).
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}{{ '" "USER" "' }}{{ m['content'] }}"
+    "{% else %}{{ '" "ASSISTANT" "' }}{{ m['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}"
+    "{{ '" "ASSISTANT" "' }}{% endif %}"
+)
+
+
+def baichuan_tokenizer(tokenizer_dir: str) -> Any:
+    """Baichuan's tokenizer from tokenizer.model (sentencepiece, no remote code); with the chat
+    format above when generation_config.json names the role tokens and tokenizer_config.json
+    has no chat_template (Baichuan-7B/13B-Base have neither: plain text only)."""
+    from pagedserve.tokenizers.sentencepiece_tok import load_sentencepiece_tokenizer
+
+    gen = os.path.join(tokenizer_dir, "generation_config.json")
+    roles: dict[str, Any] = {}
+    if os.path.isfile(gen):
+        with open(gen, encoding="utf-8") as f:
+            roles = json.load(f)
+    user, assistant = roles.get("user_token_id"), roles.get("assistant_token_id")
+    if not isinstance(user, int) or not isinstance(assistant, int):
+        return load_sentencepiece_tokenizer(tokenizer_dir)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(tokenizer_dir, "tokenizer.model"))
+    user_piece, assistant_piece = sp.id_to_piece(user), sp.id_to_piece(assistant)
+    template = _CHAT_TEMPLATE.replace("USER", user_piece).replace("ASSISTANT", assistant_piece)
+    return load_sentencepiece_tokenizer(tokenizer_dir, chat_template=template,
+                                        extra_special_tokens=[user_piece, assistant_piece])

@@ -11,10 +11,10 @@ batch) and prefix caching:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import shutil
 from typing import Any
 
 import pytest
@@ -25,11 +25,43 @@ from safetensors.torch import load_file, save_file
 from pagedserve import LLM, SamplingParams
 from pagedserve.kernels.reference import alibi_slopes
 from pagedserve.model_executor.model_spec import ModelSpec, load_hf_config
-from pagedserve.testing.checkpoints import build_checkpoint
+from pagedserve.testing.checkpoints import build_checkpoint, synthetic_corpus
 
 HEADS, HIDDEN, LAYERS = 4, 64, 2
 MAX_TOKENS = 6
 LENGTHS = [3, 41, 7, 18, 60, 1, 25, 12, 33, 5, 50, 9, 28, 2, 44, 15]  # 16 prompts, mixed
+VOCAB = 512
+USER_ID, ASSISTANT_ID = 3, 4  # <reserved_106>, <reserved_107> (195 / 196 in Baichuan2's vocab)
+
+
+def _write_tokenizer(out_dir: str) -> None:
+    """tokenizer.model (a BPE SentencePiece model with byte fallback and Baichuan2's identity
+    normalizer, no dummy prefix) with the remote-code tokenizer_config.json and the chat role
+    ids of generation_config.json, as Baichuan2-Chat publishes them."""
+    import sentencepiece as spm
+
+    corpus = synthetic_corpus(400, seed=3) + ["你好，世界！今天天气很好。", "百川智能的模型。我们一起学习。"] * 20
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=buf, vocab_size=VOCAB, model_type="bpe",
+        byte_fallback=True, control_symbols=["<reserved_106>", "<reserved_107>"],
+        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        split_digits=True, minloglevel=2)
+    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+        f.write(buf.getvalue())
+    tok_config = {
+        "auto_map": {"AutoTokenizer": ["tokenization_baichuan.BaichuanTokenizer", None]},
+        "tokenizer_class": "BaichuanTokenizer", "add_bos_token": False, "add_eos_token": False,
+        "bos_token": {"content": "<s>", "lstrip": False, "normalized": True, "rstrip": False,
+                      "single_word": True},
+        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>", "model_max_length": 512,
+        "clean_up_tokenization_spaces": False,
+    }
+    generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                  "user_token_id": USER_ID, "assistant_token_id": ASSISTANT_ID}
+    for name, obj in (("tokenizer_config.json", tok_config), ("generation_config.json", generation)):
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(obj, f)
 
 
 def _baichuan_config(vocab: int, alibi: bool) -> dict[str, Any]:
@@ -40,8 +72,8 @@ def _baichuan_config(vocab: int, alibi: bool) -> dict[str, Any]:
                      "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
         "model_type": "baichuan", "hidden_act": "silu", "hidden_size": HIDDEN,
         "intermediate_size": 128, "num_attention_heads": HEADS, "num_hidden_layers": LAYERS,
-        "rms_norm_eps": 1e-5, "vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 1,
-        "pad_token_id": 3, "tie_word_embeddings": False, "torch_dtype": "float32",
+        "rms_norm_eps": 1e-5, "vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2,
+        "pad_token_id": 0, "tie_word_embeddings": False, "torch_dtype": "float32",
         "model_max_length": 512, "tokenizer_class": "BaichuanTokenizer",
     }
     if not alibi:  # the 7B configs: rotary, max_position_embeddings; Baichuan2's z_loss_weight
@@ -68,8 +100,7 @@ def _to_baichuan(llama_dir: str, out_dir: str, alibi: bool) -> dict[str, torch.T
         tensors = {**tensors, "lm_head.weight": F.normalize(raw, dim=-1)}
     os.makedirs(out_dir, exist_ok=True)
     save_file(out, os.path.join(out_dir, "model.safetensors"))
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(os.path.join(llama_dir, f), out_dir)
+    _write_tokenizer(out_dir)
     vocab = tensors["model.embed_tokens.weight"].shape[0]
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(_baichuan_config(vocab, alibi), f)
@@ -79,7 +110,7 @@ def _to_baichuan(llama_dir: str, out_dir: str, alibi: bool) -> dict[str, torch.T
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return build_checkpoint(str(tmp_path_factory.mktemp("llama")), "llama", num_key_value_heads=HEADS,
-                            head_dim=HIDDEN // HEADS, max_position_embeddings=512)
+                            head_dim=HIDDEN // HEADS, max_position_embeddings=512, vocab_size=VOCAB)
 
 
 def _prompts(vocab: int) -> list[list[int]]:
@@ -101,6 +132,9 @@ def _engine_greedy(model_dir: str, prompts: list[list[int]]) -> tuple[list[list[
     stats = llm.llm_engine.get_stats().last
     assert stats is not None and stats.prefix_cache_hits > 0
     got = [list(o.outputs[0].token_ids) for o in outs]
+    tokenizer = llm.llm_engine.tokenizer
+    assert type(tokenizer).__name__ == "SentencePieceTokenizer"  # ours: no checkpoint code ran
+    assert outs[0].outputs[0].text == tokenizer.decode(got[0])
     for o in again:
         assert list(o.outputs[0].token_ids) == got[longest]
     return got, llm
@@ -116,21 +150,26 @@ def test_config_read_without_remote_code(llama_dir: str, tmp_path: Any) -> None:
     assert alibi.alibi and alibi.rope is None and not alibi.norm_head
 
 
-def test_rotary_normhead_greedy_equals_llama(llama_dir: str, tmp_path: Any) -> None:
+def _llama_oracle(llama_dir: str, tensors: dict[str, torch.Tensor],
+                  prompts: list[list[int]]) -> list[list[int]]:
     from transformers import LlamaForCausalLM
 
-    tensors = _to_baichuan(llama_dir, str(tmp_path / "b7"), alibi=False)
     hf = LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
     hf.lm_head.weight.data.copy_(tensors["lm_head.weight"])  # the normalized NormHead
-    prompts = _prompts(hf.config.vocab_size)
     expected = []
     with torch.no_grad():
         for p in prompts:
             out = hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                              min_new_tokens=MAX_TOKENS, pad_token_id=3)
+                              min_new_tokens=MAX_TOKENS, pad_token_id=0)
             expected.append(out[0, len(p):].tolist())
+    return expected
+
+
+def test_rotary_normhead_greedy_equals_llama(llama_dir: str, tmp_path: Any) -> None:
+    tensors = _to_baichuan(llama_dir, str(tmp_path / "b7"), alibi=False)
+    prompts = _prompts(VOCAB)
     got, _ = _engine_greedy(str(tmp_path / "b7"), prompts)
-    assert got == expected
+    assert got == _llama_oracle(llama_dir, tensors, prompts)
 
 
 # ---------------------------------------------------------------- ALiBi (13B layout)
@@ -173,14 +212,79 @@ def _alibi_reference_logits(t: dict[str, torch.Tensor], ids: list[int]) -> torch
     return F.linear(_rms(x, t["model.norm.weight"]), t["lm_head.weight"])
 
 
-def test_alibi_greedy_equals_reference(llama_dir: str, tmp_path: Any) -> None:
-    tensors = _to_baichuan(llama_dir, str(tmp_path / "b13"), alibi=True)
-    prompts = _prompts(tensors["model.embed_tokens.weight"].shape[0])
+def _alibi_oracle(tensors: dict[str, torch.Tensor], prompts: list[list[int]]) -> list[list[int]]:
     expected = []
     for p in prompts:
         ids = list(p)
         for _ in range(MAX_TOKENS):
             ids.append(int(_alibi_reference_logits(tensors, ids)[-1].argmax()))
         expected.append(ids[len(p):])
+    return expected
+
+
+def test_alibi_greedy_equals_reference(llama_dir: str, tmp_path: Any) -> None:
+    tensors = _to_baichuan(llama_dir, str(tmp_path / "b13"), alibi=True)
+    prompts = _prompts(VOCAB)
     got, _ = _engine_greedy(str(tmp_path / "b13"), prompts)
-    assert got == expected
+    assert got == _alibi_oracle(tensors, prompts)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_triton_kernels_and_cuda_graphs(llama_dir: str, tmp_path: Any) -> None:
+    """On CUDA the engine runs the Triton attention kernels (ALiBi specialisation for 13B) and
+    decode CUDA graphs: still greedy-equal to both oracles (float32)."""
+    prompts = _prompts(VOCAB)
+    for alibi in (False, True):
+        tensors = _to_baichuan(llama_dir, str(tmp_path / f"b{alibi}"), alibi=alibi)
+        got, llm = _engine_greedy(str(tmp_path / f"b{alibi}"), prompts)
+        assert llm.llm_engine.config.attention_backend == "triton"
+        want = _alibi_oracle(tensors, prompts) if alibi else _llama_oracle(llama_dir, tensors, prompts)
+        assert got == want
+        del llm
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from pagedserve.model_executor.models.baichuan import baichuan_tokenizer
+    from pagedserve.tokenizers.sentencepiece_tok import needs_own_tokenizer
+
+    out = str(tmp_path_factory.mktemp("tok"))
+    _write_tokenizer(out)
+    assert needs_own_tokenizer(out)
+    return baichuan_tokenizer(out)
+
+
+@pytest.mark.parametrize("text", [
+    "Hello world, the quick brown fox.", "你好，世界！今天天气很好。", "rare 龘 and 🚀 via byte fallback",
+    "  two  spaces\tand a tab\n", "12345 digits", ""])
+def test_tokenizer_round_trips(tokenizer: Any, text: str) -> None:
+    import sentencepiece as spm
+
+    ids = tokenizer.encode(text)
+    sp = spm.SentencePieceProcessor(model_file=tokenizer.vocab_file)
+    assert ids == sp.encode(text)  # add_bos_token false: exactly the model's pieces
+    assert tokenizer.decode(ids) == text
+
+
+def test_tokenizer_special_tokens(tokenizer: Any) -> None:
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (1, 2, 0)
+    ids = tokenizer.encode("hi</s>")
+    assert ids[-1] == 2 and tokenizer.decode(ids) == "hi</s>"
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "hi"
+
+
+def test_chat_format_as_published(tokenizer: Any) -> None:
+    """Baichuan2-Chat's build_chat_input: system tokens, then [user id] + content,
+    [assistant id] + content per message, and a final assistant id to prompt a reply."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "why?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=False)
+    want = tokenizer.encode("Be brief.")
+    for m in messages[1:]:
+        want += [USER_ID if m["role"] == "user" else ASSISTANT_ID] + tokenizer.encode(m["content"])
+    assert list(ids) == want + [ASSISTANT_ID]
