@@ -58,3 +58,18 @@ def test_twin_alibi_equals_explicit_bias() -> None:
     scores = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
     want = torch.einsum("hqk,khd->qhd", torch.softmax(scores, -1), v)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_profiling_fallback_alibi_equals_twin() -> None:
+    # The layer's no-cache path (memory profiling) builds the ALiBi bias for SDPA itself.
+    from pagedserve.model_executor.layers.attention import dense_causal_attention
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(13, 4, 8, generator=g)
+    k, v = torch.randn(13, 2, 8, generator=g), torch.randn(13, 2, 8, generator=g)
+    qsl = torch.tensor([0, 6, 13], dtype=torch.int32)
+    slopes = ref.alibi_slopes(4)
+    for window in (None, 3):
+        got = dense_causal_attention(q, k, v, qsl, 0.35, window, slopes)
+        want = ref.varlen_causal_attention(q, k, v, qsl, 0.35, window, alibi_slopes=slopes)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -116,6 +116,8 @@ class Attention(nn.Module):
                              persistent=False)
         self.backend: AttentionBackend = ctx.attention
         self._pass_max_lens = self.backend.accepts_max_lens  # fixed at construction
+        if alibi_slopes is not None:  # bound once: the plain path below stays as it was
+            self._attend = self._attend_alibi  # type: ignore[method-assign]
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor,
                 kv_cache: tuple[Tensor, Tensor] | tuple[()] | None,
@@ -161,18 +163,20 @@ class Attention(nn.Module):
 
     def _attend(self, query: Tensor, key_cache: Tensor, value_cache: Tensor,
                 md: AttentionMetadata) -> Tensor:
-        if self.alibi_slopes is not None:
-            extra = ({"max_query_len": md.max_query_len, "max_seq_len": md.max_seq_len}
-                     if self._pass_max_lens else {})
-            return self.backend.attend(query, key_cache, value_cache, md.block_tables, md.seq_lens,
-                                       md.query_start_loc, self.scale, self.sliding_window,
-                                       alibi_slopes=self.alibi_slopes, **extra)
         if self._pass_max_lens:
             return self.backend.attend(query, key_cache, value_cache, md.block_tables, md.seq_lens,
                                        md.query_start_loc, self.scale, self.sliding_window,
                                        max_query_len=md.max_query_len, max_seq_len=md.max_seq_len)
         return self.backend.attend(query, key_cache, value_cache, md.block_tables, md.seq_lens,
                                    md.query_start_loc, self.scale, self.sliding_window)
+
+    def _attend_alibi(self, query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                      md: AttentionMetadata) -> Tensor:
+        extra = ({"max_query_len": md.max_query_len, "max_seq_len": md.max_seq_len}
+                 if self._pass_max_lens else {})
+        return self.backend.attend(query, key_cache, value_cache, md.block_tables, md.seq_lens,
+                                   md.query_start_loc, self.scale, self.sliding_window,
+                                   alibi_slopes=self.alibi_slopes, **extra)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
