@@ -288,3 +288,40 @@ def test_chat_format_as_published(tokenizer: Any) -> None:
     for m in messages[1:]:
         want += [USER_ID if m["role"] == "user" else ASSISTANT_ID] + tokenizer.encode(m["content"])
     assert list(ids) == want + [ASSISTANT_ID]
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_tensor_parallel_2_matches_tp1(alibi: bool, llama_dir: str, tmp_path: Any) -> None:
+    """tp = 2 in threads (each rank its heads and, with ALiBi, their slopes) gives tp = 1's
+    logits through the paged cache (prefill, chunk, decode steps)."""
+    from pagedserve.model_executor.layers.context import ParallelGroup
+    from pagedserve.model_executor.loader import load_model
+    from tests.models.test_model_parity import PagedHarness
+    from tests.models.test_tensor_parallel import _steps
+    from tests.models.thread_comm import ThreadGroup
+
+    path = str(tmp_path / "b")
+    _to_baichuan(llama_dir, path, alibi=alibi)
+
+    def logits(model: Any) -> list[dict[str, torch.Tensor]]:
+        model.config.num_key_value_heads = HEADS  # read by the test harness only (MHA)
+        h = PagedHarness(model, seed=1)
+        if model.model.layers[0].self_attn.qkv_proj.tp_size > 1:  # this rank's KV heads
+            shape = h.kv_caches[0][0].shape
+            h.kv_caches = [tuple(torch.zeros(shape[:2] + (HEADS // 2, shape[-1])) for _ in range(2))
+                           for _ in h.kv_caches]  # type: ignore[misc]
+        return [h.step(chunk) for chunk in steps]
+
+    plain = load_model(path, torch.float32, "cpu", show_progress=False).model
+    steps = _steps(VOCAB)[:4]
+    want = logits(plain)
+    group = ThreadGroup(2)
+    models = [load_model(path, torch.float32, "cpu", show_progress=False,
+                         parallel=ParallelGroup(r, 2, group.comm(r))).model for r in range(2)]
+    if alibi:
+        slopes = [m.model.layers[0].self_attn.attn.alibi_slopes for m in models]
+        assert torch.equal(torch.cat(slopes), alibi_slopes(HEADS))
+    for got in group.run(lambda rank: logits(models[rank])):
+        for g, w in zip(got, want, strict=True):
+            for req in w:
+                torch.testing.assert_close(g[req], w[req], atol=1e-4, rtol=0)
