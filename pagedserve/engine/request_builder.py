@@ -8,6 +8,7 @@ leads: it computes the shared prompt and the others fork from it (core/request.p
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -44,11 +45,29 @@ def load_tokenizer(config: EngineConfig) -> Any:
         family = load_family_tokenizer(model_config.tokenizer, model_config.model_spec.model_type)
         if family is not None:
             return family
+    own = _own_tokenizer(model_config.tokenizer, model_config.model_spec.model_type,
+                         model_config.trust_remote_code)
+    if own is not None:
+        return own
     # The tokenizer of the checkpoint itself picks its class from the engine's one config object
     # (transformers would otherwise read config.json again); a separate tokenizer reads its own.
     extra = {"config": hf_config} if same_dir and hf_config is not None else {}
     return AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code,
                                          **extra)
+
+
+def _own_tokenizer(tokenizer_dir: str, model_type: str, trust_remote_code: bool) -> Any:
+    """Without trust_remote_code, a tokenizer that only checkpoint code could build (a
+    tokenizer.model with a remote tokenizer class) is built by our loader; None otherwise."""
+    from pagedserve.tokenizers.sentencepiece_tok import load_sentencepiece_tokenizer, needs_own_tokenizer
+
+    if trust_remote_code or not os.path.isdir(tokenizer_dir) or not needs_own_tokenizer(tokenizer_dir):
+        return None
+    if model_type == "baichuan":
+        from pagedserve.model_executor.models.baichuan import baichuan_tokenizer
+
+        return baichuan_tokenizer(tokenizer_dir)
+    return load_sentencepiece_tokenizer(tokenizer_dir)
 
 
 def generation_eos_ids(model_dir: str) -> list[int]:

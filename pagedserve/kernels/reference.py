@@ -17,11 +17,14 @@ Paged KV-cache layout (shared by all attention code):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "alibi_slopes",
     "write_kv_cache",
     "paged_attention",
     "varlen_causal_attention",
@@ -51,12 +54,30 @@ def write_kv_cache(
     value_cache[block_idx, offsets] = value[valid].to(value_cache.dtype)
 
 
+def alibi_slopes(num_heads: int) -> Tensor:
+    """ALiBi head slopes [num_heads] float32, as published (Press et al.; Baichuan-13B's
+    `_get_interleave`, BLOOM's `build_alibi_tensor`): for n a power of two, head h gets
+    2^(-8 (h+1) / n); otherwise the closest power of two below n, then every other slope of
+    twice that count for the remaining heads."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+
+    def powers(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    slopes = powers(closest)
+    if closest < num_heads:
+        slopes += powers(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
 def _attend_one(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float,
-                sliding_window: int | None) -> Tensor:
+                sliding_window: int | None, alibi_slopes: Tensor | None = None) -> Tensor:
     """Masked softmax attention for one request, all in float32.
 
     q: [q_len, num_heads, head_dim]; k, v: [kv_len, num_kv_heads, head_dim];
-    q_pos: [q_len], k_pos: [kv_len] absolute positions. Returns [q_len, num_heads, head_dim] fp32.
+    q_pos: [q_len], k_pos: [kv_len] absolute positions; alibi_slopes [num_heads] adds
+    slope_h * (k_pos - q_pos) to head h's scores. Returns [q_len, num_heads, head_dim] fp32.
     """
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     group = num_heads // num_kv_heads
@@ -64,6 +85,9 @@ def _attend_one(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, s
     kf = k.float().repeat_interleave(group, dim=1)  # [kv_len, num_heads, head_dim]
     vf = v.float().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", qf, kf) * scale  # [num_heads, q_len, kv_len]
+    if alibi_slopes is not None:
+        dist = (k_pos[None, :] - q_pos[:, None]).float()  # [q_len, kv_len], <= 0 where visible
+        scores = scores + alibi_slopes.float().to(scores.device)[:, None, None] * dist[None]
     allowed = k_pos[None, :] <= q_pos[:, None]  # [q_len, kv_len]
     if sliding_window is not None:
         allowed &= k_pos[None, :] > q_pos[:, None] - sliding_window
@@ -81,6 +105,8 @@ def paged_attention(
     query_start_loc: Tensor,
     scale: float,
     sliding_window: int | None = None,
+    *,
+    alibi_slopes: Tensor | None = None,
 ) -> Tensor:
     """Attention of packed new tokens over each request's paged context.
 
@@ -88,7 +114,7 @@ def paged_attention(
     seq_lens: [B] = context length after this step (new tokens included); query_start_loc: [B+1].
     Request i's query j is at absolute position seq_lens[i] - q_len_i + j; it sees cached keys at
     positions <= its own and > pos - sliding_window. Rows of `query` past query_start_loc[B]
-    (padding) come back as zeros. Returns [T, num_heads, head_dim] in query's dtype.
+    (padding) come back as zeros. alibi_slopes [num_heads] float32: ALiBi biases (see _attend_one). Returns [T, num_heads, head_dim] in query's dtype.
     """
     block_size = key_cache.shape[1]
     num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
@@ -108,7 +134,7 @@ def paged_attention(
         k_pos = torch.arange(seq_len, device=query.device)
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
         out[q_start:q_end] = _attend_one(query[q_start:q_end], k, v, q_pos, k_pos, scale,
-                                         sliding_window)
+                                         sliding_window, alibi_slopes)
     return out.to(query.dtype)
 
 
@@ -119,6 +145,8 @@ def varlen_causal_attention(
     query_start_loc: Tensor,
     scale: float,
     sliding_window: int | None = None,
+    *,
+    alibi_slopes: Tensor | None = None,
 ) -> Tensor:
     """Dense causal attention over packed whole sequences, no KV cache (profiling / prefill-only).
 
@@ -132,7 +160,8 @@ def varlen_causal_attention(
         if e == s:
             continue
         pos = torch.arange(e - s, device=query.device)
-        out[s:e] = _attend_one(query[s:e], key[s:e], value[s:e], pos, pos, scale, sliding_window)
+        out[s:e] = _attend_one(query[s:e], key[s:e], value[s:e], pos, pos, scale, sliding_window,
+                                 alibi_slopes)
     return out.to(query.dtype)
 
 

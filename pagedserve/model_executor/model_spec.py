@@ -12,7 +12,8 @@ Families name the same quantity differently (ChatGLM: `num_layers`, `multi_query
 has a small adapter: a function from a `ConfigView` (uniform reads over a config object or a plain
 config.json dict) to a `ModelSpec`. Adding a family = one adapter function + `@adapter("type")`.
 The adapters for chatglm, qwen (v1) and baichuan are written from the published config.json key
-names (their configs are remote code: `load_hf_config` reads them as plain dicts).
+names. Without trust_remote_code, a model_type transformers does not know (its class is remote
+code) but an adapter does is read from config.json as a plain PretrainedConfig.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class ModelSpec:
     sliding_windows: tuple[int | None, ...] = ()  # one entry per layer
     tie_word_embeddings: bool = False
     alibi: bool = False
+    norm_head: bool = False  # LM head rows L2-normalized before use (Baichuan2's NormHead)
     num_experts: int = 0  # routed experts per MoE layer; 0: dense MLP
     num_experts_per_tok: int = 0
     num_shared_experts: int = 0
@@ -213,33 +215,38 @@ def adapter(*model_types: str) -> Callable[[Adapter], Adapter]:
 def load_hf_config(model_dir: str, trust_remote_code: bool = False) -> Any:
     """The checkpoint's transformers config: read once per engine (config.py) and handed on.
 
-    A config whose class is the checkpoint's own code (`auto_map` names an AutoConfig: Qwen v1,
-    ChatGLM, Baichuan) is, without `trust_remote_code`, read from config.json into a plain
+    A config whose class is the checkpoint's own code (a model_type transformers does not know:
+    Qwen v1, ChatGLM, Baichuan) is, without `trust_remote_code`, read from config.json into a plain
     `PretrainedConfig` (every key an attribute) for our adapter of its model_type: no checkpoint
     code runs. With `trust_remote_code` transformers builds the checkpoint's class."""
-    from transformers import AutoConfig, PretrainedConfig  # lazy: keeps this module torch-free
+    from transformers import AutoConfig  # lazy: keeps this module torch-free
 
     if not trust_remote_code:
-        raw = _remote_code_config(model_dir)
-        if raw is not None:
-            return PretrainedConfig(**raw)
+        plain = _remote_only_config(model_dir)
+        if plain is not None:
+            return plain
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 
-def _remote_code_config(model_dir: str) -> dict[str, Any] | None:
-    """config.json as a dict when its config class is remote code and we have an adapter for its
-    model_type; None otherwise (transformers reads it, and refuses what it cannot)."""
+def _remote_only_config(model_dir: str) -> Any:
+    """A checkpoint whose model_type transformers does not know (its config class is remote
+    code, `auto_map`) but one of our adapters does: config.json's keys as a plain
+    `PretrainedConfig`, so nothing from the checkpoint runs. None for every other checkpoint."""
     import json
-    from pathlib import Path
+    import os
 
-    file = Path(model_dir) / "config.json"
-    if not file.is_file():
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
         return None
-    raw = json.loads(file.read_text())
-    auto_map = raw.get("auto_map")
-    if isinstance(auto_map, dict) and "AutoConfig" in auto_map and raw.get("model_type") in _ADAPTERS:
-        return dict(raw)
-    return None
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    model_type = data.get("model_type")
+    if model_type not in _ADAPTERS or model_type in CONFIG_MAPPING:
+        return None
+    return PretrainedConfig(**data)
 
 
 def checkpoint_dtype(hf_config: Any) -> str | None:
@@ -557,15 +564,22 @@ _BAICHUAN_NAMES = CheckpointNames(
 )
 
 
+_BAICHUAN2_VOCAB = 125696
+
+
 @adapter("baichuan")
 def _baichuan(view: ConfigView) -> ModelSpec:
-    """Baichuan / Baichuan2: the 7B models use rotary embedding, the 13B models ALiBi (told
-    apart by hidden size, as vLLM does); packed W_pack q|k|v, otherwise the Llama layout."""
-    alibi = view.require("hidden_size") != 4096
+    """Baichuan / Baichuan2: the 7B models use rotary embedding, the 13B models ALiBi. The
+    published 7B configs (hidden 4096) give `max_position_embeddings`, the 13B ones only
+    `model_max_length`: rotary when either says 7B. Baichuan2 (its 125696-token vocabulary, or
+    the `z_loss_weight` key only its configs carry) has the NormHead LM head. Packed W_pack
+    q|k|v, otherwise the Llama layout."""
+    alibi = view.require("hidden_size") != 4096 and view.get("max_position_embeddings") is None
     context = view.first("max_position_embeddings", "model_max_length")
+    norm_head = view.get("vocab_size") == _BAICHUAN2_VOCAB or view.get("z_loss_weight") is not None
     return _llama_like(view.with_defaults(max_position_embeddings=context), alibi=alibi,
                        rope=None if alibi else _rope(view), max_context_len=context,
-                       checkpoint_names=_BAICHUAN_NAMES)
+                       norm_head=norm_head, checkpoint_names=_BAICHUAN_NAMES)
 
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_ADAPTERS)

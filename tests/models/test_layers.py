@@ -138,7 +138,12 @@ def test_dense_fallback_matches_reference(window: int | None) -> None:
 def test_registry_and_flags() -> None:
     assert get_model_class(["Foo", "Qwen2ForCausalLM"]) is Qwen2ForCausalLM
     assert set(SUPPORTED_ARCHITECTURES) == {"LlamaForCausalLM", "MistralForCausalLM",
-                                            "Qwen2ForCausalLM", "Qwen3ForCausalLM", "QWenLMHeadModel"}
+                                            "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                                            "BaichuanForCausalLM", "BaiChuanForCausalLM",
+                                            "QWenLMHeadModel", "MixtralForCausalLM",
+                                            "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+                                            "ChatGLMModel", "ChatGLMForConditionalGeneration",
+                                            "GlmForCausalLM", "Glm4ForCausalLM"}
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported"):
         get_model_class(["GPT2LMHeadModel"])
     with pytest.raises(ValueError, match="hidden_act"):

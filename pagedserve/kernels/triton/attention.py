@@ -160,6 +160,7 @@ def paged_attention(
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
     tuning: AttentionTuning = DEFAULT_TUNING,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of packed new tokens query [T, num_heads, head_dim] over the paged cache.
 
@@ -170,12 +171,18 @@ def paged_attention(
         block_tables.shape[1] * block_size (no sync).
       out: preallocated [T, num_heads, head_dim] output in query's dtype. Rows no request owns
         (past query_start_loc[B]) are left as they are; without `out` they are zeros, as in the twin.
+      alibi_slopes: [num_heads] float32 on query's device: ALiBi biases (as the twin); the kernels
+        then run their ALIBI specialisation. None (every rotary model) = the plain kernels.
 
     A decode batch (max_query_len == 1) must give every request exactly one query row, so rows
     [0, B) are all written by the kernel: the output is then allocated uninitialised and only rows
     [B, T) are zero-filled (none in a CUDA graph, where T == B). That saves a memset per layer.
     """
     _validate(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, sliding_window)
+    if alibi_slopes is not None and (alibi_slopes.shape != (query.shape[1],)
+                                     or alibi_slopes.dtype != torch.float32):
+        raise ValueError(f"alibi_slopes must be float32 [{query.shape[1]}], got "
+                         f"{alibi_slopes.dtype} {tuple(alibi_slopes.shape)}")
     num_seqs = seq_lens.shape[0]
     num_tokens = query.shape[0]
     if num_tokens == 0 or num_seqs == 0:
@@ -209,6 +216,7 @@ def paged_attention(
             num_warps=dtiles.num_warps,
             num_stages=dtiles.num_stages,
             min_partition=tuning.decode_min_partition,
+            alibi_slopes=alibi_slopes,
         )
     if out is None:
         out = torch.zeros_like(query)  # padding rows past query_start_loc[B]: zeros (twin contract)
@@ -230,4 +238,5 @@ def paged_attention(
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         k_trans=tiles.k_trans,
+        alibi_slopes=alibi_slopes,
     )

@@ -30,6 +30,9 @@ num_kv_heads query heads of its KV head (rows of the tl.dot, padded to >= 16), s
 is read from memory once. Scores are kept in the log2 domain (scale * log2(e) folded into one
 multiply) and softmax state in float32.
 
+ALiBi (ALIBI constexpr, slopes pointer): score += slope_h * (key pos - (seq_len - 1)); the
+reduce is unchanged (it combines log-sum-exps, whatever the scores were).
+
 Every output row of a request is written (by the partition kernel or the reduce), so the caller
 needs no zero-filled output buffer.
 """
@@ -67,6 +70,7 @@ def _decode_partition_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    alibi_ptr,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -90,6 +94,7 @@ def _decode_partition_kernel(
     DIM_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -111,6 +116,8 @@ def _decode_partition_kernel(
     q = tl.load(q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=qmask, other=0.0)
     q = q.to(k_cache_ptr.dtype.element_ty)  # [GROUP_PAD, DIM_PAD]
 
+    if ALIBI:  # [GROUP_PAD] slopes of this KV head's query heads, log2 domain
+        slope = tl.load(alibi_ptr + heads, mask=g < GROUP, other=0.0) * LOG2E
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], dtype=tl.float32)
@@ -138,7 +145,11 @@ def _decode_partition_kernel(
             s = tl.dot(q, k, input_precision="ieee")
         else:
             s = tl.dot(q, k)
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # [GROUP_PAD, BLOCK_N]
+        if ALIBI:  # the query sits at position seq_len - 1
+            s = s * qk_scale + slope[:, None] * (pos - (seq_len - 1)).to(tl.float32)[None, :]
+        else:
+            s = s * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))  # [GROUP_PAD, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -235,6 +246,7 @@ def paged_decode_attention(
     num_warps: int = 2,
     num_stages: int = 3,
     min_partition: int = 0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention for B requests with one query token each (query_start_loc[b] is the row
     of request b in query/out). Writes rows query_start_loc[0..B-1] of out [T, num_heads,
@@ -242,6 +254,8 @@ def paged_decode_attention(
 
     num_partitions (P) only sizes the grid: any P >= 1 is correct for any seq_lens.
     min_partition: fewest keys per partition (rounded up to a multiple of block_n, at least one tile).
+    alibi_slopes: [num_heads] float32 ALiBi slopes (a separate specialisation of the partition
+    kernel; None compiles and runs the plain one).
     """
     num_seqs = seq_lens.shape[0]
     _, num_heads, head_dim = query.shape
@@ -271,6 +285,7 @@ def paged_decode_attention(
         out,
         part_out,
         part_lse,
+        alibi_slopes,
         float(scale) * LOG2E,
         query.stride(0),
         query.stride(1),
@@ -294,6 +309,7 @@ def paged_decode_attention(
         DIM_PAD=dim_pad,
         BLOCK_N=block_n,
         IEEE=ieee,
+        ALIBI=alibi_slopes is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

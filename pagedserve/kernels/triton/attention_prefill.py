@@ -19,6 +19,7 @@ tiles are read once for the whole GQA group:
 
 Online softmax in float32, log2 domain. Only key tiles on the causal diagonal, at the end of the
 context or at the sliding-window edge pay for per-element masks; interior tiles run unmasked.
+ALiBi (ALIBI constexpr, slopes pointer): score += slope_h * (key pos - query pos), in every tile.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def _attend_key_range(
     stride_vs,
     window,
     qk_scale,
+    slope,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -56,10 +58,13 @@ def _attend_key_range(
     MASKED: tl.constexpr,
     K_TRANS: tl.constexpr,
     IEEE: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     """Online-softmax update of (acc [BLOCK_M, DIM_PAD], m_i, l_i [BLOCK_M]) with the key tiles
     starting at n_start, n_start + BLOCK_N, ... < n_end. MASKED=False is only legal for tiles
-    whose keys are all < k_hi and visible to every row (no causal/window/bounds test needed)."""
+    whose keys are all < k_hi and visible to every row (no causal/window/bounds test needed).
+    ALIBI: adds slope [BLOCK_M] (log2 domain) * (key pos - query pos) to the scores; with
+    ALIBI=False `slope` is unused and the compiled code is the plain one."""
     dims = tl.arange(0, DIM_PAD)
     dmask = dims < HEAD_DIM
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -98,12 +103,19 @@ def _attend_key_range(
             visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
             if window > 0:
                 visible = visible & (pos[None, :] > q_pos[:, None] - window)
-            s = tl.where(visible, s * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N]
+            if ALIBI:
+                s = s * qk_scale + slope[:, None] * (pos[None, :] - q_pos[:, None]).to(tl.float32)
+            else:
+                s = s * qk_scale
+            s = tl.where(visible, s, float("-inf"))  # [BLOCK_M, BLOCK_N]
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # A row may see no key yet (window start beyond this tile): keep exponents finite.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            s = s * qk_scale
+            if ALIBI:
+                s = s * qk_scale + slope[:, None] * (pos[None, :] - q_pos[:, None]).to(tl.float32)
+            else:
+                s = s * qk_scale
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_use = m_new  # finite: every score in the tile is
         alpha = tl.exp2(m_i - m_use)
@@ -134,6 +146,7 @@ def _prefill_kernel(
     seq_lens_ptr,
     query_start_loc_ptr,
     out_ptr,
+    alibi_ptr,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -158,6 +171,7 @@ def _prefill_kernel(
     DIM_PAD: tl.constexpr,
     K_TRANS: tl.constexpr,
     IEEE: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -212,6 +226,10 @@ def _prefill_kernel(
     full_lo = tl.maximum(full_lo, tile_lo)
     full_hi = tl.maximum(((p_first + 1) // BLOCK_N) * BLOCK_N, full_lo)
 
+    if ALIBI:  # [BLOCK_M] slope of each row's head, in the log2 domain of the scores
+        slope = tl.load(alibi_ptr + heads, mask=row_ok, other=0.0) * LOG2E
+    else:
+        slope = qk_scale  # placeholder, never read
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_PAD], dtype=tl.float32)
@@ -220,18 +238,18 @@ def _prefill_kernel(
     v_head = v_cache_ptr + kvh * stride_vh
     acc, m_i, l_i = _attend_key_range(
         acc, m_i, l_i, q, q_pos, tile_lo, full_lo, k_hi, bt_row, k_head, v_head,
-        stride_kb, stride_ks, stride_vb, stride_vs, window, qk_scale,
-        BLOCK_SIZE, BLOCK_N, HEAD_DIM, DIM_PAD, True, K_TRANS, IEEE,
+        stride_kb, stride_ks, stride_vb, stride_vs, window, qk_scale, slope,
+        BLOCK_SIZE, BLOCK_N, HEAD_DIM, DIM_PAD, True, K_TRANS, IEEE, ALIBI,
     )  # fmt: skip
     acc, m_i, l_i = _attend_key_range(
         acc, m_i, l_i, q, q_pos, full_lo, full_hi, k_hi, bt_row, k_head, v_head,
-        stride_kb, stride_ks, stride_vb, stride_vs, window, qk_scale,
-        BLOCK_SIZE, BLOCK_N, HEAD_DIM, DIM_PAD, False, K_TRANS, IEEE,
+        stride_kb, stride_ks, stride_vb, stride_vs, window, qk_scale, slope,
+        BLOCK_SIZE, BLOCK_N, HEAD_DIM, DIM_PAD, False, K_TRANS, IEEE, ALIBI,
     )  # fmt: skip
     acc, m_i, l_i = _attend_key_range(
         acc, m_i, l_i, q, q_pos, full_hi, k_hi, k_hi, bt_row, k_head, v_head,
-        stride_kb, stride_ks, stride_vb, stride_vs, window, qk_scale,
-        BLOCK_SIZE, BLOCK_N, HEAD_DIM, DIM_PAD, True, K_TRANS, IEEE,
+        stride_kb, stride_ks, stride_vb, stride_vs, window, qk_scale, slope,
+        BLOCK_SIZE, BLOCK_N, HEAD_DIM, DIM_PAD, True, K_TRANS, IEEE, ALIBI,
     )  # fmt: skip
 
     # Every valid row saw at least its own position, so l_i > 0 there.
@@ -258,11 +276,13 @@ def paged_prefill_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     k_trans: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Variable-length causal attention over the paged cache; writes out [T, num_heads, head_dim].
 
     block_m is the target number of rows (tokens x GQA heads) per tile; it is rounded to a multiple
-    of the padded group size.
+    of the padded group size. alibi_slopes: [num_heads] float32 ALiBi slopes (a separate
+    specialisation of the kernel; None compiles and runs the plain one).
     """
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
@@ -281,6 +301,7 @@ def paged_prefill_attention(
         seq_lens,
         query_start_loc,
         out,
+        alibi_slopes,
         float(scale) * LOG2E,
         query.stride(0),
         query.stride(1),
@@ -305,6 +326,7 @@ def paged_prefill_attention(
         DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
         K_TRANS=k_trans,
         IEEE=query.dtype == torch.float32,
+        ALIBI=alibi_slopes is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -45,12 +45,14 @@ class AttentionMetadata:
 
 
 def dense_causal_attention(query: Tensor, key: Tensor, value: Tensor, query_start_loc: Tensor,
-                           scale: float, sliding_window: int | None = None) -> Tensor:
+                           scale: float, sliding_window: int | None = None,
+                           alibi_slopes: Tensor | None = None) -> Tensor:
     """Causal attention over packed whole sequences without a KV cache (memory-profiling run).
 
     query [T, H, d], key/value [T, KVH, d]; sequence i = rows query_start_loc[i]:[i+1], starting
     at position 0. Uses SDPA per sequence so that the profiling run's peak memory resembles a
-    fused kernel's rather than a materialised [H, T, T] score matrix.
+    fused kernel's rather than a materialised [H, T, T] score matrix (with ALiBi,
+    `alibi_slopes` [H], the bias is such a matrix: slope_h * (j - i) on the visible keys).
     """
     out = torch.empty_like(query)
     group = query.shape[1] // key.shape[1]
@@ -62,7 +64,16 @@ def dense_causal_attention(query: Tensor, key: Tensor, value: Tensor, query_star
         q = query[s:e].transpose(0, 1)  # [H, n, d]
         k = key[s:e].repeat_interleave(group, dim=1).transpose(0, 1)
         v = value[s:e].repeat_interleave(group, dim=1).transpose(0, 1)
-        if sliding_window is None:
+        if alibi_slopes is not None:
+            pos = torch.arange(e - s, device=query.device)
+            dist = (pos[None, :] - pos[:, None]).to(q.dtype)  # [n, n]
+            visible = pos[None, :] <= pos[:, None]
+            if sliding_window is not None:
+                visible &= pos[None, :] > pos[:, None] - sliding_window
+            bias = alibi_slopes.to(q.dtype)[:, None, None] * dist[None]
+            bias = bias.masked_fill(~visible[None], float("-inf"))  # [H, n, n]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        elif sliding_window is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         else:
             pos = torch.arange(e - s, device=query.device)
@@ -78,10 +89,13 @@ class Attention(nn.Module):
     """Writes the new tokens' K/V into the paged cache, then attends over each request's context.
 
     No parameters: projections, rotary and q/k norms live in the model's attention block.
+    `alibi_slopes` [num_heads] (this rank's heads; Baichuan-13B): ALiBi biases, passed to the
+    backend only when set, so other models' calls are unchanged.
     """
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
-                 ctx: BuildContext, sliding_window: int | None = None) -> None:
+                 ctx: BuildContext, sliding_window: int | None = None,
+                 alibi_slopes: Tensor | None = None) -> None:
         super().__init__()
         if num_heads % num_kv_heads != 0:
             raise ValueError(
@@ -94,8 +108,16 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.sliding_window = sliding_window
+        if alibi_slopes is not None and alibi_slopes.shape != (num_heads,):
+            raise ValueError(f"alibi_slopes must be [{num_heads}], got {tuple(alibi_slopes.shape)}")
+        self.alibi_slopes: Tensor | None
+        # A buffer (moves with the model); float32 whatever the model dtype. Not in state_dict.
+        self.register_buffer("alibi_slopes", alibi_slopes.float() if alibi_slopes is not None else None,
+                             persistent=False)
         self.backend: AttentionBackend = ctx.attention
         self._pass_max_lens = self.backend.accepts_max_lens  # fixed at construction
+        if alibi_slopes is not None:  # bound once: the plain path below stays as it was
+            self._attend = self._attend_alibi  # type: ignore[method-assign]
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor,
                 kv_cache: tuple[Tensor, Tensor] | tuple[()] | None,
@@ -107,7 +129,7 @@ class Attention(nn.Module):
         value = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if not kv_cache:
             out = dense_causal_attention(query, key, value, attn_metadata.query_start_loc,
-                                         self.scale, self.sliding_window)
+                                         self.scale, self.sliding_window, self.alibi_slopes)
         else:
             key_cache, value_cache = kv_cache
             self.backend.write_kv(key, value, key_cache, value_cache, attn_metadata.slot_mapping)
@@ -148,6 +170,15 @@ class Attention(nn.Module):
         return self.backend.attend(query, key_cache, value_cache, md.block_tables, md.seq_lens,
                                    md.query_start_loc, self.scale, self.sliding_window)
 
+    def _attend_alibi(self, query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                      md: AttentionMetadata) -> Tensor:
+        extra = ({"max_query_len": md.max_query_len, "max_seq_len": md.max_seq_len}
+                 if self._pass_max_lens else {})
+        return self.backend.attend(query, key_cache, value_cache, md.block_tables, md.seq_lens,
+                                   md.query_start_loc, self.scale, self.sliding_window,
+                                   alibi_slopes=self.alibi_slopes, **extra)
+
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"sliding_window={self.sliding_window}, backend={self.backend.name}")
+                f"sliding_window={self.sliding_window}, alibi={self.alibi_slopes is not None}, "
+                f"backend={self.backend.name}")

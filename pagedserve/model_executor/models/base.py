@@ -35,8 +35,9 @@ from pagedserve.model_executor.model_spec import ModelSpec
 
 __all__ = ["DecoderForCausalLM", "DecoderModel", "LLAMA_PACKED_MODULES", "MakeLayer"]
 
-# spec, layer index, the shared rotary embedding, the layer's context -> a DecoderLayer
-MakeLayer = Callable[[ModelSpec, int, RotaryEmbedding, BuildContext], nn.Module]
+# spec, layer index, the shared rotary embedding (None for an ALiBi spec), the layer's context
+# -> a DecoderLayer
+MakeLayer = Callable[[ModelSpec, int, Any, BuildContext], nn.Module]
 
 LLAMA_PACKED_MODULES: dict[str, list[str]] = {
     "qkv_proj": ["q_proj", "k_proj", "v_proj"],
@@ -49,8 +50,8 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size,
                                                    ctx=ctx.child("embed_tokens"))
-        assert spec.rope is not None  # DecoderForCausalLM.check_spec
-        rotary = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope, ctx=ctx.child("rotary_emb"))
+        rotary = (None if spec.rope is None else  # ALiBi (a family whose check_spec allows it)
+                  RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope, ctx=ctx.child("rotary_emb")))
         self.layers = nn.ModuleList(make_layer(spec, i, rotary, ctx.child(f"layers.{i}"))
                                     for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.norm_eps, ctx=ctx.child("norm"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from pagedserve.model_executor.models.baichuan import BaichuanForCausalLM
 from pagedserve.model_executor.models.chatglm import ChatGLMForCausalLM
 from pagedserve.model_executor.models.glm import Glm4ForCausalLM, GlmForCausalLM
 from pagedserve.model_executor.models.llama import LlamaForCausalLM
@@ -31,6 +32,8 @@ _MODELS: dict[str, type[nn.Module]] = {
     "ChatGLMForConditionalGeneration": ChatGLMForCausalLM,
     "GlmForCausalLM": GlmForCausalLM,
     "Glm4ForCausalLM": Glm4ForCausalLM,
+    "BaichuanForCausalLM": BaichuanForCausalLM,  # Baichuan-13B, Baichuan2-7B/13B
+    "BaiChuanForCausalLM": BaichuanForCausalLM,  # Baichuan-7B's spelling
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
