@@ -61,7 +61,7 @@ def _assert_matches(finished: dict[str, Any], expected: list[list[int]]) -> None
 
 def test_chatglm_config_read_by_our_adapter(dirs: dict[str, str]) -> None:
     cfg = load_hf_config(dirs["chatglm"])  # auto_map present: read as config.json, no remote code
-    assert type(cfg).__name__ == "PretrainedConfig" and cfg.model_type == "chatglm"
+    assert type(cfg).__name__ in ("PretrainedConfig", "PreTrainedConfig") and cfg.model_type == "chatglm"
     spec = ModelSpec.from_hf(cfg)
     assert (spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim) == (2, 4, 2, 32)
     assert spec.intermediate_size == 96 and spec.qkv_bias and not spec.o_bias and not spec.mlp_bias
@@ -101,7 +101,7 @@ def test_checkpoint_code_runs_only_with_trust_remote_code(dirs: dict[str, str], 
     marker = tmp_path / "imported.marker"
     (ckpt / "configuration_chatglm.py").write_text(_REMOTE_CONFIG.replace("MARKER", repr(str(marker))))
     cfg = load_hf_config(str(ckpt))  # ours: config.json's keys, the checkpoint's file not run
-    assert type(cfg).__name__ == "PretrainedConfig" and not marker.exists()
+    assert type(cfg).__name__ in ("PretrainedConfig", "PreTrainedConfig") and not marker.exists()
     remote = load_hf_config(str(ckpt), trust_remote_code=True)  # the checkpoint's own class
     assert marker.exists()
     assert type(remote).__name__ == "ChatGLMConfig"
