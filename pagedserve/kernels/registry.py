@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.kernels import reference, reference_moe
+from pagedserve.kernels import reference, reference_moe, reference_quant
 from pagedserve.kernels.attention_backend import TORCH_ATTENTION, AttentionBackend
 
 __all__ = ["GemvLimits", "KernelSet", "TORCH_KERNELS", "available_kernel_sets", "get_kernel_set",
@@ -54,6 +54,12 @@ class KernelSet:
     # fused_moe(x, w13, w2, topk_weights, topk_ids) -> [T, H]: routed experts of an MoE layer
     # (layers/moe.py); torch: reference_moe.fused_moe, triton: kernels/triton/fused_moe.py.
     fused_moe: Callable[..., Any] = reference_moe.fused_moe
+    # Weight-only int4/int8 (GPTQ, AWQ after their load-time conversion to the canonical
+    # reference_quant.WNA16Weight): wna16_prepare(w) -> this set's own packed form, once per layer
+    # after loading; wna16_matmul(x, prepared, bias, norm_weight=, residual=, eps=, gated=) ->
+    # y [T, N] (or (y, residual) with norm_weight), the same contract as fused_gemv's extras.
+    wna16_prepare: Callable[..., Any] = reference_quant.wna16_prepare
+    wna16_matmul: Callable[..., Any] = reference_quant.wna16_matmul
 
 
 TORCH_KERNELS = KernelSet(
