@@ -15,7 +15,8 @@ from pagedserve.model_executor.model_spec import ModelSpec  # torch-free (pure d
 _PREEMPTION_MODES = ("recompute", "swap")
 _POLICIES = ("fcfs", "priority")
 _DTYPES = ("auto", "float32", "float", "float16", "half", "bfloat16")
-_LOAD_FORMATS = ("auto", "safetensors", "pt")  # what model_executor/loader.py reads
+# what model_executor/loader.py reads; "dummy": no weights, random values (benchmarks, as vLLM)
+LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 GiB = 1 << 30
 
 
@@ -69,7 +70,7 @@ class ModelConfig:
     served_model_name: str
     max_logprobs: int
     trust_remote_code: bool = False  # passed to transformers (config, tokenizer, loader)
-    load_format: str = "auto"  # "auto" | "safetensors" | "pt" (see loader.weight_files)
+    load_format: str = "auto"  # "auto" | "safetensors" | "pt" | "dummy" (see loader.iterate_weights)
     quantization: str | None = None  # the user's method name; None: the checkpoint's (if any)
     # SamplingParams defaults from generation_config.json (see generation_defaults.py): used for
     # the knobs a request leaves unset, by the OpenAI server and LLM.generate without params
@@ -198,8 +199,8 @@ class EngineArgs:
             (self.scheduling_policy in _POLICIES,
              f"scheduling_policy must be one of {_POLICIES}, got {self.scheduling_policy!r}"),
             (self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}"),
-            (self.load_format in _LOAD_FORMATS,
-             f"load_format {self.load_format!r} is not supported yet (supported: {', '.join(_LOAD_FORMATS)})"),
+            (self.load_format in LOAD_FORMATS,
+             f"load_format {self.load_format!r} is not supported yet (supported: {', '.join(LOAD_FORMATS)})"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
             (self.distributed_executor_backend in (None, "uni", "mp"),
              "distributed_executor_backend must be 'uni' or 'mp'"),

@@ -86,6 +86,7 @@ def resolve_model_dir(model: str, revision: str | None = None, download_dir: str
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
+        # "dummy" has no _WEIGHT_PATTERNS entry: config and tokenizer only
         patterns = _TOKENIZER_PATTERNS + ([] if tokenizer_only else _WEIGHT_PATTERNS.get(load_format, []))
         return snapshot_download(repo_id=model, revision=revision, cache_dir=download_dir,
                                  allow_patterns=patterns, local_files_only=offline)
@@ -247,7 +248,9 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     quant_config = resolve_quant_config(model_dir, spec, quantization)
     if quant_config is not None:  # merged module -> its checkpoint parts, for get_method
         quant_config.packed_modules_mapping = dict(getattr(model_cls, "packed_modules_mapping", {}))
-    weights = (iterate_gguf(gguf_file, dtype, show_progress) if gguf_file is not None  # dequantized
+    dummy = load_format == "dummy"
+    weights = (iter(()) if dummy
+               else iterate_gguf(gguf_file, dtype, show_progress) if gguf_file is not None  # dequantized
                else iterate_weights(model_dir, load_format, show_progress))  # fails here on missing files
     device = torch.device(device)
     with torch.device(device), _default_dtype(dtype):
@@ -257,7 +260,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
         ctx = BuildContext.create(kernels, parallel=parallel or ParallelGroup(),
                                   quant_config=quant_config)
         model = model_cls(hf_config, ctx=ctx, spec=spec)  # type: ignore[call-arg]
-    loaded = model.load_weights(weights)  # type: ignore[operator]
+    loaded = fill_dummy_weights(model) if dummy else model.load_weights(weights)  # type: ignore[operator]
     missing = sorted(set(dict(model.named_parameters())) - set(loaded))
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
@@ -267,6 +270,37 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     model.eval()
     return LoadedModel(model=model, hf_config=hf_config, model_spec=spec, model_dir=model_dir, dtype=dtype,
                        kernels=kernels, quant_config=quant_config)
+
+
+def fill_dummy_weights(model: nn.Module, seed: int = 0) -> set[str]:
+    """load_format="dummy": every parameter gets seeded random values in place, drawn on its own
+    device (a 90 GB model fills in seconds), and the names are returned as "loaded". Values are
+    shaped like a trained model's scale, so benchmarks see realistic numerics and MoE routing:
+    norm weights 1, biases 0, other floating weights normal(0, 0.02) (Hugging Face's initializer
+    range), integer (packed quantized) tensors uniform over their bits. Never zeros: METHOD.md's
+    rule against timing on zeros."""
+    names = set()
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in model.named_parameters():
+        gen = generators.get(param.device)
+        if gen is None:
+            gen = generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+        data = param.data
+        leaf = name.rpartition(".")[2]
+        if data.is_floating_point():
+            if leaf == "bias":
+                data.zero_()
+            elif data.dim() == 1 and "norm" in name:
+                data.fill_(1.0)
+            else:
+                data.normal_(0.0, 0.02, generator=gen)
+        elif data.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+            info = torch.iinfo(data.dtype)
+            data.random_(info.min, info.max, generator=gen)
+        else:
+            raise ValueError(f"load_format='dummy' cannot fill {name} of dtype {data.dtype}")
+        names.add(name)
+    return names
 
 
 def process_weights_after_loading(model: nn.Module) -> None:

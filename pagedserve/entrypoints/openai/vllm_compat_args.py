@@ -11,11 +11,11 @@ import argparse
 import importlib
 from typing import Any
 
+from pagedserve.config import LOAD_FORMATS
 from pagedserve.entrypoints.arg_types import non_negative_float, non_negative_int, positive_int
 
 # vLLM's dtype spellings -> ours (argparse applies `type` before checking `choices`).
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "f16": "float16", "f32": "float32"}
-LOAD_FORMATS = ("auto", "safetensors", "pt")  # what model_executor/loader.py reads
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
