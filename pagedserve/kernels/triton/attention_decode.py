@@ -44,6 +44,9 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# the same inside @triton.jit code, which may read only constexpr globals (the interpreter reads
+# plain floats too, so only a compiled kernel catches this)
+LOG2E_JIT = tl.constexpr(LOG2E)
 
 
 @triton.jit
@@ -117,7 +120,7 @@ def _decode_partition_kernel(
     q = q.to(k_cache_ptr.dtype.element_ty)  # [GROUP_PAD, DIM_PAD]
 
     if ALIBI:  # [GROUP_PAD] slopes of this KV head's query heads, log2 domain
-        slope = tl.load(alibi_ptr + heads, mask=g < GROUP, other=0.0) * LOG2E
+        slope = tl.load(alibi_ptr + heads, mask=g < GROUP, other=0.0) * LOG2E_JIT
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], dtype=tl.float32)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.kernels.triton.attention_decode import LOG2E
+from pagedserve.kernels.triton.attention_decode import LOG2E, LOG2E_JIT
 
 
 @triton.jit
@@ -227,7 +227,7 @@ def _prefill_kernel(
     full_hi = tl.maximum(((p_first + 1) // BLOCK_N) * BLOCK_N, full_lo)
 
     if ALIBI:  # [BLOCK_M] slope of each row's head, in the log2 domain of the scores
-        slope = tl.load(alibi_ptr + heads, mask=row_ok, other=0.0) * LOG2E
+        slope = tl.load(alibi_ptr + heads, mask=row_ok, other=0.0) * LOG2E_JIT
     else:
         slope = qk_scale  # placeholder, never read
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
