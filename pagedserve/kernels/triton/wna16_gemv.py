@@ -1,0 +1,228 @@
+"""Triton kernels of the weight-only int4/int8 decode path (the dispatcher is triton/wna16.py).
+
+    _gemv_kernel      y[M, N] = x[M, K] @ W[K, N] for M <= 16, dequantizing on the fly, with the
+                      optional RMSNorm(+residual) prologue, bias and SiLU-and-mul epilogue; split-K
+                      writes float32 partials that _splitk_reduce_kernel sums (and finishes)
+    _prologue_kernel  x' = gather(perm, rms_norm(x [+ residual]) * norm_weight): act-order and the
+                      GEMM path's norm, once per call (one program per row)
+
+The weight layout (wna16.PreparedWNA16): qweight int32 [NR, K / PF], K contiguous, word j of row n
+holds q[PF*j + i, n] in bits [BITS*i, BITS*(i+1)) (PF = 32 // BITS); scales / zeros [NR, G].
+
+    one K step (BLOCK_K) of one program, BLOCK_N rows:
+        words  [BN, NC, WPC]      NC chunks of WPC consecutive words = C = WPC * PF K values;
+        q      [BN, NC, WPC, PF] -> [BN, NC, C]     (word w, value i) is k = k0 + C*c + PF*w + i
+        x      [M_PAD, NC, C]     loaded in the same k order
+    A chunk (16 bytes of weight per row when WPC = 4) is one thread's vector and never straddles a
+    quantization group (C divides group_size), so the scale and zero factor out of its sum:
+        sum_c x*(q - z)*s = s * (sum_c x*q - z * sum_c x)
+    which leaves one FMA per weight element and token after the unpack (a mask in place, and
+    the exact int -> float trick: (v | 0x4B000000) read as float is 2**23 + v; see _unpack_chunks).
+    sum_c x is shared by all BN rows. The accumulator acc [M_PAD, BN, NC] is summed over NC once, after the loop.
+
+Zero points are real numbers (any float), scales any float dtype: the math is float32 throughout.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _unpack_chunks(wq, BITS: tl.constexpr, BN: tl.constexpr, NC: tl.constexpr, C: tl.constexpr):
+    """words [BN, NC, WPC] int32 -> [BN, NC, C] float32 q * 2**(BITS * (i % HALF)), exactly
+    (value i of its word; HALF = PF / 2). A value is masked in place, in its word or in the word's
+    upper half (w >> 16, one shift shared by HALF values), instead of being shifted down: the
+    power of two it keeps is taken off x instead (_x_unscale), which is exact."""
+    PF: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PF // 2
+    i = tl.arange(0, PF)
+    hi = (i // HALF) * 16
+    mask = ((1 << BITS) - 1) << ((i % HALF) * BITS)
+    q = ((wq[:, :, :, None] >> hi[None, None, None, :]) & mask[None, None, None, :]) | 0x4B000000
+    q = tl.reshape(q, [BN, NC, C])
+    return q.to(tl.float32, bitcast=True) - 8388608.0  # (2**23 + v) - 2**23, v < 2**16
+
+
+@triton.jit
+def _x_unscale(BITS: tl.constexpr, C: tl.constexpr):
+    """[C] float32 2**-(BITS * (i % HALF)) for the chunk position of value i (see _unpack_chunks)."""
+    PF: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PF // 2
+    e = ((tl.arange(0, C) % PF) % HALF) * BITS
+    return ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, res_ptr, nw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, res_out_ptr,
+    M, N, K, G, k_split,  # N: result columns (I when gated: the up rows start at row N)
+    stride_x, stride_res, stride_w, stride_s, stride_out, stride_res_out,
+    eps,
+    BITS: tl.constexpr, GROUP: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, WPC: tl.constexpr, NORM_BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    GATED: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """Grid (cdiv(N, BLOCK_N), splits); split s covers K range [s*k_split, (s+1)*k_split).
+    SPLIT: out_ptr is float32 [splits, M, NR] partials (no bias / gate), else [M, N] in x's dtype."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    dtype = x_ptr.dtype.element_ty
+    PF: tl.constexpr = 32 // BITS
+    C: tl.constexpr = WPC * PF
+    NC: tl.constexpr = BLOCK_K // C
+    offs_m = tl.arange(0, M_PAD)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Padded rows / columns re-read the last valid one instead of masking the hot loads; they
+    # are never stored.
+    rows_m = tl.minimum(offs_m, M - 1).to(tl.int64)
+    rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
+    nc = tl.arange(0, NC)
+    kx = nc[:, None] * C + tl.arange(0, C)[None, :]  # [NC, C] k offsets within a step
+    kw = nc[:, None] * WPC + tl.arange(0, WPC)[None, :]  # [NC, WPC] word offsets within a step
+    x_ptrs = x_ptr + rows_m[:, None, None] * stride_x + kx[None, :, :]  # [M_PAD, NC, C]
+    r_ptrs = res_ptr + rows_m[:, None, None] * stride_res + kx[None, :, :]
+    w_ptrs = w_ptr + rows_n[:, None, None] * stride_w + kw[None, :, :]  # [BN, NC, WPC]
+    u_ptrs = w_ptrs + N * stride_w  # up rows (GATED only)
+    s_ptrs = s_ptr + rows_n[:, None] * stride_s  # [BN, 1], + group index [1, NC]
+    z_ptrs = z_ptr + rows_n[:, None] * stride_s
+    u_off = N * stride_s
+    unscale = _x_unscale(BITS, C)[None, None, :]  # [1, 1, C]
+    k_lo = pid_s * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
+
+    if HAS_NORM:
+        # Pass 1 over all of K (every split needs the whole row's statistics): per-row sum of
+        # squares of s = x (+ residual), s rounded to dtype first, as reference.rms_norm.
+        kk = tl.arange(0, NORM_BLOCK)[None, :]
+        ss = tl.zeros([M_PAD, NORM_BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, NORM_BLOCK):
+            kmask = (k0 + kk) < K
+            s = tl.load(x_ptr + rows_m[:, None] * stride_x + k0 + kk, mask=kmask, other=0.0)
+            if HAS_RESIDUAL:
+                r = tl.load(res_ptr + rows_m[:, None] * stride_res + k0 + kk, mask=kmask, other=0.0)
+                s = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
+                # Program (0, 0) alone writes the new residual (a separate buffer: others read x).
+                writer_rows = tl.where((pid_n == 0) & (pid_s == 0), M, 0)
+                smask = kmask & (offs_m[:, None] < writer_rows)
+                tl.store(res_out_ptr + offs_m[:, None] * stride_res_out + k0 + kk, s, mask=smask)
+            sf = s.to(tl.float32)
+            ss += sf * sf
+        rstd = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None, None]  # [M_PAD, 1, 1]
+
+    acc = tl.zeros([M_PAD, BLOCK_N, NC], dtype=tl.float32)
+    acc_u = tl.zeros([M_PAD, BLOCK_N, NC], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        cmask = (k0 + nc * C) < k_hi  # [NC]: whole chunks are in or out (C divides K)
+        a = tl.load(x_ptrs + k0, mask=cmask[None, :, None], other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(r_ptrs + k0, mask=cmask[None, :, None], other=0.0)
+            a = (a.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        if HAS_NORM:
+            # (s * rstd) -> dtype, * norm_weight -> dtype: reference.rms_norm's two roundings.
+            nw = tl.load(nw_ptr + k0 + kx, mask=cmask[:, None], other=0.0)[None, :, :]
+            a = (a.to(tl.float32) * rstd).to(dtype)
+            a = (a.to(tl.float32) * nw.to(tl.float32)).to(dtype)
+        af = a.to(tl.float32)
+        sx = tl.sum(af, axis=2)[:, None, :]  # [M_PAD, 1, NC]
+        af = (af * unscale)[:, None, :, :]  # [M_PAD, 1, NC, C], exact (powers of two)
+        grp = tl.minimum((k0 + nc * C) // GROUP, G - 1)[None, :]  # [1, NC]
+        wmask = cmask[None, :, None]
+        q = _unpack_chunks(tl.load(w_ptrs + k0 // PF, mask=wmask, other=0), BITS, BLOCK_N, NC, C)
+        sc = tl.load(s_ptrs + grp).to(tl.float32)[None, :, :]  # [1, BN, NC]
+        zc = tl.load(z_ptrs + grp).to(tl.float32)[None, :, :]
+        acc += sc * (tl.sum(af * q[None, :, :, :], axis=3) - zc * sx)
+        if GATED:
+            qu = _unpack_chunks(tl.load(u_ptrs + k0 // PF, mask=wmask, other=0), BITS, BLOCK_N, NC, C)
+            su = tl.load(s_ptrs + u_off + grp).to(tl.float32)[None, :, :]
+            zu = tl.load(z_ptrs + u_off + grp).to(tl.float32)[None, :, :]
+            acc_u += su * (tl.sum(af * qu[None, :, :, :], axis=3) - zu * sx)
+    y = tl.sum(acc, axis=2)  # [M_PAD, BN]
+    omask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT:
+        # partials [splits, M, NR]: gate (or plain) columns at n, up columns at N + n
+        p_ptrs = out_ptr + (pid_s * M + offs_m[:, None]) * stride_out + offs_n[None, :]
+        tl.store(p_ptrs, y, mask=omask)
+        if GATED:
+            tl.store(p_ptrs + N, tl.sum(acc_u, axis=2), mask=omask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows_n)[None, :].to(tl.float32)
+        if GATED:
+            up = tl.sum(acc_u, axis=2)
+            if HAS_BIAS:
+                up += tl.load(b_ptr + N + rows_n)[None, :].to(tl.float32)
+            y = y / (1.0 + tl.exp(-y)) * up  # silu(gate) * up in float32, rounded once below
+        tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], y.to(dtype), mask=omask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    part_ptr, b_ptr, out_ptr, M, N, stride_part, stride_out,
+    SPLITS: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+):
+    """Grid (M, cdiv(N, BLOCK)): out[m, n] = epilogue(sum_s part[s, m, n]) in a fixed order (the
+    result does not depend on scheduling)."""
+    m = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    y = tl.zeros([BLOCK], dtype=tl.float32)
+    up = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        row = part_ptr + (s * M + m) * stride_part
+        y += tl.load(row + offs, mask=mask, other=0.0)
+        if GATED:
+            up += tl.load(row + N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if GATED:
+            up += tl.load(b_ptr + N + offs, mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        y = y / (1.0 + tl.exp(-y)) * up
+    tl.store(out_ptr + m * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _prologue_kernel(
+    x_ptr, res_ptr, nw_ptr, perm_ptr, xo_ptr, res_out_ptr,
+    K, stride_x, stride_res, stride_xo, stride_res_out, eps,
+    BLOCK: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_PERM: tl.constexpr,
+):
+    """Grid (M,): xo[m, j] = h[m, perm[j]] (perm: identity when absent), where h is
+    rms_norm(x [+ residual]) * norm_weight with HAS_NORM (reference rounding) and x otherwise;
+    res_out = x + residual (rounded to dtype) with HAS_RESIDUAL. The statistics are permutation
+    invariant, so they are taken in the original order; the gathered loads are L2-resident."""
+    m = tl.program_id(0).to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    x_row = x_ptr + m * stride_x
+    r_row = res_ptr + m * stride_res
+    if HAS_NORM:
+        ss = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            kmask = (k0 + offs) < K
+            s = tl.load(x_row + k0 + offs, mask=kmask, other=0.0)
+            if HAS_RESIDUAL:
+                r = tl.load(r_row + k0 + offs, mask=kmask, other=0.0)
+                s = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
+                tl.store(res_out_ptr + m * stride_res_out + k0 + offs, s, mask=kmask)
+            sf = s.to(tl.float32)
+            ss += sf * sf
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    for k0 in range(0, K, BLOCK):
+        kmask = (k0 + offs) < K
+        if HAS_PERM:
+            idx = tl.load(perm_ptr + k0 + offs, mask=kmask, other=0)
+        else:
+            idx = k0 + offs
+        a = tl.load(x_row + idx, mask=kmask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(r_row + idx, mask=kmask, other=0.0)
+            a = (a.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        if HAS_NORM:
+            g = tl.load(nw_ptr + idx, mask=kmask, other=0.0)
+            a = (a.to(tl.float32) * rstd).to(dtype)
+            a = (a.to(tl.float32) * g.to(tl.float32)).to(dtype)
+        tl.store(xo_ptr + m * stride_xo + k0 + offs, a, mask=kmask)
