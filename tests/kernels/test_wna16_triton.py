@@ -125,8 +125,8 @@ def test_gemv_groups_64_and_128(bits: int, group: int, m: int) -> None:
           gemv=WNA16GemvConfig(8, block_k=128), seed=group + m)
 
 
-def test_gemv_narrow_group_chunks() -> None:
-    # group 16 with int4: chunks of 2 words (16 values), not 4
+def test_gemv_group_16() -> None:
+    # group 16 with int4: two words per group
     check(4, 64, 24, 16, 2, F32, perm=True, bias=True, gemv=WNA16GemvConfig(8, block_k=32), seed=3)
 
 

@@ -79,7 +79,7 @@ class WNA16GemvConfig:
     block_n: int  # weight rows per program (gated: columns of the result, gate + up rows each)
     num_warps: int = 4
     split_k: int = 1  # K ranges per row block (> 1: float32 partials + a reduce launch)
-    block_k: int | None = None  # K per step; None: one 16-byte chunk per thread (32 x warps chunks)
+    block_k: int | None = None  # K per step; None: one word per thread (PF x 32 x warps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,12 +159,6 @@ def wna16_prepare(w: WNA16Weight) -> PreparedWNA16:
     )
 
 
-def _chunk_words(w: PreparedWNA16) -> int:
-    """Words per thread vector: 4 (16 bytes) unless the chunk would straddle a group."""
-    pf = 32 // w.bits
-    return next(c for c in (4, 2, 1) if w.group_size % (c * pf) == 0)
-
-
 def _gemm_block_k(w: PreparedWNA16, cfg_k: int) -> int:
     bk = cfg_k
     while w.group_size % bk:
@@ -194,11 +188,10 @@ def _gemv(x: Tensor, w: PreparedWNA16, bias: Tensor | None, norm_weight: Tensor 
           residual: Tensor | None, eps: float, gated: bool, n: int,
           cfg: WNA16GemvConfig) -> tuple[Tensor, Tensor | None]:
     m, k = x.shape
-    wpc = _chunk_words(w)
-    chunk = wpc * (32 // w.bits)
-    block_k = cfg.block_k or chunk * 32 * cfg.num_warps
-    if block_k % chunk:
-        raise ValueError(f"block_k {block_k} must be a multiple of the chunk ({chunk} values)")
+    pf = 32 // w.bits
+    block_k = cfg.block_k or pf * 32 * cfg.num_warps
+    if block_k % pf or block_k & (block_k - 1):
+        raise ValueError(f"block_k {block_k} must be a power of two and a multiple of {pf}")
     k_split = triton.cdiv(triton.cdiv(k, max(1, cfg.split_k)), block_k) * block_k
     splits = triton.cdiv(k, k_split)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -213,7 +206,7 @@ def _gemv(x: Tensor, w: PreparedWNA16, bias: Tensor | None, norm_weight: Tensor 
         m, n, k, w.scales.shape[1], k_split,
         x.stride(0), res.stride(0), w.qweight.stride(0), w.scales.stride(0), part.stride(-2), ro.stride(0),
         float(eps),
-        BITS=w.bits, GROUP=w.group_size, M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_K=block_k, WPC=wpc,
+        BITS=w.bits, GROUP=w.group_size, M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         NORM_BLOCK=min(triton.next_power_of_2(k), max(32 * 32 * cfg.num_warps // m_pad, 128)),
         HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None,
         GATED=gated, SPLIT=splits > 1, num_warps=cfg.num_warps,

@@ -9,16 +9,19 @@
 The weight layout (wna16.PreparedWNA16): qweight int32 [NR, K / PF], K contiguous, word j of row n
 holds q[PF*j + i, n] in bits [BITS*i, BITS*(i+1)) (PF = 32 // BITS); scales / zeros [NR, G].
 
-    one K step (BLOCK_K) of one program, BLOCK_N rows:
-        words  [BN, NC, WPC]      NC chunks of WPC consecutive words = C = WPC * PF K values;
-        q      [BN, NC, WPC, PF] -> [BN, NC, C]     (word w, value i) is k = k0 + C*c + PF*w + i
-        x      [M_PAD, NC, C]     loaded in the same k order
-    A chunk (16 bytes of weight per row when WPC = 4) is one thread's vector and never straddles a
-    quantization group (C divides group_size), so the scale and zero factor out of its sum:
-        sum_c x*(q - z)*s = s * (sum_c x*q - z * sum_c x)
+    one K step (BLOCK_K = NC * PF) of one program, BLOCK_N rows:
+        words  [BN, NC]           word c of the step along the lanes (a warp reads 128 B per row)
+        q      [BN, NC, PF]       value i of word c is k = k0 + PF*c + i  (broadcast, no reshape)
+        x      [M_PAD, NC, PF]    loaded in the same k order (16 contiguous bytes per bf16 thread)
+    A word never straddles a quantization group (PF divides group_size), so the scale and zero
+    factor out of its sum:
+        sum_i x*(q - z)*s = s * (sum_i x*q - z * sum_i x)
     which leaves one FMA per weight element and token after the unpack (a mask in place, and
-    the exact int -> float trick: (v | 0x4B000000) read as float is 2**23 + v; see _unpack_chunks).
-    sum_c x is shared by all BN rows. The accumulator acc [M_PAD, BN, NC] is summed over NC once, after the loop.
+    the exact int -> float trick: (v | 0x4B000000) read as float is 2**23 + v; see _unpack_words).
+    sum_i x is shared by all BN rows. The accumulator acc [M_PAD, BN, NC] is summed over NC once,
+    after the loop. (Words of 16 bytes per thread would read better, but Triton then spreads a
+    thread's 32 int4 values and their 64 bytes of x over lanes and shuffles them through shared
+    memory: one word per thread keeps x, q and the accumulator in one layout.)
 
 Zero points are real numbers (any float), scales any float dtype: the math is float32 throughout.
 """
@@ -30,27 +33,26 @@ import triton.language as tl
 
 
 @triton.jit
-def _unpack_chunks(wq, BITS: tl.constexpr, BN: tl.constexpr, NC: tl.constexpr, C: tl.constexpr):
-    """words [BN, NC, WPC] int32 -> [BN, NC, C] float32 q * 2**(BITS * (i % HALF)), exactly
-    (value i of its word; HALF = PF / 2). A value is masked in place, in its word or in the word's
-    upper half (w >> 16, one shift shared by HALF values), instead of being shifted down: the
-    power of two it keeps is taken off x instead (_x_unscale), which is exact."""
+def _unpack_words(wq, BITS: tl.constexpr):
+    """words [BN, NC] int32 -> [BN, NC, PF] float32 q * 2**(BITS * (i % HALF)), exactly (value i
+    of its word; HALF = PF / 2). A value is masked in place, in its word or in the word's upper
+    half (w >> 16, one shift shared by HALF values), instead of being shifted down: the power of
+    two it keeps is taken off x instead (_x_unscale), which is exact."""
     PF: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PF // 2
     i = tl.arange(0, PF)
     hi = (i // HALF) * 16
     mask = ((1 << BITS) - 1) << ((i % HALF) * BITS)
-    q = ((wq[:, :, :, None] >> hi[None, None, None, :]) & mask[None, None, None, :]) | 0x4B000000
-    q = tl.reshape(q, [BN, NC, C])
+    q = ((wq[:, :, None] >> hi[None, None, :]) & mask[None, None, :]) | 0x4B000000
     return q.to(tl.float32, bitcast=True) - 8388608.0  # (2**23 + v) - 2**23, v < 2**16
 
 
 @triton.jit
-def _x_unscale(BITS: tl.constexpr, C: tl.constexpr):
-    """[C] float32 2**-(BITS * (i % HALF)) for the chunk position of value i (see _unpack_chunks)."""
+def _x_unscale(BITS: tl.constexpr):
+    """[PF] float32 2**-(BITS * (i % HALF)) for value i of a word (see _unpack_words)."""
     PF: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PF // 2
-    e = ((tl.arange(0, C) % PF) % HALF) * BITS
+    e = (tl.arange(0, PF) % HALF) * BITS
     return ((127 - e) << 23).to(tl.float32, bitcast=True)
 
 
@@ -61,7 +63,7 @@ def _gemv_kernel(
     stride_x, stride_res, stride_w, stride_s, stride_out, stride_res_out,
     eps,
     BITS: tl.constexpr, GROUP: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, WPC: tl.constexpr, NORM_BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     GATED: tl.constexpr, SPLIT: tl.constexpr,
 ):
@@ -71,8 +73,7 @@ def _gemv_kernel(
     pid_s = tl.program_id(1)
     dtype = x_ptr.dtype.element_ty
     PF: tl.constexpr = 32 // BITS
-    C: tl.constexpr = WPC * PF
-    NC: tl.constexpr = BLOCK_K // C
+    NC: tl.constexpr = BLOCK_K // PF
     offs_m = tl.arange(0, M_PAD)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Padded rows / columns re-read the last valid one instead of masking the hot loads; they
@@ -80,16 +81,17 @@ def _gemv_kernel(
     rows_m = tl.minimum(offs_m, M - 1).to(tl.int64)
     rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
     nc = tl.arange(0, NC)
-    kx = nc[:, None] * C + tl.arange(0, C)[None, :]  # [NC, C] k offsets within a step
-    kw = nc[:, None] * WPC + tl.arange(0, WPC)[None, :]  # [NC, WPC] word offsets within a step
-    x_ptrs = x_ptr + rows_m[:, None, None] * stride_x + kx[None, :, :]  # [M_PAD, NC, C]
+    kx = nc[:, None] * PF + tl.arange(0, PF)[None, :]  # [NC, PF] k offsets within a step
+    x_ptrs = x_ptr + rows_m[:, None, None] * stride_x + kx[None, :, :]  # [M_PAD, NC, PF]
     r_ptrs = res_ptr + rows_m[:, None, None] * stride_res + kx[None, :, :]
-    w_ptrs = w_ptr + rows_n[:, None, None] * stride_w + kw[None, :, :]  # [BN, NC, WPC]
+    # One word per thread (max_contiguous 1): otherwise the load would take 2-4 adjacent words per
+    # thread, a layout that neither x nor the accumulator has, and be shuffled every step.
+    w_ptrs = w_ptr + rows_n[:, None] * stride_w + tl.max_contiguous(nc, 1)[None, :]  # [BN, NC]
     u_ptrs = w_ptrs + N * stride_w  # up rows (GATED only)
     s_ptrs = s_ptr + rows_n[:, None] * stride_s  # [BN, 1], + group index [1, NC]
     z_ptrs = z_ptr + rows_n[:, None] * stride_s
     u_off = N * stride_s
-    unscale = _x_unscale(BITS, C)[None, None, :]  # [1, 1, C]
+    unscale = _x_unscale(BITS)[None, None, :]  # [1, 1, PF]
     k_lo = pid_s * k_split
     k_hi = tl.minimum(k_lo + k_split, K)
 
@@ -115,7 +117,7 @@ def _gemv_kernel(
     acc = tl.zeros([M_PAD, BLOCK_N, NC], dtype=tl.float32)
     acc_u = tl.zeros([M_PAD, BLOCK_N, NC], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        cmask = (k0 + nc * C) < k_hi  # [NC]: whole chunks are in or out (C divides K)
+        cmask = (k0 + nc * PF) < k_hi  # [NC]: whole words are in or out (PF divides K)
         a = tl.load(x_ptrs + k0, mask=cmask[None, :, None], other=0.0)
         if HAS_RESIDUAL:
             r = tl.load(r_ptrs + k0, mask=cmask[None, :, None], other=0.0)
@@ -126,19 +128,21 @@ def _gemv_kernel(
             a = (a.to(tl.float32) * rstd).to(dtype)
             a = (a.to(tl.float32) * nw.to(tl.float32)).to(dtype)
         af = a.to(tl.float32)
-        sx = tl.sum(af, axis=2)[:, None, :]  # [M_PAD, 1, NC]
-        af = (af * unscale)[:, None, :, :]  # [M_PAD, 1, NC, C], exact (powers of two)
-        grp = tl.minimum((k0 + nc * C) // GROUP, G - 1)[None, :]  # [1, NC]
-        wmask = cmask[None, :, None]
-        q = _unpack_chunks(tl.load(w_ptrs + k0 // PF, mask=wmask, other=0), BITS, BLOCK_N, NC, C)
-        sc = tl.load(s_ptrs + grp).to(tl.float32)[None, :, :]  # [1, BN, NC]
-        zc = tl.load(z_ptrs + grp).to(tl.float32)[None, :, :]
-        acc += sc * (tl.sum(af * q[None, :, :, :], axis=3) - zc * sx)
+        # (unit dims through tl.reshape, not [None]: a reshape keeps the operand's layout, so x,
+        # q and the accumulator stay in one layout and nothing goes through shared memory)
+        sx = tl.reshape(tl.sum(af, axis=2), [M_PAD, 1, NC])
+        af = tl.reshape(af * unscale, [M_PAD, 1, NC, PF])  # exact (powers of two)
+        grp = tl.minimum((k0 + nc * PF) // GROUP, G - 1)[None, :]  # [1, NC]
+        wmask = cmask[None, :]
+        q = _unpack_words(tl.load(w_ptrs + k0 // PF, mask=wmask, other=0), BITS)
+        sc = tl.reshape(tl.load(s_ptrs + grp).to(tl.float32), [1, BLOCK_N, NC])
+        zc = tl.reshape(tl.load(z_ptrs + grp).to(tl.float32), [1, BLOCK_N, NC])
+        acc += sc * (tl.sum(af * tl.reshape(q, [1, BLOCK_N, NC, PF]), axis=3) - zc * sx)
         if GATED:
-            qu = _unpack_chunks(tl.load(u_ptrs + k0 // PF, mask=wmask, other=0), BITS, BLOCK_N, NC, C)
-            su = tl.load(s_ptrs + u_off + grp).to(tl.float32)[None, :, :]
-            zu = tl.load(z_ptrs + u_off + grp).to(tl.float32)[None, :, :]
-            acc_u += su * (tl.sum(af * qu[None, :, :, :], axis=3) - zu * sx)
+            qu = _unpack_words(tl.load(u_ptrs + k0 // PF, mask=wmask, other=0), BITS)
+            su = tl.reshape(tl.load(s_ptrs + u_off + grp).to(tl.float32), [1, BLOCK_N, NC])
+            zu = tl.reshape(tl.load(z_ptrs + u_off + grp).to(tl.float32), [1, BLOCK_N, NC])
+            acc_u += su * (tl.sum(af * tl.reshape(qu, [1, BLOCK_N, NC, PF]), axis=3) - zu * sx)
     y = tl.sum(acc, axis=2)  # [M_PAD, BN]
     omask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT:
