@@ -159,11 +159,12 @@ def test_default_dispatch_both_paths() -> None:
 
 def test_unsupported_groups_fall_back_and_empty_input() -> None:
     g = torch.Generator(device=DEVICE).manual_seed(7)
-    w = make_weight(4, 64, 16, 8, False, F32, g)  # group 8: chunks would straddle groups
+    w = make_weight(4, 64, 16, 8, False, F32, g)  # group 8: under tl.dot's K tile of 16
     prepared = wna16_prepare(w)
     assert prepared.fallback is w
     x = torch.randn(3, 64, generator=g, device=DEVICE)
-    assert torch.equal(wna16_matmul(x, prepared), rq.wna16_matmul(x, w))
+    got, want = wna16_matmul(x, prepared), rq.wna16_matmul(x, w)
+    assert isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor) and torch.equal(got, want)
     w = make_weight(8, 64, 16, 32, True, F32, g)
     empty = torch.zeros(0, 64, device=DEVICE)
     out = wna16_matmul(empty, wna16_prepare(w), gated=True)
@@ -177,7 +178,8 @@ def test_prepare_layout_and_validation() -> None:
     assert p.fallback is None and p.in_features == 128 and p.out_features == 24
     assert p.qweight.shape == (24, 16) and p.qweight.is_contiguous() and torch.equal(p.qweight, w.qweight.T)
     assert p.scales.shape == (24, 2) and torch.equal(p.scales, w.scales.T) and torch.equal(p.zeros, w.zeros.T)
-    assert p.perm is not None and p.perm.dtype == torch.int32 and torch.equal(p.perm.long(), w.perm)
+    assert w.perm is not None and p.perm is not None and p.perm.dtype == torch.int32
+    assert torch.equal(p.perm.long(), w.perm)
     with pytest.raises(ValueError, match="bad WNA16Weight"):
         wna16_prepare(w._replace(scales=w.scales[:1]))
     with pytest.raises(ValueError, match="perm must be"):
@@ -243,3 +245,34 @@ def test_gpu_forced_gemv_and_gemm_at_decode_sizes(m: int) -> None:
     check(4, 14336, 4096, 128, m, BF16, gemv=WNA16GemvConfig(4, split_k=4), seed=31)
     check(8, 4096, 2 * 1000, 64, m, torch.float16, bias=True, gated=True, gemm=pick_gemm_config(m, 1000, 4096))
     check(4, 4096, 1000, 32, m, F32, bias=True, norm=True, perm=True, seed=32)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+def test_gpu_cuda_graph_replay_matches_eager(m: int) -> None:
+    # Captured once, replayed on new inputs written into the captured buffers: no host sync and no
+    # data-dependent allocation (split-K partials, prologue buffers come from the graph's pool).
+    g = torch.Generator(device=DEVICE).manual_seed(40 + m)
+    w = wna16_prepare(make_weight(4, 4096, 2 * 2048, 128, True, BF16, g))
+    x = torch.randn(m, 4096, generator=g, device=DEVICE).to(BF16)
+    res = torch.randn(m, 4096, generator=g, device=DEVICE).to(BF16)
+    nw = (torch.rand(4096, generator=g, device=DEVICE) + 0.5).to(BF16)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        return wna16_matmul(x, w, norm_weight=nw, residual=res, gated=True)  # type: ignore[return-value]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, new_res = run()
+    x.copy_(torch.randn(m, 4096, generator=g, device=DEVICE).to(BF16))
+    res.copy_(torch.randn(m, 4096, generator=g, device=DEVICE).to(BF16))
+    graph.replay()
+    torch.cuda.synchronize()
+    want, want_res = run()
+    assert torch.equal(out, want) and torch.equal(new_res, want_res)
