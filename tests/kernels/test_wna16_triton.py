@@ -130,11 +130,14 @@ def test_gemv_group_16() -> None:
     check(4, 64, 24, 16, 2, F32, perm=True, bias=True, gemv=WNA16GemvConfig(8, block_k=32), seed=3)
 
 
-# GEMM: T = 40 > one 16- or 32-row block, N tails, BLOCK_K capped by the group.
+# GEMM: T = 40 > one 16- or 32-row block, N tails, BLOCK_K capped by the group; int4 + bf16
+# takes the factored path (tl.dot on 128 + q) unless the config says otherwise.
 GEMM_CASES = [
     # bits, group, dtype, perm, bias, norm, residual, gated, config
     (4, 32, F32, True, True, True, True, True, WNA16GemmConfig(16, 32, 64)),
-    (4, 128, BF16, False, True, False, False, False, WNA16GemmConfig(32, 16, 64)),
+    (4, 128, BF16, False, True, False, False, False, WNA16GemmConfig(32, 16, 64)),  # factored
+    (4, 128, BF16, False, True, False, False, False, WNA16GemmConfig(32, 16, 64, factored=False)),
+    (4, 64, BF16, True, True, True, True, True, WNA16GemmConfig(16, 32, 64)),  # factored, gated
     (4, 256, F32, False, False, True, False, False, WNA16GemmConfig(32, 32, 128)),
     (8, 64, BF16, True, False, False, False, True, WNA16GemmConfig(16, 32, 32)),
     (8, 256, F32, False, True, False, False, False, WNA16GemmConfig(16, 16, 64, group_m=2)),

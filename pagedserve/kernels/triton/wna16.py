@@ -90,6 +90,7 @@ class WNA16GemmConfig:
     num_warps: int = 4
     num_stages: int = 2
     group_m: int = 8
+    factored: bool = True  # int4 + bf16: tl.dot on 128 + q, scale / zero per step (wna16_gemm.py)
 
 
 # GEMV rows (max M, tall K, config): first fit wins. "tall": K >= 3 N (down_proj), where few tall
@@ -106,13 +107,15 @@ _GEMV_TABLE: tuple[tuple[int, bool, WNA16GemvConfig], ...] = (
     (16, False, WNA16GemvConfig(1)),
 )
 
-# GEMM rows (max M, config): first fit wins (tensor-core tiles: BLOCK_M >= 16).
+# GEMM rows (max M, config): first fit wins (tensor-core tiles: BLOCK_M >= 16). Factored up to
+# 32 rows (decode: dequantization is the cost and the extra [BM, BN] partial is small); larger
+# tiles take the exact path, whose dequantization BLOCK_M rows share.
 _GEMM_TABLE: tuple[tuple[int, WNA16GemmConfig], ...] = (
     (16, WNA16GemmConfig(16, 64, 128, num_warps=4, num_stages=3)),
     (32, WNA16GemmConfig(32, 64, 128, num_warps=4, num_stages=3)),
-    (64, WNA16GemmConfig(64, 64, 64, num_warps=4, num_stages=3)),
-    (128, WNA16GemmConfig(64, 128, 64, num_warps=4, num_stages=3)),
-    (1 << 62, WNA16GemmConfig(128, 128, 64, num_warps=8, num_stages=3)),
+    (64, WNA16GemmConfig(64, 64, 64, num_warps=4, num_stages=3, factored=False)),
+    (128, WNA16GemmConfig(64, 128, 64, num_warps=4, num_stages=3, factored=False)),
+    (1 << 62, WNA16GemmConfig(128, 128, 64, num_warps=8, num_stages=3, factored=False)),
 )
 
 
@@ -234,6 +237,7 @@ def _gemm(x: Tensor, w: PreparedWNA16, bias: Tensor | None, gated: bool, n: int,
         m, n, k, x.stride(0), w.qweight.stride(0), w.scales.stride(0), out.stride(0),
         BITS=w.bits, GROUP=w.group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, GATED=gated, IEEE=x.dtype == torch.float32,
+        FACTORED=cfg.factored and w.bits == 4 and x.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
