@@ -160,6 +160,22 @@ def test_default_dispatch_both_paths() -> None:
     check(8, 128, 32, 128, GEMV_DISPATCH_M + 1, F32, perm=True, norm=True, residual=True, seed=6)
 
 
+@pytest.mark.parametrize("m", [2, 20])
+def test_strided_rows(m: int) -> None:
+    # x / residual as column slices of wider buffers (row stride 2K): both kernels and the prologue
+    g = torch.Generator(device=DEVICE).manual_seed(9)
+    w = make_weight(4, 64, 32, 32, m > 4, F32, g)
+    x = torch.randn(m, 128, generator=g, device=DEVICE)[:, :64]
+    res = torch.randn(m, 128, generator=g, device=DEVICE)[:, 64:]
+    nw = torch.rand(64, generator=g, device=DEVICE) + 0.5
+    got = wna16_matmul(x, wna16_prepare(w), norm_weight=nw, residual=res, gemv_config=WNA16GemvConfig(8, block_k=32)
+                       if m <= 4 else None)
+    want = rq.wna16_matmul(x, w, norm_weight=nw, residual=res)
+    assert isinstance(got, tuple) and isinstance(want, tuple)
+    _close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
 def test_unsupported_groups_fall_back_and_empty_input() -> None:
     g = torch.Generator(device=DEVICE).manual_seed(7)
     w = make_weight(4, 64, 16, 8, False, F32, g)  # group 8: under tl.dot's K tile of 16
@@ -189,6 +205,9 @@ def test_prepare_layout_and_validation() -> None:
         wna16_prepare(w._replace(perm=w.perm[:5] if w.perm is not None else None))
     with pytest.raises(ValueError, match="x must be"):
         wna16_matmul(torch.zeros(1, 64, dtype=BF16, device=DEVICE), p)
+    with pytest.raises(ValueError, match="residual must be"):
+        wna16_matmul(torch.zeros(2, 128, dtype=BF16, device=DEVICE), p,
+                     residual=torch.zeros(2, 128, dtype=BF16, device=DEVICE))
     with pytest.raises(ValueError, match="at most"):
         wna16_matmul(torch.zeros(GEMV_MAX_M + 1, 128, dtype=BF16, device=DEVICE), p,
                      gemv_config=WNA16GemvConfig(8))

@@ -259,8 +259,13 @@ def wna16_matmul(x: Tensor, w: PreparedWNA16, bias: Tensor | None = None, *,
         raise ValueError(f"x must be [T, {w.in_features}], got {tuple(x.shape)}")
     if gated and w.out_features % 2:
         raise ValueError(f"a gated weight needs an even number of columns, got {w.out_features}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    if residual is not None and (norm_weight is None or residual.shape != x.shape):
+        raise ValueError(f"residual must be [{m}, {k}] beside norm_weight, got {tuple(residual.shape)}")
+    # Kernels index the last dim with unit stride (no-ops for the usual contiguous tensors).
+    x = x if x.stride(1) == 1 else x.contiguous()
+    residual = residual if residual is None or residual.stride(1) == 1 else residual.contiguous()
+    norm_weight = None if norm_weight is None else norm_weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     n = w.out_features // 2 if gated else w.out_features
     use_gemv = gemm_config is None and (gemv_config is not None or m <= GEMV_DISPATCH_M)
     if use_gemv and m > GEMV_MAX_M:
