@@ -208,7 +208,7 @@ def _gemv(x: Tensor, w: PreparedWNA16, bias: Tensor | None, norm_weight: Tensor 
         bias if bias is not None else x, part, ro,
         m, n, k, w.scales.shape[1], k_split,
         x.stride(0), res.stride(0), w.qweight.stride(0), w.scales.stride(0), part.stride(-2), ro.stride(0),
-        float(eps),
+        float(eps), 0x4B000000,
         BITS=w.bits, GROUP=w.group_size, M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         NORM_BLOCK=min(triton.next_power_of_2(k), max(32 * 32 * cfg.num_warps // m_pad, 128)),
         HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None,

@@ -11,13 +11,15 @@ holds q[PF*j + i, n] in bits [BITS*i, BITS*(i+1)) (PF = 32 // BITS); scales / ze
 
     one K step (BLOCK_K = NC * PF) of one program, BLOCK_N rows:
         words  [BN, NC]           word c of the step along the lanes (a warp reads 128 B per row)
-        q      [BN, NC, PF]       value i of word c is k = k0 + PF*c + i  (broadcast, no reshape)
-        x      [M_PAD, NC, PF]    loaded in the same k order (16 contiguous bytes per bf16 thread)
+        x      [M_PAD, NC, PF]    value i of word c is k = k0 + PF*c + i (16 contiguous bytes per
+                                  bf16 thread), split in registers into PF [M_PAD, NC] tensors
     A word never straddles a quantization group (PF divides group_size), so the scale and zero
     factor out of its sum:
         sum_i x*(q - z)*s = s * (sum_i x*q - z * sum_i x)
-    which leaves one FMA per weight element and token after the unpack (a mask in place, and
-    the exact int -> float trick: (v | 0x4B000000) read as float is 2**23 + v; see _unpack_words).
+    which leaves one FMA per weight element and token after the unpack (one AND keeping the
+    value in place under a float exponent, and one FADD: (v | 0x4B000000) read as float is
+    2**23 + v; see _value). sm_90 SASS of a BN 8 step (64 values per thread): 64 LOP3 + 64 FADD +
+    72 FFMA of ~375 instructions.
     sum_i x is shared by all BN rows. The accumulator acc [M_PAD, BN, NC] is summed over NC once,
     after the loop. (Words of 16 bytes per thread would read better, but Triton then spreads a
     thread's 32 int4 values and their 64 bytes of x over lanes and shuffles them through shared
@@ -33,23 +35,59 @@ import triton.language as tl
 
 
 @triton.jit
-def _unpack_words(wq, BITS: tl.constexpr):
-    """words [BN, NC] int32 -> [BN, NC, PF] float32 q * 2**(BITS * (i % HALF)), exactly (value i
-    of its word; HALF = PF / 2). A value is masked in place, in its word or in the word's upper
-    half (w >> 16, one shift shared by HALF values), instead of being shifted down: the power of
-    two it keeps is taken off x instead (_x_unscale), which is exact."""
-    PF: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = PF // 2
-    i = tl.arange(0, PF)
-    hi = (i // HALF) * 16
-    mask = ((1 << BITS) - 1) << ((i % HALF) * BITS)
-    q = ((wq[:, :, None] >> hi[None, None, :]) & mask[None, None, :]) | 0x4B000000
-    return q.to(tl.float32, bitcast=True) - 8388608.0  # (2**23 + v) - 2**23, v < 2**16
+def _value(w_lo, w_hi, IDX: tl.constexpr, BITS: tl.constexpr):
+    """Value IDX of each word as float32 v * 2**(BITS * (IDX % HALF)), exactly (HALF = PF / 2).
+
+    w_lo / w_hi: the word's low / high 16 bits with 0x4B000000 above them (_word_dot). One AND
+    with one immediate keeps value IDX's bits in place under the exponent, giving the float
+    2**23 + v * 2**(BITS * (IDX % HALF)); the power of two is taken off x instead (_x_unscale)."""
+    HALF: tl.constexpr = 16 // BITS
+    KEEP: tl.constexpr = (((1 << BITS) - 1) << ((IDX % HALF) * BITS)) - 16777216  # | 0xFF000000, as int32
+    src = w_hi if IDX >= HALF else w_lo
+    return (src & KEEP).to(tl.float32, bitcast=True) - 8388608.0  # (2**23 + v) - 2**23, v < 2**16
+
+
+@triton.jit
+def _word_dot(xs, wq, magic, BITS: tl.constexpr, M_PAD: tl.constexpr, BN: tl.constexpr,
+              NC: tl.constexpr):
+    """sum_i xs[..., i] * value i, per word: xs [M_PAD, 1, NC, PF] (x * _x_unscale), wq [BN, NC]
+    -> [M_PAD, BN, NC]. x is split into its PF values (tl.split of in-thread pairs: no data
+    movement) so the sum is one FMA chain; a tl.sum over PF would be a tree of FMUL + FADD.
+    magic = 0x4B000000 arrives as a run-time argument: as a constant, LLVM folds it into every
+    value's AND (two immediates per LOP3: a register move per value)."""
+    w = tl.reshape(wq, [1, BN, NC])
+    w_lo = (w & 0xFFFF) | magic
+    w_hi = ((w >> 16) & 0xFFFF) | magic
+    if BITS == 4:
+        e, o = tl.split(tl.reshape(xs, [M_PAD, 1, NC, 4, 2]))  # values 0 2 4 6 | 1 3 5 7
+        e0, e1 = tl.split(tl.reshape(e, [M_PAD, 1, NC, 2, 2]))  # 0 4 | 2 6
+        o0, o1 = tl.split(tl.reshape(o, [M_PAD, 1, NC, 2, 2]))  # 1 5 | 3 7
+        x0, x4 = tl.split(e0)
+        x2, x6 = tl.split(e1)
+        x1, x5 = tl.split(o0)
+        x3, x7 = tl.split(o1)
+        dq = x0 * _value(w_lo, w_hi, 0, BITS)
+        dq += x1 * _value(w_lo, w_hi, 1, BITS)
+        dq += x2 * _value(w_lo, w_hi, 2, BITS)
+        dq += x3 * _value(w_lo, w_hi, 3, BITS)
+        dq += x4 * _value(w_lo, w_hi, 4, BITS)
+        dq += x5 * _value(w_lo, w_hi, 5, BITS)
+        dq += x6 * _value(w_lo, w_hi, 6, BITS)
+        dq += x7 * _value(w_lo, w_hi, 7, BITS)
+    else:
+        e, o = tl.split(tl.reshape(xs, [M_PAD, 1, NC, 2, 2]))  # values 0 2 | 1 3
+        x0, x2 = tl.split(e)
+        x1, x3 = tl.split(o)
+        dq = x0 * _value(w_lo, w_hi, 0, BITS)
+        dq += x1 * _value(w_lo, w_hi, 1, BITS)
+        dq += x2 * _value(w_lo, w_hi, 2, BITS)
+        dq += x3 * _value(w_lo, w_hi, 3, BITS)
+    return dq
 
 
 @triton.jit
 def _x_unscale(BITS: tl.constexpr):
-    """[PF] float32 2**-(BITS * (i % HALF)) for value i of a word (see _unpack_words)."""
+    """[PF] float32 2**-(BITS * (i % HALF)) for value i of a word (see _value)."""
     PF: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PF // 2
     e = (tl.arange(0, PF) % HALF) * BITS
@@ -61,7 +99,7 @@ def _gemv_kernel(
     x_ptr, res_ptr, nw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, res_out_ptr,
     M, N, K, G, k_split,  # N: result columns (I when gated: the up rows start at row N)
     stride_x, stride_res, stride_w, stride_s, stride_out, stride_res_out,
-    eps,
+    eps, magic,  # magic: 0x4B000000 (see _word_dot)
     BITS: tl.constexpr, GROUP: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
@@ -134,15 +172,16 @@ def _gemv_kernel(
         af = tl.reshape(af * unscale, [M_PAD, 1, NC, PF])  # exact (powers of two)
         grp = tl.minimum((k0 + nc * PF) // GROUP, G - 1)[None, :]  # [1, NC]
         wmask = cmask[None, :]
-        q = _unpack_words(tl.load(w_ptrs + k0 // PF, mask=wmask, other=0), BITS)
+        dq = _word_dot(af, tl.load(w_ptrs + k0 // PF, mask=wmask, other=0), magic, BITS, M_PAD, BLOCK_N, NC)
         sc = tl.reshape(tl.load(s_ptrs + grp).to(tl.float32), [1, BLOCK_N, NC])
         zc = tl.reshape(tl.load(z_ptrs + grp).to(tl.float32), [1, BLOCK_N, NC])
-        acc += sc * (tl.sum(af * tl.reshape(q, [1, BLOCK_N, NC, PF]), axis=3) - zc * sx)
+        acc += sc * (dq - zc * sx)
         if GATED:
-            qu = _unpack_words(tl.load(u_ptrs + k0 // PF, mask=wmask, other=0), BITS)
+            du = _word_dot(af, tl.load(u_ptrs + k0 // PF, mask=wmask, other=0), magic, BITS, M_PAD,
+                           BLOCK_N, NC)
             su = tl.reshape(tl.load(s_ptrs + u_off + grp).to(tl.float32), [1, BLOCK_N, NC])
             zu = tl.reshape(tl.load(z_ptrs + u_off + grp).to(tl.float32), [1, BLOCK_N, NC])
-            acc_u += su * (tl.sum(af * tl.reshape(qu, [1, BLOCK_N, NC, PF]), axis=3) - zu * sx)
+            acc_u += su * (du - zu * sx)
     y = tl.sum(acc, axis=2)  # [M_PAD, BN]
     omask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT:
