@@ -95,13 +95,12 @@ class WNA16GemmConfig:
 
 # GEMV rows (max M, tall K, config): first fit wins. "tall": K >= 3 N (down_proj), where few tall
 # programs read long rows and split-K restores parallelism. First choices from the bf16 GEMV table
-# (gemv.py) with 4x fewer bytes per row (int4) and fewer rows per program as M grows (the
-# accumulator is M_PAD x BLOCK_N registers per thread); to be replaced by H200 sweeps.
+# (gemv.py) with 4x fewer bytes per row (int4), taller at M <= 2 where the x-side work of a step
+# (load, unscale, sum, split) is shared by the BN rows (sm_90 SASS: 40 registers at BN 4, 72 at
+# BN 8), fewer rows as M grows (M_PAD x BLOCK_N accumulators); to be replaced by H200 sweeps.
 _GEMV_TABLE: tuple[tuple[int, bool, WNA16GemvConfig], ...] = (
-    (1, True, WNA16GemvConfig(8, split_k=2)),
-    (1, False, WNA16GemvConfig(4)),
-    (2, True, WNA16GemvConfig(4, split_k=2)),
-    (2, False, WNA16GemvConfig(4)),
+    (2, True, WNA16GemvConfig(8, split_k=2)),
+    (2, False, WNA16GemvConfig(8)),
     (4, False, WNA16GemvConfig(2)),
     (8, False, WNA16GemvConfig(2)),
     (16, False, WNA16GemvConfig(1)),
