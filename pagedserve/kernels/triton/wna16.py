@@ -48,12 +48,11 @@ from pagedserve.kernels.reference_quant import WNA16Weight
 from pagedserve.kernels.triton.wna16_gemm import _gemm_kernel
 from pagedserve.kernels.triton.wna16_gemv import _gemv_kernel, _prologue_kernel, _splitk_reduce_kernel
 
-__all__ = ["GEMV_MAX_M", "PreparedWNA16", "WNA16GemmConfig", "WNA16GemvConfig", "pick_gemm_config",
+__all__ = ["GEMV_MAX_M", "MIN_GEMV_PROGRAMS", "PreparedWNA16", "WNA16GemmConfig", "WNA16GemvConfig", "pick_gemm_config",
            "pick_gemv_config", "wna16_fused_max_tokens", "wna16_matmul", "wna16_prepare"]
 
 GEMV_MAX_M = 16  # the GEMV kernel takes 1..16 tokens; GEMV_DISPATCH_M of them go to it by default
 GEMV_DISPATCH_M = 4
-NUM_SMS = 132  # the H100 / H200 the tables target (split-K and grid sizes), not queried at run time
 
 
 class PreparedWNA16(NamedTuple):
@@ -93,18 +92,22 @@ class WNA16GemmConfig:
     factored: bool = True  # int4 + bf16: tl.dot on 128 + q, scale / zero per step (wna16_gemm.py)
 
 
-# GEMV rows (max M, tall K, config): first fit wins. "tall": K >= 3 N (down_proj), where few tall
-# programs read long rows and split-K restores parallelism. First choices from the bf16 GEMV table
-# (gemv.py) with 4x fewer bytes per row (int4), taller at M <= 2 where the x-side work of a step
-# (load, unscale, sum, split) is shared by the BN rows (sm_90 SASS: 40 registers at BN 4, 72 at
-# BN 8), fewer rows as M grows (M_PAD x BLOCK_N accumulators); to be replaced by H200 sweeps.
-_GEMV_TABLE: tuple[tuple[int, bool, WNA16GemvConfig], ...] = (
-    (2, True, WNA16GemvConfig(8, split_k=2)),
-    (2, False, WNA16GemvConfig(8)),
-    (4, False, WNA16GemvConfig(2)),
-    (8, False, WNA16GemvConfig(2)),
-    (16, False, WNA16GemvConfig(1)),
+# GEMV rows (max M, config): first fit wins; BLOCK_N is an upper bound that pick_gemv_config
+# lowers (or splits K, for tall K) until the grid fills the GPU. First choices from the bf16 GEMV
+# table (gemv.py) with 4x fewer bytes per row (int4), taller at M <= 2 where the x-side work of a
+# step (load, unscale, sum, split) is shared by the BN rows (sm_90 SASS: 40 registers at BN 4, 72
+# at BN 8), fewer rows as M grows (M_PAD x BLOCK_N accumulators); to be replaced by H200 sweeps.
+_GEMV_TABLE: tuple[tuple[int, WNA16GemvConfig], ...] = (
+    (2, WNA16GemvConfig(8)),
+    (4, WNA16GemvConfig(4)),
+    (8, WNA16GemvConfig(2)),
+    (16, WNA16GemvConfig(1)),
 )
+# Programs the grid should have: Triton 3.6 does not pipeline these (non-dot) loads, so the bytes
+# in flight are one step's loads per resident warp; ~32 warps per SM (8 programs of 4 warps) keep
+# ~32 KB per SM in flight, what ~4.8 TB/s over 132 SMs needs at ~0.7 us of memory latency
+# (1024: 4096-wide projections at BLOCK_N 4).
+MIN_GEMV_PROGRAMS = 1024
 
 # GEMM rows (max M, config): first fit wins (tensor-core tiles: BLOCK_M >= 16). Factored up to
 # 32 rows (decode: dequantization is the cost and the extra [BM, BN] partial is small); larger
@@ -119,14 +122,22 @@ _GEMM_TABLE: tuple[tuple[int, WNA16GemmConfig], ...] = (
 
 
 def pick_gemv_config(m: int, n: int, k: int, *, gated: bool) -> WNA16GemvConfig:
-    """Launch parameters of the GEMV for M tokens, N result columns over K (deterministic)."""
-    tall = k >= 3 * n
-    for max_m, row_tall, cfg in _GEMV_TABLE:
-        if m <= max_m and (tall or not row_tall):
-            if gated and cfg.block_n > 1:  # two rows (gate, up) per result column
-                return WNA16GemvConfig(max(1, cfg.block_n // 2), cfg.num_warps, cfg.split_k, cfg.block_k)
-            return cfg
-    raise ValueError(f"no WNA16 GEMV config for M={m} (at most {GEMV_MAX_M})")
+    """Launch parameters of the GEMV for M tokens, N result columns over K (deterministic): the
+    table's row, gated rows halved (gate and up rows per column), then BLOCK_N halved, or for
+    tall K (K >= 3 N: down_proj) K split in 2 or 4, until there are MIN_GEMV_PROGRAMS programs."""
+    cfg = next((c for max_m, c in _GEMV_TABLE if m <= max_m), None)
+    if cfg is None:
+        raise ValueError(f"no WNA16 GEMV config for M={m} (at most {GEMV_MAX_M})")
+    block_n = max(1, cfg.block_n // 2) if gated else cfg.block_n
+    split = cfg.split_k
+    while triton.cdiv(n, block_n) * split < MIN_GEMV_PROGRAMS:
+        if k >= 3 * n and split < 4:
+            split *= 2
+        elif block_n > 1:
+            block_n //= 2
+        else:
+            break
+    return WNA16GemvConfig(block_n, cfg.num_warps, split, cfg.block_k)
 
 
 def pick_gemm_config(m: int, n: int, k: int) -> WNA16GemmConfig:
