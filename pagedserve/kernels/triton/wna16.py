@@ -12,12 +12,15 @@ unchanged: value i of word j is still k = PF*j + i):
 Token counts pick the kernel from fixed tables (no autotuning: these run inside CUDA graphs, where
 a first call may compile but must not benchmark; no host sync, allocations depend on shapes only):
 
-  T <= GEMV_MAX_M  wna16_gemv._gemv_kernel: CUDA-core dequantizing GEMV, lanes along K, the
-                   RMSNorm(+residual) prologue and SiLU-and-mul epilogue fused (one launch), split-K
-                   (float32 partials + a reduce launch) for tall K. Its cost per weight element is
-                   a mask, a subtract and one FMA per token: past a few tokens it is compute bound.
-  T >  GEMV_MAX_M  wna16_gemm._gemm_kernel: a dequantizing GEMM (tl.dot over [BK, BN] tiles
-                   dequantized in registers), gated epilogue and bias fused.
+  T <= GEMV_DISPATCH_M  wna16_gemv._gemv_kernel (takes up to GEMV_MAX_M = 16 when forced):
+                   CUDA-core dequantizing GEMV, lanes along K, the RMSNorm(+residual) prologue and
+                   SiLU-and-mul epilogue fused (one launch), split-K (float32 partials + a reduce
+                   launch) for tall K. Its cost per weight element is a mask, a subtract and one
+                   FMA per token: past a few tokens it is compute bound.
+  T >  GEMV_DISPATCH_M  wna16_gemm._gemm_kernel: a dequantizing GEMM (tl.dot over [BK, BN]
+                   tiles dequantized in registers; int4 + bf16 at up to 32 rows per tile: the
+                   tile as exact 128 + q, scale and zero applied per in-group step), gated
+                   epilogue and bias fused.
   act-order (perm), or a norm on the GEMM path: wna16_gemv._prologue_kernel first writes
                    x' = perm-gather(norm(x)) (one small launch), then the kernel above.
 
@@ -48,8 +51,9 @@ from pagedserve.kernels.reference_quant import WNA16Weight
 from pagedserve.kernels.triton.wna16_gemm import _gemm_kernel
 from pagedserve.kernels.triton.wna16_gemv import _gemv_kernel, _prologue_kernel, _splitk_reduce_kernel
 
-__all__ = ["GEMV_MAX_M", "MIN_GEMV_PROGRAMS", "PreparedWNA16", "WNA16GemmConfig", "WNA16GemvConfig", "pick_gemm_config",
-           "pick_gemv_config", "wna16_fused_max_tokens", "wna16_matmul", "wna16_prepare"]
+__all__ = ["GEMV_DISPATCH_M", "GEMV_MAX_M", "MIN_GEMV_PROGRAMS", "PreparedWNA16", "WNA16GemmConfig",
+           "WNA16GemvConfig", "pick_gemm_config", "pick_gemv_config", "wna16_fused_max_tokens",
+           "wna16_matmul", "wna16_prepare"]
 
 GEMV_MAX_M = 16  # the GEMV kernel takes 1..16 tokens; GEMV_DISPATCH_M of them go to it by default
 GEMV_DISPATCH_M = 4
