@@ -36,6 +36,12 @@ class GemvLimits:
     gated: int  # silu(gate) * up of rms_norm(x [+ residual]) @ [W_gate | W_up].T
 
 
+def _no_wna16_fusion(*, gated: bool) -> int:
+    """The torch set folds no norm into its WNA16 matmul (on CPU there is nothing to gain)."""
+    del gated
+    return 0
+
+
 @dataclass(frozen=True, slots=True)
 class KernelSet:
     name: str
@@ -58,8 +64,13 @@ class KernelSet:
     # reference_quant.WNA16Weight): wna16_prepare(w) -> this set's own packed form, once per layer
     # after loading; wna16_matmul(x, prepared, bias, norm_weight=, residual=, eps=, gated=) ->
     # y [T, N] (or (y, residual) with norm_weight), the same contract as fused_gemv's extras.
+    # wna16_fused_max_tokens(gated=) -> int: up to how many tokens wna16_matmul folds the norm
+    # (and, gated, SiLU-and-mul) into one launch; what a WNA16 LinearMethod.fused_max_tokens
+    # returns. torch: 0 (the twin takes norm_weight at any T, but there is nothing to gain);
+    # triton: kernels/triton/wna16.py (prepare -> PreparedWNA16, GEMV / dequantizing GEMM).
     wna16_prepare: Callable[..., Any] = reference_quant.wna16_prepare
     wna16_matmul: Callable[..., Any] = reference_quant.wna16_matmul
+    wna16_fused_max_tokens: Callable[..., int] = _no_wna16_fusion
 
 
 TORCH_KERNELS = KernelSet(
@@ -85,6 +96,7 @@ def _triton_kernels() -> KernelSet:
     from pagedserve.kernels.triton.kv_cache import write_kv_cache
     from pagedserve.kernels.triton.norm import fused_add_rms_norm, rms_norm
     from pagedserve.kernels.triton.rotary import rotary_embedding, rotary_write_kv_cache
+    from pagedserve.kernels.triton.wna16 import wna16_fused_max_tokens, wna16_matmul, wna16_prepare
 
     def limit(norm: bool, gated: bool) -> int:
         return max((m for m in range(1, MAX_M + 1) if prefer_fused_gemv(m, norm=norm, gated=gated)),
@@ -98,7 +110,8 @@ def _triton_kernels() -> KernelSet:
     return KernelSet("triton", rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul,
                      argmax_rows, attention, fused_gemv=fused_gemv,
                      gemv_limits=GemvLimits(limit(False, False), limit(True, False), limit(True, True)),
-                     fused_moe=fused_moe)
+                     fused_moe=fused_moe, wna16_prepare=wna16_prepare, wna16_matmul=wna16_matmul,
+                     wna16_fused_max_tokens=wna16_fused_max_tokens)
 
 
 def available_kernel_sets() -> list[str]:
