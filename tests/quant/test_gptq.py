@@ -20,7 +20,7 @@ from pagedserve.model_executor.layers.linear import MergedColumnParallelLinear
 from pagedserve.model_executor.quantization.base import known_quantization_methods
 from pagedserve.model_executor.quantization.gptq import GPTQConfig
 from pagedserve.model_executor.quantization.wna16_method import WNA16LinearMethod
-from pagedserve.testing.quant_pack import quantize_checkpoint
+from pagedserve.testing.quant_pack import quantize_checkpoint, write_dequantized_checkpoint
 from pagedserve.testing.quant_pack.gptq import gptq_config, gptq_quantizer
 from tests.models.test_tensor_parallel import _run_tp, _steps, run_steps
 from tests.quant.wna16_helpers import (
@@ -173,3 +173,34 @@ def test_names_and_contradictions(wide_checkpoint: str, tmp_path: Path) -> None:
     EngineArgs(model=str(tmp_path / "q"), quantization="gptq_marlin").create_engine_config()  # agrees
     with pytest.raises(ValueError, match=r"quantization='awq' was requested.*quantized with 'gptq'"):
         EngineArgs(model=str(tmp_path / "q"), quantization="awq").create_engine_config()
+
+
+def test_biased_family_logits_equal_the_dequantized_model(tiny_checkpoints: Any, tmp_path: Path) -> None:
+    """qwen2 (q/k/v biases, sliding window): the paged model's logits through prefill, chunked
+    prefill and decode equal the float32 model holding the dequantized weights."""
+    src = tiny_checkpoints["qwen2"]
+    deq = _pack(src, tmp_path / "q", 4, 32, False, True, "gptq")
+    write_dequantized_checkpoint(src, tmp_path / "f", deq)
+    quantized = load(tmp_path / "q").model
+    steps = _steps(quantized.spec.vocab_size)
+    got, want = run_steps(quantized, steps), run_steps(load(tmp_path / "f").model, steps)
+    for g, w in zip(got, want, strict=True):
+        for req in w:
+            torch.testing.assert_close(g[req], w[req], atol=1e-4, rtol=1e-4)
+
+
+def test_merged_shards_with_different_act_orders_are_refused() -> None:
+    cfg = GPTQConfig(4, 32, desc_act=True, sym=True)
+    cfg.packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
+    ctx = BuildContext.create(TORCH_KERNELS, quant_config=cfg).child("model.layers.0.mlp.gate_up_proj")
+    layer = MergedColumnParallelLinear(64, [32, 32], ctx=ctx)
+    quantize = gptq_quantizer(4, 32, desc_act=True)
+    # different modules' names draw different permutations (gate/up share one; these do not)
+    first = quantize("model.layers.0.mlp.gate_proj", torch.randn(32, 64)).tensors["g_idx"]
+    other = quantize("model.layers.0.self_attn.o_proj", torch.randn(32, 64)).tensors["g_idx"]
+    assert not torch.equal(first, other)
+    g_idx = layer.g_idx
+    g_idx.weight_loader(g_idx, first, 0)
+    g_idx.weight_loader(g_idx, first, 1)  # equal: fine
+    with pytest.raises(ValueError, match="have different g_idx"):
+        g_idx.weight_loader(g_idx, other, 1)
