@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pagedserve import EngineArgs
@@ -74,6 +75,17 @@ def test_autogptq_quantize_config_file_and_dynamic_rules(wide_checkpoint: str, t
         load(tmp_path / "a")
     for name in ("gptq", "GPTQ_Marlin"):
         assert_layers_equal_packer(load(tmp_path / "a", quantization=name), deq)
+    # GPTQ-for-LLaMa's checkpoints store an all-zero bias for every layer: skipped, a real one not
+    file = tmp_path / "a" / "model.safetensors"
+    tensors = load_file(str(file))
+    for module in {k.rpartition(".")[0] for k in tensors if k.endswith(".qweight")}:
+        tensors[f"{module}.bias"] = torch.zeros(tensors[f"{module}.scales"].shape[1], dtype=torch.float16)
+    save_file(tensors, str(file))
+    assert_layers_equal_packer(load(tmp_path / "a", quantization="gptq"), deq)
+    tensors["model.layers.0.mlp.down_proj.bias"][3] = 1.0
+    save_file(tensors, str(file))
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.down_proj.bias' matches no model parameter"):
+        load(tmp_path / "a", quantization="gptq")
     # GPTQModel's dynamic: layer 1's MLP left unquantized, layer 0's down_proj 8-bit in groups of 32
     dynamic = {r"-:model\.layers\.1\.mlp\..*": {}, r"+:.*\.0\.mlp\.down_proj": {"bits": 8, "group_size": 32}}
     deq = _pack(wide_checkpoint, tmp_path / "d", 4, 128, True, False, "gptq_v2", dynamic=dynamic)
