@@ -64,14 +64,15 @@ def test_modules_to_not_convert_stay_float(wide_checkpoint: str, tmp_path: Path)
     assert_layers_equal_packer(load(tmp_path / "q"), deq, unquantized=unquantized)
 
 
-@pytest.mark.parametrize(("group", "autoawq_file"), [(128, False), (64, True)])
+# the second through tensor_parallel_size 2 (one gloo worker process per rank)
+@pytest.mark.parametrize(("group", "autoawq_file", "tp"), [(128, False, 1), (64, True, 2)])
 def test_greedy_equals_float_model_of_the_dequantized_weights(wide_checkpoint: str, tmp_path: Path,
-                                                              group: int, autoawq_file: bool) -> None:
+                                                              group: int, autoawq_file: bool, tp: int) -> None:
     location = "quant_config.json" if autoawq_file else "config.json"
     deq = quantize_checkpoint(wide_checkpoint, tmp_path / "q", awq_quantizer(group),
                               awq_config(group, autoawq_file=autoawq_file), config_location=location)
     assert_greedy_equals_dequantized(wide_checkpoint, tmp_path / "q", deq,
-                                     quantization="awq" if autoawq_file else None)
+                                     quantization="awq" if autoawq_file else None, tensor_parallel_size=tp)
 
 
 def test_tensor_parallel_matches_one_rank(wide_checkpoint: str, tmp_path: Path) -> None:

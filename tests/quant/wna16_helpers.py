@@ -73,20 +73,25 @@ def assert_layers_equal_packer(loaded: LoadedModel, dequantized: dict[str, Tenso
     assert loaded.model.lm_head.weight.dtype == torch.float32
 
 
-def greedy_tokens(path: str, quantization: str | None = None) -> list[list[int]]:
+def greedy_tokens(path: str, quantization: str | None = None, tensor_parallel_size: int = 1) -> list[list[int]]:
     from pagedserve import LLM
 
     llm = LLM(model=path, dtype="float32", max_model_len=256, kv_cache_memory_bytes=16 << 20,
-              quantization=quantization)
-    prompts = make_prompts(400, seed=5, lengths=(1, 9, 30, 61))
-    outs = llm.generate(prompt_token_ids=prompts, sampling_params=greedy(12), use_tqdm=False)
+              quantization=quantization, tensor_parallel_size=tensor_parallel_size)
+    try:
+        prompts = make_prompts(400, seed=5, lengths=(1, 9, 30, 61))
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=greedy(12), use_tqdm=False)
+    finally:
+        llm.llm_engine.shutdown()  # tp > 1: the gloo worker processes
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
 def assert_greedy_equals_dequantized(src: str, quant_dir: Path, dequantized: dict[str, Tensor],
-                                     quantization: str | None = None) -> None:
+                                     quantization: str | None = None, tensor_parallel_size: int = 1) -> None:
+    """The quantized checkpoint (at `tensor_parallel_size`) gives the greedy tokens of the
+    float32 checkpoint holding the dequantized weights (one rank)."""
     plain = quant_dir.parent / f"{quant_dir.name}-float"
     write_dequantized_checkpoint(src, plain, dequantized)
-    got = greedy_tokens(str(quant_dir), quantization)
+    got = greedy_tokens(str(quant_dir), quantization, tensor_parallel_size)
     assert all(len(t) == 12 for t in got)
     assert got == greedy_tokens(str(plain))
