@@ -16,10 +16,10 @@ from pagedserve.model_executor.quantization.awq import AWQConfig
 from pagedserve.model_executor.quantization.wna16_method import unpack_awq_columns
 from pagedserve.testing.quant_pack import quantize_checkpoint
 from pagedserve.testing.quant_pack.awq import awq_config, awq_quantizer, pack_awq
-from tests.models.test_tensor_parallel import _run_tp, _steps, run_steps
 from tests.quant.wna16_helpers import (
     assert_greedy_equals_dequantized,
     assert_layers_equal_packer,
+    assert_tp2_logits_equal_tp1,
     linears,
     load,
     wide_checkpoint,
@@ -77,14 +77,7 @@ def test_greedy_equals_float_model_of_the_dequantized_weights(wide_checkpoint: s
 
 def test_tensor_parallel_matches_one_rank(wide_checkpoint: str, tmp_path: Path) -> None:
     quantize_checkpoint(wide_checkpoint, tmp_path / "q", awq_quantizer(64), awq_config(64))
-    one = load(tmp_path / "q").model
-    steps = _steps(one.spec.vocab_size)
-    want = run_steps(one, steps)
-    per_rank, _ = _run_tp(str(tmp_path / "q"), 2, steps)
-    for got in per_rank:
-        for g, w in zip(got, want, strict=True):
-            for req in w:
-                torch.testing.assert_close(g[req], w[req], atol=1e-4, rtol=1e-4)
+    assert_tp2_logits_equal_tp1(tmp_path / "q")
 
 
 def test_gemv_version_and_bad_values_are_refused() -> None:

@@ -27,6 +27,7 @@ from tests.models.test_tensor_parallel import _run_tp, _steps, run_steps
 from tests.quant.wna16_helpers import (
     assert_greedy_equals_dequantized,
     assert_layers_equal_packer,
+    assert_tp2_logits_equal_tp1,
     layer_weight,
     linears,
     load,
@@ -94,6 +95,13 @@ def test_autogptq_quantize_config_file_and_dynamic_rules(wide_checkpoint: str, t
                                                          "model.layers.1.mlp.down_proj"})
     down = linears(loaded.model)["model.layers.0.mlp.down_proj"].wna16_weight
     assert (down.bits, down.group_size) == (8, 32)
+    # Optimum's modules_in_block_to_quantize: o_proj and down_proj not listed, left unquantized
+    steps = [["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"], ["mlp.up_proj", "mlp.gate_proj"]]
+    deq = quantize_checkpoint(wide_checkpoint, tmp_path / "m",
+                              gptq_quantizer(8, 64, modules_in_block_to_quantize=[m for s in steps for m in s]),
+                              gptq_config(8, 64, modules_in_block_to_quantize=steps))
+    assert_layers_equal_packer(load(tmp_path / "m"), deq, unquantized={
+        f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.o_proj", "mlp.down_proj")})
 
 
 @pytest.mark.parametrize(("bits", "group", "sym", "desc_act", "fmt"),
@@ -108,14 +116,7 @@ def test_greedy_equals_float_model_of_the_dequantized_weights(wide_checkpoint: s
 @pytest.mark.parametrize("group", [32, -1])  # sharded groups; one group every rank keeps whole
 def test_tensor_parallel_matches_one_rank(wide_checkpoint: str, tmp_path: Path, group: int) -> None:
     _pack(wide_checkpoint, tmp_path / "q", 4, group, False, False, "gptq")
-    one = load(tmp_path / "q").model
-    steps = _steps(one.spec.vocab_size)
-    want = run_steps(one, steps)
-    per_rank, _ = _run_tp(str(tmp_path / "q"), 2, steps)
-    for got in per_rank:
-        for g, w in zip(got, want, strict=True):
-            for req in w:
-                torch.testing.assert_close(g[req], w[req], atol=1e-4, rtol=1e-4)
+    assert_tp2_logits_equal_tp1(tmp_path / "q")
 
 
 def test_act_order_split_across_ranks_is_refused(wide_checkpoint: str, tmp_path: Path) -> None:
@@ -166,7 +167,9 @@ def test_bad_configs_are_refused(wide_checkpoint: str, tmp_path: Path) -> None:
                             ({"lm_head": True}, "quantizes lm_head"),
                             ({"desc_act": "yes"}, "desc_act must be true or false"),
                             ({"dynamic": {"+:.*down_proj": {"bits": 2}}}, r"dynamic '\+:\.\*down_proj'.* bits"),
-                            ({"dynamic": {"-:(": {}}}, "is not a valid regex")]:
+                            ({"dynamic": {"-:(": {}}}, "is not a valid regex"),
+                            ({"modules_in_block_to_quantize": 3}, "must be a list of module names"),
+                            ({"modules_in_block_to_quantize": [["mlp.up_proj", 1]]}, "got \\[\\['mlp")]:
         with pytest.raises(ValueError, match=message):
             GPTQConfig.from_config({**good, **change})
     # a group size that does not divide the layer's inputs (K = 128): refused at build time

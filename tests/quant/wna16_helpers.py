@@ -19,6 +19,7 @@ from pagedserve.model_executor.quantization.wna16_method import WNA16LinearMetho
 from pagedserve.testing.checkpoints import build_checkpoint
 from pagedserve.testing.quant_pack import write_dequantized_checkpoint
 from tests.engine.engine_helpers import greedy, make_prompts
+from tests.models.test_tensor_parallel import _run_tp, _steps, run_steps
 
 # Every K (hidden 128, q/o 4 x 32 = 128, intermediate 256) is a multiple of each group size 32,
 # 64 and 128; 2 KV heads, so tp = 2 splits k / v.
@@ -95,3 +96,15 @@ def assert_greedy_equals_dequantized(src: str, quant_dir: Path, dequantized: dic
     got = greedy_tokens(str(quant_dir), quantization, tensor_parallel_size)
     assert all(len(t) == 12 for t in got)
     assert got == greedy_tokens(str(plain))
+
+
+def assert_tp2_logits_equal_tp1(path: Path) -> None:
+    """Two ranks (threads) each loading their slice give one rank's logits, step by step."""
+    one = load(path).model
+    steps = _steps(one.spec.vocab_size)
+    want = run_steps(one, steps)
+    per_rank, _ = _run_tp(str(path), 2, steps)
+    for got in per_rank:
+        for g, w in zip(got, want, strict=True):
+            for req in w:
+                torch.testing.assert_close(g[req], w[req], atol=1e-4, rtol=1e-4)

@@ -9,6 +9,8 @@ The quantization config (config.json `quantization_config`, or `quantize_config.
     checkpoint_format  "gptq" (default; qzeros hold zero - 1) or "gptq_v2" (the zero itself);
                        older GPTQModel writes it as `format`
     lm_head            true: a quantized lm_head, refused (ours stays unquantized)
+    modules_in_block_to_quantize  Optimum's list (or list of lists) of the block's modules that
+                       are quantized ("self_attn.q_proj", ...); the others stay unquantized
     dynamic            GPTQModel's per-module rules, first match wins: "-:<regex>" leaves the
                        matching modules unquantized, "+:<regex>" (or a bare regex) overrides
                        bits / group_size / desc_act / sym for them; matched (re.match) against
@@ -67,7 +69,8 @@ class GPTQConfig(QuantConfig):
 
     def __init__(self, bits: int, group_size: int, desc_act: bool, sym: bool,
                  checkpoint_format: str = "gptq",
-                 dynamic: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                 dynamic: Mapping[str, Mapping[str, Any]] | None = None,
+                 modules_in_block_to_quantize: list[str] | None = None) -> None:
         self.bits = check_bits(bits, "GPTQ", GPTQ_BITS)
         self.group_size = check_group_size(group_size, "GPTQ")
         self.desc_act, self.sym = desc_act, sym
@@ -75,6 +78,7 @@ class GPTQConfig(QuantConfig):
             raise ValueError(f"GPTQ checkpoint_format {checkpoint_format!r} is not supported "
                              f"(supported: {list(CHECKPOINT_FORMATS)})")
         self.checkpoint_format = checkpoint_format
+        self.modules_in_block = list(modules_in_block_to_quantize or [])  # empty: all of them
         # (excluded, compiled pattern, overrides), in the config's order
         self.dynamic: list[tuple[bool, re.Pattern[str], dict[str, Any]]] = []
         for key, overrides in (dynamic or {}).items():
@@ -106,11 +110,21 @@ class GPTQConfig(QuantConfig):
         dynamic = config.get("dynamic") or {}
         if not isinstance(dynamic, Mapping):
             raise ValueError(f"GPTQ dynamic must be an object, got {dynamic!r}")
+        in_block = config.get("modules_in_block_to_quantize") or []
+        flat = [m for entry in in_block for m in (entry if isinstance(entry, list) else [entry])] \
+            if isinstance(in_block, list) else [in_block]
+        if not isinstance(in_block, list) or not all(isinstance(m, str) for m in flat):
+            raise ValueError(f"GPTQ modules_in_block_to_quantize must be a list of module names "
+                             f"(or of lists of them), got {in_block!r}")
         return cls(config["bits"], config.get("group_size", -1), _flag(config, "desc_act", False),
-                   _flag(config, "sym", True), fmt.lower(), dynamic)
+                   _flag(config, "sym", True), fmt.lower(), dynamic, flat)
 
     def _rule(self, module: str) -> dict[str, Any] | None:
-        """This checkpoint module's settings, or None: left unquantized by a "-:" rule."""
+        """This checkpoint module's settings, or None: left unquantized (by a "-:" rule, or not
+        in modules_in_block_to_quantize)."""
+        if self.modules_in_block and not any(module == m or module.endswith(f".{m}")
+                                             for m in self.modules_in_block):
+            return None
         settings = {"bits": self.bits, "group_size": self.group_size, "desc_act": self.desc_act,
                     "sym": self.sym}
         for excluded, pattern, overrides in self.dynamic:

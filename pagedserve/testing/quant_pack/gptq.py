@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -82,12 +82,16 @@ def _rule(dynamic: Mapping[str, Mapping[str, Any]], module: str) -> dict[str, An
 
 def gptq_quantizer(bits: int = 4, group_size: int = 128, *, sym: bool = True, desc_act: bool = False,
                    checkpoint_format: str = "gptq", dynamic: Mapping[str, Mapping[str, Any]] | None = None,
-                   seed: int = 0) -> TensorQuantizer:
-    """The TensorQuantizer for quantize_checkpoint. Modules a "-:" dynamic rule excludes keep
-    their float weight; "+:" rules override bits / group_size / sym / desc_act."""
+                   modules_in_block_to_quantize: Sequence[str] = (), seed: int = 0) -> TensorQuantizer:
+    """The TensorQuantizer for quantize_checkpoint. Modules a "-:" dynamic rule excludes, or
+    missing from a non-empty modules_in_block_to_quantize ("mlp.down_proj", ...), keep their
+    float weight; "+:" rules override bits / group_size / sym / desc_act."""
 
     def quantize(module: str, w: Tensor) -> QuantizedTensor:
         rule = _rule(dynamic or {}, module)
+        if modules_in_block_to_quantize and not any(module.endswith(f".{m}")
+                                                    for m in modules_in_block_to_quantize):
+            rule = None
         if rule is None:
             return QuantizedTensor({"weight": w}, w)
         return _quantize(module, w, rule.get("bits", bits), rule.get("group_size", group_size),
@@ -133,6 +137,7 @@ def gptq_quantizer(bits: int = 4, group_size: int = 128, *, sym: bool = True, de
 
 def gptq_config(bits: int = 4, group_size: int = 128, *, sym: bool = True, desc_act: bool = False,
                 checkpoint_format: str = "gptq", dynamic: Mapping[str, Any] | None = None,
+                modules_in_block_to_quantize: Sequence[Sequence[str]] = (),
                 autogptq_file: bool = False) -> dict[str, Any]:
     """The quantization config as published: config.json's `quantization_config` (Optimum /
     GPTQModel), or with autogptq_file the older AutoGPTQ quantize_config.json, which names no
@@ -146,4 +151,6 @@ def gptq_config(bits: int = 4, group_size: int = 128, *, sym: bool = True, desc_
     config.update(quant_method="gptq", checkpoint_format=checkpoint_format, lm_head=False)
     if dynamic:
         config["dynamic"] = dict(dynamic)
+    if modules_in_block_to_quantize:  # Optimum writes a list of lists (one per sequential step)
+        config["modules_in_block_to_quantize"] = [list(step) for step in modules_in_block_to_quantize]
     return config
