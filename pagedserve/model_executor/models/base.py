@@ -84,6 +84,7 @@ class DecoderForCausalLM(nn.Module):
         self.config = config
         self.spec = spec if spec is not None else ModelSpec.from_hf(config)
         self.check_spec(self.spec)
+        self._quantized = ctx.quant_config is not None
         self.model = DecoderModel(self.spec, self.make_layer, ctx=ctx.child("model"))
         tie = self.spec.tie_word_embeddings
         self.lm_head = ParallelLMHead(self.spec.vocab_size, self.spec.hidden_size,
@@ -129,6 +130,8 @@ class DecoderForCausalLM(nn.Module):
             name = names.rename(ckpt_name)
             if tied and name.startswith("lm_head."):
                 continue
+            if self._quantized and name.endswith(".bias") and self._extra_bias(name, tensor, params):
+                continue
             for fused, ckpt, shard_id in names.stacked:
                 if ckpt in name:
                     target = name.replace(ckpt, fused)
@@ -145,6 +148,13 @@ class DecoderForCausalLM(nn.Module):
                 loader(param, tensor)
                 loaded.add(name)
         return loaded
+
+    def _extra_bias(self, name: str, tensor: Tensor, params: dict[str, nn.Parameter]) -> bool:
+        """An all-zero bias of a layer that has none: GPTQ checkpoints of GPTQ-for-LLaMa's
+        time store one for every linear layer (vLLM skips them too); a nonzero one still fails."""
+        target = next((name.replace(ckpt, fused) for fused, ckpt, _ in self.spec.checkpoint_names.stacked
+                       if ckpt in name), name)
+        return target not in params and not bool(tensor.any())
 
 
 def _param(params: dict[str, nn.Parameter], target: str, ckpt_name: str) -> nn.Parameter:

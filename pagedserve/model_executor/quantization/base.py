@@ -89,6 +89,8 @@ class QuantConfig(ABC):
     """A checkpoint's quantization scheme (GPTQ, AWQ, ...; formats come in their own modules)."""
 
     name: ClassVar[str]  # the `quant_method` value in checkpoints and the `quantization=` name
+    # Other `quantization=` names meaning this method (vLLM's kernel-specific ones: "gptq_marlin").
+    aliases: ClassVar[tuple[str, ...]] = ()
     # The model class's merged module -> its checkpoint parts ("qkv_proj" -> q/k/v_proj), set by
     # the loader before the model is built, so get_method can match checkpoint module names.
     packed_modules_mapping: dict[str, list[str]]
@@ -117,11 +119,12 @@ _REGISTRY: dict[str, type[QuantConfig]] = {}
 
 
 def register_quant_config(cls: type[QuantConfig]) -> type[QuantConfig]:
-    """Class decorator: make `cls` selectable by its `name`."""
-    name = cls.name.lower()
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
-        raise ValueError(f"quantization method {name!r} is already registered")
-    _REGISTRY[name] = cls
+    """Class decorator: make `cls` selectable by its `name` (and its `aliases`)."""
+    for name in (cls.name, *cls.aliases):
+        name = name.lower()
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"quantization method {name!r} is already registered")
+        _REGISTRY[name] = cls
     return cls
 
 
@@ -135,6 +138,12 @@ def get_quant_config_class(name: str) -> type[QuantConfig]:
         raise ValueError(f"unknown quantization method {name!r}; known methods: "
                          f"{known_quantization_methods()}")
     return cls
+
+
+def _same_method(a: str, b: str) -> bool:
+    """Whether two method names mean the same registered method (an alias is its method)."""
+    a, b = a.lower(), b.lower()
+    return a == b or (a in _REGISTRY and _REGISTRY[a] is _REGISTRY.get(b))
 
 
 def find_checkpoint_quant_config(model_dir: str | None,
@@ -174,7 +183,7 @@ def resolve_quant_config(model_dir: str | None, spec: ModelSpec | None,
         method = requested
     if not isinstance(method, str):
         raise ValueError(f"quant_method in the checkpoint's {where} must be a string, got {method!r}")
-    if requested is not None and requested.lower() != method.lower():
+    if requested is not None and not _same_method(requested, method):
         raise ValueError(f"quantization={requested!r} was requested, but checkpoint {model_dir!r} "
                          f"is quantized with {method!r} ({where})")
     return get_quant_config_class(method).from_config(data)
