@@ -77,7 +77,7 @@ def unpack_awq_columns(packed: Tensor) -> Tensor:
 class WNA16LinearMethod(LinearMethod):
     """GPTQ / AWQ linear layer: checkpoint tensors in, `layer.wna16_weight` (the kernel set's
     prepared WNA16Weight) out. The decode fusion (RMSNorm before, SiLU-and-mul after) is offered
-    up to the kernel set's `wna16_limits` (norm / gated token counts); a set without them
+    up to the kernel set's `wna16_fused_max_tokens(gated=)` token counts; 0 (the torch set)
     declines it (the layer then runs the norm itself)."""
 
     def __init__(self, fmt: WNA16Format, kernels: KernelSet, prefix: str = "") -> None:
@@ -85,9 +85,9 @@ class WNA16LinearMethod(LinearMethod):
         self.prefix = prefix
         self._prepare: Callable[[WNA16Weight], Any] = kernels.wna16_prepare
         self._matmul: Callable[..., Any] = kernels.wna16_matmul
-        limits = getattr(kernels, "wna16_limits", None)  # bound once; absent: no fused kernel
-        self._norm_max_tokens = int(limits.norm) if limits is not None else 0
-        self._gated_max_tokens = int(limits.gated) if limits is not None else 0
+        fused = kernels.wna16_fused_max_tokens  # bound once; the torch set's answers 0
+        self._norm_max_tokens = int(fused(gated=False))
+        self._gated_max_tokens = int(fused(gated=True))
         self._row_split = False
         self._shard_groups = False
 
