@@ -253,56 +253,76 @@ def test_contradictions_fail_clearly(packed: Any, tiny_checkpoints: Any, tmp_pat
         Fp8Config(serialized=False, activation_scheme="static")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("scales", ["tensor", "channel"])
-@pytest.mark.parametrize("static", [False, True])
-def test_scaled_mm_matches_the_torch_path(dtype: torch.dtype, scales: str, static: bool) -> None:
-    """torch._scaled_mm (sm89+) against fp8_linear_torch given the activation scale the GEMM used:
+def _check_scaled_mm(dev: torch.device, dtype: torch.dtype, scales: str, static: bool) -> None:
+    """The _scaled_mm plan against fp8_linear_torch given the activation scale the GEMM used:
     a merged q|k|v layer with distinct per-shard scales, and a layer whose sizes (40 x 24) need
-    padding to multiples of 16; bias on both; 1, 5 and 37 tokens."""
+    padding to multiples of 16; bias on both; 1, 5 and 37 tokens. Off CUDA the plan is forced
+    (torch._scaled_mm runs on CPU too, through oneDNN) to check its padding and scale layouts."""
     from pagedserve.kernels.registry import TORCH_KERNELS
     from pagedserve.model_executor.layers.context import BuildContext
     from pagedserve.model_executor.layers.linear import QKVParallelLinear, ReplicatedLinear
 
-    dev = torch.device("cuda")
-    if not scaled_mm_supported(dev):
-        pytest.skip("torch._scaled_mm needs compute capability >= 8.9")
     g = torch.Generator().manual_seed(0)
     cfg = Fp8Config(serialized=True, activation_scheme="static" if static else "dynamic")
     with torch.device(dev):
         torch.set_default_dtype(dtype)
         try:
             ctx = BuildContext.create(TORCH_KERNELS, quant_config=cfg)
-            layers = {"q": QKVParallelLinear(64, 16, 4, 2, bias=True, ctx=ctx.child("qkv_proj")),
-                      None: ReplicatedLinear(24, 40, bias=True, ctx=ctx.child("odd"))}
+            layers: dict[str, Any] = {
+                "qkv": QKVParallelLinear(64, 16, 4, 2, bias=True, ctx=ctx.child("qkv_proj")),
+                "odd": ReplicatedLinear(24, 40, bias=True, ctx=ctx.child("odd"))}
         finally:
             torch.set_default_dtype(torch.float32)
-    for first, layer in layers.items():
-        shards = ["q", "k", "v"] if first else [None]
+    for name, layer in layers.items():
+        shards = ["q", "k", "v"] if name == "qkv" else [None]
         for i, sid in enumerate(shards):
-            rows = layer.output_sizes[i]
-            q, scale, _ = quantize_fp8_rtn(torch.randn(rows, layer.input_size, generator=g) * (i + 1),
-                                           per_channel=scales == "channel")
+            w = torch.randn(layer.output_sizes[i], layer.input_size, generator=g) * (i + 1)
+            q, scale, _ = quantize_fp8_rtn(w, per_channel=scales == "channel")
             layer.weight.weight_loader(layer.weight, q.to(dev), sid)
             layer.weight_scale.weight_loader(layer.weight_scale, scale.to(dev), sid)
             if static:
                 layer.input_scale.weight_loader(layer.input_scale, torch.tensor(0.01 * (i + 1)).to(dev), sid)
         layer.bias.data.copy_(torch.randn(layer.bias.shape, generator=g))
-        weight, weight_scale = layer.weight.data.clone(), layer.weight_scale.data.clone()
-        layer.linear_method.process_weights_after_loading(layer)
         method = layer.linear_method
-        assert method._impl == method._apply_scaled_mm
-        scalar = weight_scale if bool((weight_scale == weight_scale[0]).all()) else None
+        method.process_weights_after_loading(layer)
+        weight, weight_scale = layer.weight.data.clone(), layer.weight_scale.data.clone()
+        input_scale = layer.input_scale
+        assert weight_scale.dim() == (0 if scales == "tensor" and name == "odd" else 1)
+        if dev.type == "cuda":
+            assert method._impl == method._apply_scaled_mm
+        else:
+            assert method._impl == method._apply_torch
+            method._prepare_scaled_mm(layer)
+            method._impl = method._apply_scaled_mm
+        if name == "odd":  # padded to [K16, N16] = [32, 48]
+            assert tuple(layer.weight.shape) == (32, 48)
         for m in (1, 5, 37):
             x = torch.randn(m, layer.input_size, generator=g).to(dev, dtype)
             got = layer(x)
             if static:
-                xs = layer.input_scale
-            else:
+                xs = input_scale
+            else:  # what the plan scales by: per token with a row-wise weight scale, else per tensor
                 xs = (x.abs().amax(dim=-1, keepdim=True) if method._rowwise else x.abs().amax()).float() / 448
-            want = fp8_linear_torch(x.float(), weight, scalar[0] if scalar is not None else weight_scale,
-                                    xs, layer.bias.float())
+            want = fp8_linear_torch(x.float(), weight, weight_scale, xs, layer.bias.float())
             assert got.dtype == dtype and got.shape == want.shape
-            # same e4m3 operands: fp32 accumulation order and the output rounding differ only
-            torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=1e-2)
+            # the same e4m3 operands: the accumulation order and the output rounding differ only
+            torch.testing.assert_close(got.float(), want, atol=1e-2 * want.abs().max().item(), rtol=1e-2)
+
+
+@pytest.mark.parametrize(("dtype", "scales", "static"), [
+    (torch.bfloat16, "tensor", False), (torch.bfloat16, "channel", True),  # tensor-wise; row-wise
+    (torch.float16, "channel", False)])  # per channel without bf16: the float32 epilogue
+def test_scaled_mm_plan_on_cpu(dtype: torch.dtype, scales: str, static: bool) -> None:
+    _check_scaled_mm(torch.device("cpu"), dtype, scales, static)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scales", ["tensor", "channel"])
+@pytest.mark.parametrize("static", [False, True])
+def test_scaled_mm_matches_the_torch_path(dtype: torch.dtype, scales: str, static: bool) -> None:
+    """torch._scaled_mm on the GPU (compute capability >= 8.9) against the torch path."""
+    dev = torch.device("cuda")
+    if not scaled_mm_supported(dev):
+        pytest.skip("torch._scaled_mm needs compute capability >= 8.9")
+    _check_scaled_mm(dev, dtype, scales, static)

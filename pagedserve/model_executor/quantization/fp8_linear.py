@@ -107,6 +107,7 @@ class Fp8LinearMethod(LinearMethod):
         self._rowwise = False  # scale_b [1, N] row-wise in the GEMM (per-channel scale, bf16 out)
         self._epilogue = False  # per-channel scale, not bf16: unit-scale GEMM, then y * scale
         self._bias_in_gemm = False
+        self._one: Tensor | None = None  # the epilogue's unit scale_b, allocated once (CUDA graphs)
 
     # ------------------------------------------------------------------ weights and loading
 
@@ -222,6 +223,7 @@ class Fp8LinearMethod(LinearMethod):
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
         self._rowwise = per_channel and self._dtype == torch.bfloat16
         self._epilogue = per_channel and not self._rowwise
+        self._one = torch.ones((), dtype=torch.float32, device=weight.device)
         # _scaled_mm takes a bias of the output dtype, never with a float32 output
         self._bias_in_gemm = (layer.bias is not None and n16 == n and not self._epilogue
                               and self._dtype in (torch.bfloat16, torch.float16))
@@ -235,13 +237,13 @@ class Fp8LinearMethod(LinearMethod):
             x = F.pad(x, (0, k_pad))  # zero columns meet the weight's zero rows
         m = x.shape[0]
         if input_scale is not None:  # static: [] or, row-wise, the same value per row [M, 1]
-            scale_a = input_scale.expand(m, 1).contiguous() if self._rowwise else input_scale
+            scale_a = input_scale.repeat(m, 1) if self._rowwise else input_scale  # strides (1, 1)
         else:
             scale_a = dynamic_scale(x, per_token=self._rowwise)
         xq = quantize_fp8(x, scale_a)
         if self._epilogue:
-            one = torch.ones((), dtype=torch.float32, device=x.device)
-            y = torch._scaled_mm(xq, weight_t, scale_a=scale_a, scale_b=one, out_dtype=torch.float32)
+            y = torch._scaled_mm(xq, weight_t, scale_a=scale_a, scale_b=cast(Tensor, self._one),
+                                 out_dtype=torch.float32)
             y = y * scale_b
         else:
             y = torch._scaled_mm(xq, weight_t, scale_a=scale_a, scale_b=scale_b,
