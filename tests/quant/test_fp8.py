@@ -81,14 +81,15 @@ def _input_amax(model: Any) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def packed(tiny_checkpoints: Any, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Any]:
-    """case -> (fp8 checkpoint, float32 checkpoint of its dequantized weights, {module: input scale})."""
-    src = tiny_checkpoints["llama"]
-    cache: dict[str, Any] = {}
+    """(case, arch) -> (fp8 checkpoint, float32 checkpoint of its dequantized weights,
+    {module: input scale})."""
+    cache: dict[tuple[str, str], Any] = {}
 
-    def get(case: str) -> Any:
-        if case not in cache:
+    def get(case: str, arch: str = "llama") -> Any:
+        if (case, arch) not in cache:
+            src = tiny_checkpoints[arch]
             scales, static = CASES[case]
-            root = tmp_path_factory.mktemp(f"fp8_{case}")
+            root = tmp_path_factory.mktemp(f"fp8_{case}_{arch}")
             input_scale: dict[str, float] = {}
             if static:
                 float_model = load_model(src, torch.float32, "cpu", show_progress=False).model
@@ -97,8 +98,8 @@ def packed(tiny_checkpoints: Any, tmp_path_factory: pytest.TempPathFactory) -> C
             deq = pack_fp8_checkpoint(src, root / "fp8", scales=scales, ignored_layers=IGNORED,
                                       input_scale=input_scale.__getitem__ if static else None)
             write_dequantized_checkpoint(src, root / "float", deq)
-            cache[case] = str(root / "fp8"), str(root / "float"), deq, input_scale
-        return cache[case]
+            cache[case, arch] = str(root / "fp8"), str(root / "float"), deq, input_scale
+        return cache[case, arch]
 
     return get
 
@@ -163,6 +164,15 @@ def test_checkpoint_loads_the_packed_weights_and_matches_float(case: str, packed
         got, want = got_h.step(chunk), want_h.step(chunk)
         for req in want:  # same float32 weights and inputs: equal up to summation order
             torch.testing.assert_close(got[req], want[req], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("case", "arch"), [("tensor-static", "llama3"), ("channel-dynamic", "llama")])
+def test_tensor_parallel_matches_tp1(case: str, arch: str, packed: Any) -> None:
+    """Each of 2 ranks loads its slice (llama3: one KV head, replicated) of the fp8 tensors: the
+    per-shard scalars fill this rank's rows, per-channel scales are sliced like the rows."""
+    from tests.models.test_tensor_parallel import _compare
+
+    _compare(packed(case, arch)[0], 2)
 
 
 def _at_load_dequantized(src: str) -> dict[str, Tensor]:
