@@ -165,7 +165,8 @@ def find_checkpoint_quant_config(model_dir: str | None,
 def resolve_quant_config(model_dir: str | None, spec: ModelSpec | None,
                          requested: str | None) -> QuantConfig | None:
     """The QuantConfig the model is built with: the checkpoint's, which `requested` (the user's
-    `quantization=`, None = take the checkpoint's) must agree with. None: unquantized."""
+    `quantization=`, None = take the checkpoint's) must agree with; on an unquantized checkpoint,
+    the requested method's `for_unquantized_checkpoint()` (refused when None). None: unquantized."""
     found = find_checkpoint_quant_config(model_dir, spec.quantization_config if spec else None)
     if found is None:
         if requested is not None:
