@@ -327,6 +327,7 @@ def test_scaled_mm_plan_on_cpu(dtype: torch.dtype, scales: str, static: bool) ->
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scales", ["tensor", "channel"])
 @pytest.mark.parametrize("static", [False, True])

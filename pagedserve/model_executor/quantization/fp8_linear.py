@@ -90,7 +90,8 @@ def fp8_linear_torch(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scal
 
 def scaled_mm_supported(device: torch.device) -> bool:
     """torch._scaled_mm needs e4m3 tensor cores: CUDA compute capability 8.9 (Ada) or later."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return (device.type == "cuda" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device) >= (8, 9))
 
 
 def _round16(n: int) -> int:
