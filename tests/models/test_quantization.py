@@ -36,7 +36,7 @@ QUANTIZED = sorted(["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn
 
 @pytest.fixture(autouse=True)
 def _registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the test method alone (the published formats, gptq / awq ..., are registered on import)
+    # the test method alone (the published formats, gptq / awq / fp8 ..., register on import)
     monkeypatch.setattr(base, "_REGISTRY", {NAME: Int4Config})
 
 

@@ -16,7 +16,9 @@ loader on every layer after load_weights). Parameters declare how the loader sli
 The checkpoint's method comes from config.json `quantization_config` (read into
 ModelSpec.quantization_config by model_spec.py) or from a `quantize_config.json` /
 `quant_config.json` beside it; its `quant_method` key names the registered QuantConfig.
-`quantization=` (EngineArgs / --quantization) must name the same method, or is refused.
+`quantization=` (EngineArgs / --quantization) must name the same method, or is refused; on an
+unquantized checkpoint it is refused unless the method's `for_unquantized_checkpoint()` gives a
+config that quantizes the weights at load time (fp8).
 
 Torch-free at import (config.py validates `quantization=` through it at start-up).
 """
@@ -109,6 +111,13 @@ class QuantConfig(ABC):
     def from_config(cls, config: Mapping[str, Any]) -> QuantConfig:
         """Parse the checkpoint's quantization config dict; ValueError on bad values."""
 
+    @classmethod
+    def for_unquantized_checkpoint(cls) -> QuantConfig | None:
+        """The config that quantizes an unquantized checkpoint's weights while loading (`quantization=`
+        naming this method on a bf16 / fp16 model, as vLLM's `--quantization fp8`), or None (the
+        default): the method needs a checkpoint quantized in its format."""
+        return None
+
     @abstractmethod
     def get_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
         """The method for the linear layer at `prefix` ("model.layers.3.mlp.gate_up_proj");
@@ -165,10 +174,14 @@ def find_checkpoint_quant_config(model_dir: str | None,
 def resolve_quant_config(model_dir: str | None, spec: ModelSpec | None,
                          requested: str | None) -> QuantConfig | None:
     """The QuantConfig the model is built with: the checkpoint's, which `requested` (the user's
-    `quantization=`, None = take the checkpoint's) must agree with. None: unquantized."""
+    `quantization=`, None = take the checkpoint's) must agree with; on an unquantized checkpoint,
+    the requested method's `for_unquantized_checkpoint()` (refused when None). None: unquantized."""
     found = find_checkpoint_quant_config(model_dir, spec.quantization_config if spec else None)
     if found is None:
         if requested is not None:
+            at_load = get_quant_config_class(requested).for_unquantized_checkpoint()
+            if at_load is not None:  # the method quantizes the weights itself, at load time
+                return at_load
             raise ValueError(
                 f"quantization={requested!r} was requested, but checkpoint {model_dir!r} is not "
                 f"quantized (no quantization_config in config.json, no "
