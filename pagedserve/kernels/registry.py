@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.kernels import reference, reference_moe, reference_quant
+from pagedserve.kernels import reference, reference_gguf, reference_lut, reference_moe, reference_quant
 from pagedserve.kernels.attention_backend import TORCH_ATTENTION, AttentionBackend
 
 __all__ = ["GemvLimits", "KernelSet", "TORCH_KERNELS", "available_kernel_sets", "get_kernel_set",
@@ -60,6 +60,12 @@ class KernelSet:
     # y [T, N] (or (y, residual) with norm_weight), the same contract as fused_gemv's extras.
     wna16_prepare: Callable[..., Any] = reference_quant.wna16_prepare
     wna16_matmul: Callable[..., Any] = reference_quant.wna16_matmul
+    # SqueezeLLM: lut_matmul(x, qweight int32 [K/8, N], lookup_table [N, 16], bias) -> y [T, N]
+    # (reference_lut.py; triton: a fused LUT GEMV for few tokens, dequantize + cuBLAS beyond).
+    lut_matmul: Callable[..., Any] = reference_lut.lut_matmul
+    # GGUF blocks kept quantized: gguf_matmul(x, reference_gguf.GGUFWeight, bias) -> y [T, N]
+    # (triton: a fused dequantizing GEMV per block type for few tokens, dequantize + cuBLAS beyond).
+    gguf_matmul: Callable[..., Any] = reference_gguf.gguf_matmul
 
 
 TORCH_KERNELS = KernelSet(

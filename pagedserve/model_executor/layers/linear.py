@@ -154,6 +154,7 @@ class LinearBase(nn.Module):
         for sid, local, full, slot in zip(ids, parts, self.output_sizes, slots, strict=True):
             self._shards[sid] = (offset, local, full, slot)
             offset += local
+        self.kernels = ctx.kernels  # the set a quantized method binds its kernels from (get_method)
         quant = ctx.quant_config
         method = quant.get_method(self, ctx.prefix) if quant is not None else None
         self.linear_method: LinearMethod = method if method is not None else UnquantizedLinearMethod(ctx.kernels)

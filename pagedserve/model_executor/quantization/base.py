@@ -107,6 +107,13 @@ class QuantConfig(ABC):
     def from_config(cls, config: Mapping[str, Any]) -> QuantConfig:
         """Parse the checkpoint's quantization config dict; ValueError on bad values."""
 
+    @classmethod
+    def for_unquantized_checkpoint(cls, model_dir: str | None, spec: ModelSpec | None) -> QuantConfig | None:
+        """The config to use when `quantization=` names this method but the checkpoint carries no
+        quantization config of its own (quantize at load, or keep a GGUF file's blocks). None,
+        the default: the method needs a checkpoint quantized with it."""
+        return None
+
     @abstractmethod
     def get_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
         """The method for the linear layer at `prefix` ("model.layers.3.mlp.gate_up_proj");
@@ -114,6 +121,12 @@ class QuantConfig(ABC):
 
 
 _REGISTRY: dict[str, type[QuantConfig]] = {}
+# Built-in methods, registered by importing their module on first use (they import torch; this
+# module stays torch-free).
+_BUILTIN_MODULES: dict[str, str] = {
+    "squeezellm": "pagedserve.model_executor.quantization.squeezellm",
+    "gguf": "pagedserve.model_executor.quantization.gguf_quant",
+}
 
 
 def register_quant_config(cls: type[QuantConfig]) -> type[QuantConfig]:
@@ -126,10 +139,14 @@ def register_quant_config(cls: type[QuantConfig]) -> type[QuantConfig]:
 
 
 def known_quantization_methods() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
 
 
 def get_quant_config_class(name: str) -> type[QuantConfig]:
+    if name.lower() not in _REGISTRY and name.lower() in _BUILTIN_MODULES:
+        import importlib
+
+        importlib.import_module(_BUILTIN_MODULES[name.lower()])  # registers it
     cls = _REGISTRY.get(name.lower())
     if cls is None:
         raise ValueError(f"unknown quantization method {name!r}; known methods: "
@@ -160,6 +177,9 @@ def resolve_quant_config(model_dir: str | None, spec: ModelSpec | None,
     found = find_checkpoint_quant_config(model_dir, spec.quantization_config if spec else None)
     if found is None:
         if requested is not None:
+            config = get_quant_config_class(requested).for_unquantized_checkpoint(model_dir, spec)
+            if config is not None:
+                return config
             raise ValueError(
                 f"quantization={requested!r} was requested, but checkpoint {model_dir!r} is not "
                 f"quantized (no quantization_config in config.json, no "
