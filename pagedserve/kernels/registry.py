@@ -88,7 +88,9 @@ def _triton_kernels() -> KernelSet:
     from pagedserve.kernels.triton.attention import paged_attention
     from pagedserve.kernels.triton.fused_moe import fused_moe
     from pagedserve.kernels.triton.gemv import MAX_M, fused_gemv, prefer_fused_gemv
+    from pagedserve.kernels.triton.gguf_matmul import gguf_matmul
     from pagedserve.kernels.triton.kv_cache import write_kv_cache
+    from pagedserve.kernels.triton.lut_gemv import lut_matmul
     from pagedserve.kernels.triton.norm import fused_add_rms_norm, rms_norm
     from pagedserve.kernels.triton.rotary import rotary_embedding, rotary_write_kv_cache
 
@@ -104,7 +106,7 @@ def _triton_kernels() -> KernelSet:
     return KernelSet("triton", rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul,
                      argmax_rows, attention, fused_gemv=fused_gemv,
                      gemv_limits=GemvLimits(limit(False, False), limit(True, False), limit(True, True)),
-                     fused_moe=fused_moe)
+                     fused_moe=fused_moe, lut_matmul=lut_matmul, gguf_matmul=gguf_matmul)
 
 
 def available_kernel_sets() -> list[str]:

@@ -1,0 +1,122 @@
+"""Triton SqueezeLLM kernels (twin: reference_lut.lut_matmul; layout diagram there).
+
+    lut_matmul(x [M, K], qweight int32 [K/8, N], lookup_table [N, 16], bias) -> y [M, N]
+      M <= MAX_M  one fused kernel: each program owns BLOCK_N output columns and walks K,
+                  decoding a [BLOCK_K, BLOCK_N] weight tile in registers per step:
+                      word  = qweight[k // 8, n]            (one int32 feeds 8 rows of k)
+                      idx   = word >> 4 (k % 8) & 15
+                      w     = lookup_table[n, idx]          (a gather from a 16-entry row:
+                                                             BLOCK_N * 32 bytes, L1-resident)
+                  then acc [M_PAD, BN] += x tile [M_PAD, BK] @ w (tl.dot, float32 accumulate;
+                  float32 models multiply in IEEE precision, not TF32). The weight (4 bits per
+                  value) is read once: decode is bandwidth bound, so this reads ~1/4 of fp16.
+      M > MAX_M   lut_dequantize -> W [N, K] in x's dtype, then F.linear (cuBLAS)
+
+Launch parameters are fixed (no autotuning: these run inside CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+__all__ = ["MAX_M", "lut_dequantize", "lut_gemv", "lut_matmul"]
+
+MAX_M = 16  # tokens up to which the fused kernel runs (tl.dot needs M_PAD >= 16 anyway)
+_BLOCK_N, _BLOCK_K = 32, 128
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _decode(qw_ptr, lut_ptr, offs_k, offs_n, N, mask):
+    """Weight tile [BK, BN] (lookup-table dtype) for rows offs_k [BK] and columns offs_n [BN]."""
+    words = tl.load(qw_ptr + (offs_k // 8)[:, None].to(tl.int64) * N + offs_n[None, :], mask=mask, other=0)
+    idx = (words >> ((offs_k % 8) * 4)[:, None]) & 15
+    return tl.load(lut_ptr + offs_n[None, :].to(tl.int64) * 16 + idx, mask=mask, other=0.0)
+
+
+@triton.jit
+def _lut_gemv_kernel(x_ptr, qw_ptr, lut_ptr, b_ptr, out_ptr, M, N, K, stride_x, stride_out,
+                     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    dtype = x_ptr.dtype.element_ty
+    offs_m = tl.arange(0, M_PAD)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w = _decode(qw_ptr, lut_ptr, offs_k, offs_n, N, k_mask[:, None] & n_mask[None, :]).to(dtype)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & k_mask[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], acc.to(dtype),
+             mask=(offs_m[:, None] < M) & n_mask[None, :])
+
+
+@triton.jit
+def _lut_dequant_kernel(qw_ptr, lut_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out [N, K] (nn.Linear layout) = lut[n, idx[k, n]], one [BK, BN] tile per program."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    w = _decode(qw_ptr, lut_ptr, offs_k, offs_n, N, mask)
+    tl.store(out_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None],
+             w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(qweight: torch.Tensor, lookup_table: torch.Tensor) -> tuple[int, int]:
+    if qweight.dim() != 2 or qweight.dtype != torch.int32 or not qweight.is_contiguous():
+        raise ValueError(f"qweight must be a contiguous int32 [K/8, N] tensor, got {tuple(qweight.shape)} "
+                         f"{qweight.dtype}")
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    if lookup_table.shape != (n, 16) or not lookup_table.is_contiguous():
+        raise ValueError(f"lookup_table must be a contiguous [{n}, 16] tensor, got {tuple(lookup_table.shape)}")
+    return k, n
+
+
+def lut_dequantize(qweight: torch.Tensor, lookup_table: torch.Tensor, dtype: torch.dtype,
+                   block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+    """W [N, K] in `dtype` (reference_lut.dequantize_lut, then .to(dtype))."""
+    k, n = _check(qweight, lookup_table)
+    out = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    _lut_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        qweight, lookup_table, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
+def lut_gemv(x: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tensor,
+             bias: torch.Tensor | None = None, *, block_n: int = _BLOCK_N,
+             block_k: int = _BLOCK_K) -> torch.Tensor:
+    """The fused kernel: x [M, K] (1 <= M <= MAX_M, contiguous K) -> y [M, N] in x's dtype."""
+    k, n = _check(qweight, lookup_table)
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_M or x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError(f"x must be [M, {k}] with 1 <= M <= {MAX_M} and contiguous K, got {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x dtype must be one of {_DTYPES}, got {x.dtype}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous [{n}] tensor, got {tuple(bias.shape)}")
+    m = x.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _lut_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, qweight, lookup_table, bias if bias is not None else x, out, m, n, k, x.stride(0), out.stride(0),
+        M_PAD=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32)
+    return out
+
+
+def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """KernelSet.lut_matmul: the fused GEMV for a few tokens, dequantize + cuBLAS beyond."""
+    if x.dim() == 2 and 0 < x.shape[0] <= MAX_M:
+        return lut_gemv(x if x.stride(1) == 1 else x.contiguous(), qweight, lookup_table, bias)
+    return F.linear(x, lut_dequantize(qweight, lookup_table, x.dtype), bias)
