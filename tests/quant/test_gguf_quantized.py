@@ -173,3 +173,46 @@ def test_greedy_equals_the_dequantized_load(files: dict[str, str], which: str) -
     got = [o.outputs[0].token_ids for o in
            LLM(model=files[which], quantization="gguf", **kwargs).generate(prompts, params)]
     assert got == want
+
+
+def test_tensor_parallel_matches_tp1(files: dict[str, str]) -> None:
+    """Two ranks: q/k/v and gate/up rows, o/down whole blocks of each rank's K slice."""
+    from pagedserve.model_executor.layers.context import ParallelGroup
+    from tests.models.test_tensor_parallel import _steps, run_steps
+    from tests.models.thread_comm import ThreadGroup
+
+    file = files["q8_0"]
+    one = load_model(file, torch.float32, "cpu", show_progress=False).model  # dequantized, tp 1
+    steps = _steps(one.spec.vocab_size)
+    want = run_steps(one, steps)
+    group = ThreadGroup(2)
+    models = [load_model(file, torch.float32, "cpu", show_progress=False, quantization="gguf",
+                         parallel=ParallelGroup(r, 2, group.comm(r))).model for r in range(2)]
+    down = _projections(models[1])["model.layers.0.mlp.down_proj"]
+    assert isinstance(down.linear_method, GGUFLinearMethod) and down.qweight.shape == (64, 64 // 32 * 34)
+    per_rank = group.run(lambda rank: run_steps(models[rank], steps, 1))
+    for got in per_rank:
+        for g, w in zip(got, want, strict=True):
+            for req in w:
+                torch.testing.assert_close(g[req], w[req], atol=1e-4, rtol=1e-4)
+
+
+def test_triton_kernels_in_the_model(files: dict[str, str]) -> None:
+    """The quantized model on the Triton gguf_matmul (interpreted on CPU) gives the torch path's
+    logits: decode steps take the fused GEMV, prefill chunks the dequantize + matmul path."""
+    pytest.importorskip("triton")
+    import dataclasses
+
+    from pagedserve.kernels.registry import TORCH_KERNELS
+    from pagedserve.kernels.triton.gguf_matmul import gguf_matmul
+    from tests.models.test_tensor_parallel import _steps, run_steps
+
+    file = files["kquant"]
+    kernels = dataclasses.replace(TORCH_KERNELS, gguf_matmul=gguf_matmul)
+    plain = load_model(file, torch.float32, "cpu", show_progress=False, quantization="gguf").model
+    fast = load_model(file, torch.float32, "cpu", show_progress=False, quantization="gguf",
+                      kernels=kernels).model
+    steps = _steps(plain.spec.vocab_size)[:3]  # prefills of 19-21 rows, one decode step of 3
+    for g, w in zip(run_steps(fast, steps), run_steps(plain, steps), strict=True):
+        for req in w:
+            torch.testing.assert_close(g[req], w[req], atol=1e-4, rtol=1e-4)

@@ -99,3 +99,42 @@ def test_greedy_equals_float_model_with_dequantized_weights(packed: dict[str, An
                                                **kwargs).generate(prompts, params)]
     assert got == want
     assert all(len(t) == 12 for t in got)
+
+
+def test_triton_kernels_in_the_model(packed: dict[str, Any]) -> None:
+    """The quantized model on the Triton lut_matmul (interpreted on CPU) gives the torch path's
+    logits: decode steps take the fused LUT GEMV, prefill chunks dequantize + matmul."""
+    pytest.importorskip("triton")
+    import dataclasses
+
+    from pagedserve.kernels.registry import TORCH_KERNELS
+    from pagedserve.kernels.triton.lut_gemv import lut_matmul as triton_lut_matmul
+    from tests.models.test_tensor_parallel import _steps, run_steps
+
+    quant_dir = packed["qwen2"][0]
+    kernels = dataclasses.replace(TORCH_KERNELS, lut_matmul=triton_lut_matmul)
+    plain = load_model(quant_dir, torch.float32, "cpu", show_progress=False).model
+    fast = load_model(quant_dir, torch.float32, "cpu", show_progress=False, kernels=kernels).model
+    steps = _steps(plain.spec.vocab_size)[:3]  # prefills of 19-21 rows, one decode step of 3
+    for g, w in zip(run_steps(fast, steps), run_steps(plain, steps), strict=True):
+        for req in w:
+            torch.testing.assert_close(g[req], w[req], atol=1e-4, rtol=1e-4)
+
+
+def test_tensor_parallel_matches_tp1(packed: dict[str, Any]) -> None:
+    from pagedserve.model_executor.layers.context import ParallelGroup
+    from tests.models.test_tensor_parallel import _steps, run_steps
+    from tests.models.thread_comm import ThreadGroup
+
+    quant_dir = packed["llama"][0]
+    one = load_model(quant_dir, torch.float32, "cpu", show_progress=False).model
+    steps = _steps(one.spec.vocab_size)
+    want = run_steps(one, steps)
+    group = ThreadGroup(2)
+    models = [load_model(quant_dir, torch.float32, "cpu", show_progress=False,
+                         parallel=ParallelGroup(r, 2, group.comm(r))).model for r in range(2)]
+    per_rank = group.run(lambda rank: run_steps(models[rank], steps, 1))
+    for got in per_rank:
+        for g, w in zip(got, want, strict=True):
+            for req in w:
+                torch.testing.assert_close(g[req], w[req], atol=1e-4, rtol=1e-4)
