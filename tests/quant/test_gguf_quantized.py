@@ -182,7 +182,7 @@ def test_tensor_parallel_matches_tp1(files: dict[str, str]) -> None:
     from tests.models.thread_comm import ThreadGroup
 
     file = files["q8_0"]
-    one = load_model(file, torch.float32, "cpu", show_progress=False).model  # dequantized, tp 1
+    one: Any = load_model(file, torch.float32, "cpu", show_progress=False).model  # dequantized, tp 1
     steps = _steps(one.spec.vocab_size)
     want = run_steps(one, steps)
     group = ThreadGroup(2)
@@ -209,7 +209,7 @@ def test_triton_kernels_in_the_model(files: dict[str, str]) -> None:
 
     file = files["kquant"]
     kernels = dataclasses.replace(TORCH_KERNELS, gguf_matmul=gguf_matmul)
-    plain = load_model(file, torch.float32, "cpu", show_progress=False, quantization="gguf").model
+    plain: Any = load_model(file, torch.float32, "cpu", show_progress=False, quantization="gguf").model
     fast = load_model(file, torch.float32, "cpu", show_progress=False, quantization="gguf",
                       kernels=kernels).model
     steps = _steps(plain.spec.vocab_size)[:3]  # prefills of 19-21 rows, one decode step of 3

@@ -113,7 +113,7 @@ def test_triton_kernels_in_the_model(packed: dict[str, Any]) -> None:
 
     quant_dir = packed["qwen2"][0]
     kernels = dataclasses.replace(TORCH_KERNELS, lut_matmul=triton_lut_matmul)
-    plain = load_model(quant_dir, torch.float32, "cpu", show_progress=False).model
+    plain: Any = load_model(quant_dir, torch.float32, "cpu", show_progress=False).model
     fast = load_model(quant_dir, torch.float32, "cpu", show_progress=False, kernels=kernels).model
     steps = _steps(plain.spec.vocab_size)[:3]  # prefills of 19-21 rows, one decode step of 3
     for g, w in zip(run_steps(fast, steps), run_steps(plain, steps), strict=True):
@@ -127,7 +127,7 @@ def test_tensor_parallel_matches_tp1(packed: dict[str, Any]) -> None:
     from tests.models.thread_comm import ThreadGroup
 
     quant_dir = packed["llama"][0]
-    one = load_model(quant_dir, torch.float32, "cpu", show_progress=False).model
+    one: Any = load_model(quant_dir, torch.float32, "cpu", show_progress=False).model
     steps = _steps(one.spec.vocab_size)
     want = run_steps(one, steps)
     group = ThreadGroup(2)
