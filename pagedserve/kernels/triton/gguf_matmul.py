@@ -10,11 +10,13 @@ block layouts are drawn there).
       M > MAX_M   gguf_dequantize -> W [N, K] in x's dtype, then F.linear (cuBLAS)
 
 Decoding a tile: value (n, k) lives in block b = k // B of row n, at byte base = n * row_stride
-+ b * S; `_tile` computes each value's byte(s) and shift from (k % B) by the formulas of
-reference_gguf, so a tile may start and end anywhere (BLOCK_K need not be a multiple of B).
-float16 fields (d, m, dmin) are read through a float16 view of the same bytes at base / 2 + i
-(block starts are even: S and the row stride are even). The scale bytes a tile re-reads for each
-of its values are a handful per block and come from L1.
++ b * S. `_tile` views the [BN, BK] tile as [BN, BK / L, L], L values that share one scale (a
+32-block, a Q4_K sub-block of 32, a Q6_K group of 16): byte offsets, scales and mins are computed
+once per (row, group) by the formulas of reference_gguf and broadcast over L, and only the quant
+bytes are read per value (L contiguous bytes from one row). BLOCK_K is any power-of-2 multiple of
+32, so a tile may cover part of a 256-value K-quant block. float16 fields (d, m, dmin) are read
+through a float16 view of the same bytes at base / 2 (block starts are even: S and the row stride
+are even).
 """
 
 from __future__ import annotations
@@ -44,54 +46,69 @@ def _half(f16_ptr, byte_offs, mask):
 
 
 @triton.jit
-def _tile(u8_ptr, f16_ptr, rows, offs_k, stride_row, mask, QTYPE: tl.constexpr):
-    """float32 [BN, BK]: the values (rows [BN] int64, offs_k [BK]) of a QTYPE weight, computed in
-    the order of reference_gguf (and gguf.quants)."""
-    if QTYPE == 2:  # Q4_0: d | qs[16]
-        j = (offs_k % 32)[None, :]
-        base = rows[:, None] * stride_row + ((offs_k // 32) * 18)[None, :]
-        nib = (_byte(u8_ptr, base + 2 + j % 16, mask) >> (4 * (j // 16))) & 15
-        return _half(f16_ptr, base, mask) * (nib - 8).to(tl.float32)
-    elif QTYPE == 3:  # Q4_1: d | m | qs[16]
-        j = (offs_k % 32)[None, :]
-        base = rows[:, None] * stride_row + ((offs_k // 32) * 20)[None, :]
-        nib = (_byte(u8_ptr, base + 4 + j % 16, mask) >> (4 * (j // 16))) & 15
-        return _half(f16_ptr, base, mask) * nib.to(tl.float32) + _half(f16_ptr, base + 2, mask)
-    elif QTYPE == 8:  # Q8_0: d | qs[32] int8
-        j = (offs_k % 32)[None, :]
-        base = rows[:, None] * stride_row + ((offs_k // 32) * 34)[None, :]
-        q = tl.load(u8_ptr + base + 2 + j, mask=mask, other=0).to(tl.int8, bitcast=True)
-        return q.to(tl.float32) * _half(f16_ptr, base, mask)
-    elif QTYPE == 12:  # Q4_K: 256 values, 8 sub-blocks s of 32 with 6-bit scale / min
-        j = (offs_k % 256)[None, :]
-        base = rows[:, None] * stride_row + ((offs_k // 256) * 144)[None, :]
-        s = j // 32
-        p = _byte(u8_ptr, base + 4 + s, mask)  # scales[s]
-        q4 = _byte(u8_ptr, base + 8 + s, mask)  # scales[s + 4]
-        r = _byte(u8_ptr, base + 4 + tl.where(s >= 4, s - 4, s), mask)  # scales[s - 4]
+def _tile(u8_ptr, f16_ptr, rows, n_mask, k0, K, stride_row, QTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, L: tl.constexpr):
+    """float32 [BN, BK]: values k0 .. k0 + BK (k0 a multiple of 32) of rows [BN] (int64) of a
+    QTYPE weight, in the order of operations of reference_gguf (and gguf.quants).
+
+    The tile is decoded as [BN, G, L] = [rows, groups of L values sharing one scale, position]:
+    scales, mins and byte offsets are computed once per (row, group) and broadcast over L; only
+    the quant bytes are read per value (L contiguous bytes, or L/2 read twice for nibbles).
+    L = _group(QTYPE): 16 for Q6_K (one int8 scale per 16), else 32 (a block, or a Q4_K sub-block)."""
+    g = k0 // L + tl.arange(0, BLOCK_K // L)  # global group index along K [G]
+    gmask = n_mask[:, None] & (g < K // L)[None, :]  # [BN, G]
+    m3 = gmask[:, :, None]
+    lane = tl.arange(0, L)[None, None, :]  # [1, 1, L]
+    if QTYPE == 2 or QTYPE == 3 or QTYPE == 8:  # one group = one block of 32
+        if QTYPE == 2:
+            base = rows[:, None] * stride_row + (g * 18)[None, :]  # [BN, G]
+        elif QTYPE == 3:
+            base = rows[:, None] * stride_row + (g * 20)[None, :]
+        else:
+            base = rows[:, None] * stride_row + (g * 34)[None, :]
+        d = _half(f16_ptr, base, gmask)[:, :, None]
+        if QTYPE == 8:
+            q = tl.load(u8_ptr + base[:, :, None] + 2 + lane, mask=m3, other=0).to(tl.int8, bitcast=True)
+            w = q.to(tl.float32) * d
+        elif QTYPE == 2:
+            nib = (_byte(u8_ptr, base[:, :, None] + 2 + lane % 16, m3) >> (4 * (lane // 16))) & 15
+            w = d * (nib - 8).to(tl.float32)
+        else:
+            nib = (_byte(u8_ptr, base[:, :, None] + 4 + lane % 16, m3) >> (4 * (lane // 16))) & 15
+            w = d * nib.to(tl.float32) + _half(f16_ptr, base + 2, gmask)[:, :, None]
+    elif QTYPE == 12:  # Q4_K: sub-block s of a 144-byte block; 6-bit scale and min
+        base = rows[:, None] * stride_row + ((g // 8) * 144)[None, :]  # [BN, G]
+        s = (g % 8)[None, :]
+        p = _byte(u8_ptr, base + 4 + s, gmask)  # scales[s]
+        q4 = _byte(u8_ptr, base + 8 + s, gmask)  # scales[s + 4]
+        r = _byte(u8_ptr, base + 4 + tl.where(s >= 4, s - 4, s), gmask)  # scales[s - 4]
         sc = tl.where(s < 4, p & 63, (q4 & 15) | ((r >> 6) << 4))
         mn = tl.where(s < 4, q4 & 63, (q4 >> 4) | ((p >> 6) << 4))
-        q = (_byte(u8_ptr, base + 16 + 32 * (s // 2) + j % 32, mask) >> (4 * (s % 2))) & 15
-        d = _half(f16_ptr, base, mask) * sc.to(tl.float32)
-        dm = _half(f16_ptr, base + 2, mask) * mn.to(tl.float32)
-        return d * q.to(tl.float32) - dm
-    else:  # QTYPE == 14, Q6_K: 256 values, ql | qh | int8 scales per 16 | d
-        j = (offs_k % 256)[None, :]
-        base = rows[:, None] * stride_row + ((offs_k // 256) * 210)[None, :]
-        h = j // 128
-        rr = j % 128
-        lo = (_byte(u8_ptr, base + 64 * h + rr % 64, mask) >> (4 * (rr // 64))) & 15
-        hi = (_byte(u8_ptr, base + 128 + 32 * h + rr % 32, mask) >> (2 * (rr // 32))) & 3
+        d = (_half(f16_ptr, base, gmask) * sc.to(tl.float32))[:, :, None]
+        dm = (_half(f16_ptr, base + 2, gmask) * mn.to(tl.float32))[:, :, None]
+        qs = base + 16 + 32 * (s // 2)
+        q = (_byte(u8_ptr, qs[:, :, None] + lane, m3) >> (4 * (s % 2))[:, :, None]) & 15
+        w = d * q.to(tl.float32) - dm
+    else:  # QTYPE == 14, Q6_K: group t of 16 in a 210-byte block; j = 16 t + lane
+        base = rows[:, None] * stride_row + ((g // 16) * 210)[None, :]
+        t = (g % 16)[None, :]
+        h = t // 8  # which 128-value half
+        u = t % 8  # group within the half: rr = 16 u + lane
+        lo_at = base + 64 * h + 16 * (u % 4)  # ql[64 h + rr % 64], shift 4 (rr // 64)
+        hi_at = base + 128 + 32 * h + 16 * (u % 2)  # qh[32 h + rr % 32], shift 2 (rr // 32)
+        lo = (_byte(u8_ptr, lo_at[:, :, None] + lane, m3) >> (4 * (u // 4))[:, :, None]) & 15
+        hi = (_byte(u8_ptr, hi_at[:, :, None] + lane, m3) >> (2 * (u // 2))[:, :, None]) & 3
         q = (lo | (hi << 4)) - 32
-        sc = tl.load(u8_ptr + base + 192 + j // 16, mask=mask, other=0).to(tl.int8, bitcast=True)
-        d = _half(f16_ptr, base + 208, mask) * sc.to(tl.float32)
-        return d * q.to(tl.float32)
+        sc = tl.load(u8_ptr + base + 192 + t, mask=gmask, other=0).to(tl.int8, bitcast=True)
+        d = (_half(f16_ptr, base + 208, gmask) * sc.to(tl.float32))[:, :, None]
+        w = d * q.to(tl.float32)
+    return tl.reshape(w, [BLOCK_N, BLOCK_K])
 
 
 @triton.jit
 def _gguf_gemv_kernel(x_ptr, u8_ptr, f16_ptr, b_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
                       M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+                      QTYPE: tl.constexpr, L: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
     offs_m = tl.arange(0, M_PAD)
@@ -102,7 +119,7 @@ def _gguf_gemv_kernel(x_ptr, u8_ptr, f16_ptr, b_ptr, out_ptr, M, N, K, stride_x,
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        w = _tile(u8_ptr, f16_ptr, rows, offs_k, stride_w, n_mask[:, None] & k_mask[None, :], QTYPE)
+        w = _tile(u8_ptr, f16_ptr, rows, n_mask, k0, K, stride_w, QTYPE, BLOCK_N, BLOCK_K, L)
         x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & k_mask[None, :], other=0.0)
         wt = tl.trans(w.to(dtype))  # [BK, BN], rounded to the model dtype as the twin does
@@ -117,15 +134,27 @@ def _gguf_gemv_kernel(x_ptr, u8_ptr, f16_ptr, b_ptr, out_ptr, M, N, K, stride_x,
 
 
 @triton.jit
-def _gguf_dequant_kernel(u8_ptr, f16_ptr, out_ptr, N, K, stride_w, QTYPE: tl.constexpr,
+def _gguf_dequant_kernel(u8_ptr, f16_ptr, out_ptr, N, K, stride_w, QTYPE: tl.constexpr, L: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out [N, K] in its dtype = the decoded values, one [BN, BK] tile per program."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    w = _tile(u8_ptr, f16_ptr, offs_n.to(tl.int64), offs_k, stride_w, mask, QTYPE)
+    w = _tile(u8_ptr, f16_ptr, offs_n.to(tl.int64), offs_n < N, tl.program_id(1) * BLOCK_K, K, stride_w,
+              QTYPE, BLOCK_N, BLOCK_K, L)
     tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :],
              w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _group(qtype: str) -> int:
+    """Values per scale group in _tile: 16 for Q6_K, 32 for the others."""
+    return 16 if qtype == "Q6_K" else 32
+
+
+def _check_tiles(block_n: int, block_k: int) -> None:
+    if block_k % 32 or block_k & (block_k - 1) or block_n & (block_n - 1):
+        raise ValueError(f"block_k must be a power of 2 and a multiple of 32, block_n a power of 2; "
+                         f"got {block_n}, {block_k}")
 
 
 def _views(w: GGUFWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -143,17 +172,20 @@ def _views(w: GGUFWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 def gguf_dequantize(w: GGUFWeight, dtype: torch.dtype, block_n: int = 32, block_k: int = 256) -> torch.Tensor:
     """W [N, K] in `dtype` (reference_gguf.dequantize_gguf, then .to(dtype))."""
+    _check_tiles(block_n, block_k)
     data, half, stride = _views(w)
     n, k = w.out_features, w.in_features
     out = torch.empty((n, k), dtype=dtype, device=data.device)
     _gguf_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-        data, half, out, n, k, stride, QTYPE=GGUF_BLOCKS[w.qtype][0], BLOCK_N=block_n, BLOCK_K=block_k)
+        data, half, out, n, k, stride, QTYPE=GGUF_BLOCKS[w.qtype][0], L=_group(w.qtype),
+        BLOCK_N=block_n, BLOCK_K=block_k)
     return out
 
 
 def gguf_gemv(x: torch.Tensor, w: GGUFWeight, bias: torch.Tensor | None = None, *,
               block_n: int = _BLOCK_N, block_k: int = _BLOCK_K) -> torch.Tensor:
     """The fused kernel: x [M, K] (1 <= M <= MAX_M, contiguous K) -> y [M, N] in x's dtype."""
+    _check_tiles(block_n, block_k)
     data, half, stride = _views(w)
     n, k = w.out_features, w.in_features
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_M or x.shape[1] != k or x.stride(1) != 1:
@@ -167,7 +199,8 @@ def gguf_gemv(x: torch.Tensor, w: GGUFWeight, bias: torch.Tensor | None = None, 
     _gguf_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, data, half, bias if bias is not None else x, out, m, n, k, x.stride(0), stride, out.stride(0),
         M_PAD=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
-        QTYPE=GGUF_BLOCKS[w.qtype][0], HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32)
+        QTYPE=GGUF_BLOCKS[w.qtype][0], L=_group(w.qtype), HAS_BIAS=bias is not None,
+        IEEE=x.dtype == torch.float32)
     return out
 
 
