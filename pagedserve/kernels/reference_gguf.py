@@ -22,13 +22,15 @@ Every value is computed in float32 with the operations in the order of the gguf 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GGUF_BLOCKS", "GGUFWeight", "dequantize_gguf", "gguf_matmul", "row_bytes"]
+from pagedserve.kernels.reference import fused_add_rms_norm, rms_norm
+
+__all__ = ["GGUF_BLOCKS", "GGUFWeight", "dequantize_gguf", "gguf_matmul", "linear_with_extras", "row_bytes"]
 
 # type name -> (ggml type id, values per block, bytes per block): the types kept quantized.
 GGUF_BLOCKS: dict[str, tuple[int, int, int]] = {
@@ -126,7 +128,35 @@ def dequantize_gguf(w: GGUFWeight) -> Tensor:
     return _dequantize_blocks(w.qtype, blocks).reshape(n, k)
 
 
-def gguf_matmul(x: Tensor, w: GGUFWeight, bias: Tensor | None = None) -> Tensor:
+def linear_with_extras(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+                       norm_weight: Tensor | None = None, residual: Tensor | None = None,
+                       eps: float = 1e-6, gated: bool = False) -> Any:
+    """F.linear(x, weight.to(x.dtype), bias) with the decode extras of the fused kernels:
+
+        norm_weight given: x = rms_norm(x [+ residual]) * norm_weight first (reference.py's
+                           roundings) and the result is (y, x [+ residual]);
+        gated:             weight = [gate | up] rows, y = silu(gate) * up, both kept in float32
+                           and rounded once (as reference.fused_gemv_reference)."""
+    new_residual = None
+    if norm_weight is not None:
+        if residual is not None:
+            x, new_residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+        else:
+            x, new_residual = rms_norm(x, norm_weight, eps), x
+    if gated:
+        y = F.linear(x.float(), weight.to(x.dtype).float(), None if bias is None else bias.float())
+        half = y.shape[-1] // 2
+        out = (F.silu(y[:, :half]) * y[:, half:]).to(x.dtype)
+    else:
+        out = F.linear(x, weight.to(x.dtype), bias)
+    return out if new_residual is None else (out, new_residual)
+
+
+def gguf_matmul(x: Tensor, w: GGUFWeight, bias: Tensor | None = None, *,
+                norm_weight: Tensor | None = None, residual: Tensor | None = None,
+                eps: float = 1e-6, gated: bool = False) -> Any:
     """x [T, K] -> y [T, N] (+ bias): F.linear with the weight dequantized and rounded to x's
-    dtype, exactly what a layer holding the weight dequantized at load computes."""
-    return F.linear(x, dequantize_gguf(w).to(x.dtype), bias)
+    dtype, exactly what a layer holding the weight dequantized at load computes (and the
+    extras of linear_with_extras)."""
+    return linear_with_extras(x, dequantize_gguf(w), bias, norm_weight=norm_weight, residual=residual,
+                              eps=eps, gated=gated)

@@ -17,10 +17,12 @@ a SqueezeLLM layer computes exactly what an unquantized layer holding W computes
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from pagedserve.kernels.reference_gguf import linear_with_extras
 from pagedserve.kernels.reference_quant import unpack_along_rows
 
 __all__ = ["LUT_SIZE", "dequantize_lut", "lut_matmul"]
@@ -37,6 +39,10 @@ def dequantize_lut(qweight: Tensor, lookup_table: Tensor) -> Tensor:
     return lookup_table.gather(1, idx.t().to(torch.int64))  # [N, K]
 
 
-def lut_matmul(x: Tensor, qweight: Tensor, lookup_table: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [T, K] -> y [T, N] (+ bias) in x's dtype: F.linear with the dequantized weight."""
-    return F.linear(x, dequantize_lut(qweight, lookup_table).to(x.dtype), bias)
+def lut_matmul(x: Tensor, qweight: Tensor, lookup_table: Tensor, bias: Tensor | None = None, *,
+               norm_weight: Tensor | None = None, residual: Tensor | None = None,
+               eps: float = 1e-6, gated: bool = False) -> Any:
+    """x [T, K] -> y [T, N] (+ bias) in x's dtype: F.linear with the dequantized weight (and the
+    decode extras of reference_gguf.linear_with_extras: the RMSNorm before, SiLU-and-mul after)."""
+    return linear_with_extras(x, dequantize_lut(qweight, lookup_table), bias, norm_weight=norm_weight,
+                              residual=residual, eps=eps, gated=gated)

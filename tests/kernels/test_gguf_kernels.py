@@ -21,12 +21,23 @@ from pagedserve.testing.gguf_files import random_block_bytes  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 TYPES = list(GGUF_BLOCKS)
+# bf16 only on the GPU: the interpreter rounds to bf16 toward zero, a bias that the sums of these
+# skewed random weights accumulate coherently (float16 rounds to nearest there, as on the GPU)
+EXTRAS_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-def _weight(qtype: str, n: int, k: int, seed: int) -> GGUFWeight:
-    raw = torch.from_numpy(random_block_bytes(qtype, n, k, seed)).to(DEVICE)
-    return GGUFWeight(raw, qtype, k)
+_HALVES = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}  # float16 fields
+
+
+def _weight(qtype: str, n: int, k: int, seed: int, scale: float | None = None) -> GGUFWeight:
+    """Valid random blocks; `scale` replaces every float16 field (d, m, dmin) of every block."""
+    raw = torch.from_numpy(random_block_bytes(qtype, n, k, seed))
+    if scale is not None:
+        blocks = raw.view(-1, GGUF_BLOCKS[qtype][2])
+        for at in _HALVES[qtype]:
+            blocks[:, at:at + 2] = torch.tensor([scale], dtype=torch.float16).view(torch.uint8)
+    return GGUFWeight(raw.to(DEVICE), qtype, k)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -90,3 +101,26 @@ def test_llama_shape_on_gpu(qtype: str, m: int) -> None:
     w = _weight(qtype, 4096, 4096, seed=0)
     x = torch.randn(m, 4096, device=DEVICE, dtype=torch.bfloat16) * 0.05
     _close(gguf_matmul(x, w), ref.gguf_matmul(x, w))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("extras", ["norm", "norm+residual", "gated", "norm+residual+gated"])
+@pytest.mark.parametrize("dtype", EXTRAS_DTYPES)
+def test_fused_extras_equal_twin(qtype: str, extras: str, dtype: torch.dtype) -> None:
+    """The RMSNorm prologue (with the residual add) and the SiLU-and-mul epilogue."""
+    gated = "gated" in extras
+    w = _weight(qtype, 2 * 24 if gated else 24, 256, seed=2, scale=2e-3)  # float16: gate * up < 65504
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 256, generator=g).to(DEVICE, dtype)
+    kwargs = {"norm_weight": (torch.randn(256, generator=g) * 0.1 + 1).to(DEVICE, dtype), "eps": 1e-5,
+              "residual": torch.randn(3, 256, generator=g).to(DEVICE, dtype) if "residual" in extras else None,
+              "gated": gated}
+    bias = torch.randn(w.out_features, generator=g).to(DEVICE, dtype)
+    got, got_res = gguf_gemv(x, w, bias, block_n=16, block_k=64, **kwargs)
+    want, want_res = ref.gguf_matmul(x, w, bias, **kwargs)
+    assert got.shape == (3, w.out_features // 2 if gated else w.out_features)
+    _close(got, want)
+    if kwargs["residual"] is None:
+        assert got_res is x
+    else:
+        assert torch.equal(got_res, want_res)

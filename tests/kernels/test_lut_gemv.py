@@ -18,6 +18,9 @@ from pagedserve.kernels.triton.lut_gemv import MAX_M, lut_dequantize, lut_gemv, 
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
+# bf16 only on the GPU: the interpreter rounds to bf16 toward zero, a bias that the sums of these
+# skewed random weights accumulate coherently (float16 rounds to nearest there, as on the GPU)
+EXTRAS_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -75,3 +78,26 @@ def test_llama_shape_on_gpu(m: int) -> None:
     qweight, lut = _weights(4096, 4096, seed=0)
     x = torch.randn(m, 4096, device=DEVICE, dtype=torch.bfloat16)
     _close(lut_matmul(x, qweight, lut), ref.lut_matmul(x, qweight, lut))
+
+
+@pytest.mark.parametrize("extras", ["norm", "norm+residual", "gated", "norm+residual+gated"])
+@pytest.mark.parametrize("dtype", EXTRAS_DTYPES)
+def test_fused_extras_equal_twin(extras: str, dtype: torch.dtype) -> None:
+    """The RMSNorm prologue (with the residual add) and the SiLU-and-mul epilogue."""
+    gated = "gated" in extras
+    n = 2 * 24 if gated else 24
+    qweight, lut = _weights(128, n, seed=4)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 128, generator=g).to(DEVICE, dtype)
+    kwargs = {"norm_weight": (torch.randn(128, generator=g) * 0.1 + 1).to(DEVICE, dtype), "eps": 1e-5,
+              "residual": torch.randn(2, 128, generator=g).to(DEVICE, dtype) if "residual" in extras else None,
+              "gated": gated}
+    bias = torch.randn(n, generator=g).to(DEVICE, dtype)
+    got, got_res = lut_gemv(x, qweight, lut, bias, block_n=16, block_k=32, **kwargs)
+    want, want_res = ref.lut_matmul(x, qweight, lut, bias, **kwargs)
+    assert got.shape == (2, n // 2 if gated else n)
+    _close(got, want)
+    if kwargs["residual"] is None:
+        assert got_res is x
+    else:
+        assert torch.equal(got_res, want_res)

@@ -21,16 +21,23 @@ are even).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from pagedserve.kernels.reference_gguf import GGUF_BLOCKS, GGUFWeight, row_bytes
+from pagedserve.kernels.triton.lowbit_norm import norm_block, norm_rstd, prepare_norm, x_tile
 
-__all__ = ["MAX_M", "gguf_dequantize", "gguf_gemv", "gguf_matmul"]
+__all__ = ["FUSED_MAX_TOKENS", "MAX_M", "gguf_dequantize", "gguf_gemv", "gguf_matmul"]
 
 MAX_M = 16  # tokens up to which the fused kernel runs (tl.dot needs M_PAD >= 16 anyway)
+# Tokens up to which the linear methods ask for the RMSNorm prologue / SiLU-and-mul epilogue.
+# Not tuned yet (benchmarks/lut_gguf_bench.py times the plain kernel): every program redoes the
+# norm of all M_PAD rows, so the gain is at decode batch sizes.
+FUSED_MAX_TOKENS = 4
 _BLOCK_N, _BLOCK_K = 32, 128
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -106,29 +113,49 @@ def _tile(u8_ptr, f16_ptr, rows, n_mask, k0, K, stride_row, QTYPE: tl.constexpr,
 
 
 @triton.jit
-def _gguf_gemv_kernel(x_ptr, u8_ptr, f16_ptr, b_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
+def _gguf_gemv_kernel(x_ptr, res_ptr, nw_ptr, u8_ptr, f16_ptr, b_ptr, out_ptr, res_out_ptr,
+                      M, N, K, stride_x, stride_res, stride_w, stride_out, stride_res_out, eps,
                       M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      QTYPE: tl.constexpr, L: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+                      NORM_BLOCK: tl.constexpr, QTYPE: tl.constexpr, L: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                      GATED: tl.constexpr, IEEE: tl.constexpr):
+    """out [M, N] = prologue(x) @ W[rows].T (+ bias); GATED: W = [gate rows | up rows] (2N rows),
+    out = silu(gate) * up, kept in float32 and rounded once."""
     pid = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
     offs_m = tl.arange(0, M_PAD)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows = offs_n.to(tl.int64)
+    rstd = tl.zeros([M_PAD], dtype=tl.float32)
+    if HAS_NORM:
+        rstd = norm_rstd(x_ptr, res_ptr, res_out_ptr, offs_m, M, K, stride_x, stride_res, stride_res_out,
+                         eps, M_PAD, NORM_BLOCK, HAS_RESIDUAL)
     acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        w = _tile(u8_ptr, f16_ptr, rows, n_mask, k0, K, stride_w, QTYPE, BLOCK_N, BLOCK_K, L)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & k_mask[None, :], other=0.0)
-        wt = tl.trans(w.to(dtype))  # [BK, BN], rounded to the model dtype as the twin does
+        x = x_tile(x_ptr, res_ptr, nw_ptr, offs_m, offs_k, M, K, stride_x, stride_res, rstd,
+                   HAS_NORM, HAS_RESIDUAL)
+        # [BK, BN] weight tiles, rounded to the model dtype as the twin does
+        wt = tl.trans(_tile(u8_ptr, f16_ptr, rows, n_mask, k0, K, stride_w, QTYPE, BLOCK_N, BLOCK_K, L).to(dtype))
         if IEEE:
             acc += tl.dot(x, wt, input_precision="ieee")
         else:
             acc += tl.dot(x, wt)
+        if GATED:
+            ut = tl.trans(_tile(u8_ptr, f16_ptr, rows + N, n_mask, k0, K, stride_w, QTYPE, BLOCK_N, BLOCK_K,
+                                L).to(dtype))
+            if IEEE:
+                acc_up += tl.dot(x, ut, input_precision="ieee")
+            else:
+                acc_up += tl.dot(x, ut)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], acc.to(dtype),
              mask=(offs_m[:, None] < M) & n_mask[None, :])
 
@@ -183,29 +210,50 @@ def gguf_dequantize(w: GGUFWeight, dtype: torch.dtype, block_n: int = 32, block_
 
 
 def gguf_gemv(x: torch.Tensor, w: GGUFWeight, bias: torch.Tensor | None = None, *,
-              block_n: int = _BLOCK_N, block_k: int = _BLOCK_K) -> torch.Tensor:
-    """The fused kernel: x [M, K] (1 <= M <= MAX_M, contiguous K) -> y [M, N] in x's dtype."""
+              norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+              eps: float = 1e-6, gated: bool = False, block_n: int = _BLOCK_N,
+              block_k: int = _BLOCK_K) -> Any:
+    """The fused kernel: x [M, K] (1 <= M <= MAX_M, contiguous K) -> y [M, N] in x's dtype, with
+    reference_gguf.gguf_matmul's extras: norm_weight (then (y, x [+ residual]) is returned) and
+    gated (W = [gate | up], y [M, N / 2])."""
     _check_tiles(block_n, block_k)
     data, half, stride = _views(w)
-    n, k = w.out_features, w.in_features
+    rows, k = w.out_features, w.in_features
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_M or x.shape[1] != k or x.stride(1) != 1:
         raise ValueError(f"x must be [M, {k}] with 1 <= M <= {MAX_M} and contiguous K, got {tuple(x.shape)}")
     if x.dtype not in _DTYPES:
         raise ValueError(f"x dtype must be one of {_DTYPES}, got {x.dtype}")
-    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
-        raise ValueError(f"bias must be a contiguous [{n}] tensor, got {tuple(bias.shape)}")
-    m = x.shape[0]
+    if bias is not None and (bias.shape != (rows,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous [{rows}] tensor, got {tuple(bias.shape)}")
+    if gated and rows % 2:
+        raise ValueError(f"gated weight must have 2*I rows, got {rows}")
+    res_out = prepare_norm(x, norm_weight, residual, eps)
+    m, n = x.shape[0], rows // 2 if gated else rows
+    m_pad = max(16, triton.next_power_of_2(m))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    res = residual if residual is not None else x
+    res_o = res_out if res_out is not None else out
     _gguf_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, data, half, bias if bias is not None else x, out, m, n, k, x.stride(0), stride, out.stride(0),
-        M_PAD=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+        x, res, norm_weight if norm_weight is not None else x, data, half, bias if bias is not None else x,
+        out, res_o, m, n, k, x.stride(0), res.stride(0), stride, out.stride(0), res_o.stride(0), float(eps),
+        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, NORM_BLOCK=norm_block(k, m_pad),
         QTYPE=GGUF_BLOCKS[w.qtype][0], L=_group(w.qtype), HAS_BIAS=bias is not None,
+        HAS_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
         IEEE=x.dtype == torch.float32)
-    return out
+    if norm_weight is None:
+        return out
+    return out, (res_out if res_out is not None else x)
 
 
-def gguf_matmul(x: torch.Tensor, w: GGUFWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """KernelSet.gguf_matmul: the fused GEMV for a few tokens, dequantize + cuBLAS beyond."""
+def gguf_matmul(x: torch.Tensor, w: GGUFWeight, bias: torch.Tensor | None = None, *,
+                norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                eps: float = 1e-6, gated: bool = False) -> Any:
+    """KernelSet.gguf_matmul: the fused GEMV (with the norm / SiLU-and-mul extras) for a few
+    tokens; dequantize + cuBLAS beyond (the callers only ask for the extras within
+    FUSED_MAX_TOKENS)."""
     if x.dim() == 2 and 0 < x.shape[0] <= MAX_M:
-        return gguf_gemv(x if x.stride(1) == 1 else x.contiguous(), w, bias)
+        return gguf_gemv(x if x.stride(1) == 1 else x.contiguous(), w, bias, norm_weight=norm_weight,
+                         residual=residual, eps=eps, gated=gated)
+    if norm_weight is not None or gated:
+        raise ValueError(f"the norm / gated extras are fused for at most {MAX_M} tokens, got {x.shape[0]}")
     return F.linear(x, gguf_dequantize(w, x.dtype), bias)
