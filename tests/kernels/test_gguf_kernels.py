@@ -7,6 +7,8 @@ a ragged tail and M padded rows. The `gpu` test repeats the check at a Llama-siz
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -112,7 +114,7 @@ def test_fused_extras_equal_twin(qtype: str, extras: str, dtype: torch.dtype) ->
     w = _weight(qtype, 2 * 24 if gated else 24, 256, seed=2, scale=2e-3)  # float16: gate * up < 65504
     g = torch.Generator().manual_seed(9)
     x = torch.randn(3, 256, generator=g).to(DEVICE, dtype)
-    kwargs = {"norm_weight": (torch.randn(256, generator=g) * 0.1 + 1).to(DEVICE, dtype), "eps": 1e-5,
+    kwargs: dict[str, Any] = {"norm_weight": (torch.randn(256, generator=g) * 0.1 + 1).to(DEVICE, dtype), "eps": 1e-5,
               "residual": torch.randn(3, 256, generator=g).to(DEVICE, dtype) if "residual" in extras else None,
               "gated": gated}
     bias = torch.randn(w.out_features, generator=g).to(DEVICE, dtype)

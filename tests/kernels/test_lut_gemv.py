@@ -6,6 +6,8 @@ repeats the check at a Llama-sized shape."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -89,7 +91,7 @@ def test_fused_extras_equal_twin(extras: str, dtype: torch.dtype) -> None:
     qweight, lut = _weights(128, n, seed=4)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(2, 128, generator=g).to(DEVICE, dtype)
-    kwargs = {"norm_weight": (torch.randn(128, generator=g) * 0.1 + 1).to(DEVICE, dtype), "eps": 1e-5,
+    kwargs: dict[str, Any] = {"norm_weight": (torch.randn(128, generator=g) * 0.1 + 1).to(DEVICE, dtype), "eps": 1e-5,
               "residual": torch.randn(2, 128, generator=g).to(DEVICE, dtype) if "residual" in extras else None,
               "gated": gated}
     bias = torch.randn(n, generator=g).to(DEVICE, dtype)

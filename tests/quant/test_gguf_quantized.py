@@ -199,19 +199,23 @@ def test_tensor_parallel_matches_tp1(files: dict[str, str]) -> None:
 
 def test_triton_kernels_in_the_model(files: dict[str, str]) -> None:
     """The quantized model on the Triton gguf_matmul (interpreted on CPU) gives the torch path's
-    logits: decode steps take the fused GEMV, prefill chunks the dequantize + matmul path."""
+    logits: decode steps take the fused GEMV (with the norm, and on gate_up the SiLU-and-mul,
+    folded in; qkv mixes Q4_K and Q6_K and declines), prefill chunks dequantize + matmul."""
     pytest.importorskip("triton")
     import dataclasses
 
     from pagedserve.kernels.registry import TORCH_KERNELS
-    from pagedserve.kernels.triton.gguf_matmul import gguf_matmul
+    from pagedserve.kernels.triton.gguf_matmul import FUSED_MAX_TOKENS, gguf_matmul
     from tests.models.test_tensor_parallel import _steps, run_steps
 
     file = files["kquant"]
-    kernels = dataclasses.replace(TORCH_KERNELS, gguf_matmul=gguf_matmul)
+    kernels = dataclasses.replace(TORCH_KERNELS, gguf_matmul=gguf_matmul, gguf_fused_max_tokens=FUSED_MAX_TOKENS)
     plain: Any = load_model(file, torch.float32, "cpu", show_progress=False, quantization="gguf").model
     fast = load_model(file, torch.float32, "cpu", show_progress=False, quantization="gguf",
                       kernels=kernels).model
+    layer0 = _projections(fast)
+    assert layer0["model.layers.0.mlp.gate_up_proj"].linear_method.fused_max_tokens(gated=True) == FUSED_MAX_TOKENS
+    assert layer0["model.layers.0.self_attn.qkv_proj"].linear_method.fused_max_tokens(gated=False) == 0
     steps = _steps(plain.spec.vocab_size)[:3]  # prefills of 19-21 rows, one decode step of 3
     for g, w in zip(run_steps(fast, steps), run_steps(plain, steps), strict=True):
         for req in w:

@@ -103,16 +103,19 @@ def test_greedy_equals_float_model_with_dequantized_weights(packed: dict[str, An
 
 def test_triton_kernels_in_the_model(packed: dict[str, Any]) -> None:
     """The quantized model on the Triton lut_matmul (interpreted on CPU) gives the torch path's
-    logits: decode steps take the fused LUT GEMV, prefill chunks dequantize + matmul."""
+    logits: decode steps take the fused LUT GEMV (the norm and, on gate_up, the SiLU-and-mul
+    folded in), prefill chunks dequantize + matmul."""
     pytest.importorskip("triton")
     import dataclasses
 
     from pagedserve.kernels.registry import TORCH_KERNELS
+    from pagedserve.kernels.triton.lut_gemv import FUSED_MAX_TOKENS
     from pagedserve.kernels.triton.lut_gemv import lut_matmul as triton_lut_matmul
     from tests.models.test_tensor_parallel import _steps, run_steps
 
     quant_dir = packed["qwen2"][0]
-    kernels = dataclasses.replace(TORCH_KERNELS, lut_matmul=triton_lut_matmul)
+    kernels = dataclasses.replace(TORCH_KERNELS, lut_matmul=triton_lut_matmul,
+                                  lut_fused_max_tokens=FUSED_MAX_TOKENS)
     plain: Any = load_model(quant_dir, torch.float32, "cpu", show_progress=False).model
     fast = load_model(quant_dir, torch.float32, "cpu", show_progress=False, kernels=kernels).model
     steps = _steps(plain.spec.vocab_size)[:3]  # prefills of 19-21 rows, one decode step of 3

@@ -7,6 +7,9 @@ block layouts are drawn there).
                   tile of values in registers straight from the blocks and does
                   acc [M_PAD, BN] += x tile [M_PAD, BK] @ tile^T (tl.dot, float32 accumulate;
                   IEEE precision for float32 models). The weight bytes are read once.
+                  Decode extras as fused_gemv's (up to FUSED_MAX_TOKENS, asked by the method):
+                  the RMSNorm prologue (lowbit_norm.py) and, for W = [gate | up], two
+                  accumulators and silu(gate) * up before the one rounding.
       M > MAX_M   gguf_dequantize -> W [N, K] in x's dtype, then F.linear (cuBLAS)
 
 Decoding a tile: value (n, k) lives in block b = k // B of row n, at byte base = n * row_stride

@@ -10,6 +10,9 @@
                   then acc [M_PAD, BN] += x tile [M_PAD, BK] @ w (tl.dot, float32 accumulate;
                   float32 models multiply in IEEE precision, not TF32). The weight (4 bits per
                   value) is read once: decode is bandwidth bound, so this reads ~1/4 of fp16.
+                  Decode extras as fused_gemv's (up to FUSED_MAX_TOKENS, asked by the method):
+                  the RMSNorm prologue (lowbit_norm.py) and, for columns [gate | up], two
+                  accumulators and silu(gate) * up before the one rounding.
       M > MAX_M   lut_dequantize -> W [N, K] in x's dtype, then F.linear (cuBLAS)
 
 Launch parameters are fixed (no autotuning: these run inside CUDA graphs).

@@ -47,11 +47,14 @@ logger = logging.getLogger(__name__)
 
 
 class GGUFLinearMethod(LinearMethod):
-    """Raw GGUF blocks per shard type (see the module docstring); no decode fusion."""
+    """Raw GGUF blocks per shard type (see the module docstring). The decode fusion (RMSNorm
+    before, SiLU-and-mul after) runs in the kernel set's gguf_matmul up to its
+    gguf_fused_max_tokens, for layers whose shards share one type (one weight)."""
 
     def __init__(self, kernels: KernelSet, qtypes: Sequence[str]) -> None:
         self._matmul = kernels.gguf_matmul  # bound once
         self.qtypes = list(qtypes)  # per shard of the layer, in shard order
+        self._fused_max_tokens = kernels.gguf_fused_max_tokens if len(set(qtypes)) == 1 else 0
         self.weights: list[GGUFWeight] = []  # per run of same-type shards, after loading
         self._splits: list[int] = []  # output features of each run
 
@@ -107,12 +110,17 @@ class GGUFLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: Tensor, *, norm: nn.Module | None = None,
               residual: Tensor | None = None, gated: bool = False) -> Any:
-        assert norm is None and not gated  # fusion declined (fused_max_tokens is 0)
         bias = cast("Tensor | None", layer.bias)
+        if norm is not None:  # within fused_max_tokens: one weight
+            return self._matmul(x, self.weights[0], bias, norm_weight=norm.weight, residual=residual,
+                                eps=norm.eps, gated=gated)
         if len(self.weights) == 1:
             return self._matmul(x, self.weights[0], bias)
         biases = bias.split(self._splits) if bias is not None else [None] * len(self.weights)
         return torch.cat([self._matmul(x, w, b) for w, b in zip(self.weights, biases, strict=True)], dim=-1)
+
+    def fused_max_tokens(self, *, gated: bool) -> int:
+        return self._fused_max_tokens
 
 
 def _tensor_types(file: str) -> dict[str, tuple[str, int]]:

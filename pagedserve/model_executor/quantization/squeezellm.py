@@ -15,7 +15,8 @@ lookup_table's rows, which is what the loader's output_dim slicing does. The lm_
 embeddings are not linear layers of this method and stay unquantized, as in vLLM.
 
 apply() runs the kernel set's `lut_matmul`: the torch twin dequantizes and calls F.linear; the
-Triton set uses a fused LUT GEMV for a few tokens and dequantize + cuBLAS beyond.
+Triton set uses a fused LUT GEMV for a few tokens (with the decode fusion of the RMSNorm before
+and the SiLU-and-mul after, as the unquantized GEMV) and dequantize + cuBLAS beyond.
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ _PACK = 8  # 4-bit indices per int32
 
 
 class SqueezeLLMLinearMethod(LinearMethod):
-    """qweight [K/8, N] int32 and lookup_table [N, 16]; no decode fusion (fused_max_tokens 0)."""
+    """qweight [K/8, N] int32 and lookup_table [N, 16]. The decode fusion (RMSNorm before,
+    SiLU-and-mul after) runs in the kernel set's lut_matmul up to its lut_fused_max_tokens."""
 
     def __init__(self, kernels: KernelSet) -> None:
         self._matmul = kernels.lut_matmul  # bound once
+        self._fused_max_tokens = kernels.lut_fused_max_tokens
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int,
                        output_partition_sizes: Sequence[int], input_size: int, output_size: int,
@@ -59,9 +62,13 @@ class SqueezeLLMLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: Tensor, *, norm: nn.Module | None = None,
               residual: Tensor | None = None, gated: bool = False) -> Any:
-        assert norm is None and not gated  # fusion declined (fused_max_tokens is 0)
-        return self._matmul(x, cast(Tensor, layer.qweight), cast(Tensor, layer.lookup_table),
-                            cast("Tensor | None", layer.bias))
+        args = (x, cast(Tensor, layer.qweight), cast(Tensor, layer.lookup_table), cast("Tensor | None", layer.bias))
+        if norm is None:
+            return self._matmul(*args)
+        return self._matmul(*args, norm_weight=norm.weight, residual=residual, eps=norm.eps, gated=gated)
+
+    def fused_max_tokens(self, *, gated: bool) -> int:
+        return self._fused_max_tokens
 
 
 @register_quant_config
