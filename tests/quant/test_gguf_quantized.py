@@ -100,11 +100,15 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("gguf_q")
     small = build_checkpoint(str(root / "llama"), "llama")  # hidden 64: the 32-blocks only
     hf = AutoModelForCausalLM.from_pretrained(small, dtype=torch.float32)
+    qwen2 = AutoModelForCausalLM.from_pretrained(build_checkpoint(str(root / "qwen2"), "qwen2"),
+                                                 dtype=torch.float32)  # q/k/v biases, no permutation
     wide = build_checkpoint(str(root / "wide"), "llama", hidden_size=256, intermediate_size=256, head_dim=64)
     hf_wide = AutoModelForCausalLM.from_pretrained(wide, dtype=torch.float32)
     return {"q4_0": gguf_files.write_gguf_from_hf(hf, str(root / "q4_0.gguf"), qtype="Q4_0"),
             "q8_0": gguf_files.write_gguf_from_hf(hf, str(root / "q8_0.gguf"), qtype="Q8_0"),
             "q4_1": gguf_files.write_gguf_from_hf(hf, str(root / "q4_1.gguf"), qtype="Q4_1"),
+            "qwen2_q8_0": gguf_files.write_gguf_from_hf(qwen2, str(root / "qwen2.gguf"), arch="qwen2",
+                                                        qtype="Q8_0", name="tiny qwen2"),
             "kquant": write_kquant_file(hf_wide, str(root / "kquant.gguf")),
             "tokenizer:kquant": wide, "tokenizer:q4_0": small}  # the files carry no tokenizer
 
@@ -114,7 +118,7 @@ def _projections(model: Any) -> dict[str, Any]:
             ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
 
 
-@pytest.mark.parametrize("which", ["q4_0", "q8_0", "q4_1", "kquant"])
+@pytest.mark.parametrize("which", ["q4_0", "q8_0", "q4_1", "qwen2_q8_0", "kquant"])
 def test_kept_blocks_decode_to_the_dequantized_weights(files: dict[str, str], which: str,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="pagedserve.model_executor.quantization.gguf_quant"):
@@ -133,6 +137,8 @@ def test_kept_blocks_decode_to_the_dequantized_weights(files: dict[str, str], wh
         assert not hasattr(layer, "weight")
         w = torch.cat([dequantize_gguf(g) for g in method.weights], dim=0)
         assert torch.equal(w, ref[name].weight), name  # exact, Q/K rows in place
+        if ref[name].bias is not None:
+            assert torch.equal(layer.bias, ref[name].bias), name
         kept += 1
     assert kept == (7 if which == "kquant" else 8)
     qkv = _projections(quant.model)["model.layers.0.self_attn.qkv_proj"].linear_method
