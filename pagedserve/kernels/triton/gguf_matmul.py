@@ -69,23 +69,19 @@ def _tile(u8_ptr, f16_ptr, rows, n_mask, k0, K, stride_row, QTYPE: tl.constexpr,
     gmask = n_mask[:, None] & (g < K // L)[None, :]  # [BN, G]
     m3 = gmask[:, :, None]
     lane = tl.arange(0, L)[None, None, :]  # [1, 1, L]
-    if QTYPE == 2 or QTYPE == 3 or QTYPE == 8:  # one group = one block of 32
-        if QTYPE == 2:
-            base = rows[:, None] * stride_row + (g * 18)[None, :]  # [BN, G]
-        elif QTYPE == 3:
-            base = rows[:, None] * stride_row + (g * 20)[None, :]
-        else:
-            base = rows[:, None] * stride_row + (g * 34)[None, :]
-        d = _half(f16_ptr, base, gmask)[:, :, None]
-        if QTYPE == 8:
-            q = tl.load(u8_ptr + base[:, :, None] + 2 + lane, mask=m3, other=0).to(tl.int8, bitcast=True)
-            w = q.to(tl.float32) * d
-        elif QTYPE == 2:
-            nib = (_byte(u8_ptr, base[:, :, None] + 2 + lane % 16, m3) >> (4 * (lane // 16))) & 15
-            w = d * (nib - 8).to(tl.float32)
-        else:
-            nib = (_byte(u8_ptr, base[:, :, None] + 4 + lane % 16, m3) >> (4 * (lane // 16))) & 15
-            w = d * nib.to(tl.float32) + _half(f16_ptr, base + 2, gmask)[:, :, None]
+    # (a flat chain of constexpr branches, one per type; a group of 32 is one block of Q4_0/1, Q8_0)
+    if QTYPE == 2:  # Q4_0: d | qs[16]
+        base = rows[:, None] * stride_row + (g * 18)[None, :]  # [BN, G]
+        nib = (_byte(u8_ptr, base[:, :, None] + 2 + lane % 16, m3) >> (4 * (lane // 16))) & 15
+        w = _half(f16_ptr, base, gmask)[:, :, None] * (nib - 8).to(tl.float32)
+    elif QTYPE == 3:  # Q4_1: d | m | qs[16]
+        base = rows[:, None] * stride_row + (g * 20)[None, :]
+        nib = (_byte(u8_ptr, base[:, :, None] + 4 + lane % 16, m3) >> (4 * (lane // 16))) & 15
+        w = _half(f16_ptr, base, gmask)[:, :, None] * nib.to(tl.float32) + _half(f16_ptr, base + 2, gmask)[:, :, None]
+    elif QTYPE == 8:  # Q8_0: d | qs[32] int8
+        base = rows[:, None] * stride_row + (g * 34)[None, :]
+        q = tl.load(u8_ptr + base[:, :, None] + 2 + lane, mask=m3, other=0).to(tl.int8, bitcast=True)
+        w = q.to(tl.float32) * _half(f16_ptr, base, gmask)[:, :, None]
     elif QTYPE == 12:  # Q4_K: sub-block s of a 144-byte block; 6-bit scale and min
         base = rows[:, None] * stride_row + ((g // 8) * 144)[None, :]  # [BN, G]
         s = (g % 8)[None, :]

@@ -58,7 +58,9 @@ def _lut_gemv_kernel(x_ptr, res_ptr, nw_ptr, qw_ptr, lut_ptr, b_ptr, out_ptr, re
     out = silu(gate) * up in float32, rounded once."""
     pid = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
-    ncols = 2 * N if GATED else N
+    ncols = N  # qweight columns
+    if GATED:
+        ncols = 2 * N
     offs_m = tl.arange(0, M_PAD)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
