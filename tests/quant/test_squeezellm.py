@@ -141,3 +141,18 @@ def test_tensor_parallel_matches_tp1(packed: dict[str, Any]) -> None:
         for g, w in zip(got, want, strict=True):
             for req in w:
                 torch.testing.assert_close(g[req], w[req], atol=1e-4, rtol=1e-4)
+
+
+def test_published_quant_config_json_without_method(tiny_checkpoints: Any, tmp_path: Path) -> None:
+    """SqueezeLLM's released checkpoints carry quant_config.json {"wbits": 4} without a
+    quant_method: quantization="squeezellm" names it (as with vLLM's --quantization squeezellm)."""
+    from pagedserve.testing.quant_pack import quantize_checkpoint
+
+    deq = quantize_checkpoint(tiny_checkpoints["llama"], tmp_path / "q", squeezellm_quantize, {"wbits": 4},
+                              config_location="quant_config.json")
+    with pytest.raises(ValueError, match="names no quant_method; pass quantization="):
+        load_model(str(tmp_path / "q"), torch.float32, "cpu", show_progress=False)
+    loaded = load_model(str(tmp_path / "q"), torch.float32, "cpu", show_progress=False, quantization="squeezellm")
+    down = dict(loaded.model.named_modules())["model.layers.1.mlp.down_proj"]
+    assert torch.equal(dequantize_lut(down.qweight, down.lookup_table).float(),
+                       deq["model.layers.1.mlp.down_proj.weight"])
