@@ -63,7 +63,7 @@ def test_dequantize_equals_twin(qtype: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 5, 40])  # 40: two programs along M
 def test_fused_gemv_equals_twin(qtype: str, m: int) -> None:
     w = _weight(qtype, 24, 256, seed=m)
     g = torch.Generator().manual_seed(m)
@@ -126,3 +126,15 @@ def test_fused_extras_equal_twin(qtype: str, extras: str, dtype: torch.dtype) ->
         assert got_res is x
     else:
         assert torch.equal(got_res, want_res)
+
+
+def test_norm_residual_over_two_row_tiles() -> None:
+    """40 rows: two programs along M, each writing its rows of the residual sum."""
+    w = _weight("Q8_0", 24, 64, seed=6, scale=2e-3)
+    g = torch.Generator().manual_seed(1)
+    x, res = (torch.randn(40, 64, generator=g).to(DEVICE) for _ in range(2))
+    nw = (torch.randn(64, generator=g) * 0.1 + 1).to(DEVICE)
+    got, got_res = gguf_gemv(x, w, norm_weight=nw, residual=res, block_n=16, block_k=32)
+    want, want_res = ref.gguf_matmul(x, w, norm_weight=nw, residual=res)
+    _close(got, want)
+    assert torch.equal(got_res, want_res)

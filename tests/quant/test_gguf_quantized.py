@@ -206,7 +206,7 @@ def test_tensor_parallel_matches_tp1(files: dict[str, str]) -> None:
 def test_triton_kernels_in_the_model(files: dict[str, str]) -> None:
     """The quantized model on the Triton gguf_matmul (interpreted on CPU) gives the torch path's
     logits: decode steps take the fused GEMV (with the norm, and on gate_up the SiLU-and-mul,
-    folded in; qkv mixes Q4_K and Q6_K and declines), prefill chunks dequantize + matmul."""
+    folded in; qkv mixes Q4_K and Q6_K and declines), prefill chunks the plain fused kernel."""
     pytest.importorskip("triton")
     import dataclasses
 

@@ -104,7 +104,7 @@ def test_greedy_equals_float_model_with_dequantized_weights(packed: dict[str, An
 def test_triton_kernels_in_the_model(packed: dict[str, Any]) -> None:
     """The quantized model on the Triton lut_matmul (interpreted on CPU) gives the torch path's
     logits: decode steps take the fused LUT GEMV (the norm and, on gate_up, the SiLU-and-mul
-    folded in), prefill chunks dequantize + matmul."""
+    folded in), prefill chunks the plain fused kernel."""
     pytest.importorskip("triton")
     import dataclasses
 

@@ -2,11 +2,12 @@
 block layouts are drawn there).
 
     gguf_matmul(x [M, K], GGUFWeight(data uint8 [N, K/B*S], qtype, K), bias) -> y [M, N]
-      M <= MAX_M  one fused kernel per block type (QTYPE constexpr): a program owns BLOCK_N
-                  output rows of the weight and walks K; each step decodes a [BLOCK_N, BLOCK_K]
-                  tile of values in registers straight from the blocks and does
-                  acc [M_PAD, BN] += x tile [M_PAD, BK] @ tile^T (tl.dot, float32 accumulate;
-                  IEEE precision for float32 models). The weight bytes are read once.
+      M <= MAX_M  one fused kernel per block type (QTYPE constexpr): program (p, q) owns BLOCK_N
+                  output rows of the weight and M_PAD (16 or 32) rows of x, and walks K; each
+                  step decodes a [BLOCK_N, BLOCK_K] tile of values in registers straight from
+                  the blocks and does acc [M_PAD, BN] += x tile [M_PAD, BK] @ tile^T (tl.dot,
+                  float32 accumulate; IEEE precision for float32 models). The weight bytes are
+                  read once per M_PAD rows of x (from L2 after the first).
                   Decode extras as fused_gemv's (up to FUSED_MAX_TOKENS, asked by the method):
                   the RMSNorm prologue (lowbit_norm.py) and, for W = [gate | up], two
                   accumulators and silu(gate) * up before the one rounding.
@@ -36,7 +37,13 @@ from pagedserve.kernels.triton.lowbit_norm import norm_block, norm_rstd, prepare
 
 __all__ = ["FUSED_MAX_TOKENS", "MAX_M", "gguf_dequantize", "gguf_gemv", "gguf_matmul"]
 
-MAX_M = 16  # tokens up to which the fused kernel runs (tl.dot needs M_PAD >= 16 anyway)
+MAX_M = 64  # tokens up to which the fused kernel runs; beyond, dequantize + cuBLAS
+
+
+def _block_m(m: int) -> int:
+    """Rows of x per program: 16 (tl.dot's least) to 32; more rows take more programs."""
+    return max(16, min(32, triton.next_power_of_2(m)))
+
 # Tokens up to which the linear methods ask for the RMSNorm prologue / SiLU-and-mul epilogue.
 # Not tuned yet (benchmarks/lut_gguf_bench.py times the plain kernel): every program redoes the
 # norm of all M_PAD rows, so the gain is at decode batch sizes.
@@ -122,7 +129,7 @@ def _gguf_gemv_kernel(x_ptr, res_ptr, nw_ptr, u8_ptr, f16_ptr, b_ptr, out_ptr, r
     out = silu(gate) * up, kept in float32 and rounded once."""
     pid = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
-    offs_m = tl.arange(0, M_PAD)
+    offs_m = tl.program_id(1) * M_PAD + tl.arange(0, M_PAD)  # this program's rows of x
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows = offs_n.to(tl.int64)
@@ -228,11 +235,11 @@ def gguf_gemv(x: torch.Tensor, w: GGUFWeight, bias: torch.Tensor | None = None, 
         raise ValueError(f"gated weight must have 2*I rows, got {rows}")
     res_out = prepare_norm(x, norm_weight, residual, eps)
     m, n = x.shape[0], rows // 2 if gated else rows
-    m_pad = max(16, triton.next_power_of_2(m))
+    m_pad = _block_m(m)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     res = residual if residual is not None else x
     res_o = res_out if res_out is not None else out
-    _gguf_gemv_kernel[(triton.cdiv(n, block_n),)](
+    _gguf_gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, m_pad))](
         x, res, norm_weight if norm_weight is not None else x, data, half, bias if bias is not None else x,
         out, res_o, m, n, k, x.stride(0), res.stride(0), stride, out.stride(0), res_o.stride(0), float(eps),
         M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, NORM_BLOCK=norm_block(k, m_pad),

@@ -1,8 +1,9 @@
 """Triton SqueezeLLM kernels (twin: reference_lut.lut_matmul; layout diagram there).
 
     lut_matmul(x [M, K], qweight int32 [K/8, N], lookup_table [N, 16], bias) -> y [M, N]
-      M <= MAX_M  one fused kernel: each program owns BLOCK_N output columns and walks K,
-                  decoding a [BLOCK_K, BLOCK_N] weight tile in registers per step:
+      M <= MAX_M  one fused kernel: program (p, q) owns BLOCK_N output columns and M_PAD (16
+                  or 32) rows of x and walks K, decoding a [BLOCK_K, BLOCK_N] weight tile in
+                  registers per step:
                       word  = qweight[k // 8, n]            (one int32 feeds 8 rows of k)
                       idx   = word >> 4 (k % 8) & 15
                       w     = lookup_table[n, idx]          (a gather from a 16-entry row:
@@ -31,7 +32,13 @@ from pagedserve.kernels.triton.lowbit_norm import norm_block, norm_rstd, prepare
 
 __all__ = ["FUSED_MAX_TOKENS", "MAX_M", "lut_dequantize", "lut_gemv", "lut_matmul"]
 
-MAX_M = 16  # tokens up to which the fused kernel runs (tl.dot needs M_PAD >= 16 anyway)
+MAX_M = 64  # tokens up to which the fused kernel runs; beyond, dequantize + cuBLAS
+
+
+def _block_m(m: int) -> int:
+    """Rows of x per program: 16 (tl.dot's least) to 32; more rows take more programs."""
+    return max(16, min(32, triton.next_power_of_2(m)))
+
 # Tokens up to which the linear method asks for the RMSNorm prologue / SiLU-and-mul epilogue
 # (not tuned yet: every program redoes the norm of all M_PAD rows).
 FUSED_MAX_TOKENS = 4
@@ -61,7 +68,7 @@ def _lut_gemv_kernel(x_ptr, res_ptr, nw_ptr, qw_ptr, lut_ptr, b_ptr, out_ptr, re
     ncols = N  # qweight columns
     if GATED:
         ncols = 2 * N
-    offs_m = tl.arange(0, M_PAD)
+    offs_m = tl.program_id(1) * M_PAD + tl.arange(0, M_PAD)  # this program's rows of x
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rstd = tl.zeros([M_PAD], dtype=tl.float32)
@@ -145,11 +152,11 @@ def lut_gemv(x: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tensor,
         raise ValueError(f"gated weight must have 2*I columns, got {cols}")
     res_out = prepare_norm(x, norm_weight, residual, eps)
     m, n = x.shape[0], cols // 2 if gated else cols
-    m_pad = max(16, triton.next_power_of_2(m))
+    m_pad = _block_m(m)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     res = residual if residual is not None else x
     res_o = res_out if res_out is not None else out
-    _lut_gemv_kernel[(triton.cdiv(n, block_n),)](
+    _lut_gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, m_pad))](
         x, res, norm_weight if norm_weight is not None else x, qweight, lookup_table,
         bias if bias is not None else x, out, res_o, m, n, k, x.stride(0), res.stride(0), out.stride(0),
         res_o.stride(0), float(eps), M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k,
