@@ -1,9 +1,9 @@
 """SqueezeLLM and GGUF kernels at Llama-3-8B projection shapes against bf16 cuBLAS (GPU only).
 
-    python -m benchmarks.lut_gguf_bench [--m 1 16 64] [--json OUT]
+    python -m benchmarks.lut_gguf_bench [--m 1 16 64 256] [--json OUT]
 
 For each shape, format and token count: the kernel set's call (kernels/triton/lut_gemv.py
-`lut_matmul`, kernels/triton/gguf_matmul.py `gguf_matmul`: the fused GEMV up to 16 tokens,
+`lut_matmul`, kernels/triton/gguf_matmul.py `gguf_matmul`: the fused kernel up to 64 tokens,
 dequantize + cuBLAS beyond) is first checked against its plain-torch twin, then timed as a CUDA
 graph of CALLS back-to-back calls cycling over copies of the weight totalling >= RING_BYTES (so no
 call finds its weight in L2), median of REPS replays, divided by CALLS. Columns: microseconds
@@ -102,7 +102,7 @@ def bench(ms: list[int]) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
