@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.kernels import reference, reference_moe, reference_quant
+from pagedserve.kernels import reference, reference_gguf, reference_lut, reference_moe, reference_quant
 from pagedserve.kernels.attention_backend import TORCH_ATTENTION, AttentionBackend
 
 __all__ = ["GemvLimits", "KernelSet", "TORCH_KERNELS", "available_kernel_sets", "get_kernel_set",
@@ -71,6 +71,16 @@ class KernelSet:
     wna16_prepare: Callable[..., Any] = reference_quant.wna16_prepare
     wna16_matmul: Callable[..., Any] = reference_quant.wna16_matmul
     wna16_fused_max_tokens: Callable[..., int] = _no_wna16_fusion
+    # SqueezeLLM: lut_matmul(x, qweight int32 [K/8, N], lookup_table [N, 16], bias) -> y [T, N]
+    # (reference_lut.py; triton: a fused LUT GEMV for few tokens, dequantize + cuBLAS beyond).
+    lut_matmul: Callable[..., Any] = reference_lut.lut_matmul
+    # Both take fused_gemv's extras (norm_weight=, residual=, eps=, gated=) up to these many
+    # tokens (0: the layer runs the norm and the activation itself; nothing to gain on CPU).
+    lut_fused_max_tokens: int = 0
+    gguf_fused_max_tokens: int = 0
+    # GGUF blocks kept quantized: gguf_matmul(x, reference_gguf.GGUFWeight, bias) -> y [T, N]
+    # (triton: a fused dequantizing GEMV per block type for few tokens, dequantize + cuBLAS beyond).
+    gguf_matmul: Callable[..., Any] = reference_gguf.gguf_matmul
 
 
 TORCH_KERNELS = KernelSet(
@@ -93,7 +103,11 @@ def _triton_kernels() -> KernelSet:
     from pagedserve.kernels.triton.attention import paged_attention
     from pagedserve.kernels.triton.fused_moe import fused_moe
     from pagedserve.kernels.triton.gemv import MAX_M, fused_gemv, prefer_fused_gemv
+    from pagedserve.kernels.triton.gguf_matmul import FUSED_MAX_TOKENS as GGUF_FUSED
+    from pagedserve.kernels.triton.gguf_matmul import gguf_matmul
     from pagedserve.kernels.triton.kv_cache import write_kv_cache
+    from pagedserve.kernels.triton.lut_gemv import FUSED_MAX_TOKENS as LUT_FUSED
+    from pagedserve.kernels.triton.lut_gemv import lut_matmul
     from pagedserve.kernels.triton.norm import fused_add_rms_norm, rms_norm
     from pagedserve.kernels.triton.rotary import rotary_embedding, rotary_write_kv_cache
     from pagedserve.kernels.triton.wna16 import wna16_fused_max_tokens, wna16_matmul, wna16_prepare
@@ -111,7 +125,9 @@ def _triton_kernels() -> KernelSet:
                      argmax_rows, attention, fused_gemv=fused_gemv,
                      gemv_limits=GemvLimits(limit(False, False), limit(True, False), limit(True, True)),
                      fused_moe=fused_moe, wna16_prepare=wna16_prepare, wna16_matmul=wna16_matmul,
-                     wna16_fused_max_tokens=wna16_fused_max_tokens)
+                     wna16_fused_max_tokens=wna16_fused_max_tokens, lut_matmul=lut_matmul,
+                     gguf_matmul=gguf_matmul, lut_fused_max_tokens=LUT_FUSED,
+                     gguf_fused_max_tokens=GGUF_FUSED)
 
 
 def available_kernel_sets() -> list[str]:

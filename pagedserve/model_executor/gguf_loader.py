@@ -18,7 +18,7 @@ qwen2 / qwen3 files are written unpermuted (llama.cpp rotates those NEOX-style, 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -253,12 +253,16 @@ def _dequantize(tensor: Any) -> np.ndarray:
     return values.reshape(shape)
 
 
-def iterate_gguf(file: str, dtype: torch.dtype = torch.float32,
-                 show_progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_gguf(file: str, dtype: torch.dtype = torch.float32, show_progress: bool = False,
+                 keep_quantized: Container[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (Hugging Face name, CPU tensor in `dtype`) for each tensor of a GGUF file, one at a
     time: the file is memory-mapped and each tensor dequantized only when its turn comes, so at
     most one float32 copy of one tensor exists beside the model. Every tensor's type is checked
-    before the first is yielded, so an unsupported one fails before any weight is copied."""
+    before the first is yielded, so an unsupported one fails before any weight is copied.
+
+    Weights named in `keep_quantized` (quantization/gguf_quant.py decides, while the model is
+    built) come as their raw blocks instead, uint8 [rows, row bytes] under "<module>.qweight";
+    Q/K rows are un-permuted all the same (whole rows of blocks: exact)."""
     from tqdm.auto import tqdm
 
     reader = _reader(file)
@@ -275,8 +279,13 @@ def iterate_gguf(file: str, dtype: torch.dtype = torch.float32,
         hf_name = gguf_to_hf_name(tensor.name)
         if hf_name is None:
             continue
-        weight = torch.from_numpy(_dequantize(tensor))
+        raw = hf_name in keep_quantized
+        # raw: the blocks as stored, (rows, row bytes) uint8, copied out of the read-only map
+        weight = torch.from_numpy(np.array(tensor.data) if raw else _dequantize(tensor))
         m = _BLOCK_RE.match(tensor.name)
         if arch in _PERMUTED_ARCHS and m and m.group(2) in heads:
             weight = unpermute_rotary(weight, int(heads[m.group(2)]))
-        yield hf_name, weight.to(dtype)
+        if raw:
+            yield hf_name.removesuffix("weight") + "qweight", weight
+        else:
+            yield hf_name, weight.to(dtype)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,10 +249,20 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     if quant_config is not None:  # merged module -> its checkpoint parts, for get_method
         quant_config.packed_modules_mapping = dict(getattr(model_cls, "packed_modules_mapping", {}))
     dummy = load_format == "dummy"
-    weights = (iter(()) if dummy
-               else iterate_gguf(gguf_file, dtype, show_progress) if gguf_file is not None  # dequantized
-               else iterate_weights(model_dir, load_format, show_progress))  # fails here on missing files
     device = torch.device(device)
+    keep: Container[str] = ()
+    if gguf_file is not None:
+        from pagedserve.model_executor.quantization.gguf_quant import GGUFConfig, auto_gguf_config
+
+        if quant_config is None:  # kept quantized anyway when dequantized weights would not fit
+            quant_config = auto_gguf_config(gguf_file, dtype, device)
+            if quant_config is not None:
+                quant_config.packed_modules_mapping = dict(getattr(model_cls, "packed_modules_mapping", {}))
+        if isinstance(quant_config, GGUFConfig):
+            keep = quant_config.kept  # filled while the model is built, read once loading starts
+    weights = (iter(()) if dummy
+               else iterate_gguf(gguf_file, dtype, show_progress, keep) if gguf_file is not None
+               else iterate_weights(model_dir, load_format, show_progress))  # fails here on missing files
     with torch.device(device), _default_dtype(dtype):
         # The one kernel choice: pointwise ops, GEMV and argmax follow the attention backend.
         if kernels is None:

@@ -151,8 +151,13 @@ def test_checkpoint_and_request_must_agree(int4_pairs: Any, tiny_checkpoints: An
     assert isinstance(found, Int4Config) and found.modules == MODULES
 
 
-def test_cli_flag_names_known_methods(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_flag_names_known_methods(capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from pagedserve.entrypoints.openai.cli_args import engine_args_from, parse_args
+
+    # only the test method is known here (built-in methods would otherwise join the list)
+    monkeypatch.setattr(base, "_REGISTRY", {NAME: Int4Config})
+    monkeypatch.setattr(base, "_BUILTIN_MODULES", {})
 
     assert engine_args_from(parse_args(["--model", "m", "--quantization", NAME])).quantization == NAME
     with pytest.raises(SystemExit):

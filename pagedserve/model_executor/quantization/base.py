@@ -112,10 +112,10 @@ class QuantConfig(ABC):
         """Parse the checkpoint's quantization config dict; ValueError on bad values."""
 
     @classmethod
-    def for_unquantized_checkpoint(cls) -> QuantConfig | None:
-        """The config that quantizes an unquantized checkpoint's weights while loading (`quantization=`
-        naming this method on a bf16 / fp16 model, as vLLM's `--quantization fp8`), or None (the
-        default): the method needs a checkpoint quantized in its format."""
+    def for_unquantized_checkpoint(cls, model_dir: str | None, spec: ModelSpec | None) -> QuantConfig | None:
+        """The config to use when `quantization=` names this method but the checkpoint carries no
+        quantization config of its own (quantize at load, or keep a GGUF file's blocks). None,
+        the default: the method needs a checkpoint quantized with it."""
         return None
 
     @abstractmethod
@@ -125,6 +125,12 @@ class QuantConfig(ABC):
 
 
 _REGISTRY: dict[str, type[QuantConfig]] = {}
+# Built-in methods, registered by importing their module on first use (they import torch; this
+# module stays torch-free).
+_BUILTIN_MODULES: dict[str, str] = {
+    "squeezellm": "pagedserve.model_executor.quantization.squeezellm",
+    "gguf": "pagedserve.model_executor.quantization.gguf_quant",
+}
 
 
 def register_quant_config(cls: type[QuantConfig]) -> type[QuantConfig]:
@@ -138,10 +144,14 @@ def register_quant_config(cls: type[QuantConfig]) -> type[QuantConfig]:
 
 
 def known_quantization_methods() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
 
 
 def get_quant_config_class(name: str) -> type[QuantConfig]:
+    if name.lower() not in _REGISTRY and name.lower() in _BUILTIN_MODULES:
+        import importlib
+
+        importlib.import_module(_BUILTIN_MODULES[name.lower()])  # registers it
     cls = _REGISTRY.get(name.lower())
     if cls is None:
         raise ValueError(f"unknown quantization method {name!r}; known methods: "
@@ -179,9 +189,9 @@ def resolve_quant_config(model_dir: str | None, spec: ModelSpec | None,
     found = find_checkpoint_quant_config(model_dir, spec.quantization_config if spec else None)
     if found is None:
         if requested is not None:
-            at_load = get_quant_config_class(requested).for_unquantized_checkpoint()
-            if at_load is not None:  # the method quantizes the weights itself, at load time
-                return at_load
+            config = get_quant_config_class(requested).for_unquantized_checkpoint(model_dir, spec)
+            if config is not None:
+                return config
             raise ValueError(
                 f"quantization={requested!r} was requested, but checkpoint {model_dir!r} is not "
                 f"quantized (no quantization_config in config.json, no "

@@ -29,6 +29,8 @@ from pagedserve.model_executor.quantization.base import LinearMethod, QuantConfi
 if TYPE_CHECKING:
     from torch import nn
 
+    from pagedserve.model_executor.model_spec import ModelSpec
+
 __all__ = ["ACTIVATION_SCHEMES", "Fp8Config"]
 
 ACTIVATION_SCHEMES = ("static", "dynamic")
@@ -67,7 +69,8 @@ class Fp8Config(QuantConfig):
         return cls(serialized=True, activation_scheme=scheme, ignored_layers=ignored)
 
     @classmethod
-    def for_unquantized_checkpoint(cls) -> Fp8Config:
+    def for_unquantized_checkpoint(cls, model_dir: str | None, spec: ModelSpec | None) -> Fp8Config:
+        del model_dir, spec  # any unquantized bf16 / fp16 / fp32 checkpoint
         return cls(serialized=False, activation_scheme="dynamic")
 
     def get_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
