@@ -48,16 +48,20 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
             "ignore_eos": True, "temperature": 1.0}
     sent = time.perf_counter()
     arrivals: list[float] = []
-    async with client.stream("POST", url, json=body) as response:
-        if response.status_code != 200:
-            record.append({"ok": False, "status": response.status_code})
-            return
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
-                arrivals.append(time.perf_counter())
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                record.append({"ok": False, "status": response.status_code})
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
+                    arrivals.append(time.perf_counter())
+    except httpx.TransportError as exc:  # one broken connection is one failed request, not a crash
+        record.append({"ok": False, "status": f"transport: {type(exc).__name__}"})
+        return
     done = time.perf_counter()
     record.append({"ok": True, "sent": sent, "arrivals": arrivals, "done": done, "tokens": max_tokens})
 
@@ -68,7 +72,11 @@ async def run_rate(base: str, model: str, prompts, out_lens, rate: float, seed: 
     gaps = rng.exponential(1.0 / rate, len(prompts))
     starts = np.cumsum(gaps) - gaps[0]
     record: list[dict] = []
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # No keep-alive pool: at low Poisson rates a pooled connection can sit idle past the server's
+    # keep-alive timeout (uvicorn: 5 s) and be closed just as a request is sent on it (an
+    # httpx.ReadError that ended the H200 run of 2026-12-01); a fresh connection per request
+    # costs a loopback handshake, far below the latencies measured.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
         began = time.perf_counter()
         await asyncio.gather(*(
