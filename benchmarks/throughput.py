@@ -27,11 +27,12 @@ from benchmarks.workload import WORKLOADS, NamedWorkload, engine_settings, named
 
 
 def run(model: str, num_requests: int, max_num_seqs: int | None, max_num_batched_tokens: int | None,
-        enforce_eager: bool, gpu_memory_utilization: float, load_format: str = "auto") -> dict:
+        enforce_eager: bool, gpu_memory_utilization: float, load_format: str = "auto",
+        max_model_len: int = 4096, device: str = "auto") -> dict:
     """The mix, on an engine started here (start-up timed)."""
     started = time.perf_counter()
     llm = _start(model, max_num_seqs, max_num_batched_tokens, enforce_eager, gpu_memory_utilization,
-                 load_format, max_model_len=4096)
+                 load_format, max_model_len=max_model_len, device=device)
     startup = time.perf_counter() - started
     return {**measure(llm, num_requests), "startup_s": startup}
 
@@ -51,7 +52,9 @@ def measure(llm: Any, num_requests: int, workload: NamedWorkload | None = None) 
     from pagedserve import SamplingParams
 
     core = llm.llm_engine.engine_core
-    named = workload or named_workload("sharegpt", core.runner.vocab_size, num_requests)
+    # the mix fits max_model_len 4096 uncut (prompts and outputs are at most 2048 each)
+    named = workload or named_workload("sharegpt", core.runner.vocab_size, num_requests,
+                                       max_model_len=core.config.scheduler_config.max_model_len)
     work = named.work
     params = [SamplingParams(**kw, ignore_eos=True, max_tokens=n) for kw, n in zip(named.sampling, work.output_lens)]
     prompts = [{"prompt_token_ids": p} for p in work.prompts]
@@ -176,7 +179,8 @@ def main() -> None:
         parser.error("--model is required (or --tiny)")
     if args.workload is None:
         result = run(args.model, args.num_requests, args.max_num_seqs, args.max_num_batched_tokens,
-                     args.enforce_eager, args.gpu_memory_utilization, args.load_format)
+                     args.enforce_eager, args.gpu_memory_utilization, args.load_format, args.max_model_len,
+                     args.device)
         print_table("offline throughput (ShareGPT-like mix, ignore_eos)", [result])
         write_json(args.json, {"throughput": result, "args": vars(args)})
         return
