@@ -96,3 +96,10 @@ def test_cpu_engine_config_keeps_256_and_2048(tiny_checkpoints) -> None:
 def test_probe_reads_the_gpu_the_engine_sees() -> None:
     props = torch.cuda.get_device_properties(0)
     assert probe_device("cuda") == DeviceInfo("cuda", props.name, int(props.total_memory))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU fallback")
+def test_probe_without_a_gpu_falls_back_to_the_small_row(caplog: pytest.LogCaptureFixture) -> None:
+    info = probe_device("cuda")
+    assert info == DeviceInfo("cuda") and device_class(info) == "gpu"
+    assert "could not read the GPU's properties" in caplog.text
