@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
 import subprocess
+import time
 from typing import Any
 
 import torch
@@ -38,29 +40,50 @@ def environment() -> dict[str, Any]:
     return info
 
 
-def measure_copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 20) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    src = torch.randn(num_bytes // 2, dtype=torch.bfloat16, device="cuda")
+def measure_copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 20, device: str = "cuda") -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (median)."""
+    src = torch.randn(num_bytes // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
+    seconds = _median_seconds(functools.partial(dst.copy_, src), repeats, device)
+    del src, dst
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * num_bytes / seconds
+
+
+def measure_matmul_rate(n: int = 8192, repeats: int = 20, device: str = "cuda",
+                        dtype: torch.dtype = torch.bfloat16) -> float:
+    """Dense matmul rate in FLOP/s (2 n^3 per product, median) on random normal (non-zero) data:
+    zeros would flatter the rate (less switching power, so higher clocks)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, dtype=dtype, device=device, generator=gen)
+    b = torch.randn(n, n, dtype=dtype, device=device, generator=gen)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    seconds = _median_seconds(functools.partial(torch.matmul, a, b, out=out), repeats, device)
+    del a, b, out
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return 2.0 * n**3 / seconds
+
+
+def _median_seconds(fn: Any, repeats: int, device: str) -> float:
+    """Median time of fn() after 3 warm-up calls: CUDA events on the GPU, perf_counter on the CPU."""
+    if device == "cuda":
+        return time_cuda_ms(fn, repeats, warmup=3) / 1e3
     for _ in range(3):
-        dst.copy_(src)
+        fn()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
     times.sort()
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * num_bytes / times[len(times) // 2]
+    return times[len(times) // 2]
 
 
-def time_cuda_ms(fn: Any, repeats: int = 50) -> float:
-    """Median device time of fn() in ms (CUDA events), after 5 warm-up calls."""
-    for _ in range(5):
+def time_cuda_ms(fn: Any, repeats: int = 50, warmup: int = 5) -> float:
+    """Median device time of fn() in ms (CUDA events), after `warmup` warm-up calls."""
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):

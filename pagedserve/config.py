@@ -6,11 +6,21 @@ Torch-free at import time: core/ imports the scheduler and cache configs from he
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
+from pagedserve.batch_defaults import (
+    USAGE_CONTEXTS,
+    BatchLimits,
+    DeviceInfo,
+    probe_device,
+    resolve_batch_limits,
+)
 from pagedserve.model_executor.model_spec import ModelSpec  # torch-free (pure dataclasses)
+
+logger = logging.getLogger(__name__)
 
 _PREEMPTION_MODES = ("recompute", "swap")
 _POLICIES = ("fcfs", "priority")
@@ -55,6 +65,8 @@ class SchedulerConfig:
     preemption_mode: str  # "recompute" | "swap"
     policy: str  # "fcfs" | "priority"
     slo: SloConfig | None = None  # objectives: the SLO controller sets the caps (core/slo_controller.py)
+    # how max_num_seqs / max_num_batched_tokens were chosen ("given", or the defaults' device row)
+    limits_source: str = "given"
 
 
 @dataclass(slots=True)
@@ -151,8 +163,10 @@ class EngineArgs:
     swap_space: float = 4  # GiB of CPU memory for swapped-out blocks
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
-    max_num_seqs: int = 256
+    # None: chosen from the device and usage_context (batch_defaults.py; 256 / 2048 on the CPU)
+    max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    usage_context: str = "llm"  # "llm" (offline LLM class) | "server" (the OpenAI server), as vLLM's
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     preemption_mode: str = "recompute"
@@ -190,7 +204,9 @@ class EngineArgs:
             (self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size must be a power of two in [1, 128]"),
             (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"),
             (self.swap_space >= 0, "swap_space must be >= 0 (GiB)"),
-            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.max_num_seqs is None or self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.usage_context in USAGE_CONTEXTS,
+             f"usage_context must be one of {USAGE_CONTEXTS}, got {self.usage_context!r}"),
             (self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
              "max_num_batched_tokens must be >= 1"),
             (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
@@ -224,6 +240,16 @@ class EngineArgs:
             return None
         return SloConfig(ttft_s={k: v / 1e3 for k, v in ttft.items()}, tpot_s={k: v / 1e3 for k, v in tpot.items()})
 
+    def batch_limits(self, device: str, max_model_len: int) -> BatchLimits:
+        """max_num_seqs / max_num_batched_tokens: as given, else from the device (probed only then)."""
+        given = self.max_num_seqs is not None and self.max_num_batched_tokens is not None
+        info = DeviceInfo("cpu") if given or device != "cuda" else probe_device(device)
+        limits = resolve_batch_limits(info, self.usage_context, self.max_num_seqs, self.max_num_batched_tokens,
+                                      self.enable_chunked_prefill, max_model_len)
+        logger.info("max_num_seqs=%d max_num_batched_tokens=%d (%s)", limits.max_num_seqs,
+                    limits.max_num_batched_tokens, limits.source)
+        return limits
+
     def create_engine_config(self) -> EngineConfig:
         self._validate()
         from pagedserve.generation_defaults import load_generation_defaults
@@ -254,20 +280,16 @@ class EngineArgs:
             os.path.dirname(gguf_file) if gguf_file else model_dir, self.generation_config,
             self.override_generation_config)
         max_model_len = _derive_max_model_len(model_spec.max_context_len, self.max_model_len)
-        if self.max_num_batched_tokens is not None:
-            max_batched = self.max_num_batched_tokens
-        elif self.enable_chunked_prefill:
-            max_batched = 2048
-        else:
-            max_batched = max(max_model_len, 2048)
+        device = self.device
+        if device == "auto":
+            device = "cuda" if _cuda_available() else "cpu"
+        limits = self.batch_limits(device, max_model_len)
+        max_batched = limits.max_num_batched_tokens
         if not self.enable_chunked_prefill and max_batched < max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len "
                 f"({max_model_len}); without chunked prefill a prompt could never be scheduled"
             )
-        device = self.device
-        if device == "auto":
-            device = "cuda" if _cuda_available() else "cpu"
         parallel = ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend)
         parallel.verify(model_spec, device)
         kv_budget = self.kv_cache_memory_bytes
@@ -301,13 +323,14 @@ class EngineArgs:
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
             ),
             scheduler_config=SchedulerConfig(
-                max_num_seqs=self.max_num_seqs,
+                max_num_seqs=limits.max_num_seqs,
                 max_num_batched_tokens=max_batched,
                 max_model_len=max_model_len,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 preemption_mode=self.preemption_mode,
                 policy=self.scheduling_policy,
                 slo=self.slo_config(),
+                limits_source=limits.source,
             ),
             device=device,
             enforce_eager=self.enforce_eager,
