@@ -145,3 +145,26 @@ def test_glm4_checkpoint_generates_through_llm(glm4: dict[str, Any]) -> None:
         got = list(out.outputs[0].token_ids)
         assert got == hf_greedy(hf, prompt, 8)
         assert out.outputs[0].text == tok.decode(got, skip_special_tokens=True)
+
+
+def test_checkpoint_tokenizer_code_runs_only_with_trust_remote_code(glm4: dict[str, Any]) -> None:
+    """The engine's tokenizer loader: ours without trust_remote_code; with it, transformers imports
+    the checkpoint's tokenization_chatglm.py (here a file that only leaves a marker, so the class
+    it should define is then missing)."""
+    from types import SimpleNamespace
+
+    from pagedserve.engine.request_builder import load_tokenizer
+    from pagedserve.model_executor.model_spec import load_hf_config
+
+    def config(trust: bool) -> Any:
+        model = SimpleNamespace(tokenizer=glm4["dir"], model_dir=glm4["dir"], trust_remote_code=trust,
+                                hf_config=load_hf_config(glm4["dir"]),
+                                model_spec=SimpleNamespace(model_type="chatglm"))
+        return SimpleNamespace(model_config=model)
+
+    assert isinstance(load_tokenizer(config(False)), Glm4TiktokenTokenizer) and not glm4["marker"].exists()
+    with pytest.raises(Exception) as err:  # noqa: B017 - whatever transformers raises for the missing class
+        load_tokenizer(config(True))
+    assert "ChatGLM4Tokenizer" in str(err.value)
+    assert glm4["marker"].exists()
+    glm4["marker"].unlink()  # the other tests check that nothing imported it
