@@ -93,6 +93,9 @@ class Glm4TiktokenTokenizer:
         self._encoding = tiktoken.Encoding("glm4", pat_str=GLM4_PAT_STR, mergeable_ranks=ranks,
                                            special_tokens=self._special)
         self._id_to_bytes = {rank: tok for tok, rank in ranks.items()}
+        # the Encoding under the name the published class gives it: xgrammar's TokenizerInfo
+        # recognizes a tiktoken tokenizer by it (structured outputs, a raw-bytes vocabulary)
+        self.tokenizer = self._encoding
         self.chat_template = chat_template if chat_template is not None else GLM4_CHAT_TEMPLATE
         self.name_or_path = name_or_path
         self.model_max_length = model_max_length if model_max_length is not None else 128000
@@ -143,9 +146,12 @@ class Glm4TiktokenTokenizer:
     def all_special_ids(self) -> list[int]:
         return list(self._special.values())
 
-    def get_vocab(self) -> dict[str, int]:
-        vocab = {tok.decode("utf-8", errors="replace"): i for i, tok in self._id_to_bytes.items()}
-        return {**vocab, **self._special}
+    def get_vocab(self) -> dict[bytes | str, int]:
+        """Token -> id as the published get_vocab gives it: an ordinary token as its bytes (one
+        of a multi-byte character is no text on its own), a special token as its text."""
+        vocab: dict[bytes | str, int] = {tok: i for i, tok in self._id_to_bytes.items()}
+        vocab.update(self._special)
+        return vocab
 
     def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | list[str]:
         """A token's text (its bytes as UTF-8, invalid sequences replaced), specials by name,

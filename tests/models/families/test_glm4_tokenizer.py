@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -118,17 +119,21 @@ def test_chat_format_renders_as_published(glm4: dict[str, Any], tmp_path: Path) 
         user, tokenize=False) == "你好!"
 
 
-def test_glm4_checkpoint_generates_through_llm(glm4: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def llm(glm4: dict[str, Any]) -> Any:
+    from pagedserve import LLM
+
+    return LLM(glm4["dir"], dtype="float32", max_model_len=256, kv_cache_memory_bytes=8 << 20)
+
+
+def test_glm4_checkpoint_generates_through_llm(glm4: dict[str, Any], llm: Any) -> None:
     """LLM picks our GLM-4 tokenizer (the checkpoint's tokenization_chatglm.py not imported);
     chat and text prompts give transformers' greedy tokens on the GLM weights; GLM-4's stop ids
     come from generation_config.json."""
     import transformers
 
-    from pagedserve import LLM
-
     tok: Glm4TiktokenTokenizer = glm4["tok"]
     n = glm4["n"]
-    llm = LLM(glm4["dir"], dtype="float32", max_model_len=256, kv_cache_memory_bytes=8 << 20)
     assert isinstance(llm.get_tokenizer(), Glm4TiktokenTokenizer) and not glm4["marker"].exists()
     builder = llm.llm_engine.request_builder
     assert builder.eos_token_id == n and sorted(builder.extra_eos_ids) == [n + 7, n + 9]
@@ -145,6 +150,21 @@ def test_glm4_checkpoint_generates_through_llm(glm4: dict[str, Any]) -> None:
         got = list(out.outputs[0].token_ids)
         assert got == hf_greedy(hf, prompt, 8)
         assert out.outputs[0].text == tok.decode(got, skip_special_tokens=True)
+
+
+def test_structured_output_over_the_byte_vocabulary(llm: Any) -> None:
+    """xgrammar reads the tokenizer as tiktoken's (tokens as raw bytes): choices whose characters
+    span several byte tokens, and a regex, are followed exactly."""
+    pytest.importorskip("xgrammar")
+    from pagedserve import SamplingParams, StructuredOutputsParams
+
+    choices = ["你好", "über", "12345 🙂"]
+    for spec, check in ((StructuredOutputsParams(choice=choices), choices.__contains__),
+                        (StructuredOutputsParams(regex=r"[a-c]{2,5}-\d{3}"),
+                         lambda t: re.fullmatch(r"[a-c]{2,5}-\d{3}", t) is not None)):
+        params = SamplingParams(temperature=1.0, seed=3, max_tokens=40, structured_outputs=spec, n=6)
+        out = llm.generate("Hello 你好", params, use_tqdm=False)[0]
+        assert all(o.finish_reason == "stop" and check(o.text) for o in out.outputs), [(o.text, o.token_ids, o.finish_reason) for o in out.outputs]
 
 
 def test_checkpoint_tokenizer_code_runs_only_with_trust_remote_code(glm4: dict[str, Any]) -> None:
