@@ -164,7 +164,8 @@ def test_structured_output_over_the_byte_vocabulary(llm: Any) -> None:
                          lambda t: re.fullmatch(r"[a-c]{2,5}-\d{3}", t) is not None)):
         params = SamplingParams(temperature=1.0, seed=3, max_tokens=40, structured_outputs=spec, n=6)
         out = llm.generate("Hello 你好", params, use_tqdm=False)[0]
-        assert all(o.finish_reason == "stop" and check(o.text) for o in out.outputs), [(o.text, o.token_ids, o.finish_reason) for o in out.outputs]
+        got = [(o.text, o.finish_reason) for o in out.outputs]
+        assert all(reason == "stop" and check(text) for text, reason in got), got
 
 
 def test_checkpoint_tokenizer_code_runs_only_with_trust_remote_code(glm4: dict[str, Any]) -> None:
