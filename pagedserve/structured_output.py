@@ -78,8 +78,10 @@ def compile_spec(compiler: Any, key: tuple[str, str]) -> Any:
             return compiler.compile_json_schema('{"type": "object"}')
         if kind == "regex":
             return compiler.compile_regex(text)
-        if kind == "choice":  # JSON string escaping is valid EBNF escaping
-            return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in json.loads(text)))
+        if kind == "choice":  # JSON string escaping is valid EBNF escaping; non-ASCII kept as UTF-8
+            # (xgrammar reads a \uD83D\uDE42 surrogate pair as two code points, not one emoji)
+            return compiler.compile_grammar(
+                "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(text)))
         return compiler.compile_grammar(text)
     except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError variously
         raise GrammarError(f"invalid structured output {kind}: the {KIND_NAMES[kind]} is invalid: "

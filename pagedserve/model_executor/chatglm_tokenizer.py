@@ -16,7 +16,7 @@ template's "[gMASK]sop<|user|>" becomes three ids.
 ChatGLM3's chat format (its build_chat_input: role token, "\\n", the message; [gMASK] sop first;
 <|assistant|> to prompt a reply) and ChatGLM2's ("[Round N]\\n\\n问：...\\n\\n答：") as templates,
 used when tokenizer_config.json carries none. GLM-4's tokenizer.model is a tiktoken file, not
-read here (refused with a clear error).
+read here (refused with a clear error): pagedserve/tokenizers/glm4_tiktoken.py builds that one.
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ def load_chatglm_tokenizer(model_dir: str) -> ChatGLMTokenizer:
         with open(cfg_path) as f:
             cfg = json.load(f)
     if cfg.get("tokenizer_class") == "ChatGLM4Tokenizer":  # tokenizer.model is a tiktoken file there
-        raise ValueError(f"{model_dir!r}: GLM-4's tiktoken tokenizer (ChatGLM4Tokenizer) is not built "
-                         f"by pagedserve yet; pass --trust-remote-code to use the checkpoint's own")
+        raise ValueError(f"{model_dir!r}: GLM-4's tokenizer (ChatGLM4Tokenizer) is a tiktoken file, built by "
+                         f"Glm4TiktokenTokenizer; pass --trust-remote-code to use the checkpoint's own")
     added = {str(t.get("content")) for t in (cfg.get("added_tokens_decoder") or {}).values()}
     role_tokens = not added or "<|user|>" in added  # a ChatGLM2 list has no role tokens
     kwargs: dict[str, Any] = {"chat_template": cfg.get("chat_template") or

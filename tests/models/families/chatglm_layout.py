@@ -135,3 +135,58 @@ def write_sentencepiece_tokenizer(out_dir: str, vocab_size: int = 512) -> None:
         json.dump({"tokenizer_class": "ChatGLMTokenizer", "remove_space": False, "do_lower_case": False,
                    "padding_side": "left", "clean_up_tokenization_spaces": False,
                    "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}}, f)
+
+
+# Mixed text the GLM-4 tiny BPE also learns from: numbers (split in runs of <= 3 digits), CJK,
+# accents and emoji, so that multi-byte merges exist.
+_GLM4_EXTRA_TEXT = ("In 2024 there were 12345 users and 678 servers; 3.14159 is pi.",
+                    "你好，世界！我们今天学习汉字和标点。", "Über naïve café — emoji 🙂🚀 ok.")
+
+
+def write_glm4_tokenizer(out_dir: str, num_merges: int = 240, chat_template: str | None = None) -> int:
+    """GLM-4's published tokenizer files (THUDM/glm-4-9b-chat): tokenizer.model as a tiktoken BPE
+    (base64 token, rank per line; a byte-level BPE trained here over GLM-4's split regex) and
+    tokenizer_config.json naming the remote ChatGLM4Tokenizer, with its fourteen added tokens
+    numbered after the ranks. Returns the number of ranks (the first special id)."""
+    import base64
+
+    from pagedserve.testing.checkpoints import synthetic_corpus
+    from pagedserve.tokenizers.glm4_tiktoken import GLM4_PAT_STR, GLM4_SPECIAL_TOKENS
+    from tests.models.families.published_layout import train_tiktoken_ranks
+
+    ranks = train_tiktoken_ranks(synthetic_corpus(600) + list(_GLM4_EXTRA_TEXT) * 100, num_merges,
+                                 pat_str=GLM4_PAT_STR)
+    lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in ranks.items()]
+    with open(os.path.join(out_dir, "tokenizer.model"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    n = len(ranks)
+    added = {str(n + i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
+                          "single_word": False, "special": True} for i, tok in enumerate(GLM4_SPECIAL_TOKENS)}
+    cfg: dict[str, Any] = {
+        "added_tokens_decoder": added, "additional_special_tokens": list(GLM4_SPECIAL_TOKENS),
+        "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]},
+        "clean_up_tokenization_spaces": False, "do_lower_case": False, "eos_token": "<|endoftext|>",
+        "model_max_length": 128000, "pad_token": "<|endoftext|>", "padding_side": "left",
+        "remove_space": False, "tokenizer_class": "ChatGLM4Tokenizer"}
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, ensure_ascii=False)
+    return n
+
+
+def glm_to_glm4_chatglm(glm_dir: str, out_dir: str) -> str:
+    """A tiny GlmForCausalLM checkpoint rewritten into GLM-4's published ChatGLMModel layout: the
+    ChatGLM tensors and config keys, GLM-4's tiktoken tokenizer, and its stop ids (eos
+    <|endoftext|>, <|user|>, <|observation|>) in config.json and generation_config.json."""
+    glm_to_chatglm(glm_dir, out_dir)
+    n = write_glm4_tokenizer(out_dir)
+    eos = [n, n + 7, n + 9]
+    for name, extra in (("config.json", {"_name_or_path": "THUDM/glm-4-9b-chat"}), ("generation_config.json", {})):
+        with open(os.path.join(out_dir, name)) as f:
+            cfg = json.load(f)
+        cfg.update(extra, eos_token_id=eos, pad_token_id=n)
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(cfg, f, indent=2)
+        assert name != "config.json" or cfg["padded_vocab_size"] >= n + 14  # the model holds every id
+    return out_dir
