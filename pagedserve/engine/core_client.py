@@ -8,7 +8,7 @@
     liveness watch: the process died -> every in-flight request fails, is_alive = False
 
 Messages are msgspec (msgpack) structs; requests travel as plain fields (ids, token ids,
-SamplingParams as a dict), outputs as the `EngineCoreOutput` dataclasses of core/outputs.py.
+typed SamplingParams), outputs as the `EngineCoreOutput` dataclasses of core/outputs.py.
 The HTTP process binds both sockets, so a dead engine never blocks a send: ZMQ queues it.
 
 A user request with n samples is one `AddRequestMsg` holding n children ("<i>_<id>"): the engine
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import multiprocessing
 import os
@@ -37,7 +36,7 @@ from pagedserve.core.outputs import EngineCoreOutput, SchedulerOutput
 from pagedserve.core.request import Request
 from pagedserve.core.scheduler import SchedulerStats
 from pagedserve.engine.request_builder import link_children
-from pagedserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 # Set by the server before it spawns the engine process (which inherits the environment).
@@ -50,7 +49,7 @@ _GRAMMAR_POLL_MS = 5
 
 class ChildSpec(msgspec.Struct):
     request_id: str
-    sampling_params: dict[str, Any]  # params_to_dict(SamplingParams)
+    sampling_params: SamplingParams  # msgspec encodes and decodes the dataclass itself
 
 
 class AddRequestMsg(msgspec.Struct, tag="add"):
@@ -107,33 +106,12 @@ class EngineDeadError(RuntimeError):
 # ---------------------------------------------------------------------------- request building
 
 
-def params_to_dict(params: SamplingParams) -> dict[str, Any]:
-    d = {f.name: getattr(params, f.name) for f in dataclasses.fields(SamplingParams)}
-    d["output_kind"] = params.output_kind.value
-    return d
-
-
-def params_from_dict(d: dict[str, Any]) -> SamplingParams:
-    """Rebuilds params that were validated on the sending side (no second validation pass)."""
-    params = object.__new__(SamplingParams)
-    for f in dataclasses.fields(SamplingParams):
-        setattr(params, f.name, d.get(f.name, f.default))
-    params.output_kind = RequestOutputKind(d.get("output_kind", 0))
-    if params.logit_bias is not None:
-        params.logit_bias = {int(k): float(v) for k, v in params.logit_bias.items()}
-    params.stop = list(params.stop or [])
-    params.stop_token_ids = list(params.stop_token_ids or [])
-    if isinstance(params.structured_outputs, dict):  # msgpack carries the dataclass as a map
-        params.structured_outputs = StructuredOutputsParams.from_dict(params.structured_outputs)
-    return params
-
-
 def requests_from_msg(msg: AddRequestMsg) -> list[Request]:
     children = [
         Request(
             request_id=c.request_id,
             prompt_token_ids=list(msg.prompt_token_ids),
-            sampling_params=params_from_dict(c.sampling_params),
+            sampling_params=c.sampling_params,
             eos_token_id=msg.eos_token_id,
             arrival_time=msg.arrival_time,
             priority=msg.priority,

@@ -22,7 +22,7 @@ from pagedserve.core.request import Request
 from pagedserve.engine.engine_core import EngineCore, EngineStats
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.request_builder import RequestBuilder, link_children, load_tokenizer
-from pagedserve.inputs import PromptType, cache_salt_of
+from pagedserve.inputs import PromptType
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -71,17 +71,16 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params if params is not None else SamplingParams()
         check_priority_class(priority_class)
-        text, token_ids = self.request_builder.prepare(prompt, params)
-        cache_salt = cache_salt_of(prompt)
+        prepared = self.request_builder.prepare(prompt, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         children = [
-            Request(child_id, token_ids, child_params, self.request_builder.eos_token_id,
-                    arrival_time=arrival, priority=priority, cache_salt=cache_salt,
+            Request(child_id, prepared.token_ids, child_params, self.request_builder.eos_token_id,
+                    arrival_time=arrival, priority=priority, cache_salt=prepared.cache_salt,
                     priority_class=priority_class)
             for child_id, child_params in self.request_builder.child_params(request_id, params)
         ]
         child_ids = [child.request_id for child in children]
-        self.output_processor.add_request(request_id, text, token_ids, params, child_ids, arrival)
+        self.output_processor.add_request(request_id, prepared.text, prepared.token_ids, params, child_ids, arrival)
         for request in link_children(children):
             self.engine_core.add_request(request)
 

@@ -127,21 +127,18 @@ class OpenAIServingChat(OpenAIServing):
         self.check_load(engine, 1, priority_class)
         gate.redact_messages(request)  # before the template and the tokenizer
         text, ids = await self.render(engine, request)
-        if request.truncate_prompt_tokens is not None:
-            ids = ids[-request.truncate_prompt_tokens :]
+        prepared = self.prepare_prompt(engine, request, gate.salted({"prompt": text, "prompt_token_ids": ids}))
+        ids = prepared.token_ids
         params = self.sampling_params(request, len(ids), request.is_streaming)
         gate.cap(params)
-        try:
-            engine.validate(ids, params)
-        except ValueError as e:
-            raise BadRequestError(str(e), param="messages") from None
+        self.prepare_params(engine, request, params)
         grammar = await self.compile_grammar(engine, request, params)
         request_id = self.request_id(raw, "chatcmpl")
         log_request(self.state, request_id, text, ids, params)
         info = AuditInfo(request_id, time.time(), text, prompt_tokens=len(ids))
         gate.admit(len(ids), (params.max_tokens or 0) * params.n)  # 429 past a tenant limit
         handle = engine.add_request(
-            gate.salted({"prompt": text, "prompt_token_ids": ids}), params, request_id, request.priority,
+            prepared, params, request_id, request.priority,
             grammar=grammar, priority_class=priority_class,
         )  # fmt: skip
         gen = gate.outputs(engine.stream(handle))

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pagedserve.engine.async_llm import AsyncLLM, RequestHandle
 from pagedserve.engine.core_client import EngineDeadError
-from pagedserve.engine.request_builder import InvalidInputError
+from pagedserve.engine.request_builder import InvalidInputError, PreparedPrompt
 from pagedserve.entrypoints.openai.errors import (
     BadRequestError,
     NotFoundError,
@@ -57,6 +57,7 @@ from pagedserve.entrypoints.openai.slo_admission import priority_class_of
 from pagedserve.entrypoints.openai.structured_limits import StructuredOutputLimits, compile_request_grammar
 from pagedserve.entrypoints.openai.tenancy import TenantGate, tenancy_of
 from pagedserve.entrypoints.openai.vllm_compat import log_request
+from pagedserve.inputs import PromptType
 from pagedserve.ops.audit import AuditLog
 from pagedserve.ops.audit_middleware import claim_audit, write_line
 from pagedserve.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
@@ -144,12 +145,10 @@ class OpenAIServing:
             admission.check(num_new, priority_class)
 
     def sampling_params(self, request: _SamplingRequest, prompt_len: int, stream: bool) -> SamplingParams:
+        """The request's SamplingParams for a prompt of `prompt_len` tokens that passed
+        AsyncLLM.prepare_prompt (which owns the prompt-length rule): the completion budget, then
+        construction; the model's bounds are checked once, by `prepare_params`."""
         max_len = self.state.max_model_len
-        if prompt_len > max_len:
-            raise BadRequestError(
-                f"This model's maximum context length is {max_len} tokens, but the prompt has "
-                f"{prompt_len} tokens. Please shorten the prompt.", param="prompt",
-            )  # fmt: skip
         requested = request.requested_max_tokens()
         if requested is not None and prompt_len + requested > max_len:
             raise BadRequestError(
@@ -160,14 +159,27 @@ class OpenAIServing:
         kwargs = request.to_sampling_params(max_len - prompt_len, self.state.default_sampling_params)
         kwargs["output_kind"] = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         try:
-            params = SamplingParams(**kwargs)
+            return SamplingParams(**kwargs)
         except ValueError as e:
             raise BadRequestError(str(e)) from None
-        try:  # the model's bounds (vocabulary, max_logprobs, max_num_seqs), naming the field
-            self.engine().request_builder.check_params(params)
+
+    @staticmethod
+    def prepare_prompt(engine: AsyncLLM, request: _SamplingRequest, prompt: PromptType) -> PreparedPrompt:
+        """The engine boundary's one prompt check (truncation included), as a 400 naming the field."""
+        try:
+            return engine.prepare_prompt(prompt, request.truncate_prompt_tokens)
         except InvalidInputError as e:
             raise BadRequestError(str(e), param=request.param_for(e.param)) from None
-        return params
+        except ValueError as e:  # cache_salt
+            raise BadRequestError(str(e), param=request.param_for("prompt")) from None
+
+    @staticmethod
+    def prepare_params(engine: AsyncLLM, request: _SamplingRequest, params: SamplingParams) -> None:
+        """The engine boundary's one check of the params against the model, as a 400."""
+        try:
+            engine.prepare_params(params)
+        except InvalidInputError as e:
+            raise BadRequestError(str(e), param=request.param_for(e.param)) from None
 
     async def compile_grammar(self, engine: AsyncLLM, request: _SamplingRequest, params: SamplingParams) -> str | None:
         """The serialized grammar of the request's structured-output spec (None without one):
@@ -351,21 +363,16 @@ class OpenAIServingCompletion(OpenAIServing):
         self.state.bounds.check_num_prompts(len(prompts), request.n)
         priority_class = priority_class_of(raw, request.priority_class)
         self.check_load(engine, len(prompts), priority_class)
-        tokenized: list[tuple[str | None, list[int]]] = []
+        prepared: list[PreparedPrompt] = []
         for p in prompts:
             text, ids = await tokenize_prompt(engine, self.state.bounds, p)
-            if request.truncate_prompt_tokens is not None:
-                ids = ids[-request.truncate_prompt_tokens :]
-            tokenized.append((text, ids))
-        params = [self.sampling_params(request, len(ids), request.is_streaming) for _, ids in tokenized]
-        for (_, ids), sp in zip(tokenized, params):
+            prompt = gate.salted({"prompt_token_ids": ids, **({"prompt": text} if text else {})})
+            prepared.append(self.prepare_prompt(engine, request, prompt))
+        tokenized = [(pp.text, pp.token_ids) for pp in prepared]
+        params = [self.sampling_params(request, len(pp.token_ids), request.is_streaming) for pp in prepared]
+        for sp in params:
             gate.cap(sp)
-            try:
-                engine.validate(ids, sp)
-            except InvalidInputError as e:
-                raise BadRequestError(str(e), param=request.param_for(e.param)) from None
-            except ValueError as e:
-                raise BadRequestError(str(e), param="prompt") from None
+            self.prepare_params(engine, request, sp)
         grammar = await self.compile_grammar(engine, request, params[0])  # the same spec for every prompt
         base_id = self.request_id(raw, "cmpl")
         info = AuditInfo(
@@ -376,10 +383,9 @@ class OpenAIServingCompletion(OpenAIServing):
         gate.admit(info.prompt_tokens, sum((sp.max_tokens or 0) * sp.n for sp in params))  # 429 past a limit
         handles: list[RequestHandle] = []
         try:
-            for i, ((t, ids), sp) in enumerate(zip(tokenized, params)):
-                prompt: Any = gate.salted({"prompt_token_ids": ids, **({"prompt": t} if t else {})})
-                log_request(self.state, f"{base_id}-{i}", t, ids, sp)  # --enable-log-requests
-                handles.append(engine.add_request(prompt, sp, f"{base_id}-{i}", priority=request.priority,
+            for i, (pp, sp) in enumerate(zip(prepared, params)):
+                log_request(self.state, f"{base_id}-{i}", pp.text, pp.token_ids, sp)  # --enable-log-requests
+                handles.append(engine.add_request(pp, sp, f"{base_id}-{i}", priority=request.priority,
                                                   grammar=grammar, priority_class=priority_class))
         except Exception:
             for h in handles:
