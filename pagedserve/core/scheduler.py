@@ -494,8 +494,11 @@ class Scheduler:
             wasted += slots - request.num_computed_tokens
         return allocated, wasted
 
-    def make_stats(self, scheduler_output: SchedulerOutput, slot_usage: tuple[int, int]) -> SchedulerStats:
-        """Queue and cache gauges as they stand now (after the step's update)."""
+    def make_stats(
+        self, scheduler_output: SchedulerOutput | None, slot_usage: tuple[int, int] = (0, 0)
+    ) -> SchedulerStats:
+        """Queue and cache gauges as they stand now (after the step's update); without a plan,
+        between steps (nothing scheduled, no slots in use)."""
         stats = self.kv.prefix_stats
         num_followers = sum(len(r.followers) for r in self.running + self.waiting + self.swapped)
         out = SchedulerStats(
@@ -506,7 +509,7 @@ class Scheduler:
             prefix_cache_queries=stats.queries,
             prefix_cache_hits=stats.hits,
             num_preemptions=self.num_preemptions,
-            num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens,
+            num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens if scheduler_output is not None else 0,
             kv_slots_allocated=slot_usage[0],
             kv_slots_wasted=slot_usage[1],
             num_waiting_batch=self.num_waiting_ahead("batch"),

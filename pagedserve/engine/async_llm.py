@@ -20,17 +20,9 @@ from typing import Any
 
 from pagedserve.config import EngineArgs, EngineConfig
 from pagedserve.core.scheduler import SchedulerStats
-from pagedserve.engine.core_client import (
-    AddRequestMsg,
-    ChildSpec,
-    EngineCoreClient,
-    EngineDeadError,
-    InprocClient,
-    MPClient,
-    OutputsMsg,
-    ReadyMsg,
-)
+from pagedserve.engine.core_client import EngineCoreClient, make_client
 from pagedserve.engine.grammar_pool import GrammarService
+from pagedserve.engine.messages import AddRequestMsg, ChildSpec, EngineDeadError, OutputsMsg, ReadyMsg
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.request_builder import PreparedPrompt, RequestBuilder, load_tokenizer
 from pagedserve.inputs import PromptType
@@ -98,7 +90,7 @@ class AsyncLLM:
     @classmethod
     async def from_config(cls, config: EngineConfig, multiprocess: bool = True) -> AsyncLLM:
         tokenizer = await asyncio.to_thread(load_tokenizer, config)
-        client: EngineCoreClient = MPClient(config) if multiprocess else InprocClient(config)
+        client = make_client(config, multiprocess)
         llm = cls(config, client, tokenizer)
         ready = await client.start()
         llm.request_builder.vocab_size = ready.vocab_size
@@ -349,7 +341,7 @@ class AsyncLLM:
         the new core is ready `is_alive` stays False, so new requests get EngineDeadError."""
         old = self.client
         await old.shutdown()
-        client: EngineCoreClient = MPClient(self.config) if isinstance(old, MPClient) else InprocClient(self.config)
+        client = old.fresh()
         client.on_outputs = self._on_outputs
         client.on_dead = self._on_dead
         try:

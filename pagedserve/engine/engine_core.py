@@ -200,6 +200,10 @@ class EngineCore:
         self._record(self.scheduler.make_stats(plan, slot_usage))
         return outputs
 
+    def idle_stats(self) -> SchedulerStats:
+        """The scheduler's state between steps (after aborts drained the batch): no plan."""
+        return self.scheduler.make_stats(None)
+
     def _record(self, stats: SchedulerStats) -> None:
         self.stats.last = stats
         self.stats.num_steps += 1

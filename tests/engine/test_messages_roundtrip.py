@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pagedserve.core.outputs import EngineCoreOutput, FinishReason, LogprobsLists
 from pagedserve.core.scheduler import SchedulerStats
-from pagedserve.engine.core_client import (
+from pagedserve.engine.messages import (
     AbortMsg,
     AddRequestMsg,
     ChildSpec,

@@ -11,7 +11,7 @@ import pytest
 from pagedserve import EngineArgs, SamplingParams
 from pagedserve.core.outputs import EngineCoreOutput, FinishReason, LogprobsLists
 from pagedserve.engine.async_llm import AsyncLLM
-from pagedserve.engine.core_client import (
+from pagedserve.engine.messages import (
     AddRequestMsg,
     ChildSpec,
     InputMsg,

@@ -32,7 +32,8 @@ import pagedserve
 from pagedserve.config import EngineConfig
 from pagedserve.core.scheduler import SchedulerStats
 from pagedserve.engine.async_llm import AsyncLLM, FinishedRequestStats
-from pagedserve.engine.core_client import ENV_LOG_JSON, ENV_LOG_LEVEL, EngineDeadError
+from pagedserve.engine.engine_core_proc import ENV_LOG_JSON, ENV_LOG_LEVEL
+from pagedserve.engine.messages import EngineDeadError
 from pagedserve.entrypoints.openai.cli_args import engine_args_from, parse_args
 from pagedserve.entrypoints.openai.errors import (
     BadRequestError,

@@ -23,7 +23,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pagedserve.engine.async_llm import AsyncLLM, RequestHandle
-from pagedserve.engine.core_client import EngineDeadError
+from pagedserve.engine.messages import EngineDeadError
 from pagedserve.engine.request_builder import InvalidInputError, PreparedPrompt
 from pagedserve.entrypoints.openai.errors import (
     BadRequestError,
