@@ -22,7 +22,7 @@ from pagedserve.config import EngineArgs, EngineConfig
 from pagedserve.core.scheduler import SchedulerStats
 from pagedserve.engine.core_client import EngineCoreClient, make_client
 from pagedserve.engine.grammar_pool import GrammarService
-from pagedserve.engine.messages import AddRequestMsg, ChildSpec, EngineDeadError, OutputsMsg, ReadyMsg
+from pagedserve.engine.messages import EngineDeadError, OutputsMsg, ReadyMsg
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.request_builder import PreparedPrompt, RequestBuilder, load_tokenizer
 from pagedserve.inputs import PromptType
@@ -196,13 +196,8 @@ class AsyncLLM:
         prepared = prompt if isinstance(prompt, PreparedPrompt) else self.request_builder.prepare(prompt, params)
         token_ids = prepared.token_ids
         arrival = time.monotonic()
-        children = self.request_builder.child_params(request_id, params)
-        child_ids = [cid for cid, _ in children]
-        msg = AddRequestMsg(
-            children=[ChildSpec(cid, p) for cid, p in children],
-            prompt_token_ids=token_ids, eos_token_id=self.request_builder.eos_token_id, arrival_time=arrival,
-            priority=priority, priority_class=priority_class, grammar=grammar, cache_salt=prepared.cache_salt,
-        )  # fmt: skip
+        msg = self.request_builder.fan_out(request_id, prepared, params, arrival, priority, priority_class, grammar)
+        child_ids = [c.request_id for c in msg.children]
         self.output_processor.add_request(request_id, prepared.text, token_ids, params, child_ids, arrival)
         try:
             self.client.add_request(msg)

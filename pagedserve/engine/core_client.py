@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import msgspec
 
 from pagedserve.config import EngineConfig
+from pagedserve.engine.driver import EngineDriver
 from pagedserve.engine.engine_core_proc import GRAMMAR_POLL_MS, run_engine_core
 from pagedserve.engine.messages import (
     AbortMsg,
@@ -35,7 +36,6 @@ from pagedserve.engine.messages import (
     OutputsMsg,
     ReadyMsg,
     ShutdownMsg,
-    requests_from_msg,
 )
 
 logger = logging.getLogger(__name__)
@@ -243,29 +243,21 @@ class InprocClient:
             self._wake.set()
 
     async def _drive(self) -> None:
-        core = self.core
+        driver = EngineDriver(self.core)
         try:
             while True:
-                if not self._pending and not core.admit_ready():
+                if not self._pending and not driver.has_work():
                     self._wake.clear()
-                    if core.has_unfinished_requests():  # only grammars pending: look again soon
+                    if self.core.has_unfinished_requests():  # only grammars pending: look again soon
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._wake.wait(), GRAMMAR_POLL_MS / 1000)
                     else:
                         await self._wake.wait()
-                had_input = bool(self._pending)
                 pending, self._pending = self._pending, []
-                for msg in pending:
-                    if isinstance(msg, AddRequestMsg):
-                        for request in requests_from_msg(msg):
-                            core.add_request(request, msg.grammar)
-                    elif isinstance(msg, AbortMsg):
-                        core.abort_requests(msg.request_ids)
-                if core.admit_ready():
-                    outputs = await asyncio.to_thread(core.step)
-                    self.on_outputs(OutputsMsg(outputs, core.stats.last))
-                elif had_input:
-                    self.on_outputs(OutputsMsg([], core.idle_stats()))
+                driver.apply(pending)
+                report = await asyncio.to_thread(driver.step, bool(pending))
+                if report is not None:
+                    self.on_outputs(report)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001

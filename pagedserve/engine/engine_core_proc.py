@@ -3,7 +3,7 @@
     HTTP process (asyncio)                         engine-core process (spawned)
     ─────────────────────                          ──────────────────────────────
     MPClient.add_request ──PUSH  ipc://…/input ──> PULL  ─┐
-    MPClient.abort       ──┘                              ├─ loop: drain inputs; step() while work
+    MPClient.abort       ──┘                              ├─ loop: drain inputs; EngineDriver
     output reader task  <──PULL  ipc://…/output <── PUSH ─┘        send OutputsMsg per step
     liveness watch: the process died -> every in-flight request fails, is_alive = False
 
@@ -21,15 +21,8 @@ import traceback
 import msgspec
 
 from pagedserve.config import EngineConfig
-from pagedserve.engine.messages import (
-    AddRequestMsg,
-    ErrorMsg,
-    InputMsg,
-    OutputsMsg,
-    ReadyMsg,
-    ShutdownMsg,
-    requests_from_msg,
-)
+from pagedserve.engine.driver import EngineDriver
+from pagedserve.engine.messages import ErrorMsg, InputMsg, ReadyMsg
 
 logger = logging.getLogger(__name__)
 # Set by the server before it spawns the engine process (which inherits the environment).
@@ -76,32 +69,24 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     )))  # fmt: skip
     poller = zmq.Poller()
     poller.register(in_sock, zmq.POLLIN)
+    driver = EngineDriver(core)
     try:
         while True:
-            busy = core.admit_ready()
+            busy = driver.has_work()
             # Block for input only when idle; the timeout lets an orphan notice its parent died.
             # While only grammars are being prepared, poll briefly for them instead of stepping.
             events = dict(poller.poll(0 if busy else (GRAMMAR_POLL_MS if core.has_unfinished_requests() else 1000)))
-            had_input = False
+            inputs: list[InputMsg] = []
             while events:
                 try:
-                    raw = in_sock.recv(zmq.NOBLOCK)
+                    inputs.append(decoder.decode(in_sock.recv(zmq.NOBLOCK)))
                 except zmq.Again:
                     break
-                had_input = True
-                msg = decoder.decode(raw)
-                if isinstance(msg, ShutdownMsg):
-                    return
-                if isinstance(msg, AddRequestMsg):
-                    for request in requests_from_msg(msg):
-                        core.add_request(request, msg.grammar)
-                else:
-                    core.abort_requests(msg.request_ids)
-            if core.admit_ready():
-                outputs = core.step()
-                out_sock.send(encoder.encode(OutputsMsg(outputs, core.stats.last)))
-            elif had_input or busy:  # went idle: report the freed KV cache
-                out_sock.send(encoder.encode(OutputsMsg([], core.idle_stats())))
+            if not driver.apply(inputs):
+                return
+            report = driver.step(report_idle=bool(inputs) or busy)  # went idle: report the freed KV cache
+            if report is not None:
+                out_sock.send(encoder.encode(report))
             if not parent_is_alive(parent_pid):  # every step: an orphan stops computing at once
                 return
             core.check_health()  # a dead tensor-parallel rank fails the engine even when idle

@@ -9,8 +9,9 @@ encodes the dataclass and rebuilds it on decode (its __post_init__ runs, so what
 normal, normalised SamplingParams), the outputs are the `EngineCoreOutput` dataclasses of
 core/outputs.py.
 
-A user request with n samples is one `AddRequestMsg` holding n children ("<i>_<id>"); the engine
-side links them as leader + followers exactly as `LLMEngine.add_request` does (`link_children`).
+A user request with n samples is one `AddRequestMsg` holding n children ("<i>_<id>"), built by
+RequestBuilder.fan_out for every front end (LLMEngine, AsyncLLM); the engine side links them as
+leader + followers in one place (`requests_from_msg`, `link_children`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import msgspec
 from pagedserve.core.outputs import EngineCoreOutput
 from pagedserve.core.request import Request
 from pagedserve.core.scheduler import SchedulerStats
-from pagedserve.engine.request_builder import link_children
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -78,6 +78,15 @@ OutputMsg = ReadyMsg | ErrorMsg | OutputsMsg
 
 class EngineDeadError(RuntimeError):
     """The engine core is gone: requests cannot make progress."""
+
+
+def link_children(children: list[Request]) -> list[Request]:
+    """The requests to hand to the scheduler: the leader (followers attached) when the prompt has
+    more than one token to share, else every child on its own."""
+    if len(children) > 1 and children[0].num_prompt_tokens > 1:
+        children[0].followers = children[1:]
+        return children[:1]
+    return children
 
 
 def requests_from_msg(msg: AddRequestMsg) -> list[Request]:

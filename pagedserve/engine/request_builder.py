@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pagedserve.config import EngineConfig
-from pagedserve.core.request import Request
+from pagedserve.engine.messages import AddRequestMsg, ChildSpec
 from pagedserve.inputs import PromptType, cache_salt_of
 from pagedserve.sampling_params import SamplingParams
 
@@ -107,15 +107,6 @@ class InvalidInputError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
-
-
-def link_children(children: list[Request]) -> list[Request]:
-    """The requests to hand to the scheduler: the leader (followers attached) when the prompt has
-    more than one token to share, else every child on its own."""
-    if len(children) > 1 and children[0].num_prompt_tokens > 1:
-        children[0].followers = children[1:]
-        return children[:1]
-    return children
 
 
 @dataclass(slots=True)
@@ -216,6 +207,18 @@ class RequestBuilder:
             value = getattr(params, name)
             if value is not None and value > self.max_logprobs:
                 raise InvalidInputError(name, f"{name} must be in [0, max_logprobs={self.max_logprobs}], got {value}.")
+
+    def fan_out(
+        self, request_id: str, prepared: PreparedPrompt, params: SamplingParams, arrival_time: float,
+        priority: int = 0, priority_class: str = "interactive", grammar: str | None = None,
+    ) -> AddRequestMsg:  # fmt: skip
+        """The one message of a user request with its n children (child_params), for any engine
+        driver: the engine side turns it into linked core requests (messages.requests_from_msg)."""
+        return AddRequestMsg(
+            children=[ChildSpec(cid, p) for cid, p in self.child_params(request_id, params)],
+            prompt_token_ids=prepared.token_ids, eos_token_id=self.eos_token_id, arrival_time=arrival_time,
+            priority=priority, priority_class=priority_class, grammar=grammar, cache_salt=prepared.cache_salt,
+        )  # fmt: skip
 
     def child_params(self, request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
         """(child id, params) of the n core requests; the model's extra EOS ids stop them like
