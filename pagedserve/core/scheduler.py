@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from pagedserve.config import CacheConfig, SchedulerConfig
 from pagedserve.core.kv_cache_manager import KVCacheManager
@@ -36,28 +35,8 @@ from pagedserve.core.outputs import (
 )
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.slo_scheduler import SchedulerSlo
+from pagedserve.core.stats import SchedulerStats
 from pagedserve.core.stop_check import check_stop
-
-
-@dataclass(slots=True)
-class SchedulerStats:
-    num_running: int
-    num_waiting: int
-    num_swapped: int
-    kv_cache_usage: float  # fraction of GPU blocks in use
-    prefix_cache_queries: int  # cumulative, in tokens
-    prefix_cache_hits: int
-    num_preemptions: int  # cumulative
-    num_scheduled_tokens: int  # this step
-    kv_slots_allocated: int  # this step: slots in blocks held by scheduled requests
-    kv_slots_wasted: int  # of which not holding a token (partial last blocks)
-    # the SLO controller (0 / None without objectives): its caps now, the batch-class share of
-    # num_waiting, and each class's admission rate (requests/s; None: that class never waited)
-    slo_max_num_seqs: int = 0
-    slo_token_budget: int = 0
-    num_waiting_batch: int = 0
-    admit_rate_interactive: float | None = None
-    admit_rate_batch: float | None = None
 
 
 class Scheduler:

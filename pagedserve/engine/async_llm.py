@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.config import EngineArgs, EngineConfig
-from pagedserve.core.scheduler import SchedulerStats
+from pagedserve.core.stats import SchedulerStats
 from pagedserve.engine.core_client import EngineCoreClient, make_client
 from pagedserve.engine.grammar_pool import GrammarService
 from pagedserve.engine.messages import EngineDeadError, OutputsMsg, ReadyMsg

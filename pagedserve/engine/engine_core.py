@@ -31,7 +31,8 @@ from typing import Any
 from pagedserve.config import EngineConfig
 from pagedserve.core.outputs import EngineCoreOutput, FinishReason, ModelRunnerOutput, SchedulerOutput
 from pagedserve.core.request import Request, RequestStatus
-from pagedserve.core.scheduler import Scheduler, SchedulerStats
+from pagedserve.core.scheduler import Scheduler
+from pagedserve.core.stats import SchedulerStats
 from pagedserve.engine.grammars import EngineGrammars
 from pagedserve.executor import Executor, LaunchedStep, create_executor
 from pagedserve.structured_output import GrammarCompilerCache

@@ -20,7 +20,7 @@ import msgspec
 
 from pagedserve.core.outputs import EngineCoreOutput
 from pagedserve.core.request import Request
-from pagedserve.core.scheduler import SchedulerStats
+from pagedserve.core.stats import SchedulerStats
 from pagedserve.sampling_params import SamplingParams
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagedserve.core.outputs import EngineCoreOutput, FinishReason, LogprobsLists
-from pagedserve.core.scheduler import SchedulerStats
+from pagedserve.core.stats import SchedulerStats
 from pagedserve.engine.messages import (
     AbortMsg,
     AddRequestMsg,

@@ -29,7 +29,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 import pagedserve
 from pagedserve.config import EngineConfig
-from pagedserve.core.scheduler import SchedulerStats
+from pagedserve.core.stats import SchedulerStats
 from pagedserve.engine.async_llm import AsyncLLM, FinishedRequestStats
 from pagedserve.engine.engine_core_proc import ENV_LOG_JSON, ENV_LOG_LEVEL
 from pagedserve.entrypoints.openai.cli_args import engine_args_from, parse_args
