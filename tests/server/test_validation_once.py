@@ -4,6 +4,7 @@ A counting spy wraps every rule of the engine boundary (RequestBuilder) and Samp
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections import Counter
 from typing import Any
@@ -15,6 +16,7 @@ from pagedserve import EngineArgs, LLMEngine, SamplingParams
 from pagedserve.engine.request_builder import RequestBuilder
 from pagedserve.entrypoints.openai.api_server import build_app
 from pagedserve.entrypoints.openai.cli_args import parse_args
+from pagedserve.sampling_params import SamplingParamsError
 from tests.server.conftest import ENGINE_FLAGS, ENGINE_KWARGS
 
 RULES = ("prepare_prompt", "check_prompt", "check_params")
@@ -79,3 +81,19 @@ def test_http_request_is_validated_once(tiny_checkpoints: Any, monkeypatch: pyte
         r = http.post("/v1/completions", json={"model": "tiny", "prompt": [[1, 99999]], "max_tokens": 2})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
         assert counts["check_prompt"] == 1 and counts["check_params"] == 0  # refused at the first rule
+        counts.clear()  # min_tokens past the default max_tokens (what fits): SamplingParams' one rule
+        r = http.post("/v1/chat/completions", json={"model": "tiny", "min_tokens": 10_000,
+                                                     "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens", r.text
+        assert counts["SamplingParams._verify"] == 1 and counts["check_params"] == 0
+
+
+def test_sampling_params_errors_name_their_field() -> None:
+    with pytest.raises(SamplingParamsError) as e:
+        SamplingParams(max_tokens=2, min_tokens=5)
+    assert e.value.param == "min_tokens" and isinstance(e.value, ValueError)
+    with pytest.raises(SamplingParamsError) as e:
+        SamplingParams(logit_bias={3: float("nan")})
+    assert e.value.param == "logit_bias"
+    back = pickle.loads(pickle.dumps(e.value))
+    assert (back.param, str(back)) == ("logit_bias", str(e.value))

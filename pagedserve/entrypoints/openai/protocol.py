@@ -268,10 +268,7 @@ class _SamplingRequest(_RequestModel):
         max_tokens = self.requested_max_tokens()
         if max_tokens is None:
             max_tokens = min(int(defaults.get("max_tokens", default_max_tokens)), default_max_tokens)
-        if self.min_tokens > max_tokens:
-            raise BadRequestError(
-                f"min_tokens must be in [0, max_tokens={max_tokens}], got {self.min_tokens}.", "min_tokens"
-            )
+        # min_tokens <= max_tokens: SamplingParams' rule (its error names the field)
         out: dict[str, Any] = {
             "n": self.n,
             "max_tokens": max_tokens,

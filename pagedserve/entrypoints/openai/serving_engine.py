@@ -40,7 +40,7 @@ from pagedserve.inputs import PromptType
 from pagedserve.ops.audit import AuditLog
 from pagedserve.ops.audit_middleware import claim_audit, write_line
 from pagedserve.outputs import PromptLogprobs
-from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams, SamplingParamsError
 
 T = TypeVar("T")
 # nginx's "client closed request": what a non-streamed request whose client went away is logged
@@ -139,6 +139,8 @@ class OpenAIServing:
         kwargs["output_kind"] = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         try:
             return SamplingParams(**kwargs)
+        except SamplingParamsError as e:  # min_tokens <= max_tokens among them (its one check)
+            raise BadRequestError(str(e), param=request.param_for(e.param)) from None
         except ValueError as e:
             raise BadRequestError(str(e)) from None
 
