@@ -16,6 +16,9 @@ schedule() advances each scheduled request's num_computed_tokens at once, and co
 step will sample as pending until update_from_output brings it. Synchronously (update right after
 schedule) that changes nothing; it is what lets the engine plan step n+1 before step n's results
 are back (async scheduling): step n+1 may then compute the position of step n's pending token.
+The decisions only async scheduling needs (a pending token that ends a request, a preempted
+request with a token in flight) are AsyncScheduler's (core/async_scheduler.py), chosen once by
+the engine at start-up.
 """
 
 from __future__ import annotations
@@ -280,20 +283,19 @@ class Scheduler:
         return budget
 
     def _pending_ends(self, request: Request) -> bool:
-        """Async scheduling: the request's pending token reaches max_tokens or max_model_len, so
-        there is no step after it to plan. (Never true synchronously: num_pending is then 0.)"""
-        if not request.num_pending:
-            return False
-        max_tokens = request.sampling_params.max_tokens
-        return (
-            (max_tokens is not None and request.num_output_tokens + request.num_pending >= max_tokens)
-            or request.num_tokens + request.num_pending >= self.config.max_model_len
-        )
+        """Whether the request's pending token ends it, so no step after it can be planned: never
+        synchronously (nothing is pending at schedule time); AsyncScheduler's rule."""
+        return False
+
+    def _token_in_flight(self, request: Request) -> bool:
+        """Whether a preempted request still has a token in flight (it resumes after that
+        token's update): never synchronously; AsyncScheduler's rule."""
+        return False
 
     def _schedule_swapped(self, budget: int, swap_in: list[tuple[int, int]]) -> int:
         while self.swapped and budget > 0 and len(self.running) < self._max_seqs:
             request = self.swapped[0]
-            if request.num_pending:  # preempted with a token in flight: resume after its update
+            if self._token_in_flight(request):  # resume after its update
                 break
             num_new = min(request.max_computable_tokens - request.num_computed_tokens, budget)
             if not self.kv.can_swap_in(request, num_new):
@@ -324,7 +326,7 @@ class Scheduler:
     def _schedule_waiting(self, budget: int) -> None:
         while self.waiting and budget > 0:
             request = self.waiting[0]
-            if request.num_pending:  # preempted with a token in flight: resume after its update
+            if self._token_in_flight(request):  # resume after its update
                 break
             hits = self.kv.get_computed_blocks(request)
             num_hit_tokens = len(hits) * self.block_size

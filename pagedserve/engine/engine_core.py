@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedserve.config import EngineConfig
+from pagedserve.core.async_scheduler import AsyncScheduler
 from pagedserve.core.outputs import EngineCoreOutput, FinishReason, ModelRunnerOutput, SchedulerOutput
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
@@ -88,7 +89,8 @@ class EngineCore:
                 "more memory or lower max_model_len"
             )
         self.executor.initialize_kv_cache(num_gpu, num_cpu)
-        self.scheduler = Scheduler(config.scheduler_config, cache)
+        scheduler_cls = AsyncScheduler if config.async_scheduling else Scheduler  # chosen once
+        self.scheduler = scheduler_cls(config.scheduler_config, cache)
         self.stats = EngineStats(startup_seconds=time.perf_counter() - started)
         self.async_scheduling = config.async_scheduling
         self._step: Callable[[], list[EngineCoreOutput]] = self._step_async if self.async_scheduling else self._step_sync
