@@ -21,6 +21,7 @@ from typing import Any
 from pagedserve.config import EngineArgs, EngineConfig
 from pagedserve.core.stats import SchedulerStats
 from pagedserve.engine.core_client import EngineCoreClient, make_client
+from pagedserve.engine.engine_core_proc import LogSettings
 from pagedserve.engine.grammar_pool import GrammarService
 from pagedserve.engine.messages import EngineDeadError, OutputsMsg, ReadyMsg
 from pagedserve.engine.output_processor import OutputProcessor
@@ -88,9 +89,12 @@ class AsyncLLM:
         return await cls.from_config(config, multiprocess)
 
     @classmethod
-    async def from_config(cls, config: EngineConfig, multiprocess: bool = True) -> AsyncLLM:
+    async def from_config(
+        cls, config: EngineConfig, multiprocess: bool = True, log: LogSettings | None = None
+    ) -> AsyncLLM:
+        """log: the engine process's log settings (the server passes its own)."""
         tokenizer = await asyncio.to_thread(load_tokenizer, config)
-        client = make_client(config, multiprocess)
+        client = make_client(config, multiprocess, log)
         llm = cls(config, client, tokenizer)
         ready = await client.start()
         llm.request_builder.vocab_size = ready.vocab_size

@@ -25,7 +25,7 @@ import msgspec
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.driver import EngineDriver
-from pagedserve.engine.engine_core_proc import GRAMMAR_POLL_MS, run_engine_core
+from pagedserve.engine.engine_core_proc import GRAMMAR_POLL_MS, LogSettings, run_engine_core
 from pagedserve.engine.messages import (
     AbortMsg,
     AddRequestMsg,
@@ -68,16 +68,18 @@ class EngineCoreClient(Protocol):
     async def shutdown(self) -> None: ...
 
 
-def make_client(config: EngineConfig, multiprocess: bool = True) -> EngineCoreClient:
-    return MPClient(config) if multiprocess else InprocClient(config)
+def make_client(config: EngineConfig, multiprocess: bool = True, log: LogSettings | None = None) -> EngineCoreClient:
+    """log: the engine process's log settings (the in-process core logs as this process does)."""
+    return MPClient(config, log=log) if multiprocess else InprocClient(config)
 
 
 class MPClient:
     """Async client of an engine core in its own (spawned) process."""
 
-    def __init__(self, config: EngineConfig, liveness_interval_s: float = 0.2) -> None:
+    def __init__(self, config: EngineConfig, liveness_interval_s: float = 0.2, log: LogSettings | None = None) -> None:
         self.config = config
         self.liveness_interval_s = liveness_interval_s
+        self.log = log
         self.ready: ReadyMsg | None = None
         self.is_alive = False
         self.dead_reason: str | None = None
@@ -112,7 +114,7 @@ class MPClient:
         self._out.bind(output_addr)
         mp = multiprocessing.get_context("spawn")
         self._proc = mp.Process(
-            target=run_engine_core, args=(self.config, input_addr, output_addr),
+            target=run_engine_core, args=(self.config, input_addr, output_addr, self.log),
             name="pagedserve-engine-core", daemon=True,
         )  # fmt: skip
         self._proc.start()
@@ -137,7 +139,7 @@ class MPClient:
         return msg
 
     def fresh(self) -> MPClient:
-        return MPClient(self.config, self.liveness_interval_s)
+        return MPClient(self.config, self.liveness_interval_s, self.log)
 
     def add_request(self, msg: AddRequestMsg) -> None:
         self._check_alive()

@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import traceback
+from dataclasses import dataclass
 
 import msgspec
 
@@ -25,13 +26,22 @@ from pagedserve.engine.driver import EngineDriver
 from pagedserve.engine.messages import ErrorMsg, InputMsg, ReadyMsg
 
 logger = logging.getLogger(__name__)
-# Set by the server before it spawns the engine process (which inherits the environment).
+# The engine process's log settings for the tensor-parallel worker processes it spawns, which
+# inherit its environment (executor/worker.py reads them); set from run_engine_core's `log`.
 ENV_LOG_LEVEL, ENV_LOG_JSON = "PAGEDSERVE_ENGINE_LOG_LEVEL", "PAGEDSERVE_ENGINE_LOG_JSON"
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """The server's log format, handed to the engine process explicitly (its lines match)."""
+
+    level: str
+    json: bool = True
 # How often an engine with nothing to step but grammars being prepared looks for them.
 GRAMMAR_POLL_MS = 5
 
 
-def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, log: LogSettings | None = None) -> None:
     """Entry point of the engine-core process (multiprocessing spawn target)."""
     import zmq
 
@@ -42,10 +52,11 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     parent = multiprocessing.parent_process()
     parent_pid = parent.pid if parent is not None and parent.pid is not None else os.getppid()
     guard_parent(parent_pid)  # never outlive the server (prctl death signal + watchdog thread)
-    if os.environ.get(ENV_LOG_LEVEL):  # the server's log format, for this process's lines too
+    if log is not None:  # the server's log format, for this process's lines too
         from pagedserve.ops.logging import configure_logging
 
-        configure_logging(os.environ[ENV_LOG_LEVEL], json=os.environ.get(ENV_LOG_JSON, "1") == "1")
+        configure_logging(log.level, json=log.json)
+        os.environ[ENV_LOG_LEVEL], os.environ[ENV_LOG_JSON] = log.level, "1" if log.json else "0"
     configure_engine_threads(config.device, config.cpu_threads)
     ctx = zmq.Context()
     out_sock = ctx.socket(zmq.PUSH)

@@ -31,7 +31,7 @@ import pagedserve
 from pagedserve.config import EngineConfig
 from pagedserve.core.stats import SchedulerStats
 from pagedserve.engine.async_llm import AsyncLLM, FinishedRequestStats
-from pagedserve.engine.engine_core_proc import ENV_LOG_JSON, ENV_LOG_LEVEL
+from pagedserve.engine.engine_core_proc import LogSettings
 from pagedserve.entrypoints.openai.cli_args import engine_args_from, parse_args
 from pagedserve.entrypoints.openai.errors import (
     install_exception_handlers,
@@ -173,10 +173,12 @@ def engine_starter(
     and every route."""
     multiprocess = getattr(args, "engine_in_process", False) is False
     slo: SloAdmission = state.extra["slo"]
+    level = getattr(args, "log_level", None)  # the engine process logs in the server's format
+    log = LogSettings(level, json=getattr(args, "log_format", "json") == "json") if level else None
 
     async def start_engine() -> None:
         try:
-            engine = await AsyncLLM.from_config(config, multiprocess=multiprocess)
+            engine = await AsyncLLM.from_config(config, multiprocess=multiprocess, log=log)
         except Exception as e:  # noqa: BLE001 - reported by /health and every route
             logger.exception("engine start-up failed")
             state.start_error = f"The engine failed to start: {e}"
@@ -263,8 +265,6 @@ async def serve(args: argparse.Namespace, app: Any | None = None) -> int:
 def run_server(args: argparse.Namespace) -> None:
     """Configure logs, build the app (fails fast on a bad model or flags) and serve until stopped."""
     configure_logging(args.log_level, json=args.log_format == "json").addFilter(RepeatFilter())
-    os.environ[ENV_LOG_LEVEL] = args.log_level
-    os.environ[ENV_LOG_JSON] = "1" if args.log_format == "json" else "0"
     if not getattr(args, "engine_in_process", False):  # the engine process gets the other cores
         configure_front_threads()
     logger.info("starting server", extra={"model": args.model, "host": args.host, "port": args.port,
