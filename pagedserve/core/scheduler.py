@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable
 
 from pagedserve.config import CacheConfig, SchedulerConfig
+from pagedserve.core.fork import LeaderForks
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.outputs import (
     CachedRequestData,
@@ -42,7 +43,7 @@ from pagedserve.core.stats import SchedulerStats
 from pagedserve.core.stop_check import check_stop
 
 
-class Scheduler:
+class Scheduler(LeaderForks):
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
         self.config = scheduler_config
         self.block_size = cache_config.block_size
@@ -215,50 +216,6 @@ class Scheduler:
             request.num_pending += samples
         self._planned[self._step_id] = planned
         return output
-
-    def _fork_ready_leaders(self) -> None:
-        """A leader that has computed all prompt tokens but the last hands its prefix to its
-        followers, once there are seats for them and a block for each partial-block copy;
-        lower-ranked running requests are preempted to make room. When only the leader itself
-        is left to preempt, the followers that fit fork now and the rest are detached into the
-        waiting queue as requests of their own (they recompute the prompt, helped by the prefix
-        cache), so a leader never waits on room that cannot appear."""
-        for leader in list(self.running):
-            if leader.status != RequestStatus.RUNNING or not leader.followers:
-                continue
-            if leader.num_computed_tokens < leader.max_computable_tokens:
-                continue
-            needs_copy = leader.num_computed_tokens % self.block_size != 0
-            while (
-                len(self.running) + len(leader.followers) > self._max_seqs
-                or (needs_copy and self.kv.pool.num_free_blocks < len(leader.followers))
-            ):
-                victim = self._pick_victim()
-                if victim is leader:
-                    seats = self._max_seqs - len(self.running)
-                    fit = min(seats, self.kv.pool.num_free_blocks if needs_copy else seats)
-                    self._fork(leader, max(fit, 0))
-                    break
-                self._preempt(victim)
-            else:
-                self._fork(leader, len(leader.followers))
-
-    def _fork(self, leader: Request, num_forked: int) -> None:
-        """Fork the first num_forked followers from the leader; detach the others."""
-        for follower in leader.followers[num_forked:]:
-            follower.leader = None
-            follower.status = RequestStatus.WAITING
-            self._insert_by_rank(self.waiting, follower)
-        for follower in leader.followers[:num_forked]:
-            copy = self.kv.fork(leader, follower)
-            assert copy is not None
-            self._copies.append(copy)
-            follower.status = RequestStatus.RUNNING
-            follower.leader = None
-            follower.num_cached_tokens = leader.num_cached_tokens
-            follower.first_scheduled_time = leader.first_scheduled_time
-            self.running.append(follower)
-        leader.followers = []
 
     def _schedule_running(self, budget: int) -> int:
         index = 0
