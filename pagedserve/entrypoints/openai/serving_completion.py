@@ -15,7 +15,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -23,13 +22,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pagedserve.engine.async_llm import AsyncLLM, RequestHandle
 from pagedserve.engine.request_builder import PreparedPrompt
+from pagedserve.entrypoints.openai.completion_choices import Echo, choice_part, single_decoder
 from pagedserve.entrypoints.openai.prompt_bounds import tokenize_prompt
 from pagedserve.entrypoints.openai.protocol import (
     CompletionRequest,
-    clamp_logprob,
 )
 from pagedserve.entrypoints.openai.responses import (
-    CompletionLogProbs,
     CompletionResponse,
     CompletionResponseChoice,
     CompletionResponseStreamChoice,
@@ -47,7 +45,7 @@ from pagedserve.entrypoints.openai.serving_engine import (
 from pagedserve.entrypoints.openai.slo_admission import priority_class_of
 from pagedserve.entrypoints.openai.tenancy import TenantGate
 from pagedserve.entrypoints.openai.vllm_compat import log_request
-from pagedserve.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from pagedserve.outputs import PromptLogprobs, RequestOutput
 
 T = TypeVar("T")
 
@@ -80,36 +78,6 @@ async def merge_generators(gens: Sequence[AsyncIterator[T]]) -> AsyncIterator[tu
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def completion_logprobs(
-    token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob] | None], num_top: int,
-    text_offset: int, decode: Any,
-) -> CompletionLogProbs:  # fmt: skip
-    """The legacy completions format: parallel lists, the chosen token's text in `tokens`."""
-    out = CompletionLogProbs()
-    for token_id, entry in zip(token_ids, logprobs):
-        chosen = entry.get(token_id) if entry is not None else None
-        token = (
-            chosen.decoded_token
-            if chosen is not None and chosen.decoded_token is not None
-            else decode(token_id)
-        )
-        out.tokens.append(token)
-        out.text_offset.append(text_offset)
-        text_offset += len(token)
-        if entry is None:
-            out.token_logprobs.append(None)
-            out.top_logprobs.append(None)
-            continue
-        out.token_logprobs.append(clamp_logprob(chosen.logprob) if chosen is not None else None)
-        top = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)[: max(num_top, 1)] if num_top else []
-        by_text: dict[str, float] = {}
-        for t, lp in top:  # keyed by text: of two tokens that read the same, the likelier one stays
-            by_text.setdefault(lp.decoded_token if lp.decoded_token is not None else decode(t),
-                               clamp_logprob(lp.logprob))
-        out.top_logprobs.append(by_text)
-    return out
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -184,8 +152,8 @@ class OpenAIServingCompletion(OpenAIServing):
             prompt_text = ro.prompt if ro.prompt is not None else decode(ro.prompt_token_ids)
             cached += ro.num_cached_tokens
             for out in ro.outputs:
-                echo = _Echo(prompt_text, ro.prompt_token_ids, ro.prompt_logprobs) if request.echo else None
-                part = _choice_part(request, out, echo, 0, _single_decoder(decode))
+                echo = Echo(prompt_text, ro.prompt_token_ids, ro.prompt_logprobs) if request.echo else None
+                part = choice_part(request, out, echo, 0, single_decoder(decode))
                 completion_tokens += part.num_generated
                 info.output_parts.append(part.generated_text)
                 choices.append(CompletionResponseChoice(
@@ -210,7 +178,7 @@ class OpenAIServingCompletion(OpenAIServing):
     ) -> AsyncIterator[str]:  # fmt: skip
         """The events of a streamed completion (stream_with_ending ends it)."""
         created = int(time.time())
-        decode = _single_decoder(engine.tokenizer.decode)
+        decode = single_decoder(engine.tokenizer.decode)
         offsets: dict[int, int] = {}  # choice index -> characters streamed (for text_offset)
         # DELTA outputs carry a prompt's logprobs once, with its first output (of any of its n
         # choices): kept here for the echo of the others.
@@ -227,8 +195,8 @@ class OpenAIServingCompletion(OpenAIServing):
                 echo = None
                 if request.echo and first:
                     text, ids = tokenized[i]
-                    echo = _Echo(gate.restore(text or engine.tokenizer.decode(ids)), ids, prompt_lps.get(i))
-                part = _choice_part(request, out, echo, offsets.get(index, 0), decode)
+                    echo = Echo(gate.restore(text or engine.tokenizer.decode(ids)), ids, prompt_lps.get(i))
+                part = choice_part(request, out, echo, offsets.get(index, 0), decode)
                 offsets[index] = offsets.get(index, 0) + len(part.text)
                 info.completion_tokens += part.num_generated
                 info.output_parts.append(part.generated_text)
@@ -251,66 +219,6 @@ class OpenAIServingCompletion(OpenAIServing):
             ))  # fmt: skip
 
 
-@dataclass(slots=True)
-class _Echo:
-    """A prompt to put in front of a choice's text (echo): its text, ids and logprobs."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: PromptLogprobs | None  # None: not asked for (or not yet known)
-
-
-@dataclass(slots=True)
-class _ChoicePart:
-    text: str
-    logprobs: CompletionLogProbs | None
-    finish_reason: str | None
-    stop_reason: int | str | None
-    generated_text: str  # what the model generated (the audit's output)
-    generated_ids: list[int]  # its token ids (none for a scoring request: its one sample is dropped)
-
-    @property
-    def num_generated(self) -> int:  # completion tokens
-        return len(self.generated_ids)
-
-
-def _choice_part(
-    request: CompletionRequest, out: CompletionOutput, echo: _Echo | None, text_offset: int, decode: Any
-) -> _ChoicePart:
-    """A choice's text and legacy logprobs for one output: the echoed prompt (if any) first, then
-    what was generated. A scoring request (echo, max_tokens 0) answers with the prompt alone and
-    finish_reason "length": the one token the engine sampled for it is dropped."""
-    scoring = request.is_scoring
-    ids: list[int] = []
-    lps: list[dict[int, Logprob] | None] = []
-    text = ""
-    if echo is not None:
-        text = echo.text
-        ids += echo.token_ids
-        lps += list(echo.logprobs) if echo.logprobs is not None else [None] * len(echo.token_ids)
-    if not scoring:
-        text += out.text
-        ids += out.token_ids
-        lps += list(out.logprobs or [])
-    logprobs = None
-    if request.logprobs is not None:
-        logprobs = completion_logprobs(ids, lps, request.logprobs, text_offset, decode)
-    if scoring:
-        return _ChoicePart(text, logprobs, "length", None, "", [])
-    return _ChoicePart(text, logprobs, out.finish_reason, out.stop_reason, out.text, list(out.token_ids))
-
-
 def _release(engine: AsyncLLM, handles: list[RequestHandle]) -> None:
     for handle in handles:
         engine.release(handle)
-
-
-def _single_decoder(decode: Any) -> Any:
-    cache: dict[int, str] = {}
-
-    def one(token_id: int) -> str:
-        if token_id not in cache:
-            cache[token_id] = decode([token_id])
-        return cache[token_id]
-
-    return one
