@@ -309,7 +309,7 @@ class _SamplingRequest(_RequestModel):
     def _structured_outputs(self) -> StructuredOutputsParams | None:
         """One spec from response_format, structured_outputs or the guided_* fields (a 400 when
         they name more than one constraint). Whether a schema/regex/grammar compiles is checked
-        when the request is built (RequestBuilder.validate)."""
+        by its one compile (structured_limits.compile_request_grammar; offline RequestBuilder.prepare)."""
         given: dict[str, Any] = dict(self.structured_outputs or {})
         for field_name, key in (("guided_json", "json"), ("guided_regex", "regex"),
                                 ("guided_choice", "choice"), ("guided_grammar", "grammar")):
