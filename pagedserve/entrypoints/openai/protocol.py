@@ -28,7 +28,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
 from pagedserve.entrypoints.openai.errors import BadRequestError, ParamError
-from pagedserve.sampling_params import StructuredOutputsParams
+from pagedserve.sampling_params import (
+    RequestOutputKind,
+    SamplingParams,
+    SamplingParamsError,
+    StructuredOutputsParams,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +254,21 @@ class _SamplingRequest(_RequestModel):
                 "min_tokens", f"min_tokens must be in [0, max_tokens={max_tokens}], got {self.min_tokens}."
             )
         return self
+
+    def sampling_params(
+        self, default_max_tokens: int, default_sampling_params: Mapping[str, Any] | None = None,
+        output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
+    ) -> SamplingParams:  # fmt: skip
+        """The request as SamplingParams (to_sampling_params' fields); a value SamplingParams
+        refuses is a 400 naming the request field it came from (min_tokens <= max_tokens is
+        its rule, checked there once)."""
+        kwargs = self.to_sampling_params(default_max_tokens, default_sampling_params)
+        try:
+            return SamplingParams(**kwargs, output_kind=output_kind)
+        except SamplingParamsError as e:
+            raise BadRequestError(str(e), param=self.param_for(e.param)) from None
+        except ValueError as e:
+            raise BadRequestError(str(e)) from None
 
     def to_sampling_params(
         self, default_max_tokens: int, default_sampling_params: Mapping[str, Any] | None = None

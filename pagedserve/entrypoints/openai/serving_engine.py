@@ -40,7 +40,7 @@ from pagedserve.inputs import PromptType
 from pagedserve.ops.audit import AuditLog
 from pagedserve.ops.audit_middleware import claim_audit, write_line
 from pagedserve.outputs import PromptLogprobs
-from pagedserve.sampling_params import RequestOutputKind, SamplingParams, SamplingParamsError
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 T = TypeVar("T")
 # nginx's "client closed request": what a non-streamed request whose client went away is logged
@@ -135,14 +135,8 @@ class OpenAIServing:
                 f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
                 "completion). Please reduce the prompt or max_tokens.", param="max_tokens",
             )  # fmt: skip
-        kwargs = request.to_sampling_params(max_len - prompt_len, self.state.default_sampling_params)
-        kwargs["output_kind"] = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
-        try:
-            return SamplingParams(**kwargs)
-        except SamplingParamsError as e:  # min_tokens <= max_tokens among them (its one check)
-            raise BadRequestError(str(e), param=request.param_for(e.param)) from None
-        except ValueError as e:
-            raise BadRequestError(str(e)) from None
+        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+        return request.sampling_params(max_len - prompt_len, self.state.default_sampling_params, kind)
 
     @staticmethod
     def prepare_prompt(engine: AsyncLLM, request: _SamplingRequest, prompt: PromptType) -> PreparedPrompt:
