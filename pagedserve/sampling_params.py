@@ -38,6 +38,18 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = 2  # a single output, once the request is finished
 
 
+class SamplingParamsError(ValueError):
+    """A SamplingParams value out of its bounds; `param` names the field (the server's 400 names
+    the request field it came from)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self) -> tuple[type[SamplingParamsError], tuple[str, str]]:  # picklable
+        return SamplingParamsError, (self.param, str(self))
+
+
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -48,7 +60,7 @@ def _is_number(x: object) -> bool:
 
 def _check_number(name: str, value: object) -> float:
     if not _is_number(value) or not math.isfinite(float(value)):  # type: ignore[arg-type]
-        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        raise SamplingParamsError(name.split("[")[0], f"{name} must be a finite number, got {value!r}.")
     return float(value)  # type: ignore[arg-type]
 
 
@@ -170,7 +182,7 @@ class SamplingParams:
                 try:
                     token_id = int(key)
                 except (TypeError, ValueError):
-                    raise ValueError(f"logit_bias keys must be integer token ids, got {key!r}.") from None
+                    raise SamplingParamsError("logit_bias", f"logit_bias keys must be integer token ids, got {key!r}.") from None
                 v = _check_number(f"logit_bias[{key!r}]", value)
                 bias[token_id] = min(_LOGIT_BIAS_LIMIT, max(-_LOGIT_BIAS_LIMIT, v))
             self.logit_bias = bias or None
@@ -179,50 +191,50 @@ class SamplingParams:
 
     def _verify(self) -> None:
         if not _is_int(self.n) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}.")
+            raise SamplingParamsError("n", f"n must be an integer >= 1, got {self.n!r}.")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(f"best_of must be None or equal to n={self.n}, got {self.best_of!r}.")
+            raise SamplingParamsError("best_of", f"best_of must be None or equal to n={self.n}, got {self.best_of!r}.")
         for name in ("presence_penalty", "frequency_penalty"):
             value = _check_number(name, getattr(self, name))
             if not -2.0 <= value <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {value}.")
+                raise SamplingParamsError(name, f"{name} must be in [-2, 2], got {value}.")
         if _check_number("repetition_penalty", self.repetition_penalty) <= 0.0:
-            raise ValueError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
+            raise SamplingParamsError("repetition_penalty", f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
         if _check_number("temperature", self.temperature) < 0.0:
-            raise ValueError(f"temperature must be non-negative (>= 0), got {self.temperature}.")
+            raise SamplingParamsError("temperature", f"temperature must be non-negative (>= 0), got {self.temperature}.")
         if not 0.0 < _check_number("top_p", self.top_p) <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+            raise SamplingParamsError("top_p", f"top_p must be in (0, 1], got {self.top_p}.")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be 0 or -1 (disabled), or an integer >= 1, got {self.top_k!r}.")
+            raise SamplingParamsError("top_k", f"top_k must be 0 or -1 (disabled), or an integer >= 1, got {self.top_k!r}.")
         if not 0.0 <= _check_number("min_p", self.min_p) <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+            raise SamplingParamsError("min_p", f"min_p must be in [0, 1], got {self.min_p}.")
         if self.seed is not None and (not _is_int(self.seed) or not _SEED_MIN <= self.seed <= _SEED_MAX):
-            raise ValueError(f"seed must be None or an integer in [-2**63, 2**64 - 1], got {self.seed!r}.")
+            raise SamplingParamsError("seed", f"seed must be None or an integer in [-2**63, 2**64 - 1], got {self.seed!r}.")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be None or an integer >= 1, got {self.max_tokens!r}.")
+            raise SamplingParamsError("max_tokens", f"max_tokens must be None or an integer >= 1, got {self.max_tokens!r}.")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}.")
+            raise SamplingParamsError("min_tokens", f"min_tokens must be an integer >= 0, got {self.min_tokens!r}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}."
+            raise SamplingParamsError(
+                "min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}."
             )
         for name in ("logprobs", "prompt_logprobs", "truncate_prompt_tokens"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
-                raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}.")
+                raise SamplingParamsError(name, f"{name} must be None or an integer >= 0, got {value!r}.")
         if self.truncate_prompt_tokens == 0:
-            raise ValueError("truncate_prompt_tokens must be None or an integer >= 1, got 0.")
+            raise SamplingParamsError("truncate_prompt_tokens", "truncate_prompt_tokens must be None or an integer >= 1, got 0.")
         assert isinstance(self.stop, list) and isinstance(self.stop_token_ids, list)
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must contain only non-empty strings, got {self.stop!r}.")
+            raise SamplingParamsError("stop", f"stop must contain only non-empty strings, got {self.stop!r}.")
         if self.stop and not self.detokenize:
-            raise ValueError("stop strings need detokenize=True; set detokenize=True to use stop.")
+            raise SamplingParamsError("stop", "stop strings need detokenize=True; set detokenize=True to use stop.")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must contain only integers >= 0, got {self.stop_token_ids!r}.")
+            raise SamplingParamsError("stop_token_ids", f"stop_token_ids must contain only integers >= 0, got {self.stop_token_ids!r}.")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
-            raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict of its fields.")
+            raise SamplingParamsError("structured_outputs", "structured_outputs must be a StructuredOutputsParams or a dict of its fields.")
         if not isinstance(self.output_kind, RequestOutputKind):
-            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.")
+            raise SamplingParamsError("output_kind", f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.")
 
     # ------------------------------------------------------------------ derived views
 
@@ -269,19 +281,19 @@ class SamplingParams:
         """
         bad = [t for t in self.all_stop_token_ids if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(
-                f"stop_token_ids must be in [0, {vocab_size - 1}] (the vocabulary), got {sorted(bad)}."
+            raise SamplingParamsError(
+                "stop_token_ids", f"stop_token_ids must be in [0, {vocab_size - 1}] (the vocabulary), got {sorted(bad)}."
             )
         bad = [t for t in (self.logit_bias or {}) if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(
-                f"logit_bias token ids must be in [0, {vocab_size - 1}] (the vocabulary), got {sorted(bad)}."
+            raise SamplingParamsError(
+                "logit_bias", f"logit_bias token ids must be in [0, {vocab_size - 1}] (the vocabulary), got {sorted(bad)}."
             )
         if max_logprobs is not None:
             for name in ("logprobs", "prompt_logprobs"):
                 value = getattr(self, name)
                 if value is not None and value > max_logprobs:
-                    raise ValueError(f"{name} must be in [0, max_logprobs={max_logprobs}], got {value}.")
+                    raise SamplingParamsError(name, f"{name} must be in [0, max_logprobs={max_logprobs}], got {value}.")
 
     def clone(self) -> SamplingParams:
         """A copy that shares no mutable container with this one (cheap: no validation re-run)."""

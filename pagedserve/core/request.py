@@ -2,7 +2,7 @@
 
 A user request with n > 1 samples becomes n core requests: a leader that computes the shared
 prompt, and n - 1 followers that wait until the leader has computed all prompt tokens but the last
-and then fork from it, sharing its full prompt blocks (see Scheduler._fork_followers).
+and then fork from it, sharing its full prompt blocks (see core/fork.py).
 """
 
 from __future__ import annotations

@@ -16,15 +16,18 @@ schedule() advances each scheduled request's num_computed_tokens at once, and co
 step will sample as pending until update_from_output brings it. Synchronously (update right after
 schedule) that changes nothing; it is what lets the engine plan step n+1 before step n's results
 are back (async scheduling): step n+1 may then compute the position of step n's pending token.
+The decisions only async scheduling needs (a pending token that ends a request, a preempted
+request with a token in flight) are AsyncScheduler's (core/async_scheduler.py), chosen once by
+the engine at start-up.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from pagedserve.config import CacheConfig, SchedulerConfig
+from pagedserve.core.fork import LeaderForks
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.outputs import (
     CachedRequestData,
@@ -36,31 +39,11 @@ from pagedserve.core.outputs import (
 )
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.slo_scheduler import SchedulerSlo
+from pagedserve.core.stats import SchedulerStats
 from pagedserve.core.stop_check import check_stop
 
 
-@dataclass(slots=True)
-class SchedulerStats:
-    num_running: int
-    num_waiting: int
-    num_swapped: int
-    kv_cache_usage: float  # fraction of GPU blocks in use
-    prefix_cache_queries: int  # cumulative, in tokens
-    prefix_cache_hits: int
-    num_preemptions: int  # cumulative
-    num_scheduled_tokens: int  # this step
-    kv_slots_allocated: int  # this step: slots in blocks held by scheduled requests
-    kv_slots_wasted: int  # of which not holding a token (partial last blocks)
-    # the SLO controller (0 / None without objectives): its caps now, the batch-class share of
-    # num_waiting, and each class's admission rate (requests/s; None: that class never waited)
-    slo_max_num_seqs: int = 0
-    slo_token_budget: int = 0
-    num_waiting_batch: int = 0
-    admit_rate_interactive: float | None = None
-    admit_rate_batch: float | None = None
-
-
-class Scheduler:
+class Scheduler(LeaderForks):
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
         self.config = scheduler_config
         self.block_size = cache_config.block_size
@@ -234,50 +217,6 @@ class Scheduler:
         self._planned[self._step_id] = planned
         return output
 
-    def _fork_ready_leaders(self) -> None:
-        """A leader that has computed all prompt tokens but the last hands its prefix to its
-        followers, once there are seats for them and a block for each partial-block copy;
-        lower-ranked running requests are preempted to make room. When only the leader itself
-        is left to preempt, the followers that fit fork now and the rest are detached into the
-        waiting queue as requests of their own (they recompute the prompt, helped by the prefix
-        cache), so a leader never waits on room that cannot appear."""
-        for leader in list(self.running):
-            if leader.status != RequestStatus.RUNNING or not leader.followers:
-                continue
-            if leader.num_computed_tokens < leader.max_computable_tokens:
-                continue
-            needs_copy = leader.num_computed_tokens % self.block_size != 0
-            while (
-                len(self.running) + len(leader.followers) > self._max_seqs
-                or (needs_copy and self.kv.pool.num_free_blocks < len(leader.followers))
-            ):
-                victim = self._pick_victim()
-                if victim is leader:
-                    seats = self._max_seqs - len(self.running)
-                    fit = min(seats, self.kv.pool.num_free_blocks if needs_copy else seats)
-                    self._fork(leader, max(fit, 0))
-                    break
-                self._preempt(victim)
-            else:
-                self._fork(leader, len(leader.followers))
-
-    def _fork(self, leader: Request, num_forked: int) -> None:
-        """Fork the first num_forked followers from the leader; detach the others."""
-        for follower in leader.followers[num_forked:]:
-            follower.leader = None
-            follower.status = RequestStatus.WAITING
-            self._insert_by_rank(self.waiting, follower)
-        for follower in leader.followers[:num_forked]:
-            copy = self.kv.fork(leader, follower)
-            assert copy is not None
-            self._copies.append(copy)
-            follower.status = RequestStatus.RUNNING
-            follower.leader = None
-            follower.num_cached_tokens = leader.num_cached_tokens
-            follower.first_scheduled_time = leader.first_scheduled_time
-            self.running.append(follower)
-        leader.followers = []
-
     def _schedule_running(self, budget: int) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
@@ -301,20 +240,19 @@ class Scheduler:
         return budget
 
     def _pending_ends(self, request: Request) -> bool:
-        """Async scheduling: the request's pending token reaches max_tokens or max_model_len, so
-        there is no step after it to plan. (Never true synchronously: num_pending is then 0.)"""
-        if not request.num_pending:
-            return False
-        max_tokens = request.sampling_params.max_tokens
-        return (
-            (max_tokens is not None and request.num_output_tokens + request.num_pending >= max_tokens)
-            or request.num_tokens + request.num_pending >= self.config.max_model_len
-        )
+        """Whether the request's pending token ends it, so no step after it can be planned: never
+        synchronously (nothing is pending at schedule time); AsyncScheduler's rule."""
+        return False
+
+    def _token_in_flight(self, request: Request) -> bool:
+        """Whether a preempted request still has a token in flight (it resumes after that
+        token's update): never synchronously; AsyncScheduler's rule."""
+        return False
 
     def _schedule_swapped(self, budget: int, swap_in: list[tuple[int, int]]) -> int:
         while self.swapped and budget > 0 and len(self.running) < self._max_seqs:
             request = self.swapped[0]
-            if request.num_pending:  # preempted with a token in flight: resume after its update
+            if self._token_in_flight(request):  # resume after its update
                 break
             num_new = min(request.max_computable_tokens - request.num_computed_tokens, budget)
             if not self.kv.can_swap_in(request, num_new):
@@ -345,7 +283,7 @@ class Scheduler:
     def _schedule_waiting(self, budget: int) -> None:
         while self.waiting and budget > 0:
             request = self.waiting[0]
-            if request.num_pending:  # preempted with a token in flight: resume after its update
+            if self._token_in_flight(request):  # resume after its update
                 break
             hits = self.kv.get_computed_blocks(request)
             num_hit_tokens = len(hits) * self.block_size
@@ -494,8 +432,11 @@ class Scheduler:
             wasted += slots - request.num_computed_tokens
         return allocated, wasted
 
-    def make_stats(self, scheduler_output: SchedulerOutput, slot_usage: tuple[int, int]) -> SchedulerStats:
-        """Queue and cache gauges as they stand now (after the step's update)."""
+    def make_stats(
+        self, scheduler_output: SchedulerOutput | None, slot_usage: tuple[int, int] = (0, 0)
+    ) -> SchedulerStats:
+        """Queue and cache gauges as they stand now (after the step's update); without a plan,
+        between steps (nothing scheduled, no slots in use)."""
         stats = self.kv.prefix_stats
         num_followers = sum(len(r.followers) for r in self.running + self.waiting + self.swapped)
         out = SchedulerStats(
@@ -506,7 +447,7 @@ class Scheduler:
             prefix_cache_queries=stats.queries,
             prefix_cache_hits=stats.hits,
             num_preemptions=self.num_preemptions,
-            num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens,
+            num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens if scheduler_output is not None else 0,
             kv_slots_allocated=slot_usage[0],
             kv_slots_wasted=slot_usage[1],
             num_waiting_batch=self.num_waiting_ahead("batch"),

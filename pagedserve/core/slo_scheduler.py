@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from pagedserve.config import SloConfig
     from pagedserve.core.outputs import SchedulerOutput
     from pagedserve.core.request import Request
-    from pagedserve.core.scheduler import SchedulerStats
+    from pagedserve.core.stats import SchedulerStats
 
 
 class SchedulerSlo:

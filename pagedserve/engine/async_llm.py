@@ -19,22 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.config import EngineArgs, EngineConfig
-from pagedserve.core.scheduler import SchedulerStats
-from pagedserve.engine.core_client import (
-    AddRequestMsg,
-    ChildSpec,
-    EngineCoreClient,
-    EngineDeadError,
-    InprocClient,
-    MPClient,
-    OutputsMsg,
-    ReadyMsg,
-    params_to_dict,
-)
+from pagedserve.core.stats import SchedulerStats
+from pagedserve.engine.core_client import EngineCoreClient, make_client
+from pagedserve.engine.engine_core_proc import LogSettings
 from pagedserve.engine.grammar_pool import GrammarService
+from pagedserve.engine.messages import EngineDeadError, OutputsMsg, ReadyMsg
 from pagedserve.engine.output_processor import OutputProcessor
-from pagedserve.engine.request_builder import RequestBuilder, load_tokenizer
-from pagedserve.inputs import PromptType, cache_salt_of
+from pagedserve.engine.request_builder import PreparedPrompt, RequestBuilder, load_tokenizer
+from pagedserve.inputs import PromptType
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -97,9 +89,12 @@ class AsyncLLM:
         return await cls.from_config(config, multiprocess)
 
     @classmethod
-    async def from_config(cls, config: EngineConfig, multiprocess: bool = True) -> AsyncLLM:
+    async def from_config(
+        cls, config: EngineConfig, multiprocess: bool = True, log: LogSettings | None = None
+    ) -> AsyncLLM:
+        """log: the engine process's log settings (the server passes its own)."""
         tokenizer = await asyncio.to_thread(load_tokenizer, config)
-        client: EngineCoreClient = MPClient(config) if multiprocess else InprocClient(config)
+        client = make_client(config, multiprocess, log)
         llm = cls(config, client, tokenizer)
         ready = await client.start()
         llm.request_builder.vocab_size = ready.vocab_size
@@ -173,15 +168,19 @@ class AsyncLLM:
             return None
         return await self.grammar_service().compile(params.structured_outputs, timeout_s)
 
-    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        """Raises ValueError for a request the engine cannot take (the server's 400)."""
-        self.request_builder.validate(token_ids, params)
+    def prepare_prompt(self, prompt: PromptType, truncate_prompt_tokens: int | None = None) -> PreparedPrompt:
+        """The prompt checked once at the engine boundary (InvalidInputError names the field)."""
+        return self.request_builder.prepare_prompt(prompt, truncate_prompt_tokens)
+
+    def prepare_params(self, params: SamplingParams) -> None:
+        """The params checked once against the model (InvalidInputError names the field)."""
+        self.request_builder.prepare_params(params)
 
     # ------------------------------------------------------------------ requests
 
     def add_request(
         self,
-        prompt: PromptType,
+        prompt: PromptType | PreparedPrompt,
         params: SamplingParams,
         request_id: str,
         priority: int = 0,
@@ -192,21 +191,18 @@ class AsyncLLM:
         at once). Raises ValueError for bad input, EngineDeadError when the engine is gone.
         Consume it with `stream(handle)`; a handle that is never streamed must be `abort`ed.
         grammar: compile_grammar(params) of a structured request (without it the engine compiles
-        the spec itself, in the background, and a spec that fails there ends as aborted)."""
+        the spec itself, in the background, and a spec that fails there ends as aborted).
+        A PreparedPrompt (prepare_prompt + prepare_params, as the server routes do) is taken as it
+        is: a request is validated once."""
         self.check_health()
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, token_ids = self.request_builder.prepare(prompt, params)
-        cache_salt = cache_salt_of(prompt)
+        prepared = prompt if isinstance(prompt, PreparedPrompt) else self.request_builder.prepare(prompt, params)
+        token_ids = prepared.token_ids
         arrival = time.monotonic()
-        children = self.request_builder.child_params(request_id, params)
-        child_ids = [cid for cid, _ in children]
-        msg = AddRequestMsg(
-            children=[ChildSpec(cid, params_to_dict(p)) for cid, p in children],
-            prompt_token_ids=token_ids, eos_token_id=self.request_builder.eos_token_id, arrival_time=arrival,
-            priority=priority, priority_class=priority_class, grammar=grammar, cache_salt=cache_salt,
-        )  # fmt: skip
-        self.output_processor.add_request(request_id, text, token_ids, params, child_ids, arrival)
+        msg = self.request_builder.fan_out(request_id, prepared, params, arrival, priority, priority_class, grammar)
+        child_ids = [c.request_id for c in msg.children]
+        self.output_processor.add_request(request_id, prepared.text, token_ids, params, child_ids, arrival)
         try:
             self.client.add_request(msg)
         except Exception:
@@ -344,7 +340,7 @@ class AsyncLLM:
         the new core is ready `is_alive` stays False, so new requests get EngineDeadError."""
         old = self.client
         await old.shutdown()
-        client: EngineCoreClient = MPClient(self.config) if isinstance(old, MPClient) else InprocClient(self.config)
+        client = old.fresh()
         client.on_outputs = self._on_outputs
         client.on_dead = self._on_dead
         try:

@@ -1,249 +1,85 @@
-"""Clients of the engine core: in-process (tests, offline) and in its own process (the server).
+"""Clients of the engine core, one interface (`EngineCoreClient`) over two placements:
 
-    HTTP process (asyncio)                         engine-core process (spawned)
-    ─────────────────────                          ──────────────────────────────
-    MPClient.add_request ──PUSH  ipc://…/input ──> PULL  ─┐
-    MPClient.abort       ──┘                              ├─ loop: drain inputs; step() while work
-    output reader task  <──PULL  ipc://…/output <── PUSH ─┘        send OutputsMsg per step
-    liveness watch: the process died -> every in-flight request fails, is_alive = False
+    MPClient      the core in its own spawned process (the server): ZMQ + msgpack, engine_core_proc.py
+    InprocClient  the core in this process (tests, in-process serving): steps in a worker thread
 
-Messages are msgspec (msgpack) structs; requests travel as plain fields (ids, token ids,
-SamplingParams as a dict), outputs as the `EngineCoreOutput` dataclasses of core/outputs.py.
-The HTTP process binds both sockets, so a dead engine never blocks a send: ZMQ queues it.
-
-A user request with n samples is one `AddRequestMsg` holding n children ("<i>_<id>"): the engine
-side links them as leader + followers exactly as `LLMEngine.add_request` does (`link_children`).
+AsyncLLM talks to either through the Protocol only: add_request / abort (synchronous sends),
+outputs and death reported through the `on_outputs` / `on_dead` callbacks, `fresh()` for a restart.
+Messages: engine/messages.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import multiprocessing
 import os
 import shutil
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
 from pagedserve.config import EngineConfig
-from pagedserve.core.outputs import EngineCoreOutput, SchedulerOutput
-from pagedserve.core.request import Request
-from pagedserve.core.scheduler import SchedulerStats
-from pagedserve.engine.request_builder import link_children
-from pagedserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+from pagedserve.engine.driver import EngineDriver
+from pagedserve.engine.engine_core_proc import GRAMMAR_POLL_MS, LogSettings, run_engine_core
+from pagedserve.engine.messages import (
+    AbortMsg,
+    AddRequestMsg,
+    EngineDeadError,
+    ErrorMsg,
+    InputMsg,
+    OutputMsg,
+    OutputsMsg,
+    ReadyMsg,
+    ShutdownMsg,
+)
 
 logger = logging.getLogger(__name__)
-# Set by the server before it spawns the engine process (which inherits the environment).
-ENV_LOG_LEVEL, ENV_LOG_JSON = "PAGEDSERVE_ENGINE_LOG_LEVEL", "PAGEDSERVE_ENGINE_LOG_JSON"
-# How often an engine with nothing to step but grammars being prepared looks for them.
-_GRAMMAR_POLL_MS = 5
-
-# ---------------------------------------------------------------------------- messages
-
-
-class ChildSpec(msgspec.Struct):
-    request_id: str
-    sampling_params: dict[str, Any]  # params_to_dict(SamplingParams)
-
-
-class AddRequestMsg(msgspec.Struct, tag="add"):
-    """One user request: its children share the prompt; children[0] leads when it can fork."""
-
-    children: list[ChildSpec]
-    prompt_token_ids: list[int]
-    eos_token_id: int | None
-    arrival_time: float  # time.monotonic(): CLOCK_MONOTONIC is system-wide on Linux
-    priority: int = 0
-    priority_class: str = "interactive"  # or "batch"
-    # the children's structured output grammar, compiled and serialized by the front end (the
-    # engine deserializes it off its step loop instead of compiling again): structured_output.py
-    grammar: str | None = None
-    cache_salt: str | None = None  # vLLM's cache_salt: enters the first block's prefix-cache hash
-
-
-class AbortMsg(msgspec.Struct, tag="abort"):
-    request_ids: list[str]  # child ids
-
-
-class ShutdownMsg(msgspec.Struct, tag="shutdown"):
-    pass
-
-
-class ReadyMsg(msgspec.Struct, tag="ready"):
-    pid: int
-    num_gpu_blocks: int
-    num_cpu_blocks: int
-    block_size: int
-    kv_capacity_tokens: int
-    vocab_size: int
-    startup_seconds: float
-
-
-class ErrorMsg(msgspec.Struct, tag="error"):
-    message: str
-    fatal: bool = True
-
-
-class OutputsMsg(msgspec.Struct, tag="outputs"):
-    outputs: list[EngineCoreOutput]
-    stats: SchedulerStats | None  # the step's scheduler snapshot (also sent alone when idle)
-
-
-InputMsg = AddRequestMsg | AbortMsg | ShutdownMsg
-OutputMsg = ReadyMsg | ErrorMsg | OutputsMsg
-
-
-class EngineDeadError(RuntimeError):
-    """The engine core process is gone: requests cannot make progress."""
-
-
-# ---------------------------------------------------------------------------- request building
-
-
-def params_to_dict(params: SamplingParams) -> dict[str, Any]:
-    d = {f.name: getattr(params, f.name) for f in dataclasses.fields(SamplingParams)}
-    d["output_kind"] = params.output_kind.value
-    return d
-
-
-def params_from_dict(d: dict[str, Any]) -> SamplingParams:
-    """Rebuilds params that were validated on the sending side (no second validation pass)."""
-    params = object.__new__(SamplingParams)
-    for f in dataclasses.fields(SamplingParams):
-        setattr(params, f.name, d.get(f.name, f.default))
-    params.output_kind = RequestOutputKind(d.get("output_kind", 0))
-    if params.logit_bias is not None:
-        params.logit_bias = {int(k): float(v) for k, v in params.logit_bias.items()}
-    params.stop = list(params.stop or [])
-    params.stop_token_ids = list(params.stop_token_ids or [])
-    if isinstance(params.structured_outputs, dict):  # msgpack carries the dataclass as a map
-        params.structured_outputs = StructuredOutputsParams.from_dict(params.structured_outputs)
-    return params
-
-
-def requests_from_msg(msg: AddRequestMsg) -> list[Request]:
-    children = [
-        Request(
-            request_id=c.request_id,
-            prompt_token_ids=list(msg.prompt_token_ids),
-            sampling_params=params_from_dict(c.sampling_params),
-            eos_token_id=msg.eos_token_id,
-            arrival_time=msg.arrival_time,
-            priority=msg.priority,
-            cache_salt=msg.cache_salt,
-            priority_class=msg.priority_class,
-        )
-        for c in msg.children
-    ]
-    return link_children(children)
-
-
-def idle_stats(core: Any) -> SchedulerStats:
-    """The scheduler's state without running a step (after aborts drained the batch)."""
-    empty = SchedulerOutput([], [], {}, 0, set())
-    stats: SchedulerStats = core.scheduler.make_stats(empty, (0, 0))  # no step: no slots in use
-    return stats
-
-
-# ---------------------------------------------------------------------------- engine process
-
-
-def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
-    """Entry point of the engine-core process (multiprocessing spawn target)."""
-    import zmq
-
-    from pagedserve.engine.engine_core import EngineCore
-    from pagedserve.engine.parent_watch import guard_parent, parent_is_alive
-    from pagedserve.worker.cpu_resources import configure_engine_threads
-
-    parent = multiprocessing.parent_process()
-    parent_pid = parent.pid if parent is not None and parent.pid is not None else os.getppid()
-    guard_parent(parent_pid)  # never outlive the server (prctl death signal + watchdog thread)
-    if os.environ.get(ENV_LOG_LEVEL):  # the server's log format, for this process's lines too
-        from pagedserve.ops.logging import configure_logging
-
-        configure_logging(os.environ[ENV_LOG_LEVEL], json=os.environ.get(ENV_LOG_JSON, "1") == "1")
-    configure_engine_threads(config.device, config.cpu_threads)
-    ctx = zmq.Context()
-    out_sock = ctx.socket(zmq.PUSH)
-    out_sock.connect(output_addr)
-    in_sock = ctx.socket(zmq.PULL)
-    in_sock.connect(input_addr)
-    encoder = msgspec.msgpack.Encoder()
-    decoder = msgspec.msgpack.Decoder(InputMsg)  # type: ignore[arg-type]
-    try:
-        core = EngineCore(config)
-    except Exception as e:  # noqa: BLE001 - reported to the HTTP process, which fails start-up
-        out_sock.send(encoder.encode(ErrorMsg(f"engine start-up failed: {e}\n{traceback.format_exc()}")))
-        out_sock.close(linger=2000)
-        ctx.term()
-        return
-    cache = config.cache_config
-    out_sock.send(encoder.encode(ReadyMsg(
-        pid=os.getpid(), num_gpu_blocks=cache.num_gpu_blocks, num_cpu_blocks=cache.num_cpu_blocks,
-        block_size=cache.block_size, kv_capacity_tokens=core.kv_capacity_tokens,
-        vocab_size=core.vocab_size, startup_seconds=core.stats.startup_seconds,
-    )))  # fmt: skip
-    poller = zmq.Poller()
-    poller.register(in_sock, zmq.POLLIN)
-    try:
-        while True:
-            busy = core.admit_ready()
-            # Block for input only when idle; the timeout lets an orphan notice its parent died.
-            # While only grammars are being prepared, poll briefly for them instead of stepping.
-            events = dict(poller.poll(0 if busy else (_GRAMMAR_POLL_MS if core.has_unfinished_requests() else 1000)))
-            had_input = False
-            while events:
-                try:
-                    raw = in_sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                had_input = True
-                msg = decoder.decode(raw)
-                if isinstance(msg, ShutdownMsg):
-                    return
-                if isinstance(msg, AddRequestMsg):
-                    for request in requests_from_msg(msg):
-                        core.add_request(request, msg.grammar)
-                else:
-                    core.abort_requests(msg.request_ids)
-            if core.admit_ready():
-                outputs = core.step()
-                out_sock.send(encoder.encode(OutputsMsg(outputs, core.stats.last)))
-            elif had_input or busy:  # went idle: report the freed KV cache
-                out_sock.send(encoder.encode(OutputsMsg([], idle_stats(core))))
-            if not parent_is_alive(parent_pid):  # every step: an orphan stops computing at once
-                return
-            core.check_health()  # a dead tensor-parallel rank fails the engine even when idle
-    except Exception as e:  # noqa: BLE001 - a bug in a step: tell the HTTP process, then die
-        logger.exception("engine core failed")
-        out_sock.send(encoder.encode(ErrorMsg(f"engine core failed: {e}")))
-    finally:
-        core.shutdown()  # the tensor-parallel workers, if any
-        in_sock.close(linger=0)
-        out_sock.close(linger=1000)
-        ctx.term()
-
-
-# ---------------------------------------------------------------------------- clients
 
 OutputHandler = Callable[[OutputsMsg], None]
 DeadHandler = Callable[[str], None]
 
 
+class EngineCoreClient(Protocol):
+    """What AsyncLLM needs of an engine core, wherever it runs."""
+
+    config: EngineConfig
+    ready: ReadyMsg | None
+    is_alive: bool
+    dead_reason: str | None
+    on_outputs: OutputHandler  # called on the event-loop thread, once per step report
+    on_dead: DeadHandler  # called once, with the reason, when the core is gone
+
+    @property
+    def pid(self) -> int | None: ...  # the engine process, None in-process
+
+    async def start(self, timeout_s: float = 600.0) -> ReadyMsg: ...
+
+    def add_request(self, msg: AddRequestMsg) -> None: ...  # EngineDeadError when not alive
+
+    def abort(self, child_ids: list[str]) -> None: ...
+
+    def fresh(self) -> EngineCoreClient: ...  # a new, unstarted client of the same kind and config
+
+    async def shutdown(self) -> None: ...
+
+
+def make_client(config: EngineConfig, multiprocess: bool = True, log: LogSettings | None = None) -> EngineCoreClient:
+    """log: the engine process's log settings (the in-process core logs as this process does)."""
+    return MPClient(config, log=log) if multiprocess else InprocClient(config)
+
+
 class MPClient:
     """Async client of an engine core in its own (spawned) process."""
 
-    def __init__(self, config: EngineConfig, liveness_interval_s: float = 0.2) -> None:
+    def __init__(self, config: EngineConfig, liveness_interval_s: float = 0.2, log: LogSettings | None = None) -> None:
         self.config = config
         self.liveness_interval_s = liveness_interval_s
+        self.log = log
         self.ready: ReadyMsg | None = None
         self.is_alive = False
         self.dead_reason: str | None = None
@@ -278,7 +114,7 @@ class MPClient:
         self._out.bind(output_addr)
         mp = multiprocessing.get_context("spawn")
         self._proc = mp.Process(
-            target=run_engine_core, args=(self.config, input_addr, output_addr),
+            target=run_engine_core, args=(self.config, input_addr, output_addr, self.log),
             name="pagedserve-engine-core", daemon=True,
         )  # fmt: skip
         self._proc.start()
@@ -301,6 +137,9 @@ class MPClient:
             asyncio.create_task(self._watch(), name="engine-liveness"),
         ]
         return msg
+
+    def fresh(self) -> MPClient:
+        return MPClient(self.config, self.liveness_interval_s, self.log)
 
     def add_request(self, msg: AddRequestMsg) -> None:
         self._check_alive()
@@ -391,6 +230,9 @@ class InprocClient:
         self._task = asyncio.create_task(self._drive(), name="inproc-engine")
         return self.ready
 
+    def fresh(self) -> InprocClient:
+        return InprocClient(self.config)
+
     def add_request(self, msg: AddRequestMsg) -> None:
         if not self.is_alive:
             raise EngineDeadError(self.dead_reason or "the engine is not running")
@@ -403,29 +245,21 @@ class InprocClient:
             self._wake.set()
 
     async def _drive(self) -> None:
-        core = self.core
+        driver = EngineDriver(self.core)
         try:
             while True:
-                if not self._pending and not core.admit_ready():
+                if not self._pending and not driver.has_work():
                     self._wake.clear()
-                    if core.has_unfinished_requests():  # only grammars pending: look again soon
+                    if self.core.has_unfinished_requests():  # only grammars pending: look again soon
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._wake.wait(), _GRAMMAR_POLL_MS / 1000)
+                            await asyncio.wait_for(self._wake.wait(), GRAMMAR_POLL_MS / 1000)
                     else:
                         await self._wake.wait()
-                had_input = bool(self._pending)
                 pending, self._pending = self._pending, []
-                for msg in pending:
-                    if isinstance(msg, AddRequestMsg):
-                        for request in requests_from_msg(msg):
-                            core.add_request(request, msg.grammar)
-                    elif isinstance(msg, AbortMsg):
-                        core.abort_requests(msg.request_ids)
-                if core.admit_ready():
-                    outputs = await asyncio.to_thread(core.step)
-                    self.on_outputs(OutputsMsg(outputs, core.stats.last))
-                elif had_input:
-                    self.on_outputs(OutputsMsg([], idle_stats(core)))
+                driver.apply(pending)
+                report = await asyncio.to_thread(driver.step, bool(pending))
+                if report is not None:
+                    self.on_outputs(report)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -440,6 +274,3 @@ class InprocClient:
         if self.core is not None:
             self.core.shutdown()
         self.is_alive = False
-
-
-EngineCoreClient = MPClient | InprocClient

@@ -1,8 +1,9 @@
-"""The engine loop: step() = schedule -> execute -> update. Nothing else.
+"""The engine loop: step() = schedule -> execute -> update (`_step_sync`). Nothing else.
 
-With async scheduling (EngineArgs.async_scheduling, vLLM's --async-scheduling) execute is split
-into launch and collect, and one step may stay in flight across step() calls, so the host plans
-and launches step n+1 while the device still runs step n:
+With async scheduling (EngineArgs.async_scheduling, vLLM's --async-scheduling; `_step_async`,
+chosen once at start-up) execute is split into launch and collect, and one step may stay in
+flight across step() calls, so the host plans and launches step n+1 while the device still runs
+step n:
 
     step():  schedule n+1 -> launch n+1 -> collect n -> update n
              (-> collect n+1 -> update n+1, when step n+1 sampled synchronously anyway)
@@ -28,9 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedserve.config import EngineConfig
+from pagedserve.core.async_scheduler import AsyncScheduler
 from pagedserve.core.outputs import EngineCoreOutput, FinishReason, ModelRunnerOutput, SchedulerOutput
 from pagedserve.core.request import Request, RequestStatus
-from pagedserve.core.scheduler import Scheduler, SchedulerStats
+from pagedserve.core.scheduler import Scheduler
+from pagedserve.core.stats import SchedulerStats
 from pagedserve.engine.grammars import EngineGrammars
 from pagedserve.executor import Executor, LaunchedStep, create_executor
 from pagedserve.structured_output import GrammarCompilerCache
@@ -86,9 +89,11 @@ class EngineCore:
                 "more memory or lower max_model_len"
             )
         self.executor.initialize_kv_cache(num_gpu, num_cpu)
-        self.scheduler = Scheduler(config.scheduler_config, cache)
+        scheduler_cls = AsyncScheduler if config.async_scheduling else Scheduler  # chosen once
+        self.scheduler = scheduler_cls(config.scheduler_config, cache)
         self.stats = EngineStats(startup_seconds=time.perf_counter() - started)
         self.async_scheduling = config.async_scheduling
+        self._step: Callable[[], list[EngineCoreOutput]] = self._step_async if self.async_scheduling else self._step_sync
         # async scheduling: the launched step not yet updated (plan, handle, KV slot usage)
         self._in_flight: tuple[SchedulerOutput, LaunchedStep, tuple[int, int]] | None = None
         # structured outputs: a request waits in `grammars` (not the scheduler) until its grammar
@@ -167,22 +172,32 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         self.admit_ready()
         failed, self._failed = self._failed, []
-        outputs = failed + self._step()
+        outputs = failed + self._step()  # _step_sync or _step_async, chosen at start-up
         for output in outputs:
             if output.finish_reason is not None:
                 self.grammars.release(output.req_id)
         return outputs
 
-    def _step(self) -> list[EngineCoreOutput]:
+    def _plan(self) -> tuple[SchedulerOutput, tuple[int, int]]:
         plan = self.scheduler.schedule()
         slot_usage = self.scheduler.kv_slot_usage(plan)  # right after schedule (see there)
         plan.grammar = self.grammars.fill_bitmask(plan)  # structured outputs' masks, or None
-        if not self.async_scheduling:
-            return self._update(plan, self.executor.execute_model(plan), slot_usage)
+        return plan, slot_usage
+
+    def _step_sync(self) -> list[EngineCoreOutput]:
+        """schedule -> execute -> update."""
+        plan, slot_usage = self._plan()
+        return self._update(plan, self.executor.execute_model(plan), slot_usage)
+
+    def _step_async(self) -> list[EngineCoreOutput]:
+        """Async scheduling (vLLM's step_with_batch_queue): schedule n+1 -> launch n+1 ->
+        collect n -> update n; step n+1 stays in flight until the next call, unless it sampled
+        synchronously anyway (then it is updated now, not a step late)."""
+        plan, slot_usage = self._plan()
         handle = self.executor.launch(plan)
         previous, self._in_flight = self._in_flight, (plan, handle, slot_usage)
         outputs = self._finish_step(*previous) if previous is not None else []
-        if not handle.is_async:  # its tokens are known already: update now, not a step late
+        if not handle.is_async:
             self._in_flight = None
             outputs += self._finish_step(plan, handle, slot_usage)
         return outputs
@@ -199,6 +214,10 @@ class EngineCore:
         outputs = self.scheduler.update_from_output(plan, runner_output)
         self._record(self.scheduler.make_stats(plan, slot_usage))
         return outputs
+
+    def idle_stats(self) -> SchedulerStats:
+        """The scheduler's state between steps (after aborts drained the batch): no plan."""
+        return self.scheduler.make_stats(None)
 
     def _record(self, stats: SchedulerStats) -> None:
         self.stats.last = stats

@@ -8,7 +8,8 @@
             ...
 
 A user request with n samples becomes n core requests "0_<id>" ... "<n-1>_<id>": the first is the
-leader that computes the prompt, the others fork from it (see core/request.py).
+leader that computes the prompt, the others fork from it (see core/request.py). The fan-out is
+RequestBuilder.fan_out's and the step EngineDriver's, the same as the server's.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from pagedserve.config import EngineArgs, EngineConfig, check_priority_class
-from pagedserve.core.request import Request
+from pagedserve.engine.driver import EngineDriver
 from pagedserve.engine.engine_core import EngineCore, EngineStats
+from pagedserve.engine.messages import AbortMsg
 from pagedserve.engine.output_processor import OutputProcessor
-from pagedserve.engine.request_builder import RequestBuilder, link_children, load_tokenizer
-from pagedserve.inputs import PromptType, cache_salt_of
+from pagedserve.engine.request_builder import RequestBuilder, load_tokenizer
+from pagedserve.inputs import PromptType
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -37,6 +39,7 @@ class LLMEngine:
             torch.set_num_threads(config.cpu_threads)
         self.tokenizer = load_tokenizer(config)
         self.engine_core = EngineCore(config)
+        self.driver = EngineDriver(self.engine_core)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.vocab_size = self.engine_core.vocab_size
         self.request_builder = RequestBuilder.from_config(config, self.tokenizer, self.vocab_size)
@@ -71,30 +74,22 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params if params is not None else SamplingParams()
         check_priority_class(priority_class)
-        text, token_ids = self.request_builder.prepare(prompt, params)
-        cache_salt = cache_salt_of(prompt)
+        prepared = self.request_builder.prepare(prompt, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        children = [
-            Request(child_id, token_ids, child_params, self.request_builder.eos_token_id,
-                    arrival_time=arrival, priority=priority, cache_salt=cache_salt,
-                    priority_class=priority_class)
-            for child_id, child_params in self.request_builder.child_params(request_id, params)
-        ]
-        child_ids = [child.request_id for child in children]
-        self.output_processor.add_request(request_id, text, token_ids, params, child_ids, arrival)
-        for request in link_children(children):
-            self.engine_core.add_request(request)
+        msg = self.request_builder.fan_out(request_id, prepared, params, arrival, priority, priority_class)
+        child_ids = [c.request_id for c in msg.children]
+        self.output_processor.add_request(request_id, prepared.text, prepared.token_ids, params, child_ids, arrival)
+        self.driver.apply([msg])
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         child_ids = self.output_processor.abort_requests(ids)
-        self.engine_core.abort_requests(child_ids)
+        self.driver.apply([AbortMsg(child_ids)])
 
     def step(self) -> list[RequestOutput]:
-        core_outputs = self.engine_core.step()
-        processed = self.output_processor.process_outputs(core_outputs)
+        processed = self.output_processor.process_outputs(self.driver.step_now().outputs)
         if processed.reqs_to_abort:  # finished by a stop string
-            self.engine_core.abort_requests(processed.reqs_to_abort)
+            self.driver.apply([AbortMsg(processed.reqs_to_abort)])
         return processed.request_outputs
 
     def has_unfinished_requests(self) -> bool:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pagedserve.config import EngineConfig
-from pagedserve.core.request import Request
-from pagedserve.inputs import PromptType
+from pagedserve.engine.messages import AddRequestMsg, ChildSpec
+from pagedserve.inputs import PromptType, cache_salt_of
 from pagedserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -90,6 +90,16 @@ def generation_eos_ids(model_dir: str) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
+@dataclass(slots=True)
+class PreparedPrompt:
+    """A prompt that passed the engine boundary: tokenized, truncated and checked once (the
+    engine takes it as it is)."""
+
+    text: str | None
+    token_ids: list[int]
+    cache_salt: str | None = None
+
+
 class InvalidInputError(ValueError):
     """Input the model cannot take; `param` names the field at fault: "prompt" or a SamplingParams
     field (the server turns it into a 400 naming the request field it came from)."""
@@ -97,15 +107,6 @@ class InvalidInputError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
-
-
-def link_children(children: list[Request]) -> list[Request]:
-    """The requests to hand to the scheduler: the leader (followers attached) when the prompt has
-    more than one token to share, else every child on its own."""
-    if len(children) > 1 and children[0].num_prompt_tokens > 1:
-        children[0].followers = children[1:]
-        return children[:1]
-    return children
 
 
 @dataclass(slots=True)
@@ -153,17 +154,26 @@ class RequestBuilder:
             f"'prompt_token_ids', got {type(prompt).__name__}"
         )
 
-    def prepare(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
-        """Tokenize (honouring truncate_prompt_tokens) and validate; ValueError for bad input."""
-        text, token_ids = self.tokenize(prompt)
-        if params.truncate_prompt_tokens is not None:
-            token_ids = token_ids[-params.truncate_prompt_tokens :]
-        self.validate(token_ids, params)
-        return text, token_ids
+    def prepare(self, prompt: PromptType, params: SamplingParams) -> PreparedPrompt:
+        """The one validation of a request: tokenize, truncate (truncate_prompt_tokens), check the
+        prompt and the params against the model, and (offline) compile its grammar into the
+        engine's cache. InvalidInputError (a ValueError) names the field at fault."""
+        prepared = self.prepare_prompt(prompt, params.truncate_prompt_tokens)
+        self.prepare_params(params)
+        return prepared
 
-    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        """InvalidInputError (a ValueError) for a prompt or params this model cannot take."""
+    def prepare_prompt(self, prompt: PromptType, truncate_prompt_tokens: int | None = None) -> PreparedPrompt:
+        """The prompt half of `prepare` (the server runs it before the params exist: their default
+        max_tokens depends on the prompt's length)."""
+        text, token_ids = self.tokenize(prompt)
+        cache_salt = cache_salt_of(prompt)
+        if truncate_prompt_tokens is not None:
+            token_ids = token_ids[-truncate_prompt_tokens:]
         self.check_prompt(token_ids)
+        return PreparedPrompt(text, token_ids, cache_salt)
+
+    def prepare_params(self, params: SamplingParams) -> None:
+        """The params half of `prepare`: the model's bounds, then the grammar (offline only)."""
         self.check_params(params)
         if params.structured_outputs is not None and self.grammars is not None:
             self.grammars().compile(params.structured_outputs)  # GrammarError: the caller's error
@@ -173,8 +183,9 @@ class RequestBuilder:
             raise InvalidInputError("prompt", "the prompt is empty: give at least one token")
         if len(token_ids) > self.max_model_len:
             raise InvalidInputError(
-                "prompt",
-                f"the prompt ({len(token_ids)} tokens) is longer than max_model_len ({self.max_model_len})",
+                "prompt", f"the prompt ({len(token_ids)} tokens) is longer than max_model_len "
+                f"({self.max_model_len}): this model's maximum context length is {self.max_model_len} "
+                "tokens. Please shorten the prompt.",
             )
         bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
         if bad:
@@ -182,7 +193,7 @@ class RequestBuilder:
 
     def check_params(self, params: SamplingParams) -> None:
         """The bounds that depend on the model, one field at a time so that the error names it
-        (SamplingParams.verify_for_model checks the same, naming none)."""
+        (SamplingParams.verify_for_model is the same rule for callers without a builder)."""
         if params.n > self.max_num_seqs:
             raise InvalidInputError("n", f"n ({params.n}) must not exceed max_num_seqs ({self.max_num_seqs})")
         top = self.vocab_size - 1
@@ -196,7 +207,18 @@ class RequestBuilder:
             value = getattr(params, name)
             if value is not None and value > self.max_logprobs:
                 raise InvalidInputError(name, f"{name} must be in [0, max_logprobs={self.max_logprobs}], got {value}.")
-        params.verify_for_model(self.vocab_size, self.max_logprobs)  # any check added there later
+
+    def fan_out(
+        self, request_id: str, prepared: PreparedPrompt, params: SamplingParams, arrival_time: float,
+        priority: int = 0, priority_class: str = "interactive", grammar: str | None = None,
+    ) -> AddRequestMsg:  # fmt: skip
+        """The one message of a user request with its n children (child_params), for any engine
+        driver: the engine side turns it into linked core requests (messages.requests_from_msg)."""
+        return AddRequestMsg(
+            children=[ChildSpec(cid, p) for cid, p in self.child_params(request_id, params)],
+            prompt_token_ids=prepared.token_ids, eos_token_id=self.eos_token_id, arrival_time=arrival_time,
+            priority=priority, priority_class=priority_class, grammar=grammar, cache_salt=prepared.cache_salt,
+        )  # fmt: skip
 
     def child_params(self, request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
         """(child id, params) of the n core requests; the model's extra EOS ids stop them like

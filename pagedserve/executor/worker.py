@@ -44,7 +44,7 @@ def _configure(launch: WorkerLaunch, rank: int) -> Any:
     """Logging and threads of this rank; returns its torch device."""
     import torch
 
-    from pagedserve.engine.core_client import ENV_LOG_JSON, ENV_LOG_LEVEL
+    from pagedserve.engine.engine_core_proc import ENV_LOG_JSON, ENV_LOG_LEVEL
     from pagedserve.worker.cpu_resources import choose_cpu_threads, usable_cores
 
     if os.environ.get(ENV_LOG_LEVEL):

@@ -104,6 +104,7 @@ def make_scheduler(
     preemption_mode: str = "recompute",
     policy: str = "fcfs",
     enable_chunked_prefill: bool = True,
+    scheduler_cls: type[Scheduler] = Scheduler,  # AsyncScheduler for the async driving order
 ) -> Scheduler:
     cache = CacheConfig(
         block_size=block_size,
@@ -123,7 +124,7 @@ def make_scheduler(
         preemption_mode=preemption_mode,
         policy=policy,
     )
-    return Scheduler(sched, cache)
+    return scheduler_cls(sched, cache)
 
 
 def check_accounting(scheduler: Scheduler) -> None:

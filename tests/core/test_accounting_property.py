@@ -13,7 +13,9 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pagedserve.core.async_scheduler import AsyncScheduler
 from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.scheduler import Scheduler
 from pagedserve.sampling_params import SamplingParams
 from tests.core.sim import SimWorker, check_accounting, make_scheduler
 from tests.core.test_scheduler import expected_tokens
@@ -57,6 +59,7 @@ def test_random_workloads_keep_exact_accounting(
         max_num_batched_tokens=budget if chunked else num_blocks * BLOCK,
         max_model_len=num_blocks * BLOCK, enable_prefix_caching=caching, preemption_mode=mode,
         policy=policy, enable_chunked_prefill=chunked,
+        scheduler_cls=AsyncScheduler if async_order else Scheduler,
     )
     w = SimWorker(BLOCK)
     prompts: dict[str, list[int]] = {}

@@ -11,14 +11,12 @@ import pytest
 from pagedserve import EngineArgs, SamplingParams
 from pagedserve.core.outputs import EngineCoreOutput, FinishReason, LogprobsLists
 from pagedserve.engine.async_llm import AsyncLLM
-from pagedserve.engine.core_client import (
+from pagedserve.engine.messages import (
     AddRequestMsg,
     ChildSpec,
     InputMsg,
     OutputMsg,
     OutputsMsg,
-    params_from_dict,
-    params_to_dict,
     requests_from_msg,
 )
 from pagedserve.engine.request_builder import RequestBuilder
@@ -36,10 +34,10 @@ def test_messages_round_trip() -> None:
     children = builder.child_params("r", params)
     assert [cid for cid, _ in children] == ["0_r", "1_r", "2_r"]
     assert [p.seed for _, p in children] == [5, 6, 7] and all(9 in p.stop_token_ids for _, p in children)
-    msg = AddRequestMsg([ChildSpec(cid, params_to_dict(p)) for cid, p in children], [1, 2, 3], 1, 12.5, 2)
+    msg = AddRequestMsg([ChildSpec(cid, p) for cid, p in children], [1, 2, 3], 1, 12.5, 2)
     decoded = msgspec.msgpack.Decoder(InputMsg).decode(msgspec.msgpack.encode(msg))  # type: ignore[arg-type]
     assert decoded == msg
-    back = params_from_dict(decoded.children[1].sampling_params)
+    back = decoded.children[1].sampling_params  # typed: msgspec rebuilds the SamplingParams
     assert repr(back) == repr(children[1][1]) and back.logit_bias == {4: 2.0}
     leaders = requests_from_msg(decoded)  # a shared prompt: one leader carrying two followers
     assert [r.request_id for r in leaders] == ["0_r"]

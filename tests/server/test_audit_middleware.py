@@ -132,7 +132,7 @@ def test_cancelled_request_gets_the_cut_status(tmp_path: Path) -> None:
 def test_handler_audit_is_once_and_honours_shutdown(tmp_path: Path) -> None:
     from starlette.requests import Request as StarletteRequest
 
-    from pagedserve.entrypoints.openai.serving_completion import AuditInfo, OpenAIServing, ServerState
+    from pagedserve.entrypoints.openai.serving_engine import AuditInfo, OpenAIServing, ServerState
 
     log = AuditLog(tmp_path / "audit.jsonl")
     serving = OpenAIServing(ServerState(served_model_names=["tiny"], max_model_len=64, audit=log))

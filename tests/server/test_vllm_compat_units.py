@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from pagedserve.core.scheduler import SchedulerStats
+from pagedserve.core.stats import SchedulerStats
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedserve.entrypoints.openai.vllm_compat import (
     ChatOptions,

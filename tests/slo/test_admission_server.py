@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from pagedserve.config import SloConfig
-from pagedserve.core.scheduler import SchedulerStats
+from pagedserve.core.stats import SchedulerStats
 from pagedserve.engine.async_llm import FinishedRequestStats
 from pagedserve.entrypoints.openai.errors import RateLimitError
 from pagedserve.entrypoints.openai.slo_admission import SloAdmission, priority_class_of

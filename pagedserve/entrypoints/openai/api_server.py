@@ -20,23 +20,20 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
 
 import pagedserve
 from pagedserve.config import EngineConfig
-from pagedserve.core.scheduler import SchedulerStats
+from pagedserve.core.stats import SchedulerStats
 from pagedserve.engine.async_llm import AsyncLLM, FinishedRequestStats
-from pagedserve.engine.core_client import ENV_LOG_JSON, ENV_LOG_LEVEL, EngineDeadError
+from pagedserve.engine.engine_core_proc import LogSettings
 from pagedserve.entrypoints.openai.cli_args import engine_args_from, parse_args
 from pagedserve.entrypoints.openai.errors import (
-    BadRequestError,
-    ServiceUnavailableError,
     install_exception_handlers,
 )
 from pagedserve.entrypoints.openai.lifecycle import (
@@ -47,26 +44,10 @@ from pagedserve.entrypoints.openai.lifecycle import (
 )
 from pagedserve.entrypoints.openai.prompt_bounds import (
     PromptBounds,
-    decode,
     default_max_prompt_chars,
-    encode,
-    render_chat_template,
 )
-from pagedserve.entrypoints.openai.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
-)
-from pagedserve.entrypoints.openai.responses import (
-    DetokenizeResponse,
-    ModelCard,
-    ModelList,
-    TokenizeResponse,
-)
-from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
-from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion, ServerState
+from pagedserve.entrypoints.openai.routes import add_openai_routes, add_probe_routes
+from pagedserve.entrypoints.openai.serving_engine import ServerState
 from pagedserve.entrypoints.openai.slo_admission import SloAdmission
 from pagedserve.entrypoints.openai.structured_limits import limits_from_args
 from pagedserve.entrypoints.openai.tenancy import Tenancy
@@ -76,7 +57,7 @@ from pagedserve.ops.auth import AuthConfig, Authenticator, AuthMiddleware
 from pagedserve.ops.conn_limits import RepeatFilter, raise_nofile_limit, uvicorn_limit_kwargs
 from pagedserve.ops.http_limits import HTTPLimits, HTTPLimitsMiddleware, cors_kwargs
 from pagedserve.ops.logging import AccessLogMiddleware, configure_logging
-from pagedserve.ops.metrics import CONTENT_TYPE, EngineMetrics, HTTPMetricsMiddleware
+from pagedserve.ops.metrics import EngineMetrics, HTTPMetricsMiddleware
 from pagedserve.ops.tenant_metrics import TenantMetrics
 from pagedserve.ops.tenants import TenantMiddleware, load_registry
 from pagedserve.worker.cpu_resources import configure_front_threads
@@ -124,18 +105,47 @@ class MetricsBridge:
 
 def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> FastAPI:
     """The app for parsed CLI `args`. The engine starts in the app's lifespan (in the background)."""
-    if args.model is None:  # the built-in model: SmolLM2-135M-Instruct, else the demo (builtin_model.py)
-        from pagedserve.builtin_model import builtin_model
-
-        builtin = builtin_model()
-        args.model = builtin.model
-        args.served_model_name = args.served_model_name or [builtin.served_model_name]
-        args.override_generation_config = {**builtin.generation_defaults, **(args.override_generation_config or {})}
+    use_builtin_model(args)
     if config is None:
         config = engine_args_from(args).create_engine_config()
-    names = list(args.served_model_name or [config.model_config.served_model_name])
+    state = server_state(args, config)
+    metrics = EngineMetrics(state.served_model_names[0], max_model_len=state.max_model_len)
+    tenants = load_registry(getattr(args, "tenant_config", None), args.api_key_file,
+                            getattr(args, "max_tenant_labels", None))  # fmt: skip
+    state.extra["tenancy"] = Tenancy(tenants, TenantMetrics(metrics.registry), state.served_model_names)
+    state.extra["slo"] = SloAdmission(config.scheduler_config.slo, metrics.slo)
+    lifecycle = ServerLifecycle(
+        state, getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT_S), engine_restarts(args)
+    )
+    start = engine_starter(args, config, state, lifecycle, MetricsBridge(metrics))
+    app = FastAPI(title="pagedserve", version=pagedserve.__version__, lifespan=lifespan(state, lifecycle, start))
+    app.state.server = state
+    app.state.lifecycle = lifecycle
+    app.state.metrics = metrics
+    install_exception_handlers(app)
+    install_vllm_compat(app, args, state)  # chat options, request logging, --middleware
+    add_probe_routes(app, state, metrics, config.model_config.model)
+    add_openai_routes(app, state)
+    add_middleware(app, args, state, metrics, tenants)
+    return app
+
+
+def use_builtin_model(args: argparse.Namespace) -> None:
+    """No --model: the built-in model (SmolLM2-135M-Instruct, else the demo: builtin_model.py)."""
+    if args.model is not None:
+        return
+    from pagedserve.builtin_model import builtin_model
+
+    builtin = builtin_model()
+    args.model = builtin.model
+    args.served_model_name = args.served_model_name or [builtin.served_model_name]
+    args.override_generation_config = {**builtin.generation_defaults, **(args.override_generation_config or {})}
+
+
+def server_state(args: argparse.Namespace, config: EngineConfig) -> ServerState:
+    """What the routes read, from the flags and the engine config (the engine comes later)."""
     state = ServerState(
-        served_model_names=names,
+        served_model_names=list(args.served_model_name or [config.model_config.served_model_name]),
         max_model_len=config.scheduler_config.max_model_len,
         chat_template=load_chat_template(args.chat_template),
         max_waiting_requests=args.max_waiting_requests,
@@ -146,25 +156,29 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
             max_prompt_chars=args.max_prompt_chars or default_max_prompt_chars(config.scheduler_config.max_model_len),
             trust_request_chat_template=args.trust_request_chat_template,
         ),
-    )
+    )  # fmt: skip
     state.extra["structured_output_limits"] = limits_from_args(args)
     if state.default_sampling_params:
         logger.info("requests default to the model's generation config: %s "
                     "(--generation-config vllm turns this off)", state.default_sampling_params)
-    metrics = EngineMetrics(names[0], max_model_len=state.max_model_len)
-    tenants = load_registry(getattr(args, "tenant_config", None), args.api_key_file,
-                            getattr(args, "max_tenant_labels", None))  # fmt: skip
-    state.extra["tenancy"] = Tenancy(tenants, TenantMetrics(metrics.registry), names)
-    bridge = MetricsBridge(metrics)
-    state.extra["slo"] = slo = SloAdmission(config.scheduler_config.slo, metrics.slo)
+    return state
+
+
+def engine_starter(
+    args: argparse.Namespace, config: EngineConfig, state: ServerState, lifecycle: ServerLifecycle,
+    bridge: MetricsBridge,
+) -> Callable[[], Coroutine[Any, Any, None]]:  # fmt: skip
+    """The background start of the engine: on success its listeners (metrics, SLO admission,
+    lifecycle, stats log) are attached and `state.engine` set; a failure is reported by /health
+    and every route."""
     multiprocess = getattr(args, "engine_in_process", False) is False
-    lifecycle = ServerLifecycle(
-        state, getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT_S), engine_restarts(args)
-    )
+    slo: SloAdmission = state.extra["slo"]
+    level = getattr(args, "log_level", None)  # the engine process logs in the server's format
+    log = LogSettings(level, json=getattr(args, "log_format", "json") == "json") if level else None
 
     async def start_engine() -> None:
         try:
-            engine = await AsyncLLM.from_config(config, multiprocess=multiprocess)
+            engine = await AsyncLLM.from_config(config, multiprocess=multiprocess, log=log)
         except Exception as e:  # noqa: BLE001 - reported by /health and every route
             logger.exception("engine start-up failed")
             state.start_error = f"The engine failed to start: {e}"
@@ -179,8 +193,14 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
         state.engine = engine
         logger.info("engine ready", extra={"engine_pid": engine.client.pid})
 
+    return start_engine
+
+
+def lifespan(
+    state: ServerState, lifecycle: ServerLifecycle, start_engine: Callable[[], Coroutine[Any, Any, None]]
+) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def run(app: FastAPI) -> AsyncIterator[None]:
         starter = asyncio.create_task(start_engine())
         try:
             yield
@@ -192,102 +212,13 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
             if state.audit is not None:
                 state.audit.close()
 
-    app = FastAPI(title="pagedserve", version=pagedserve.__version__, lifespan=lifespan)
-    app.state.server = state
-    app.state.lifecycle = lifecycle
-    app.state.metrics = metrics
-    install_exception_handlers(app)
-    install_vllm_compat(app, args, state)  # chat options, request logging, --middleware
-    completion = OpenAIServingCompletion(state)
-    chat = OpenAIServingChat(state)
+    return run
 
-    @app.get("/health")
-    async def health() -> Response:
-        engine = state.engine
-        if state.lifecycle_status is not None:  # draining / restarting
-            return JSONResponse({"status": state.lifecycle_status}, status_code=503)
-        if engine is None or not engine.is_alive:
-            reason = "starting" if engine is None and state.start_error is None else "unavailable"
-            return JSONResponse({"status": reason}, status_code=503)
-        return Response(status_code=200)
 
-    # vLLM's liveness probe (SageMaker calls it with POST), the same answer as /health.
-    app.add_api_route("/ping", health, methods=["GET", "POST"])
-
-    @app.get("/version")
-    async def version() -> JSONResponse:
-        return JSONResponse({"version": pagedserve.__version__})
-
-    @app.get("/metrics")
-    async def render_metrics() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.get("/v1/models")
-    async def models() -> JSONResponse:
-        cards = [
-            ModelCard(id=n, root=config.model_config.model, max_model_len=state.max_model_len) for n in names
-        ]
-        return JSONResponse(ModelList(data=cards).model_dump())
-
-    async def generation(work: Awaitable[Response]) -> Response:
-        """A generation route: a dead engine is a 503, input the engine refuses a 400."""
-        try:
-            return await work
-        except EngineDeadError as e:
-            raise ServiceUnavailableError(f"The engine is not running: {e}") from None
-        except ValueError as e:
-            raise BadRequestError(str(e)) from None
-
-    @app.post("/v1/completions")
-    async def completions(request: CompletionRequest, raw: Request) -> Response:
-        return await generation(completion.create_completion(request, raw))
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
-        return await generation(chat.create_chat_completion(request, raw))
-
-    # /tokenize and /detokenize: authenticated like /v1 (AuthMiddleware denies by default);
-    # templates and long texts are rendered/tokenized off the loop under bounds (prompt_bounds.py).
-    @app.post("/tokenize")
-    async def tokenize(request: TokenizeCompletionRequest | TokenizeChatRequest) -> JSONResponse:
-        completion.check_model(request.model)
-        engine = completion.engine()
-        bounds = state.bounds
-        if isinstance(request, TokenizeChatRequest):
-            bounds.check_request_template(request.chat_template, request.chat_template_kwargs)
-            text = await render_chat_template(
-                engine, bounds,
-                messages=[m.model_dump(exclude_none=True, exclude={"content"}) | {"content": m.text()}
-                          for m in request.messages],
-                chat_template=request.chat_template or state.chat_template,
-                add_generation_prompt=request.add_generation_prompt,
-                continue_final_message=request.continue_final_message,
-                tools=[t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None,
-                chat_template_kwargs=request.chat_template_kwargs,
-            )  # fmt: skip
-            param = "messages"
-        else:
-            text, param = request.prompt, "prompt"
-        ids = await encode(engine.tokenizer, bounds, text, param, add_special_tokens=request.add_special_tokens)
-        strs = engine.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
-        resp = TokenizeResponse(
-            count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=strs
-        )
-        return JSONResponse(resp.model_dump())
-
-    @app.post("/detokenize")
-    async def detokenize(request: DetokenizeRequest) -> JSONResponse:
-        completion.check_model(request.model)
-        engine = completion.engine()
-        bad = [t for t in request.tokens if t >= engine.vocab_size]
-        if bad:
-            raise BadRequestError(
-                f"token ids must be in [0, {engine.vocab_size - 1}], got {bad[:5]}", "tokens"
-            )
-        text = await decode(engine.tokenizer, list(request.tokens))
-        return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
-
-    # Added innermost first: the access log wraps everything, auth sits next to the routes.
+def add_middleware(
+    app: FastAPI, args: argparse.Namespace, state: ServerState, metrics: EngineMetrics, tenants: Any
+) -> None:
+    """Added innermost first: the access log wraps everything, auth sits next to the routes."""
     authenticator = Authenticator(AuthConfig(
         api_keys=list(args.api_key or []), api_key_file=args.api_key_file, jwt_secret=args.jwt_secret,
         jwt_public_key=args.jwt_public_key, jwt_audience=args.jwt_audience, jwt_issuer=args.jwt_issuer,
@@ -305,9 +236,8 @@ def build_app(args: argparse.Namespace, config: EngineConfig | None = None) -> F
     app.add_middleware(CORSMiddleware, **cors_kwargs(args))  # type: ignore[arg-type]
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     if state.audit is not None:  # outside every middleware that rejects, inside the request ids
-        app.add_middleware(AuditMiddleware, log=state.audit, model=names[0])  # type: ignore[arg-type]
+        app.add_middleware(AuditMiddleware, log=state.audit, model=state.served_model_names[0])  # type: ignore[arg-type]
     app.add_middleware(AccessLogMiddleware)  # type: ignore[arg-type]
-    return app
 
 
 async def serve(args: argparse.Namespace, app: Any | None = None) -> int:
@@ -335,8 +265,6 @@ async def serve(args: argparse.Namespace, app: Any | None = None) -> int:
 def run_server(args: argparse.Namespace) -> None:
     """Configure logs, build the app (fails fast on a bad model or flags) and serve until stopped."""
     configure_logging(args.log_level, json=args.log_format == "json").addFilter(RepeatFilter())
-    os.environ[ENV_LOG_LEVEL] = args.log_level
-    os.environ[ENV_LOG_JSON] = "1" if args.log_format == "json" else "0"
     if not getattr(args, "engine_in_process", False):  # the engine process gets the other cores
         configure_front_threads()
     logger.info("starting server", extra={"model": args.model, "host": args.host, "port": args.port,

@@ -32,7 +32,7 @@ from pagedserve.entrypoints.openai.errors import ServerShutdownError
 
 if TYPE_CHECKING:
     from pagedserve.engine.async_llm import AsyncLLM
-    from pagedserve.entrypoints.openai.serving_completion import ServerState
+    from pagedserve.entrypoints.openai.serving_engine import ServerState
 
 logger = logging.getLogger("pagedserve.lifecycle")
 

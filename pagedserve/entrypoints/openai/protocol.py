@@ -28,7 +28,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
 from pagedserve.entrypoints.openai.errors import BadRequestError, ParamError
-from pagedserve.sampling_params import StructuredOutputsParams
+from pagedserve.sampling_params import (
+    RequestOutputKind,
+    SamplingParams,
+    SamplingParamsError,
+    StructuredOutputsParams,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +255,21 @@ class _SamplingRequest(_RequestModel):
             )
         return self
 
+    def sampling_params(
+        self, default_max_tokens: int, default_sampling_params: Mapping[str, Any] | None = None,
+        output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
+    ) -> SamplingParams:  # fmt: skip
+        """The request as SamplingParams (to_sampling_params' fields); a value SamplingParams
+        refuses is a 400 naming the request field it came from (min_tokens <= max_tokens is
+        its rule, checked there once)."""
+        kwargs = self.to_sampling_params(default_max_tokens, default_sampling_params)
+        try:
+            return SamplingParams(**kwargs, output_kind=output_kind)
+        except SamplingParamsError as e:
+            raise BadRequestError(str(e), param=self.param_for(e.param)) from None
+        except ValueError as e:
+            raise BadRequestError(str(e)) from None
+
     def to_sampling_params(
         self, default_max_tokens: int, default_sampling_params: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
@@ -268,10 +288,7 @@ class _SamplingRequest(_RequestModel):
         max_tokens = self.requested_max_tokens()
         if max_tokens is None:
             max_tokens = min(int(defaults.get("max_tokens", default_max_tokens)), default_max_tokens)
-        if self.min_tokens > max_tokens:
-            raise BadRequestError(
-                f"min_tokens must be in [0, max_tokens={max_tokens}], got {self.min_tokens}.", "min_tokens"
-            )
+        # min_tokens <= max_tokens: SamplingParams' rule (its error names the field)
         out: dict[str, Any] = {
             "n": self.n,
             "max_tokens": max_tokens,
@@ -312,7 +329,7 @@ class _SamplingRequest(_RequestModel):
     def _structured_outputs(self) -> StructuredOutputsParams | None:
         """One spec from response_format, structured_outputs or the guided_* fields (a 400 when
         they name more than one constraint). Whether a schema/regex/grammar compiles is checked
-        when the request is built (RequestBuilder.validate)."""
+        by its one compile (structured_limits.compile_request_grammar; offline RequestBuilder.prepare)."""
         given: dict[str, Any] = dict(self.structured_outputs or {})
         for field_name, key in (("guided_json", "json"), ("guided_regex", "regex"),
                                 ("guided_choice", "choice"), ("guided_grammar", "grammar")):

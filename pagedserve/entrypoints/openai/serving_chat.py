@@ -12,7 +12,6 @@ reasoning_content, and with --enable-auto-tool-choice (tool_choice "auto", or un
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -21,14 +20,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pagedserve.engine.async_llm import AsyncLLM, RequestHandle
-from pagedserve.entrypoints.openai.errors import BadRequestError, error_sse
+from pagedserve.entrypoints.openai.errors import BadRequestError
 from pagedserve.entrypoints.openai.prompt_bounds import encode, render_chat_template
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     clamp_logprob,
 )
 from pagedserve.entrypoints.openai.responses import (
-    SSE_DONE,
     ChatCompletionLogProb,
     ChatCompletionLogProbs,
     ChatCompletionLogProbsContent,
@@ -42,16 +40,13 @@ from pagedserve.entrypoints.openai.responses import (
     UsageInfo,
     sse_event,
 )
-from pagedserve.entrypoints.openai.serving_completion import (
+from pagedserve.entrypoints.openai.serving_engine import (
     AuditInfo,
     OpenAIServing,
-    engine_error,
-    failure_status,
     prompt_logprobs_json,
     run_to_end,
 )
 from pagedserve.entrypoints.openai.slo_admission import priority_class_of
-from pagedserve.entrypoints.openai.tenancy import TenantGate
 from pagedserve.entrypoints.openai.tool_calls import ToolCallStream, forces_tool_calls, parse_tool_calls
 from pagedserve.entrypoints.openai.tool_calls import finish_reason as tool_finish_reason
 from pagedserve.entrypoints.openai.vllm_compat import (
@@ -127,21 +122,18 @@ class OpenAIServingChat(OpenAIServing):
         self.check_load(engine, 1, priority_class)
         gate.redact_messages(request)  # before the template and the tokenizer
         text, ids = await self.render(engine, request)
-        if request.truncate_prompt_tokens is not None:
-            ids = ids[-request.truncate_prompt_tokens :]
+        prepared = self.prepare_prompt(engine, request, gate.salted({"prompt": text, "prompt_token_ids": ids}))
+        ids = prepared.token_ids
         params = self.sampling_params(request, len(ids), request.is_streaming)
         gate.cap(params)
-        try:
-            engine.validate(ids, params)
-        except ValueError as e:
-            raise BadRequestError(str(e), param="messages") from None
+        self.prepare_params(engine, request, params)
         grammar = await self.compile_grammar(engine, request, params)
         request_id = self.request_id(raw, "chatcmpl")
         log_request(self.state, request_id, text, ids, params)
         info = AuditInfo(request_id, time.time(), text, prompt_tokens=len(ids))
         gate.admit(len(ids), (params.max_tokens or 0) * params.n)  # 429 past a tenant limit
         handle = engine.add_request(
-            gate.salted({"prompt": text, "prompt_token_ids": ids}), params, request_id, request.priority,
+            prepared, params, request_id, request.priority,
             grammar=grammar, priority_class=priority_class,
         )  # fmt: skip
         gen = gate.outputs(engine.stream(handle))
@@ -150,8 +142,12 @@ class OpenAIServingChat(OpenAIServing):
         if request.echo and request.messages[-1].role == role:
             echo = gate.restore(request.messages[-1].text())
         if request.is_streaming:
-            return StreamingResponse(self._stream(request, raw, engine, handle, gen, info, echo, auto_tools, gate),
-                                     media_type="text/event-stream")  # fmt: skip
+            body = self._stream(request, engine, handle, gen, info, echo, auto_tools)
+            return StreamingResponse(
+                self.stream_with_ending(raw, body, info, lambda: engine.release(handle), gate, request_id,
+                                        "chat.completion.chunk"),
+                media_type="text/event-stream",
+            )  # fmt: skip
         result = await run_to_end(self, raw, _last(gen), info, [handle], engine)
         if isinstance(result, Response):
             return result
@@ -200,9 +196,10 @@ class OpenAIServingChat(OpenAIServing):
         return JSONResponse(gate.annotate(response.model_dump()))
 
     async def _stream(
-        self, request: ChatCompletionRequest, raw: Request, engine: AsyncLLM, handle: RequestHandle,
-        gen: AsyncIterator[RequestOutput], info: AuditInfo, echo: str, auto_tools: bool, gate: TenantGate,
+        self, request: ChatCompletionRequest, engine: AsyncLLM, handle: RequestHandle,
+        gen: AsyncIterator[RequestOutput], info: AuditInfo, echo: str, auto_tools: bool,
     ) -> AsyncIterator[str]:  # fmt: skip
+        """The events of a streamed chat completion (stream_with_ending ends it)."""
         created = int(time.time())
         options = chat_options(self.state)
         request_id = handle.request_id
@@ -219,62 +216,48 @@ class OpenAIServingChat(OpenAIServing):
         tool_streams: dict[int, ToolCallStream] | None = {} if forces_tool_calls(request) else None
         parsers = None if tool_streams is not None else {i: options.choice_output(auto_tools) for i in range(request.n)}
         sent_ids = False
-        try:
-            # The role comes first, once per choice (as OpenAI), with the echoed content if any.
-            yield chunk([
-                ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role=options.response_role,
-                                                                               content=echo))
-                for i in range(request.n)
-            ])  # fmt: skip
-            async for ro in gen:
-                choices = []
-                for out in ro.outputs:
-                    if not out.text and not out.token_ids and out.finish_reason is None:
-                        continue
-                    logprobs = None
-                    if request.logprobs:
-                        logprobs = chat_logprobs(out.token_ids, out.logprobs or [], request.top_logprobs or 0,
-                                                 engine.tokenizer.decode)  # fmt: skip
-                    info.completion_tokens += len(out.token_ids)
-                    info.output_parts.append(out.text)
-                    delta: DeltaMessage | None = DeltaMessage(content=out.text)
-                    reason = out.finish_reason
-                    if tool_streams is not None:
-                        stream = tool_streams.setdefault(out.index, ToolCallStream(request))
-                        delta = stream.delta(out.text, reason is not None)
-                        if reason is not None:
-                            reason = tool_finish_reason(request, reason, stream.parsed)
-                    elif parsers is not None and (parser := parsers.get(out.index)) is not None:
-                        delta = parser.delta(out.text, reason is not None)
-                        if reason == "stop" and parser.tools_called:
-                            reason = "tool_calls"
-                    if delta is None and reason is None and logprobs is None:
-                        continue
-                    choices.append(ChatCompletionResponseStreamChoice(
-                        index=out.index, delta=delta or DeltaMessage(), logprobs=logprobs,
-                        finish_reason=reason, stop_reason=out.stop_reason,
-                        token_ids=list(out.token_ids) if request.return_token_ids else None,
-                    ))  # fmt: skip
-                if choices:
-                    # return_token_ids: the prompt's ids ride on the first chunk that carries tokens
-                    first_ids = list(ro.prompt_token_ids) if request.return_token_ids and not sent_ids else None
-                    sent_ids = sent_ids or first_ids is not None
-                    yield chunk(choices, prompt_token_ids=first_ids)
-            if request.include_usage:
-                yield chunk([], UsageInfo.of(info.prompt_tokens, info.completion_tokens))
-            info.status = "ok"
-        except asyncio.CancelledError:
-            info.status = "aborted"
-            raise
-        except Exception as e:  # noqa: BLE001 - headers are out: report inside the stream
-            info.status = failure_status(e)
-            yield error_sse(engine_error(e))
-        finally:
-            engine.release(handle)
-            self.audit(raw, info)
-        if (checked := gate.validation_event(request_id, "chat.completion.chunk")) is not None:
-            yield checked
-        yield SSE_DONE
+        # The role comes first, once per choice (as OpenAI), with the echoed content if any.
+        yield chunk([
+            ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role=options.response_role,
+                                                                           content=echo))
+            for i in range(request.n)
+        ])  # fmt: skip
+        async for ro in gen:
+            choices = []
+            for out in ro.outputs:
+                if not out.text and not out.token_ids and out.finish_reason is None:
+                    continue
+                logprobs = None
+                if request.logprobs:
+                    logprobs = chat_logprobs(out.token_ids, out.logprobs or [], request.top_logprobs or 0,
+                                             engine.tokenizer.decode)  # fmt: skip
+                info.completion_tokens += len(out.token_ids)
+                info.output_parts.append(out.text)
+                delta: DeltaMessage | None = DeltaMessage(content=out.text)
+                reason = out.finish_reason
+                if tool_streams is not None:
+                    stream = tool_streams.setdefault(out.index, ToolCallStream(request))
+                    delta = stream.delta(out.text, reason is not None)
+                    if reason is not None:
+                        reason = tool_finish_reason(request, reason, stream.parsed)
+                elif parsers is not None and (parser := parsers.get(out.index)) is not None:
+                    delta = parser.delta(out.text, reason is not None)
+                    if reason == "stop" and parser.tools_called:
+                        reason = "tool_calls"
+                if delta is None and reason is None and logprobs is None:
+                    continue
+                choices.append(ChatCompletionResponseStreamChoice(
+                    index=out.index, delta=delta or DeltaMessage(), logprobs=logprobs,
+                    finish_reason=reason, stop_reason=out.stop_reason,
+                    token_ids=list(out.token_ids) if request.return_token_ids else None,
+                ))  # fmt: skip
+            if choices:
+                # return_token_ids: the prompt's ids ride on the first chunk that carries tokens
+                first_ids = list(ro.prompt_token_ids) if request.return_token_ids and not sent_ids else None
+                sent_ids = sent_ids or first_ids is not None
+                yield chunk(choices, prompt_token_ids=first_ids)
+        if request.include_usage:
+            yield chunk([], UsageInfo.of(info.prompt_tokens, info.completion_tokens))
 
 
 async def _last(gen: AsyncIterator[RequestOutput]) -> RequestOutput:

@@ -23,8 +23,8 @@ import math
 from typing import Any
 
 from pagedserve.config import PRIORITY_CLASSES, SloConfig
-from pagedserve.core.scheduler import SchedulerStats
 from pagedserve.core.slo_controller import ADMISSION_SHARE, predicted_delay
+from pagedserve.core.stats import SchedulerStats
 from pagedserve.engine.async_llm import FinishedRequestStats
 from pagedserve.entrypoints.openai.errors import BadRequestError, overloaded
 from pagedserve.ops.metrics import SloMetrics

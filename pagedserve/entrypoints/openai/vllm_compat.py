@@ -20,7 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from pagedserve.core.scheduler import SchedulerStats
+from pagedserve.core.stats import SchedulerStats
 from pagedserve.entrypoints.openai.chat_output import ChoiceOutput
 from pagedserve.entrypoints.openai.reasoning_parsers import get_reasoning_parser
 from pagedserve.entrypoints.openai.tool_parsers import get_tool_parser

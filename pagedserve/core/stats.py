@@ -1,0 +1,28 @@
+"""The scheduler's snapshot after a step (or between steps): what the engine reports to the front
+end with every OutputsMsg, and what metrics, SLO admission and the stats log read. Pure Python:
+the HTTP layer imports it without the scheduler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    kv_cache_usage: float  # fraction of GPU blocks in use
+    prefix_cache_queries: int  # cumulative, in tokens
+    prefix_cache_hits: int
+    num_preemptions: int  # cumulative
+    num_scheduled_tokens: int  # this step
+    kv_slots_allocated: int  # this step: slots in blocks held by scheduled requests
+    kv_slots_wasted: int  # of which not holding a token (partial last blocks)
+    # the SLO controller (0 / None without objectives): its caps now, the batch-class share of
+    # num_waiting, and each class's admission rate (requests/s; None: that class never waited)
+    slo_max_num_seqs: int = 0
+    slo_token_budget: int = 0
+    num_waiting_batch: int = 0
+    admit_rate_interactive: float | None = None
+    admit_rate_batch: float | None = None
