@@ -25,7 +25,7 @@ class LLM:
         block_size: int = 16,
         swap_space: float = 4,
         gpu_memory_utilization: float = 0.9,
-        max_num_seqs: int = 256,
+        max_num_seqs: int | None = None,  # None: from the device (batch_defaults.py)
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         **kwargs: Any,

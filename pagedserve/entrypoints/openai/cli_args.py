@@ -85,7 +85,7 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
     eng.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     eng.add_argument("--block-size", type=_positive_int, default=16, choices=[1, 2, 4, 8, 16, 32, 64, 128])
     eng.add_argument("--swap-space", type=float, default=4.0, help="GiB of CPU swap space")
-    eng.add_argument("--max-num-seqs", type=_positive_int, default=256)
+    eng.add_argument("--max-num-seqs", type=_positive_int, default=None)  # None: from the device
     eng.add_argument("--max-num-batched-tokens", type=_positive_int, default=None)
     prefix = eng.add_mutually_exclusive_group()
     prefix.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true",
@@ -213,6 +213,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         num_gpu_blocks_override=args.num_gpu_blocks_override,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        usage_context="server",  # vLLM's server row of the device defaults (batch_defaults.py)
         enable_prefix_caching=True if args.enable_prefix_caching is None else args.enable_prefix_caching,
         preemption_mode=args.preemption_mode,
         scheduling_policy=args.scheduling_policy,
