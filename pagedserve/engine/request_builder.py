@@ -67,6 +67,10 @@ def _own_tokenizer(tokenizer_dir: str, model_type: str, trust_remote_code: bool)
         from pagedserve.model_executor.models.baichuan import baichuan_tokenizer
 
         return baichuan_tokenizer(tokenizer_dir)
+    if model_type == "chatglm":  # a --tokenizer directory apart from the model: GLM-4 or ChatGLM2/3
+        from pagedserve.model_executor.family_tokenizers import load_family_tokenizer
+
+        return load_family_tokenizer(tokenizer_dir, model_type)
     return load_sentencepiece_tokenizer(tokenizer_dir)
 
 

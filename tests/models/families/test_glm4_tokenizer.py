@@ -19,7 +19,7 @@ import torch
 from pagedserve.model_executor.family_tokenizers import load_family_tokenizer
 from pagedserve.tokenizers.glm4_tiktoken import GLM4_PAT_STR, GLM4_SPECIAL_TOKENS, Glm4TiktokenTokenizer
 from tests.engine.engine_helpers import greedy, hf_greedy
-from tests.models.families.chatglm_layout import build_glm, glm_to_glm4_chatglm
+from tests.models.families.chatglm_layout import build_glm, glm_to_glm4_chatglm, write_glm4_tokenizer
 
 TEXTS = ["Hello world, 123.", "In 2024 there were 12345 users; 3.14159!",
          "über 汉字 你好，世界 emoji 🙂🚀\n  two  spaces\tand a tab\r\n", " leading space", "",
@@ -189,3 +189,12 @@ def test_checkpoint_tokenizer_code_runs_only_with_trust_remote_code(glm4: dict[s
     assert "ChatGLM4Tokenizer" in str(err.value)
     assert glm4["marker"].exists()
     glm4["marker"].unlink()  # the other tests check that nothing imported it
+
+
+def test_a_separate_tokenizer_directory_is_read_by_its_content(tmp_path: Path) -> None:
+    from pagedserve.engine.request_builder import _own_tokenizer
+
+    write_glm4_tokenizer(str(tmp_path))  # --tokenizer DIR holding only GLM-4's tokenizer files
+    tok = _own_tokenizer(str(tmp_path), "chatglm", trust_remote_code=False)
+    assert isinstance(tok, Glm4TiktokenTokenizer)
+    assert tok.decode(tok.encode("the cat runs", add_special_tokens=False)) == "the cat runs"
