@@ -42,6 +42,7 @@ class RequestState:
     # penalties, structured outputs): the decode graph's argmax is this request's token.
     plain_greedy: bool = False
     num_pending: int = 0  # sampled by a launched step, not yet collected (0 or 1)
+    penalty_slot: int = -1  # its row of the token-count tables (sampling_state.py); -1 = none
 
     @property
     def num_tokens(self) -> int:

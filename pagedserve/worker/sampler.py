@@ -14,18 +14,26 @@ seeded request's tokens do not depend on the rest of the batch; the other rows s
 draw from the default generator.
 
 Every tensor field of SamplingMetadata is None when no row needs it, and the sampler skips the work.
+Penalties read either the ragged token lists (build's default) or, in the engine, the persistent
+device token counts of worker/sampling_state.py (`token_counts`); top-k / top-p decide on the
+largest logits only and sort the full vocabulary only for rows that need it (reference_sampling.py).
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from pagedserve.core.outputs import LogprobsLists
+from pagedserve.kernels.reference_sampling import top_k_top_p_candidates
 from pagedserve.sampling_params import SamplingParams, SamplingType
+
+if TYPE_CHECKING:
+    from pagedserve.worker.sampling_state import TokenCounts
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -71,6 +79,9 @@ class SamplingMetadata:
     num_logprobs: list[int | None] = field(default_factory=list)  # per row
     logprob_rows: Tensor | None = None  # [L] int64 rows that asked for logprobs
     max_num_logprobs: int = 0
+    # penalties from the persistent device tables instead of output_tokens / prompt_tokens
+    token_counts: TokenCounts | None = None
+    apply_repetition: bool = False  # some row has repetition_penalty != 1
 
     @classmethod
     def build(
@@ -82,6 +93,7 @@ class SamplingMetadata:
         eos_token_ids: list[int | None],
         vocab_size: int,
         device: torch.device,
+        token_counts: TokenCounts | None = None,
     ) -> SamplingMetadata:
         n = len(params)
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == len(eos_token_ids) == n):
@@ -104,13 +116,17 @@ class SamplingMetadata:
 
         presence = frequency = repetition = None
         output_tokens = prompt_tokens = None
+        apply_repetition = any(p.repetition_penalty != 1.0 for p in params)
         if any(p.has_penalties for p in params):
             presence = f32([p.presence_penalty for p in params])
             frequency = f32([p.frequency_penalty for p in params])
             repetition = f32([p.repetition_penalty for p in params])
-            output_tokens = _flatten(output_token_ids, device)
-            if any(p.repetition_penalty != 1.0 for p in params):
-                prompt_tokens = _flatten(prompt_token_ids, device)
+            if token_counts is None:
+                output_tokens = _flatten(output_token_ids, device)
+                if apply_repetition:
+                    prompt_tokens = _flatten(prompt_token_ids, device)
+        else:
+            token_counts = None
 
         bias_rows: list[int] = []
         bias_cols: list[int] = []
@@ -171,6 +187,8 @@ class SamplingMetadata:
             num_logprobs=num_logprobs,
             logprob_rows=i64(rows) if rows else None,
             max_num_logprobs=max_num_logprobs,
+            token_counts=token_counts,
+            apply_repetition=apply_repetition,
         )
 
 
@@ -192,9 +210,14 @@ def apply_penalties(logits: Tensor, meta: SamplingMetadata) -> None:
     """In place. Repetition (HF/vLLM): tokens seen in prompt or output get positive logits divided
     and negative ones multiplied by the penalty; presence/frequency (OpenAI): subtract
     presence * [seen in output] + frequency * count in output."""
-    assert meta.output_tokens is not None
     assert meta.presence_penalties is not None and meta.frequency_penalties is not None
     assert meta.repetition_penalties is not None
+    tc = meta.token_counts
+    if tc is not None:  # the same formula on the persistent device counts
+        tc.apply(logits, tc.counts, tc.prompt_seen, tc.slots, meta.repetition_penalties,
+                 meta.frequency_penalties, meta.presence_penalties, meta.apply_repetition)
+        return
+    assert meta.output_tokens is not None
     out_counts = _token_mask(meta.output_tokens, logits.shape, counts=True)  # [N, V]
     out_seen = out_counts > 0
     if meta.prompt_tokens is not None:
@@ -225,6 +248,14 @@ def apply_top_k_top_p(logits: Tensor, top_k: Tensor | None, max_top_k: int, top_
         idx = (top_k.clamp(min=1) - 1)[:, None]
         threshold = kth.gather(1, idx).masked_fill_((top_k == 0)[:, None], neg_inf)  # [N, 1]
         return logits.masked_fill_(logits < threshold, neg_inf)
+    # the largest logits decide; the full sort only for rows whose kept set may reach past them
+    return top_k_top_p_candidates(logits, top_k, max_top_k, top_p, top_k_top_p_sort)
+
+
+def top_k_top_p_sort(logits: Tensor, top_k: Tensor | None, max_top_k: int, top_p: Tensor) -> Tensor:
+    """apply_top_k_top_p by a full sort of the vocabulary (the rows the candidates cannot decide;
+    the sampler's path before the candidates, kept as their oracle and for the benchmark)."""
+    neg_inf = float("-inf")
     # full ascending sort: column V-1 is the largest
     sorted_logits, sorted_idx = logits.sort(dim=-1)
     vocab = logits.shape[-1]
@@ -285,7 +316,7 @@ class Sampler:
             logits.index_put_((rows, cols), vals, accumulate=True)
         if meta.min_tokens_mask is not None:
             logits.index_put_(meta.min_tokens_mask, torch.tensor(float("-inf"), device=logits.device))
-        if meta.output_tokens is not None:
+        if meta.repetition_penalties is not None:
             apply_penalties(logits, meta)
 
         greedy = None if meta.all_random else logits.argmax(dim=-1)

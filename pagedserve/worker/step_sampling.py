@@ -21,7 +21,8 @@ from pagedserve.core.outputs import GrammarOutput, ModelRunnerOutput, SchedulerO
 from pagedserve.structured_output import apply_token_bitmask
 from pagedserve.worker.cuda_graphs import DecodeResult
 from pagedserve.worker.input_batch import HostInputs, RequestState
-from pagedserve.worker.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
+from pagedserve.worker.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs, make_generator
+from pagedserve.worker.sampling_state import PenaltyState, TokenCounts, profile_params
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant, spreads (seed, step) pairs
 
@@ -30,12 +31,30 @@ class StepSampler:
     """Samples the rows of one launched step. `states` is the runner's own dict (shared)."""
 
     def __init__(self, model: Any, states: dict[str, RequestState], vocab_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, max_num_seqs: int = 256) -> None:
         self.model = model  # a CausalLM: compute_logits(hidden [N, hidden]) -> [N, vocab]
         self.states = states
         self.vocab_size = vocab_size
         self.device = device
         self.sampler = Sampler()
+        self.penalties = PenaltyState(max_num_seqs, vocab_size, device)  # device token counts
+
+    def profile(self, logits: torch.Tensor, max_logprobs: int) -> None:
+        """The memory profile's sampler pass: logits [N, vocab] float32 (N = max_num_seqs) through
+        the most expensive path, every row with every option, penalties read from the resident
+        count tables. Zero logits are flat, so top-p cannot stop early: every row takes the
+        full-sort fallback (the path's worst case)."""
+        n = logits.shape[0]
+        params = [profile_params(min(max_logprobs, self.vocab_size), self.vocab_size)] * n
+        self.penalties.reserve()
+        assert self.penalties.counts is not None
+        counts = TokenCounts(self.penalties.counts, self.penalties.prompt_seen,  # type: ignore[arg-type]
+                             torch.zeros(n, dtype=torch.int64, device=self.device), self.penalties.apply)
+        meta = SamplingMetadata.build(
+            params, [[0]] * n, [[0]] * n, [make_generator(i, self.device) for i in range(n)], [None] * n,
+            self.vocab_size, self.device, token_counts=counts,
+        )  # fmt: skip
+        self.sampler(logits, meta)
 
     def sample(self, host: HostInputs, hidden: torch.Tensor, decoded: DecodeResult | None,
                grammar: GrammarOutput | None, output: ModelRunnerOutput) -> None:
@@ -71,6 +90,9 @@ class StepSampler:
             generators.append(state.generator)
         if grammar is not None:
             apply_grammar(logits, host.sample_req_ids, grammar)
+        counts = None
+        if any(s.sampling_params.has_penalties for s in states):
+            counts = self.penalties.lookup(states, self.states)  # None: tables full, use the lists
         meta = SamplingMetadata.build(
             params=[s.sampling_params for s in states],
             prompt_token_ids=[s.prompt_token_ids for s in states],
@@ -79,8 +101,11 @@ class StepSampler:
             eos_token_ids=[s.eos_token_id for s in states],
             vocab_size=self.vocab_size,
             device=self.device,
+            token_counts=counts,
         )
         result = self.sampler(logits, meta)
+        if any(s.sampling_params.has_penalties for s in states):  # also after a list fallback
+            self.penalties.record(states, result.sampled_token_ids)
         for state, token, logprobs in zip(states, result.sampled_token_ids, result.logprobs):
             state.output_token_ids.append(token)
             output.sampled_token_ids[state.req_id] = token

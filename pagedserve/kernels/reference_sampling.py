@@ -1,0 +1,111 @@
+"""Plain-torch sampling kernels: the CPU path and the oracle of kernels/triton/sampling.py.
+
+Two pieces of the sampler that must not cost a pass per Python list or a full vocabulary sort:
+
+1. Penalties from persistent per-request token counts (worker/sampling_state.py keeps them):
+
+       counts     [R, V] int32   output tokens of the request holding slot r, counted
+       prompt_seen[R, V] bool    tokens of its prompt
+       slots      [N]    int64   the slot of sampled row n (any valid slot for rows without a
+                                 penalty: their penalties are neutral, 1 / 0 / 0)
+
+       seen  = counts[slot] > 0 | prompt_seen[slot]
+       x    *= seen ? (x > 0 ? 1 / rep : rep) : 1          (only when apply_repetition)
+       x    -= freq * counts[slot]
+       x    -= pres * (counts[slot] > 0)
+
+   exactly the ops of sampler.apply_penalties on the ragged lists, in the same order.
+
+2. top-k / top-p without sorting the vocabulary (top_k_top_p_candidates): both keep a prefix of
+   the row in descending logit order, and for realistic requests (top_k 50, or top_p 0.9 of a
+   peaked distribution) that prefix is short. So take the C largest logits (torch.topk: a
+   selection, not a sort), decide the kept set on those C candidates, and fall back to the full
+   sort only for the rows whose kept set may reach past them:
+
+       vals, idx = topk(logits, C)                         [N, C] descending
+       top-k threshold  kth = vals[k - 1] (ties kept), mask logits < kth
+       p_j   = exp(vals_j - logsumexp(masked row))        the full row's probabilities
+       A_j   = tail + sum_{i >= j} p_i                     ascending mass up to candidate j
+       keep candidate j  iff  A_j > 1 - top_p              (the full sort's rule; j = 0 always)
+
+   A row is decided by its candidates when its top-k set lies within them (k <= C and at most C
+   logits >= kth) or when the candidates' mass reaches top_p (then every later token's ascending
+   mass is at most 1 - top_p and it is dropped). The kept set is the same as the full sort's; only float rounding
+   at the exact boundary can differ (the full sort's float32 cumsum over V entries is the less
+   exact of the two).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+DEFAULT_CANDIDATES = 256  # C: enough for top_k <= 256 and most top_p prefixes at temperature <= 1
+
+
+def apply_penalties_from_counts(
+    logits: Tensor, counts: Tensor, prompt_seen: Tensor, slots: Tensor, repetition: Tensor,
+    frequency: Tensor, presence: Tensor, apply_repetition: bool,
+) -> None:  # fmt: skip
+    """In place on logits [N, V] float32; counts [R, V] int32, prompt_seen [R, V] bool, slots [N]
+    int64, penalties [N] float32 (layout in the module docstring)."""
+    out_counts = counts.index_select(0, slots).to(torch.float32)  # [N, V]
+    out_seen = out_counts > 0
+    if apply_repetition:
+        seen = out_seen | prompt_seen.index_select(0, slots)
+        rep = repetition[:, None].expand_as(logits)
+        penalty = torch.where(seen, rep, torch.ones_like(logits))
+        logits.mul_(torch.where(logits > 0, penalty.reciprocal(), penalty))
+    logits.sub_(frequency[:, None] * out_counts)
+    logits.sub_(presence[:, None] * out_seen)
+
+
+SortFallback = Callable[[Tensor, Tensor | None, int, Tensor], Tensor]
+
+
+def top_k_top_p_candidates(
+    logits: Tensor, top_k: Tensor | None, max_top_k: int, top_p: Tensor, full_sort: SortFallback,
+    num_candidates: int = DEFAULT_CANDIDATES,
+) -> Tensor:  # fmt: skip
+    """logits [N, V] float32 (may be modified), top_k [N] int64 (0 = off) or None, top_p [N]
+    float32 (1 = off). Returns logits with every dropped token at -inf. `full_sort(logits_rows,
+    top_k_rows, max_top_k, top_p_rows)` is the sorting path, run only on the undecided rows."""
+    n, vocab = logits.shape
+    neg_inf = float("-inf")
+    c = min(vocab, max(max_top_k, num_candidates))
+    vals, idx = logits.topk(c, dim=-1)  # [N, C] descending
+    if top_k is not None:
+        k = torch.where(top_k == 0, vocab, top_k)  # [N]
+        has_k = k <= c
+        kth = vals.gather(1, (k.clamp(max=c) - 1)[:, None])  # [N, 1] the k-th largest
+        threshold = kth.masked_fill(~has_k[:, None], neg_inf)
+        masked = logits.masked_fill(logits < threshold, neg_inf)  # top-k applied to the full row
+        # ties at the k-th value may push the top-k set past the candidates
+        within = has_k & ((logits >= threshold).sum(dim=-1) <= c)
+    else:
+        threshold = torch.full((n, 1), neg_inf, device=logits.device)
+        masked = logits
+        within = torch.full((n,), c == vocab, dtype=torch.bool, device=logits.device)
+    lse = masked.logsumexp(dim=-1, keepdim=True)  # [N, 1] normaliser of the top-k set
+    cand = vals.masked_fill(vals < threshold, neg_inf)
+    p = (cand - lse).exp()  # [N, C] the full row's probabilities of the candidates
+    # The full sort's rule in its own float32 terms: drop j when the ascending cumulative mass up
+    # to j (the tail below the candidates, then the candidates from the least likely) is at most
+    # 1 - top_p; the tail is exactly 0 when the candidates are the whole row.
+    tail = (1.0 - p.sum(dim=-1, keepdim=True)).clamp_min(0.0) if c < vocab else torch.zeros_like(lse)
+    ascending = p.flip(-1).cumsum(dim=-1).flip(-1) + tail  # [N, C]
+    keep = ascending > (1.0 - top_p)[:, None]
+    keep[:, 0] = True  # the most likely token always stays
+    use_p = top_p < 1.0
+    decided = within | (p.sum(dim=-1) >= top_p) | ~use_p  # [N]
+    # rows with top_p: only the kept candidates survive; rows without: the top-k masked row
+    src = torch.where(use_p[:, None], cand.masked_fill(~keep, neg_inf), masked.gather(1, idx))
+    out = masked.masked_fill(use_p[:, None], neg_inf)  # a new tensor: `logits` stays intact
+    out.scatter_(1, idx, src)
+    if not bool(decided.all()):  # one host sync; rare for realistic distributions
+        rows = torch.nonzero(~decided).flatten()
+        rows_k = None if top_k is None else top_k[rows]
+        out[rows] = full_sort(logits[rows], rows_k, max_top_k, top_p[rows])
+    return out
