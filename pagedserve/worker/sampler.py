@@ -304,6 +304,9 @@ def compute_prompt_logprobs(logits: Tensor, target_token_ids: Tensor, num_logpro
 
 
 class Sampler:
+    # the truncation step (a class attribute: benchmarks/sampler_bench.py swaps in the full sort)
+    top_k_top_p = staticmethod(apply_top_k_top_p)
+
     def __call__(self, logits: Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits [N, vocab] float32, modified in place. Returns one token (and logprobs) per row."""
         if logits.dtype != torch.float32:
@@ -328,7 +331,7 @@ class Sampler:
             logits.div_(meta.temperature[:, None])
             if meta.min_p is not None:
                 apply_min_p(logits, meta.min_p)
-            logits = apply_top_k_top_p(logits, meta.top_k, meta.max_top_k, meta.top_p)
+            logits = self.top_k_top_p(logits, meta.top_k, meta.max_top_k, meta.top_p)
             sampled = _exponential_race(logits.softmax(dim=-1), meta.generators)
             if greedy is not None:
                 assert meta.greedy_mask is not None
