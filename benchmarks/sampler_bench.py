@@ -5,15 +5,15 @@
 Each case is one engine step's sampling work for N rows of [N, V] float32 logits (a fresh copy of
 the same random logits every iteration): building the SamplingMetadata from the requests' state,
 reseeding the per-request generators (seeded cases), the sampler itself, and for the new path
-the token-count update. Every request has a 512-token prompt and 128 output tokens so far.
+the token-count update (old: per-row generator reseeding and draws). Every request has a 512-token prompt and 128 output tokens so far.
 
     greedy      temperature 0
     plain       temperature 0.7 (no truncation, no penalty, no seed)
     old         temperature 0.7, top_p 0.9, top_k 50, repetition_penalty 1.1, seed per request:
                 penalties from ragged lists rebuilt every step, top-k/top-p by a full sort
     new         the same parameters: penalties from the persistent device token counts,
-                top-k/top-p decided on the largest logits (worker/sampling_state.py,
-                kernels/reference_sampling.py)
+                top-k/top-p decided on the largest logits, seeded noise for all rows in one
+                counter-based pass (worker/sampling_state.py, kernels/reference_sampling.py)
 
 Median wall time per step over --iters (CUDA synchronised), and each case relative to plain.
 Runs on CPU (small --vocab for a quick look) and on the GPU.
@@ -32,7 +32,7 @@ from benchmarks.common import environment, print_table, write_json
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.worker.input_batch import RequestState
 from pagedserve.worker.sampler import Sampler, SamplingMetadata, apply_top_k_top_p, top_k_top_p_sort
-from pagedserve.worker.sampling_state import PenaltyState
+from pagedserve.worker.sampling_state import PenaltyState, SeededDraws, choose_seeded_kernel
 
 PROMPT_LEN, OUTPUT_LEN = 512, 128
 
@@ -65,17 +65,24 @@ def _step_fn(params: SamplingParams, rows: int, vocab: int, device: torch.device
     states = _states(params, rows, vocab)
     live = {s.req_id: s for s in states}
     table = PenaltyState(rows, vocab, device) if counts else None
-    gens = [torch.Generator(device=device) if params.seed is not None else None for _ in states]
+    seeded = params.seed is not None
+    gens = [torch.Generator(device=device) if seeded and not counts else None for _ in states]
+    draw = choose_seeded_kernel(device)
 
     def step(logits: torch.Tensor) -> None:
-        for i, gen in enumerate(gens):  # as StepSampler: counter-based reseeding, one per row
+        step_seeds = [i * 1_000_003 + len(s.output_token_ids) for i, s in enumerate(states)]
+        draws = None
+        if seeded and counts:  # new: every seeded row in one counter-based pass
+            index = torch.tensor([list(range(rows)), step_seeds], dtype=torch.int64).to(device)
+            draws = SeededDraws(index[0], index[1], rows, draw)
+        for gen, seed in zip(gens, step_seeds):  # old: one generator reseeded per row
             if gen is not None:
-                gen.manual_seed(i * 1_000_003 + len(states[i].output_token_ids))
+                gen.manual_seed(seed)
         token_counts = table.lookup(states, live) if table is not None and params.has_penalties else None
         meta = SamplingMetadata.build(
             [s.sampling_params for s in states], [s.prompt_token_ids for s in states],
             [s.output_token_ids for s in states], gens, [None] * rows, vocab, device,
-            token_counts=token_counts,
+            token_counts=token_counts, seeded=draws,
         )  # fmt: skip
         out = sampler(logits, meta)
         if table is not None and params.has_penalties:

@@ -109,3 +109,43 @@ def top_k_top_p_candidates(
         rows_k = None if top_k is None else top_k[rows]
         out[rows] = full_sort(logits[rows], rows_k, max_top_k, top_p[rows])
     return out
+
+
+# ---------------------------------------------------------------- counter-based seeded draws
+#
+# A seeded row's exponential noise E[t] for token t is a pure function of (step seed, t), so all
+# seeded rows of a step are drawn in one batched pass instead of one generator call per row:
+#
+#     lo, hi = low 32 bits of seed, next 31 bits
+#     key    = fmix32(lo ^ fmix32(hi ^ GOLDEN))
+#     h      = fmix32(fmix32((t * GOLDEN) mod 2^32 ^ key) + key mod 2^32)
+#     u      = (h >> 8 + 0.5) / 2^24                          in (0, 1), 24 bits
+#     E[t]   = -log(u)                                        ~ Exponential(1)
+#
+# fmix32 is MurmurHash3's finaliser (a bijection on 32 bits with full avalanche). All arithmetic
+# is on int64 holding 32-bit values, masked after each multiply (a wrapped int64 product keeps its
+# low 32 bits), so this twin and the Triton kernel compute the same bits.
+
+MASK32 = 0xFFFFFFFF
+GOLDEN = 0x9E3779B9
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & MASK32
+    return h ^ (h >> 16)
+
+
+def seeded_exponential(seeds: Tensor, vocab: int) -> Tensor:
+    """seeds [S] int64 (non-negative) -> E [S, vocab] float32, E ~ Exponential(1) i.i.d. per
+    (seed, token); the same seed gives the same row whatever else is in the batch."""
+    lo = (seeds & MASK32)[:, None]
+    hi = ((seeds >> 32) & 0x7FFFFFFF)[:, None]
+    key = _fmix32(lo ^ _fmix32(hi ^ GOLDEN))  # [S, 1]
+    cols = torch.arange(vocab, dtype=torch.int64, device=seeds.device)[None, :]
+    h = _fmix32(((cols * GOLDEN) & MASK32) ^ key)
+    h = _fmix32((h + key) & MASK32)  # [S, V]
+    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(u)

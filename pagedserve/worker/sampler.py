@@ -9,9 +9,10 @@ Order of operations (as vLLM):
     random rows  -> / temperature -> min_p -> top_k / top_p -> softmax -> exponential race
 
 The exponential race: argmax(p / E) with E ~ Exponential(1) i.i.d. picks token i with probability
-p_i. Seeded rows draw E from their own torch.Generator (one [vocab] draw per sampled token), so a
-seeded request's tokens do not depend on the rest of the batch; the other rows share one batched
-draw from the default generator.
+p_i. Seeded rows draw E from their own torch.Generator (one [vocab] draw per sampled token), or,
+in the engine, all at once from a counter-based hash of (step seed, token) (`seeded`,
+reference_sampling.seeded_exponential): either way a seeded request's tokens do not depend on the
+rest of the batch; the other rows share one batched draw from the default generator.
 
 Every tensor field of SamplingMetadata is None when no row needs it, and the sampler skips the work.
 Penalties read either the ragged token lists (build's default) or, in the engine, the persistent
@@ -33,7 +34,7 @@ from pagedserve.kernels.reference_sampling import top_k_top_p_candidates
 from pagedserve.sampling_params import SamplingParams, SamplingType
 
 if TYPE_CHECKING:
-    from pagedserve.worker.sampling_state import TokenCounts
+    from pagedserve.worker.sampling_state import SeededDraws, TokenCounts
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -82,6 +83,7 @@ class SamplingMetadata:
     # penalties from the persistent device tables instead of output_tokens / prompt_tokens
     token_counts: TokenCounts | None = None
     apply_repetition: bool = False  # some row has repetition_penalty != 1
+    seeded: SeededDraws | None = None  # seeded rows drawn by counter instead of `generators`
 
     @classmethod
     def build(
@@ -94,7 +96,9 @@ class SamplingMetadata:
         vocab_size: int,
         device: torch.device,
         token_counts: TokenCounts | None = None,
+        seeded: SeededDraws | None = None,
     ) -> SamplingMetadata:
+        """`seeded`: the seeded rows' counter-based draws; those rows need no generator."""
         n = len(params)
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == len(eos_token_ids) == n):
             raise ValueError("SamplingMetadata.build: all per-row lists must have the same length")
@@ -157,7 +161,7 @@ class SamplingMetadata:
 
         gens: dict[int, torch.Generator] = {}
         for i, (p, g) in enumerate(zip(params, generators)):
-            if p.sampling_type == SamplingType.RANDOM_SEED:
+            if p.sampling_type == SamplingType.RANDOM_SEED and seeded is None:
                 if g is None:
                     raise ValueError(f"row {i} has seed={p.seed} but no generator (use make_generator)")
                 gens[i] = g
@@ -189,6 +193,7 @@ class SamplingMetadata:
             max_num_logprobs=max_num_logprobs,
             token_counts=token_counts,
             apply_repetition=apply_repetition,
+            seeded=seeded,
         )
 
 
@@ -270,13 +275,16 @@ def top_k_top_p_sort(logits: Tensor, top_k: Tensor | None, max_top_k: int, top_p
     return logits.scatter_(-1, sorted_idx, sorted_logits)
 
 
-def _exponential_race(probs: Tensor, generators: dict[int, torch.Generator]) -> Tensor:
+def _exponential_race(probs: Tensor, generators: dict[int, torch.Generator],
+                      seeded: SeededDraws | None = None) -> Tensor:
     """argmax(probs / E), E ~ Exp(1): a categorical sample per row. probs [N, V] is overwritten."""
     q = torch.empty_like(probs)
-    if len(generators) < probs.shape[0]:
+    if len(generators) + (seeded.num_rows if seeded is not None else 0) < probs.shape[0]:
         q.exponential_()
     for row, gen in generators.items():  # seeded rows: their own stream, one [V] draw each
         q[row].exponential_(generator=gen)
+    if seeded is not None:  # every counter-seeded row in one pass
+        q.index_copy_(0, seeded.rows, seeded.draw(seeded.seeds, probs.shape[1]))
     # E == 0 would turn a zero probability into 0/0 = nan, which argmax would pick
     q.clamp_min_(torch.finfo(q.dtype).tiny)
     return probs.div_(q).argmax(dim=-1)
@@ -332,7 +340,7 @@ class Sampler:
             if meta.min_p is not None:
                 apply_min_p(logits, meta.min_p)
             logits = self.top_k_top_p(logits, meta.top_k, meta.max_top_k, meta.top_p)
-            sampled = _exponential_race(logits.softmax(dim=-1), meta.generators)
+            sampled = _exponential_race(logits.softmax(dim=-1), meta.generators, meta.seeded)
             if greedy is not None:
                 assert meta.greedy_mask is not None
                 sampled = torch.where(meta.greedy_mask, greedy, sampled)

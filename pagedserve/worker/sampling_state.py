@@ -44,6 +44,31 @@ def choose_penalty_kernel(device: torch.device) -> PenaltyFn:
     return reference_sampling.apply_penalties_from_counts
 
 
+SeededFn = Callable[[Tensor, int], Tensor]
+
+
+def choose_seeded_kernel(device: torch.device) -> SeededFn:
+    """Counter-based seeded exponential draws: Triton on CUDA when installed, else the twin."""
+    if device.type == "cuda":
+        from pagedserve.kernels.registry import triton_available
+
+        if triton_available():
+            from pagedserve.kernels.triton.sampling import seeded_exponential
+
+            return seeded_exponential
+    return reference_sampling.seeded_exponential
+
+
+@dataclass(slots=True)
+class SeededDraws:
+    """The seeded rows of one step drawn in one batched pass (SamplingMetadata.seeded)."""
+
+    rows: Tensor  # [S] int64 rows of the batch
+    seeds: Tensor  # [S] int64 step seeds (a function of the request's seed and token index)
+    num_rows: int  # S
+    draw: SeededFn  # seeds [S], vocab -> E [S, vocab] float32
+
+
 @dataclass(slots=True)
 class TokenCounts:
     """One step's view of the tables for the N sampled rows (SamplingMetadata.token_counts)."""

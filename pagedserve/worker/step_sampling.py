@@ -3,7 +3,7 @@
 For the S requests that sample in a step (HostInputs.sample_req_ids, in plan order):
 
     logits [S, vocab] float32  = compute_logits(hidden[sample_rows])   (or the decode graph's)
-      -> seeded rows: generator reseeded from (seed, number of tokens generated so far)
+      -> seeded rows: noise drawn from (seed, number of tokens generated so far), one batched pass
       -> structured rows: the engine core's bitmask (plan.grammar) applied, -inf where disallowed
       -> Sampler (penalties, temperature, top-k/p, min-p, logprobs) -> one token per row
 
@@ -18,11 +18,18 @@ from typing import Any
 import torch
 
 from pagedserve.core.outputs import GrammarOutput, ModelRunnerOutput, SchedulerOutput
+from pagedserve.sampling_params import SamplingType
 from pagedserve.structured_output import apply_token_bitmask
 from pagedserve.worker.cuda_graphs import DecodeResult
 from pagedserve.worker.input_batch import HostInputs, RequestState
-from pagedserve.worker.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs, make_generator
-from pagedserve.worker.sampling_state import PenaltyState, TokenCounts, profile_params
+from pagedserve.worker.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
+from pagedserve.worker.sampling_state import (
+    PenaltyState,
+    SeededDraws,
+    TokenCounts,
+    choose_seeded_kernel,
+    profile_params,
+)
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant, spreads (seed, step) pairs
 
@@ -38,6 +45,11 @@ class StepSampler:
         self.device = device
         self.sampler = Sampler()
         self.penalties = PenaltyState(max_num_seqs, vocab_size, device)  # device token counts
+        self.seeded_draw = choose_seeded_kernel(device)
+
+    def _seeded(self, rows: list[int], seeds: list[int]) -> SeededDraws:
+        index = torch.tensor([rows, seeds], dtype=torch.int64).to(self.device, non_blocking=True)
+        return SeededDraws(index[0], index[1], len(rows), self.seeded_draw)
 
     def profile(self, logits: torch.Tensor, max_logprobs: int) -> None:
         """The memory profile's sampler pass: logits [N, vocab] float32 (N = max_num_seqs) through
@@ -51,8 +63,8 @@ class StepSampler:
         counts = TokenCounts(self.penalties.counts, self.penalties.prompt_seen,  # type: ignore[arg-type]
                              torch.zeros(n, dtype=torch.int64, device=self.device), self.penalties.apply)
         meta = SamplingMetadata.build(
-            params, [[0]] * n, [[0]] * n, [make_generator(i, self.device) for i in range(n)], [None] * n,
-            self.vocab_size, self.device, token_counts=counts,
+            params, [[0]] * n, [[0]] * n, [None] * n, [None] * n, self.vocab_size, self.device,
+            token_counts=counts, seeded=self._seeded(list(range(n)), list(range(n))),
         )  # fmt: skip
         self.sampler(logits, meta)
 
@@ -78,16 +90,17 @@ class StepSampler:
         else:
             rows = torch.tensor(host.sample_rows, dtype=torch.long, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
-        generators = []
-        for state in states:
-            if state.generator is not None:
-                # Counter-based seeding: draw k of a seeded request depends only on (seed, k), so
-                # outputs survive preemption and do not depend on the rest of the batch.
-                seed = state.sampling_params.seed
-                assert seed is not None
-                step_seed = (seed * _SEED_MIX + len(state.output_token_ids)) % (1 << 63)
-                state.generator.manual_seed(step_seed)
-            generators.append(state.generator)
+        # Counter-based seeding: draw k of a seeded request depends only on (seed, k), so outputs
+        # survive preemption and do not depend on the rest of the batch; all seeded rows of the
+        # step are drawn in one pass (SeededDraws), not one generator call each.
+        seeded_rows: list[int] = []
+        step_seeds: list[int] = []
+        for row, state in enumerate(states):
+            seed = state.sampling_params.seed
+            if seed is not None and state.sampling_params.sampling_type == SamplingType.RANDOM_SEED:
+                seeded_rows.append(row)
+                step_seeds.append((seed * _SEED_MIX + len(state.output_token_ids)) % (1 << 63))
+        seeded = self._seeded(seeded_rows, step_seeds) if seeded_rows else None
         if grammar is not None:
             apply_grammar(logits, host.sample_req_ids, grammar)
         counts = None
@@ -97,11 +110,12 @@ class StepSampler:
             params=[s.sampling_params for s in states],
             prompt_token_ids=[s.prompt_token_ids for s in states],
             output_token_ids=[s.output_token_ids for s in states],
-            generators=generators,
+            generators=[None] * len(states),
             eos_token_ids=[s.eos_token_id for s in states],
             vocab_size=self.vocab_size,
             device=self.device,
             token_counts=counts,
+            seeded=seeded,
         )
         result = self.sampler(logits, meta)
         if any(s.sampling_params.has_penalties for s in states):  # also after a list fallback

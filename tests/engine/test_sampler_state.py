@@ -98,7 +98,7 @@ def test_profile_runs_the_most_expensive_sampler_path() -> None:
     assert model.tokens_seen == [40]  # one forward at max_num_batched_tokens
     [(logits, meta)] = recorder.calls
     assert logits.shape == (6, V) and logits.dtype == torch.float32
-    assert meta.num_rows == 6 and meta.all_random and len(meta.generators) == 6
+    assert meta.num_rows == 6 and meta.all_random and meta.seeded is not None and meta.seeded.num_rows == 6
     assert meta.top_k is not None and meta.top_p is not None and meta.min_p is not None
     assert meta.token_counts is not None and meta.apply_repetition
     assert meta.frequency_penalties is not None and meta.presence_penalties is not None

@@ -11,7 +11,11 @@ import importlib.util
 import pytest
 import torch
 
-from pagedserve.kernels.reference_sampling import apply_penalties_from_counts, top_k_top_p_candidates
+from pagedserve.kernels.reference_sampling import (
+    apply_penalties_from_counts,
+    seeded_exponential,
+    top_k_top_p_candidates,
+)
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.worker.sampler import SamplingMetadata, apply_penalties, top_k_top_p_sort
 
@@ -109,3 +113,24 @@ def test_candidates_keep_ties_at_the_kth_value() -> None:
     got = top_k_top_p_candidates(logits.clone(), top_k, 2, top_p, top_k_top_p_sort, num_candidates=16)
     want = top_k_top_p_sort(logits.clone(), top_k, 2, top_p)
     assert _kept(got) == _kept(want) == [set(range(41))] * 2
+
+
+SEEDS = torch.tensor([0, 1, 2, 2**40 + 5, 2**63 - 1])
+
+
+def test_seeded_exponential_is_exponential_and_batch_independent() -> None:
+    e = seeded_exponential(SEEDS, 20000)
+    assert e.shape == (5, 20000) and bool((e > 0).all()) and bool(torch.isfinite(e).all())
+    for row in e:  # Exp(1): mean 1, P(E > 1) = 1/e; 20000 draws -> ~5 sigma bounds
+        assert abs(float(row.mean()) - 1.0) < 0.04
+        assert abs(float((row > 1).double().mean()) - 0.3679) < 0.02
+    assert torch.equal(seeded_exponential(SEEDS[3:4], 20000)[0], e[3])  # alone == in a batch
+    assert not torch.equal(e[1], e[2])  # neighbouring seeds: different streams
+    assert float(torch.corrcoef(e[1:3])[0, 1]).__abs__() < 0.05
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_triton_seeded_exponential_matches_twin() -> None:
+    from pagedserve.kernels.triton.sampling import seeded_exponential as triton_seeded
+
+    torch.testing.assert_close(triton_seeded(SEEDS, 2100), seeded_exponential(SEEDS, 2100), rtol=1e-6, atol=1e-6)

@@ -62,3 +62,38 @@ def apply_penalties_from_counts(
         logits.stride(0), counts.stride(0), seen.stride(0), vocab,
         APPLY_REP=apply_repetition, BLOCK=_BLOCK,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------- counter-based seeded draws
+# Layout and hash in reference_sampling.py (the twin); grid (S, cdiv(V, BLOCK)).
+
+@triton.jit
+def _fmix32(h):
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _seeded_exponential_kernel(seeds_ptr, out_ptr, stride_out, vocab, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    seed = tl.load(seeds_ptr + row).to(tl.int64)
+    lo = seed & 0xFFFFFFFF
+    hi = (seed >> 32) & 0x7FFFFFFF
+    key = _fmix32(lo ^ _fmix32(hi ^ 0x9E3779B9))
+    h = _fmix32(((cols * 0x9E3779B9) & 0xFFFFFFFF) ^ key)
+    h = _fmix32((h + key) & 0xFFFFFFFF)
+    u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    tl.store(out_ptr + row * stride_out + cols, -tl.log(u), mask=cols < vocab)
+
+
+def seeded_exponential(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
+    """seeds [S] int64 -> E [S, vocab] float32 (the twin's bits, up to log's last ulp)."""
+    out = torch.empty((seeds.shape[0], vocab), dtype=torch.float32, device=seeds.device)
+    if seeds.shape[0]:
+        grid = (seeds.shape[0], triton.cdiv(vocab, _BLOCK))
+        _seeded_exponential_kernel[grid](seeds, out, out.stride(0), vocab, BLOCK=_BLOCK)
+    return out
