@@ -47,6 +47,7 @@ def _sorting_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, max_t
 
 class SortingSampler(Sampler):
     top_k_top_p = staticmethod(_sorting_top_k_top_p)
+    compact = False
 
 
 def _states(params: SamplingParams, rows: int, vocab: int) -> list[RequestState]:

@@ -38,6 +38,7 @@ Two pieces of the sampler that must not cost a pass per Python list or a full vo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -65,56 +66,84 @@ def apply_penalties_from_counts(
 SortFallback = Callable[[Tensor, Tensor | None, int, Tensor], Tensor]
 
 
+@dataclass(slots=True)
+class Candidates:
+    """The C largest logits of each row and the top-k / top-p decision on them."""
+
+    vals: Tensor  # [N, C] float32 descending; the dropped ones -inf
+    idx: Tensor  # [N, C] int64 their token ids
+    decided: Tensor  # [N] bool: the row's kept set lies within its candidates
+    plain: Tensor  # [N] bool: neither top-k nor top-p (the row keeps everything)
+
+
+def select_candidates(
+    logits: Tensor, top_k: Tensor | None, max_top_k: int, top_p: Tensor | None,
+    num_candidates: int = DEFAULT_CANDIDATES,
+) -> Candidates:  # fmt: skip
+    """logits [N, V] float32 (not modified), top_k [N] int64 (0 = off) or None, top_p [N]
+    float32 (1 = off) or None. The decision rule is in the module docstring."""
+    n, vocab = logits.shape
+    neg_inf = float("-inf")
+    c = min(vocab, max(max_top_k, num_candidates))
+    vals, idx = logits.topk(c, dim=-1)  # [N, C] descending: a selection, not a sort
+    k = torch.full((n,), vocab, dtype=torch.int64, device=logits.device)
+    if top_k is not None:
+        k = torch.where(top_k == 0, k, top_k)
+    has_k = k <= c
+    kth = vals.gather(1, (k.clamp(max=c) - 1)[:, None])  # [N, 1] the k-th largest
+    threshold = kth.masked_fill(~has_k[:, None], neg_inf)
+    cand = vals.masked_fill(vals < threshold, neg_inf)
+    if c == vocab:
+        within = torch.ones_like(has_k)
+    else:  # no logit outside the candidates reaches the k-th value (ties included)
+        within = has_k & (vals[:, -1] < kth[:, 0])
+    lse = cand.logsumexp(dim=-1, keepdim=True)  # [N, 1] normaliser of the top-k set, if within
+    if top_k is None:
+        lse = logits.logsumexp(dim=-1, keepdim=True)
+    elif not bool(within.all()):  # the top-k set reaches past the candidates: the full row's
+        full = logits.masked_fill(logits < threshold, neg_inf).logsumexp(dim=-1, keepdim=True)
+        lse = torch.where(within[:, None], lse, full)
+    use_p = top_p < 1.0 if top_p is not None else torch.zeros_like(has_k)
+    p = (cand - lse).exp()  # [N, C] the full row's probabilities of the candidates
+    mass = p.sum(dim=-1)
+    decided = within
+    if top_p is not None:
+        # The full sort's rule in its own float32 terms: drop j when the ascending cumulative
+        # mass up to j (the tail below the candidates, then the candidates from the least likely)
+        # is at most 1 - top_p; the tail is exactly 0 when the candidates are the whole row.
+        tail = (1.0 - mass[:, None]).clamp_min(0.0) if c < vocab else torch.zeros_like(lse)
+        ascending = p.flip(-1).cumsum(dim=-1).flip(-1) + tail  # [N, C]
+        keep = (ascending > (1.0 - top_p)[:, None]) | ~use_p[:, None]
+        keep[:, 0] = True  # the most likely token always stays
+        cand = cand.masked_fill(~keep, neg_inf)
+        decided = within | (use_p & (mass >= top_p))
+    return Candidates(cand, idx, decided, ~use_p & ~has_k)
+
+
 def top_k_top_p_candidates(
     logits: Tensor, top_k: Tensor | None, max_top_k: int, top_p: Tensor, full_sort: SortFallback,
     num_candidates: int = DEFAULT_CANDIDATES,
 ) -> Tensor:  # fmt: skip
-    """logits [N, V] float32 (may be modified), top_k [N] int64 (0 = off) or None, top_p [N]
-    float32 (1 = off). Returns logits with every dropped token at -inf. `full_sort(logits_rows,
-    top_k_rows, max_top_k, top_p_rows)` is the sorting path, run only on the undecided rows."""
-    n, vocab = logits.shape
-    neg_inf = float("-inf")
-    c = min(vocab, max(max_top_k, num_candidates))
-    vals, idx = logits.topk(c, dim=-1)  # [N, C] descending
-    if top_k is not None:
-        k = torch.where(top_k == 0, vocab, top_k)  # [N]
-        has_k = k <= c
-        kth = vals.gather(1, (k.clamp(max=c) - 1)[:, None])  # [N, 1] the k-th largest
-        threshold = kth.masked_fill(~has_k[:, None], neg_inf)
-        masked = logits.masked_fill(logits < threshold, neg_inf)  # top-k applied to the full row
-        # ties at the k-th value may push the top-k set past the candidates
-        within = has_k & ((logits >= threshold).sum(dim=-1) <= c)
-    else:
-        threshold = torch.full((n, 1), neg_inf, device=logits.device)
-        masked = logits
-        within = torch.full((n,), c == vocab, dtype=torch.bool, device=logits.device)
-    lse = masked.logsumexp(dim=-1, keepdim=True)  # [N, 1] normaliser of the top-k set
-    cand = vals.masked_fill(vals < threshold, neg_inf)
-    p = (cand - lse).exp()  # [N, C] the full row's probabilities of the candidates
-    # The full sort's rule in its own float32 terms: drop j when the ascending cumulative mass up
-    # to j (the tail below the candidates, then the candidates from the least likely) is at most
-    # 1 - top_p; the tail is exactly 0 when the candidates are the whole row.
-    tail = (1.0 - p.sum(dim=-1, keepdim=True)).clamp_min(0.0) if c < vocab else torch.zeros_like(lse)
-    ascending = p.flip(-1).cumsum(dim=-1).flip(-1) + tail  # [N, C]
-    keep = ascending > (1.0 - top_p)[:, None]
-    keep[:, 0] = True  # the most likely token always stays
-    use_p = top_p < 1.0
-    decided = within | (p.sum(dim=-1) >= top_p) | ~use_p  # [N]
-    # rows with top_p: only the kept candidates survive; rows without: the top-k masked row
-    src = torch.where(use_p[:, None], cand.masked_fill(~keep, neg_inf), masked.gather(1, idx))
-    out = masked.masked_fill(use_p[:, None], neg_inf)  # a new tensor: `logits` stays intact
-    out.scatter_(1, idx, src)
-    if not bool(decided.all()):  # one host sync; rare for realistic distributions
-        rows = torch.nonzero(~decided).flatten()
-        rows_k = None if top_k is None else top_k[rows]
-        out[rows] = full_sort(logits[rows], rows_k, max_top_k, top_p[rows])
+    """The full-row form: logits [N, V] -> a new [N, V] with every dropped token at -inf.
+    `full_sort(logits_rows, top_k_rows, max_top_k, top_p_rows)` runs only on undecided rows."""
+    cands = select_candidates(logits, top_k, max_top_k, top_p, num_candidates)
+    out = torch.full_like(logits, float("-inf")).scatter_(1, cands.idx, cands.vals)
+    undecided = ~cands.decided
+    if bool(undecided.any()):  # one host sync; rare for realistic distributions
+        copy = torch.nonzero(undecided & cands.plain).flatten()
+        out[copy] = logits[copy]
+        rows = torch.nonzero(undecided & ~cands.plain).flatten()
+        if rows.numel():
+            rows_k = None if top_k is None else top_k[rows]
+            out[rows] = full_sort(logits[rows], rows_k, max_top_k, top_p[rows])
     return out
 
 
 # ---------------------------------------------------------------- counter-based seeded draws
 #
 # A seeded row's exponential noise E[t] for token t is a pure function of (step seed, t), so all
-# seeded rows of a step are drawn in one batched pass instead of one generator call per row:
+# seeded rows of a step are drawn in one batched pass instead of one generator call per row, and
+# only for the tokens that can be drawn (the candidates) when the row is decided by them:
 #
 #     lo, hi = low 32 bits of seed, next 31 bits
 #     key    = fmix32(lo ^ fmix32(hi ^ GOLDEN))
@@ -138,13 +167,13 @@ def _fmix32(h: Tensor) -> Tensor:
     return h ^ (h >> 16)
 
 
-def seeded_exponential(seeds: Tensor, vocab: int) -> Tensor:
-    """seeds [S] int64 (non-negative) -> E [S, vocab] float32, E ~ Exponential(1) i.i.d. per
-    (seed, token); the same seed gives the same row whatever else is in the batch."""
+def seeded_exponential(seeds: Tensor, cols: Tensor) -> Tensor:
+    """seeds [S] int64 (non-negative), cols [S, M] int64 token ids (a whole row: an expanded
+    arange) -> E [S, M] float32, E ~ Exponential(1) i.i.d. per (seed, token); the same seed gives
+    the same noise for a token whatever else is in the batch and whichever columns are asked."""
     lo = (seeds & MASK32)[:, None]
     hi = ((seeds >> 32) & 0x7FFFFFFF)[:, None]
     key = _fmix32(lo ^ _fmix32(hi ^ GOLDEN))  # [S, 1]
-    cols = torch.arange(vocab, dtype=torch.int64, device=seeds.device)[None, :]
     h = _fmix32(((cols * GOLDEN) & MASK32) ^ key)
     h = _fmix32((h + key) & MASK32)  # [S, V]
     u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from pagedserve.core.outputs import LogprobsLists
-from pagedserve.kernels.reference_sampling import top_k_top_p_candidates
+from pagedserve.kernels.reference_sampling import Candidates, select_candidates, top_k_top_p_candidates
 from pagedserve.sampling_params import SamplingParams, SamplingType
 
 if TYPE_CHECKING:
@@ -284,10 +284,26 @@ def _exponential_race(probs: Tensor, generators: dict[int, torch.Generator],
     for row, gen in generators.items():  # seeded rows: their own stream, one [V] draw each
         q[row].exponential_(generator=gen)
     if seeded is not None:  # every counter-seeded row in one pass
-        q.index_copy_(0, seeded.rows, seeded.draw(seeded.seeds, probs.shape[1]))
+        cols = torch.arange(probs.shape[1], device=probs.device).expand(seeded.num_rows, -1)
+        q.index_copy_(0, seeded.rows, seeded.draw(seeded.seeds, cols))
     # E == 0 would turn a zero probability into 0/0 = nan, which argmax would pick
     q.clamp_min_(torch.finfo(q.dtype).tiny)
     return probs.div_(q).argmax(dim=-1)
+
+
+def _candidate_race(cands: Candidates, seeded: SeededDraws | None) -> Tensor:
+    """The exponential race on the candidates alone (every row decided by them): the tokens
+    outside have probability 0, and a seeded row's noise is drawn for the candidate tokens only,
+    the same values the full-row draw gives them. Returns token ids [N]."""
+    probs = cands.vals.softmax(dim=-1)  # [N, C]
+    q = torch.empty_like(probs)
+    if seeded is None or seeded.num_rows < probs.shape[0]:
+        q.exponential_()
+    if seeded is not None:
+        q.index_copy_(0, seeded.rows, seeded.draw(seeded.seeds, cands.idx.index_select(0, seeded.rows)))
+    q.clamp_min_(torch.finfo(q.dtype).tiny)
+    choice = probs.div_(q).argmax(dim=-1, keepdim=True)  # [N, 1]
+    return cands.idx.gather(1, choice).squeeze(1)
 
 
 def _logprobs_lists(raw: Tensor, chosen: Tensor, k_max: int) -> tuple[list, list, list]:
@@ -314,6 +330,20 @@ def compute_prompt_logprobs(logits: Tensor, target_token_ids: Tensor, num_logpro
 class Sampler:
     # the truncation step (a class attribute: benchmarks/sampler_bench.py swaps in the full sort)
     top_k_top_p = staticmethod(apply_top_k_top_p)
+    # sample on the candidates when every row is decided by them (no per-row generators)
+    compact = True
+
+    def _truncate_and_draw(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
+        """top-k / top-p, then one categorical draw per row [N]. On the candidates alone when
+        they decide every row that is not greedy (one host sync); over the full row otherwise."""
+        truncates = meta.top_k is not None or meta.top_p is not None
+        if self.compact and truncates and not meta.generators:
+            cands = select_candidates(logits, meta.top_k, meta.max_top_k, meta.top_p)
+            decided = cands.decided if meta.greedy_mask is None else cands.decided | meta.greedy_mask
+            if bool(decided.all()):
+                return _candidate_race(cands, meta.seeded)
+        logits = self.top_k_top_p(logits, meta.top_k, meta.max_top_k, meta.top_p)
+        return _exponential_race(logits.softmax(dim=-1), meta.generators, meta.seeded)
 
     def __call__(self, logits: Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits [N, vocab] float32, modified in place. Returns one token (and logprobs) per row."""
@@ -339,8 +369,7 @@ class Sampler:
             logits.div_(meta.temperature[:, None])
             if meta.min_p is not None:
                 apply_min_p(logits, meta.min_p)
-            logits = self.top_k_top_p(logits, meta.top_k, meta.max_top_k, meta.top_p)
-            sampled = _exponential_race(logits.softmax(dim=-1), meta.generators, meta.seeded)
+            sampled = self._truncate_and_draw(logits, meta)
             if greedy is not None:
                 assert meta.greedy_mask is not None
                 sampled = torch.where(meta.greedy_mask, greedy, sampled)

@@ -44,7 +44,7 @@ def choose_penalty_kernel(device: torch.device) -> PenaltyFn:
     return reference_sampling.apply_penalties_from_counts
 
 
-SeededFn = Callable[[Tensor, int], Tensor]
+SeededFn = Callable[[Tensor, Tensor], Tensor]  # seeds [S], token ids [S, M] -> E [S, M]
 
 
 def choose_seeded_kernel(device: torch.device) -> SeededFn:
@@ -66,7 +66,7 @@ class SeededDraws:
     rows: Tensor  # [S] int64 rows of the batch
     seeds: Tensor  # [S] int64 step seeds (a function of the request's seed and token index)
     num_rows: int  # S
-    draw: SeededFn  # seeds [S], vocab -> E [S, vocab] float32
+    draw: SeededFn  # seeds [S], token ids [S, M] -> E [S, M] float32
 
 
 @dataclass(slots=True)

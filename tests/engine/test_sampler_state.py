@@ -168,3 +168,40 @@ def test_1024_seqs_16384_tokens_full_sampling_batch_fits(tiny_checkpoints: Any) 
     prompts = [{"prompt_token_ids": [(7 * i + j) % 400 + 10 for j in range(16)]} for i in range(1024)]
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert len(outs) == 1024 and all(len(o.outputs[0].token_ids) == 8 for o in outs)
+
+
+class _FullRowSampler(Sampler):
+    compact = False
+
+
+def test_candidate_draw_equals_full_row_draw_for_seeded_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counter-seeded rows draw the same tokens whether the race runs on the candidates or over
+    the full row (same noise per token, zero probability outside the kept set)."""
+    from pagedserve.kernels.reference_sampling import seeded_exponential
+    from pagedserve.worker.sampling_state import SeededDraws
+
+    g = torch.Generator().manual_seed(9)
+    n, vocab = 24, 3000
+    logits = torch.randn(n, vocab, generator=g) * 3
+    params = [SamplingParams(temperature=0.7, top_k=50 if i % 3 else 0,
+                             top_p=0.9 if i % 2 or i % 3 == 0 else 1.0, seed=i) for i in range(n)]
+    import pagedserve.worker.sampler as sampler_module
+
+    compact_calls: list[int] = []
+    race = sampler_module._candidate_race
+    monkeypatch.setattr(sampler_module, "_candidate_race",
+                        lambda c, s: compact_calls.append(1) or race(c, s))
+    params[5] = SamplingParams(temperature=0.0)  # a greedy row in the batch
+    tokens = []
+    for sampler in (Sampler(), _FullRowSampler()):
+        for step in range(3):
+            rows = [i for i in range(n) if i != 5]
+            seeded = SeededDraws(torch.tensor(rows), torch.tensor([r * 7919 + step for r in rows]), len(rows),
+                                 seeded_exponential)
+            meta = SamplingMetadata.build(params, [[]] * n, [[]] * n, [None] * n, [None] * n, vocab, CPU,
+                                          seeded=seeded)
+            tokens.append(sampler(logits.clone(), meta).sampled_token_ids)
+    assert len(compact_calls) == 3  # the first sampler took the candidate path every step
+    assert tokens[:3] == tokens[3:]
+    assert tokens[0] != tokens[1]  # the step seed changes the draw
+    assert tokens[0][5] == int(logits[5].argmax())

@@ -119,12 +119,14 @@ SEEDS = torch.tensor([0, 1, 2, 2**40 + 5, 2**63 - 1])
 
 
 def test_seeded_exponential_is_exponential_and_batch_independent() -> None:
-    e = seeded_exponential(SEEDS, 20000)
+    e = seeded_exponential(SEEDS, torch.arange(20000).expand(5, -1))
     assert e.shape == (5, 20000) and bool((e > 0).all()) and bool(torch.isfinite(e).all())
     for row in e:  # Exp(1): mean 1, P(E > 1) = 1/e; 20000 draws -> ~5 sigma bounds
         assert abs(float(row.mean()) - 1.0) < 0.04
         assert abs(float((row > 1).double().mean()) - 0.3679) < 0.02
-    assert torch.equal(seeded_exponential(SEEDS[3:4], 20000)[0], e[3])  # alone == in a batch
+    assert torch.equal(seeded_exponential(SEEDS[3:4], torch.arange(20000)[None])[0], e[3])  # alone == batched
+    cols = torch.tensor([[5, 19999, 7], [0, 3, 2]])  # a few columns: the same values as the full row
+    assert torch.equal(seeded_exponential(SEEDS[3:5], cols), torch.stack([e[3, cols[0]], e[4, cols[1]]]))
     assert not torch.equal(e[1], e[2])  # neighbouring seeds: different streams
     assert float(torch.corrcoef(e[1:3])[0, 1]).__abs__() < 0.05
 
@@ -133,4 +135,7 @@ def test_seeded_exponential_is_exponential_and_batch_independent() -> None:
 def test_triton_seeded_exponential_matches_twin() -> None:
     from pagedserve.kernels.triton.sampling import seeded_exponential as triton_seeded
 
-    torch.testing.assert_close(triton_seeded(SEEDS, 2100), seeded_exponential(SEEDS, 2100), rtol=1e-6, atol=1e-6)
+    full = torch.arange(2100).expand(5, -1)  # stride 0 over rows, two column blocks
+    torch.testing.assert_close(triton_seeded(SEEDS, full), seeded_exponential(SEEDS, full), rtol=1e-6, atol=1e-6)
+    some = torch.randint(0, 2100, (5, 300), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(triton_seeded(SEEDS, some), seeded_exponential(SEEDS, some), rtol=1e-6, atol=1e-6)

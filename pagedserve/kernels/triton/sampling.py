@@ -77,9 +77,12 @@ def _fmix32(h):
 
 
 @triton.jit
-def _seeded_exponential_kernel(seeds_ptr, out_ptr, stride_out, vocab, BLOCK: tl.constexpr):
+def _seeded_exponential_kernel(seeds_ptr, cols_ptr, out_ptr, stride_cols_row, stride_cols_col,
+                               stride_out, num_cols, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = j < num_cols
+    cols = tl.load(cols_ptr + row * stride_cols_row + j * stride_cols_col, mask=mask, other=0).to(tl.int64)
     seed = tl.load(seeds_ptr + row).to(tl.int64)
     lo = seed & 0xFFFFFFFF
     hi = (seed >> 32) & 0x7FFFFFFF
@@ -87,13 +90,16 @@ def _seeded_exponential_kernel(seeds_ptr, out_ptr, stride_out, vocab, BLOCK: tl.
     h = _fmix32(((cols * 0x9E3779B9) & 0xFFFFFFFF) ^ key)
     h = _fmix32((h + key) & 0xFFFFFFFF)
     u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-    tl.store(out_ptr + row * stride_out + cols, -tl.log(u), mask=cols < vocab)
+    tl.store(out_ptr + row * stride_out + j, -tl.log(u), mask=mask)
 
 
-def seeded_exponential(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
-    """seeds [S] int64 -> E [S, vocab] float32 (the twin's bits, up to log's last ulp)."""
-    out = torch.empty((seeds.shape[0], vocab), dtype=torch.float32, device=seeds.device)
-    if seeds.shape[0]:
-        grid = (seeds.shape[0], triton.cdiv(vocab, _BLOCK))
-        _seeded_exponential_kernel[grid](seeds, out, out.stride(0), vocab, BLOCK=_BLOCK)
+def seeded_exponential(seeds: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """seeds [S] int64, cols [S, M] int64 (any strides: an expanded arange reads one row) ->
+    E [S, M] float32 (the twin's bits, up to log's last ulp)."""
+    num_rows, num_cols = cols.shape
+    out = torch.empty((num_rows, num_cols), dtype=torch.float32, device=seeds.device)
+    if num_rows and num_cols:
+        grid = (num_rows, triton.cdiv(num_cols, _BLOCK))
+        _seeded_exponential_kernel[grid](seeds, cols, out, cols.stride(0), cols.stride(1), out.stride(0),
+                                         num_cols, BLOCK=_BLOCK)
     return out
