@@ -188,8 +188,8 @@ def test_candidate_draw_equals_full_row_draw_for_seeded_rows(monkeypatch: pytest
     import pagedserve.worker.sampler as sampler_module
 
     compact_calls: list[int] = []
-    race = sampler_module._candidate_race
-    monkeypatch.setattr(sampler_module, "_candidate_race",
+    race = sampler_module.candidate_race
+    monkeypatch.setattr(sampler_module, "candidate_race",
                         lambda c, s: compact_calls.append(1) or race(c, s))
     params[5] = SamplingParams(temperature=0.0)  # a greedy row in the batch
     tokens = []
