@@ -51,16 +51,23 @@ def apply_penalties_from_counts(
     frequency: Tensor, presence: Tensor, apply_repetition: bool,
 ) -> None:  # fmt: skip
     """In place on logits [N, V] float32; counts [R, V] int32, prompt_seen [R, V] bool, slots [N]
-    int64, penalties [N] float32 (layout in the module docstring)."""
-    out_counts = counts.index_select(0, slots).to(torch.float32)  # [N, V]
-    out_seen = out_counts > 0
+    int64, penalties [N] float32 (layout in the module docstring).
+
+    Only the (row, token) pairs seen in the prompt or output change, so the formula runs on those
+    M pairs alone: an unseen token gets x * 1 - freq * 0 - pres * 0 = x, bit for bit."""
+    out_counts = counts.index_select(0, slots)  # [N, V] int32
+    seen = out_counts != 0
     if apply_repetition:
-        seen = out_seen | prompt_seen.index_select(0, slots)
-        rep = repetition[:, None].expand_as(logits)
-        penalty = torch.where(seen, rep, torch.ones_like(logits))
-        logits.mul_(torch.where(logits > 0, penalty.reciprocal(), penalty))
-    logits.sub_(frequency[:, None] * out_counts)
-    logits.sub_(presence[:, None] * out_seen)
+        seen |= prompt_seen.index_select(0, slots)
+    rows, cols = seen.nonzero(as_tuple=True)  # [M] each
+    x = logits[rows, cols]
+    cnt = out_counts[rows, cols].to(torch.float32)
+    if apply_repetition:
+        penalty = repetition[rows]
+        x = x * torch.where(x > 0, penalty.reciprocal(), penalty)
+    x = x - frequency[rows] * cnt
+    x = x - presence[rows] * (cnt > 0)
+    logits[rows, cols] = x
 
 
 SortFallback = Callable[[Tensor, Tensor | None, int, Tensor], Tensor]
