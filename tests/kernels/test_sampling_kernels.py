@@ -139,3 +139,29 @@ def test_triton_seeded_exponential_matches_twin() -> None:
     torch.testing.assert_close(triton_seeded(SEEDS, full), seeded_exponential(SEEDS, full), rtol=1e-6, atol=1e-6)
     some = torch.randint(0, 2100, (5, 300), generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(triton_seeded(SEEDS, some), seeded_exponential(SEEDS, some), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernels_match_twins_at_real_shapes_on_cuda() -> None:
+    """[256, 128256] (Llama 3's vocabulary): compiled kernels vs twins, and the candidates vs the
+    full sort on the GPU."""
+    from pagedserve.kernels.triton.sampling import apply_penalties_from_counts as triton_penalties
+    from pagedserve.kernels.triton.sampling import seeded_exponential as triton_seeded
+
+    cuda = torch.device("cuda")
+    case = {k: v.to(cuda) for k, v in _penalty_case(n=256, vocab=128256, rows=300, seed=5).items()}
+    want, got = case["logits"].clone(), case["logits"].clone()
+    args = (case["counts"], case["prompt_seen"], case["slots"], case["repetition"], case["frequency"],
+            case["presence"], True)
+    apply_penalties_from_counts(want, *args)
+    triton_penalties(got, *args)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    seeds = torch.arange(256, device=cuda) * 7919
+    cols = torch.arange(128256, device=cuda).expand(256, -1)
+    torch.testing.assert_close(triton_seeded(seeds, cols), seeded_exponential(seeds, cols), rtol=1e-6, atol=1e-6)
+    logits = case["logits"] / 0.7
+    top_k = torch.full((256,), 50, device=cuda)
+    top_p = torch.full((256,), 0.9, device=cuda)
+    got = top_k_top_p_candidates(logits.clone(), top_k, 50, top_p, top_k_top_p_sort)
+    assert _kept(got) == _kept(top_k_top_p_sort(logits.clone(), top_k, 50, top_p))
