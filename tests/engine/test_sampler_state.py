@@ -205,3 +205,25 @@ def test_candidate_draw_equals_full_row_draw_for_seeded_rows(monkeypatch: pytest
     assert tokens[:3] == tokens[3:]
     assert tokens[0] != tokens[1]  # the step seed changes the draw
     assert tokens[0][5] == int(logits[5].argmax())
+
+
+def test_profile_passes_run_on_a_real_model(tiny_checkpoints: Any) -> None:
+    """The GPU profile's passes on the tiny llama (CPU): the largest step with the real sampler's
+    worst path, and the eager decode step that sizes the CUDA-graph pool."""
+    from pagedserve import EngineArgs
+    from pagedserve.worker.model_runner import ModelRunner
+
+    config = EngineArgs(model=tiny_checkpoints["llama"], dtype="float32", device="cpu", max_model_len=64,
+                        max_num_seqs=8, max_num_batched_tokens=96,
+                        kv_cache_memory_bytes=1 << 20).create_engine_config()
+    runner = ModelRunner(config)
+    recorder = runner.sampling.sampler = _Recorder()
+    profile_forward(runner.model, config.scheduler_config, runner.vocab_size, CPU,
+                    sample=lambda logits: runner.sampling.profile(logits, 5))
+    [(logits, meta)] = recorder.calls
+    assert logits.shape == (8, runner.vocab_size) and logits.dtype == torch.float32
+    assert meta.max_num_logprobs == 5 and meta.token_counts is not None
+    mem = _FakeMemory([100 + 1234], total=0, free=0, reserved=0)
+    hidden = runner.model_spec.hidden_size
+    row = hidden * 4 + runner.vocab_size * 4 + 8  # float32 hidden and logits, int64 argmax
+    assert graph_pool_margin(runner.model, 8, CPU, memory=mem) == 1234 + (1 + 2 + 4) * row
