@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -140,7 +141,8 @@ def main() -> None:
     env = environment()
     print_table(f"sampler step, [{args.rows}, {args.vocab}] logits on {env['device']} "
                 f"(median of {args.iters})", results)
-    write_json(args.json, {"rows": args.rows, "vocab": args.vocab, "iters": args.iters, "results": results})
+    write_json(args.json, {"command": "python -m benchmarks.sampler_bench " + " ".join(sys.argv[1:]),
+                           "rows": args.rows, "vocab": args.vocab, "iters": args.iters, "results": results})
 
 
 if __name__ == "__main__":
