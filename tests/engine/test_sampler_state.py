@@ -227,3 +227,23 @@ def test_profile_passes_run_on_a_real_model(tiny_checkpoints: Any) -> None:
     hidden = runner.model_spec.hidden_size
     row = hidden * 4 + runner.vocab_size * 4 + 8  # float32 hidden and logits, int64 argmax
     assert graph_pool_margin(runner.model, 8, CPU, memory=mem) == 1234 + (1 + 2 + 4) * row
+
+
+@pytest.mark.parametrize("params", [SamplingParams(top_k=3), SamplingParams(top_p=0.7),
+                                    SamplingParams(top_k=3, top_p=0.7)])
+def test_candidate_draw_follows_the_truncated_distribution(params: SamplingParams) -> None:
+    """V = 3000 > C: the draw on the candidates alone samples the kept tokens with their
+    renormalised probabilities (4000 draws, tolerance about 5 standard deviations)."""
+    vocab, num = 3000, 4000
+    probs = torch.full((vocab,), 1e-9, dtype=torch.float64)
+    probs[:4] = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    row = probs.log().float()
+    keep = [0, 1, 2] if params.top_k == 3 and params.top_p == 1.0 else [0, 1]  # token 2: ascending mass 0.2 <= 0.3
+    want = torch.zeros(vocab, dtype=torch.float64)
+    want[keep] = probs[keep] / probs[keep].sum()
+    torch.manual_seed(0)
+    meta = SamplingMetadata.build([params] * num, [[]] * num, [[]] * num, [None] * num, [None] * num,
+                                  vocab, CPU)
+    out = Sampler()(row.expand(num, -1).contiguous(), meta)
+    got = torch.bincount(torch.tensor(out.sampled_token_ids), minlength=vocab).double() / num
+    assert float((got - want).abs().max()) < 0.04
