@@ -214,18 +214,22 @@ def graph_pool_margin(model: Any, max_num_seqs: int, device: torch.device, memor
     """
     mem = memory if memory is not None else CudaMemory(device)
     n = max_num_seqs
+    # The step's max_num_seqs tokens as one dense sequence: the same per-token activations as n
+    # one-token decodes (attention over n keys is, if anything, larger), in one SDPA call
+    # instead of n (dense_causal_attention loops over sequences).
     meta = AttentionMetadata(
         slot_mapping=torch.full((n,), -1, dtype=torch.long, device=device),
-        query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=device),
-        seq_lens=torch.ones(n, dtype=torch.int32, device=device),
-        block_tables=torch.zeros((n, 1), dtype=torch.int32, device=device),
-        max_query_len=1,
-        max_seq_len=1,
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+        block_tables=torch.zeros((1, 1), dtype=torch.int32, device=device),
+        max_query_len=n,
+        max_seq_len=n,
     )
     ids = torch.zeros(n, dtype=torch.long, device=device)
+    positions = torch.zeros_like(ids)  # any position is valid whatever max_model_len is
     mem.reset_peak()
     base = mem.allocated()
-    hidden = model(ids, torch.zeros_like(ids), [], meta)
+    hidden = model(ids, positions, [], meta)
     logits = model.compute_logits(hidden)
     greedy = logits.argmax(dim=-1)
     step = mem.peak() - base
