@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pagedserve.core.outputs import GrammarOutput, ModelRunnerOutput, SchedulerOutput
+from pagedserve.core.outputs import GrammarOutput, LogprobsLists, ModelRunnerOutput, SchedulerOutput
 from pagedserve.sampling_params import SamplingType
 from pagedserve.structured_output import apply_token_bitmask
 from pagedserve.worker.cuda_graphs import DecodeResult
@@ -129,7 +129,9 @@ class StepSampler:
     def prompt_logprobs(self, plan: SchedulerOutput, host: HostInputs, hidden: torch.Tensor,
                         output: ModelRunnerOutput) -> None:
         """Rows for prompt positions p in this chunk with p + 1 < prompt length: the logits at p
-        score prompt token p + 1."""
+        score prompt token p + 1. The LM head runs on at most max_num_seqs rows at a time, the
+        logits size the memory profile measured (a chunk may hold max_num_batched_tokens rows)."""
+        step = self.penalties.max_rows
         for index, (req_id, num) in enumerate(plan.num_scheduled_tokens.items()):
             state = self.states[req_id]
             num_logprobs = state.sampling_params.prompt_logprobs
@@ -140,11 +142,15 @@ class StepSampler:
             if end <= start:
                 continue
             first = host.query_start_loc[index]
-            logits = self.model.compute_logits(hidden[first : first + end - start])
-            targets = torch.tensor(
-                state.prompt_token_ids[start + 1 : end + 1], dtype=torch.long, device=self.device
-            )
-            output.prompt_logprobs[req_id] = compute_prompt_logprobs(logits, targets, num_logprobs)
+            result = LogprobsLists([], [], [])
+            for lo in range(start, end, step):
+                hi = min(lo + step, end)
+                logits = self.model.compute_logits(hidden[first + lo - start : first + hi - start])
+                targets = torch.tensor(
+                    state.prompt_token_ids[lo + 1 : hi + 1], dtype=torch.long, device=self.device
+                )
+                result.extend(compute_prompt_logprobs(logits, targets, num_logprobs))
+            output.prompt_logprobs[req_id] = result
 
 
 def apply_grammar(logits: torch.Tensor, sample_req_ids: list[str], grammar: GrammarOutput) -> None:

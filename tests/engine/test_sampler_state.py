@@ -247,3 +247,21 @@ def test_candidate_draw_follows_the_truncated_distribution(params: SamplingParam
     out = Sampler()(row.expand(num, -1).contiguous(), meta)
     got = torch.bincount(torch.tensor(out.sampled_token_ids), minlength=vocab).double() / num
     assert float((got - want).abs().max()) < 0.04
+
+
+def test_prompt_logprobs_in_slices_of_max_num_seqs_rows(tiny_checkpoints: Any) -> None:
+    """A 40-token prompt chunk with max_num_seqs 4: the LM head runs on 4 rows at a time (the
+    profiled logits size) and the prompt logprobs equal those of one slice (max_num_seqs 64)."""
+    from tests.engine.engine_helpers import make_engine, make_prompts, run_staggered
+
+    [prompt] = make_prompts(512, seed=13, lengths=(40,))
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
+    got = {}
+    for seqs in (4, 64):
+        out = run_staggered(make_engine(tiny_checkpoints["llama"], max_num_seqs=seqs), [prompt], params)["0"]
+        got[seqs] = out.prompt_logprobs
+    assert got[4] is not None and len(got[4]) == 40
+    for a, b in zip(got[4][1:], got[64][1:]):
+        assert a is not None and b is not None and a.keys() == b.keys()
+        for token in a:
+            assert abs(a[token].logprob - b[token].logprob) < 1e-5 and a[token].rank == b[token].rank
