@@ -102,8 +102,9 @@ def select_candidates(
     cand = vals.masked_fill(vals < threshold, neg_inf)
     if c == vocab:
         within = torch.ones_like(has_k)
-    else:  # no logit outside the candidates reaches the k-th value (ties included)
-        within = has_k & (vals[:, -1] < kth[:, 0])
+    else:  # no logit outside the candidates reaches the k-th value (ties included), or the
+        # k-th is -inf (a grammar left fewer than k tokens: those outside have probability 0)
+        within = has_k & ((vals[:, -1] < kth[:, 0]) | torch.isneginf(kth[:, 0]))
     lse = cand.logsumexp(dim=-1, keepdim=True)  # [N, 1] normaliser of the top-k set, if within
     if top_k is None:
         lse = logits.logsumexp(dim=-1, keepdim=True)

@@ -14,6 +14,7 @@ import torch
 from pagedserve.kernels.reference_sampling import (
     apply_penalties_from_counts,
     seeded_exponential,
+    select_candidates,
     top_k_top_p_candidates,
 )
 from pagedserve.sampling_params import SamplingParams
@@ -165,3 +166,13 @@ def test_kernels_match_twins_at_real_shapes_on_cuda() -> None:
     top_p = torch.full((256,), 0.9, device=cuda)
     got = top_k_top_p_candidates(logits.clone(), top_k, 50, top_p, top_k_top_p_sort)
     assert _kept(got) == _kept(top_k_top_p_sort(logits.clone(), top_k, 50, top_p))
+
+
+def test_candidates_with_fewer_finite_logits_than_k() -> None:
+    """A grammar mask left 5 tokens and top_k is 20: the candidates decide the row, keeping the 5."""
+    logits = torch.full((1, 1000), NEG_INF)
+    logits[0, [3, 70, 500, 501, 999]] = torch.tensor([1.0, 2.0, 0.5, -1.0, 3.0])
+    cands = select_candidates(logits, torch.tensor([20]), 20, None, num_candidates=32)
+    assert bool(cands.decided.all())
+    kept = set(cands.idx[cands.vals > NEG_INF].tolist())
+    assert kept == {3, 70, 500, 501, 999}
