@@ -155,12 +155,16 @@ def test_graph_pool_margin_counts_every_size_outputs() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_1024_seqs_16384_tokens_full_sampling_batch_fits(tiny_checkpoints: Any) -> None:
+def test_1024_seqs_16384_tokens_full_sampling_batch_fits(tmp_path: Any) -> None:
     """vLLM V1's offline defaults on an H200 start under gpu_memory_utilization 0.9 and run a full
-    batch of 1024 requests with every sampling option without running out of memory."""
+    batch of 1024 requests with every sampling option without running out of memory. A small model
+    with Llama 3's vocabulary (128256), so the float32 logits, the sampler's buffers and the
+    CUDA-graph outputs are as large as the 8B model's."""
     from pagedserve import LLM
+    from pagedserve.testing.checkpoints import build_checkpoint
 
-    llm = LLM(tiny_checkpoints["llama"], dtype="bfloat16", max_model_len=512, max_num_seqs=1024,
+    path = build_checkpoint(str(tmp_path / "llama-128k-vocab"), "llama", dtype="bfloat16", vocab_size=128256)
+    llm = LLM(path, dtype="bfloat16", max_model_len=512, max_num_seqs=1024,
               max_num_batched_tokens=16384, gpu_memory_utilization=0.9)
     params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, min_p=0.05, repetition_penalty=1.1,
                             presence_penalty=0.1, frequency_penalty=0.1, logprobs=20, seed=1,
