@@ -6,6 +6,7 @@
 #   benchmarks/gpu_suite.sh peers    # transformers static batches and continuous batching
 #   benchmarks/gpu_suite.sh serving  # the OpenAI server under Poisson arrivals
 #   benchmarks/gpu_suite.sh slo      # SLO-aware server vs no objectives at 1.5x sustainable and light load
+#   benchmarks/gpu_suite.sh sampler  # one step's sampling, realistic (old vs new) vs plain, [256, 128256]
 # Results (JSON + logs) go to $OUT (or benchmarks/results/raw); the 8B model is built once into
 # $MODEL_DIR (default /tmp/llama3-8b-random).
 set -uo pipefail
@@ -43,6 +44,9 @@ case "$part" in
         --num-requests 600 --probe-requests 150 --start-rate 8 \
         --server-args "--max-model-len 4096 --log-level WARNING" 2>&1 | grep -v Loading | tail -20
     ;;
+  sampler)
+    python3 -m benchmarks.sampler_bench --json "$out/sampler_bench.json" 2>&1 | tail -8
+    ;;
   *)
-    echo "unknown part $part (checks | speed | peers | serving | slo)"; exit 2;;
+    echo "unknown part $part (checks | speed | peers | serving | slo | sampler)"; exit 2;;
 esac

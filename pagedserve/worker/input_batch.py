@@ -37,11 +37,12 @@ class RequestState:
     block_ids: list[int]
     num_computed_tokens: int  # from the plan only (see the module docstring)
     eos_token_id: int | None
-    generator: torch.Generator | None = field(default=None)
+    generator: torch.Generator | None = field(default=None)  # unused by the engine (kept for callers)
     # Greedy with nothing that edits logits or reads them (no logprobs, bias, min_tokens,
     # penalties, structured outputs): the decode graph's argmax is this request's token.
     plain_greedy: bool = False
     num_pending: int = 0  # sampled by a launched step, not yet collected (0 or 1)
+    penalty_slot: int = -1  # its row of the token-count tables (sampling_state.py); -1 = none
 
     @property
     def num_tokens(self) -> int:
@@ -95,7 +96,7 @@ def update_states(states: dict[str, RequestState], plan: SchedulerOutput, device
             block_ids=list(new.block_ids),
             num_computed_tokens=new.num_computed_tokens,
             eos_token_id=new.eos_token_id,
-            generator=torch.Generator(device=device) if params.seed is not None else None,
+            # seeded draws are counter-based (step_sampling.py): no per-request generator
             plain_greedy=is_plain_greedy(params),
         )
     for cached in plan.scheduled_cached_reqs:

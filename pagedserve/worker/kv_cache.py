@@ -4,7 +4,10 @@ Sizing (determine_num_blocks), first match wins:
     num_gpu_blocks_override  ->  that many blocks
     kv_cache_memory_bytes    ->  budget // bytes_per_block
     CPU                      ->  what host memory holds after the weights (cpu_resources.py)
-    GPU                      ->  profiled: one maximal forward (profile_forward) under
+    GPU                      ->  profiled: the largest admitted step (profile_forward: the
+                                 forward at max_num_batched_tokens, the LM head and the
+                                 sampler's most expensive path on max_num_seqs rows), plus the
+                                 CUDA-graph pool captured later (graph_pool_margin), under
                                  gpu_memory_utilization (profile_gpu_kv_budget)
     swap pool                ->  swap_space_bytes // bytes_per_block CPU blocks
 
@@ -20,6 +23,7 @@ Per layer, keys and values each live in one tensor of blocks:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +38,7 @@ from pagedserve.worker.cpu_resources import (
     mem_available_bytes,
     module_bytes,
 )
+from pagedserve.worker.cuda_graphs import capture_sizes
 
 if TYPE_CHECKING:
     from pagedserve.config import EngineConfig, SchedulerConfig
@@ -131,39 +136,116 @@ def num_blocks_from_budget(budget_bytes: int, spec: KVCacheSpec) -> int:
     return max(int(budget_bytes // spec.bytes_per_block), 0)
 
 
+class CudaMemory:
+    """The allocator statistics the profile reads (a test substitutes a recording fake)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset_peak(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+    def allocated(self) -> int:
+        return int(torch.cuda.memory_allocated(self.device))
+
+    def reserved(self) -> int:
+        return int(torch.cuda.memory_reserved(self.device))
+
+    def free_total(self) -> tuple[int, int]:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return int(free), int(total)
+
+
 def profile_gpu_kv_budget(
-    run_peak_forward: Any, gpu_memory_utilization: float, device: torch.device
-) -> int:
-    """Bytes left for the KV cache after a maximal forward pass, under the utilisation cap.
+    run_peak_forward: Callable[[], None], gpu_memory_utilization: float, device: torch.device,
+    run_graph_step: Callable[[], int] | None = None, memory: Any = None,
+) -> int:  # fmt: skip
+    """Bytes left for the KV cache after the largest step, under the utilisation cap.
 
     budget = total * utilization - (peak torch allocation during the pass
                                     + memory held outside torch's allocator: CUDA context,
-                                      cuBLAS workspaces, other processes)
+                                      cuBLAS workspaces, other processes
+                                    + the CUDA-graph pool, captured after the KV cache)
+
+    run_graph_step (CUDA graphs on): runs the decode step at max_num_seqs eagerly and returns the
+    pool's estimate (graph_pool_margin) from its measured peak.
     """
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
+    mem = memory if memory is not None else CudaMemory(device)
+    mem.reset_peak()
     run_peak_forward()
-    torch.cuda.synchronize(device)
-    peak_torch = torch.cuda.max_memory_allocated(device)
-    free, total = torch.cuda.mem_get_info(device)
-    non_torch = (total - free) - torch.cuda.memory_reserved(device)
-    budget = int(total * gpu_memory_utilization) - peak_torch - max(non_torch, 0)
+    peak_torch = mem.peak()
+    graph_pool = 0
+    if run_graph_step is not None:
+        graph_pool = run_graph_step()
+    free, total = mem.free_total()
+    non_torch = (total - free) - mem.reserved()
+    budget = int(total * gpu_memory_utilization) - peak_torch - max(non_torch, 0) - graph_pool
     logger.info(
-        "memory profile: total %.2f GiB, peak torch %.2f GiB, non-torch %.2f GiB, KV budget %.2f GiB",
-        total / 2**30, peak_torch / 2**30, non_torch / 2**30, budget / 2**30,
-    )
+        "memory profile: total %.2f GiB, peak torch %.2f GiB, non-torch %.2f GiB, CUDA-graph pool "
+        "%.2f GiB, KV budget %.2f GiB", total / 2**30, peak_torch / 2**30, non_torch / 2**30,
+        graph_pool / 2**30, budget / 2**30,
+    )  # fmt: skip
     if budget <= 0:
         raise RuntimeError(
-            "no GPU memory left for the KV cache: raise gpu_memory_utilization or lower "
-            "max_num_batched_tokens / max_model_len"
+            f"this configuration does not fit in GPU memory: the largest step needs "
+            f"{peak_torch / 2**30:.2f} GiB at its peak (weights, activations at "
+            f"max_num_batched_tokens, logits and sampler buffers at max_num_seqs) and the CUDA "
+            f"graphs {graph_pool / 2**30:.2f} GiB, leaving {budget / 2**30:.2f} GiB for the KV cache "
+            f"under gpu_memory_utilization {gpu_memory_utilization}: raise gpu_memory_utilization, "
+            f"lower max_num_seqs / max_num_batched_tokens / max_model_len, or use enforce_eager"
         )
     return budget
 
 
+@torch.inference_mode()
+def graph_pool_margin(model: Any, max_num_seqs: int, device: torch.device, memory: Any = None) -> int:
+    """Bytes the decode CUDA graphs (cuda_graphs.py) will hold, measured on an eager decode step
+    of max_num_seqs rows. All sizes share one pool and are captured largest first: the pool keeps
+    the largest step's working memory (measured: its peak above the baseline) and, since every
+    graph's outputs (hidden, float32 logits, argmax) stay alive, the outputs of every other size.
+
+        margin = peak(step at max) + sum over smaller sizes s of s * (bytes of one output row)
+    """
+    mem = memory if memory is not None else CudaMemory(device)
+    n = max_num_seqs
+    # The step's max_num_seqs tokens as one dense sequence: the same per-token activations as n
+    # one-token decodes (attention over n keys is, if anything, larger), in one SDPA call
+    # instead of n (dense_causal_attention loops over sequences).
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((n,), -1, dtype=torch.long, device=device),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+        block_tables=torch.zeros((1, 1), dtype=torch.int32, device=device),
+        max_query_len=n,
+        max_seq_len=n,
+    )
+    ids = torch.zeros(n, dtype=torch.long, device=device)
+    positions = torch.zeros_like(ids)  # any position is valid whatever max_model_len is
+    mem.reset_peak()
+    base = mem.allocated()
+    hidden = model(ids, positions, [], meta)
+    logits = model.compute_logits(hidden)
+    greedy = logits.argmax(dim=-1)
+    step = mem.peak() - base
+    row_bytes = sum(t.element_size() * (t.numel() // n) for t in (hidden, logits, greedy))
+    return step + sum(s * row_bytes for s in capture_sizes(n)[:-1])
+
+
+Sample = Callable[[torch.Tensor], None]  # logits [max_num_seqs, vocab] float32 -> the sampler
+
+
 def determine_num_blocks(
-    config: EngineConfig, spec: KVCacheSpec, model: Any, device: torch.device, vocab_size: int
-) -> tuple[int, int, str]:
+    config: EngineConfig, spec: KVCacheSpec, model: Any, device: torch.device, vocab_size: int,
+    sample: Sample | None = None,
+) -> tuple[int, int, str]:  # fmt: skip
     """(device blocks, CPU swap blocks, how the device pool was sized: for the start-up log).
+    `sample` runs the sampler's most expensive path in the profile (StepSampler.profile).
     EngineCore checks that max_model_len fits."""
     cache = config.cache_config
     sched = config.scheduler_config
@@ -183,9 +265,12 @@ def determine_num_blocks(
         )  # fmt: skip
         num_gpu, sizing = cpu_sizing.num_blocks, cpu_sizing.describe()
     else:
+        graphs = None if config.enforce_eager else (
+            lambda: graph_pool_margin(model, sched.max_num_seqs, device))
         budget = profile_gpu_kv_budget(
-            lambda: profile_forward(model, sched, vocab_size, device), cache.gpu_memory_utilization, device
-        )
+            lambda: profile_forward(model, sched, vocab_size, device, sample),
+            cache.gpu_memory_utilization, device, run_graph_step=graphs,
+        )  # fmt: skip
         num_gpu = num_blocks_from_budget(budget, spec)
         sizing = f"profiled under gpu_memory_utilization {cache.gpu_memory_utilization}"
     num_cpu = num_blocks_from_budget(cache.swap_space_bytes, spec)
@@ -196,10 +281,13 @@ def determine_num_blocks(
 
 
 @torch.inference_mode()
-def profile_forward(model: Any, sched: SchedulerConfig, vocab_size: int, device: torch.device) -> None:
+def profile_forward(model: Any, sched: SchedulerConfig, vocab_size: int, device: torch.device,
+                    sample: Sample | None = None) -> None:
     """The largest step the scheduler can plan: max_num_batched_tokens tokens, split into
-    sequences of at most max_model_len, with no KV cache (dense attention), then the LM head and a
-    softmax over max_num_seqs rows (the sampler's largest logits)."""
+    sequences of at most max_model_len, with no KV cache (dense attention), then the LM head on
+    the max_num_seqs rows that sample (float32 logits, as the runner computes only those) and the
+    sampler's most expensive path on them (`sample`; a softmax when none is given). The forward's
+    activations are freed before the LM head, as in a real step; `hidden` stays alive."""
     num_tokens = sched.max_num_batched_tokens
     seq_len = min(num_tokens, sched.max_model_len)
     lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
@@ -216,5 +304,8 @@ def profile_forward(model: Any, sched: SchedulerConfig, vocab_size: int, device:
     )
     hidden = model(input_ids, positions, [], meta)
     rows = min(sched.max_num_seqs, num_tokens)
-    logits = model.compute_logits(hidden[-rows:])
-    torch.softmax(logits, dim=-1)
+    logits = model.compute_logits(hidden[-rows:]).float()  # [rows, vocab]
+    if sample is None:
+        torch.softmax(logits, dim=-1)
+    else:
+        sample(logits.zero_())  # flat logits: the sampler's worst case (see StepSampler.profile)

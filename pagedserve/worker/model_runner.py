@@ -73,7 +73,8 @@ class ModelRunner:
         # One dict of request states, shared (not copied) by the parts that read or extend it.
         self.states: dict[str, RequestState] = {}
         self.async_outputs = AsyncOutputs(self.states, self.device, config.scheduler_config.max_num_seqs)
-        self.sampling = StepSampler(self.model, self.states, self.vocab_size, self.device)
+        self.sampling = StepSampler(self.model, self.states, self.vocab_size, self.device,
+                                    config.scheduler_config.max_num_seqs)
         self.sampling.sampler = make_sampler(self.parallel)  # tp: rank 0 draws, the others take its ids
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -93,9 +94,11 @@ class ModelRunner:
 
     def determine_num_blocks(self) -> tuple[int, int]:
         """(device blocks, CPU swap blocks); see kv_cache.py for the sizing rules."""
+        max_logprobs = self.config.model_config.max_logprobs
         num_gpu, num_cpu, self._kv_sizing = determine_num_blocks(
-            self.config, self.spec, self.model, self.device, self.vocab_size
-        )
+            self.config, self.spec, self.model, self.device, self.vocab_size,
+            sample=lambda logits: self.sampling.profile(logits, max_logprobs),
+        )  # fmt: skip
         return num_gpu, num_cpu
 
     def initialize_kv_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:

@@ -9,23 +9,42 @@ Order of operations (as vLLM):
     random rows  -> / temperature -> min_p -> top_k / top_p -> softmax -> exponential race
 
 The exponential race: argmax(p / E) with E ~ Exponential(1) i.i.d. picks token i with probability
-p_i. Seeded rows draw E from their own torch.Generator (one [vocab] draw per sampled token), so a
-seeded request's tokens do not depend on the rest of the batch; the other rows share one batched
-draw from the default generator.
+p_i. Seeded rows draw E from their own torch.Generator (one [vocab] draw per sampled token), or,
+in the engine, all at once from a counter-based hash of (step seed, token) (`seeded`,
+reference_sampling.seeded_exponential): either way a seeded request's tokens do not depend on the
+rest of the batch; the other rows share one batched draw from the default generator.
 
 Every tensor field of SamplingMetadata is None when no row needs it, and the sampler skips the work.
+Penalties read either the ragged token lists (build's default) or, in the engine, the persistent
+device token counts of worker/sampling_state.py (`token_counts`); top-k / top-p decide on the
+largest logits only and sort the full vocabulary only for rows that need it (reference_sampling.py).
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from pagedserve.core.outputs import LogprobsLists
+from pagedserve.kernels.reference_sampling import select_candidates
 from pagedserve.sampling_params import SamplingParams, SamplingType
+from pagedserve.worker.sample_draw import (
+    apply_min_p,
+    apply_top_k_top_p,
+    candidate_race,
+    exponential_race,
+    top_k_top_p_sort,
+)
+
+__all__ = ["Sampler", "SamplerOutput", "SamplingMetadata", "apply_min_p", "apply_penalties",
+           "apply_top_k_top_p", "compute_prompt_logprobs", "make_generator", "top_k_top_p_sort"]
+
+if TYPE_CHECKING:
+    from pagedserve.worker.sampling_state import SeededDraws, TokenCounts
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -71,6 +90,10 @@ class SamplingMetadata:
     num_logprobs: list[int | None] = field(default_factory=list)  # per row
     logprob_rows: Tensor | None = None  # [L] int64 rows that asked for logprobs
     max_num_logprobs: int = 0
+    # penalties from the persistent device tables instead of output_tokens / prompt_tokens
+    token_counts: TokenCounts | None = None
+    apply_repetition: bool = False  # some row has repetition_penalty != 1
+    seeded: SeededDraws | None = None  # seeded rows drawn by counter instead of `generators`
 
     @classmethod
     def build(
@@ -82,7 +105,10 @@ class SamplingMetadata:
         eos_token_ids: list[int | None],
         vocab_size: int,
         device: torch.device,
+        token_counts: TokenCounts | None = None,
+        seeded: SeededDraws | None = None,
     ) -> SamplingMetadata:
+        """`seeded`: the seeded rows' counter-based draws; those rows need no generator."""
         n = len(params)
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == len(eos_token_ids) == n):
             raise ValueError("SamplingMetadata.build: all per-row lists must have the same length")
@@ -104,13 +130,17 @@ class SamplingMetadata:
 
         presence = frequency = repetition = None
         output_tokens = prompt_tokens = None
+        apply_repetition = any(p.repetition_penalty != 1.0 for p in params)
         if any(p.has_penalties for p in params):
             presence = f32([p.presence_penalty for p in params])
             frequency = f32([p.frequency_penalty for p in params])
             repetition = f32([p.repetition_penalty for p in params])
-            output_tokens = _flatten(output_token_ids, device)
-            if any(p.repetition_penalty != 1.0 for p in params):
-                prompt_tokens = _flatten(prompt_token_ids, device)
+            if token_counts is None:
+                output_tokens = _flatten(output_token_ids, device)
+                if apply_repetition:
+                    prompt_tokens = _flatten(prompt_token_ids, device)
+        else:
+            token_counts = None
 
         bias_rows: list[int] = []
         bias_cols: list[int] = []
@@ -141,7 +171,7 @@ class SamplingMetadata:
 
         gens: dict[int, torch.Generator] = {}
         for i, (p, g) in enumerate(zip(params, generators)):
-            if p.sampling_type == SamplingType.RANDOM_SEED:
+            if p.sampling_type == SamplingType.RANDOM_SEED and seeded is None:
                 if g is None:
                     raise ValueError(f"row {i} has seed={p.seed} but no generator (use make_generator)")
                 gens[i] = g
@@ -171,6 +201,9 @@ class SamplingMetadata:
             num_logprobs=num_logprobs,
             logprob_rows=i64(rows) if rows else None,
             max_num_logprobs=max_num_logprobs,
+            token_counts=token_counts,
+            apply_repetition=apply_repetition,
+            seeded=seeded,
         )
 
 
@@ -192,9 +225,14 @@ def apply_penalties(logits: Tensor, meta: SamplingMetadata) -> None:
     """In place. Repetition (HF/vLLM): tokens seen in prompt or output get positive logits divided
     and negative ones multiplied by the penalty; presence/frequency (OpenAI): subtract
     presence * [seen in output] + frequency * count in output."""
-    assert meta.output_tokens is not None
     assert meta.presence_penalties is not None and meta.frequency_penalties is not None
     assert meta.repetition_penalties is not None
+    tc = meta.token_counts
+    if tc is not None:  # the same formula on the persistent device counts
+        tc.apply(logits, tc.counts, tc.prompt_seen, tc.slots, meta.repetition_penalties,
+                 meta.frequency_penalties, meta.presence_penalties, meta.apply_repetition)
+        return
+    assert meta.output_tokens is not None
     out_counts = _token_mask(meta.output_tokens, logits.shape, counts=True)  # [N, V]
     out_seen = out_counts > 0
     if meta.prompt_tokens is not None:
@@ -204,51 +242,6 @@ def apply_penalties(logits: Tensor, meta: SamplingMetadata) -> None:
         logits.mul_(torch.where(logits > 0, penalty.reciprocal(), penalty))
     logits.sub_(meta.frequency_penalties[:, None] * out_counts)
     logits.sub_(meta.presence_penalties[:, None] * out_seen)
-
-
-def apply_min_p(logits: Tensor, min_p: Tensor) -> None:
-    """In place: drop tokens whose probability is below min_p * (the top token's probability)."""
-    probs = logits.softmax(dim=-1)
-    threshold = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
-    logits.masked_fill_(probs < threshold, float("-inf"))
-
-
-def apply_top_k_top_p(logits: Tensor, top_k: Tensor | None, max_top_k: int, top_p: Tensor | None) -> Tensor:
-    """Keep the top_k largest logits (0 = all; ties at the k-th value are kept) and the smallest
-    set of tokens whose probability reaches top_p (at least one). Returns the (maybe new) logits."""
-    neg_inf = float("-inf")
-    if top_p is None:
-        if top_k is None:
-            return logits
-        # top-k only: a partial sort to the largest k is enough
-        kth = logits.topk(max_top_k, dim=-1).values  # [N, max_k] descending
-        idx = (top_k.clamp(min=1) - 1)[:, None]
-        threshold = kth.gather(1, idx).masked_fill_((top_k == 0)[:, None], neg_inf)  # [N, 1]
-        return logits.masked_fill_(logits < threshold, neg_inf)
-    # full ascending sort: column V-1 is the largest
-    sorted_logits, sorted_idx = logits.sort(dim=-1)
-    vocab = logits.shape[-1]
-    if top_k is not None:
-        k = torch.where(top_k == 0, vocab, top_k)
-        threshold = sorted_logits.gather(1, (vocab - k)[:, None])  # the k-th largest, [N, 1]
-        sorted_logits.masked_fill_(sorted_logits < threshold, neg_inf)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [N, V] ascending cumulative mass
-    drop = cum <= (1.0 - top_p)[:, None]  # the low tail holding at most 1 - top_p of the mass
-    drop[:, -1] = False
-    sorted_logits.masked_fill_(drop, neg_inf)
-    return logits.scatter_(-1, sorted_idx, sorted_logits)
-
-
-def _exponential_race(probs: Tensor, generators: dict[int, torch.Generator]) -> Tensor:
-    """argmax(probs / E), E ~ Exp(1): a categorical sample per row. probs [N, V] is overwritten."""
-    q = torch.empty_like(probs)
-    if len(generators) < probs.shape[0]:
-        q.exponential_()
-    for row, gen in generators.items():  # seeded rows: their own stream, one [V] draw each
-        q[row].exponential_(generator=gen)
-    # E == 0 would turn a zero probability into 0/0 = nan, which argmax would pick
-    q.clamp_min_(torch.finfo(q.dtype).tiny)
-    return probs.div_(q).argmax(dim=-1)
 
 
 def _logprobs_lists(raw: Tensor, chosen: Tensor, k_max: int) -> tuple[list, list, list]:
@@ -273,6 +266,23 @@ def compute_prompt_logprobs(logits: Tensor, target_token_ids: Tensor, num_logpro
 
 
 class Sampler:
+    # the truncation step (a class attribute: benchmarks/sampler_bench.py swaps in the full sort)
+    top_k_top_p = staticmethod(apply_top_k_top_p)
+    # sample on the candidates when every row is decided by them (no per-row generators)
+    compact = True
+
+    def _truncate_and_draw(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
+        """top-k / top-p, then one categorical draw per row [N]. On the candidates alone when
+        they decide every row that is not greedy (one host sync); over the full row otherwise."""
+        truncates = meta.top_k is not None or meta.top_p is not None
+        if self.compact and truncates and not meta.generators:
+            cands = select_candidates(logits, meta.top_k, meta.max_top_k, meta.top_p)
+            decided = cands.decided if meta.greedy_mask is None else cands.decided | meta.greedy_mask
+            if bool(decided.all()):
+                return candidate_race(cands, meta.seeded)
+        logits = self.top_k_top_p(logits, meta.top_k, meta.max_top_k, meta.top_p)
+        return exponential_race(logits.softmax(dim=-1), meta.generators, meta.seeded)
+
     def __call__(self, logits: Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits [N, vocab] float32, modified in place. Returns one token (and logprobs) per row."""
         if logits.dtype != torch.float32:
@@ -285,7 +295,7 @@ class Sampler:
             logits.index_put_((rows, cols), vals, accumulate=True)
         if meta.min_tokens_mask is not None:
             logits.index_put_(meta.min_tokens_mask, torch.tensor(float("-inf"), device=logits.device))
-        if meta.output_tokens is not None:
+        if meta.repetition_penalties is not None:
             apply_penalties(logits, meta)
 
         greedy = None if meta.all_random else logits.argmax(dim=-1)
@@ -297,8 +307,7 @@ class Sampler:
             logits.div_(meta.temperature[:, None])
             if meta.min_p is not None:
                 apply_min_p(logits, meta.min_p)
-            logits = apply_top_k_top_p(logits, meta.top_k, meta.max_top_k, meta.top_p)
-            sampled = _exponential_race(logits.softmax(dim=-1), meta.generators)
+            sampled = self._truncate_and_draw(logits, meta)
             if greedy is not None:
                 assert meta.greedy_mask is not None
                 sampled = torch.where(meta.greedy_mask, greedy, sampled)

@@ -3,7 +3,7 @@
 For the S requests that sample in a step (HostInputs.sample_req_ids, in plan order):
 
     logits [S, vocab] float32  = compute_logits(hidden[sample_rows])   (or the decode graph's)
-      -> seeded rows: generator reseeded from (seed, number of tokens generated so far)
+      -> seeded rows: noise drawn from (seed, number of tokens generated so far), one batched pass
       -> structured rows: the engine core's bitmask (plan.grammar) applied, -inf where disallowed
       -> Sampler (penalties, temperature, top-k/p, min-p, logprobs) -> one token per row
 
@@ -17,11 +17,19 @@ from typing import Any
 
 import torch
 
-from pagedserve.core.outputs import GrammarOutput, ModelRunnerOutput, SchedulerOutput
+from pagedserve.core.outputs import GrammarOutput, LogprobsLists, ModelRunnerOutput, SchedulerOutput
+from pagedserve.sampling_params import SamplingType
 from pagedserve.structured_output import apply_token_bitmask
 from pagedserve.worker.cuda_graphs import DecodeResult
 from pagedserve.worker.input_batch import HostInputs, RequestState
 from pagedserve.worker.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
+from pagedserve.worker.sampling_state import (
+    PenaltyState,
+    SeededDraws,
+    TokenCounts,
+    choose_seeded_kernel,
+    profile_params,
+)
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant, spreads (seed, step) pairs
 
@@ -30,12 +38,35 @@ class StepSampler:
     """Samples the rows of one launched step. `states` is the runner's own dict (shared)."""
 
     def __init__(self, model: Any, states: dict[str, RequestState], vocab_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, max_num_seqs: int = 256) -> None:
         self.model = model  # a CausalLM: compute_logits(hidden [N, hidden]) -> [N, vocab]
         self.states = states
         self.vocab_size = vocab_size
         self.device = device
         self.sampler = Sampler()
+        self.penalties = PenaltyState(max_num_seqs, vocab_size, device)  # device token counts
+        self.seeded_draw = choose_seeded_kernel(device)
+
+    def _seeded(self, rows: list[int], seeds: list[int]) -> SeededDraws:
+        index = torch.tensor([rows, seeds], dtype=torch.int64).to(self.device, non_blocking=True)
+        return SeededDraws(index[0], index[1], len(rows), self.seeded_draw)
+
+    def profile(self, logits: torch.Tensor, max_logprobs: int) -> None:
+        """The memory profile's sampler pass: logits [N, vocab] float32 (N = max_num_seqs) through
+        the most expensive path, every row with every option, penalties read from the resident
+        count tables. Zero logits are flat, so top-p cannot stop early: every row takes the
+        full-sort fallback (the path's worst case)."""
+        n = logits.shape[0]
+        params = [profile_params(min(max_logprobs, self.vocab_size), self.vocab_size)] * n
+        self.penalties.reserve()
+        assert self.penalties.counts is not None
+        counts = TokenCounts(self.penalties.counts, self.penalties.prompt_seen,  # type: ignore[arg-type]
+                             torch.zeros(n, dtype=torch.int64, device=self.device), self.penalties.apply)
+        meta = SamplingMetadata.build(
+            params, [[0]] * n, [[0]] * n, [None] * n, [None] * n, self.vocab_size, self.device,
+            token_counts=counts, seeded=self._seeded(list(range(n)), list(range(n))),
+        )  # fmt: skip
+        self.sampler(logits, meta)
 
     def sample(self, host: HostInputs, hidden: torch.Tensor, decoded: DecodeResult | None,
                grammar: GrammarOutput | None, output: ModelRunnerOutput) -> None:
@@ -59,28 +90,36 @@ class StepSampler:
         else:
             rows = torch.tensor(host.sample_rows, dtype=torch.long, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
-        generators = []
-        for state in states:
-            if state.generator is not None:
-                # Counter-based seeding: draw k of a seeded request depends only on (seed, k), so
-                # outputs survive preemption and do not depend on the rest of the batch.
-                seed = state.sampling_params.seed
-                assert seed is not None
-                step_seed = (seed * _SEED_MIX + len(state.output_token_ids)) % (1 << 63)
-                state.generator.manual_seed(step_seed)
-            generators.append(state.generator)
+        # Counter-based seeding: draw k of a seeded request depends only on (seed, k), so outputs
+        # survive preemption and do not depend on the rest of the batch; all seeded rows of the
+        # step are drawn in one pass (SeededDraws), not one generator call each.
+        seeded_rows: list[int] = []
+        step_seeds: list[int] = []
+        for row, state in enumerate(states):
+            seed = state.sampling_params.seed
+            if seed is not None and state.sampling_params.sampling_type == SamplingType.RANDOM_SEED:
+                seeded_rows.append(row)
+                step_seeds.append((seed * _SEED_MIX + len(state.output_token_ids)) % (1 << 63))
+        seeded = self._seeded(seeded_rows, step_seeds) if seeded_rows else None
         if grammar is not None:
             apply_grammar(logits, host.sample_req_ids, grammar)
+        counts = None
+        if any(s.sampling_params.has_penalties for s in states):
+            counts = self.penalties.lookup(states, self.states)  # None: tables full, use the lists
         meta = SamplingMetadata.build(
             params=[s.sampling_params for s in states],
             prompt_token_ids=[s.prompt_token_ids for s in states],
             output_token_ids=[s.output_token_ids for s in states],
-            generators=generators,
+            generators=[None] * len(states),
             eos_token_ids=[s.eos_token_id for s in states],
             vocab_size=self.vocab_size,
             device=self.device,
+            token_counts=counts,
+            seeded=seeded,
         )
         result = self.sampler(logits, meta)
+        if any(s.sampling_params.has_penalties for s in states):  # also after a list fallback
+            self.penalties.record(states, result.sampled_token_ids)
         for state, token, logprobs in zip(states, result.sampled_token_ids, result.logprobs):
             state.output_token_ids.append(token)
             output.sampled_token_ids[state.req_id] = token
@@ -90,7 +129,9 @@ class StepSampler:
     def prompt_logprobs(self, plan: SchedulerOutput, host: HostInputs, hidden: torch.Tensor,
                         output: ModelRunnerOutput) -> None:
         """Rows for prompt positions p in this chunk with p + 1 < prompt length: the logits at p
-        score prompt token p + 1."""
+        score prompt token p + 1. The LM head runs on at most max_num_seqs rows at a time, the
+        logits size the memory profile measured (a chunk may hold max_num_batched_tokens rows)."""
+        step = self.penalties.max_rows
         for index, (req_id, num) in enumerate(plan.num_scheduled_tokens.items()):
             state = self.states[req_id]
             num_logprobs = state.sampling_params.prompt_logprobs
@@ -101,11 +142,15 @@ class StepSampler:
             if end <= start:
                 continue
             first = host.query_start_loc[index]
-            logits = self.model.compute_logits(hidden[first : first + end - start])
-            targets = torch.tensor(
-                state.prompt_token_ids[start + 1 : end + 1], dtype=torch.long, device=self.device
-            )
-            output.prompt_logprobs[req_id] = compute_prompt_logprobs(logits, targets, num_logprobs)
+            result = LogprobsLists([], [], [])
+            for lo in range(start, end, step):
+                hi = min(lo + step, end)
+                logits = self.model.compute_logits(hidden[first + lo - start : first + hi - start])
+                targets = torch.tensor(
+                    state.prompt_token_ids[lo + 1 : hi + 1], dtype=torch.long, device=self.device
+                )
+                result.extend(compute_prompt_logprobs(logits, targets, num_logprobs))
+            output.prompt_logprobs[req_id] = result
 
 
 def apply_grammar(logits: torch.Tensor, sample_req_ids: list[str], grammar: GrammarOutput) -> None:
