@@ -93,6 +93,10 @@ class DecodeGraphs:
         self._loaded = torch.cuda.Event()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # [max_batch, vocab] float32, allocated at capture: every graph's LM head writes its rows
+        # here (rows 0..size), so the pool keeps one logits buffer instead of one per size
+        # (the sum over sizes grows with max_num_seqs squared: ~34 GB at 1024 seqs, vocab 128256).
+        self.logits_out: torch.Tensor | None = None
         self.capture_seconds = 0.0
 
     def _metadata(self, size: int) -> AttentionMetadata:
@@ -108,13 +112,16 @@ class DecodeGraphs:
     def _step(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         meta = self._metadata(size)
         hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
-        logits = self.model.compute_logits(hidden)
+        out = self.logits_out[:size] if self.logits_out is not None else None
+        logits = self.model.compute_logits(hidden, out=out)
         return hidden, logits, self.argmax(logits)
 
     @torch.inference_mode()
     def capture(self) -> None:
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
+        vocab = self._step(1)[1].shape[-1]  # eager, outside any graph: the logits' width
+        self.logits_out = torch.empty(self.max_batch, vocab, dtype=torch.float32, device=self.i64.device)
         for size in reversed(self.sizes):  # largest first: later graphs reuse its memory
             for _ in range(2):  # warm up: Triton compiles outside the capture
                 self._step(size)

@@ -208,9 +208,11 @@ def graph_pool_margin(model: Any, max_num_seqs: int, device: torch.device, memor
     """Bytes the decode CUDA graphs (cuda_graphs.py) will hold, measured on an eager decode step
     of max_num_seqs rows. All sizes share one pool and are captured largest first: the pool keeps
     the largest step's working memory (measured: its peak above the baseline) and, since every
-    graph's outputs (hidden, float32 logits, argmax) stay alive, the outputs of every other size.
+    graph's outputs stay alive, the hidden states and argmax of every other size; the float32
+    logits of all sizes share one buffer of max_num_seqs rows (DecodeGraphs.logits_out), which
+    the largest step's peak already holds.
 
-        margin = peak(step at max) + sum over smaller sizes s of s * (bytes of one output row)
+        margin = peak(step at max) + sum over smaller sizes s of s * (bytes of one hidden + argmax row)
     """
     mem = memory if memory is not None else CudaMemory(device)
     n = max_num_seqs
@@ -233,7 +235,7 @@ def graph_pool_margin(model: Any, max_num_seqs: int, device: torch.device, memor
     logits = model.compute_logits(hidden)
     greedy = logits.argmax(dim=-1)
     step = mem.peak() - base
-    row_bytes = sum(t.element_size() * (t.numel() // n) for t in (hidden, logits, greedy))
+    row_bytes = sum(t.element_size() * (t.numel() // n) for t in (hidden, greedy))
     return step + sum(s * row_bytes for s in capture_sizes(n)[:-1])
 
 

@@ -106,13 +106,16 @@ class ParallelLMHead(VocabParallelEmbedding):
             self._all_gather = comm.all_gather
             self.forward = self._forward_gather  # type: ignore[method-assign]
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        # matmul in the model dtype, logits returned in float32 for the sampler
+    def forward(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
+        # matmul in the model dtype, logits returned in float32 for the sampler; `out` [N, vocab]
+        # float32 receives them instead of a new tensor (the CUDA graphs' one shared buffer)
         if self._gemv is not None and hidden.dim() == 2 and 0 < hidden.shape[0] <= self._gemv_max_tokens:
-            return cast(Tensor, self._gemv(hidden, self.weight)).float()
-        return F.linear(hidden, self.weight).float()
+            logits = cast(Tensor, self._gemv(hidden, self.weight))
+        else:
+            logits = F.linear(hidden, self.weight)
+        return out.copy_(logits) if out is not None else logits.float()
 
-    def _forward_gather(self, hidden: Tensor) -> Tensor:
+    def _forward_gather(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
         if self._gemv is not None and hidden.dim() == 2 and 0 < hidden.shape[0] <= self._gemv_max_tokens:
             local = cast(Tensor, self._gemv(hidden, self.weight))
         else:
@@ -120,7 +123,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         logits = cast(Tensor, self._all_gather(local, -1))  # [N, padded vocab]
         if self.padded_num_embeddings != self.num_embeddings:
             logits = logits[..., :self.num_embeddings]
-        return logits.float().contiguous()
+        return out.copy_(logits) if out is not None else logits.float().contiguous()
 
     def extra_repr(self) -> str:
         return f"vocab={self.num_embeddings}, tied={self.tied}"

@@ -108,9 +108,9 @@ class DecoderForCausalLM(nn.Module):
         """input_ids, positions [T] int64 -> hidden states [T, hidden]."""
         return cast(Tensor, self.model(input_ids, positions, kv_caches, attn_metadata))
 
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] float32."""
-        return cast(Tensor, self.lm_head(hidden))
+    def compute_logits(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] float32 (written into `out` when given)."""
+        return cast(Tensor, self.lm_head(hidden, out=out))
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
