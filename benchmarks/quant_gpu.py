@@ -5,8 +5,8 @@
     python -m benchmarks.quant_gpu --tiny --json OUT.json      # a CPU check that it all runs
 
 Part "8b" (--model; built by benchmarks.build_model). Per format, one at a time: pack the bf16
-checkpoint (quant_pack's round-to-nearest; SqueezeLLM's tables by k-means; the math on the GPU), start an engine (its KV cache sized
-from gpu_memory_utilization; freed before the next), then measure
+checkpoint (quant_pack's round-to-nearest, SqueezeLLM's tables by k-means; the math on the GPU),
+start an engine (its KV cache sized from gpu_memory_utilization; freed before the next), measure
   - weight memory: storage bytes of every tensor the model holds (parameters, buffers and the
     kernels' prepared weights), total and the linear projections alone;
   - batch-1 decode tokens/s at context 128 (benchmarks.latency.decode_rate) beside the format's
@@ -191,7 +191,8 @@ def dequantized_checkpoint(gguf: str, out_dir: Path, layers: int | None) -> str:
              if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
-    config.update(architectures=[type(model).__name__], dtype="float32", torch_dtype="float32")
+    config.pop("torch_dtype", None)
+    config.update(architectures=[type(model).__name__], dtype="float32")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     load_gguf_tokenizer(gguf).save_pretrained(str(out_dir))
     del model
