@@ -6,7 +6,13 @@
 #   benchmarks/gpu_suite.sh peers    # transformers static batches and continuous batching
 #   benchmarks/gpu_suite.sh serving  # the OpenAI server under Poisson arrivals
 #   benchmarks/gpu_suite.sh slo      # SLO-aware server vs no objectives at 1.5x sustainable and light load
+#   benchmarks/gpu_suite.sh moe      # Mixtral-8x7B-shaped (random weights drawn on the GPU): decode, mix
 #   benchmarks/gpu_suite.sh sampler  # one step's sampling, realistic (old vs new) vs plain, [256, 128256]
+#   benchmarks/gpu_suite.sh quant    # quantized formats: 8B speed per format, SmolLM2 perplexity
+#                                    # (benchmarks/quant_gpu.py). Split over calls, one JSON:
+#       QUANT_PARTS=8b QUANT_FORMATS=bf16,gptq4,awq4,fp8 benchmarks/gpu_suite.sh quant
+#       QUANT_PARTS=8b QUANT_FORMATS=fp8-load,squeezellm,gptq8 benchmarks/gpu_suite.sh quant
+#       QUANT_PARTS=real benchmarks/gpu_suite.sh quant      # GGUF=path of the SmolLM2 Q4_1 file
 # Results (JSON + logs) go to $OUT (or benchmarks/results/raw); the 8B model is built once into
 # $MODEL_DIR (default /tmp/llama3-8b-random).
 set -uo pipefail
@@ -22,7 +28,7 @@ python3 -m benchmarks.build_model "$model" 2>&1 | tail -2
 
 case "$part" in
   checks)
-    python3 -m pytest -q -m gpu tests/kernels tests/models tests/engine 2>&1 | tee "$out/gpu-tests.log" | tail -15
+    python3 -m pytest -q -m gpu tests/kernels tests/models tests/engine tests/quant 2>&1 | tee "$out/gpu-tests.log" | tail -15
     python3 -m benchmarks.gpu_checks --model8b "$model" --json "$out/gpu_checks.json" 2>&1 | grep -v Loading | tail -30
     ;;
   speed)
@@ -44,9 +50,17 @@ case "$part" in
         --num-requests 600 --probe-requests 150 --start-rate 8 \
         --server-args "--max-model-len 4096 --log-level WARNING" 2>&1 | grep -v Loading | tail -20
     ;;
+  moe)
+    python3 -m benchmarks.moe_gpu --json "$out/mixtral.json" 2>&1 | grep -vE "Loading|it/s]" | tail -20
+    ;;
   sampler)
     python3 -m benchmarks.sampler_bench --json "$out/sampler_bench.json" 2>&1 | tail -8
     ;;
+  quant)
+    python3 -m benchmarks.quant_gpu --model "$model" --gguf "${GGUF:-/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf}" \
+        --parts "${QUANT_PARTS:-8b,real}" --formats "${QUANT_FORMATS:-bf16,gptq4,awq4,fp8,fp8-load,squeezellm,gptq8}" \
+        --json "$out/quant.json" 2>&1 | grep -vE "Loading|Converting|it/s]" | tail -60
+    ;;
   *)
-    echo "unknown part $part (checks | speed | peers | serving | slo | sampler)"; exit 2;;
+    echo "unknown part $part (checks | speed | peers | serving | slo | moe | sampler | quant)"; exit 2;;
 esac

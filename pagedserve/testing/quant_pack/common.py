@@ -57,30 +57,45 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quantizer: TensorQuant
                         modules: Iterable[str] = LINEAR_SUFFIXES,
                         config_location: Literal["config.json", "quantize_config.json",
                                                  "quant_config.json"] = "config.json",
+                        device: str | torch.device | None = None,
+                        keep_dequantized: bool = True,
                         ) -> dict[str, Tensor]:
     """Write `dst` = `src` with every `<prefix>.<module>.weight` (module in `modules`) replaced by
     the quantizer's tensors `<prefix>.<module>.<suffix>`; the biases stay as they are. The
     quantization config goes into config.json's `quantization_config` or into its own file beside
-    it. Returns {weight name: dequantized float32 [out, in]}. One safetensors file is written."""
+    it. Returns {weight name: dequantized float32 [out, in]}. One safetensors file is written.
+
+    device: where the quantizer's math runs ("cuda" for an 8B model: its 7B projection weights
+    take minutes of CPU time). The weight is moved there and the quantizer runs under
+    `torch.device(device)`, so the tensors it creates without a device land there too; what it
+    returns is brought back to the CPU. keep_dequantized=False returns {} (the float32 copies of
+    an 8B model's projections would take 28 GB)."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     wanted = tuple(modules)
     out: dict[str, Tensor] = {}
     dequantized: dict[str, Tensor] = {}
+    count = 0
     for file in _weight_files(src):
         for name, tensor in load_file(str(file)).items():
             module, _, leaf = name.rpartition(".")
             if leaf == "weight" and tensor.dim() == 2 and module.rpartition(".")[2] in wanted:
-                q = quantizer(module, tensor.float())
+                if device is None:
+                    q = quantizer(module, tensor.float())
+                else:
+                    with torch.device(device):
+                        q = quantizer(module, tensor.to(device).float())
                 if q.dequantized.shape != tensor.shape:
                     raise ValueError(f"{name}: dequantized shape {tuple(q.dequantized.shape)} != "
                                      f"{tuple(tensor.shape)}")
                 for suffix, stored in q.tensors.items():
-                    out[f"{module}.{suffix}"] = stored.contiguous()
-                dequantized[name] = q.dequantized
+                    out[f"{module}.{suffix}"] = stored.cpu().contiguous()
+                if keep_dequantized:
+                    dequantized[name] = q.dequantized.cpu()
+                count += 1
             else:
                 out[name] = tensor.contiguous()
-    if not dequantized:
+    if not count:
         raise ValueError(f"no projection weights ({', '.join(wanted)}) found in {src}")
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     _copy_side_files(src, dst)
