@@ -6,6 +6,9 @@
 #   benchmarks/gpu_suite.sh peers    # transformers static batches and continuous batching
 #   benchmarks/gpu_suite.sh serving  # the OpenAI server under Poisson arrivals
 #   benchmarks/gpu_suite.sh slo      # SLO-aware server vs no objectives at 1.5x sustainable and light load
+#   benchmarks/gpu_suite.sh tp       # (2 GPUs) tp GPU tests, NCCL all-reduce, tp=2 vs tp=1 agreement
+#   benchmarks/gpu_suite.sh tp-speed # (2 GPUs) batch-1 decode beside its floor, throughput, start-up at tp 1, 2
+#   benchmarks/gpu_suite.sh tp70b    # (4 GPUs) Llama-3-70B-shaped dummy weights at tp=4
 # Results (JSON + logs) go to $OUT (or benchmarks/results/raw); the 8B model is built once into
 # $MODEL_DIR (default /tmp/llama3-8b-random).
 set -uo pipefail
@@ -43,6 +46,19 @@ case "$part" in
         --num-requests 600 --probe-requests 150 --start-rate 8 \
         --server-args "--max-model-len 4096 --log-level WARNING" 2>&1 | grep -v Loading | tail -20
     ;;
+  tp)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    python3 -m pytest -q -m gpu tests/executor/test_tp_gpu.py 2>&1 | tee "$out/tp-gpu-tests.log" | tail -8
+    python3 -m benchmarks.tp_gpu --model "$model" --tp 1 2 --parts nccl agree --json "$out/tp_agree.json" 2>&1 | grep -v Loading | tail -20
+    ;;
+  tp-speed)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    python3 -m benchmarks.tp_gpu --model "$model" --tp 1 2 --parts decode throughput --json "$out/tp_speed.json" 2>&1 | grep -v Loading | tail -30
+    ;;
+  tp70b)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    python3 -m benchmarks.tp_gpu --model "$model" --tp --parts decode throughput --model70b-dummy --json "$out/tp70b.json" 2>&1 | grep -v Loading | tail -30
+    ;;
   *)
-    echo "unknown part $part (checks | speed | peers | serving | slo)"; exit 2;;
+    echo "unknown part $part (checks | speed | peers | serving | slo | tp | tp-speed | tp70b)"; exit 2;;
 esac

@@ -4,6 +4,7 @@ with --model70b-dummy a Llama-3-70B-shaped random model at tp=4.
 
     python -m benchmarks.tp_gpu --model /tmp/llama3-8b-random --tp 1 2 --json OUT.json \
         [--parts nccl agree decode throughput] [--model70b-dummy]
+    python -m benchmarks.tp_gpu --tp --parts decode throughput --model70b-dummy   # the 70B part alone
     python -m benchmarks.tp_gpu --tiny --json OUT.json     # CPU, gloo, a tiny model: minutes
 
 Parts (each engine started alone and freed, worker processes checked gone, before the next):
@@ -176,10 +177,9 @@ def speed(model_dir: str, tp: int, device: str, dtype: str, args: argparse.Names
         runner = core.runner
         result["weight_bytes_counted"] = sum(p.numel() * p.element_size() for n, p in runner.model.named_parameters()
                                              if "embed_tokens" not in n or spec.tie_word_embeddings)
-    ar_s = _latency_s(ar, tp, spec.hidden_size)
-    collectives_s = (2 * spec.num_layers + 1) * ar_s
     rows = []
     if "decode" in args.parts:
+        collectives_s = (2 * spec.num_layers + 1) * _latency_s(ar, tp, spec.hidden_size)
         decode_rate(engine, 64, 16, core.vocab_size)  # warm-up: kernel compilation
         for context in args.contexts:
             rate = decode_rate(engine, context, args.num_tokens, core.vocab_size)
@@ -224,7 +224,8 @@ def _print_speed(title: str, results: list[dict[str, Any]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="/tmp/llama3-8b-random")
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--tp", type=int, nargs="*", default=[1, 2],
+                        help="tp sizes of the 8B parts; none (a bare --tp): only the 70B part")
     parser.add_argument("--parts", nargs="+", default=["nccl", "agree", "decode", "throughput"],
                         choices=["nccl", "agree", "decode", "throughput"])
     parser.add_argument("--model70b-dummy", action="store_true", help="also the 70B shape at tp=4 (4 GPUs)")
@@ -258,14 +259,14 @@ def main() -> None:
             ar += measure_all_reduce(4, LLAMA3_70B["hidden_size"], [1, args.budget], repeats=200)
         print_table("all-reduce (median; slowest rank)", ar)
         result["all_reduce"] = ar
-    if "agree" in args.parts:
+    if "agree" in args.parts and args.tp:
         rows = agreement(args.model, args.tp, device, "bfloat16", 4 if args.tiny else 8,
                          64 if args.tiny else 512, hf_config.vocab_size)
         print_table(f"teacher-forced top-1 vs tp=1 (bf16; confident: HF fp32 margin >= {MARGIN})", rows)
         result["agreement"] = rows
     bandwidth = measure_copy_bandwidth(64 << 20, repeats=10, device="cpu") if args.tiny else measure_copy_bandwidth()
     result["bandwidth_bytes_per_s"] = bandwidth
-    if {"decode", "throughput"} & set(args.parts):
+    if {"decode", "throughput"} & set(args.parts) and args.tp:
         dtype = "float32" if args.tiny else "bfloat16"
         result["speed"] = [speed(args.model, tp, device, dtype, args, bandwidth, ar) for tp in args.tp]
         print(f"\ncopy bandwidth {bandwidth / 1e12:.3f} TB/s")
