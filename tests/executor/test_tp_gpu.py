@@ -11,6 +11,7 @@ one-rank group here sets it itself)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from typing import Any
@@ -30,7 +31,8 @@ def _tokens(finished: dict[str, Any]) -> list[list[int]]:
     return [list(finished[str(i)].outputs[0].token_ids) for i in range(len(finished))]
 
 
-def _run(path: str, prompts: list[list[int]], **overrides: Any) -> tuple[list[list[int]], Any]:
+def _run(path: str, prompts: list[list[int]], **overrides: Any) -> tuple[list[list[int]], int | None]:
+    """Greedy tokens of an engine on the GPU, and its worker processes' count (None: in-process)."""
     engine = make_engine(path, device="cuda", kv_cache_memory_bytes=None, gpu_memory_utilization=0.3,
                          **overrides)  # fmt: skip
     try:
@@ -43,9 +45,15 @@ def _run(path: str, prompts: list[list[int]], **overrides: Any) -> tuple[list[li
         tokens = _tokens(run_staggered(engine, prompts, greedy(), per_step=2))
     finally:
         engine.shutdown()
-    if isinstance(executor, MultiprocExecutor):
-        assert all(p.poll() is not None for p in executor._procs)  # the workers have exited
-    return tokens, executor
+    workers = executor.world_size if isinstance(executor, MultiprocExecutor) else None
+    procs = executor._procs if isinstance(executor, MultiprocExecutor) else []
+    del engine, executor  # the in-process runner and its GPU memory go before the next engine starts
+    gc.collect()
+    torch.cuda.empty_cache()
+    if workers is None:
+        return tokens, None
+    assert all(p.poll() is not None for p in procs)  # the workers have exited
+    return tokens, workers
 
 
 @NEEDS_2
@@ -53,8 +61,8 @@ def _run(path: str, prompts: list[list[int]], **overrides: Any) -> tuple[list[li
 def test_tp2_cuda_graphs_greedy_equals_tp1_and_hf(arch: str, tiny_checkpoints: Any, greedy_reference: Any) -> None:
     prompts, expected = greedy_reference(arch)
     tp1, _ = _run(tiny_checkpoints[arch], prompts)
-    tp2, executor = _run(tiny_checkpoints[arch], prompts, tensor_parallel_size=2)
-    assert isinstance(executor, MultiprocExecutor) and executor.world_size == 2
+    tp2, workers = _run(tiny_checkpoints[arch], prompts, tensor_parallel_size=2)
+    assert workers == 2
     assert tp1 == expected
     assert tp2 == expected
 
@@ -62,8 +70,8 @@ def test_tp2_cuda_graphs_greedy_equals_tp1_and_hf(arch: str, tiny_checkpoints: A
 @NEEDS_1
 def test_mp_executor_tp1_on_one_gpu(tiny_checkpoints: Any, greedy_reference: Any) -> None:
     prompts, expected = greedy_reference("llama")
-    tokens, executor = _run(tiny_checkpoints["llama"], prompts, distributed_executor_backend="mp")
-    assert isinstance(executor, MultiprocExecutor) and executor.world_size == 1
+    tokens, workers = _run(tiny_checkpoints["llama"], prompts, distributed_executor_backend="mp")
+    assert workers == 1
     assert tokens == expected
 
 
