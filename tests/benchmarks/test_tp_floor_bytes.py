@@ -28,10 +28,10 @@ def test_per_gpu_bytes_match_a_ranks_shard(tp: int, odd_checkpoint: str) -> None
     rank = tp - 1  # the last rank: the vocabulary's padding rows are on it
     parallel = ParallelGroup(rank, tp, ThreadGroup(tp).comm(rank)) if tp > 1 else ParallelGroup()
     model = load_model(odd_checkpoint, torch.float32, "cpu", show_progress=False, parallel=parallel).model
-    spec = model.spec
+    spec: Any = model.spec
     held = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                if "embed_tokens" not in n or spec.tie_word_embeddings)
     weights, kv_per_token = per_gpu_bytes(spec, tp, 4)
     assert weights == held
-    qkv = next(m for m in model.modules() if isinstance(m, QKVParallelLinear))  # this rank's KV heads
+    qkv: Any = next(m for m in model.modules() if isinstance(m, QKVParallelLinear))  # this rank's KV heads
     assert kv_per_token == 2 * spec.num_layers * qkv.num_kv_heads * spec.head_dim * 4
