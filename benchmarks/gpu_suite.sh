@@ -13,6 +13,9 @@
 #       QUANT_PARTS=8b QUANT_FORMATS=bf16,gptq4,awq4,fp8 benchmarks/gpu_suite.sh quant
 #       QUANT_PARTS=8b QUANT_FORMATS=fp8-load,squeezellm,gptq8 benchmarks/gpu_suite.sh quant
 #       QUANT_PARTS=real benchmarks/gpu_suite.sh quant      # GGUF=path of the SmolLM2 Q4_1 file
+#   benchmarks/gpu_suite.sh tp       # (2 GPUs) tp GPU tests, NCCL all-reduce, tp=2 vs tp=1 agreement
+#   benchmarks/gpu_suite.sh tp-speed # (2 GPUs) batch-1 decode beside its floor, throughput, start-up at tp 1, 2
+#   benchmarks/gpu_suite.sh tp70b    # (4 GPUs) Llama-3-70B-shaped dummy weights at tp=4
 # Results (JSON + logs) go to $OUT (or benchmarks/results/raw); the 8B model is built once into
 # $MODEL_DIR (default /tmp/llama3-8b-random).
 set -uo pipefail
@@ -61,6 +64,19 @@ case "$part" in
         --parts "${QUANT_PARTS:-8b,real}" --formats "${QUANT_FORMATS:-bf16,gptq4,awq4,fp8,fp8-load,squeezellm,gptq8}" \
         --json "$out/quant.json" 2>&1 | grep -vE "Loading|Converting|it/s]" | tail -60
     ;;
+  tp)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    python3 -m pytest -q -m gpu tests/executor/test_tp_gpu.py 2>&1 | tee "$out/tp-gpu-tests.log" | tail -8
+    python3 -m benchmarks.tp_gpu --model "$model" --tp 1 2 --parts nccl agree --json "$out/tp_agree.json" 2>&1 | grep -v Loading | tail -20
+    ;;
+  tp-speed)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    python3 -m benchmarks.tp_gpu --model "$model" --tp 1 2 --parts decode throughput --json "$out/tp_speed.json" 2>&1 | grep -v Loading | tail -30
+    ;;
+  tp70b)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    python3 -m benchmarks.tp_gpu --model "$model" --tp --parts decode throughput --model70b-dummy --json "$out/tp70b.json" 2>&1 | grep -v Loading | tail -30
+    ;;
   *)
-    echo "unknown part $part (checks | speed | peers | serving | slo | moe | sampler | quant)"; exit 2;;
+    echo "unknown part $part (checks | speed | peers | serving | slo | moe | sampler | quant | tp | tp-speed | tp70b)"; exit 2;;
 esac
