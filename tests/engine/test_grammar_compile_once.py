@@ -47,7 +47,7 @@ def test_offline_engine_compiles_each_spec_once(tiny_checkpoints: Any, monkeypat
     spec = StructuredOutputsParams(json=SCHEMA)
     for i in range(2):  # the same spec twice, the second with n = 3 children
         engine.add_request(str(i), "the model runs", SamplingParams(
-            temperature=1.0, seed=i, max_tokens=40, n=1 + 2 * i, structured_outputs=spec))
+            temperature=1.0, seed=i, max_tokens=160, n=1 + 2 * i, structured_outputs=spec))  # room for whitespace
     finished = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
