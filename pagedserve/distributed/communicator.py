@@ -74,9 +74,9 @@ def init_tensor_parallel(rank: int, world_size: int, store_path: str, device: to
                          timeout_s: float = 600.0) -> ParallelGroup:
     """Join the group of `world_size` ranks that rendezvous in `store_path` (a file all ranks can
     reach; it must not exist before the first rank arrives). `timeout_s` bounds the rendezvous and
-    every collective (a peer that stops answering fails the call instead of hanging it for ever)."""
-    if world_size == 1:  # one rank: no group, no collectives (the layers' plain path)
-        return ParallelGroup()
+    every collective (a peer that stops answering fails the call instead of hanging it for ever).
+    One rank (the "mp" executor at tensor_parallel_size 1, as vLLM's) is a real group of one: the
+    layers take their collective path, so NCCL is exercised on a single GPU."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     store = dist.FileStore(store_path, world_size)
     kwargs = {"device_id": device} if device.type == "cuda" else {}

@@ -38,8 +38,10 @@ class Communicator(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ParallelGroup:
-    """This process's place in the tensor-parallel group. `comm` is None exactly when
-    world_size == 1 (no collectives: a layer's parallel path is never taken)."""
+    """This process's place in the tensor-parallel group. `comm` None: no collectives (a layer's
+    parallel path is never taken), only for world_size 1. A one-rank group may still have a
+    communicator: the "mp" executor at tensor_parallel_size 1 runs its one rank in a real
+    torch.distributed group (NCCL on a GPU), so the collective path runs on a single device."""
 
     rank: int = 0
     world_size: int = 1
@@ -48,8 +50,8 @@ class ParallelGroup:
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside a group of {self.world_size}")
-        if (self.comm is None) != (self.world_size == 1):
-            raise ValueError("a ParallelGroup has a communicator exactly when world_size > 1")
+        if self.comm is None and self.world_size > 1:
+            raise ValueError("a ParallelGroup of more than one rank needs a communicator")
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,7 +57,7 @@ class VocabParallelEmbedding(nn.Module):
                                        requires_grad=False)
             # the vocab dim is the split one; the loader copies this rank's rows
             set_weight_attrs(self.weight, {"output_dim": 0, "weight_loader": self.weight_loader})
-        if group.comm is not None:  # world_size > 1; with one rank forward() is F.embedding alone
+        if group.comm is not None:  # a group (world_size >= 1); without one forward() is F.embedding alone
             self._all_reduce = group.comm.all_reduce
             self.forward = self._forward_parallel  # type: ignore[method-assign]
 

@@ -312,7 +312,7 @@ class RowParallelLinear(LinearBase):
                  ctx: BuildContext) -> None:
         super().__init__(input_size, [output_size], bias, ctx=ctx, split_input=True)
         comm = ctx.parallel.comm
-        if comm is not None:  # world_size > 1; with one rank forward() stays LinearBase's
+        if comm is not None:  # a group (world_size >= 1); without one forward() stays LinearBase's
             self._all_reduce = comm.all_reduce
             self.forward = self._forward_all_reduce  # type: ignore[method-assign]
 
