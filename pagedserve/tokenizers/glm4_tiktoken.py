@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from pagedserve.tokenizers.qwen_tiktoken import load_tiktoken_ranks
+from pagedserve.tokenizers.qwen_tiktoken import TiktokenVocab, load_tiktoken_ranks
 
 __all__ = ["GLM4_CHAT_TEMPLATE", "GLM4_PAT_STR", "GLM4_SPECIAL_TOKENS", "Glm4TiktokenTokenizer",
            "is_tiktoken_bpe_file"]
@@ -76,7 +76,7 @@ def is_tiktoken_bpe_file(path: str | Path) -> bool:
     return True
 
 
-class Glm4TiktokenTokenizer:
+class Glm4TiktokenTokenizer(TiktokenVocab):
     """tiktoken Encoding over GLM-4's ranks and special tokens, with the part of the transformers
     tokenizer interface the engine and server use (as QwenTiktokenTokenizer offers)."""
 
@@ -130,21 +130,6 @@ class Glm4TiktokenTokenizer:
         return tok
 
     # ------------------------------------------------------------------ vocabulary
-
-    @property
-    def vocab_size(self) -> int:
-        return self._encoding.n_vocab
-
-    def __len__(self) -> int:
-        return self._encoding.n_vocab
-
-    @property
-    def all_special_tokens(self) -> list[str]:
-        return list(self._special)
-
-    @property
-    def all_special_ids(self) -> list[int]:
-        return list(self._special.values())
 
     def get_vocab(self) -> dict[bytes | str, int]:
         """Token -> id as the published get_vocab gives it: an ordinary token as its bytes (one

@@ -68,7 +68,30 @@ def load_tiktoken_ranks(file: str | Path) -> dict[bytes, int]:
     return ranks
 
 
-class QwenTiktokenTokenizer:
+class TiktokenVocab:
+    """The vocabulary queries of a tokenizer over a tiktoken Encoding (`_encoding`) with its special
+    tokens (`_special`: text -> id); shared by the Qwen v1 and GLM-4 tokenizers."""
+
+    _encoding: Any
+    _special: dict[str, int]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._encoding.n_vocab
+
+    def __len__(self) -> int:
+        return self._encoding.n_vocab
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return list(self._special)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return list(self._special.values())
+
+
+class QwenTiktokenTokenizer(TiktokenVocab):
     """tiktoken Encoding over Qwen's ranks and special tokens, with a transformers-like surface."""
 
     is_fast = False
@@ -105,21 +128,6 @@ class QwenTiktokenTokenizer:
         return cls(load_tiktoken_ranks(folder / TIKTOKEN_FILE), template, str(folder))
 
     # ------------------------------------------------------------------ vocabulary
-
-    @property
-    def vocab_size(self) -> int:
-        return self._encoding.n_vocab
-
-    def __len__(self) -> int:
-        return self._encoding.n_vocab
-
-    @property
-    def all_special_tokens(self) -> list[str]:
-        return list(self._special)
-
-    @property
-    def all_special_ids(self) -> list[int]:
-        return list(self._special.values())
 
     def get_vocab(self) -> dict[str, int]:
         vocab = {tok.decode("utf-8", errors="replace"): i for i, tok in self._id_to_bytes.items()}

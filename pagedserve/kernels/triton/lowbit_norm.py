@@ -1,4 +1,5 @@
-"""The RMSNorm prologue shared by the low-bit fused GEMVs (lut_gemv.py, gguf_matmul.py).
+"""What the low-bit fused GEMVs (lut_gemv.py, gguf_matmul.py) share: their launch limits, the
+check of their operands, and the RMSNorm prologue.
 
 A kernel that folds `rms_norm(x [+ residual]) * norm_weight` in front of its matmul calls
 `norm_rstd` once (pass 1 over x: per-row sum of squares; program 0 also writes the residual sum
@@ -13,6 +14,31 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+MAX_M = 64  # tokens up to which the fused kernels run; beyond, dequantize + cuBLAS
+# Tokens up to which the linear methods ask for the RMSNorm prologue / SiLU-and-mul epilogue.
+# Not tuned yet (benchmarks/lut_gguf_bench.py times the plain kernels): every program redoes the
+# norm of all M_PAD rows, so the gain is at decode batch sizes.
+FUSED_MAX_TOKENS = 4
+BLOCK_N, BLOCK_K = 32, 128
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def block_m(m: int) -> int:
+    """Rows of x per program: 16 (tl.dot's least) to 32; more rows take more programs."""
+    return max(16, min(32, triton.next_power_of_2(m)))
+
+
+def check_operands(x: torch.Tensor, k: int, bias: torch.Tensor | None, n: int, gated: bool) -> None:
+    """x [M, K] (1 <= M <= MAX_M, contiguous K, a model dtype); bias [N]; gated: N even."""
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_M or x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError(f"x must be [M, {k}] with 1 <= M <= {MAX_M} and contiguous K, got {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x dtype must be one of {DTYPES}, got {x.dtype}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous [{n}] tensor, got {tuple(bias.shape)}")
+    if gated and n % 2:
+        raise ValueError(f"gated weight must have 2*I outputs, got {n}")
 
 
 @triton.jit

@@ -28,22 +28,20 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from pagedserve.kernels.triton.lowbit_norm import norm_block, norm_rstd, prepare_norm, x_tile
+from pagedserve.kernels.triton.lowbit_norm import (
+    BLOCK_K,
+    BLOCK_N,
+    FUSED_MAX_TOKENS,
+    MAX_M,
+    block_m,
+    check_operands,
+    norm_block,
+    norm_rstd,
+    prepare_norm,
+    x_tile,
+)
 
 __all__ = ["FUSED_MAX_TOKENS", "MAX_M", "lut_dequantize", "lut_gemv", "lut_matmul"]
-
-MAX_M = 64  # tokens up to which the fused kernel runs; beyond, dequantize + cuBLAS
-
-
-def _block_m(m: int) -> int:
-    """Rows of x per program: 16 (tl.dot's least) to 32; more rows take more programs."""
-    return max(16, min(32, triton.next_power_of_2(m)))
-
-# Tokens up to which the linear method asks for the RMSNorm prologue / SiLU-and-mul epilogue
-# (not tuned yet: every program redoes the norm of all M_PAD rows).
-FUSED_MAX_TOKENS = 4
-_BLOCK_N, _BLOCK_K = 32, 128
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
@@ -137,22 +135,15 @@ def lut_dequantize(qweight: torch.Tensor, lookup_table: torch.Tensor, dtype: tor
 def lut_gemv(x: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tensor,
              bias: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None,
              residual: torch.Tensor | None = None, eps: float = 1e-6, gated: bool = False,
-             block_n: int = _BLOCK_N, block_k: int = _BLOCK_K) -> Any:
+             block_n: int = BLOCK_N, block_k: int = BLOCK_K) -> Any:
     """The fused kernel: x [M, K] (1 <= M <= MAX_M, contiguous K) -> y [M, N] in x's dtype, with
     reference_lut.lut_matmul's extras: norm_weight (then (y, x [+ residual]) is returned) and
     gated (columns [gate | up], y [M, N / 2])."""
     k, cols = _check(qweight, lookup_table)
-    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_M or x.shape[1] != k or x.stride(1) != 1:
-        raise ValueError(f"x must be [M, {k}] with 1 <= M <= {MAX_M} and contiguous K, got {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"x dtype must be one of {_DTYPES}, got {x.dtype}")
-    if bias is not None and (bias.shape != (cols,) or not bias.is_contiguous()):
-        raise ValueError(f"bias must be a contiguous [{cols}] tensor, got {tuple(bias.shape)}")
-    if gated and cols % 2:
-        raise ValueError(f"gated weight must have 2*I columns, got {cols}")
+    check_operands(x, k, bias, cols, gated)
     res_out = prepare_norm(x, norm_weight, residual, eps)
     m, n = x.shape[0], cols // 2 if gated else cols
-    m_pad = _block_m(m)
+    m_pad = block_m(m)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     res = residual if residual is not None else x
     res_o = res_out if res_out is not None else out
