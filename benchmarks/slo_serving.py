@@ -178,20 +178,39 @@ def main() -> None:
         work = work.clipped(64, 32, 256)
     rows: list[dict] = []
     probes: list[dict] = []
+    rate = args.sustainable_rate
+
+    def save(partial: bool, plot_name: str | None = None) -> Path:
+        """Write slo_serving.json (also after each run, so a run cut short keeps what it measured)."""
+        result = {"environment": environment(), "command": "python -m benchmarks.slo_serving " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False, "")),
+            "sustainable_rate_rps": rate, "runs": rows, "probes": probes, "args": vars(args),
+            "partial": partial, "plot": plot_name}  # fmt: skip
+        path = out / "slo_serving.json"
+        path.write_text(json.dumps(result, indent=2, default=str))
+        return path
+
+    def record(load: str, server: str, row: dict) -> None:
+        rows.append({"load": load, "server": server, **row})
+        print(f"{load} {server}: {row['rate_rps']:.2f} req/s, goodput {row['goodput_rps']:.2f}, "
+              f"P99 TPOT {row['tpot_p99_ms']:.1f} ms, P99 TTFT {row['ttft_p99_ms']:.0f} ms, "
+              f"shed {row['shed_429']}", flush=True)
+        save(partial=True)
+
     with running_server(args.model, server_args, str(out / "server-no-objectives.log")) as (base, _):
         _run(base, work, args.start_rate, args, seed=99, n=min(16, len(work.prompts)))  # warm-up
-        rate = args.sustainable_rate
         if rate is None:
-            rate, probes = find_sustainable_rate(base, work, args)
+            rate, found = find_sustainable_rate(base, work, args)
+            probes.extend(found)
         print(f"sustainable rate without objectives: {rate:.3f} req/s", flush=True)
         loads = {"light": args.light * rate, "overload": args.overload * rate}
         sizes = {"light": args.light_requests or max(8, args.num_requests // 2), "overload": args.num_requests}
         for load, r in loads.items():
-            rows.append({"load": load, "server": "no objectives", **_run(base, work, r, args, 1, sizes[load])})
+            record(load, "no objectives", _run(base, work, r, args, 1, sizes[load]))
     with running_server(args.model, slo_args, str(out / "server-slo-aware.log")) as (base, _):
         _run(base, work, args.start_rate, args, seed=99, n=min(16, len(work.prompts)))  # warm-up
         for load, r in loads.items():
-            rows.append({"load": load, "server": "SLO-aware", **_run(base, work, r, args, 1, sizes[load])})
+            record(load, "SLO-aware", _run(base, work, r, args, 1, sizes[load]))
     for row in rows:
         row["shed_share"] = row["shed_429"] / row["requests"]
     columns = ["load", "server", "rate_rps", "goodput_rps", "slo_attainment", "tpot_p50_ms", "tpot_p99_ms",
@@ -199,11 +218,7 @@ def main() -> None:
     print_table(f"SLO-aware serving (TPOT target {args.slo_tpot_ms:g} ms, TTFT {args.slo_ttft_ms:g} ms; "
                 f"sustainable {rate:.3g} req/s)", [{c: r[c] for c in columns} for r in rows])  # fmt: skip
     path = plot(rows, args, out)
-    result = {"environment": environment(), "command": "python -m benchmarks.slo_serving " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False, "")),
-        "sustainable_rate_rps": rate, "runs": rows, "probes": probes, "args": vars(args),
-        "plot": os.path.basename(path)}  # fmt: skip
-    (out / "slo_serving.json").write_text(json.dumps(result, indent=2, default=str))
+    save(partial=False, plot_name=os.path.basename(path))
     print(f"wrote {out / 'slo_serving.json'} and {path}")
 
 

@@ -160,3 +160,53 @@ def test_model_with_triton_moe_matches_torch_set(arch, tmp_path) -> None:
     for want, got in zip(*logits, strict=True):
         for req in want:
             torch.testing.assert_close(got[req], want[req], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64])
+def test_triton_matches_twin_at_every_row_block(block_m) -> None:
+    """Each row block (the sort's padding unit) and narrow / wide tiles give the twin's result."""
+    pytest.importorskip("triton")
+    from pagedserve.kernels.triton.fused_moe import fused_moe
+    from pagedserve.kernels.triton.moe_config import GemmTiles, MoeConfig
+
+    args = _case(45, 40, 72, 6, 2, dead=(3,), seed=block_m)
+    for up, down in [(GemmTiles(16, 16), GemmTiles(32, 64)), (GemmTiles(64, 32), GemmTiles(16, 16))]:
+        got = fused_moe(*args, config=MoeConfig(block_m, up, down))
+        torch.testing.assert_close(got, twin(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_heuristic_tiles_follow_rows_per_expert_and_fit_the_matrix() -> None:
+    from pagedserve.kernels.triton.moe_config import heuristic_config
+
+    decode = heuristic_config(1, 8, 2, 4096, 14336)
+    prefill = heuristic_config(4096, 8, 2, 4096, 14336)
+    assert decode.block_m == 16 and prefill.block_m == 64
+    assert decode.down.block_n <= decode.gate_up.block_n  # more programs for the down GEMM at decode
+    tiny = heuristic_config(4096, 4, 2, 24, 16)
+    assert tiny.gate_up.block_n == 16 and tiny.gate_up.block_k == 32  # capped at the dims (>= 16)
+    assert tiny.down.block_n == 32 and tiny.down.block_k == 16
+
+
+def test_tuned_table_nearest_token_count(tmp_path, monkeypatch) -> None:
+    """A table written as benchmarks/tune_moe.py writes it, found in $PAGEDSERVE_MOE_CONFIG_DIR,
+    gives the entry of the nearest measured token count."""
+    import json
+
+    import pagedserve.kernels.triton.moe_config as mc
+
+    def entry(bm: int) -> dict:
+        return mc.MoeConfig(bm, mc.GemmTiles(64, 128, 4, 4), mc.GemmTiles(32, 64, 8, 3)).to_json()
+
+    name = mc.config_file_name(8, 4096, 14336, 2, torch.bfloat16, "NVIDIA H200")
+    assert name == "E=8,H=4096,I=14336,K=2,dtype=bfloat16,device=NVIDIA_H200.json"
+    (tmp_path / name).write_text(json.dumps({"1": entry(16), "64": entry(32), "1024": entry(64)}))
+    monkeypatch.setenv("PAGEDSERVE_MOE_CONFIG_DIR", str(tmp_path))
+    mc._tuned_table.cache_clear()
+    try:
+        picks = {t: mc.tuned_config(name, t) for t in (1, 20, 40, 500, 600, 99999)}
+        assert {t: c.block_m for t, c in picks.items() if c} == {1: 16, 20: 16, 40: 32, 500: 32, 600: 64, 99999: 64}
+        assert picks[1] == mc.MoeConfig.from_json(entry(16))
+        assert picks[1].down == mc.GemmTiles(32, 64, 8, 3)
+        assert mc.tuned_config("E=1,missing.json", 4) is None
+    finally:
+        mc._tuned_table.cache_clear()

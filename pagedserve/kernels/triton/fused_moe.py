@@ -15,7 +15,8 @@
    y[sorted_id] ([T*K, H]); out = y.view(T, K, H).sum(1) (the K slots of a token).
 
 Accumulation in float32 (float32 inputs: IEEE products, not TF32); each GEMM's result rounded
-once to the activation dtype.
+once to the activation dtype. Tile sizes per token count: kernels/triton/moe_config.py (tuned
+tables measured by benchmarks/tune_moe.py, else a heuristic).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.kernels.triton.moe_config import MoeConfig, select_config
+
 __all__ = ["fused_moe", "sort_by_expert"]
 
-BLOCK_M = 16
+BLOCK_M = 16  # sort_by_expert's default row block
 
 
 def sort_by_expert(topk_ids: torch.Tensor, num_experts: int,
@@ -107,13 +110,9 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, we
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _block(n: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(n)))  # tl.dot needs >= 16
-
-
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
-    """See module docstring."""
+              topk_ids: torch.Tensor, config: MoeConfig | None = None) -> torch.Tensor:
+    """See module docstring. config: the tiles (default: moe_config.select_config)."""
     num_tokens, hidden = x.shape
     num_experts, two_inter, _ = w13.shape
     inter = two_inter // 2
@@ -122,24 +121,29 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         raise ValueError(f"w2 must be [E, H, I] = {(num_experts, hidden, inter)}, got {tuple(w2.shape)}")
     if num_tokens == 0:
         return torch.zeros_like(x)
+    if config is None:
+        config = select_config(num_tokens, num_experts, top_k, hidden, inter, x.dtype, x.device)
     x = x.contiguous()
     w13 = w13.contiguous()
     w2 = w2.contiguous()
     weights = topk_weights.to(torch.float32).contiguous().flatten()
-    sorted_ids, block_expert = sort_by_expert(topk_ids, num_experts)
+    block_m = config.block_m
+    sorted_ids, block_expert = sort_by_expert(topk_ids, num_experts, block_m)
     n = num_tokens * top_k
     ieee = x.dtype == torch.float32
     num_blocks = block_expert.numel()
     inter_out = torch.empty((n, inter), dtype=x.dtype, device=x.device)
     y = torch.empty((n, hidden), dtype=x.dtype, device=x.device)
-    bn1, bk1 = _block(inter, 64), _block(hidden, 64)
-    _moe_gemm_kernel[(num_blocks, triton.cdiv(inter, bn1))](
+    up = config.gate_up
+    _moe_gemm_kernel[(num_blocks, triton.cdiv(inter, up.block_n))](
         x, w13, inter_out, sorted_ids, block_expert, weights, n, inter, hidden, top_k,
         x.stride(0), w13.stride(0), w13.stride(1), inter_out.stride(0),
-        GATED=True, MUL_WEIGHT=False, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=4)
-    bn2, bk2 = _block(hidden, 64), _block(inter, 64)
-    _moe_gemm_kernel[(num_blocks, triton.cdiv(hidden, bn2))](
+        GATED=True, MUL_WEIGHT=False, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=up.block_n, BLOCK_K=up.block_k,
+        num_warps=up.num_warps, num_stages=up.num_stages)  # fmt: skip
+    down = config.down
+    _moe_gemm_kernel[(num_blocks, triton.cdiv(hidden, down.block_n))](
         inter_out, w2, y, sorted_ids, block_expert, weights, n, hidden, inter, 1,
         inter_out.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        GATED=False, MUL_WEIGHT=True, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=bn2, BLOCK_K=bk2, num_warps=4)
+        GATED=False, MUL_WEIGHT=True, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=down.block_n,
+        BLOCK_K=down.block_k, num_warps=down.num_warps, num_stages=down.num_stages)  # fmt: skip
     return y.view(num_tokens, top_k, hidden).sum(dim=1)
