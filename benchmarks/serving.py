@@ -150,11 +150,16 @@ def main() -> None:
     parser.add_argument("--server-args", default="", help="extra flags for the server")
     parser.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="TTFT objective of the goodput columns")
     parser.add_argument("--slo-tpot-ms", type=float, default=50.0, help="TPOT objective of the goodput columns")
+    parser.add_argument("--warmup-requests", type=int, default=0,
+                        help="sent first at 32 req/s and not reported (JIT, allocator and graph warm-up)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     with running_server(args.model, args.server_args.split()) as (base, ready):
         work = sharegpt_like(args.vocab_size, args.num_requests)
+        if args.warmup_requests:
+            n = args.warmup_requests
+            asyncio.run(run_rate(base, "bench", work.prompts[:n], work.output_lens[:n], 32.0, seed=1000))
         rows = []
         for i, rate in enumerate(args.rates):
             rows.append(asyncio.run(run_rate(base, "bench", work.prompts, work.output_lens, rate, seed=i,
