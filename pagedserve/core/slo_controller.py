@@ -9,9 +9,12 @@ step (its wall duration and composition) and asks it for the caps before plannin
 
 core/slo_scheduler.py composes the samples from the scheduler's plans and times them.
 
-1. Running-batch cap (feedback). A decode request gets one token per step, so its TPOT is the
-   step duration. Over a moving window of the last `window` steps that carried decodes:
-       p = percentile(durations, q)
+1. Running-batch cap (feedback). A decode request gets one token per step, so its TPOT (time
+   per output token: the mean interval between its tokens) is the mean duration of the steps it
+   lived through. The signal is the mean duration of the last `span` decode steps (the TPOT of a
+   request that decoded through them: one long prefill step among short ones costs each request
+   its share, not the whole step); over a moving window of the last `window` such means:
+       p = percentile(means, q)
        p > target                        -> shrink: cap -= max(1, cap * shrink_frac)
        p < target * (1 - margin), cap hit -> grow:   cap *= clamp(goal / p, 1 + grow_frac, 2)
                                                      (at least +1; fast far below the goal, +25%
@@ -57,7 +60,8 @@ class StepSample:
 class ControllerParams:
     margin: float = 0.15  # grow only while p < target * (1 - margin)
     percentile: float = 0.9  # the moving high percentile compared with the target
-    window: int = 32  # step samples in the moving window
+    span: int = 16  # decode steps averaged into one TPOT sample (1: every step on its own)
+    window: int = 32  # TPOT samples in the moving window
     interval: int = 8  # fresh samples needed before the next decision
     grow_frac: float = 0.25  # relative growth per decision near the goal (at least +1)
     max_grow: float = 2.0  # at most this factor per decision, far below the goal
@@ -167,7 +171,8 @@ class SloController:
         self.max_num_seqs = max(p.min_seqs, min(max_num_seqs, p.initial_seqs))
         self.token_cap = max_num_batched_tokens
         self.model = StepTimeModel(p.forgetting)
-        self.window: deque[float] = deque(maxlen=p.window)
+        self.window: deque[float] = deque(maxlen=p.window)  # TPOT samples (means over `span` steps)
+        self._recent: deque[float] = deque(maxlen=p.span)  # the last decode steps' durations
         self.last_budget = max_num_batched_tokens
         self.num_changes = 0  # cap changes so far (grow or shrink)
         self._fresh = 0  # samples since the last decision
@@ -229,7 +234,8 @@ class SloController:
         if sample.num_decode == 0:
             return  # no request's TPOT was at stake
         self._mean_context += 0.1 * (sample.context_tokens / sample.num_seqs - self._mean_context)
-        self.window.append(sample.duration_s)
+        self._recent.append(sample.duration_s)
+        self.window.append(sum(self._recent) / len(self._recent))
         self._fresh += 1
         if self._fresh >= p.interval or self._fresh >= p.interval // 2 and self._far_below():
             self._decide()
@@ -275,6 +281,7 @@ class SloController:
         if (self.max_num_seqs, self.token_cap) != (old_seqs, old_tokens):
             self.num_changes += 1
             self.window.clear()  # judge the new caps by samples measured under them
+            self._recent.clear()
         self._fresh = 0
         self._cap_hit = self._budget_hit = False
         self._seqs_seen = 0

@@ -210,3 +210,31 @@ def test_tuned_table_nearest_token_count(tmp_path, monkeypatch) -> None:
         assert mc.tuned_config("E=1,missing.json", 4) is None
     finally:
         mc._tuned_table.cache_clear()
+
+
+def _shipped_tables() -> list:
+    from pagedserve.kernels.triton.moe_config import TUNED_DIR
+
+    return sorted(TUNED_DIR.glob("*.json"))
+
+
+@pytest.mark.parametrize("path", _shipped_tables(), ids=lambda p: p.name)
+def test_shipped_tuned_tables_parse_and_every_entry_computes_the_twin(path) -> None:
+    """Each table benchmarks/tune_moe.py measured and we ship: token-count keys, tiles that
+    tl.dot accepts (powers of two >= 16), and each distinct entry gives the twin's result."""
+    pytest.importorskip("triton")
+    import json
+
+    from pagedserve.kernels.triton.fused_moe import fused_moe
+    from pagedserve.kernels.triton.moe_config import MoeConfig
+
+    raw = json.loads(path.read_text())
+    assert raw and all(int(k) > 0 for k in raw)
+    configs = {MoeConfig.from_json(v) for v in raw.values()}
+    args = _case(9, 32, 48, 4, 2, dead=(1,), seed=3)
+    for cfg in configs:
+        for tiles in (cfg.gate_up, cfg.down):
+            for dim in (cfg.block_m, tiles.block_n, tiles.block_k):
+                assert dim >= 16 and dim & (dim - 1) == 0
+            assert tiles.num_warps in (1, 2, 4, 8, 16) and 1 <= tiles.num_stages <= 8
+        torch.testing.assert_close(fused_moe(*args, config=cfg), twin(*args), rtol=1e-5, atol=1e-5)

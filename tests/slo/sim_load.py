@@ -78,12 +78,13 @@ class SimResult:
 
 
 def make_sim_scheduler(slo: SloConfig | None, clock: Clock, max_num_seqs: int = 256,
-                       max_num_batched_tokens: int = 2048) -> Scheduler:  # fmt: skip
+                       max_num_batched_tokens: int = 2048, max_model_len: int = 1024,
+                       num_gpu_blocks: int = 4096) -> Scheduler:  # fmt: skip
     cache = CacheConfig(block_size=16, gpu_memory_utilization=0.9, swap_space_bytes=0,
                         enable_prefix_caching=False, kv_cache_memory_bytes=None,
-                        num_gpu_blocks_override=None, num_gpu_blocks=4096, num_cpu_blocks=0)  # fmt: skip
+                        num_gpu_blocks_override=None, num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=0)  # fmt: skip
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                             max_model_len=1024, enable_chunked_prefill=True, preemption_mode="recompute",
+                             max_model_len=max_model_len, enable_chunked_prefill=True, preemption_mode="recompute",
                              policy="fcfs", slo=slo)  # fmt: skip
     scheduler = Scheduler(config, cache)
     if scheduler.slo is not None:
