@@ -198,7 +198,7 @@ def main() -> None:
         save(partial=True)
 
     with running_server(args.model, server_args, str(out / "server-no-objectives.log")) as (base, _):
-        _run(base, work, args.start_rate, args, seed=99, n=min(16, len(work.prompts)))  # warm-up
+        _run(base, work, args.start_rate, args, seed=99, n=min(64, len(work.prompts)))  # warm-up: compiles kernels
         if rate is None:
             rate, found = find_sustainable_rate(base, work, args)
             probes.extend(found)
@@ -208,7 +208,7 @@ def main() -> None:
         for load, r in loads.items():
             record(load, "no objectives", _run(base, work, r, args, 1, sizes[load]))
     with running_server(args.model, slo_args, str(out / "server-slo-aware.log")) as (base, _):
-        _run(base, work, args.start_rate, args, seed=99, n=min(16, len(work.prompts)))  # warm-up
+        _run(base, work, args.start_rate, args, seed=99, n=min(64, len(work.prompts)))  # warm-up: compiles kernels
         for load, r in loads.items():
             record(load, "SLO-aware", _run(base, work, r, args, 1, sizes[load]))
     for row in rows:
