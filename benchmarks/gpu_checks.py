@@ -71,9 +71,10 @@ def _our_top1(model_dir: str, dtype: str, seqs: list[list[int]]) -> list[list[in
 
     llm = LLM(model_dir, dtype=dtype, max_model_len=4096, gpu_memory_utilization=0.6)
     outs = llm.generate([{"prompt_token_ids": s} for s in seqs],
-                        SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
-    top1 = [[next(t for t, lp in out.prompt_logprobs[pos].items() if lp.rank == 1)
-             for pos in range(1, len(s))] for out, s in zip(outs, seqs)]
+                        SamplingParams(max_tokens=1, prompt_logprobs=5), use_tqdm=False)
+    # the lowest id among the tokens of the largest logprob: argmax's rule, as _hf_top1 takes it
+    top1 = [[min(t for t, lp in entry.items() if lp.logprob == max(x.logprob for x in entry.values()))
+             for entry in out.prompt_logprobs[1:len(s)]] for out, s in zip(outs, seqs)]
     del llm
     gc.collect()
     torch.cuda.empty_cache()

@@ -81,23 +81,29 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def hf_top(model: Any, ids: list[int]) -> tuple[list[int], list[float]]:
-    """transformers' top-1 token at every position but the last, and its lead over the runner-up."""
+def hf_top(model: Any, ids: list[int]) -> tuple[list[int], list[float], list[bool]]:
+    """transformers' top-1 token at every position but the last (argmax: the lowest id among tied
+    maxima, the rule of its greedy decoding; `topk`'s order among ties is not that rule: on
+    2026-12-01 it gave the highest id), its lead over the runner-up, and whether the top two tie
+    exactly (bf16 logits tie at about 5% of positions of real text)."""
     with torch.no_grad():
         logits = model(torch.tensor([ids], device=model.device)).logits[0, :-1].float()
     top2 = logits.topk(2, dim=-1)
-    return top2.indices[:, 0].tolist(), (top2.values[:, 0] - top2.values[:, 1]).tolist()
+    lead = top2.values[:, 0] - top2.values[:, 1]
+    return logits.argmax(dim=-1).tolist(), lead.tolist(), (lead == 0).tolist()
 
 
 def our_top(llm: Any, ids: list[int]) -> list[int]:
-    """pagedserve's top-1 at every position but the last: the rank-1 entry of its prompt logprobs."""
+    """pagedserve's top-1 at every position but the last, by the same rule: the lowest id among
+    the tokens of the largest prompt logprob (5 are asked for, so tied maxima are all there)."""
     from pagedserve import SamplingParams
 
-    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=1),
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=5),
                        use_tqdm=False)[0]
     tops = []
     for entry in out.prompt_logprobs[1:]:
-        tops.append(min(entry.items(), key=lambda kv: kv[1].rank)[0])  # ties in bf16: rank 1 may be absent
+        best = max(lp.logprob for lp in entry.values())
+        tops.append(min(token for token, lp in entry.items() if lp.logprob == best))
     return tops
 
 
@@ -201,12 +207,13 @@ def main() -> None:
     sequences = [tok(t, add_special_tokens=False).input_ids for t in [TECHNICAL_TEXT, *paragraphs]]
     if args.max_positions:
         sequences = [s[: args.max_positions + 1] for s in sequences[:2]]
-    top32, lead32 = zip(*(hf_top(hf32, s) for s in sequences))
-    top16 = [hf_top(hf16, s)[0] for s in sequences]
+    top32, lead32, _ = zip(*(hf_top(hf32, s) for s in sequences))
+    top16, _, ties16 = zip(*(hf_top(hf16, s) for s in sequences))
     ours16 = [our_top(llm16, s) for s in sequences]
     del hf32, hf16, llm16
     free()
-    flat = {k: sum(v, []) for k, v in {"hf32": list(top32), "lead": list(lead32), "hf16": top16, "ours": ours16}.items()}
+    flat: dict[str, list] = {k: sum(v, []) for k, v in {"hf32": list(top32), "lead": list(lead32), "hf16": list(top16),
+                                        "ties16": list(ties16), "ours": ours16}.items()}  # fmt: skip
     confident = [lead >= 0.5 for lead in flat["lead"]]
     tf = {
         "positions": len(flat["hf32"]), "confident_positions": sum(confident),
@@ -216,6 +223,7 @@ def main() -> None:
         "pagedserve_bf16_vs_hf_fp32_confident": agreement(flat["ours"], flat["hf32"], confident),
         "hf_bf16_vs_hf_fp32_confident": agreement(flat["hf16"], flat["hf32"], confident),
         "positions_lead_under_0.1": sum(lead < 0.1 for lead in flat["lead"]) / len(flat["lead"]),
+        "hf_bf16_exact_top2_ties": sum(flat["ties16"]) / len(flat["ties16"]),
     }
     print_table("teacher-forced top-1 agreement (bf16)", [tf])
     result["teacher_forced"] = tf
