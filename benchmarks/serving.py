@@ -110,11 +110,20 @@ async def run_rate(base: str, model: str, prompts, out_lens, rate: float, seed: 
     }
 
 
+def _tree_env(tree: str | None) -> dict[str, str] | None:
+    if tree is None:
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(tree), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
 @contextlib.contextmanager
 def running_server(model: str, server_args: list[str], log_path: str | None = None,
-                   served_name: str = "bench") -> Iterator[tuple[str, float]]:  # fmt: skip
+                   served_name: str = "bench", tree: str | None = None) -> Iterator[tuple[str, float]]:  # fmt: skip
     """(base URL, seconds to ready) of a server started for the benchmark; stopped on exit.
-    Its log goes to log_path (default: $SERVER_LOG, else /tmp/pagedserve-server.log)."""
+    Its log goes to log_path (default: $SERVER_LOG, else /tmp/pagedserve-server.log). tree: run
+    the pagedserve of that source tree (its directory first on PYTHONPATH, and the cwd)."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = log_path or os.environ.get("SERVER_LOG") or "/tmp/pagedserve-server.log"
@@ -123,7 +132,7 @@ def running_server(model: str, server_args: list[str], log_path: str | None = No
         server = subprocess.Popen(
             [sys.executable, "-m", "pagedserve.entrypoints.openai.api_server", "--model", model,
              "--port", str(port), "--host", "127.0.0.1", "--served-model-name", served_name, *server_args],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, cwd=tree, env=_tree_env(tree),
         )
     try:
         while True:

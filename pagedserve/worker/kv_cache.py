@@ -162,16 +162,28 @@ class CudaMemory:
         return int(free), int(total)
 
 
+def used_device_memory(device: torch.device) -> int:
+    """Bytes of the device in use now, by every process (total - free)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return int(total - free)
+
+
 def profile_gpu_kv_budget(
     run_peak_forward: Callable[[], None], gpu_memory_utilization: float, device: torch.device,
-    run_graph_step: Callable[[], int] | None = None, memory: Any = None,
+    run_graph_step: Callable[[], int] | None = None, memory: Any = None, baseline_used: int = 0,
 ) -> int:  # fmt: skip
     """Bytes left for the KV cache after the largest step, under the utilisation cap.
 
     budget = total * utilization - (peak torch allocation during the pass
-                                    + memory held outside torch's allocator: CUDA context,
-                                      cuBLAS workspaces, other processes
+                                    + memory this engine holds outside torch's allocator:
+                                      cuBLAS workspaces, NCCL, Triton
                                     + the CUDA-graph pool, captured after the KV cache)
+
+    utilization is this engine's share of the device, as in vLLM: two engines at 0.45 each
+    share one GPU. baseline_used: bytes in use on the device before this engine loaded anything
+    (used_device_memory at start: other processes, and this process's CUDA context), which are
+    not this engine's. The KV cache must also fit in what is free now: when other processes hold
+    more than the rest of the device, that is a start-up error naming them.
 
     run_graph_step (CUDA graphs on): runs the decode step at max_num_seqs eagerly and returns the
     pool's estimate (graph_pool_margin) from its measured peak.
@@ -184,7 +196,7 @@ def profile_gpu_kv_budget(
     if run_graph_step is not None:
         graph_pool = run_graph_step()
     free, total = mem.free_total()
-    non_torch = (total - free) - mem.reserved()
+    non_torch = (total - free) - baseline_used - mem.reserved()
     budget = int(total * gpu_memory_utilization) - peak_torch - max(non_torch, 0) - graph_pool
     logger.info(
         "memory profile: total %.2f GiB, peak torch %.2f GiB, non-torch %.2f GiB, CUDA-graph pool "
@@ -199,6 +211,17 @@ def profile_gpu_kv_budget(
             f"graphs {graph_pool / 2**30:.2f} GiB, leaving {budget / 2**30:.2f} GiB for the KV cache "
             f"under gpu_memory_utilization {gpu_memory_utilization}: raise gpu_memory_utilization, "
             f"lower max_num_seqs / max_num_batched_tokens / max_model_len, or use enforce_eager"
+        )
+    # what is still to be allocated (the KV cache, then the graph pool) must be free now, beside
+    # what torch keeps cached for this engine (reused first)
+    room = free + (mem.reserved() - mem.allocated())
+    if budget + graph_pool > room:
+        others = max(baseline_used, 0)
+        raise RuntimeError(
+            f"gpu_memory_utilization {gpu_memory_utilization} gives this engine a KV cache of "
+            f"{budget / 2**30:.2f} GiB, but only {room / 2**30:.2f} GiB of the GPU is free "
+            f"({others / 2**30:.2f} GiB were in use before this engine started, by other processes "
+            f"or this one's CUDA context): lower gpu_memory_utilization, or free the GPU"
         )
     return budget
 
@@ -244,10 +267,11 @@ Sample = Callable[[torch.Tensor], None]  # logits [max_num_seqs, vocab] float32 
 
 def determine_num_blocks(
     config: EngineConfig, spec: KVCacheSpec, model: Any, device: torch.device, vocab_size: int,
-    sample: Sample | None = None,
+    sample: Sample | None = None, baseline_used: int = 0,
 ) -> tuple[int, int, str]:  # fmt: skip
     """(device blocks, CPU swap blocks, how the device pool was sized: for the start-up log).
-    `sample` runs the sampler's most expensive path in the profile (StepSampler.profile).
+    `sample` runs the sampler's most expensive path in the profile (StepSampler.profile);
+    baseline_used: device bytes in use before the engine loaded (profile_gpu_kv_budget).
     EngineCore checks that max_model_len fits."""
     cache = config.cache_config
     sched = config.scheduler_config
@@ -271,7 +295,7 @@ def determine_num_blocks(
             lambda: graph_pool_margin(model, sched.max_num_seqs, device))
         budget = profile_gpu_kv_budget(
             lambda: profile_forward(model, sched, vocab_size, device, sample),
-            cache.gpu_memory_utilization, device, run_graph_step=graphs,
+            cache.gpu_memory_utilization, device, run_graph_step=graphs, baseline_used=baseline_used,
         )  # fmt: skip
         num_gpu = num_blocks_from_budget(budget, spec)
         sizing = f"profiled under gpu_memory_utilization {cache.gpu_memory_utilization}"

@@ -35,6 +35,7 @@ from pagedserve.worker.kv_cache import (
     determine_num_blocks,
     log_kv_pools,
     move_blocks,
+    used_device_memory,
 )
 from pagedserve.worker.step_sampling import StepSampler
 
@@ -54,6 +55,9 @@ class ModelRunner:
         self.model_spec = model_config.model_spec  # built once, in EngineArgs.create_engine_config
         self.dtype = resolve_dtype(model_config.dtype, self.model_spec)
         torch.manual_seed(model_config.seed)
+        # what the device holds before this engine loads anything (other processes, the CUDA
+        # context) is not this engine's: gpu_memory_utilization is its own share (kv_cache.py)
+        self._baseline_used = used_device_memory(self.device) if self.device.type == "cuda" else 0
         started = time.perf_counter()
         # The engine's one HF config object and spec: the loader reads no config of its own.
         loaded = load_model(
@@ -97,7 +101,7 @@ class ModelRunner:
         max_logprobs = self.config.model_config.max_logprobs
         num_gpu, num_cpu, self._kv_sizing = determine_num_blocks(
             self.config, self.spec, self.model, self.device, self.vocab_size,
-            sample=lambda logits: self.sampling.profile(logits, max_logprobs),
+            sample=lambda logits: self.sampling.profile(logits, max_logprobs), baseline_used=self._baseline_used,
         )  # fmt: skip
         return num_gpu, num_cpu
 

@@ -270,3 +270,24 @@ def test_prompt_logprobs_in_slices_of_max_num_seqs_rows(tiny_checkpoints: Any) -
         assert a is not None and b is not None and a.keys() == b.keys()
         for token in a:
             assert abs(a[token].logprob - b[token].logprob) < 1e-5 and a[token].rank == b[token].rank
+
+
+def test_memory_in_use_before_the_engine_is_not_its_own() -> None:
+    """Another engine on the same GPU (250 of 1000 in use before this one loaded): this engine's
+    share is still 0.45 of the device, its non-torch memory only what it added (50)."""
+    mem = _FakeMemory([300], total=1000, free=1000 - 250 - 300 - 50, reserved=300)
+    budget = profile_gpu_kv_budget(lambda: None, 0.45, CPU, run_graph_step=lambda: 20, memory=mem,
+                                   baseline_used=250)
+    assert budget == 450 - 300 - 50 - 20
+    # counted as its own, the other engine's 250 would leave nothing: the old formula's error
+    with pytest.raises(RuntimeError, match="does not fit"):
+        profile_gpu_kv_budget(lambda: None, 0.45, CPU, run_graph_step=lambda: 20,
+                              memory=_FakeMemory([300], total=1000, free=400, reserved=300))
+
+
+def test_other_processes_holding_the_rest_of_the_gpu_is_a_startup_error() -> None:
+    """0.9 of the device for this engine, but another process holds 600 of 1000: the KV cache it
+    is entitled to is not free, so start-up says so instead of failing in the allocation."""
+    mem = _FakeMemory([200], total=1000, free=1000 - 600 - 200, reserved=200)
+    with pytest.raises(RuntimeError, match="only 0.00 GiB of the GPU is free.*lower gpu_memory_utilization"):
+        profile_gpu_kv_budget(lambda: None, 0.9, CPU, memory=mem, baseline_used=600)
