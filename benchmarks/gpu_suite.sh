@@ -5,6 +5,8 @@
 #   benchmarks/gpu_suite.sh speed    # batch-1 latency (+ its profile), offline throughput
 #   benchmarks/gpu_suite.sh peers    # transformers static batches and continuous batching
 #   benchmarks/gpu_suite.sh serving  # the OpenAI server under Poisson arrivals
+#   benchmarks/gpu_suite.sh ab       # OLD_TREE=DIR: offline throughput (256 / 2048) and the server at 16 and 32
+#                                    # req/s (benchmarks/serving_ab.py), old tree against this one, alternating
 #   benchmarks/gpu_suite.sh slo      # SLO-aware server vs no objectives at 1.5x sustainable and light load
 #   benchmarks/gpu_suite.sh moe      # Mixtral-8x7B-shaped (random weights drawn on the GPU): decode, mix
 #   benchmarks/gpu_suite.sh sampler  # one step's sampling, realistic (old vs new) vs plain, [256, 128256]
@@ -48,6 +50,18 @@ case "$part" in
     SERVER_LOG="$out/server.log" python3 -m benchmarks.serving --model "$model" \
         --server-args "--max-model-len 4096 --log-level WARNING" --json "$out/serving.json" 2>&1 | grep -v Loading | tail -12
     ;;
+  ab)  # before / after of a change: OLD_TREE = a directory holding the old tree's pagedserve/ and
+       # benchmarks/ (git archive OLD pagedserve benchmarks pyproject.toml | tar -x -C DIR, carried)
+    old="${OLD_TREE:?set OLD_TREE to the old tree}"
+    i=0
+    for t in old new new old; do
+      i=$((i+1)); tree="$PWD"; [ "$t" = old ] && tree="$old"
+      (cd "$tree" && PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}" python3 -m benchmarks.throughput --model "$model" \
+          --max-num-seqs 256 --max-num-batched-tokens 2048 --json "$out/throughput-$t-$i.json" 2>&1 | grep -v Loading | tail -3)
+    done
+    python3 -m benchmarks.serving_ab --model "$model" --old-tree "$old" --rates 16 32 --repeats 2 \
+        --log-dir "$out" --json "$out/serving_ab.json" 2>&1 | grep -v Loading | tail -14
+    ;;
   slo)
     python3 -m benchmarks.slo_serving --model "$model" --out "$out/slo" --slo-tpot-ms 30 --slo-ttft-ms 2000 \
         --num-requests 1200 --probe-requests 300 --light-requests 300 --start-rate 48 --bisect 2 \
@@ -78,5 +92,5 @@ case "$part" in
     python3 -m benchmarks.tp_gpu --model "$model" --tp --parts decode throughput --model70b-dummy --json "$out/tp70b.json" 2>&1 | grep -v Loading | tail -30
     ;;
   *)
-    echo "unknown part $part (checks | speed | peers | serving | slo | moe | sampler | quant | tp | tp-speed | tp70b)"; exit 2;;
+    echo "unknown part $part (checks | speed | peers | serving | ab | slo | moe | sampler | quant | tp | tp-speed | tp70b)"; exit 2;;
 esac
