@@ -21,7 +21,7 @@
 # Results (JSON + logs) go to $OUT (or benchmarks/results/raw); the 8B model is built once into
 # $MODEL_DIR (default /tmp/llama3-8b-random).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 part="${1:-checks}"
 out="${OUT:-benchmarks/results/raw}"
 mkdir -p "$out"
