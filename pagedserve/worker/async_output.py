@@ -1,8 +1,11 @@
 """Async scheduling's output side: steps whose sampled ids stay on the device until collected.
 
-When every request a step samples is plain greedy and none wants prompt logprobs, the runner's
-launch only enqueues the work: the argmax ids [S] int64 stay on the device (and are copied to a
-pinned host buffer behind a CUDA event) until collect. The engine may launch step n+1 in between;
+When every request a step samples is plain greedy, or draws its token with nothing read back
+(RequestState.async_sampleable: random or seeded sampling with temperature, top-k/top-p/min-p and
+logit bias, past min_tokens; no logprobs, penalties or grammar), and none wants prompt logprobs,
+the runner's launch only enqueues the work: the sampled ids [S] int64 (the argmax, or the
+sampler's draw) stay on the device (and are copied to a pinned host buffer behind a CUDA event)
+until collect. The engine may launch step n+1 in between;
 a request's input at the position of its token from step n (a "placeholder", not yet known on
 the host) is then taken on the device from step n's sampled ids:
 
@@ -89,15 +92,20 @@ class AsyncOutputs:
         row_idx = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
         return lambda input_ids: input_ids.index_copy_(0, flat_idx, sampled.index_select(0, row_idx))
 
-    def launch_greedy(self, host: HostInputs, hidden: torch.Tensor, decoded: DecodeResult | None,
-                      compute_logits: Callable[[torch.Tensor], torch.Tensor]) -> StepHandle:
-        """Async sampling: argmax on the device; the copy to the host is only enqueued."""
+    def launch_async(self, host: HostInputs, hidden: torch.Tensor, decoded: DecodeResult | None,
+                     compute_logits: Callable[[torch.Tensor], torch.Tensor],
+                     sampled: torch.Tensor | None = None) -> StepHandle:  # fmt: skip
+        """Async sampling: the ids stay on the device and their copy to the host is only
+        enqueued. sampled: ids [S] int64 drawn on the device by the step's sampler; None: every
+        row is plain greedy, so the argmax (the decode graph's own) is the token."""
         handle = StepHandle()
         if not host.sample_req_ids:
             handle.output = ModelRunnerOutput(sampled_token_ids={})
             return handle
         all_rows = len(host.sample_rows) == len(host.seq_lens) == host.query_start_loc[-1]
-        if decoded is not None:
+        if sampled is not None:
+            pass
+        elif decoded is not None:
             sampled = decoded.greedy if all_rows else decoded.greedy[
                 torch.tensor(host.sample_rows, device=self.device)]
         else:

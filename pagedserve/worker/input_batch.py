@@ -41,8 +41,16 @@ class RequestState:
     # Greedy with nothing that edits logits or reads them (no logprobs, bias, min_tokens,
     # penalties, structured outputs): the decode graph's argmax is this request's token.
     plain_greedy: bool = False
+    device_sampled: bool = False  # samples_without_host_state(sampling_params)
     num_pending: int = 0  # sampled by a launched step, not yet collected (0 or 1)
     penalty_slot: int = -1  # its row of the token-count tables (sampling_state.py); -1 = none
+
+    @property
+    def async_sampleable(self) -> bool:
+        """This step's token can be drawn without the tokens still in flight on the host: plain
+        greedy, or device-sampled past min_tokens (the EOS mask reads the count of tokens held)."""
+        return self.plain_greedy or (
+            self.device_sampled and self.sampling_params.min_tokens <= len(self.output_token_ids))
 
     @property
     def num_tokens(self) -> int:
@@ -56,6 +64,15 @@ class RequestState:
         if index < prompt_len:
             return self.prompt_token_ids[index]
         return self.output_token_ids[index - prompt_len]
+
+
+def samples_without_host_state(params: SamplingParams) -> bool:
+    """Its token can be drawn on the device with nothing read back to the host: no logprobs, no
+    penalties (their counts follow the drawn tokens) and no structured outputs (the matcher
+    takes each token before the next mask). min_tokens is checked per step (input_batch's
+    RequestState), since it reads the number of tokens so far. Async scheduling launches such
+    steps without waiting for their ids."""
+    return params.logprobs is None and not params.has_penalties and params.structured_outputs is None
 
 
 def is_plain_greedy(params: SamplingParams) -> bool:
@@ -98,6 +115,7 @@ def update_states(states: dict[str, RequestState], plan: SchedulerOutput, device
             eos_token_id=new.eos_token_id,
             # seeded draws are counter-based (step_sampling.py): no per-request generator
             plain_greedy=is_plain_greedy(params),
+            device_sampled=samples_without_host_state(params),
         )
     for cached in plan.scheduled_cached_reqs:
         state = states[cached.req_id]

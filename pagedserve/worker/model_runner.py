@@ -130,8 +130,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, plan: SchedulerOutput) -> StepHandle:
-        """Run the plan's forward pass and sample, or (async: every sampled request plain greedy,
-        no prompt logprobs) only enqueue the argmax; collect() returns the output either way."""
+        """Run the plan's forward pass and sample, or (async: every sampled request
+        async_sampleable, no prompt logprobs) only enqueue the draw; collect() returns the output
+        either way."""
         states = self.states
         update_states(states, plan, self.device)
         if plan.blocks_to_swap_out:
@@ -144,7 +145,7 @@ class ModelRunner:
             return StepHandle(output=ModelRunnerOutput(sampled_token_ids={}))
 
         host = prepare_inputs(states, plan, self.spec.block_size)
-        is_async = all(states[r].plain_greedy for r in host.sample_req_ids) and not any(
+        is_async = plan.grammar is None and all(states[r].async_sampleable for r in host.sample_req_ids) and not any(
             states[r].sampling_params.prompt_logprobs is not None for r in plan.num_scheduled_tokens
         )
         fill = self.async_outputs.placeholder_fill(host, is_async)  # resolves steps in flight if sync
@@ -160,7 +161,10 @@ class ModelRunner:
                 fill(input_ids)
             hidden = self.model(input_ids, positions, self.kv_caches, metadata)
         if is_async:
-            handle = self.async_outputs.launch_greedy(host, hidden, decoded, self.model.compute_logits)
+            drawn = None
+            if not all(states[r].plain_greedy for r in host.sample_req_ids):
+                drawn = self.sampling.sample_on_device(host, hidden, decoded)  # [S] on the device
+            handle = self.async_outputs.launch_async(host, hidden, decoded, self.model.compute_logits, drawn)
         else:
             output = ModelRunnerOutput(sampled_token_ids={})
             self.sampling.prompt_logprobs(plan, host, hidden, output)

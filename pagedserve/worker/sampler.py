@@ -290,6 +290,21 @@ class Sampler:
         raw_logprobs = None
         if meta.logprob_rows is not None:  # before any processing: vLLM returns raw logprobs
             raw_logprobs = logits[meta.logprob_rows].log_softmax(dim=-1)  # [L, V], a copy
+        sampled = self.draw(logits, meta)
+        out_logprobs: list[LogprobsLists | None] = [None] * meta.num_rows
+        if raw_logprobs is not None:
+            assert meta.logprob_rows is not None
+            ids, lps, ranks = _logprobs_lists(raw_logprobs, sampled[meta.logprob_rows], meta.max_num_logprobs)
+            for j, row in enumerate(meta.logprob_rows.tolist()):
+                width = 1 + min(meta.num_logprobs[row] or 0, meta.max_num_logprobs)
+                out_logprobs[row] = LogprobsLists([ids[j][:width]], [lps[j][:width]], [ranks[j]])
+        return SamplerOutput(sampled_token_ids=sampled.tolist(), logprobs=out_logprobs)
+
+    def draw(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
+        """The sampled ids [N] int64, left on the logits' device (nothing read back: async
+        scheduling's launch uses this). logits [N, vocab] float32, modified in place."""
+        if logits.dtype != torch.float32:
+            logits = logits.float()
         if meta.logit_bias is not None:
             rows, cols, vals = meta.logit_bias
             logits.index_put_((rows, cols), vals, accumulate=True)
@@ -311,12 +326,4 @@ class Sampler:
             if greedy is not None:
                 assert meta.greedy_mask is not None
                 sampled = torch.where(meta.greedy_mask, greedy, sampled)
-
-        out_logprobs: list[LogprobsLists | None] = [None] * meta.num_rows
-        if raw_logprobs is not None:
-            assert meta.logprob_rows is not None
-            ids, lps, ranks = _logprobs_lists(raw_logprobs, sampled[meta.logprob_rows], meta.max_num_logprobs)
-            for j, row in enumerate(meta.logprob_rows.tolist()):
-                width = 1 + min(meta.num_logprobs[row] or 0, meta.max_num_logprobs)
-                out_logprobs[row] = LogprobsLists([ids[j][:width]], [lps[j][:width]], [ranks[j]])
-        return SamplerOutput(sampled_token_ids=sampled.tolist(), logprobs=out_logprobs)
+        return sampled

@@ -83,30 +83,52 @@ class StepSampler:
                 state.output_token_ids.append(token)
                 output.sampled_token_ids[state.req_id] = token
             return
+        logits = self._logits(host, hidden, decoded)
+        if grammar is not None:
+            apply_grammar(logits, host.sample_req_ids, grammar)
+        counts = None
+        if any(s.sampling_params.has_penalties for s in states):
+            counts = self.penalties.lookup(states, self.states)  # None: tables full, use the lists
+        result = self.sampler(logits, self._metadata(states, counts))
+        if any(s.sampling_params.has_penalties for s in states):  # also after a list fallback
+            self.penalties.record(states, result.sampled_token_ids)
+        for state, token, logprobs in zip(states, result.sampled_token_ids, result.logprobs):
+            state.output_token_ids.append(token)
+            output.sampled_token_ids[state.req_id] = token
+            if logprobs is not None:
+                output.logprobs[state.req_id] = logprobs
+
+    def sample_on_device(self, host: HostInputs, hidden: torch.Tensor, decoded: DecodeResult | None) -> torch.Tensor:
+        """The sampled ids [S] int64 of host.sample_req_ids, left on the device (async scheduling:
+        every row is RequestState.async_sampleable, so nothing of the draw needs the host)."""
+        states = [self.states[r] for r in host.sample_req_ids]
+        return self.sampler.draw(self._logits(host, hidden, decoded), self._metadata(states, None))
+
+    def _logits(self, host: HostInputs, hidden: torch.Tensor, decoded: DecodeResult | None) -> torch.Tensor:
+        """float32 logits [S, vocab] of the sampled rows, a tensor the sampler may edit."""
         if decoded is not None:
             # a copy either way: the sampler edits logits in place, the graph owns its buffer
-            logits = decoded.logits.clone() if all_rows else decoded.logits[
+            all_rows = len(host.sample_rows) == len(host.seq_lens) == host.query_start_loc[-1]
+            return decoded.logits.clone() if all_rows else decoded.logits[
                 torch.tensor(host.sample_rows, device=self.device)]
-        else:
-            rows = torch.tensor(host.sample_rows, dtype=torch.long, device=self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, rows))
+        rows = torch.tensor(host.sample_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows))
+
+    def _metadata(self, states: list[RequestState], counts: TokenCounts | None) -> SamplingMetadata:
         # Counter-based seeding: draw k of a seeded request depends only on (seed, k), so outputs
         # survive preemption and do not depend on the rest of the batch; all seeded rows of the
-        # step are drawn in one pass (SeededDraws), not one generator call each.
+        # step are drawn in one pass (SeededDraws), not one generator call each. k counts the
+        # tokens still in flight (async scheduling) as well as those held.
         seeded_rows: list[int] = []
         step_seeds: list[int] = []
         for row, state in enumerate(states):
             seed = state.sampling_params.seed
             if seed is not None and state.sampling_params.sampling_type == SamplingType.RANDOM_SEED:
                 seeded_rows.append(row)
-                step_seeds.append((seed * _SEED_MIX + len(state.output_token_ids)) % (1 << 63))
+                k = len(state.output_token_ids) + state.num_pending
+                step_seeds.append((seed * _SEED_MIX + k) % (1 << 63))
         seeded = self._seeded(seeded_rows, step_seeds) if seeded_rows else None
-        if grammar is not None:
-            apply_grammar(logits, host.sample_req_ids, grammar)
-        counts = None
-        if any(s.sampling_params.has_penalties for s in states):
-            counts = self.penalties.lookup(states, self.states)  # None: tables full, use the lists
-        meta = SamplingMetadata.build(
+        return SamplingMetadata.build(
             params=[s.sampling_params for s in states],
             prompt_token_ids=[s.prompt_token_ids for s in states],
             output_token_ids=[s.output_token_ids for s in states],
@@ -117,14 +139,6 @@ class StepSampler:
             token_counts=counts,
             seeded=seeded,
         )
-        result = self.sampler(logits, meta)
-        if any(s.sampling_params.has_penalties for s in states):  # also after a list fallback
-            self.penalties.record(states, result.sampled_token_ids)
-        for state, token, logprobs in zip(states, result.sampled_token_ids, result.logprobs):
-            state.output_token_ids.append(token)
-            output.sampled_token_ids[state.req_id] = token
-            if logprobs is not None:
-                output.logprobs[state.req_id] = logprobs
 
     def prompt_logprobs(self, plan: SchedulerOutput, host: HostInputs, hidden: torch.Tensor,
                         output: ModelRunnerOutput) -> None:

@@ -9,6 +9,7 @@ ones that sample on the host (logprobs, seeds, penalties) give the same tokens a
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.testing.checkpoints import ARCHS
@@ -168,3 +169,39 @@ def test_async_abort_mid_flight(tiny_checkpoints, greedy_reference) -> None:
     engine.step()  # tell the runner about the last finished requests
     _assert_idle(engine)
     assert not engine.engine_core.runner.states
+
+
+def _random_params(i: int) -> SamplingParams:
+    """Sampling that async scheduling draws on the device: seeded temperature with top-k / top-p /
+    min-p, a logit bias, min_tokens, and unseeded draws, in turn."""
+    kind = i % 4
+    if kind == 0:
+        return SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7 + i, max_tokens=12, ignore_eos=True)
+    if kind == 1:
+        return SamplingParams(temperature=1.1, min_p=0.05, seed=50 + i, max_tokens=9,
+                              logit_bias={5: 3.0, 9: -2.0})  # fmt: skip
+    if kind == 2:
+        return SamplingParams(temperature=0.7, seed=90 + i, max_tokens=10, min_tokens=4)
+    return SamplingParams(temperature=0.9, top_k=5, max_tokens=8, ignore_eos=True)  # unseeded
+
+
+@pytest.mark.parametrize("per_step", [1, 16])
+def test_async_random_sampling_is_drawn_on_the_device_and_equals_sync(per_step, tiny_checkpoints) -> None:
+    """Seeded random sampling launches without waiting for the ids (the runner counts steps whose
+    inputs took the previous step's draw on the device), and gives the tokens synchronous mode gives: a draw's seed counts the tokens still in
+    flight. The unseeded rows draw from the global generator in the same launch order."""
+    prompts = make_prompts(512, seed=23, lengths=(3, 9, 17, 40, 64, 5, 33, 80, 2, 20, 50, 16))
+    results = []
+    for async_scheduling in (False, True):
+        engine = make_engine(tiny_checkpoints["llama"], max_num_batched_tokens=48,
+                             async_scheduling=async_scheduling)
+        torch.manual_seed(1234)  # the unseeded rows' generator, the same start in both modes
+        finished = run_staggered(engine, prompts, _random_params, per_step=per_step)
+        results.append({k: [(list(o.token_ids), o.finish_reason) for o in v.outputs] for k, v in finished.items()})
+        runner = engine.engine_core.executor.runner
+        assert runner._num_async_steps > 0  # drawn on the device, ids read back at collect
+        # async: steps launched before the last one's ids reached the host, which they read
+        # on the device
+        assert (runner._num_filled_steps > 0) == async_scheduling
+        _assert_idle(engine)
+    assert results[0] == results[1]
