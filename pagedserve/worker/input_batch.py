@@ -48,9 +48,16 @@ class RequestState:
     @property
     def async_sampleable(self) -> bool:
         """This step's token can be drawn without the tokens still in flight on the host: plain
-        greedy, or device-sampled past min_tokens (the EOS mask reads the count of tokens held)."""
-        return self.plain_greedy or (
-            self.device_sampled and self.sampling_params.min_tokens <= len(self.output_token_ids))
+        greedy, or device-sampled past min_tokens (the EOS mask reads the count of tokens held)
+        and, with penalties, a token-count row that is already current."""
+        if self.plain_greedy:
+            return True
+        p = self.sampling_params
+        if not self.device_sampled or p.min_tokens > len(self.output_token_ids):
+            return False
+        # a penalised request without a table row gets one filled from its token lists, which
+        # must then hold every token: none in flight
+        return not p.has_penalties or self.penalty_slot >= 0 or self.num_pending == 0
 
     @property
     def num_tokens(self) -> int:
@@ -67,12 +74,12 @@ class RequestState:
 
 
 def samples_without_host_state(params: SamplingParams) -> bool:
-    """Its token can be drawn on the device with nothing read back to the host: no logprobs, no
-    penalties (their counts follow the drawn tokens) and no structured outputs (the matcher
-    takes each token before the next mask). min_tokens is checked per step (input_batch's
-    RequestState), since it reads the number of tokens so far. Async scheduling launches such
-    steps without waiting for their ids."""
-    return params.logprobs is None and not params.has_penalties and params.structured_outputs is None
+    """Its token can be drawn on the device with nothing read back to the host: no logprobs and
+    no structured outputs (the matcher takes each token before the next mask). Penalties read
+    the device token-count tables, which record the drawn ids on the device; min_tokens and a
+    penalty table row still to fill are checked per step (RequestState.async_sampleable), as
+    they read the tokens so far. Async scheduling launches such steps without waiting for ids."""
+    return params.logprobs is None and params.structured_outputs is None
 
 
 def is_plain_greedy(params: SamplingParams) -> bool:

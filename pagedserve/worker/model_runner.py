@@ -160,10 +160,13 @@ class ModelRunner:
             if fill is not None:
                 fill(input_ids)
             hidden = self.model(input_ids, positions, self.kv_caches, metadata)
+        drawn = None
+        if is_async and not all(states[r].plain_greedy for r in host.sample_req_ids):
+            drawn = self.sampling.sample_on_device(host, hidden, decoded)  # [S] on the device
+            if drawn is None:  # the penalty tables are full: sample from the lists, in order
+                self.async_outputs.resolve_all()
+                is_async = False
         if is_async:
-            drawn = None
-            if not all(states[r].plain_greedy for r in host.sample_req_ids):
-                drawn = self.sampling.sample_on_device(host, hidden, decoded)  # [S] on the device
             handle = self.async_outputs.launch_async(host, hidden, decoded, self.model.compute_logits, drawn)
         else:
             output = ModelRunnerOutput(sampled_token_ids={})

@@ -137,6 +137,17 @@ class PenaltyState:
         slots_t = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
         return TokenCounts(self.counts, self.prompt_seen, slots_t, self.apply)
 
+    def record_on_device(self, states: list[RequestState], sampled: torch.Tensor) -> None:
+        """record() with the tokens still on the device: sampled [len(states)] int64."""
+        assert self.counts is not None
+        rows = [i for i, s in enumerate(states) if s.penalty_slot >= 0]
+        if not rows:
+            return
+        index = torch.tensor([rows, [states[i].penalty_slot for i in rows]], dtype=torch.int64)
+        index = index.to(self.device, non_blocking=True)
+        ones = torch.ones(len(rows), dtype=torch.int32, device=self.device)
+        self.counts.index_put_((index[1], sampled.index_select(0, index[0])), ones, accumulate=True)
+
     def record(self, states: list[RequestState], tokens: list[int]) -> None:
         """counts[slot, token] += 1 for the penalised rows that just sampled `tokens`."""
         assert self.counts is not None

@@ -98,11 +98,23 @@ class StepSampler:
             if logprobs is not None:
                 output.logprobs[state.req_id] = logprobs
 
-    def sample_on_device(self, host: HostInputs, hidden: torch.Tensor, decoded: DecodeResult | None) -> torch.Tensor:
+    def sample_on_device(self, host: HostInputs, hidden: torch.Tensor,
+                         decoded: DecodeResult | None) -> torch.Tensor | None:  # fmt: skip
         """The sampled ids [S] int64 of host.sample_req_ids, left on the device (async scheduling:
-        every row is RequestState.async_sampleable, so nothing of the draw needs the host)."""
+        every row is RequestState.async_sampleable, so nothing of the draw needs the host), or
+        None when a penalised row finds no room in the token-count tables (the caller samples
+        synchronously, from the lists). Penalised rows' counts are recorded on the device."""
         states = [self.states[r] for r in host.sample_req_ids]
-        return self.sampler.draw(self._logits(host, hidden, decoded), self._metadata(states, None))
+        penalised = any(s.sampling_params.has_penalties for s in states)
+        counts = None
+        if penalised:
+            counts = self.penalties.lookup(states, self.states)
+            if counts is None:
+                return None
+        sampled = self.sampler.draw(self._logits(host, hidden, decoded), self._metadata(states, counts))
+        if penalised:
+            self.penalties.record_on_device(states, sampled)
+        return sampled
 
     def _logits(self, host: HostInputs, hidden: torch.Tensor, decoded: DecodeResult | None) -> torch.Tensor:
         """float32 logits [S, vocab] of the sampled rows, a tensor the sampler may edit."""

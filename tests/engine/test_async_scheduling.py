@@ -173,8 +173,11 @@ def test_async_abort_mid_flight(tiny_checkpoints, greedy_reference) -> None:
 
 def _random_params(i: int) -> SamplingParams:
     """Sampling that async scheduling draws on the device: seeded temperature with top-k / top-p /
-    min-p, a logit bias, min_tokens, and unseeded draws, in turn."""
-    kind = i % 4
+    min-p, a logit bias, min_tokens, unseeded draws, and penalties (device token counts), in turn."""
+    kind = i % 5
+    if kind == 4:
+        return SamplingParams(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1, presence_penalty=0.3,
+                              frequency_penalty=0.2, seed=300 + i, max_tokens=14, ignore_eos=True)  # fmt: skip
     if kind == 0:
         return SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7 + i, max_tokens=12, ignore_eos=True)
     if kind == 1:
@@ -189,7 +192,8 @@ def _random_params(i: int) -> SamplingParams:
 def test_async_random_sampling_is_drawn_on_the_device_and_equals_sync(per_step, tiny_checkpoints) -> None:
     """Seeded random sampling launches without waiting for the ids (the runner counts steps whose
     inputs took the previous step's draw on the device), and gives the tokens synchronous mode gives: a draw's seed counts the tokens still in
-    flight. The unseeded rows draw from the global generator in the same launch order."""
+    flight; penalised rows' counts are recorded on the device. The unseeded rows draw from the
+    global generator in the same launch order."""
     prompts = make_prompts(512, seed=23, lengths=(3, 9, 17, 40, 64, 5, 33, 80, 2, 20, 50, 16))
     results = []
     for async_scheduling in (False, True):
