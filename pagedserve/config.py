@@ -171,7 +171,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     preemption_mode: str = "recompute"
     scheduling_policy: str = "fcfs"
-    async_scheduling: bool = False
+    async_scheduling: bool = True  # on by default (issue 13); steps that need the host sample in step
     enforce_eager: bool = False
     quantization: str | None = None
     tensor_parallel_size: int = 1

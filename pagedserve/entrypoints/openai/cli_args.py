@@ -105,8 +105,9 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
                           "(none) or a directory holding a generation_config.json")
     eng.add_argument("--override-generation-config", type=_json_object, default=None,
                      help='JSON object replacing generation config keys, e.g. \'{"temperature": 0.5}\'')
-    eng.add_argument("--async-scheduling", action="store_true",
-                     help="plan and launch step n+1 while step n runs on the GPU")  # fmt: skip
+    eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                     help="plan and launch step n+1 while step n runs on the GPU (default on; "
+                          "--no-async-scheduling: plan each step after the last one's tokens)")  # fmt: skip
     add_cpu_args(parser)
     add_slo_args(parser)
     # --- lifecycle: graceful drain and engine death (entrypoints/openai/lifecycle.py)
