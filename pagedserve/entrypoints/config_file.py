@@ -96,7 +96,8 @@ def config_tokens(parser: argparse.ArgumentParser, data: dict[str, Any], skip_de
 
 def _flag_tokens(flag: str, action: argparse.Action, value: Any,
                  options: dict[str, argparse.Action]) -> list[str]:  # fmt: skip
-    switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or (
+    switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                                 argparse.BooleanOptionalAction)) or (
         action.nargs == "?" and action.const is True
     )
     if isinstance(value, bool) and switch:

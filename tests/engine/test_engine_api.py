@@ -145,7 +145,8 @@ def test_kv_slot_waste_on_a_mixed_workload_is_under_4_percent(tiny_checkpoints) 
 
 
 def test_metrics_report_queue_and_cache_state(tiny_checkpoints) -> None:
-    engine = make_engine(tiny_checkpoints["llama"], max_num_seqs=2)
+    # the stats of the step just run: the synchronous loop (async updates a step late)
+    engine = make_engine(tiny_checkpoints["llama"], max_num_seqs=2, async_scheduling=False)
     for i, prompt in enumerate(make_prompts(512, seed=13, lengths=(20, 20, 20, 20))):
         engine.add_request(str(i), {"prompt_token_ids": prompt}, greedy(max_tokens=3))
     engine.step()

@@ -263,3 +263,18 @@ def test_logging_off(tiny_checkpoints: Any, tmp_path: Path) -> None:
         assert r.status_code == 400 and "--enable-auto-tool-choice" in r.json()["error"]["message"]
         log = server.log()
     assert "Received request" not in log and "Running:" not in log
+
+
+def test_async_scheduling_is_on_by_default_and_can_be_turned_off() -> None:
+    from pagedserve import EngineArgs
+    from pagedserve.entrypoints.config_file import config_tokens
+
+    assert EngineArgs(model="m").async_scheduling
+    assert engine_args_from(_parse("vllm serve m")).async_scheduling
+    assert engine_args_from(_parse("vllm serve m --async-scheduling")).async_scheduling
+    assert not engine_args_from(_parse("vllm serve m --no-async-scheduling")).async_scheduling
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_server_args(parser, positional_model=True)
+    # a --config YAML says it as vLLM's does: a boolean under the flag's name
+    assert config_tokens(parser, {"async-scheduling": False}, set()) == ["--no-async-scheduling"]
+    assert config_tokens(parser, {"async_scheduling": True}, set()) == ["--async-scheduling"]

@@ -147,8 +147,9 @@ def test_greedy_matches_hf_chunked_prefill_and_preemption(arch, moe) -> None:
     path, _, prompts, expected = moe(arch)
     # 24 blocks of 16 for ~2000 prompt tokens admitted in 32-token chunks: requests are
     # preempted (recompute) and prompts are prefilled in several chunks.
+    # each step's stats read right after its step(): the synchronous loop (async updates a step late)
     engine = make_engine(path, num_gpu_blocks_override=24, max_model_len=320, max_num_batched_tokens=32,
-                         preemption_mode="recompute", enable_prefix_caching=False)
+                         preemption_mode="recompute", enable_prefix_caching=False, async_scheduling=False)
     scheduled, preemptions = [], 0
     finished: dict[str, Any] = {}
     pending = list(enumerate(prompts))
