@@ -8,6 +8,8 @@ ids reach the others through one small all-reduce (rank 0 contributes the ids, t
 
     rank 0:  ids = sampler(logits)      all_reduce([ids])      -> ids
     rank r:  (no sampling)              all_reduce([0 ... 0])  -> ids
+
+The same for async scheduling's `draw`, whose ids stay on the device (the all-reduce too).
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ class RankZeroSampler(Sampler):
         ids = torch.zeros(meta.num_rows, dtype=torch.int64, device=logits.device)
         self.comm.all_reduce(ids)
         return SamplerOutput(sampled_token_ids=ids.tolist(), logprobs=[None] * meta.num_rows)
+
+
+    def draw(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
+        """Async scheduling's draw: rank 0's ids [N] int64 on every rank, still on the device."""
+        if self.parallel.rank == 0:
+            ids = self._draw(logits, meta).to(torch.int64).contiguous()
+        else:
+            ids = torch.zeros(meta.num_rows, dtype=torch.int64, device=logits.device)
+        self.comm.all_reduce(ids)
+        return ids
 
 
 def make_sampler(parallel: ParallelGroup) -> Sampler:

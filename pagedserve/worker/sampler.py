@@ -290,7 +290,7 @@ class Sampler:
         raw_logprobs = None
         if meta.logprob_rows is not None:  # before any processing: vLLM returns raw logprobs
             raw_logprobs = logits[meta.logprob_rows].log_softmax(dim=-1)  # [L, V], a copy
-        sampled = self.draw(logits, meta)
+        sampled = self._draw(logits, meta)
         out_logprobs: list[LogprobsLists | None] = [None] * meta.num_rows
         if raw_logprobs is not None:
             assert meta.logprob_rows is not None
@@ -303,6 +303,9 @@ class Sampler:
     def draw(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
         """The sampled ids [N] int64, left on the logits' device (nothing read back: async
         scheduling's launch uses this). logits [N, vocab] float32, modified in place."""
+        return self._draw(logits, meta)
+
+    def _draw(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
         if logits.dtype != torch.float32:
             logits = logits.float()
         if meta.logit_bias is not None:

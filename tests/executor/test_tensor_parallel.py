@@ -72,3 +72,23 @@ def test_tp4_replicated_kv_heads_tied_odd_vocab(tmp_path_factory) -> None:
     finally:
         engine.shutdown()
     _assert_matches(finished, expected)
+
+
+def test_tp2_async_random_sampling_agrees_across_ranks_and_with_tp1(tiny_checkpoints) -> None:
+    """Async scheduling (the default) draws random and seeded tokens on the device; at tp=2 rank
+    0's draw reaches the other rank through the all-reduce (RankZeroSampler.draw), so the ranks
+    keep one sequence: the tokens equal tp=1's, the unseeded ones too (rank 0's generator starts
+    as tp=1's and draws in the same order)."""
+    from tests.engine.test_async_scheduling import _random_params
+
+    prompts = make_prompts(512, seed=29, lengths=(3, 9, 17, 40, 64, 5, 33, 2, 12, 27))
+    results = []
+    for tp in (1, 2):
+        engine = make_engine(tiny_checkpoints["llama"], tensor_parallel_size=tp, max_num_batched_tokens=48)
+        try:
+            assert engine.engine_core.async_scheduling
+            finished = run_staggered(engine, prompts, _random_params, per_step=3)
+        finally:
+            engine.shutdown()
+        results.append({k: list(v.outputs[0].token_ids) for k, v in finished.items()})
+    assert results[0] == results[1]
