@@ -145,6 +145,11 @@ class Scheduler(LeaderForks):
         budget = self.config.max_num_batched_tokens
         if self.slo is not None:
             self._max_seqs, budget = self.slo.caps(self.running)
+            if not self.running and not self.config.enable_chunked_prefill:
+                # Without chunking a prompt runs whole, so an idle engine takes any prompt the
+                # configuration admits: a prompt longer than the adapted cap would wait forever
+                # (no step runs, so nothing would grow the cap back).
+                budget = self.config.max_num_batched_tokens
         step_budget = budget
         num_preempted_before = self.num_preemptions
 

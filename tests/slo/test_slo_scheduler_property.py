@@ -5,7 +5,7 @@ undisturbed run, everything is free when idle, and the caps stay within the conf
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pagedserve.config import CacheConfig, SchedulerConfig, SloConfig
@@ -28,6 +28,12 @@ ops = st.lists(
 )  # fmt: skip
 
 
+# Found by this test: the controller cut the token cap below a 40-token prompt while chunked
+# prefill was off, and once the engine was idle no step ran to grow the cap back, so the prompt
+# (and everything queued behind it) waited forever.
+@example(ops=[("add", 9, 9, False, 0), ("add", 40, 1, False, 1), ("step", 0.0625), ("step", 0.0625),
+              ("step", 0.0625), ("add", 1, 1, False, 0), ("add", 1, 1, False, 0), ("step", 0.0625)],
+         num_blocks=12, mode="recompute", policy="fcfs", chunked=False)  # fmt: skip
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops, num_blocks=st.integers(12, 40), mode=st.sampled_from(["recompute", "swap"]),
        policy=st.sampled_from(["fcfs", "priority"]), chunked=st.booleans())  # fmt: skip
