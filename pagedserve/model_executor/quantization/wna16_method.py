@@ -217,7 +217,7 @@ def _g_idx_loader(layer: nn.Module, where: str) -> Callable[..., None]:
         if tuple(local.shape) != tuple(param.shape):
             raise ValueError(f"{where}: checkpoint g_idx of shape {tuple(loaded.shape)} does not fit "
                              f"{tuple(param.shape)}")
-        if seen and not torch.equal(param.data, local.to(param.dtype)):
+        if seen and not torch.equal(param.data, local.to(param.device, param.dtype)):
             raise ValueError(f"{where}: the merged shards {sorted(map(str, seen))} and {shard_id!r} "
                              f"have different g_idx; one act-order per input is needed")
         param.data.copy_(local)
