@@ -97,6 +97,13 @@ def time_cuda_ms(fn: Any, repeats: int = 50, warmup: int = 5) -> float:
     return times[len(times) // 2]
 
 
+def top1_lowest_id(entry: dict[int, Any]) -> int:
+    """The top-1 token of one position's logprobs {token: Logprob} by argmax's rule: the lowest
+    id among the tokens of the largest logprob (bf16 logits tie at the top at ~5% of positions)."""
+    best = max(lp.logprob for lp in entry.values())
+    return min(token for token, lp in entry.items() if lp.logprob == best)
+
+
 def print_table(title: str, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return

