@@ -64,7 +64,7 @@ case "$part" in
     ;;
   slo)
     python3 -m benchmarks.slo_serving --model "$model" --out "$out/slo" --slo-tpot-ms 30 --slo-ttft-ms 2000 \
-        --num-requests 1200 --probe-requests 300 --light-requests 300 --start-rate 48 --bisect 2 \
+        --num-requests 1200 --probe-requests 1200 --light-requests 300 --start-rate 48 --bisect 1 \
         --server-args "--max-model-len 4096 --log-level WARNING" 2>&1 | grep -v Loading | tail -20
     ;;
   moe)

@@ -265,12 +265,13 @@ def test_logging_off(tiny_checkpoints: Any, tmp_path: Path) -> None:
     assert "Received request" not in log and "Running:" not in log
 
 
-def test_async_scheduling_is_on_by_default_and_can_be_turned_off() -> None:
+def test_async_scheduling_is_on_offline_off_in_the_server_and_both_can_be_switched() -> None:
     from pagedserve import EngineArgs
     from pagedserve.entrypoints.config_file import config_tokens
 
     assert EngineArgs(model="m").async_scheduling
-    assert engine_args_from(_parse("vllm serve m")).async_scheduling
+    assert not EngineArgs(model="m", async_scheduling=False).async_scheduling
+    assert not engine_args_from(_parse("vllm serve m")).async_scheduling
     assert engine_args_from(_parse("vllm serve m --async-scheduling")).async_scheduling
     assert not engine_args_from(_parse("vllm serve m --no-async-scheduling")).async_scheduling
     parser = argparse.ArgumentParser(allow_abbrev=False)

@@ -105,9 +105,12 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
                           "(none) or a directory holding a generation_config.json")
     eng.add_argument("--override-generation-config", type=_json_object, default=None,
                      help='JSON object replacing generation config keys, e.g. \'{"temperature": 0.5}\'')
-    eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
-                     help="plan and launch step n+1 while step n runs on the GPU (default on; "
-                          "--no-async-scheduling: plan each step after the last one's tokens)")  # fmt: skip
+    # Off by default in the server, as in vLLM: on the H200 the server with it on answered later
+    # (TTFT P50 63 against 34 ms at 16 req/s, benchmarks/results/h200-2026-12-01-issue17-ab-2/).
+    # The offline API (EngineArgs) keeps it on.
+    eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=False,
+                     help="plan and launch step n+1 while step n runs on the GPU (default off in the "
+                          "server; --no-async-scheduling: plan each step after the last one's tokens)")  # fmt: skip
     add_cpu_args(parser)
     add_slo_args(parser)
     # --- lifecycle: graceful drain and engine death (entrypoints/openai/lifecycle.py)
