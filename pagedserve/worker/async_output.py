@@ -26,6 +26,7 @@ import torch
 
 from pagedserve.core.outputs import ModelRunnerOutput
 from pagedserve.worker.cuda_graphs import DecodeResult
+from pagedserve.worker.device_copy import list_to_device
 from pagedserve.worker.input_batch import HostInputs, RequestState
 
 
@@ -106,9 +107,9 @@ class AsyncOutputs:
         if sampled is None:  # plain greedy: the argmax is the token
             if decoded is not None:
                 sampled = decoded.greedy if all_rows else decoded.greedy[
-                    torch.tensor(host.sample_rows, device=self.device)]
+                    list_to_device(host.sample_rows, torch.long, self.device)]
             else:
-                rows = torch.tensor(host.sample_rows, dtype=torch.long, device=self.device)
+                rows = list_to_device(host.sample_rows, torch.long, self.device)
                 sampled = compute_logits(hidden.index_select(0, rows)).argmax(dim=-1)
         handle.sampled = sampled
         for row, req_id in enumerate(host.sample_req_ids):

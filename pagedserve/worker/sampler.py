@@ -32,6 +32,7 @@ from torch import Tensor
 from pagedserve.core.outputs import LogprobsLists
 from pagedserve.kernels.reference_sampling import select_candidates
 from pagedserve.sampling_params import SamplingParams, SamplingType
+from pagedserve.worker.device_copy import list_to_device
 from pagedserve.worker.sample_draw import (
     apply_min_p,
     apply_top_k_top_p,
@@ -59,7 +60,7 @@ def _flatten(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tenso
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
     row_idx = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int64), lengths)
     tokens = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.int64)
-    return row_idx.to(device), tokens.to(device)
+    return row_idx.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
 
 
 @dataclass(slots=True)
@@ -114,7 +115,7 @@ class SamplingMetadata:
             raise ValueError("SamplingMetadata.build: all per-row lists must have the same length")
 
         def f32(values: list[float]) -> Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return list_to_device(values, torch.float32, device)
 
         greedy = [p.sampling_type == SamplingType.GREEDY for p in params]
         all_greedy, all_random = all(greedy), not any(greedy)
@@ -125,7 +126,7 @@ class SamplingMetadata:
         min_p = f32([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None
         # top_k >= vocab keeps every token: treat it as off
         ks = [p.top_k if p.top_k < vocab_size else 0 for p in params]
-        top_k = torch.tensor(ks, dtype=torch.int64, device=device) if any(ks) else None
+        top_k = list_to_device(ks, torch.int64, device) if any(ks) else None
         top_p = f32([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None
 
         presence = frequency = repetition = None
@@ -164,7 +165,7 @@ class SamplingMetadata:
                         mask_cols.append(tok)
 
         def i64(values: list[int]) -> Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=device)
+            return list_to_device(values, torch.int64, device)
 
         logit_bias = (i64(bias_rows), i64(bias_cols), f32(bias_vals)) if bias_rows else None
         min_tokens_mask = (i64(mask_rows), i64(mask_cols)) if mask_rows else None
@@ -184,7 +185,7 @@ class SamplingMetadata:
             num_rows=n,
             all_greedy=all_greedy,
             all_random=all_random,
-            greedy_mask=None if all_greedy or all_random else torch.tensor(greedy, device=device),
+            greedy_mask=None if all_greedy or all_random else list_to_device(greedy, torch.bool, device),
             temperature=temperature,
             min_p=min_p,
             top_k=top_k,
@@ -312,7 +313,7 @@ class Sampler:
             rows, cols, vals = meta.logit_bias
             logits.index_put_((rows, cols), vals, accumulate=True)
         if meta.min_tokens_mask is not None:
-            logits.index_put_(meta.min_tokens_mask, torch.tensor(float("-inf"), device=logits.device))
+            logits.index_put_(meta.min_tokens_mask, logits.new_full((), float("-inf")))
         if meta.repetition_penalties is not None:
             apply_penalties(logits, meta)
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from pagedserve.kernels import reference_sampling
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.device_copy import list_to_device
 from pagedserve.worker.input_batch import RequestState
 
 PenaltyFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool], None]
@@ -112,10 +113,10 @@ class PenaltyState:
         self.prompt_seen[slot].zero_()
         self.counts[slot].zero_()
         if state.prompt_token_ids:
-            prompt = torch.tensor(state.prompt_token_ids, dtype=torch.int64).to(self.device)
+            prompt = list_to_device(state.prompt_token_ids, torch.int64, self.device)
             self.prompt_seen[slot, prompt] = True
         if state.output_token_ids:
-            out = torch.tensor(state.output_token_ids, dtype=torch.int64).to(self.device)
+            out = list_to_device(state.output_token_ids, torch.int64, self.device)
             self.counts[slot].index_put_((out,), torch.ones_like(out, dtype=torch.int32), accumulate=True)
 
     def lookup(self, states: list[RequestState], live: dict[str, RequestState]) -> TokenCounts | None:

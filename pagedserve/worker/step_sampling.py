@@ -21,6 +21,7 @@ from pagedserve.core.outputs import GrammarOutput, LogprobsLists, ModelRunnerOut
 from pagedserve.sampling_params import SamplingType
 from pagedserve.structured_output import apply_token_bitmask
 from pagedserve.worker.cuda_graphs import DecodeResult
+from pagedserve.worker.device_copy import list_to_device
 from pagedserve.worker.input_batch import HostInputs, RequestState
 from pagedserve.worker.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
 from pagedserve.worker.sampling_state import (
@@ -78,7 +79,7 @@ class StepSampler:
             # The graph already took the argmax: one device-to-host copy and done.
             greedy = decoded.greedy
             if not all_rows:
-                greedy = greedy[torch.tensor(host.sample_rows, device=greedy.device)]
+                greedy = greedy[list_to_device(host.sample_rows, torch.long, greedy.device)]
             for state, token in zip(states, greedy.tolist()):
                 state.output_token_ids.append(token)
                 output.sampled_token_ids[state.req_id] = token
@@ -122,8 +123,8 @@ class StepSampler:
             # a copy either way: the sampler edits logits in place, the graph owns its buffer
             all_rows = len(host.sample_rows) == len(host.seq_lens) == host.query_start_loc[-1]
             return decoded.logits.clone() if all_rows else decoded.logits[
-                torch.tensor(host.sample_rows, device=self.device)]
-        rows = torch.tensor(host.sample_rows, dtype=torch.long, device=self.device)
+                list_to_device(host.sample_rows, torch.long, self.device)]
+        rows = list_to_device(host.sample_rows, torch.long, self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))
 
     def _metadata(self, states: list[RequestState], counts: TokenCounts | None) -> SamplingMetadata:
