@@ -72,7 +72,8 @@ class Scheduler(LeaderForks):
         self.slo: SchedulerSlo | None = None
         if scheduler_config.slo is not None and scheduler_config.slo.tpot_s:
             self.slo = SchedulerSlo(scheduler_config.slo, scheduler_config.max_num_seqs,
-                                    scheduler_config.max_num_batched_tokens, time.monotonic)
+                                    scheduler_config.max_num_batched_tokens, time.monotonic,
+                                    chunked_prefill=scheduler_config.enable_chunked_prefill)
         self._max_seqs = scheduler_config.max_num_seqs
 
     # ---------------------------------------------------------------- requests in and out
@@ -145,11 +146,6 @@ class Scheduler(LeaderForks):
         budget = self.config.max_num_batched_tokens
         if self.slo is not None:
             self._max_seqs, budget = self.slo.caps(self.running)
-            if not self.running and not self.config.enable_chunked_prefill:
-                # Without chunking a prompt runs whole, so an idle engine takes any prompt the
-                # configuration admits: a prompt longer than the adapted cap would wait forever
-                # (no step runs, so nothing would grow the cap back).
-                budget = self.config.max_num_batched_tokens
         step_budget = budget
         num_preempted_before = self.num_preemptions
 

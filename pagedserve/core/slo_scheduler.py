@@ -26,12 +26,14 @@ class SchedulerSlo:
     update) this is still the interval between two tokens of a decoding request."""
 
     def __init__(self, slo: SloConfig, max_num_seqs: int, max_num_batched_tokens: int,
-                 clock: Callable[[], float], params: ControllerParams | None = None) -> None:  # fmt: skip
+                 clock: Callable[[], float], params: ControllerParams | None = None,
+                 chunked_prefill: bool = True) -> None:  # fmt: skip
         tightest = slo.tightest_tpot_s
         assert tightest is not None, "the controller needs a TPOT objective"
         self.slo = slo
         self.controller = SloController(tightest, max_num_seqs, max_num_batched_tokens, params)
         self.clock = clock
+        self.chunked_prefill = chunked_prefill
         self._planned: dict[int, tuple[float, StepSample]] = {}
         self._last_update: float | None = None
 
@@ -50,6 +52,12 @@ class SchedulerSlo:
     def caps(self, running: list[Request]) -> tuple[int, int]:
         """(running-batch cap, token budget) for the step about to be planned."""
         c = self.controller
+        if not running and not self.chunked_prefill:
+            # Without chunking a prompt runs whole, so an idle engine takes any prompt the
+            # configuration admits: one longer than the adapted cap would wait forever (no step
+            # runs, so nothing would grow the cap back).
+            c.last_budget = c.max_tokens_limit
+            return c.max_num_seqs, c.max_tokens_limit
         c.tpot_target_s = self.target_for(running)
         num_decode = context = 0
         for r in running:

@@ -89,8 +89,8 @@ class AsyncOutputs:
         if flats == rows == list(range(len(rows))):  # the usual decode batch: same order
             count = len(rows)
             return lambda input_ids: input_ids[:count].copy_(sampled[:count])
-        flat_idx = torch.tensor(flats, dtype=torch.long).to(self.device, non_blocking=True)
-        row_idx = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        flat_idx = list_to_device(flats, torch.long, self.device)
+        row_idx = list_to_device(rows, torch.long, self.device)
         return lambda input_ids: input_ids.index_copy_(0, flat_idx, sampled.index_select(0, row_idx))
 
     def launch_async(self, host: HostInputs, hidden: torch.Tensor, decoded: DecodeResult | None,

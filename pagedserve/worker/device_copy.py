@@ -5,19 +5,20 @@ queued before the copy has run. Inside async scheduling's launch of step n+1 tho
 step n+1's own forward, so the launch would return only once the step is done and nothing would
 overlap (measured on the H200: random sampling drawn on the device gained nothing offline and
 cost the server a step of TTFT). A copy from a CPU tensor with non_blocking=True is queued in
-stream order instead, as the runner's inputs are (input_batch.to_device): the driver stages the
-pageable source before it returns, so the list may go at once. On the CPU it is a plain tensor.
+stream order instead (the runner's inputs, the sampling state and the placeholder indices all
+go this way): the driver stages the pageable source before it returns, so the list may go at once. On the CPU it is a plain tensor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 
-def list_to_device(values: Sequence[int] | Sequence[float] | Sequence[bool], dtype: torch.dtype,
-                   device: torch.device) -> torch.Tensor:  # fmt: skip
-    """values as a 1-D (or, for nested lists, N-D) tensor of dtype on device, queued, not waited for."""
+def list_to_device(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """values (numbers, or equal-length lists / tuples of them) as a tensor of dtype on device,
+    queued, not waited for."""
     host = torch.tensor(values, dtype=dtype)
     return host if device.type == "cpu" else host.to(device, non_blocking=True)

@@ -26,6 +26,7 @@ from pagedserve.core.outputs import SchedulerOutput
 from pagedserve.core.request import token_slice
 from pagedserve.model_executor.layers.attention import AttentionMetadata
 from pagedserve.sampling_params import SamplingParams, SamplingType
+from pagedserve.worker.device_copy import list_to_device
 
 
 @dataclass(slots=True)
@@ -172,7 +173,7 @@ def to_device(host: HostInputs, device: torch.device) -> tuple[torch.Tensor, tor
     """The eager path's tensors: input_ids, positions [T] int64 and the attention metadata."""
 
     def copy(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        return list_to_device(values, dtype, device)
 
     width = host.max_blocks
     padded = [t + [0] * (width - len(t)) for t in host.tables]

@@ -146,10 +146,10 @@ class ModelRunner:
 
         host = prepare_inputs(states, plan, self.spec.block_size)
         all_plain = all(states[r].plain_greedy for r in host.sample_req_ids)
-        is_async = plan.grammar is None and (
-            all_plain or all(states[r].async_sampleable for r in host.sample_req_ids)) and not any(
+        # (plain greedy rows are async-sampleable too)
+        is_async = plan.grammar is None and all(states[r].async_sampleable for r in host.sample_req_ids) and not any(
             states[r].sampling_params.prompt_logprobs is not None for r in plan.num_scheduled_tokens
-        )  # fmt: skip
+        )
         fill = self.async_outputs.placeholder_fill(host, is_async)  # resolves steps in flight if sync
         graphs = self.decode_graphs
         decoded: DecodeResult | None = None

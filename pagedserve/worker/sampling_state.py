@@ -135,7 +135,7 @@ class PenaltyState:
             state.penalty_slot = slot
             self._fill(slot, state)
         slots = [max(s.penalty_slot, 0) if s.sampling_params.has_penalties else 0 for s in states]
-        slots_t = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
+        slots_t = list_to_device(slots, torch.int64, self.device)
         return TokenCounts(self.counts, self.prompt_seen, slots_t, self.apply)
 
     def record_on_device(self, states: list[RequestState], sampled: torch.Tensor) -> None:
@@ -144,8 +144,7 @@ class PenaltyState:
         rows = [i for i, s in enumerate(states) if s.penalty_slot >= 0]
         if not rows:
             return
-        index = torch.tensor([rows, [states[i].penalty_slot for i in rows]], dtype=torch.int64)
-        index = index.to(self.device, non_blocking=True)
+        index = list_to_device([rows, [states[i].penalty_slot for i in rows]], torch.int64, self.device)
         ones = torch.ones(len(rows), dtype=torch.int32, device=self.device)
         self.counts.index_put_((index[1], sampled.index_select(0, index[0])), ones, accumulate=True)
 
@@ -155,7 +154,7 @@ class PenaltyState:
         pairs = [(s.penalty_slot, t) for s, t in zip(states, tokens) if s.penalty_slot >= 0]
         if not pairs:
             return
-        index = torch.tensor(pairs, dtype=torch.int64).to(self.device, non_blocking=True)
+        index = list_to_device(pairs, torch.int64, self.device)
         ones = torch.ones(len(pairs), dtype=torch.int32, device=self.device)
         self.counts.index_put_((index[:, 0], index[:, 1]), ones, accumulate=True)
 

@@ -49,7 +49,7 @@ class StepSampler:
         self.seeded_draw = choose_seeded_kernel(device)
 
     def _seeded(self, rows: list[int], seeds: list[int]) -> SeededDraws:
-        index = torch.tensor([rows, seeds], dtype=torch.int64).to(self.device, non_blocking=True)
+        index = list_to_device([rows, seeds], torch.int64, self.device)
         return SeededDraws(index[0], index[1], len(rows), self.seeded_draw)
 
     def profile(self, logits: torch.Tensor, max_logprobs: int) -> None:
