@@ -2,7 +2,7 @@
 alternating order: the before / after comparison of a change to the serving path.
 
     python -m benchmarks.serving_ab --model DIR --old-tree DIR [--new-tree .] [--rates 16 32]
-        [--num-requests 300] [--repeats 2] [--gpu-memory-utilization 0.44] [--json OUT]
+        [--num-requests 300] [--repeats 2] [--gpu-memory-utilization 0.44] [--new-server-args "..."] [--json OUT]
 
 Both servers run at once, each started (one after the other: each sizes its KV cache alone) with
 --gpu-memory-utilization of the GPU, its own share, so both fit and a comparison needs no restart
@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=128256)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.44)
     parser.add_argument("--server-args", default="--max-model-len 4096 --log-level WARNING")
+    parser.add_argument("--new-server-args", default="",
+                        help="flags for the new tree's server only (the same tree twice with a flag on: --old-tree . "
+                             "--new-server-args --async-scheduling)")
     parser.add_argument("--log-dir", default="/tmp")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -53,8 +56,9 @@ def main() -> None:
         bases: dict[str, str] = {}
         ready: dict[str, float] = {}
         for tag, tree in (("old", args.old_tree), ("new", args.new_tree)):
+            own = [*flags, *args.new_server_args.split()] if tag == "new" else flags
             base, seconds = stack.enter_context(
-                running_server(args.model, flags, f"{args.log_dir}/server-ab-{tag}.log", tree=tree))
+                running_server(args.model, own, f"{args.log_dir}/server-ab-{tag}.log", tree=tree))
             bases[tag], ready[tag] = base, seconds
             n = args.warmup_requests
             asyncio.run(run_rate(base, "bench", work.prompts[:n], work.output_lens[:n], 32.0, seed=1000))

@@ -10,6 +10,9 @@
 2. At --overload x that rate (default 1.5) and at --light x it (default 0.3): run the same
    seeded workload (the ShareGPT-like mix, streamed, ignore_eos) against the server without
    objectives and against the server with `--slo-ttft-ms --slo-tpot-ms`.
+   Both servers get the same warm-up before their light run (64 requests at --start-rate, then
+   --warmup-requests at the light rate); every recorded run keeps a trace of /metrics (running,
+   waiting, the controller's caps, requests shed) sampled every 0.5 s.
 3. Print one table, write RESULTS_DIR/slo_serving.json (every run, the search's probes, the
    environment) and RESULTS_DIR/slo_serving.png (matplotlib; an .svg without it): goodput,
    P99 TPOT against the target, P99 TTFT and the share shed, per load and server.
@@ -28,8 +31,12 @@ import asyncio
 import json
 import math
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from benchmarks.common import environment, print_table
 from benchmarks.serving import run_rate, running_server
@@ -44,11 +51,76 @@ def _meets(row: dict[str, Any], args: argparse.Namespace) -> bool:
             and row["ttft_p99_ms"] <= args.slo_ttft_ms)  # fmt: skip
 
 
-def _run(base: str, work: Any, rate: float, args: argparse.Namespace, seed: int, n: int | None = None) -> dict:
+# the series sampled from /metrics during a recorded run: the engine's queue and the controller's caps
+TRACE_SERIES = {"running": "vllm:num_requests_running", "waiting": "vllm:num_requests_waiting",
+                "max_num_seqs": "pagedserve:slo_max_num_seqs",
+                "token_budget": "pagedserve:slo_max_num_batched_tokens",
+                "rejected": "pagedserve:slo_rejected_requests_total"}  # fmt: skip
+
+
+def parse_series(text: str) -> dict[str, float]:
+    """TRACE_SERIES' values in one /metrics page (labelled samples of a name summed)."""
+    values: dict[str, float] = {}
+    wanted = {metric: key for key, metric in TRACE_SERIES.items()}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in wanted:
+            key = wanted[name]
+            values[key] = values.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values
+
+
+class MetricsTrace:
+    """Samples TRACE_SERIES from the server's /metrics every `period` seconds in a thread, so a
+    run's result shows how the queue and the caps moved (why a run shed, or waited)."""
+
+    def __init__(self, base: str, period: float = 0.5) -> None:
+        self.base, self.period = base, period
+        self.samples: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        began = time.perf_counter()
+        with httpx.Client(base_url=self.base, timeout=5.0) as http:
+            while not self._stop.is_set():
+                try:
+                    values = parse_series(http.get("/metrics").text)
+                except httpx.HTTPError:
+                    values = {}
+                self.samples.append({"t_s": round(time.perf_counter() - began, 3), **values})
+                self._stop.wait(self.period)
+
+    def __enter__(self) -> MetricsTrace:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _run(base: str, work: Any, rate: float, args: argparse.Namespace, seed: int, n: int | None = None,
+         trace: bool = False) -> dict:  # fmt: skip
     n = n or len(work.prompts)
-    row = asyncio.run(run_rate(base, "bench", work.prompts[:n], work.output_lens[:n], rate, seed,
-                               slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms))  # fmt: skip
+    with MetricsTrace(base) as sampler:
+        row = asyncio.run(run_rate(base, "bench", work.prompts[:n], work.output_lens[:n], rate, seed,
+                                   slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms))  # fmt: skip
+    if trace:
+        row["trace"] = sampler.samples
     return row
+
+
+def _warm_up(base: str, work: Any, args: argparse.Namespace, light_rate: float | None) -> None:
+    """The same on both servers: 64 requests at --start-rate (compiles kernels), then, right
+    before the light run, --warmup-requests at the light rate, so neither light run is the first
+    traffic its server (and its controller) sees."""
+    if light_rate is None:
+        _run(base, work, args.start_rate, args, seed=99, n=min(64, len(work.prompts)))
+    elif args.warmup_requests:
+        _run(base, work, light_rate, args, seed=98, n=min(args.warmup_requests, len(work.prompts)))
 
 
 def find_sustainable_rate(base: str, work: Any, args: argparse.Namespace) -> tuple[float, list[dict]]:
@@ -120,6 +192,35 @@ def plot(rows: list[dict], args: argparse.Namespace, out: Path) -> Path:
     return path
 
 
+def plot_trace(rows: list[dict], out: Path) -> Path | None:
+    """slo_trace.png: per recorded run, the running batch, the queue and the controller's seat
+    cap over the run (matplotlib; nothing without it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    traced = [r for r in rows if r.get("trace")]
+    if not traced:
+        return None
+    fig, axes = plt.subplots(1, len(traced), figsize=(4 * len(traced), 3.2), squeeze=False)
+    for ax, row in zip(axes[0], traced):
+        t = [x["t_s"] for x in row["trace"]]
+        for key in ("running", "waiting", "max_num_seqs"):
+            if row["server"] == "no objectives" and key == "max_num_seqs":
+                continue  # no controller
+            ax.plot(t, [x.get(key, float("nan")) for x in row["trace"]], label=key, linewidth=1)
+        ax.set_title(f"{row['load']}, {row['server']} ({row['rate_rps']:.3g} req/s)", fontsize=9)
+        ax.set_xlabel("s")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "slo_trace.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def _plot_svg(rows: list[dict], args: argparse.Namespace, out: Path, loads: list[str], servers: list[str],
               panels: list[tuple[str, str]], value: dict) -> Path:  # fmt: skip
     """The same bars as SVG text (no matplotlib on the machine)."""
@@ -165,6 +266,8 @@ def main() -> None:
     parser.add_argument("--overload", type=float, default=1.5)
     parser.add_argument("--light", type=float, default=0.3)
     parser.add_argument("--light-requests", type=int, default=None, help="requests of the light runs (default: half)")
+    parser.add_argument("--warmup-requests", type=int, default=300,
+                        help="requests at the light rate on each server right before its light run")
     parser.add_argument("--device-cpu-tiny", action="store_true",
                         help="CPU flags for a tiny test model (a check of the script end to end)")
     args = parser.parse_args()
@@ -198,19 +301,21 @@ def main() -> None:
         save(partial=True)
 
     with running_server(args.model, server_args, str(out / "server-no-objectives.log")) as (base, _):
-        _run(base, work, args.start_rate, args, seed=99, n=min(64, len(work.prompts)))  # warm-up: compiles kernels
+        _warm_up(base, work, args, None)
         if rate is None:
             rate, found = find_sustainable_rate(base, work, args)
             probes.extend(found)
         print(f"sustainable rate without objectives: {rate:.3f} req/s", flush=True)
         loads = {"light": args.light * rate, "overload": args.overload * rate}
         sizes = {"light": args.light_requests or max(8, args.num_requests // 2), "overload": args.num_requests}
+        _warm_up(base, work, args, loads["light"])
         for load, r in loads.items():
-            record(load, "no objectives", _run(base, work, r, args, 1, sizes[load]))
+            record(load, "no objectives", _run(base, work, r, args, 1, sizes[load], trace=True))
     with running_server(args.model, slo_args, str(out / "server-slo-aware.log")) as (base, _):
-        _run(base, work, args.start_rate, args, seed=99, n=min(64, len(work.prompts)))  # warm-up: compiles kernels
+        _warm_up(base, work, args, None)
+        _warm_up(base, work, args, loads["light"])
         for load, r in loads.items():
-            record(load, "SLO-aware", _run(base, work, r, args, 1, sizes[load]))
+            record(load, "SLO-aware", _run(base, work, r, args, 1, sizes[load], trace=True))
     for row in rows:
         row["shed_share"] = row["shed_429"] / row["requests"]
     columns = ["load", "server", "rate_rps", "goodput_rps", "slo_attainment", "tpot_p50_ms", "tpot_p99_ms",
@@ -218,6 +323,7 @@ def main() -> None:
     print_table(f"SLO-aware serving (TPOT target {args.slo_tpot_ms:g} ms, TTFT {args.slo_ttft_ms:g} ms; "
                 f"sustainable {rate:.3g} req/s)", [{c: r[c] for c in columns} for r in rows])  # fmt: skip
     path = plot(rows, args, out)
+    plot_trace(rows, out)
     save(partial=False, plot_name=os.path.basename(path))
     print(f"wrote {out / 'slo_serving.json'} and {path}")
 

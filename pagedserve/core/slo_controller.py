@@ -32,6 +32,9 @@ core/slo_scheduler.py composes the samples from the scheduler's plans and times 
    of the requests already decoding. Steps without decodes get the whole (adapted) token cap.
 3. Queueing delay, for admission control: while requests wait, seats are handed out at a
    measured rate (admissions per second, EWMA); a request with n ahead waits about n / rate.
+   While the cap is still ramping (it has room below the configured maximum and the last
+   decision found TPOT under target * (1 - margin)), that rate is the one of a cap about to be
+   raised, not the engine's capacity: `ramping` tells admission control not to shed on it.
 """
 
 from __future__ import annotations
@@ -177,6 +180,7 @@ class SloController:
         self.num_changes = 0  # cap changes so far (grow or shrink)
         self._fresh = 0  # samples since the last decision
         self._cooldown = 0
+        self._headroom = True  # the last decision found TPOT well under the target (or none yet)
         self._cap_hit = self._budget_hit = False  # within the current decision interval
         self._seqs_seen = 0  # most requests scheduled in one step this interval
         self._mean_context = 0.0  # EWMA of context tokens per decoding request
@@ -263,6 +267,7 @@ class SloController:
         assert high is not None
         target = self.tpot_target_s
         old_seqs, old_tokens = self.max_num_seqs, self.token_cap
+        self._headroom = high < target * (1 - p.margin)
         if high > target:
             # cut from what actually ran, so that a cap far above the batch still bites
             base = min(self.max_num_seqs, max(self._seqs_seen, p.min_seqs))
@@ -310,6 +315,13 @@ class SloController:
 
     # ------------------------------------------------------------------ admission control
 
+    @property
+    def ramping(self) -> bool:
+        """The seat cap can still grow: below the configured maximum, not cooling down after a
+        shrink, and the last decision (if any) found TPOT under target * (1 - margin). Requests
+        that wait now wait for the ramp, so the measured admission rate understates capacity."""
+        return self._headroom and self._cooldown == 0 and self.max_num_seqs < self.max_seqs_limit
+
     def predicted_queue_delay_s(self, num_ahead: int, batch: bool = False) -> float | None:
         """Seconds a new request waits for a seat behind the num_ahead requests of its class
         queued before it (a batch request: behind the batch ones; the interactive ones that pass
@@ -319,6 +331,13 @@ class SloController:
 
 
 ADMISSION_SHARE = 0.8  # of the TTFT objective a predicted queueing delay may take (admission control)
+
+
+def sheds(delay_s: float | None, ttft_target_s: float, ramping: bool) -> bool:
+    """Admission control's rule: refuse a new request whose predicted queueing delay passes
+    ADMISSION_SHARE of its TTFT objective, unless the seat cap is still ramping (the wait is
+    the controller's own, and shrinks as the cap grows) or there is no rate to predict from."""
+    return not ramping and delay_s is not None and delay_s > ADMISSION_SHARE * ttft_target_s
 
 
 def predicted_delay(num_ahead: int, admit_rate: float | None) -> float | None:

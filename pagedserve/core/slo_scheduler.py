@@ -90,6 +90,7 @@ class SchedulerSlo:
         c = self.controller
         stats.slo_max_num_seqs, stats.slo_token_budget = c.max_num_seqs, c.last_budget
         stats.admit_rate_interactive, stats.admit_rate_batch = c.admit_rate[0], c.admit_rate[1]
+        stats.slo_ramping = c.ramping
 
     def updated(self, step_id: int, busy: bool) -> None:
         """busy: requests are left to run, so the engine plans the next step at once (the time

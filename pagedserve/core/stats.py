@@ -26,3 +26,4 @@ class SchedulerStats:
     num_waiting_batch: int = 0
     admit_rate_interactive: float | None = None
     admit_rate_batch: float | None = None
+    slo_ramping: bool = False  # the controller's seat cap is still growing (SloController.ramping)

@@ -19,7 +19,7 @@ from pagedserve.config import CacheConfig, SchedulerConfig, SloConfig
 from pagedserve.core.outputs import SchedulerOutput
 from pagedserve.core.request import Request
 from pagedserve.core.scheduler import Scheduler
-from pagedserve.core.slo_controller import ADMISSION_SHARE
+from pagedserve.core.slo_controller import sheds
 from pagedserve.sampling_params import SamplingParams
 from tests.core.sim import SimWorker
 
@@ -169,5 +169,5 @@ def _shed(scheduler: Scheduler, slo: SloConfig, klass: str) -> bool:
     if target is None or scheduler.slo is None:
         return False
     ahead = scheduler.num_waiting_ahead(klass)
-    delay = scheduler.slo.controller.predicted_queue_delay_s(ahead, batch=klass == "batch")
-    return delay is not None and delay > ADMISSION_SHARE * target
+    controller = scheduler.slo.controller
+    return sheds(controller.predicted_queue_delay_s(ahead, batch=klass == "batch"), target, controller.ramping)

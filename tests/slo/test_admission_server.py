@@ -95,12 +95,13 @@ def test_batch_class_field_and_bad_class(slo_server: RunningServer) -> None:
 # ---------------------------------------------------------------------------- units
 
 
-def _stats(waiting: int, waiting_batch: int, rate_i: float | None, rate_b: float | None) -> SchedulerStats:
+def _stats(waiting: int, waiting_batch: int, rate_i: float | None, rate_b: float | None,
+           ramping: bool = False) -> SchedulerStats:  # fmt: skip
     return SchedulerStats(num_running=2, num_waiting=waiting, num_swapped=0, kv_cache_usage=0.1,
                           prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0,
                           num_scheduled_tokens=2, kv_slots_allocated=0, kv_slots_wasted=0,
                           slo_max_num_seqs=8, slo_token_budget=512, num_waiting_batch=waiting_batch,
-                          admit_rate_interactive=rate_i, admit_rate_batch=rate_b)  # fmt: skip
+                          admit_rate_interactive=rate_i, admit_rate_batch=rate_b, slo_ramping=ramping)  # fmt: skip
 
 
 def test_admission_predicts_per_class_and_sets_retry_after() -> None:
@@ -128,6 +129,18 @@ def test_admission_predicts_per_class_and_sets_retry_after() -> None:
     text = metrics.render().decode()
     assert 'pagedserve:slo_rejected_requests_total{model_name="m",priority_class="batch"} 2.0' in text
     assert 'pagedserve:slo_max_num_seqs{model_name="m"} 8.0' in text
+
+
+def test_no_shedding_while_the_controller_ramps_its_cap() -> None:
+    metrics = EngineMetrics("m")
+    slo = SloConfig(ttft_s={"interactive": 0.5}, tpot_s={"interactive": 0.05})
+    adm = SloAdmission(slo, metrics.slo)
+    # 40 ahead at 10 per s = 4 s: far past the objective, but the seats are still being added
+    adm.on_stats(_stats(waiting=40, waiting_batch=0, rate_i=10.0, rate_b=None, ramping=True))
+    adm.check(1, "interactive")
+    adm.on_stats(_stats(waiting=40, waiting_batch=0, rate_i=10.0, rate_b=None, ramping=False))
+    with pytest.raises(RateLimitError):
+        adm.check(1, "interactive")
 
 
 def test_attainment_and_goodput_per_class() -> None:

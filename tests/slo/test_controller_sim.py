@@ -159,6 +159,27 @@ def test_dead_band_holds_and_a_breach_shrinks_with_a_cooldown() -> None:
     assert c.max_num_seqs == held
 
 
+def test_the_cap_ramps_until_it_holds_shrinks_or_reaches_the_maximum() -> None:
+    """`ramping` (admission control does not shed on it): true while the cap can still grow."""
+    c = SloController(TPOT, max_num_seqs=64, max_num_batched_tokens=2048)
+    assert c.ramping  # fresh: below the maximum, nothing measured against it yet
+    _feed(c, 0.010, c.params.interval)  # far under the goal: grows, still ramping
+    assert c.max_num_seqs > c.params.initial_seqs and c.ramping
+    _feed(c, 0.028, c.params.interval)  # the dead band: holds, the ramp is over
+    assert not c.ramping
+    _feed(c, 0.035, c.params.interval)  # a breach: shrinks, and cools down
+    assert not c.ramping
+    for _ in range(c.params.cooldown - 1):
+        _feed(c, 0.010, c.params.interval)
+        assert not c.ramping
+    shrunk = c.max_num_seqs
+    _feed(c, 0.010, c.params.interval)  # the cooldown's last decision, far under: ramping again
+    assert c.ramping and c.max_num_seqs == shrunk
+    for _ in range(20):
+        _feed(c, 0.010, c.params.interval)
+    assert c.max_num_seqs == 64 and not c.ramping  # at the configured maximum: nothing to wait for
+
+
 def test_queue_delay_prediction_per_class() -> None:
     c = SloController(TPOT, max_num_seqs=8, max_num_batched_tokens=2048)
     assert c.predicted_queue_delay_s(3) is None  # never backlogged: no rate yet

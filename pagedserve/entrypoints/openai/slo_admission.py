@@ -9,7 +9,8 @@ them). Its predicted queueing delay is
                                  + requests of class c this process sent since that report
 
 and past ADMISSION_SHARE of the class's TTFT objective (the rest is left for the prefill and
-for the rate's error) the request is refused with 429, `Retry-After` (seconds
+for the rate's error) the request is refused with 429 (not while the controller's seat cap is
+still ramping up: that wait shrinks as the cap grows), `Retry-After` (seconds
 for the queue to drain to the objective at that rate) and an OpenAI error JSON: the queue
 stays bounded instead of every request's TTFT growing with it.
 
@@ -23,7 +24,7 @@ import math
 from typing import Any
 
 from pagedserve.config import PRIORITY_CLASSES, SloConfig
-from pagedserve.core.slo_controller import ADMISSION_SHARE, predicted_delay
+from pagedserve.core.slo_controller import ADMISSION_SHARE, predicted_delay, sheds
 from pagedserve.core.stats import SchedulerStats
 from pagedserve.engine.async_llm import FinishedRequestStats
 from pagedserve.entrypoints.openai.errors import BadRequestError, overloaded
@@ -82,7 +83,8 @@ class SloAdmission:
         target = self.slo.ttft_s.get(klass) if self.slo is not None else None
         if target is not None:
             delay = self.predicted_delay_s(klass)
-            if delay is not None and delay > ADMISSION_SHARE * target:
+            if sheds(delay, target, ramping=self.last is not None and self.last.slo_ramping):
+                assert delay is not None
                 self.metrics.rejected[klass].inc(num_new)
                 rate = (self.last.admit_rate_batch if klass == "batch" else self.last.admit_rate_interactive
                         ) if self.last is not None else None  # fmt: skip
