@@ -161,7 +161,7 @@ def find_sustainable_rate(base: str, work: Any, args: argparse.Namespace) -> tup
 
 
 def plot(rows: list[dict], args: argparse.Namespace, out: Path) -> Path:
-    loads = ["light", "overload"]
+    loads = [load for load in ("light", "overload") if load in args.loads]
     servers = ["no objectives", "SLO-aware"]
     panels = [("goodput_rps", "goodput (req/s)"), ("tpot_p99_ms", "P99 TPOT of admitted (ms)"),
               ("ttft_p99_ms", "P99 TTFT of admitted (ms)"), ("shed_share", "share shed (429)")]  # fmt: skip
@@ -266,6 +266,7 @@ def main() -> None:
     parser.add_argument("--overload", type=float, default=1.5)
     parser.add_argument("--light", type=float, default=0.3)
     parser.add_argument("--light-requests", type=int, default=None, help="requests of the light runs (default: half)")
+    parser.add_argument("--loads", nargs="+", choices=["light", "overload"], default=["light", "overload"])
     parser.add_argument("--warmup-requests", type=int, default=300,
                         help="requests at the light rate on each server right before its light run")
     parser.add_argument("--device-cpu-tiny", action="store_true",
@@ -303,17 +304,19 @@ def main() -> None:
     with running_server(args.model, server_args, str(out / "server-no-objectives.log")) as (base, _):
         _warm_up(base, work, args, None)
         if rate is None:
+            _warm_up(base, work, args, args.start_rate / 2)  # the first probe is not the first load either
             rate, found = find_sustainable_rate(base, work, args)
             probes.extend(found)
         print(f"sustainable rate without objectives: {rate:.3f} req/s", flush=True)
-        loads = {"light": args.light * rate, "overload": args.overload * rate}
+        loads = {load: factor * rate for load, factor in (("light", args.light), ("overload", args.overload))
+                 if load in args.loads}  # fmt: skip
         sizes = {"light": args.light_requests or max(8, args.num_requests // 2), "overload": args.num_requests}
-        _warm_up(base, work, args, loads["light"])
+        _warm_up(base, work, args, args.light * rate)
         for load, r in loads.items():
             record(load, "no objectives", _run(base, work, r, args, 1, sizes[load], trace=True))
     with running_server(args.model, slo_args, str(out / "server-slo-aware.log")) as (base, _):
         _warm_up(base, work, args, None)
-        _warm_up(base, work, args, loads["light"])
+        _warm_up(base, work, args, args.light * rate)
         for load, r in loads.items():
             record(load, "SLO-aware", _run(base, work, r, args, 1, sizes[load], trace=True))
     for row in rows:
