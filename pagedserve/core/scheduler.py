@@ -37,13 +37,14 @@ from pagedserve.core.outputs import (
     NewRequestData,
     SchedulerOutput,
 )
+from pagedserve.core.preemption import Preemption
 from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.scheduler_gauges import SchedulerGauges
 from pagedserve.core.slo_scheduler import SchedulerSlo
-from pagedserve.core.stats import SchedulerStats
 from pagedserve.core.stop_check import check_stop
 
 
-class Scheduler(LeaderForks):
+class Scheduler(Preemption, SchedulerGauges, LeaderForks):
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
         self.config = scheduler_config
         self.block_size = cache_config.block_size
@@ -250,37 +251,6 @@ class Scheduler(LeaderForks):
         token's update): never synchronously; AsyncScheduler's rule."""
         return False
 
-    def _schedule_swapped(self, budget: int, swap_in: list[tuple[int, int]]) -> int:
-        while self.swapped and budget > 0 and len(self.running) < self._max_seqs:
-            request = self.swapped[0]
-            if self._token_in_flight(request):  # resume after its update
-                break
-            num_new = min(request.max_computable_tokens - request.num_computed_tokens, budget)
-            if not self.kv.can_swap_in(request, num_new):
-                break
-            self.swapped.pop(0)
-            swap_in.extend(self.kv.swap_in(request))
-            allocated = self.kv.allocate_slots(request, num_new)
-            assert allocated is not None
-            request.status = RequestStatus.RUNNING
-            request.needs_full_data = True
-            self.running.append(request)
-            if num_new > 0:
-                self._num_scheduled[request.request_id] = num_new
-                budget -= num_new
-        return budget
-
-    def _may_admit_waiting(self) -> bool:
-        """Swapped requests come back before new ones are admitted (else they could starve);
-        under the priority policy a waiting request ranked above every swapped one may go first."""
-        if not self.swapped:
-            return True
-        return (
-            self.config.policy == "priority"
-            and bool(self.waiting)
-            and self._rank(self.waiting[0]) < self._rank(self.swapped[0])
-        )
-
     def _schedule_waiting(self, budget: int) -> None:
         while self.waiting and budget > 0:
             request = self.waiting[0]
@@ -315,61 +285,6 @@ class Scheduler(LeaderForks):
             self.running.append(request)
             self._num_scheduled[request.request_id] = num_new
             budget -= num_new
-
-    # ---------------------------------------------------------------- preemption
-
-    def _pick_victim(self) -> Request:
-        """The lowest-ranked running request: the latest arrival under FCFS, else the worst
-        priority (then the latest arrival)."""
-        return max(self.running, key=self._rank)
-
-    def _evict_lower_priority(self, request: Request) -> int | None:
-        """Priority policy (or an interactive request over a batch one): preempt (by recompute) a
-        running request ranked below the waiting one. Returns the budget it gives back, or None
-        when there is no such request."""
-        if not self.running:
-            return None
-        victim = self._pick_victim()
-        if self._rank(victim) <= self._rank(request):
-            return None
-        if self.config.policy != "priority" and victim.priority_class == request.priority_class:
-            return None
-        return self._preempt(victim, force_recompute=True)
-
-    def _preempt(self, victim: Request, force_recompute: bool = False) -> int:
-        """Take the victim off the GPU. Returns the tokens it had been granted this step."""
-        self.num_preemptions += 1
-        victim.num_preemptions += 1
-        granted = self._num_scheduled.pop(victim.request_id, 0)
-        self.running.remove(victim)
-        self.finished_req_ids.add(victim.request_id)  # the worker forgets it until it returns
-        victim.needs_full_data = True
-        # A token still pending (async scheduling: the step in flight samples it) is kept: it
-        # arrives at that step's update, and the victim is not resumed before (else it could be
-        # preempted again and again before it keeps any token: a livelock).
-        victim_blocks = set(self.kv.block_ids(victim.request_id))
-        forked_now = any(dst in victim_blocks for _, dst in self._copies)
-        if forked_now:  # its partial block was never filled: drop the copy
-            self._copies = [c for c in self._copies if c[1] not in victim_blocks]
-        use_swap = (
-            self.config.preemption_mode == "swap"
-            and not force_recompute
-            and not forked_now
-            and self.kv.can_swap_out(victim)
-        )
-        if use_swap:
-            self.num_swap_outs += 1
-            # (the step in flight writes into the blocks before the swap-out copies them: both
-            # are queued on the device in that order)
-            self._swap_out.extend(self.kv.swap_out(victim))
-            victim.status = RequestStatus.SWAPPED
-            self._insert_by_rank(self.swapped, victim)
-        else:
-            self.kv.free(victim)
-            victim.num_computed_tokens = 0
-            victim.status = RequestStatus.WAITING
-            self._insert_by_rank(self.waiting, victim)
-        return granted
 
     # ---------------------------------------------------------------- update
 
@@ -419,43 +334,6 @@ class Scheduler(LeaderForks):
             self.slo.updated(scheduler_output.step_id, busy=bool(self.running or self.waiting))
         return outputs
 
-    # ---------------------------------------------------------------- stats
-
-    def kv_slot_usage(self, scheduler_output: SchedulerOutput) -> tuple[int, int]:
-        """(allocated, wasted) KV slots of the scheduled requests for the planned step: slots in
-        their blocks, and those holding no token after it. Call right after schedule(), which has
-        already advanced num_computed_tokens past the planned step."""
-        allocated = wasted = 0
-        for req_id in scheduler_output.num_scheduled_tokens:
-            request = self.requests[req_id]
-            slots = self.kv.num_blocks_of(req_id) * self.block_size
-            allocated += slots
-            wasted += slots - request.num_computed_tokens
-        return allocated, wasted
-
-    def make_stats(
-        self, scheduler_output: SchedulerOutput | None, slot_usage: tuple[int, int] = (0, 0)
-    ) -> SchedulerStats:
-        """Queue and cache gauges as they stand now (after the step's update); without a plan,
-        between steps (nothing scheduled, no slots in use)."""
-        stats = self.kv.prefix_stats
-        num_followers = sum(len(r.followers) for r in self.running + self.waiting + self.swapped)
-        out = SchedulerStats(
-            num_running=len(self.running),
-            num_waiting=len(self.waiting) + num_followers,
-            num_swapped=len(self.swapped),
-            kv_cache_usage=self.kv.usage,
-            prefix_cache_queries=stats.queries,
-            prefix_cache_hits=stats.hits,
-            num_preemptions=self.num_preemptions,
-            num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens if scheduler_output is not None else 0,
-            kv_slots_allocated=slot_usage[0],
-            kv_slots_wasted=slot_usage[1],
-            num_waiting_batch=self.num_waiting_ahead("batch"),
-        )
-        if self.slo is not None:
-            self.slo.fill_stats(out)
-        return out
 
 
 def _unseen_prompt_logprobs(

@@ -30,6 +30,8 @@ core/slo_scheduler.py composes the samples from the scheduler's plans and times 
    exponentially weighted least squares. A step's prefill share is sized so that the running
    requests' step stays under target * (1 - margin / 2): chunked prefill never breaks the TPOT
    of the requests already decoding. Steps without decodes get the whole (adapted) token cap.
+   The share is scaled by a feedback gain (up while the budget binds and TPOT is well under
+   target, down on a breach), so a model that misjudges a prefill token cannot starve prefill.
 3. Queueing delay, for admission control: while requests wait, seats are handed out at a
    measured rate (admissions per second, EWMA); a request with n ahead waits about n / rate.
    While the cap is still ramping (it has room below the configured maximum and the last
@@ -76,6 +78,9 @@ class ControllerParams:
     forgetting: float = 0.98  # per-sample weight decay of the step-time model
 
 
+MIN_PREFILL_GAIN, MAX_PREFILL_GAIN = 1 / 16, 64.0  # bounds of SloController.prefill_gain
+
+
 class StepTimeModel:
     """Exponentially weighted ridge regression of step time on the step's composition.
 
@@ -112,8 +117,10 @@ class StepTimeModel:
         self._weights = None
 
     def weights(self) -> list[float] | None:
-        """The fitted weights, or None before enough samples. Negative marginal costs (noise,
-        collinear features) are clamped to 0 and the rest refitted, so predictions are monotone."""
+        """The fitted weights, or None before enough samples. Negative costs (noise, collinear
+        features; the intercept too: a negative fixed cost let a cold start's slow steps inflate
+        the per-token cost 7-fold) are clamped to 0 and the rest refitted, so predictions are
+        monotone and no cost is negative."""
         if self.num_samples < 2 * self.DIM:
             return None
         if self._weights is None:
@@ -124,7 +131,7 @@ class StepTimeModel:
                 full = [0.0] * self.DIM
                 for k, i in enumerate(active):
                     full[i] = w[k]
-                negative = [i for i in active[1:] if full[i] < 0]
+                negative = [i for i in active if full[i] < 0]
                 if not negative:
                     break
                 active = [i for i in active if i not in negative]
@@ -181,6 +188,12 @@ class SloController:
         self._fresh = 0  # samples since the last decision
         self._cooldown = 0
         self._headroom = True  # the last decision found TPOT well under the target (or none yet)
+        # feedback on the model's prefill share: x (1 + grow_frac) while the budget binds with the
+        # TPOT well under target, x (1 - shrink_frac) on a breach. The model alone can be stuck
+        # (a small budget gives every step the same few prefill tokens, so their cost is never
+        # measured apart from a request's: H200 run of 2026-12-02, the budget at 68-200 tokens
+        # with TPOT at 18 ms); the gain corrects it from the TPOT actually measured.
+        self.prefill_gain = 1.0
         self._cap_hit = self._budget_hit = False  # within the current decision interval
         self._seqs_seen = 0  # most requests scheduled in one step this interval
         self._mean_context = 0.0  # EWMA of context tokens per decoding request
@@ -213,7 +226,7 @@ class SloController:
             # a prefill token costs w[2], its share of the w[1] of the request it belongs to
             # (chunks of about _mean_chunk tokens), and at least one more position attended
             per_token = w[2] + w[1] / max(1.0, self._mean_chunk) + w[3] / 1024
-            extra = (goal - base) / per_token
+            extra = self.prefill_gain * (goal - base) / per_token
             budget = max(floor, min(cap, num_decode + int(extra)))
         self.last_budget = budget
         return budget
@@ -266,7 +279,7 @@ class SloController:
         high = self.high_percentile()
         assert high is not None
         target = self.tpot_target_s
-        old_seqs, old_tokens = self.max_num_seqs, self.token_cap
+        before = self.max_num_seqs, self.token_cap, self.prefill_gain
         self._headroom = high < target * (1 - p.margin)
         if high > target:
             # cut from what actually ran, so that a cap far above the batch still bites
@@ -274,6 +287,7 @@ class SloController:
             self.max_num_seqs = max(p.min_seqs, base - max(1, int(base * p.shrink_frac)))
             floor = min(self.max_tokens_limit, max(p.min_chunk, self.max_num_seqs))
             self.token_cap = max(floor, self.token_cap - max(1, int(self.token_cap * p.shrink_frac)))
+            self.prefill_gain = max(MIN_PREFILL_GAIN, self.prefill_gain * (1 - p.shrink_frac))
             self._cooldown = p.cooldown
         elif self._cooldown > 0:
             self._cooldown -= 1
@@ -283,7 +297,8 @@ class SloController:
             if self._budget_hit:
                 step = max(1, int(self.token_cap * p.grow_frac))
                 self.token_cap = min(self.max_tokens_limit, self.token_cap + step)
-        if (self.max_num_seqs, self.token_cap) != (old_seqs, old_tokens):
+                self.prefill_gain = min(MAX_PREFILL_GAIN, self.prefill_gain * (1 + p.grow_frac))
+        if (self.max_num_seqs, self.token_cap, self.prefill_gain) != before:
             self.num_changes += 1
             self.window.clear()  # judge the new caps by samples measured under them
             self._recent.clear()
