@@ -55,7 +55,10 @@ def _meets(row: dict[str, Any], args: argparse.Namespace) -> bool:
 TRACE_SERIES = {"running": "vllm:num_requests_running", "waiting": "vllm:num_requests_waiting",
                 "max_num_seqs": "pagedserve:slo_max_num_seqs",
                 "token_budget": "pagedserve:slo_max_num_batched_tokens",
-                "rejected": "pagedserve:slo_rejected_requests_total"}  # fmt: skip
+                "rejected": "pagedserve:slo_rejected_requests_total",
+                "tpot_signal_s": "pagedserve:slo_tpot_signal_seconds",
+                "mixed_step_model_s": "pagedserve:slo_mixed_step_model_seconds",
+                "prefill_allowance": "pagedserve:slo_prefill_allowance_tokens"}  # fmt: skip
 
 
 def parse_series(text: str) -> dict[str, float]:

@@ -30,8 +30,8 @@ core/slo_scheduler.py composes the samples from the scheduler's plans and times 
    exponentially weighted least squares. A step's prefill share is sized so that the running
    requests' step stays under target * (1 - margin / 2): chunked prefill never breaks the TPOT
    of the requests already decoding. Steps without decodes get the whole (adapted) token cap.
-   The share is scaled by a feedback gain (up while the budget binds and TPOT is well under
-   target, down on a breach), so a model that misjudges a prefill token cannot starve prefill.
+   The share is at least a feedback allowance (grown while the budget binds and TPOT is well
+   under target, cut on a breach), so a model that overprices prefill cannot starve it.
 3. Queueing delay, for admission control: while requests wait, seats are handed out at a
    measured rate (admissions per second, EWMA); a request with n ahead waits about n / rate.
    While the cap is still ramping (it has room below the configured maximum and the last
@@ -76,9 +76,6 @@ class ControllerParams:
     min_seqs: int = 1
     min_chunk: int = 16  # prefill tokens a step may always take beside its decodes
     forgetting: float = 0.98  # per-sample weight decay of the step-time model
-
-
-MIN_PREFILL_GAIN, MAX_PREFILL_GAIN = 1 / 16, 64.0  # bounds of SloController.prefill_gain
 
 
 class StepTimeModel:
@@ -184,16 +181,17 @@ class SloController:
         self.window: deque[float] = deque(maxlen=p.window)  # TPOT samples (means over `span` steps)
         self._recent: deque[float] = deque(maxlen=p.span)  # the last decode steps' durations
         self.last_budget = max_num_batched_tokens
+        self.last_base_s = 0.0  # the model's time for the last budgeted step's decodes alone (mixed)
         self.num_changes = 0  # cap changes so far (grow or shrink)
         self._fresh = 0  # samples since the last decision
         self._cooldown = 0
         self._headroom = True  # the last decision found TPOT well under the target (or none yet)
-        # feedback on the model's prefill share: x (1 + grow_frac) while the budget binds with the
-        # TPOT well under target, x (1 - shrink_frac) on a breach. The model alone can be stuck
-        # (a small budget gives every step the same few prefill tokens, so their cost is never
-        # measured apart from a request's: H200 run of 2026-12-02, the budget at 68-200 tokens
-        # with TPOT at 18 ms); the gain corrects it from the TPOT actually measured.
-        self.prefill_gain = 1.0
+        # prefill tokens a step with decodes may take whatever the model says, by feedback: grown
+        # (as the seat cap) while the budget binds with the TPOT well under target, cut on a
+        # breach. The model alone can be stuck pessimistic (a small budget gives every step the
+        # same few prefill tokens, so their cost is never measured apart from a request's: the
+        # H200 run of 2026-12-02 held the budget at its floor while TPOT was 18 ms).
+        self.prefill_allowance = p.min_chunk
         self._cap_hit = self._budget_hit = False  # within the current decision interval
         self._seqs_seen = 0  # most requests scheduled in one step this interval
         self._mean_context = 0.0  # EWMA of context tokens per decoding request
@@ -223,11 +221,12 @@ class SloController:
             # the decodes' step, run as a mixed one (its fixed cost w[4] included)
             base = self.model.predict(num_decode, num_decode, context_tokens, prefill=True)
             assert base is not None
+            self.last_base_s = base
             # a prefill token costs w[2], its share of the w[1] of the request it belongs to
             # (chunks of about _mean_chunk tokens), and at least one more position attended
             per_token = w[2] + w[1] / max(1.0, self._mean_chunk) + w[3] / 1024
-            extra = self.prefill_gain * (goal - base) / per_token
-            budget = max(floor, min(cap, num_decode + int(extra)))
+            extra = max(int((goal - base) / per_token), self.prefill_allowance)
+            budget = max(floor, min(cap, num_decode + extra))
         self.last_budget = budget
         return budget
 
@@ -279,7 +278,7 @@ class SloController:
         high = self.high_percentile()
         assert high is not None
         target = self.tpot_target_s
-        before = self.max_num_seqs, self.token_cap, self.prefill_gain
+        before = self.max_num_seqs, self.token_cap, self.prefill_allowance
         self._headroom = high < target * (1 - p.margin)
         if high > target:
             # cut from what actually ran, so that a cap far above the batch still bites
@@ -287,7 +286,7 @@ class SloController:
             self.max_num_seqs = max(p.min_seqs, base - max(1, int(base * p.shrink_frac)))
             floor = min(self.max_tokens_limit, max(p.min_chunk, self.max_num_seqs))
             self.token_cap = max(floor, self.token_cap - max(1, int(self.token_cap * p.shrink_frac)))
-            self.prefill_gain = max(MIN_PREFILL_GAIN, self.prefill_gain * (1 - p.shrink_frac))
+            self.prefill_allowance = max(p.min_chunk, int(self.prefill_allowance * (1 - p.shrink_frac)))
             self._cooldown = p.cooldown
         elif self._cooldown > 0:
             self._cooldown -= 1
@@ -297,8 +296,9 @@ class SloController:
             if self._budget_hit:
                 step = max(1, int(self.token_cap * p.grow_frac))
                 self.token_cap = min(self.max_tokens_limit, self.token_cap + step)
-                self.prefill_gain = min(MAX_PREFILL_GAIN, self.prefill_gain * (1 + p.grow_frac))
-        if (self.max_num_seqs, self.token_cap, self.prefill_gain) != before:
+                factor = min(p.max_grow, max(1 + p.grow_frac, target * (1 - p.margin) / max(high, 1e-9)))
+                self.prefill_allowance = min(self.token_cap, int(self.prefill_allowance * factor))
+        if (self.max_num_seqs, self.token_cap, self.prefill_allowance) != before:
             self.num_changes += 1
             self.window.clear()  # judge the new caps by samples measured under them
             self._recent.clear()

@@ -91,6 +91,9 @@ class SchedulerSlo:
         stats.slo_max_num_seqs, stats.slo_token_budget = c.max_num_seqs, c.last_budget
         stats.admit_rate_interactive, stats.admit_rate_batch = c.admit_rate[0], c.admit_rate[1]
         stats.slo_ramping = c.ramping
+        stats.slo_tpot_signal_s = c.high_percentile() or 0.0
+        stats.slo_mixed_step_model_s = c.last_base_s
+        stats.slo_prefill_allowance = c.prefill_allowance
 
     def updated(self, step_id: int, busy: bool) -> None:
         """busy: requests are left to run, so the engine plans the next step at once (the time

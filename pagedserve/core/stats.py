@@ -27,3 +27,10 @@ class SchedulerStats:
     admit_rate_interactive: float | None = None
     admit_rate_batch: float | None = None
     slo_ramping: bool = False  # the controller's seat cap is still growing (SloController.ramping)
+    # the controller's view of the last step: its TPOT signal (the moving high percentile of
+    # `span`-step means, seconds; 0 before any), the step-time model's prediction for a decode
+    # step of the running batch run as a mixed one (seconds; 0 without a model), the feedback
+    # prefill allowance (tokens)
+    slo_tpot_signal_s: float = 0.0
+    slo_mixed_step_model_s: float = 0.0
+    slo_prefill_allowance: int = 0

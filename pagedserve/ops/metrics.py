@@ -266,6 +266,15 @@ class SloMetrics:
         self.max_num_batched_tokens = Gauge(
             "pagedserve:slo_max_num_batched_tokens", "The SLO controller's token budget of the last step.",
             ["model_name"], registry=registry).labels(*model)  # fmt: skip
+        self.tpot_signal = Gauge(
+            "pagedserve:slo_tpot_signal_seconds", "The SLO controller's TPOT signal: the moving high percentile "
+            "of its multi-step mean step times.", ["model_name"], registry=registry).labels(*model)  # fmt: skip
+        self.mixed_step_model = Gauge(
+            "pagedserve:slo_mixed_step_model_seconds", "The controller's step-time model: the running decodes' "
+            "step run as a mixed one.", ["model_name"], registry=registry).labels(*model)  # fmt: skip
+        self.prefill_allowance = Gauge(
+            "pagedserve:slo_prefill_allowance_tokens", "Prefill tokens the controller's feedback lets a step "
+            "with decodes take.", ["model_name"], registry=registry).labels(*model)  # fmt: skip
         delay = Gauge("pagedserve:slo_predicted_queue_delay_seconds", "Predicted wait for a seat of a new "
                       "request (-1: unknown).", ["model_name", "priority_class"], registry=registry)  # fmt: skip
         self.queue_delay = {c: delay.labels(model_name, c) for c in classes}

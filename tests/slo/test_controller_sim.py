@@ -180,6 +180,60 @@ def test_the_cap_ramps_until_it_holds_shrinks_or_reaches_the_maximum() -> None:
     assert c.max_num_seqs == 64 and not c.ramping  # at the configured maximum: nothing to wait for
 
 
+class _DearPrefillModel(StepTimeModel):
+    """A step-time model stuck with a prefill token 7x too dear (0.21 ms against 0.03), as an
+    unexcited model can stay: every step carries the same few prefill tokens, so their cost is
+    never measured apart from a request's. It learns nothing more."""
+
+    def add(self, x: list[float], y: float) -> None:
+        pass
+
+    def weights(self) -> list[float] | None:
+        return [0.0055, 0.00004, 0.00021, 0.00003, 0.0]
+
+
+def _true_step_s(num_decode: int, num_tokens: int) -> float:
+    """ms: 5.5 fixed + 0.04 a request + 0.03 a token + 0.03 per 1,024 positions (context 300)."""
+    return (5.5 + 0.04 * (num_decode + 1) + 0.03 * num_tokens + 0.03 * num_decode * 300 / 1024) / 1e3
+
+
+def test_a_model_that_misjudges_prefill_does_not_starve_it() -> None:
+    """The feedback prefill allowance: while the budget binds and the measured TPOT is well
+    under target, the share grows past what the wrong model allows, up to what the true cost
+    allows, and the steps still keep the running requests' TPOT."""
+    c = SloController(TPOT, max_num_seqs=1024, max_num_batched_tokens=8192)
+    c.model = _DearPrefillModel(c.params.forgetting)
+    first = c.token_budget(100, 100 * 300)
+    budgets, steps = [], []
+    for step in range(600):  # ~100 decodes beside an endless prefill backlog
+        n = 100 + step % 7
+        budget = c.token_budget(n, n * 300)
+        steps.append(_true_step_s(n, budget))
+        c.observe(StepSample(steps[-1], n + 1, n, budget, n * 300, num_waiting=(20, 0), num_admitted=(1, 0),
+                             cap_hit=True, budget_hit=True))  # fmt: skip
+        budgets.append(budget)
+    goal = TPOT * (1 - c.params.margin / 2)
+    ideal = 103 + int((goal - _true_step_s(103, 103)) / 0.03e-3)  # the budget the true cost allows
+    assert first < 0.4 * ideal  # what the model alone gives
+    assert statistics.median(budgets[-100:]) >= 0.8 * ideal, (first, statistics.median(budgets[-100:]), ideal)
+    assert statistics.mean(steps[-100:]) <= TPOT
+
+
+def test_the_step_time_model_has_no_negative_cost() -> None:
+    """Slow first steps (a cold start: 2,000-token prefills at 400 ms) and then fast ones: the fit
+    keeps every weight, the fixed cost too, at 0 or above (a negative fixed cost let the per-token
+    cost absorb the cold start)."""
+    model = StepTimeModel(0.98)
+    for i in range(30):
+        model.add(StepTimeModel.features(4 + i % 5, 2000 + 100 * (i % 7), 3000), 0.4 + 0.01 * (i % 3))
+    for step in range(300):
+        n = 100 + step % 7
+        tokens = n + 16 + step % 5
+        model.add(StepTimeModel.features(n + 1, tokens, n * 300), _true_step_s(n, tokens))
+    weights = model.weights()
+    assert weights is not None and min(weights) >= 0.0, weights
+
+
 def test_queue_delay_prediction_per_class() -> None:
     c = SloController(TPOT, max_num_seqs=8, max_num_batched_tokens=2048)
     assert c.predicted_queue_delay_s(3) is None  # never backlogged: no rate yet

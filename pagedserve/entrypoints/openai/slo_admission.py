@@ -48,6 +48,9 @@ class SloAdmission:
         if stats.slo_max_num_seqs:
             self.metrics.max_num_seqs.set(stats.slo_max_num_seqs)
             self.metrics.max_num_batched_tokens.set(stats.slo_token_budget)
+            self.metrics.tpot_signal.set(stats.slo_tpot_signal_s)
+            self.metrics.mixed_step_model.set(stats.slo_mixed_step_model_s)
+            self.metrics.prefill_allowance.set(stats.slo_prefill_allowance)
         for klass in PRIORITY_CLASSES:
             delay = self.predicted_delay_s(klass)
             self.metrics.queue_delay[klass].set(-1.0 if delay is None else min(delay, 1e9))
