@@ -8,7 +8,8 @@ import statistics
 import pytest
 
 from pagedserve.config import SloConfig
-from pagedserve.core.slo_controller import ControllerParams, SloController, StepSample, StepTimeModel
+from pagedserve.core.slo_controller import ControllerParams, SloController, StepSample
+from pagedserve.core.step_time_model import StepTimeModel
 from tests.slo.sim_load import Phase, SimResult, simulate
 
 TPOT = 0.030
