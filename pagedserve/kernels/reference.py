@@ -256,8 +256,12 @@ def fused_gemv_reference(
     gated: bool = False,
     out: Tensor | None = None,
     residual_out: Tensor | None = None,
+    weight_scale: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Twin of triton.gemv.fused_gemv: x [M, K] @ weight [N, K].T (+ bias), float32 accumulate.
+
+    weight_scale (float32 [] / [1] or [N]): weight is float8_e4m3fn and stands for weight * scale
+    (per tensor or per output row), applied to the float32 dot products before bias and gating.
 
     norm_weight [K]: x becomes rms_norm(x [+ residual]) * norm_weight first and the result is
     (out, s) with s = x + residual (or x). gated: weight [2*I, K] = [gate | up] and out [M, I] =
@@ -270,6 +274,8 @@ def fused_gemv_reference(
         else:
             x = rms_norm(x, norm_weight, eps)
     y = x.float() @ weight.float().T
+    if weight_scale is not None:
+        y = y * weight_scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
     if gated:

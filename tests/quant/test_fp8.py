@@ -14,6 +14,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -337,3 +338,67 @@ def test_scaled_mm_matches_the_torch_path(dtype: torch.dtype, scales: str, stati
     if not scaled_mm_supported(dev):
         pytest.skip("torch._scaled_mm needs compute capability >= 8.9")
     _check_scaled_mm(dev, dtype, scales, static)
+
+
+@pytest.mark.parametrize("scales", ["tensor", "channel"])
+def test_decode_gemv_on_the_e4m3_weight(scales: str) -> None:
+    """The decode path of a GPU with e4m3 (forced here, the Triton GEMV under TRITON_INTERPRET):
+    up to the GEMV limit the layer reads its e4m3 weight through fused_gemv (weight-only: the
+    dequantized float model's numbers), with the RMSNorm (+ residual) folded in on request;
+    above it, _scaled_mm as before. A merged q|k|v layer (distinct shard scales) and one padded
+    to multiples of 16 (40 x 24), with bias."""
+    pytest.importorskip("triton")
+    from pagedserve.kernels import reference as ref
+    from pagedserve.kernels.registry import TORCH_KERNELS
+    from pagedserve.kernels.triton.gemv import fused_gemv
+    from pagedserve.model_executor.layers.context import BuildContext
+    from pagedserve.model_executor.layers.linear import QKVParallelLinear, ReplicatedLinear
+
+    g = torch.Generator().manual_seed(3)
+    cfg = Fp8Config(serialized=True, activation_scheme="dynamic")
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        ctx = BuildContext.create(TORCH_KERNELS, quant_config=cfg)
+        layers: dict[str, Any] = {
+            "qkv": QKVParallelLinear(64, 16, 4, 2, bias=True, ctx=ctx.child("qkv_proj")),
+            "odd": ReplicatedLinear(24, 40, bias=True, ctx=ctx.child("odd"))}
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for name, layer in layers.items():
+        shards = ["q", "k", "v"] if name == "qkv" else [None]
+        for i, sid in enumerate(shards):
+            w = torch.randn(layer.output_sizes[i], layer.input_size, generator=g) * (i + 1)
+            q, scale, _ = quantize_fp8_rtn(w, per_channel=scales == "channel")
+            layer.weight.weight_loader(layer.weight, q, sid)
+            layer.weight_scale.weight_loader(layer.weight_scale, scale, sid)
+        layer.bias.data.copy_(torch.randn(layer.bias.shape, generator=g))
+        method = layer.linear_method
+        assert method.fused_max_tokens(gated=False) == 0  # no GEMV in the torch kernel set
+        method.process_weights_after_loading(layer)
+        weight, weight_scale = layer.weight.data.clone(), layer.weight_scale.data.clone()
+        # force the e4m3 GPU's plan: _scaled_mm (oneDNN here) and the GEMV up to 4 tokens
+        method._prepare_scaled_mm(layer)
+        method._impl = method._apply_scaled_mm
+        method._gemv, method._gemv_max_tokens, method._norm_max_tokens = fused_gemv, 4, 4
+        method._prepare_gemv(layer)
+        assert method._gemv_weight.dtype == torch.float8_e4m3fn
+        assert method._gemv_weight.data_ptr() == layer.weight.data_ptr()  # a view, no copy
+        for m in (1, 4):
+            x = torch.randn(m, layer.input_size, generator=g).to(torch.bfloat16)
+            got = layer(x)
+            want = fp8_linear_torch(x.float(), weight, weight_scale, None, layer.bias.float())
+            assert got.dtype == torch.bfloat16 and got.shape == want.shape
+            torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+        x = torch.randn(5, layer.input_size, generator=g).to(torch.bfloat16)  # above the limit: _scaled_mm
+        xs = (x.abs().amax(dim=-1, keepdim=True) if method._rowwise else x.abs().amax()).float() / 448
+        want = fp8_linear_torch(x.float(), weight, weight_scale, xs, layer.bias.float())
+        torch.testing.assert_close(layer(x).float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+        # the norm folded in: (y, x + residual), as the layers ask for it within fused_max_tokens
+        norm = SimpleNamespace(weight=(torch.randn(layer.input_size, generator=g) + 1).to(torch.bfloat16), eps=1e-6)
+        x = torch.randn(3, layer.input_size, generator=g).to(torch.bfloat16)
+        residual = torch.randn(3, layer.input_size, generator=g).to(torch.bfloat16)
+        y, s = method.apply(layer, x, norm=norm, residual=residual)
+        h, s_want = ref.fused_add_rms_norm(x, residual, norm.weight, 1e-6)
+        torch.testing.assert_close(s, s_want, rtol=2**-7, atol=0)
+        want = fp8_linear_torch(h.float(), weight, weight_scale, None, layer.bias.float())
+        torch.testing.assert_close(y.float(), want, atol=3e-2 * want.abs().max().item(), rtol=3e-2)

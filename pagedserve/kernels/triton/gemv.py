@@ -3,6 +3,9 @@
     out[M, N] = prologue(x)[M, K] @ weight[N, K].T (+ bias)          weight: nn.Linear layout
     prologue  = rms_norm(x [+ residual]) * norm_weight  (optional; HF Llama rounding order)
     epilogue  = silu(gate) * up over weight = [gate rows | up rows]   (optional, gated=True)
+    weight    = the model dtype, or float8_e4m3fn with weight_scale (per tensor or per row: it
+                factors out of each dot product, so it scales the float32 sums once, after the
+                loop): FP8 checkpoints decode reading one byte per weight
 
 Small-batch decode is bandwidth bound: the weight is read once and every other byte is noise. One
 program owns BLOCK_N output columns and walks all of K (no split-K, so no memset or reduce kernel):
@@ -103,13 +106,14 @@ def _load(ptrs, k0, k3, K, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
+    x_ptr, res_ptr, nw_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, res_out_ptr,
     M, N, K,  # N: columns of the result (I when gated; the up rows start at weight row N)
     stride_x, stride_res, stride_w, stride_out, stride_res_out,
     eps,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     GATED: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr, PREFETCH: tl.constexpr,
+    W_SCALE: tl.constexpr,  # 0: none, 1: one float32 for the tensor, 2: one per weight row
 ):
     pid = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
@@ -186,10 +190,20 @@ def _gemv_kernel(
             uf = tl.reshape(wu.to(tl.float32), [1, BLOCK_N, BLOCK_K // VEC, VEC])
             acc_u += tl.sum(af * uf, axis=3)
     y = tl.sum(acc, axis=2)  # [M_PAD, BN]
+    if GATED:
+        up = tl.sum(acc_u, axis=2)
+    if W_SCALE == 1:
+        ws = tl.load(ws_ptr)
+        y = y * ws
+        if GATED:
+            up = up * ws
+    elif W_SCALE == 2:
+        y = y * tl.load(ws_ptr + rows_n)[None, :]
+        if GATED:
+            up = up * tl.load(ws_ptr + N + rows_n)[None, :]
     if HAS_BIAS:
         y += tl.load(b_ptr + rows_n)[None, :].to(tl.float32)
     if GATED:
-        up = tl.sum(acc_u, axis=2)
         if HAS_BIAS:
             up += tl.load(b_ptr + N + rows_n)[None, :].to(tl.float32)
         y = y / (1.0 + tl.exp(-y)) * up  # silu(gate) * up in float32, rounded once below
@@ -235,13 +249,14 @@ def fused_gemv(
     x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
     norm_weight: None = None, residual: None = None, eps: float = 1e-6, gated: bool = False,
     out: torch.Tensor | None = None, residual_out: None = None, config: GemvConfig | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor: ...
 @overload
 def fused_gemv(
     x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
     norm_weight: torch.Tensor, residual: torch.Tensor | None = None, eps: float = 1e-6,
     gated: bool = False, out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
-    config: GemvConfig | None = None,
+    config: GemvConfig | None = None, weight_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def fused_gemv(
     x: torch.Tensor,
@@ -255,6 +270,7 @@ def fused_gemv(
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
     config: GemvConfig | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (1 <= M <= 8) @ weight [N, K].T (+ bias [N]) in one kernel, float32 accumulate.
 
@@ -262,7 +278,9 @@ def fused_gemv(
     (out, s) with s = x + residual (written to residual_out, a fresh buffer by default) or s = x
     itself without a residual. gated: weight [2*I, K] = [gate | up], out [M, I] =
     silu(gate) * up. All tensors share x's dtype (bf16, fp16 or fp32) and device; config overrides
-    the launch table (tuning and tests). Outputs may not alias any input.
+    the launch table (tuning and tests). Outputs may not alias any input. weight_scale: weight is
+    float8_e4m3fn standing for weight * weight_scale, a contiguous float32 [] / [1] (per tensor) or
+    [N] (per weight row) on x's device.
     """
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_M or x.stride(1) != 1:
         raise ValueError(f"x must be [M, K] with 1 <= M <= {MAX_M} and contiguous K, got {tuple(x.shape)}")
@@ -271,7 +289,19 @@ def fused_gemv(
     m, k = x.shape
     if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] == 0:
         raise ValueError(f"weight must be [N, {k}] with N > 0, got {tuple(weight.shape)}")
-    _check_matrix("weight", weight, (weight.shape[0], k), x)
+    w_scale_kind = 0
+    if weight_scale is None:
+        _check_matrix("weight", weight, (weight.shape[0], k), x)
+    else:
+        if weight.dtype != torch.float8_e4m3fn or weight.device != x.device or weight.stride(1) != 1:
+            raise ValueError(f"with weight_scale, weight must be float8_e4m3fn on {x.device} with a contiguous "
+                             f"last dimension, got {weight.dtype} on {weight.device} strides {weight.stride()}")
+        rows = weight_scale.numel()
+        if (weight_scale.dtype != torch.float32 or weight_scale.device != x.device
+                or rows not in (1, weight.shape[0]) or not weight_scale.is_contiguous()):  # fmt: skip
+            raise ValueError(f"weight_scale must be a contiguous float32 [] / [1] or [{weight.shape[0]}] tensor on "
+                             f"{x.device}, got {tuple(weight_scale.shape)} {weight_scale.dtype} on {weight_scale.device}")
+        w_scale_kind = 1 if rows == 1 and weight.shape[0] != 1 else 2
     if gated and weight.shape[0] % 2 != 0:
         raise ValueError(f"gated weight must have 2*I rows, got {weight.shape[0]}")
     n = weight.shape[0] // 2 if gated else weight.shape[0]
@@ -291,7 +321,7 @@ def fused_gemv(
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _check_matrix("out", out, (m, n), x)
-    inputs = [t for t in (x, weight, bias, norm_weight, residual) if t is not None]
+    inputs = [t for t in (x, weight, bias, norm_weight, residual, weight_scale) if t is not None]
     for name, o in (("out", out), ("residual_out", residual_out)):
         if o is not None and any(_overlaps(o, t) for t in inputs):
             raise ValueError(f"{name} must not overlap an input (other programs still read them)")
@@ -306,14 +336,15 @@ def fused_gemv(
     res_out = residual_out if residual_out is not None else out
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, res, norm_weight if norm_weight is not None else x, weight,
-        bias if bias is not None else x, out, res_out,
+        weight_scale if weight_scale is not None else x, bias if bias is not None else x, out, res_out,
         m, n, k,
         x.stride(0), res.stride(0), weight.stride(0), out.stride(0), res_out.stride(0),
         float(eps),
         M_PAD=m_pad, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NORM_BLOCK=norm_block,
         HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None,
         HAS_RESIDUAL=residual is not None, GATED=gated, EVEN_K=k % cfg.block_k == 0,
-        VEC=16 // x.element_size(), PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        VEC=16 // x.element_size(), PREFETCH=cfg.prefetch, W_SCALE=w_scale_kind, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     if norm_weight is None:
         return out

@@ -84,7 +84,7 @@ class Fp8Config(QuantConfig):
             return None
         from pagedserve.model_executor.quantization.fp8_linear import Fp8LinearMethod
 
-        return Fp8LinearMethod(self)
+        return Fp8LinearMethod(self, getattr(layer, "kernels", None))
 
     def __repr__(self) -> str:
         return (f"Fp8Config(serialized={self.serialized}, activation_scheme={self.activation_scheme!r}, "

@@ -32,7 +32,12 @@ The matmul is chosen once, after loading, from the weight's device:
                                          GEMMs): the CPU path is the oracle of the dequantized
                                          float model, and _scaled_mm differs from it by the
                                          activation rounding only.
-The decode fusion (RMSNorm before, SiLU-and-mul after) is declined: fused_max_tokens is 0.
+Decode batches (up to the kernel set's GEMV limits) on such a GPU, with dynamic activations, go
+to the kernel set's fused_gemv on the e4m3 weight itself (a [N, K] view of the padded weight,
+one byte a weight, the scale applied to the float32 dot products; activations not quantized,
+as the CPU path), which also folds in the RMSNorm before and the SiLU-and-mul after
+(fused_max_tokens). Whether that GEMV is there is decided at construction (the layers ask
+fused_max_tokens then): the kernel set has one and the current CUDA device has e4m3 support.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pagedserve.kernels.registry import KernelSet
 from pagedserve.model_executor.layers.linear import set_weight_attrs
 from pagedserve.model_executor.quantization.base import LinearMethod
 from pagedserve.model_executor.quantization.fp8 import Fp8Config
@@ -98,9 +104,24 @@ def _round16(n: int) -> int:
     return -(-n // 16) * 16
 
 
+def _cuda_fp8_device() -> bool:
+    """The current CUDA device (where the model is built) has e4m3 support."""
+    return torch.cuda.is_available() and scaled_mm_supported(torch.device("cuda", torch.cuda.current_device()))
+
+
 class Fp8LinearMethod(LinearMethod):
-    def __init__(self, config: Fp8Config) -> None:
+    def __init__(self, config: Fp8Config, kernels: KernelSet | None = None) -> None:
         self.config = config
+        # the decode GEMV on e4m3 weights (see the top); limits 0 without it
+        has_gemv = (kernels is not None and kernels.fused_gemv is not None and not config.static_activations
+                    and _cuda_fp8_device())  # fmt: skip
+        self._gemv = kernels.fused_gemv if has_gemv and kernels is not None else None
+        limits = kernels.gemv_limits if has_gemv and kernels is not None else None
+        self._gemv_max_tokens = limits.plain if limits else 0
+        self._norm_max_tokens = limits.norm if limits else 0
+        self._gated_max_tokens = limits.gated if limits else 0
+        self._gemv_weight: Tensor | None = None  # [N, K] e4m3 view of the padded weight
+        self._gemv_scale: Tensor | None = None  # float32 [1] or [N], a view of the layer's scale
         self._dtype = torch.float32  # the model dtype (create_weights)
         self._impl: Callable[[nn.Module, Tensor], Tensor] | None = None  # process_weights_after_loading
         # the _scaled_mm plan (_prepare_scaled_mm)
@@ -191,15 +212,28 @@ class Fp8LinearMethod(LinearMethod):
             self._impl = self._apply_scaled_mm
         else:
             self._impl = self._apply_torch
+        if self._gemv is not None:
+            if not scaled_mm_supported(weight.device):
+                raise RuntimeError(f"fp8: the decode GEMV was planned for a CUDA device with e4m3 support, "
+                                   f"but the weight is on {weight.device}")
+            self._prepare_gemv(layer)
 
     # ------------------------------------------------------------------ compute
 
     def apply(self, layer: nn.Module, x: Tensor, *, norm: nn.Module | None = None,
               residual: Tensor | None = None, gated: bool = False) -> Any:
-        # declined fusion: the layers never pass a norm here (fused_max_tokens is 0)
-        assert norm is None and residual is None and not gated
         assert self._impl is not None, "process_weights_after_loading has not run"
-        return self._impl(layer, x)
+        gemv, weight = self._gemv, self._gemv_weight
+        if norm is None:
+            if gemv is not None and x.dim() == 2 and 0 < x.shape[0] <= self._gemv_max_tokens:
+                return gemv(x, weight, bias=layer.bias, weight_scale=self._gemv_scale)
+            return self._impl(layer, x)
+        assert gemv is not None  # only called within fused_max_tokens, > 0 with the GEMV
+        return gemv(x, weight, bias=layer.bias, weight_scale=self._gemv_scale, norm_weight=norm.weight,
+                    residual=residual, eps=norm.eps, gated=gated)
+
+    def fused_max_tokens(self, *, gated: bool) -> int:
+        return self._gated_max_tokens if gated else self._norm_max_tokens
 
     def _apply_torch(self, layer: nn.Module, x: Tensor) -> Tensor:
         return fp8_linear_torch(x, cast(Tensor, layer.weight), cast(Tensor, layer.weight_scale),
@@ -228,6 +262,14 @@ class Fp8LinearMethod(LinearMethod):
         # _scaled_mm takes a bias of the output dtype, never with a float32 output
         self._bias_in_gemm = (layer.bias is not None and n16 == n and not self._epilogue
                               and self._dtype in (torch.bfloat16, torch.float16))
+
+    def _prepare_gemv(self, layer: nn.Module) -> None:
+        """Views for the decode GEMV, after _prepare_scaled_mm: the weight [N, K] (rows of the
+        padded row-major [N16, K16] whose transpose _scaled_mm reads) and its scale, float32 [1]
+        (tensor-wise) or [N]. No copy: the GEMV and the GEMM read the same bytes."""
+        weight_t, scale_b = cast(Tensor, layer.weight), cast(Tensor, layer.weight_scale)
+        self._gemv_weight = weight_t.t()[:self._n, :self._k]
+        self._gemv_scale = scale_b.reshape(1) if scale_b.dim() == 0 else scale_b.reshape(-1)[:self._n]
 
     def _apply_scaled_mm(self, layer: nn.Module, x: Tensor) -> Tensor:
         weight_t, scale_b = cast(Tensor, layer.weight), cast(Tensor, layer.weight_scale)
