@@ -37,7 +37,7 @@ to the kernel set's fused_gemv on the e4m3 weight itself (a [N, K] view of the p
 one byte a weight, the scale applied to the float32 dot products; activations not quantized,
 as the CPU path), which also folds in the RMSNorm before and the SiLU-and-mul after
 (fused_max_tokens). Whether that GEMV is there is decided at construction (the layers ask
-fused_max_tokens then): the kernel set has one and the current CUDA device has e4m3 support.
+fused_max_tokens then): the kernel set has one and the model is built on a GPU with e4m3.
 """
 
 from __future__ import annotations
@@ -104,9 +104,10 @@ def _round16(n: int) -> int:
     return -(-n // 16) * 16
 
 
-def _cuda_fp8_device() -> bool:
-    """The current CUDA device (where the model is built) has e4m3 support."""
-    return torch.cuda.is_available() and scaled_mm_supported(torch.device("cuda", torch.cuda.current_device()))
+def _builds_on_e4m3_gpu() -> bool:
+    """The device the model is being built on (the loader's `with torch.device(...)`) is a CUDA
+    GPU with e4m3 support."""
+    return scaled_mm_supported(torch.get_default_device())
 
 
 class Fp8LinearMethod(LinearMethod):
@@ -114,7 +115,7 @@ class Fp8LinearMethod(LinearMethod):
         self.config = config
         # the decode GEMV on e4m3 weights (see the top); limits 0 without it
         has_gemv = (kernels is not None and kernels.fused_gemv is not None and not config.static_activations
-                    and _cuda_fp8_device())  # fmt: skip
+                    and _builds_on_e4m3_gpu())  # fmt: skip
         self._gemv = kernels.fused_gemv if has_gemv and kernels is not None else None
         limits = kernels.gemv_limits if has_gemv and kernels is not None else None
         self._gemv_max_tokens = limits.plain if limits else 0
