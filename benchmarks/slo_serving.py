@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -108,22 +109,21 @@ class MetricsTrace:
 def _run(base: str, work: Any, rate: float, args: argparse.Namespace, seed: int, n: int | None = None,
          trace: bool = False) -> dict:  # fmt: skip
     n = n or len(work.prompts)
-    with MetricsTrace(base) as sampler:
+    sampler = MetricsTrace(base) if trace else None
+    with sampler or contextlib.nullcontext():
         row = asyncio.run(run_rate(base, "bench", work.prompts[:n], work.output_lens[:n], rate, seed,
                                    slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms))  # fmt: skip
-    if trace:
+    if sampler is not None:
         row["trace"] = sampler.samples
     return row
 
 
-def _warm_up(base: str, work: Any, args: argparse.Namespace, light_rate: float | None) -> None:
-    """The same on both servers: 64 requests at --start-rate (compiles kernels), then, right
-    before the light run, --warmup-requests at the light rate, so neither light run is the first
-    traffic its server (and its controller) sees."""
-    if light_rate is None:
-        _run(base, work, args.start_rate, args, seed=99, n=min(64, len(work.prompts)))
-    elif args.warmup_requests:
-        _run(base, work, light_rate, args, seed=98, n=min(args.warmup_requests, len(work.prompts)))
+def _warm_up(base: str, work: Any, args: argparse.Namespace, rate: float, n: int) -> None:
+    """n unrecorded requests at rate (seed 98). Both servers get the same: 64 at --start-rate
+    first (compiles kernels), then, right before the light run, --warmup-requests at the light
+    rate, so neither light run is the first traffic its server (and its controller) sees."""
+    if n > 0:
+        _run(base, work, rate, args, seed=98, n=min(n, len(work.prompts)))
 
 
 def find_sustainable_rate(base: str, work: Any, args: argparse.Namespace) -> tuple[float, list[dict]]:
@@ -305,21 +305,21 @@ def main() -> None:
         save(partial=True)
 
     with running_server(args.model, server_args, str(out / "server-no-objectives.log")) as (base, _):
-        _warm_up(base, work, args, None)
-        if rate is None:
-            _warm_up(base, work, args, args.start_rate / 2)  # the first probe is not the first load either
+        _warm_up(base, work, args, args.start_rate, 64)
+        if rate is None:  # the first probe is not the first load either
+            _warm_up(base, work, args, args.start_rate / 2, args.warmup_requests)
             rate, found = find_sustainable_rate(base, work, args)
             probes.extend(found)
         print(f"sustainable rate without objectives: {rate:.3f} req/s", flush=True)
         loads = {load: factor * rate for load, factor in (("light", args.light), ("overload", args.overload))
                  if load in args.loads}  # fmt: skip
         sizes = {"light": args.light_requests or max(8, args.num_requests // 2), "overload": args.num_requests}
-        _warm_up(base, work, args, args.light * rate)
+        _warm_up(base, work, args, args.light * rate, args.warmup_requests)
         for load, r in loads.items():
             record(load, "no objectives", _run(base, work, r, args, 1, sizes[load], trace=True))
     with running_server(args.model, slo_args, str(out / "server-slo-aware.log")) as (base, _):
-        _warm_up(base, work, args, None)
-        _warm_up(base, work, args, args.light * rate)
+        _warm_up(base, work, args, args.start_rate, 64)
+        _warm_up(base, work, args, args.light * rate, args.warmup_requests)
         for load, r in loads.items():
             record(load, "SLO-aware", _run(base, work, r, args, 1, sizes[load], trace=True))
     for row in rows:

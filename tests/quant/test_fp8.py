@@ -264,36 +264,49 @@ def test_contradictions_fail_clearly(packed: Any, tiny_checkpoints: Any, tmp_pat
         Fp8Config(serialized=False, activation_scheme="static")
 
 
+def _fp8_test_layers(dev: torch.device, dtype: torch.dtype, cfg: Fp8Config) -> dict[str, Any]:
+    """A merged q|k|v layer (hidden 64, head size 16, 4 query and 2 KV heads) and a layer whose
+    sizes (40 x 24) need padding to multiples of 16, both with bias, built on dev in dtype with
+    the torch kernel set."""
+    from pagedserve.kernels.registry import TORCH_KERNELS
+    from pagedserve.model_executor.layers.context import BuildContext
+    from pagedserve.model_executor.layers.linear import QKVParallelLinear, ReplicatedLinear
+
+    with torch.device(dev):
+        torch.set_default_dtype(dtype)
+        try:
+            ctx = BuildContext.create(TORCH_KERNELS, quant_config=cfg)
+            return {"qkv": QKVParallelLinear(64, 16, 4, 2, bias=True, ctx=ctx.child("qkv_proj")),
+                    "odd": ReplicatedLinear(24, 40, bias=True, ctx=ctx.child("odd"))}
+        finally:
+            torch.set_default_dtype(torch.float32)
+
+
+def _load_fp8_layer(name: str, layer: Any, g: torch.Generator, dev: torch.device, scales: str,
+                    static: bool) -> None:  # fmt: skip
+    """Round-to-nearest e4m3 shards (shard i drawn x (i + 1), so merged shards get distinct
+    scales), their scales (and static input scales), and a bias, through the layer's loaders."""
+    shards = ["q", "k", "v"] if name == "qkv" else [None]
+    for i, sid in enumerate(shards):
+        w = torch.randn(layer.output_sizes[i], layer.input_size, generator=g) * (i + 1)
+        q, scale, _ = quantize_fp8_rtn(w, per_channel=scales == "channel")
+        layer.weight.weight_loader(layer.weight, q.to(dev), sid)
+        layer.weight_scale.weight_loader(layer.weight_scale, scale.to(dev), sid)
+        if static:
+            layer.input_scale.weight_loader(layer.input_scale, torch.tensor(0.01 * (i + 1)).to(dev), sid)
+    layer.bias.data.copy_(torch.randn(layer.bias.shape, generator=g))
+
+
 def _check_scaled_mm(dev: torch.device, dtype: torch.dtype, scales: str, static: bool) -> None:
     """The _scaled_mm plan against fp8_linear_torch given the activation scale the GEMM used:
     a merged q|k|v layer with distinct per-shard scales, and a layer whose sizes (40 x 24) need
     padding to multiples of 16; bias on both; 1, 5 and 37 tokens. Off CUDA the plan is forced
     (torch._scaled_mm runs on CPU too, through oneDNN) to check its padding and scale layouts."""
-    from pagedserve.kernels.registry import TORCH_KERNELS
-    from pagedserve.model_executor.layers.context import BuildContext
-    from pagedserve.model_executor.layers.linear import QKVParallelLinear, ReplicatedLinear
-
     g = torch.Generator().manual_seed(0)
     cfg = Fp8Config(serialized=True, activation_scheme="static" if static else "dynamic")
-    with torch.device(dev):
-        torch.set_default_dtype(dtype)
-        try:
-            ctx = BuildContext.create(TORCH_KERNELS, quant_config=cfg)
-            layers: dict[str, Any] = {
-                "qkv": QKVParallelLinear(64, 16, 4, 2, bias=True, ctx=ctx.child("qkv_proj")),
-                "odd": ReplicatedLinear(24, 40, bias=True, ctx=ctx.child("odd"))}
-        finally:
-            torch.set_default_dtype(torch.float32)
+    layers = _fp8_test_layers(dev, dtype, cfg)
     for name, layer in layers.items():
-        shards = ["q", "k", "v"] if name == "qkv" else [None]
-        for i, sid in enumerate(shards):
-            w = torch.randn(layer.output_sizes[i], layer.input_size, generator=g) * (i + 1)
-            q, scale, _ = quantize_fp8_rtn(w, per_channel=scales == "channel")
-            layer.weight.weight_loader(layer.weight, q.to(dev), sid)
-            layer.weight_scale.weight_loader(layer.weight_scale, scale.to(dev), sid)
-            if static:
-                layer.input_scale.weight_loader(layer.input_scale, torch.tensor(0.01 * (i + 1)).to(dev), sid)
-        layer.bias.data.copy_(torch.randn(layer.bias.shape, generator=g))
+        _load_fp8_layer(name, layer, g, dev, scales, static)
         method = layer.linear_method
         method.process_weights_after_loading(layer)
         weight, weight_scale = layer.weight.data.clone(), layer.weight_scale.data.clone()
@@ -349,29 +362,14 @@ def test_decode_gemv_on_the_e4m3_weight(scales: str) -> None:
     to multiples of 16 (40 x 24), with bias."""
     pytest.importorskip("triton")
     from pagedserve.kernels import reference as ref
-    from pagedserve.kernels.registry import TORCH_KERNELS
+    from pagedserve.kernels.registry import GemvLimits
     from pagedserve.kernels.triton.gemv import fused_gemv
-    from pagedserve.model_executor.layers.context import BuildContext
-    from pagedserve.model_executor.layers.linear import QKVParallelLinear, ReplicatedLinear
 
     g = torch.Generator().manual_seed(3)
-    cfg = Fp8Config(serialized=True, activation_scheme="dynamic")
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        ctx = BuildContext.create(TORCH_KERNELS, quant_config=cfg)
-        layers: dict[str, Any] = {
-            "qkv": QKVParallelLinear(64, 16, 4, 2, bias=True, ctx=ctx.child("qkv_proj")),
-            "odd": ReplicatedLinear(24, 40, bias=True, ctx=ctx.child("odd"))}
-    finally:
-        torch.set_default_dtype(torch.float32)
+    cpu = torch.device("cpu")
+    layers = _fp8_test_layers(cpu, torch.bfloat16, Fp8Config(serialized=True, activation_scheme="dynamic"))
     for name, layer in layers.items():
-        shards = ["q", "k", "v"] if name == "qkv" else [None]
-        for i, sid in enumerate(shards):
-            w = torch.randn(layer.output_sizes[i], layer.input_size, generator=g) * (i + 1)
-            q, scale, _ = quantize_fp8_rtn(w, per_channel=scales == "channel")
-            layer.weight.weight_loader(layer.weight, q, sid)
-            layer.weight_scale.weight_loader(layer.weight_scale, scale, sid)
-        layer.bias.data.copy_(torch.randn(layer.bias.shape, generator=g))
+        _load_fp8_layer(name, layer, g, cpu, scales, static=False)
         method = layer.linear_method
         assert method.fused_max_tokens(gated=False) == 0  # no GEMV in the torch kernel set
         method.process_weights_after_loading(layer)
@@ -379,7 +377,7 @@ def test_decode_gemv_on_the_e4m3_weight(scales: str) -> None:
         # force the e4m3 GPU's plan: _scaled_mm (oneDNN here) and the GEMV up to 4 tokens
         method._prepare_scaled_mm(layer)
         method._impl = method._apply_scaled_mm
-        method._gemv, method._gemv_max_tokens, method._norm_max_tokens = fused_gemv, 4, 4
+        method._gemv, method._limits = fused_gemv, GemvLimits(4, 4, 0)
         method._prepare_gemv(layer)
         assert method._gemv_weight.dtype == torch.float8_e4m3fn
         assert method._gemv_weight.data_ptr() == layer.weight.data_ptr()  # a view, no copy

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pagedserve.kernels.registry import KernelSet
+from pagedserve.kernels.registry import GemvLimits, KernelSet
 from pagedserve.model_executor.layers.linear import set_weight_attrs
 from pagedserve.model_executor.quantization.base import LinearMethod
 from pagedserve.model_executor.quantization.fp8 import Fp8Config
@@ -113,14 +113,12 @@ def _builds_on_e4m3_gpu() -> bool:
 class Fp8LinearMethod(LinearMethod):
     def __init__(self, config: Fp8Config, kernels: KernelSet | None = None) -> None:
         self.config = config
-        # the decode GEMV on e4m3 weights (see the top); limits 0 without it
-        has_gemv = (kernels is not None and kernels.fused_gemv is not None and not config.static_activations
-                    and _builds_on_e4m3_gpu())  # fmt: skip
-        self._gemv = kernels.fused_gemv if has_gemv and kernels is not None else None
-        limits = kernels.gemv_limits if has_gemv and kernels is not None else None
-        self._gemv_max_tokens = limits.plain if limits else 0
-        self._norm_max_tokens = limits.norm if limits else 0
-        self._gated_max_tokens = limits.gated if limits else 0
+        # the decode GEMV on e4m3 weights (see the top) and its token limits (0 without it)
+        self._gemv: Callable[..., Any] | None = None
+        self._limits = GemvLimits(0, 0, 0)
+        if (kernels is not None and kernels.fused_gemv is not None and not config.static_activations
+                and _builds_on_e4m3_gpu()):  # fmt: skip
+            self._gemv, self._limits = kernels.fused_gemv, kernels.gemv_limits
         self._gemv_weight: Tensor | None = None  # [N, K] e4m3 view of the padded weight
         self._gemv_scale: Tensor | None = None  # float32 [1] or [N], a view of the layer's scale
         self._dtype = torch.float32  # the model dtype (create_weights)
@@ -226,7 +224,7 @@ class Fp8LinearMethod(LinearMethod):
         assert self._impl is not None, "process_weights_after_loading has not run"
         gemv, weight = self._gemv, self._gemv_weight
         if norm is None:
-            if gemv is not None and x.dim() == 2 and 0 < x.shape[0] <= self._gemv_max_tokens:
+            if gemv is not None and x.dim() == 2 and 0 < x.shape[0] <= self._limits.plain:
                 return gemv(x, weight, bias=layer.bias, weight_scale=self._gemv_scale)
             return self._impl(layer, x)
         assert gemv is not None  # only called within fused_max_tokens, > 0 with the GEMV
@@ -234,7 +232,7 @@ class Fp8LinearMethod(LinearMethod):
                     residual=residual, eps=norm.eps, gated=gated)
 
     def fused_max_tokens(self, *, gated: bool) -> int:
-        return self._gated_max_tokens if gated else self._norm_max_tokens
+        return self._limits.gated if gated else self._limits.norm
 
     def _apply_torch(self, layer: nn.Module, x: Tensor) -> Tensor:
         return fp8_linear_torch(x, cast(Tensor, layer.weight), cast(Tensor, layer.weight_scale),
