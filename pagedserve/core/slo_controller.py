@@ -32,6 +32,11 @@ core/slo_scheduler.py composes the samples from the scheduler's plans and times 
    of the requests already decoding. Steps without decodes get the whole (adapted) token cap.
    The share is at least a feedback allowance (grown while the budget binds and TPOT is well
    under target, cut on a breach), so a model that overprices prefill cannot starve it.
+   A mixed step too dear to fit the goal at all (its fixed cost: eager, no CUDA graph) spends
+   slack banked by faster steps (slack_s), or the step runs its decodes alone and banks theirs:
+   prefill then comes in rarer, larger chunks, and the mean step stays under the goal. A
+   breach cuts the seat cap and the allowance, not the token cap (a smaller chunk makes the
+   dear fixed cost no cheaper).
 3. Queueing delay, for admission control: while requests wait, seats are handed out at a
    measured rate (admissions per second, EWMA); a request with n ahead waits about n / rate.
    While the cap is still ramping (it has room below the configured maximum and the last
@@ -77,6 +82,8 @@ class ControllerParams:
     initial_seqs: int = 8
     min_seqs: int = 1
     min_chunk: int = 16  # prefill tokens a step may always take beside its decodes
+    bank_steps: float = 2.0  # banked slack a mixed step may spend, in goals (see token_budget)
+    max_defer: int = 8  # decode-only steps in a row while a prefill waits for banked slack
     forgetting: float = 0.98  # per-sample weight decay of the step-time model
 
 
@@ -106,6 +113,13 @@ class SloController:
         # same few prefill tokens, so their cost is never measured apart from a request's: the
         # H200 run of 2026-12-02 held the budget at its floor while TPOT was 18 ms).
         self.prefill_allowance = p.min_chunk
+        # Seconds of TPOT slack banked by steps faster than target * (1 - margin) (decode-only
+        # steps, the CUDA graph), for a mixed step too dear to fit the goal on its own: its fixed
+        # cost (eager, no graph) was ~20 ms for the 8B model on an H200 (2026-12-02), so a
+        # sliver of prefill every step made every step that slow; a request's TPOT is the mean
+        # of its steps, so fast decode steps may pay for a rare, larger chunk.
+        self.slack_s = 0.0
+        self._deferred = 0  # decode-only steps in a row planned while a prefill waited for slack
         self._cap_hit = self._budget_hit = False  # within the current decision interval
         self._seqs_seen = 0  # most requests scheduled in one step this interval
         self._mean_context = 0.0  # EWMA of context tokens per decoding request
@@ -139,7 +153,18 @@ class SloController:
             # a prefill token costs w[2], its share of the w[1] of the request it belongs to
             # (chunks of about _mean_chunk tokens), and at least one more position attended
             per_token = w[2] + w[1] / max(1.0, self._mean_chunk) + w[3] / 1024
-            extra = max(int((goal - base) / per_token), self.prefill_allowance)
+            extra = int((goal - base) / per_token)
+            if extra < self.params.min_chunk:
+                # too dear beside these decodes: spend banked slack on a larger chunk, or run the
+                # decodes alone and bank theirs (at most max_defer steps, or until the bank is full)
+                extra = int((goal + self.slack_s - base) / per_token)
+                bank_full = self.slack_s >= self.params.bank_steps * goal
+                if extra < self.params.min_chunk and not bank_full and self._deferred < self.params.max_defer:
+                    self._deferred += 1
+                    self.last_budget = num_decode
+                    return num_decode
+            self._deferred = 0
+            extra = max(extra, self.prefill_allowance if self.slack_s >= 0 else 0)
             budget = max(floor, min(cap, num_decode + extra))
         self.last_budget = budget
         return budget
@@ -164,6 +189,8 @@ class SloController:
         if sample.num_decode == 0:
             return  # no request's TPOT was at stake
         self._mean_context += 0.1 * (sample.context_tokens / sample.num_seqs - self._mean_context)
+        bank = p.bank_steps * self.tpot_target_s * (1 - p.margin)
+        self.slack_s = min(bank, max(-bank, self.slack_s + self.tpot_target_s * (1 - p.margin) - sample.duration_s))
         self._recent.append(sample.duration_s)
         self.window.append(sum(self._recent) / len(self._recent))
         self._fresh += 1
@@ -198,8 +225,6 @@ class SloController:
             # cut from what actually ran, so that a cap far above the batch still bites
             base = min(self.max_num_seqs, max(self._seqs_seen, p.min_seqs))
             self.max_num_seqs = max(p.min_seqs, base - max(1, int(base * p.shrink_frac)))
-            floor = min(self.max_tokens_limit, max(p.min_chunk, self.max_num_seqs))
-            self.token_cap = max(floor, self.token_cap - max(1, int(self.token_cap * p.shrink_frac)))
             self.prefill_allowance = max(p.min_chunk, int(self.prefill_allowance * (1 - p.shrink_frac)))
             self._cooldown = p.cooldown
         elif self._cooldown > 0:

@@ -29,6 +29,7 @@ from pagedserve.kernels.triton.wna16 import (  # noqa: E402
     MIN_GEMV_PROGRAMS,
     WNA16GemmConfig,
     WNA16GemvConfig,
+    gemv_dispatch_m,
     pick_gemm_config,
     pick_gemv_config,
     wna16_fused_max_tokens,
@@ -231,6 +232,8 @@ def test_launch_tables_are_deterministic_and_fill_the_gpu() -> None:
             gcfg = pick_gemm_config(m, n, k)
             assert gcfg.block_m >= 16 and 128 % gcfg.block_k == 0
     assert wna16_fused_max_tokens(gated=False) == wna16_fused_max_tokens(gated=True) == GEMV_DISPATCH_M
+    # the default reach: 8 tokens for o_proj / down_proj, 4 for the wide (qkv) and gated ones
+    assert [gemv_dispatch_m(n, k, gated=g) for n, k, g in LLAMA3_8B] == [4, 8, 4, 8]
 
 
 def test_registry_plugs_in_the_triton_kernels() -> None:

@@ -243,3 +243,36 @@ def test_queue_delay_prediction_per_class() -> None:
     assert c.predicted_queue_delay_s(10) == pytest.approx(10 / 50.0)
     assert c.predicted_queue_delay_s(1, batch=True) == float("inf")
     assert c.predicted_queue_delay_s(0, batch=True) == 0.0
+
+
+def _dear_mixed_step_s(num_decode: int, num_prefill: int) -> float:
+    """ms: 5 fixed + 0.04 a request + 0.03 a token (context 300 a request) + 20 for a mixed step."""
+    seqs = num_decode + (num_prefill > 0)
+    tokens = num_decode + num_prefill
+    ms = 5 + 0.04 * seqs + 0.03 * tokens + 0.03 * num_decode * 300 / 1024 + 20 * (num_prefill > 0)
+    return ms / 1e3
+
+
+def test_a_dear_mixed_step_runs_rarely_and_large_from_banked_slack() -> None:
+    """100 decodes (12 ms a step alone) beside a prefill backlog, a mixed step 20 ms dearer: no
+    mixed step fits the goal on its own, so the controller runs the decodes alone, banks their
+    slack, and spends it on chunks of 100+ tokens; the mean step (a request's TPOT)
+    stays under target, and prefill moves at many times a sliver-per-step's pace."""
+    c = SloController(TPOT, max_num_seqs=1024, max_num_batched_tokens=8192)
+    for i in range(60):  # a fitted model: steps of both kinds
+        n, pre = 90 + i % 20, (i % 3 == 0) * (50 + 37 * i % 400)
+        c.observe(StepSample(_dear_mixed_step_s(n, pre), n + (pre > 0), n, n + pre, n * 300))
+    steps, prefill = [], []
+    for _ in range(400):
+        budget = c.token_budget(100, 100 * 300)
+        pre = budget - 100
+        steps.append(_dear_mixed_step_s(100, pre))
+        prefill.append(pre)
+        c.observe(StepSample(steps[-1], 100 + (pre > 0), 100, budget, 100 * 300, num_waiting=(20, 0),
+                             budget_hit=pre > 0))  # fmt: skip
+    late, late_prefill = steps[-200:], prefill[-200:]
+    assert 0 < sum(1 for p in late_prefill if p) < 0.6 * len(late_prefill)  # decode-only steps between
+    assert min(p for p in late_prefill if p) >= 100  # chunks, not slivers
+    assert statistics.mean(late) <= TPOT
+    sliver_rate = c.params.min_chunk / _dear_mixed_step_s(100, c.params.min_chunk)  # tokens/s, every step
+    assert sum(late_prefill) / sum(late) > 5 * sliver_rate

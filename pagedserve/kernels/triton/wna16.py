@@ -12,12 +12,13 @@ unchanged: value i of word j is still k = PF*j + i):
 Token counts pick the kernel from fixed tables (no autotuning: these run inside CUDA graphs, where
 a first call may compile but must not benchmark; no host sync, allocations depend on shapes only):
 
-  T <= GEMV_DISPATCH_M  wna16_gemv._gemv_kernel (takes up to GEMV_MAX_M = 16 when forced):
+  T <= gemv_dispatch_m  wna16_gemv._gemv_kernel (takes up to GEMV_MAX_M = 16 when forced):
                    CUDA-core dequantizing GEMV, lanes along K, the RMSNorm(+residual) prologue and
                    SiLU-and-mul epilogue fused (one launch), split-K (float32 partials + a reduce
                    launch) for tall K. Its cost per weight element is a mask, a subtract and one
-                   FMA per token: past a few tokens it is compute bound.
-  T >  GEMV_DISPATCH_M  wna16_gemm._gemm_kernel: a dequantizing GEMM (tl.dot over [BK, BN]
+                   FMA per token: past a few tokens it is compute bound. gemv_dispatch_m:
+                   GEMV_DISPATCH_M (4) tokens, 8 for a plain projection no wider than tall.
+  T >  gemv_dispatch_m  wna16_gemm._gemm_kernel: a dequantizing GEMM (tl.dot over [BK, BN]
                    tiles dequantized in registers; int4 + bf16 at up to 32 rows per tile: the
                    tile as exact 128 + q, scale and zero applied per in-group step), gated
                    epilogue and bias fused.
@@ -39,7 +40,7 @@ uses) are kept in the canonical layout and multiplied by the twin (correct, slow
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -51,9 +52,9 @@ from pagedserve.kernels.reference_quant import WNA16Weight
 from pagedserve.kernels.triton.wna16_gemm import _gemm_kernel
 from pagedserve.kernels.triton.wna16_gemv import _gemv_kernel, _prologue_kernel, _splitk_reduce_kernel
 
-__all__ = ["GEMV_DISPATCH_M", "GEMV_MAX_M", "MIN_GEMV_PROGRAMS", "PreparedWNA16", "WNA16GemmConfig",
-           "WNA16GemvConfig", "pick_gemm_config", "pick_gemv_config", "wna16_fused_max_tokens",
-           "wna16_matmul", "wna16_prepare"]
+__all__ = ["GEMV_DISPATCH_M", "GEMV_DISPATCH_M_TALL", "GEMV_MAX_M", "MIN_GEMV_PROGRAMS", "PreparedWNA16",
+           "WNA16GemmConfig", "WNA16GemvConfig", "gemv_dispatch_m", "pick_gemm_config", "pick_gemv_config",
+           "wna16_fused_max_tokens", "wna16_matmul", "wna16_prepare"]
 
 GEMV_MAX_M = 16  # the GEMV kernel takes 1..16 tokens; GEMV_DISPATCH_M of them go to it by default
 GEMV_DISPATCH_M = 4
@@ -97,27 +98,28 @@ class WNA16GemmConfig:
 
 
 # GEMV rows (max M, config): first fit wins; BLOCK_N is an upper bound that pick_gemv_config
-# lowers (or splits K, for tall K) until the grid fills the GPU. First choices from the bf16 GEMV
-# table (gemv.py) with 4x fewer bytes per row (int4), taller at M <= 2 where the x-side work of a
-# step (load, unscale, sum, split) is shared by the BN rows (sm_90 SASS: 40 registers at BN 4, 72
-# at BN 8), fewer rows as M grows (M_PAD x BLOCK_N accumulators); to be replaced by H200 sweeps.
+# lowers (or splits K, for tall K) until the grid fills the GPU. From the H200 launch sweep of
+# 2026-12-02 (benchmarks/results/h200-2026-12-02-wna16/, int4 g128, Llama-3-8B shapes): 8 rows
+# a program throughout (gated: 4 columns, gate + up rows each), 4 warps at M <= 2 and 2 above,
+# tall K (down_proj) split in 4 at M <= 2; M > 8 takes the GEMM (faster at every shape there).
 _GEMV_TABLE: tuple[tuple[int, WNA16GemvConfig], ...] = (
-    (2, WNA16GemvConfig(8)),
-    (4, WNA16GemvConfig(4)),
-    (8, WNA16GemvConfig(2)),
-    (16, WNA16GemvConfig(1)),
+    (2, WNA16GemvConfig(8, num_warps=4)),
+    (8, WNA16GemvConfig(8, num_warps=2)),
+    (16, WNA16GemvConfig(2, num_warps=4)),
 )
 # Programs the grid should have: Triton 3.6 does not pipeline these (non-dot) loads, so the bytes
-# in flight are one step's loads per resident warp; ~32 warps per SM (8 programs of 4 warps) keep
-# ~32 KB per SM in flight, what ~4.8 TB/s over 132 SMs needs at ~0.7 us of memory latency
-# (1024: 4096-wide projections at BLOCK_N 4).
-MIN_GEMV_PROGRAMS = 1024
+# in flight are one step's loads per resident warp; 512 (4096-wide projections at BLOCK_N 8)
+# timed faster than thinner rows at 1024 programs in the sweep.
+MIN_GEMV_PROGRAMS = 512
+# The GEMV's reach by default: a projection no wider than it is tall (o_proj, down_proj) is read
+# faster by the GEMV up to 8 tokens; wide ones (qkv, gate_up) by the GEMM past 4 (the sweep).
+GEMV_DISPATCH_M_TALL = 8
 
 # GEMM rows (max M, config): first fit wins (tensor-core tiles: BLOCK_M >= 16). Factored up to
 # 32 rows (decode: dequantization is the cost and the extra [BM, BN] partial is small); larger
 # tiles take the exact path, whose dequantization BLOCK_M rows share.
 _GEMM_TABLE: tuple[tuple[int, WNA16GemmConfig], ...] = (
-    (16, WNA16GemmConfig(16, 64, 128, num_warps=4, num_stages=3)),
+    (16, WNA16GemmConfig(16, 64, 128, num_warps=4, num_stages=3)),  # BLOCK_N by width (pick_gemm_config)
     (32, WNA16GemmConfig(32, 64, 128, num_warps=4, num_stages=3)),
     (64, WNA16GemmConfig(64, 64, 64, num_warps=4, num_stages=3, factored=False)),
     (128, WNA16GemmConfig(64, 128, 64, num_warps=4, num_stages=3, factored=False)),
@@ -133,7 +135,7 @@ def pick_gemv_config(m: int, n: int, k: int, *, gated: bool) -> WNA16GemvConfig:
     if cfg is None:
         raise ValueError(f"no WNA16 GEMV config for M={m} (at most {GEMV_MAX_M})")
     block_n = max(1, cfg.block_n // 2) if gated else cfg.block_n
-    split = cfg.split_k
+    split = 4 if k >= 3 * n and m <= 2 else cfg.split_k
     while triton.cdiv(n, block_n) * split < MIN_GEMV_PROGRAMS:
         if k >= 3 * n and split < 4:
             split *= 2
@@ -145,8 +147,18 @@ def pick_gemv_config(m: int, n: int, k: int, *, gated: bool) -> WNA16GemvConfig:
 
 
 def pick_gemm_config(m: int, n: int, k: int) -> WNA16GemmConfig:
-    del n, k
-    return next(cfg for max_m, cfg in _GEMM_TABLE if m <= max_m)
+    """The table's row; at M <= 16 BLOCK_N follows the width (the sweep: 32 for 4096 columns,
+    64 for 6144, 128 for 14336)."""
+    del k
+    cfg = next(c for max_m, c in _GEMM_TABLE if m <= max_m)
+    if m <= 16:
+        cfg = replace(cfg, block_n=32 if n <= 4096 else 64 if n < 8192 else 128)
+    return cfg
+
+
+def gemv_dispatch_m(n: int, k: int, *, gated: bool) -> int:
+    """Most tokens the default dispatch sends to the GEMV for a plain N x K projection."""
+    return GEMV_DISPATCH_M_TALL if not gated and n <= k else GEMV_DISPATCH_M
 
 
 def wna16_fused_max_tokens(*, gated: bool) -> int:
@@ -281,7 +293,8 @@ def wna16_matmul(x: Tensor, w: PreparedWNA16, bias: Tensor | None = None, *,
     norm_weight = None if norm_weight is None else norm_weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     n = w.out_features // 2 if gated else w.out_features
-    use_gemv = gemm_config is None and (gemv_config is not None or m <= GEMV_DISPATCH_M)
+    reach = gemv_dispatch_m(n, k, gated=gated) if norm_weight is None else GEMV_DISPATCH_M
+    use_gemv = gemm_config is None and (gemv_config is not None or m <= reach)
     if use_gemv and m > GEMV_MAX_M:
         raise ValueError(f"the GEMV takes at most {GEMV_MAX_M} tokens, got {m}")
     new_res: Tensor | None = None
