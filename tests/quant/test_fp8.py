@@ -301,15 +301,25 @@ def _check_scaled_mm(dev: torch.device, dtype: torch.dtype, scales: str, static:
     """The _scaled_mm plan against fp8_linear_torch given the activation scale the GEMM used:
     a merged q|k|v layer with distinct per-shard scales, and a layer whose sizes (40 x 24) need
     padding to multiples of 16; bias on both; 1, 5 and 37 tokens. Off CUDA the plan is forced
-    (torch._scaled_mm runs on CPU too, through oneDNN) to check its padding and scale layouts."""
+    (torch._scaled_mm runs on CPU too, through oneDNN) to check its padding and scale layouts.
+    On CUDA the plan is laid out at load, so the oracle's weight and scale come from a CPU twin
+    loaded with the same draws (the torch plan keeps them as loaded)."""
     g = torch.Generator().manual_seed(0)
     cfg = Fp8Config(serialized=True, activation_scheme="static" if static else "dynamic")
     layers = _fp8_test_layers(dev, dtype, cfg)
+    cpu = torch.device("cpu")
+    twins = _fp8_test_layers(cpu, dtype, cfg) if dev.type == "cuda" else layers
     for name, layer in layers.items():
+        twin = twins[name]
+        if twin is not layer:
+            same_draws = torch.Generator()
+            same_draws.set_state(g.get_state())
+            _load_fp8_layer(name, twin, same_draws, cpu, scales, static)
+            twin.linear_method.process_weights_after_loading(twin)
         _load_fp8_layer(name, layer, g, dev, scales, static)
         method = layer.linear_method
         method.process_weights_after_loading(layer)
-        weight, weight_scale = layer.weight.data.clone(), layer.weight_scale.data.clone()
+        weight, weight_scale = twin.weight.data.to(dev), twin.weight_scale.data.to(dev)
         input_scale = layer.input_scale
         assert weight_scale.dim() == (0 if scales == "tensor" and name == "odd" else 1)
         if dev.type == "cuda":
