@@ -10,6 +10,8 @@
 #   benchmarks/gpu_suite.sh slo      # SLO-aware server vs no objectives at 1.5x sustainable and light load
 #   benchmarks/gpu_suite.sh moe      # Mixtral-8x7B-shaped (random weights drawn on the GPU): decode, mix
 #   benchmarks/gpu_suite.sh sampler  # one step's sampling, realistic (old vs new) vs plain, [256, 128256]
+#   benchmarks/gpu_suite.sh mixed    # a step with prefill beside N decodes vs the decodes alone
+#                                    # (benchmarks/mixed_step.py), graphs and --enforce-eager
 #   benchmarks/gpu_suite.sh quant    # quantized formats: 8B speed per format, SmolLM2 perplexity
 #                                    # (benchmarks/quant_gpu.py). Split over calls, one JSON:
 #       QUANT_PARTS=8b QUANT_FORMATS=bf16,gptq4,awq4,fp8 benchmarks/gpu_suite.sh quant
@@ -73,6 +75,11 @@ case "$part" in
   sampler)
     python3 -m benchmarks.sampler_bench --json "$out/sampler_bench.json" 2>&1 | tail -8
     ;;
+  mixed)
+    python3 -m benchmarks.mixed_step --model "$model" --profile --json "$out/mixed_step.json" 2>&1 | grep -v Loading | tail -20
+    python3 -m benchmarks.mixed_step --model "$model" --enforce-eager --decodes 32 256 --prefill 16 512 \
+        --json "$out/mixed_step-eager.json" 2>&1 | grep -v Loading | tail -10
+    ;;
   quant)
     python3 -m benchmarks.quant_gpu --model "$model" --gguf "${GGUF:-/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf}" \
         --parts "${QUANT_PARTS:-8b,real}" --formats "${QUANT_FORMATS:-bf16,gptq4,awq4,fp8,fp8-load,squeezellm,gptq8}" \
@@ -92,5 +99,5 @@ case "$part" in
     python3 -m benchmarks.tp_gpu --model "$model" --tp --parts decode throughput --model70b-dummy --json "$out/tp70b.json" 2>&1 | grep -v Loading | tail -30
     ;;
   *)
-    echo "unknown part $part (checks | speed | peers | serving | ab | slo | moe | sampler | quant | tp | tp-speed | tp70b)"; exit 2;;
+    echo "unknown part $part (checks | speed | peers | serving | ab | slo | moe | sampler | mixed | quant | tp | tp-speed | tp70b)"; exit 2;;
 esac
