@@ -276,3 +276,27 @@ def test_a_dear_mixed_step_runs_rarely_and_large_from_banked_slack() -> None:
     assert statistics.mean(late) <= TPOT
     sliver_rate = c.params.min_chunk / _dear_mixed_step_s(100, c.params.min_chunk)  # tokens/s, every step
     assert sum(late_prefill) / sum(late) > 5 * sliver_rate
+
+
+def test_a_prefill_ahead_of_decodes_leaves_them_their_tokens() -> None:
+    """A budget of just the decodes' tokens (a step that banks slack) with a prefill ahead of a
+    decode in the running list (a later, shorter prompt finished first): the decode gets its
+    token and the prefill waits; without the reservation the prefill took the whole budget."""
+    from pagedserve.core.request import Request
+    from pagedserve.sampling_params import SamplingParams
+    from tests.core.sim import SimWorker
+    from tests.slo.sim_load import Clock, make_sim_scheduler
+
+    sched = make_sim_scheduler(SLO, Clock(), max_num_seqs=4, max_num_batched_tokens=64)
+    worker = SimWorker(16)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    sched.add_request(Request("short", list(range(1, 9)), params, eos_token_id=None))
+    sched.add_request(Request("long", list(range(1, 201)), params, eos_token_id=None))
+    plan = sched.schedule()  # 64 tokens: "short" whole, "long" 56 of its 200
+    sched.update_from_output(plan, worker.execute(plan))
+    assert sched.requests["short"].num_computed_tokens >= 8 > 0 < sched.requests["long"].num_computed_tokens < 200
+    sched.running.sort(key=lambda r: r.request_id != "long")  # the prefill ahead (as after a swap-in)
+    assert sched.slo is not None
+    sched.slo.caps = lambda running: (4, 1)  # type: ignore[method-assign]  # the decode's token only
+    plan = sched.schedule()
+    assert plan.num_scheduled_tokens == {"short": 1}
