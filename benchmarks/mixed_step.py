@@ -14,10 +14,10 @@ directly: mixed(N, P) - decode(N), its fixed part (P = 16) and its per-token slo
 host (CPU) time and its kernel launches from torch.profiler.
 
 The engine is synchronous (the step returns after its tokens are read back, so wall time is the
-step's), prefix caching off (every prompt is new), prompts of random non-zero token ids. Floors:
-decode(N) >= weight bytes / copy bandwidth; the prefill part >= 2 x params x P / matmul rate
-(printed beside each row when --model is the 8B-shaped model on a GPU: see benchmarks/roofline.py).
-On the CPU with the default tiny model it only checks that the script runs.
+step's), prefix caching off (every prompt is new), prompts of random non-zero token ids. The
+decode row's floor is benchmarks/latency.py's (weight bytes over the copy bandwidth); the
+surcharge has none (it is what the eager path adds). On the CPU with the default tiny model it
+only checks that the script runs.
 """
 
 from __future__ import annotations

@@ -105,6 +105,11 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    @property
+    def is_decoding(self) -> bool:
+        """Its prompt is computed (planned, under async scheduling): a step gives it one token."""
+        return self.num_computed_tokens >= self.num_prompt_tokens
+
     def token_ids_range(self, start: int, end: int) -> list[int]:
         return token_slice(self.prompt_token_ids, self.output_token_ids, start, end)
 

@@ -223,13 +223,13 @@ class Scheduler(Preemption, SchedulerGauges, LeaderForks):
         # Under the SLO controller the budget can be just the decodes' tokens (a step that banks
         # slack): a prefill ahead of decodes in the list (a later, shorter prompt finished
         # first) leaves one token for each decode behind it, or those miss the step.
-        reserve = sum(r.num_computed_tokens >= r.num_prompt_tokens for r in self.running) if self.slo else 0
+        reserve = sum(r.is_decoding for r in self.running) if self.slo else 0
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            decoding = request.num_computed_tokens >= request.num_prompt_tokens
-            reserve -= decoding and reserve > 0
-            limit = budget if decoding else budget - reserve
+            if request.is_decoding and reserve:
+                reserve -= 1
+            limit = budget if request.is_decoding else budget - reserve
             num_new = min(request.max_computable_tokens - request.num_computed_tokens, limit)
             if num_new <= 0 or self._pending_ends(request):  # a leader waiting for seats to fork
                 index += 1

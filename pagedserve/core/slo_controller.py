@@ -156,10 +156,9 @@ class SloController:
             extra = int((goal - base) / per_token)
             if extra < self.params.min_chunk:
                 # too dear beside these decodes: spend banked slack on a larger chunk, or run the
-                # decodes alone and bank theirs (at most max_defer steps, or until the bank is full)
+                # decodes alone and bank theirs (at most max_defer steps in a row)
                 extra = int((goal + self.slack_s - base) / per_token)
-                bank_full = self.slack_s >= self.params.bank_steps * goal
-                if extra < self.params.min_chunk and not bank_full and self._deferred < self.params.max_defer:
+                if extra < self.params.min_chunk and self._deferred < self.params.max_defer:
                     self._deferred += 1
                     self.last_budget = num_decode
                     return num_decode
@@ -189,8 +188,9 @@ class SloController:
         if sample.num_decode == 0:
             return  # no request's TPOT was at stake
         self._mean_context += 0.1 * (sample.context_tokens / sample.num_seqs - self._mean_context)
-        bank = p.bank_steps * self.tpot_target_s * (1 - p.margin)
-        self.slack_s = min(bank, max(-bank, self.slack_s + self.tpot_target_s * (1 - p.margin) - sample.duration_s))
+        goal = self.tpot_target_s * (1 - p.margin)  # the pace the bank keeps
+        bank = p.bank_steps * goal
+        self.slack_s = min(bank, max(-bank, self.slack_s + goal - sample.duration_s))
         self._recent.append(sample.duration_s)
         self.window.append(sum(self._recent) / len(self._recent))
         self._fresh += 1

@@ -61,7 +61,7 @@ class SchedulerSlo:
         c.tpot_target_s = self.target_for(running)
         num_decode = context = 0
         for r in running:
-            if r.num_computed_tokens >= r.num_prompt_tokens:
+            if r.is_decoding:
                 num_decode += 1
                 context += r.num_computed_tokens
         return c.max_num_seqs, c.token_budget(num_decode, context)
@@ -73,7 +73,7 @@ class SchedulerSlo:
         for req_id, num in plan.num_scheduled_tokens.items():
             r = requests[req_id]
             context += r.num_computed_tokens + num
-            num_decode += num == 1 and r.num_computed_tokens >= r.num_prompt_tokens
+            num_decode += num == 1 and r.is_decoding
         admitted = [0, 0]
         for new in plan.scheduled_new_reqs:
             admitted[requests[new.req_id].priority_class == "batch"] += 1
