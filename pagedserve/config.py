@@ -139,6 +139,9 @@ class EngineConfig:
     device: str  # "cpu" or "cuda"
     enforce_eager: bool
     attention_backend: str  # "torch" or "triton"
+    # steps with prefill of up to this many tokens replay CUDA graphs too (worker/mixed_graphs.py);
+    # 0 or 1: only decode steps do
+    mixed_graph_max_tokens: int = 1024
     async_scheduling: bool = False  # plan step n+1 while step n runs (see engine_core.py)
     cpu_threads: int | None = None  # engine intra-op threads; None: chosen (worker/cpu_resources.py)
     parallel_config: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
@@ -173,6 +176,9 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     async_scheduling: bool = True  # on by default (issue 13); steps that need the host sample in step
     enforce_eager: bool = False
+    # the largest step with prefill replayed from a CUDA graph (padded to a captured size); 0: such
+    # steps run eagerly (decode steps still replay theirs unless enforce_eager)
+    mixed_graph_max_tokens: int = 1024
     quantization: str | None = None
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # "uni" | "mp" | None (chosen by the size)
@@ -226,6 +232,7 @@ class EngineArgs:
             (self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
              "kv_cache_memory_bytes must be > 0"),
             (self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads must be >= 1"),
+            (self.mixed_graph_max_tokens >= 0, "mixed_graph_max_tokens must be >= 0 (0: steps with prefill run eagerly)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -334,6 +341,7 @@ class EngineArgs:
             ),
             device=device,
             enforce_eager=self.enforce_eager,
+            mixed_graph_max_tokens=self.mixed_graph_max_tokens,
             attention_backend="triton" if device == "cuda" else "torch",
             async_scheduling=self.async_scheduling,
             cpu_threads=self.cpu_threads,

@@ -21,8 +21,7 @@ class UniprocExecutor(Executor):
 
     def initialize_kv_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
         self.runner.initialize_kv_cache(num_gpu_blocks, num_cpu_blocks)
-        graphs = self.runner.decode_graphs
-        self.cuda_graph_capture_seconds = graphs.capture_seconds if graphs is not None else None
+        self.cuda_graph_capture_seconds = self.runner.cuda_graph_capture_seconds
 
     def launch(self, plan: SchedulerOutput) -> StepHandle:
         return self.runner.launch(plan)

@@ -91,8 +91,7 @@ def serve(launch: WorkerLaunch, rank: int) -> int:
                     value: Any = runner.determine_num_blocks()
                 elif msg.method == "initialize_kv_cache":
                     runner.initialize_kv_cache(*msg.args)
-                    graphs = runner.decode_graphs
-                    value = graphs.capture_seconds if graphs is not None else None
+                    value = runner.cuda_graph_capture_seconds
                 else:
                     raise ValueError(f"unknown worker call {msg.method!r}")
                 results.send(encode(Reply(rank, value)))

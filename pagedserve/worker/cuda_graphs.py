@@ -117,9 +117,11 @@ class DecodeGraphs:
         return hidden, logits, self.argmax(logits)
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, pool: Any = None) -> None:
+        """Capture every size into `pool` (default: a new one; the runner shares its pool with
+        the mixed-step graphs)."""
         started = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
+        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         vocab = self._step(1)[1].shape[-1]  # eager, outside any graph: the logits' width
         self.logits_out = torch.empty(self.max_batch, vocab, dtype=torch.float32, device=self.i64.device)
         for size in reversed(self.sizes):  # largest first: later graphs reuse its memory

@@ -23,7 +23,7 @@ Per layer, keys and values each live in one tensor of blocks:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ from pagedserve.worker.cpu_resources import (
     module_bytes,
 )
 from pagedserve.worker.cuda_graphs import capture_sizes
+from pagedserve.worker.mixed_graphs import mixed_capture_sizes
 
 if TYPE_CHECKING:
     from pagedserve.config import EngineConfig, SchedulerConfig
@@ -226,23 +227,11 @@ def profile_gpu_kv_budget(
     return budget
 
 
-@torch.inference_mode()
-def graph_pool_margin(model: Any, max_num_seqs: int, device: torch.device, memory: Any = None) -> int:
-    """Bytes the decode CUDA graphs (cuda_graphs.py) will hold, measured on an eager decode step
-    of max_num_seqs rows. All sizes share one pool and are captured largest first: the pool keeps
-    the largest step's working memory (measured: its peak above the baseline) and, since every
-    graph's outputs stay alive, the hidden states and argmax of every other size; the float32
-    logits of all sizes share one buffer of max_num_seqs rows (DecodeGraphs.logits_out), which
-    the largest step's peak already holds.
-
-        margin = peak(step at max) + sum over smaller sizes s of s * (bytes of one hidden + argmax row)
-    """
-    mem = memory if memory is not None else CudaMemory(device)
-    n = max_num_seqs
-    # The step's max_num_seqs tokens as one dense sequence: the same per-token activations as n
-    # one-token decodes (attention over n keys is, if anything, larger), in one SDPA call
-    # instead of n (dense_causal_attention loops over sequences).
-    meta = AttentionMetadata(
+def _dense_metadata(n: int, device: torch.device) -> AttentionMetadata:
+    """n tokens as one dense sequence with no cache: the same per-token activations as n decodes
+    or a mixed step of n tokens (attention over n keys is, if anything, larger), in one SDPA call
+    (dense_causal_attention loops over sequences)."""
+    return AttentionMetadata(
         slot_mapping=torch.full((n,), -1, dtype=torch.long, device=device),
         query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
         seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
@@ -250,16 +239,47 @@ def graph_pool_margin(model: Any, max_num_seqs: int, device: torch.device, memor
         max_query_len=n,
         max_seq_len=n,
     )
+
+
+@torch.inference_mode()
+def graph_pool_margin(model: Any, max_num_seqs: int, device: torch.device, memory: Any = None,
+                      mixed_sizes: Sequence[int] = ()) -> int:  # fmt: skip
+    """Bytes the CUDA graphs will hold: the decode graphs (cuda_graphs.py), measured on an eager
+    decode step of max_num_seqs rows, and the mixed-step graphs of `mixed_sizes` tokens
+    (mixed_graphs.py; none when empty), measured on an eager forward of the largest. All share one
+    pool and each kind is captured largest first: the pool keeps the larger working memory of the
+    two largest steps (each measured as its peak above the baseline) and, since every graph's
+    outputs stay alive, the outputs of every other size: hidden state and argmax rows of the
+    decode sizes, hidden rows of the mixed sizes. The float32 logits of all decode sizes share one
+    buffer of max_num_seqs rows (DecodeGraphs.logits_out), which the largest step's peak holds.
+
+        margin = max(peak(decode at max), peak(mixed at max))
+                 + sum over smaller decode sizes s of s * (bytes of one hidden + argmax row)
+                 + sum over smaller mixed sizes s of s * (bytes of one hidden row)
+    """
+    mem = memory if memory is not None else CudaMemory(device)
+    n = max_num_seqs
     ids = torch.zeros(n, dtype=torch.long, device=device)
     positions = torch.zeros_like(ids)  # any position is valid whatever max_model_len is
     mem.reset_peak()
     base = mem.allocated()
-    hidden = model(ids, positions, [], meta)
+    hidden = model(ids, positions, [], _dense_metadata(n, device))
     logits = model.compute_logits(hidden)
     greedy = logits.argmax(dim=-1)
     step = mem.peak() - base
     row_bytes = sum(t.element_size() * (t.numel() // n) for t in (hidden, greedy))
-    return step + sum(s * row_bytes for s in capture_sizes(n)[:-1])
+    hidden_row = hidden.element_size() * (hidden.numel() // n)
+    del hidden, logits, greedy
+    margin = sum(s * row_bytes for s in capture_sizes(n)[:-1])
+    if mixed_sizes:
+        m = max(mixed_sizes)
+        mem.reset_peak()
+        base = mem.allocated()
+        ids = torch.zeros(m, dtype=torch.long, device=device)
+        model(ids, torch.zeros_like(ids), [], _dense_metadata(m, device))
+        step = max(step, mem.peak() - base)
+        margin += sum(s * hidden_row for s in sorted(mixed_sizes)[:-1])
+    return step + margin
 
 
 Sample = Callable[[torch.Tensor], None]  # logits [max_num_seqs, vocab] float32 -> the sampler
@@ -291,8 +311,9 @@ def determine_num_blocks(
         )  # fmt: skip
         num_gpu, sizing = cpu_sizing.num_blocks, cpu_sizing.describe()
     else:
+        mixed = mixed_capture_sizes(sched.max_num_batched_tokens, config.mixed_graph_max_tokens)
         graphs = None if config.enforce_eager else (
-            lambda: graph_pool_margin(model, sched.max_num_seqs, device))
+            lambda: graph_pool_margin(model, sched.max_num_seqs, device, mixed_sizes=mixed))
         budget = profile_gpu_kv_budget(
             lambda: profile_forward(model, sched, vocab_size, device, sample),
             cache.gpu_memory_utilization, device, run_graph_step=graphs, baseline_used=baseline_used,

@@ -5,6 +5,7 @@ Each job lives in a module of its own; the runner only sequences them:
     input_batch.py    per-request state from the plan's diffs; the step's host inputs [T] / [B]
     kv_cache.py       KV pool sizing (profiling on the GPU), allocation, swap and copy of blocks
     cuda_graphs.py    decode steps replayed as CUDA graphs (GPU only)
+    mixed_graphs.py   steps with prefill (up to mixed_graph_max_tokens) replayed likewise
     async_output.py   steps whose greedy ids stay on the device until collected (async scheduling)
     step_sampling.py  every other step's sampling: seeds, the plan's grammar masks, the sampler,
                       prompt logprobs
@@ -37,6 +38,7 @@ from pagedserve.worker.kv_cache import (
     move_blocks,
     used_device_memory,
 )
+from pagedserve.worker.mixed_graphs import MixedGraphs, mixed_capture_sizes
 from pagedserve.worker.step_sampling import StepSampler
 
 __all__ = ["ModelRunner", "RequestState", "StepHandle"]
@@ -83,6 +85,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.decode_graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         self._kv_sizing = ""  # how determine_num_blocks sized the KV cache (start-up log)
 
     # statistics of async scheduling (tests)
@@ -121,7 +124,22 @@ class ModelRunner:
                 self.model, self.kv_caches, sched.max_num_seqs, max_blocks,
                 self.spec.block_size, self.device, argmax_rows=self.kernels.argmax_rows,
             )
-            self.decode_graphs.capture()
+            pool = torch.cuda.graph_pool_handle()  # one pool for both kinds (mixed_graphs.py)
+            self.decode_graphs.capture(pool)
+            if mixed_capture_sizes(sched.max_num_batched_tokens, self.config.mixed_graph_max_tokens):
+                self.mixed_graphs = MixedGraphs(
+                    self.model, self.kv_caches, sched.max_num_seqs, sched.max_num_batched_tokens, max_blocks,
+                    self.spec.block_size, self.device, max_tokens=self.config.mixed_graph_max_tokens,
+                )
+                self.mixed_graphs.capture(pool)
+
+    @property
+    def cuda_graph_capture_seconds(self) -> float | None:
+        """Seconds spent capturing every CUDA graph; None: no graphs (CPU, enforce_eager)."""
+        if self.decode_graphs is None:
+            return None
+        mixed = self.mixed_graphs.capture_seconds if self.mixed_graphs is not None else 0.0
+        return self.decode_graphs.capture_seconds + mixed
 
     # ---------------------------------------------------------------- one step
 
@@ -151,12 +169,15 @@ class ModelRunner:
             states[r].sampling_params.prompt_logprobs is not None for r in plan.num_scheduled_tokens
         )
         fill = self.async_outputs.placeholder_fill(host, is_async)  # resolves steps in flight if sync
-        graphs = self.decode_graphs
+        graphs, mixed = self.decode_graphs, self.mixed_graphs
         decoded: DecodeResult | None = None
         if graphs is not None and host.max_query_len == 1 and graphs.fits(len(host.seq_lens), host.max_blocks):
             decoded = graphs.run(host.token_ids, host.positions, host.slots, host.seq_lens, host.tables,
                                  fill=fill)
             hidden = decoded.hidden
+        elif mixed is not None and host.max_query_len > 1 and mixed.fits(
+                len(host.token_ids), len(host.seq_lens), host.max_blocks):
+            hidden = mixed.run(host, fill=fill)
         else:
             input_ids, positions, metadata = to_device(host, self.device)
             if fill is not None:

@@ -154,6 +154,19 @@ def test_graph_pool_margin_counts_every_size_outputs() -> None:
     assert margin == 5000 + 15 * row
 
 
+def test_graph_pool_margin_counts_the_mixed_step_graphs() -> None:
+    """With mixed-step graphs (8, 16, 32 tokens) in the same pool: the larger of the two largest
+    steps' peaks (the mixed one here, run at 32 tokens), plus the decode sizes' kept rows and the
+    hidden rows of the smaller mixed sizes (8 + 16)."""
+    model = _StubModel()
+    mem = _FakeMemory([100 + 5000, 100 + 7000], total=0, free=0, reserved=0)
+    margin = graph_pool_margin(model, 16, CPU, memory=mem, mixed_sizes=[8, 16, 32])
+    assert model.tokens_seen == [16, 32]
+    assert margin == 7000 + 15 * (8 * 4 + 8) + (8 + 16) * 8 * 4
+    mem = _FakeMemory([100 + 5000, 100 + 300], total=0, free=0, reserved=0)  # decode's peak larger
+    assert graph_pool_margin(model, 16, CPU, memory=mem, mixed_sizes=[8, 16, 32]) == 5000 + 15 * 40 + 24 * 32
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_1024_seqs_16384_tokens_full_sampling_batch_fits(tmp_path: Any) -> None:

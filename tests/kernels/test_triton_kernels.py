@@ -273,6 +273,29 @@ def test_padding_rows_are_zero_without_out() -> None:
     assert torch.equal(got[5:], torch.zeros_like(got[5:]))
 
 
+def test_varlen_kernel_under_mixed_graph_padding() -> None:
+    """The padding of a mixed-step CUDA graph (worker/mixed_graphs.py): token rows past the last
+    request and request slots with no query rows (query_start_loc repeated, seq_len 1, table
+    row [0, ...]) leave the real rows exactly as the unpadded launch computes them."""
+    case = make_case([17, 30, 9], [1, 12, 9], 4, 2, 32, 16, torch.float32, seed=14)
+    tokens, pad_tokens, pad_seqs = 22, 10, 5
+    query = torch.cat([case.query, _randn((pad_tokens, 4, 32), torch.float32, _gen(15))])
+    qsl = torch.cat([case.query_start_loc, torch.full((pad_seqs,), tokens, dtype=torch.int32, device=DEVICE)])
+    seq_lens = torch.cat([case.seq_lens, torch.ones(pad_seqs, dtype=torch.int32, device=DEVICE)])
+    tables = torch.cat([case.block_tables, torch.zeros((pad_seqs, case.block_tables.shape[1]), dtype=torch.int32,
+                                                       device=DEVICE)])  # fmt: skip
+    key_cache, value_cache = case.key_cache.clone(), case.value_cache.clone()
+    key_cache[0, 0] = 1.0  # block 0 slot 0: what padding requests read (NaN elsewhere in block 0)
+    value_cache[0, 0] = 1.0
+    out = torch.full_like(query, float("nan"))
+    got = paged_attention(query, key_cache, value_cache, tables, seq_lens, qsl, case.scale,
+                          max_query_len=tokens + pad_tokens, out=out, tuning=SMALL)  # fmt: skip
+    want = ref.paged_attention(case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens,
+                               case.query_start_loc, case.scale)  # fmt: skip
+    assert_close(got[:tokens], want, torch.float32)
+    assert torch.isnan(got[tokens:]).all()  # rows no request owns: left as they were
+
+
 def test_attention_rejects_bad_shapes() -> None:
     case = make_case([5], [5], 4, 2, 32, 16, torch.float32, seed=14)
     with pytest.raises(ValueError, match="num_kv_heads"):

@@ -93,6 +93,8 @@ def add_server_args(parser: argparse.ArgumentParser, positional_model: bool) -> 
     prefix.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     eng.add_argument("--seed", type=int, default=0)
     eng.add_argument("--enforce-eager", action="store_true")
+    eng.add_argument("--mixed-graph-max-tokens", type=_non_negative_int, default=1024,
+                     help="steps with prefill of up to this many tokens replay CUDA graphs (0: eager)")  # fmt: skip
     eng.add_argument("--max-logprobs", type=_non_negative_int, default=20)
     eng.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     eng.add_argument("--kv-cache-memory-bytes", type=_positive_int, default=None,
@@ -223,6 +225,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         scheduling_policy=args.scheduling_policy,
         async_scheduling=args.async_scheduling,
         enforce_eager=args.enforce_eager,
+        mixed_graph_max_tokens=args.mixed_graph_max_tokens,
         quantization=args.quantization,
         tensor_parallel_size=args.tensor_parallel_size,
         device=args.device,
