@@ -93,9 +93,12 @@ class MixedGraphs:
         # int32: [query_start_loc (r + 1) | seq_lens (r) | block_tables (r x width)]
         self.i32 = torch.zeros(2 * r + 1 + r * self.width, dtype=torch.int32, device=device)
         self.i32_host = torch.zeros(self.i32.numel(), dtype=torch.int32, pin_memory=pin)
+        # Fixed offsets whatever the size: a graph of R' < r slots reads the first R' entries of
+        # each region (its views are prefixes of these).
         self._i64_np = self.i64_host.numpy()
-        self._i32_np = self.i32_host.numpy()
-        self._tables_np = self._i32_np[2 * r + 1 :].reshape(r, self.width)
+        i32 = self.i32_host.numpy()
+        self._qsl_np, self._lens_np = i32[: r + 1], i32[r + 1 : 2 * r + 1]
+        self._tables_np = i32[2 * r + 1 :].reshape(r, self.width)
         self.input_ids, self.positions, self.slot_mapping = self.i64.view(3, n)
         self.query_start_loc = self.i32[: r + 1]
         self.seq_lens = self.i32[r + 1 : 2 * r + 1]
@@ -153,18 +156,17 @@ class MixedGraphs:
         i64[n + num_tokens : n + size] = 0
         i64[2 * n : 2 * n + num_tokens] = host.slots
         i64[2 * n + num_tokens : 2 * n + size] = -1
-        i32 = self._i32_np
-        i32[: batch + 1] = host.query_start_loc
-        i32[batch + 1 : r + 1] = num_tokens
-        lens = i32[r + 1 : 2 * r + 1]
+        qsl, lens, rows = self._qsl_np, self._lens_np, self._tables_np
+        qsl[: batch + 1] = host.query_start_loc
+        qsl[batch + 1 : r + 1] = num_tokens
         lens[:batch] = host.seq_lens
         lens[batch:r] = 1
-        rows = self._tables_np
         for i, table in enumerate(host.tables):
             rows[i, : len(table)] = table
         rows[batch:r, 0] = 0
         self.i64.copy_(self.i64_host, non_blocking=True)
-        used = 2 * r + 1 + r * self.width  # query_start_loc, seq_lens and the first r table rows
+        # query_start_loc and seq_lens whole, then the first r table rows
+        used = 2 * self.max_seqs + 1 + r * self.width
         self.i32[:used].copy_(self.i32_host[:used], non_blocking=True)
         if self._loaded is not None:
             self._loaded.record()

@@ -75,9 +75,10 @@ def test_padded_buffers_give_the_eager_steps_hidden_states_and_kv(tiny_checkpoin
     # step 2, mixed: a decodes its 21st token, b's whole prompt, c's second chunk (5..17)
     mixed_step = _host([(a, 20, 21, table_a), (b, 0, 9, table_b), (c, 5, 17, table_c)], bs)
     expected = _eager(runner, eager_kv, mixed_step)
-    graphs = MixedGraphs(runner.model, padded_kv, 6, 96, max_blocks_per_seq=8, block_size=bs, device=CPU)
+    # 12 request slots: the graph of 24 tokens has all 12, the graph of 8 (below) only 8
+    graphs = MixedGraphs(runner.model, padded_kv, 12, 96, max_blocks_per_seq=8, block_size=bs, device=CPU)
     size = graphs.load(mixed_step)
-    assert size == 24 and graphs.seqs_for(size) == 6  # 22 tokens -> 24 rows; 3 requests -> 6 slots
+    assert size == 24 and graphs.seqs_for(size) == 12  # 22 tokens -> 24 rows; 3 requests -> 12 slots
     got = graphs.forward(size)
     assert got.shape[0] == size
     torch.testing.assert_close(got[:22], expected, rtol=1e-5, atol=1e-5)
@@ -89,7 +90,7 @@ def test_padded_buffers_give_the_eager_steps_hidden_states_and_kv(tiny_checkpoin
     scratch = [(k.clone(), v.clone()) for k, v in padded_kv]
     expected_small = _eager(runner, scratch, small)
     size = graphs.load(small)
-    assert size == 8
+    assert size == 8 and graphs.seqs_for(size) == 8
     torch.testing.assert_close(graphs.forward(size)[:3], expected_small, rtol=1e-5, atol=1e-5)
     for (ks, vs), (kp, vp) in zip(scratch, padded_kv):
         torch.testing.assert_close(kp, ks, rtol=1e-5, atol=1e-5)
