@@ -11,7 +11,7 @@
 #   benchmarks/gpu_suite.sh moe      # Mixtral-8x7B-shaped (random weights drawn on the GPU): decode, mix
 #   benchmarks/gpu_suite.sh sampler  # one step's sampling, realistic (old vs new) vs plain, [256, 128256]
 #   benchmarks/gpu_suite.sh mixed    # a step with prefill beside N decodes vs the decodes alone
-#                                    # (benchmarks/mixed_step.py), graphs and --enforce-eager
+#                                    # (benchmarks/mixed_step.py): graphs, no mixed-step graphs, --enforce-eager
 #   benchmarks/gpu_suite.sh quant    # quantized formats: 8B speed per format, SmolLM2 perplexity
 #                                    # (benchmarks/quant_gpu.py). Split over calls, one JSON:
 #       QUANT_PARTS=8b QUANT_FORMATS=bf16,gptq4,awq4,fp8 benchmarks/gpu_suite.sh quant
@@ -77,6 +77,8 @@ case "$part" in
     ;;
   mixed)
     python3 -m benchmarks.mixed_step --model "$model" --profile --json "$out/mixed_step.json" 2>&1 | grep -v Loading | tail -20
+    python3 -m benchmarks.mixed_step --model "$model" --mixed-graph-max-tokens 0 --decodes 32 256 --prefill 16 512 \
+        --json "$out/mixed_step-no-mixed-graphs.json" 2>&1 | grep -v Loading | tail -10
     python3 -m benchmarks.mixed_step --model "$model" --enforce-eager --decodes 32 256 --prefill 16 512 \
         --json "$out/mixed_step-eager.json" 2>&1 | grep -v Loading | tail -10
     ;;

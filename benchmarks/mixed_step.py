@@ -1,14 +1,17 @@
 """What a step with prefill costs beside running decodes: engine step wall time for N decoding
 requests alone (the CUDA graph) and with one new prompt of P tokens prefilled in the same step
-(eager), for several N and P, medians of repeated steps.
+(a mixed-step CUDA graph up to --mixed-graph-max-tokens, eager past it), for several N and P,
+medians of repeated steps.
 
     python -m benchmarks.mixed_step [--model DIR] [--decodes 32 128 256] [--prefill 16 128 512 2048]
-                                    [--repeats 7] [--enforce-eager] [--profile] [--json OUT]
+                                    [--repeats 7] [--enforce-eager] [--mixed-graph-max-tokens N]
+                                    [--profile] [--json OUT]
 
 Why: the SLO controller's /metrics trace on the H200 (benchmarks/results/h200-2026-12-02-slo-
 serving-5/) put a step carrying any prefill at about 20 ms above a decode-only one whatever the
 chunk: if the surcharge is fixed (host work and kernel launches of the eager forward), prefill
-should come in few large chunks, or mixed steps need CUDA graphs too. This measures the surcharge
+should come in few large chunks, or mixed steps need CUDA graphs too (they have them now:
+pagedserve/worker/mixed_graphs.py; --mixed-graph-max-tokens 0 measures without). This measures the surcharge
 directly: mixed(N, P) - decode(N), its fixed part (P = 16) and its per-token slope, and with
 --enforce-eager a decode step without the graph. --profile adds, for the smallest P, the step's
 host (CPU) time and its kernel launches from torch.profiler.
@@ -69,7 +72,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     n_max, p_max = max(args.decodes), max(args.prefill)
     engine = LLMEngine.from_engine_args(EngineArgs(
         model=model, max_num_seqs=n_max + 1, max_num_batched_tokens=n_max + p_max, max_model_len=args.max_model_len,
-        enable_prefix_caching=False, enforce_eager=args.enforce_eager, async_scheduling=False))  # fmt: skip
+        enable_prefix_caching=False, enforce_eager=args.enforce_eager, async_scheduling=False,
+        mixed_graph_max_tokens=args.mixed_graph_max_tokens))  # fmt: skip
     vocab = engine.vocab_size
     rng = random.Random(0)
     decoding = SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True)
@@ -116,13 +120,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--enforce-eager", action="store_true", help="decode steps eager too (no CUDA graph)")
+    parser.add_argument("--mixed-graph-max-tokens", type=int, default=1024,
+                        help="steps with prefill up to this many tokens replay CUDA graphs (0: eager)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rows = run(args)
     env = environment()
     print_table(f"Step time, N decodes + one P-token prefill ({env['device']}, "
-                f"{'eager' if args.enforce_eager else 'CUDA graphs for decode'})", rows)
+                f"{'eager' if args.enforce_eager else f'CUDA graphs, steps with prefill up to {args.mixed_graph_max_tokens} tokens'})",
+                rows)
     write_json(args.json, {"environment": env, "args": vars(args), "rows": rows})
 
 

@@ -10,7 +10,7 @@ from benchmarks.mixed_step import run
 
 
 def test_rows_time_the_steps_they_name() -> None:
-    args = argparse.Namespace(model=None, decodes=[2, 4], prefill=[8, 40], decode_prompt=16, repeats=2, warmup=3,
+    args = argparse.Namespace(model=None, decodes=[2, 4], prefill=[8, 40], decode_prompt=16, repeats=2, warmup=3, mixed_graph_max_tokens=1024,
                               max_model_len=256, enforce_eager=True, profile=False)  # fmt: skip
     rows = run(args)
     assert [(r["decodes"], r["prefill"]) for r in rows] == [(2, 0), (2, 8), (2, 40), (4, 0), (4, 8), (4, 40)]
