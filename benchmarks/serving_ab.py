@@ -7,7 +7,7 @@ alternating order: the before / after comparison of a change to the serving path
 Both servers run at once, each started (one after the other: each sizes its KV cache alone) with
 --gpu-memory-utilization of the GPU, its own share, so both fit and a comparison needs no restart
 between runs; each gets a warm-up burst (JIT, allocator, graph warm-up) that is not reported. Then for every rate, `--repeats` rounds, each round running the
-same seeded workload (benchmarks/serving.run_rate: the ShareGPT-like mix, streamed, ignore_eos)
+same seeded workload (benchmarks/serving.measure_rate: the ShareGPT-like mix, streamed, ignore_eos)
 against both servers one after the other, the order flipping every round (old new, new old, ...),
 so drift in the machine falls on both alike. Only one server is loaded at a time. The table
 gives each tree's median over its rounds; the JSON every run.
@@ -16,13 +16,12 @@ gives each tree's median over its rounds; the JSON every run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import statistics
 from typing import Any
 
 from benchmarks.common import environment, print_table, write_json
-from benchmarks.serving import run_rate, running_server
+from benchmarks.serving import default_client_procs, measure_rate, running_server
 from benchmarks.workload import sharegpt_like
 
 KEYS = ("achieved_rps", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
@@ -45,6 +44,8 @@ def main() -> None:
                         help="flags for the new tree's server only (the same tree twice with a flag on: --old-tree . "
                              "--new-server-args --async-scheduling)")
     parser.add_argument("--log-dir", default="/tmp")
+    parser.add_argument("--client-procs", type=int, default=default_client_procs(),
+                        help="client processes sending the requests (default: one per 4 cores, at most 8)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     flags = [*args.server_args.split(), "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
@@ -61,14 +62,15 @@ def main() -> None:
                 running_server(args.model, own, f"{args.log_dir}/server-ab-{tag}.log", tree=tree))
             bases[tag], ready[tag] = base, seconds
             n = args.warmup_requests
-            asyncio.run(run_rate(base, "bench", work.prompts[:n], work.output_lens[:n], 32.0, seed=1000))
+            measure_rate(base, "bench", work.prompts[:n], work.output_lens[:n], 32.0, seed=1000,
+                         client_procs=args.client_procs)
         print(f"servers ready: old {ready['old']:.1f} s, new {ready['new']:.1f} s", flush=True)
         for rate in args.rates:
             for round_index in range(args.repeats):
                 order = ("old", "new") if round_index % 2 == 0 else ("new", "old")
                 for tag in order:
-                    row = asyncio.run(run_rate(bases[tag], "bench", work.prompts, work.output_lens, rate,
-                                               seed=int(rate) * 10 + round_index))  # fmt: skip
+                    row = measure_rate(bases[tag], "bench", work.prompts, work.output_lens, rate,
+                                       seed=int(rate) * 10 + round_index, client_procs=args.client_procs)
                     runs.append({"tree": tag, "round": round_index, **row})
                     print(f"rate {rate:g} round {round_index} {tag}: TTFT P50 {row['ttft_p50_ms']:.1f} ms, "
                           f"TPOT P50 {row['tpot_p50_ms']:.2f} ms, {row['output_tokens_per_s']:.0f} tok/s", flush=True)

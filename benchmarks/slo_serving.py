@@ -27,7 +27,6 @@ On the CPU with the tiny model (an end-to-end check of the script, not a measure
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import math
@@ -40,7 +39,7 @@ from typing import Any
 import httpx
 
 from benchmarks.common import environment, print_table
-from benchmarks.serving import run_rate, running_server
+from benchmarks.serving import default_client_procs, measure_rate, running_server
 from pagedserve.tune.workload import sharegpt_like
 
 CPU_TINY_FLAGS = ["--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory-bytes", str(16 << 20),
@@ -111,8 +110,9 @@ def _run(base: str, work: Any, rate: float, args: argparse.Namespace, seed: int,
     n = n or len(work.prompts)
     sampler = MetricsTrace(base) if trace else None
     with sampler or contextlib.nullcontext():
-        row = asyncio.run(run_rate(base, "bench", work.prompts[:n], work.output_lens[:n], rate, seed,
-                                   slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms))  # fmt: skip
+        row = measure_rate(base, "bench", work.prompts[:n], work.output_lens[:n], rate, seed,
+                           slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
+                           client_procs=args.client_procs)
     if sampler is not None:
         row["trace"] = sampler.samples
     return row
@@ -269,6 +269,8 @@ def main() -> None:
     parser.add_argument("--overload", type=float, default=1.5)
     parser.add_argument("--light", type=float, default=0.3)
     parser.add_argument("--light-requests", type=int, default=None, help="requests of the light runs (default: half)")
+    parser.add_argument("--client-procs", type=int, default=default_client_procs(),
+                        help="client processes sending the requests (default: one per 4 cores, at most 8)")
     parser.add_argument("--loads", nargs="+", choices=["light", "overload"], default=["light", "overload"])
     parser.add_argument("--warmup-requests", type=int, default=300,
                         help="requests at the light rate on each server right before its light run")
