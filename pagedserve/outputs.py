@@ -106,3 +106,27 @@ class RequestOutput:
 def _short_logprobs(logprobs: list | None) -> str:
     # Logprob lists are long; the repr shows only their length.
     return "None" if logprobs is None else f"<{len(logprobs)} positions>"
+
+
+def merge_delta_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two DELTA outputs of one request, `first` then `later`, as one: each completion's text,
+    token ids and logprobs concatenated, the rest (finish, cumulative logprob, metrics) from the
+    later one. A consumer that fell behind takes what queued up as one output (one SSE event
+    instead of several), so a loaded front end spends its time per event, not per token."""
+    earlier = {c.index: c for c in first.outputs}
+    outputs = []
+    for c in later.outputs:
+        old = earlier.pop(c.index, None)
+        if old is None:
+            outputs.append(c)
+            continue
+        logprobs = None if old.logprobs is None and c.logprobs is None else [*(old.logprobs or []), *(c.logprobs or [])]
+        outputs.append(CompletionOutput(c.index, old.text + c.text, old.token_ids + c.token_ids, c.cumulative_logprob,
+                                        logprobs, c.finish_reason, c.stop_reason))  # fmt: skip
+    outputs.extend(earlier.values())
+    outputs.sort(key=lambda c: c.index)
+    return RequestOutput(
+        request_id=later.request_id, prompt=later.prompt, prompt_token_ids=later.prompt_token_ids,
+        prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None else later.prompt_logprobs,
+        outputs=outputs, finished=later.finished, metrics=later.metrics, num_cached_tokens=later.num_cached_tokens,
+    )  # fmt: skip

@@ -27,8 +27,8 @@ from pagedserve.engine.messages import EngineDeadError, OutputsMsg, ReadyMsg
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.request_builder import PreparedPrompt, RequestBuilder, load_tokenizer
 from pagedserve.inputs import PromptType
-from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.outputs import RequestOutput, merge_delta_outputs
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -214,16 +214,27 @@ class AsyncLLM:
         return handle
 
     async def stream(self, handle: RequestHandle) -> AsyncIterator[RequestOutput]:
-        """The outputs of an added request until it finishes; leaving early aborts it."""
+        """The outputs of an added request until it finishes; leaving early aborts it. DELTA
+        outputs that queued up while the consumer was busy come as one (merge_delta_outputs)."""
         first: float | None = None
         last: float | None = None
         queued: float | None = None
         reason = "abort"
+        merge = handle.params.output_kind == RequestOutputKind.DELTA
+        error: BaseException | None = None  # queued behind outputs: raised after they are out
         try:
             while not handle.finished:
+                if error is not None:
+                    raise error
                 item = await handle.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                while merge and not item.finished and not handle.queue.empty():
+                    later = handle.queue.get_nowait()
+                    if isinstance(later, BaseException):
+                        error = later
+                        break
+                    item = merge_delta_outputs(item, later)
                 handle.finished = item.finished
                 if item.metrics is not None:
                     first, last = item.metrics.first_token_time, item.metrics.last_token_time
@@ -271,8 +282,6 @@ class AsyncLLM:
 
     @staticmethod
     def _count_tokens(item: RequestOutput, params: SamplingParams, so_far: int) -> int:
-        from pagedserve.sampling_params import RequestOutputKind
-
         if params.output_kind == RequestOutputKind.DELTA:
             return so_far + sum(len(c.token_ids) for c in item.outputs)
         return sum(len(c.token_ids) for c in item.outputs)

@@ -51,7 +51,19 @@ T = TypeVar("T")
 
 
 async def merge_generators(gens: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
-    """Interleave several async iterators as items arrive; closing this one cancels them all."""
+    """Interleave several async iterators as items arrive; closing this one cancels them all.
+    One iterator (a single prompt, the usual request) is read directly: no task, no queue hop
+    per item."""
+    if len(gens) == 1:
+        only = gens[0]
+        try:
+            async for value in only:
+                yield 0, value
+        finally:
+            close = getattr(only, "aclose", None)
+            if close is not None:
+                await close()
+        return
     queue: asyncio.Queue[tuple[int, T] | tuple[int, BaseException] | None] = asyncio.Queue()
 
     async def drain(i: int, gen: AsyncIterator[T]) -> None:
