@@ -83,7 +83,9 @@ def header_timeout_protocol(base: type[Any], timeout_s: float, max_connections: 
 def uvicorn_limit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for uvicorn.Config from the flags above. Call after raise_nofile_limit:
     --max-connections is held under the open-file limit, so sockets run out before files do."""
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    # h11 whatever else is installed: uvicorn's "auto" takes httptools when present, which does
+    # not apply h11_max_incomplete_event_size (the header size bound would silently go)
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
     limit = max_connections(args)
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -95,7 +97,7 @@ def uvicorn_limit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         timeout_keep_alive=args.timeout_keep_alive,
         h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
         limit_concurrency=limit,
-        http=header_timeout_protocol(AutoHTTPProtocol, args.header_read_timeout, limit),
+        http=header_timeout_protocol(H11Protocol, args.header_read_timeout, limit),
     )
 
 
