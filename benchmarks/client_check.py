@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -25,19 +24,13 @@ import httpx
 import numpy as np
 
 from benchmarks.common import environment, print_table, write_json
-from benchmarks.serving import measure_rate
+from benchmarks.serving import free_port, measure_rate
 from pagedserve.tune.workload import sharegpt_like
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
 def running_stub(tpot_ms: float, ttft_ms: float) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.stream_stub", "--port", str(port),
                              "--tpot-ms", str(tpot_ms), "--ttft-ms", str(ttft_ms)])  # fmt: skip
     base = f"http://127.0.0.1:{port}"

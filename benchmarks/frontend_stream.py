@@ -21,7 +21,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,9 @@ import httpx
 import numpy as np
 
 from benchmarks.common import environment, print_table, write_json
+from benchmarks.serving import free_port
+from pagedserve.core.outputs import EngineCoreOutput, FinishReason
+from pagedserve.engine.messages import OutputsMsg
 
 # ---------------------------------------------------------------------------- the stand-in core
 
@@ -76,9 +78,6 @@ class PacedCore:
             self._task.cancel()
 
     async def _run(self) -> None:
-        from pagedserve.core.outputs import EngineCoreOutput, FinishReason
-        from pagedserve.engine.messages import OutputsMsg
-
         due = time.monotonic()
         while True:
             due += self.step_s
@@ -88,23 +87,24 @@ class PacedCore:
             # (core_client.MPClient: zmq's recv returns at once while messages are buffered)
             # hands over one after the other.
             while True:
-                self._step(EngineCoreOutput, FinishReason, OutputsMsg)
+                self._step()
                 if due + self.step_s > time.monotonic():
                     break
                 due += self.step_s
 
-    def _step(self, output_type: Any, reasons: Any, msg_type: Any) -> None:
+    def _step(self) -> None:
         now = time.monotonic()
         outputs = []
         for child, state in list(self.live.items()):
             state[0] -= 1
             state[1] = 100 + (state[1] * 31 + 7) % (self.vocab_size - 200)
             done = state[0] <= 0
-            outputs.append(output_type(child, [state[1]], reasons.LENGTH if done else None, first_scheduled_time=now))
+            outputs.append(EngineCoreOutput(child, [state[1]], FinishReason.LENGTH if done else None,
+                                            first_scheduled_time=now))  # fmt: skip
             if done:
                 del self.live[child]
         if outputs:
-            self.on_outputs(msg_type(outputs, None))
+            self.on_outputs(OutputsMsg(outputs, None))
 
 
 def serve(model: str, port: int, step_s: float) -> None:
@@ -221,9 +221,7 @@ def main() -> None:
         from pagedserve.testing.checkpoints import build_checkpoint
 
         args.model = build_checkpoint("/tmp/frontend-stream-llama", "llama")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "benchmarks.frontend_stream", "--serve", "--model", args.model,
                                "--port", str(port), "--step-ms", str(args.step_ms)])  # fmt: skip
     try:

@@ -37,7 +37,7 @@ from benchmarks.common import print_table, write_json
 from benchmarks.workload import sharegpt_like
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -176,7 +176,7 @@ def running_server(model: str, server_args: list[str], log_path: str | None = No
     """(base URL, seconds to ready) of a server started for the benchmark; stopped on exit.
     Its log goes to log_path (default: $SERVER_LOG, else /tmp/pagedserve-server.log). tree: run
     the pagedserve of that source tree (its directory first on PYTHONPATH, and the cwd)."""
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = log_path or os.environ.get("SERVER_LOG") or "/tmp/pagedserve-server.log"
     started = time.perf_counter()

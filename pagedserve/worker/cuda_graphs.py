@@ -25,17 +25,32 @@ the buffers, so no host value is baked into a graph except through these buffers
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from pagedserve.model_executor.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def capture_graph(step: Callable[[], T], pool: Any) -> tuple[torch.cuda.CUDAGraph, T]:
+    """`step` run twice eagerly (Triton compiles and cuBLAS plans outside the capture), then
+    captured into `pool`: the graph and its outputs (static tensors, rewritten by each replay)."""
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = step()
+    return graph, outputs
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -125,13 +140,7 @@ class DecodeGraphs:
         vocab = self._step(1)[1].shape[-1]  # eager, outside any graph: the logits' width
         self.logits_out = torch.empty(self.max_batch, vocab, dtype=torch.float32, device=self.i64.device)
         for size in reversed(self.sizes):  # largest first: later graphs reuse its memory
-            for _ in range(2):  # warm up: Triton compiles outside the capture
-                self._step(size)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self._step(size)
-            self.graphs[size] = graph
+            self.graphs[size], self.outputs[size] = capture_graph(functools.partial(self._step, size), pool)
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - started
         logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s",

@@ -31,6 +31,7 @@ class runs eagerly on the CPU (`forward`), which is how the padding is tested wi
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 
 from pagedserve.model_executor.layers.attention import AttentionMetadata
+from pagedserve.worker.cuda_graphs import capture_graph
 from pagedserve.worker.input_batch import HostInputs
 
 logger = logging.getLogger(__name__)
@@ -178,13 +180,7 @@ class MixedGraphs:
         never overlap, and each graph's output stays allocated)."""
         started = time.perf_counter()
         for size in reversed(self.sizes):
-            for _ in range(2):  # warm up: Triton compiles and cuBLAS plans outside the capture
-                self.forward(size)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self.forward(size)
-            self.graphs[size] = graph
+            self.graphs[size], self.outputs[size] = capture_graph(functools.partial(self.forward, size), pool)
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - started
         logger.info("captured %d mixed-step CUDA graphs (%d..%d tokens, up to %d requests) in %.1f s",
