@@ -9,12 +9,18 @@ import os
 import platform
 import subprocess
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that use it: the serving client's processes import this
+# module, and four of them importing torch at once took ~14 s on the H200 host (2026-12-02).
 
 
 def environment() -> dict[str, Any]:
+    import torch
+
     # PAGEDSERVE_COMMIT first: the device machine's copy of the tree may carry a stale .git
     commit = os.environ.get("PAGEDSERVE_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -42,6 +48,8 @@ def environment() -> dict[str, Any]:
 
 def measure_copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 20, device: str = "cuda") -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (median)."""
+    import torch
+
     src = torch.randn(num_bytes // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
     seconds = _median_seconds(functools.partial(dst.copy_, src), repeats, device)
@@ -52,9 +60,13 @@ def measure_copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 20, device: 
 
 
 def measure_matmul_rate(n: int = 8192, repeats: int = 20, device: str = "cuda",
-                        dtype: torch.dtype = torch.bfloat16) -> float:
+                        dtype: torch.dtype | None = None) -> float:
     """Dense matmul rate in FLOP/s (2 n^3 per product, median) on random normal (non-zero) data:
-    zeros would flatter the rate (less switching power, so higher clocks)."""
+    zeros would flatter the rate (less switching power, so higher clocks). dtype: bfloat16 unless
+    given."""
+    import torch
+
+    dtype = dtype or torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, dtype=dtype, device=device, generator=gen)
     b = torch.randn(n, n, dtype=dtype, device=device, generator=gen)
@@ -83,6 +95,8 @@ def _median_seconds(fn: Any, repeats: int, device: str) -> float:
 
 def time_cuda_ms(fn: Any, repeats: int = 50, warmup: int = 5) -> float:
     """Median device time of fn() in ms (CUDA events), after `warmup` warm-up calls."""
+    import torch
+
     for _ in range(warmup):
         fn()
     times = []

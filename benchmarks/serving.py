@@ -162,20 +162,23 @@ def summarize(record: list[dict], num_sent: int, elapsed: float, rate: float, sl
     }
 
 
-def _tree_env(tree: str | None) -> dict[str, str] | None:
-    if tree is None:
+def _server_env(tree: str | None, extra_env: dict[str, str] | None = None) -> dict[str, str] | None:
+    if tree is None and not extra_env:
         return None
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(tree), *filter(None, [env.get("PYTHONPATH")])])
+    env = {**os.environ, **(extra_env or {})}
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(tree), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
 @contextlib.contextmanager
 def running_server(model: str, server_args: list[str], log_path: str | None = None,
-                   served_name: str = "bench", tree: str | None = None) -> Iterator[tuple[str, float]]:  # fmt: skip
+                   served_name: str = "bench", tree: str | None = None,
+                   extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, float]]:  # fmt: skip
     """(base URL, seconds to ready) of a server started for the benchmark; stopped on exit.
     Its log goes to log_path (default: $SERVER_LOG, else /tmp/pagedserve-server.log). tree: run
-    the pagedserve of that source tree (its directory first on PYTHONPATH, and the cwd)."""
+    the pagedserve of that source tree (its directory first on PYTHONPATH, and the cwd).
+    extra_env: variables set for the server (and the engine process it starts)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = log_path or os.environ.get("SERVER_LOG") or "/tmp/pagedserve-server.log"
@@ -184,7 +187,7 @@ def running_server(model: str, server_args: list[str], log_path: str | None = No
         server = subprocess.Popen(
             [sys.executable, "-m", "pagedserve.entrypoints.openai.api_server", "--model", model,
              "--port", str(port), "--host", "127.0.0.1", "--served-model-name", served_name, *server_args],
-            stdout=log, stderr=subprocess.STDOUT, cwd=tree, env=_tree_env(tree),
+            stdout=log, stderr=subprocess.STDOUT, cwd=tree, env=_server_env(tree, extra_env),
         )
     try:
         while True:

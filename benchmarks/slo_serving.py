@@ -40,6 +40,7 @@ import httpx
 
 from benchmarks.common import environment, print_table
 from benchmarks.serving import default_client_procs, measure_rate, running_server
+from pagedserve.core.slo_controller import ENV_OVERRIDES
 from pagedserve.tune.workload import sharegpt_like
 
 CPU_TINY_FLAGS = ["--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory-bytes", str(16 << 20),
@@ -126,26 +127,34 @@ def _warm_up(base: str, work: Any, args: argparse.Namespace, rate: float, n: int
         _run(base, work, rate, args, seed=98, n=min(n, len(work.prompts)))
 
 
+def _size(least: int, rate: float, args: argparse.Namespace) -> int:
+    """Requests of a probe or overload run: --seconds of arrivals at rate (at least `least`, at
+    most the workload's --num-requests). A short burst measures a transient, not a rate: 500
+    requests at 128 req/s arrive in 4 s and met the objectives on an H200 whose server completes
+    about 43 req/s (2026-12-02)."""
+    return min(args.num_requests, max(least, math.ceil(rate * args.seconds)))
+
+
 def find_sustainable_rate(base: str, work: Any, args: argparse.Namespace) -> tuple[float, list[dict]]:
     """The highest rate (of those probed) at which the server meets both objectives at P99."""
     probes: list[dict] = []
-    n = args.probe_requests
 
     def probe(rate: float) -> bool:
-        row = _run(base, work, rate, args, seed=100 + len(probes), n=n)
+        row = _run(base, work, rate, args, seed=100 + len(probes), n=_size(args.probe_requests, rate, args))
         row["meets_slo"] = _meets(row, args)
         probes.append(row)
         print(f"probe {rate:8.2f} req/s: P99 TPOT {row['tpot_p99_ms']:.1f} ms, P99 TTFT {row['ttft_p99_ms']:.0f} ms"
               f" -> {'meets' if row['meets_slo'] else 'breaks'} the objectives", flush=True)
         return bool(row["meets_slo"])
 
-    low, high = 0.0, args.start_rate
-    if probe(high):  # double until it breaks them
-        low, high = high, high * 2
-        while probe(high):
-            low, high = high, high * 2
-            if high > args.max_rate:
-                return low, probes
+    low, high = 0.0, min(args.start_rate, args.max_rate)
+    if probe(high):  # double until it breaks them (or --max-rate meets them)
+        while high < args.max_rate:
+            low, high = high, min(high * 2, args.max_rate)
+            if not probe(high):
+                break
+        else:
+            return high, probes
     else:  # halve until it meets them
         for _ in range(6):
             high, low = high / 2, 0.0
@@ -163,9 +172,9 @@ def find_sustainable_rate(base: str, work: Any, args: argparse.Namespace) -> tup
     return low, probes
 
 
-def plot(rows: list[dict], args: argparse.Namespace, out: Path) -> Path:
+def plot(rows: list[dict], args: argparse.Namespace, out: Path, servers: list[str]) -> Path:
     loads = [load for load in ("light", "overload") if load in args.loads]
-    servers = ["no objectives", "SLO-aware"]
+    width = 0.76 / len(servers)
     panels = [("goodput_rps", "goodput (req/s)"), ("tpot_p99_ms", "P99 TPOT of admitted (ms)"),
               ("ttft_p99_ms", "P99 TTFT of admitted (ms)"), ("shed_share", "share shed (429)")]  # fmt: skip
     value = {(r["load"], r["server"]): r for r in rows}
@@ -179,8 +188,8 @@ def plot(rows: list[dict], args: argparse.Namespace, out: Path) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     for ax, (key, title) in zip(axes, panels):
         for j, server in enumerate(servers):
-            xs = [i + (j - 0.5) * 0.38 for i in range(len(loads))]
-            ax.bar(xs, [value[(load, server)][key] for load in loads], width=0.36, label=server)
+            xs = [i + (j - (len(servers) - 1) / 2) * width for i in range(len(loads))]
+            ax.bar(xs, [value[(load, server)][key] for load in loads], width=width * 0.95, label=server)
         ax.set_xticks(range(len(loads)), [f"{load}\n{value[(load, servers[0])]['rate_rps']:.3g} req/s" for load in loads])
         ax.set_title(title, fontsize=10)
         if key == "tpot_p99_ms":
@@ -260,6 +269,12 @@ def main() -> None:
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     parser.add_argument("--num-requests", type=int, default=400)
     parser.add_argument("--probe-requests", type=int, default=None, help="requests per search probe (default: --num-requests / 2)")
+    parser.add_argument("--seconds", type=float, default=0.0,
+                        help="make each probe and overload run about this many seconds of arrivals (rate x seconds "
+                             "requests, at least --probe-requests or --num-requests' share, at most --num-requests)")
+    parser.add_argument("--slo-variant", action="append", default=[],
+                        help="one more SLO-aware server with PAGEDSERVE_SLO_CONTROLLER=SPEC (controller overrides, "
+                             "e.g. setpoint=0.7); repeatable")
     parser.add_argument("--vocab-size", type=int, default=128256)
     parser.add_argument("--server-args", default="", help="flags for both servers (the SLO flags are added to one)")
     parser.add_argument("--sustainable-rate", type=float, default=None, help="skip the search")
@@ -287,6 +302,7 @@ def main() -> None:
         work = work.clipped(64, 32, 256)
     rows: list[dict] = []
     probes: list[dict] = []
+    servers = ["no objectives"]
     rate = args.sustainable_rate
 
     def save(partial: bool, plot_name: str | None = None) -> Path:
@@ -315,22 +331,28 @@ def main() -> None:
         print(f"sustainable rate without objectives: {rate:.3f} req/s", flush=True)
         loads = {load: factor * rate for load, factor in (("light", args.light), ("overload", args.overload))
                  if load in args.loads}  # fmt: skip
-        sizes = {"light": args.light_requests or max(8, args.num_requests // 2), "overload": args.num_requests}
+        sizes = {"light": args.light_requests or max(8, args.num_requests // 2),
+                 "overload": _size(args.probe_requests, args.overload * rate, args) if args.seconds else args.num_requests}
         _warm_up(base, work, args, args.light * rate, args.warmup_requests)
         for load, r in loads.items():
             record(load, "no objectives", _run(base, work, r, args, 1, sizes[load], trace=True))
-    with running_server(args.model, slo_args, str(out / "server-slo-aware.log")) as (base, _):
-        _warm_up(base, work, args, args.start_rate, 64)
-        _warm_up(base, work, args, args.light * rate, args.warmup_requests)
-        for load, r in loads.items():
-            record(load, "SLO-aware", _run(base, work, r, args, 1, sizes[load], trace=True))
+    for variant in ["", *args.slo_variant]:
+        name, log = ("SLO-aware", "server-slo-aware.log") if not variant else (
+            f"SLO-aware ({variant})", f"server-slo-aware-{len(servers)}.log")
+        servers.append(name)
+        env = {ENV_OVERRIDES: variant} if variant else None
+        with running_server(args.model, slo_args, str(out / log), extra_env=env) as (base, _):
+            _warm_up(base, work, args, args.start_rate, 64)
+            _warm_up(base, work, args, args.light * rate, args.warmup_requests)
+            for load, r in loads.items():
+                record(load, name, _run(base, work, r, args, 1, sizes[load], trace=True))
     for row in rows:
         row["shed_share"] = row["shed_429"] / row["requests"]
     columns = ["load", "server", "rate_rps", "goodput_rps", "slo_attainment", "tpot_p50_ms", "tpot_p99_ms",
                "ttft_p50_ms", "ttft_p99_ms", "shed_429", "failed", "output_tokens_per_s"]  # fmt: skip
     print_table(f"SLO-aware serving (TPOT target {args.slo_tpot_ms:g} ms, TTFT {args.slo_ttft_ms:g} ms; "
                 f"sustainable {rate:.3g} req/s)", [{c: r[c] for c in columns} for r in rows])  # fmt: skip
-    path = plot(rows, args, out)
+    path = plot(rows, args, out, servers)
     plot_trace(rows, out)
     save(partial=False, plot_name=os.path.basename(path))
     print(f"wrote {out / 'slo_serving.json'} and {path}")

@@ -31,7 +31,8 @@ class SchedulerSlo:
         tightest = slo.tightest_tpot_s
         assert tightest is not None, "the controller needs a TPOT objective"
         self.slo = slo
-        self.controller = SloController(tightest, max_num_seqs, max_num_batched_tokens, params)
+        self.controller = SloController(tightest, max_num_seqs, max_num_batched_tokens,
+                                        params or ControllerParams.from_env())
         self.clock = clock
         self.chunked_prefill = chunked_prefill
         self._planned: dict[int, tuple[float, StepSample]] = {}
