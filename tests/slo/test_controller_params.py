@@ -8,7 +8,7 @@ import pytest
 
 from pagedserve.config import SloConfig
 from pagedserve.core.slo_controller import ENV_OVERRIDES, ControllerParams, SloController
-from tests.slo.sim_load import Phase, simulate
+from tests.slo.sim_load import Phase, SimResult, simulate
 
 TPOT = 0.030
 SLO = SloConfig(ttft_s={"interactive": 1.0}, tpot_s={"interactive": TPOT})
@@ -42,11 +42,12 @@ def test_the_scheduler_reads_the_environment(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_a_lower_setpoint_holds_a_smaller_batch_and_a_lower_tpot(monkeypatch: pytest.MonkeyPatch) -> None:
     phases = [Phase(20, 40.0)]  # 1.6x the capacity at the 30 ms target (tests/slo/test_controller_sim.py)
+    monkeypatch.setenv(ENV_OVERRIDES, "setpoint=1")
     plain = simulate(phases, SLO, admission=True, seed=5)
     monkeypatch.setenv(ENV_OVERRIDES, "setpoint=0.7")
     lower = simulate(phases, SLO, admission=True, seed=5)
 
-    def late_tpots(result) -> list[float]:
+    def late_tpots(result: SimResult) -> list[float]:
         return [r.tpot for r in result.records.values() if r.arrival >= 10 and r.tpot is not None]
 
     assert lower.caps[-1] < plain.caps[-1]
@@ -54,5 +55,6 @@ def test_a_lower_setpoint_holds_a_smaller_batch_and_a_lower_tpot(monkeypatch: py
 
 
 def test_setpoint_one_is_the_target_itself() -> None:
-    c = SloController(TPOT, 64, 2048)
+    c = SloController(TPOT, 64, 2048, ControllerParams(setpoint=1.0))
     assert c.aim_s == TPOT
+    assert SloController(TPOT, 64, 2048).aim_s == pytest.approx(ControllerParams().setpoint * TPOT)

@@ -18,6 +18,10 @@ SLO = SloConfig(ttft_s={"interactive": 1.0, "batch": 5.0}, tpot_s={"interactive"
 # 2 + 0.583 n ms: n = 48 is the largest batch whose TPOT meets 30 ms. At that batch and 64-token
 # outputs the server completes about 48 / (0.030 * 64) = 25 requests/s: the capacity.
 CAPACITY_RPS = 25.0
+# The controller steers by setpoint x target (core/slo_controller.py), so the largest batch it
+# settles on is the one whose decode step meets that aim.
+AIM = TPOT * ControllerParams().setpoint
+AIM_SEQS = int((AIM - 0.002) / 0.000583)
 LIGHT, HEAVY = Phase(4, 0.3 * CAPACITY_RPS), Phase(12, 2 * CAPACITY_RPS)
 SETTLE_STEPS = 300  # the bound: requests first scheduled this many steps after the load step meet the TPOT
 
@@ -36,8 +40,8 @@ def test_caps_grow_under_the_load_step_then_settle(load_step: SimResult) -> None
     light_max, final = max(caps[:k]), caps[-1]
     # light load: the cap never binds, so it stays at its start
     assert light_max == ControllerParams().initial_seqs
-    # 2x capacity: it grows to most of what the step-time model allows, never past it
-    assert 0.7 * 48 <= final <= 48, caps[k:]
+    # 2x capacity: it grows to most of what the step-time model allows under the aim, never past it
+    assert 0.7 * AIM_SEQS <= final <= AIM_SEQS, caps[k:]
     changes = _changes(caps)
     assert all(i > k for i in changes), "the cap moved under light load"
     # every change is bounded (at most x2 a decision, never a jump to the maximum)
