@@ -17,6 +17,10 @@
    environment) and RESULTS_DIR/slo_serving.png (matplotlib; an .svg without it): goodput,
    P99 TPOT against the target, P99 TTFT and the share shed, per load and server.
 
+--slo-variant SPEC adds an SLO-aware server whose controller takes PAGEDSERVE_SLO_CONTROLLER=SPEC
+(e.g. setpoint=0.7); --skip-plain (with --sustainable-rate) and --skip-slo leave servers out, so
+that one variant can be measured alone.
+
 What should show: at overload the SLO-aware server keeps the P99 TPOT of the requests it admits
 under the target (it sheds with 429 what it cannot serve in time) and its goodput beats the
 server without objectives, which breaks the target; at light load both are alike.
@@ -275,6 +279,10 @@ def main() -> None:
     parser.add_argument("--slo-variant", action="append", default=[],
                         help="one more SLO-aware server with PAGEDSERVE_SLO_CONTROLLER=SPEC (controller overrides, "
                              "e.g. setpoint=0.7); repeatable")
+    parser.add_argument("--skip-plain", action="store_true",
+                        help="do not run the server without objectives (needs --sustainable-rate)")
+    parser.add_argument("--skip-slo", action="store_true",
+                        help="do not run the SLO-aware server at the default controller (only --slo-variant ones)")
     parser.add_argument("--vocab-size", type=int, default=128256)
     parser.add_argument("--server-args", default="", help="flags for both servers (the SLO flags are added to one)")
     parser.add_argument("--sustainable-rate", type=float, default=None, help="skip the search")
@@ -293,6 +301,10 @@ def main() -> None:
                         help="CPU flags for a tiny test model (a check of the script end to end)")
     args = parser.parse_args()
     args.probe_requests = args.probe_requests or max(8, args.num_requests // 2)
+    if args.skip_plain and args.sustainable_rate is None:
+        parser.error("--skip-plain needs --sustainable-rate (the search runs on the plain server)")
+    if args.skip_plain and args.skip_slo and not args.slo_variant:
+        parser.error("--skip-plain and --skip-slo leave no server to run")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     server_args = args.server_args.split() + (CPU_TINY_FLAGS if args.device_cpu_tiny else [])
@@ -302,7 +314,7 @@ def main() -> None:
         work = work.clipped(64, 32, 256)
     rows: list[dict] = []
     probes: list[dict] = []
-    servers = ["no objectives"]
+    servers: list[str] = []
     rate = args.sustainable_rate
 
     def save(partial: bool, plot_name: str | None = None) -> Path:
@@ -322,21 +334,29 @@ def main() -> None:
               f"shed {row['shed_429']}", flush=True)
         save(partial=True)
 
-    with running_server(args.model, server_args, str(out / "server-no-objectives.log")) as (base, _):
-        _warm_up(base, work, args, args.start_rate, 64)
-        if rate is None:  # the first probe is not the first load either
-            _warm_up(base, work, args, args.start_rate / 2, args.warmup_requests)
-            rate, found = find_sustainable_rate(base, work, args)
-            probes.extend(found)
-        print(f"sustainable rate without objectives: {rate:.3f} req/s", flush=True)
+    def loads_and_sizes(rate: float) -> tuple[dict[str, float], dict[str, int]]:
         loads = {load: factor * rate for load, factor in (("light", args.light), ("overload", args.overload))
                  if load in args.loads}  # fmt: skip
         sizes = {"light": args.light_requests or max(8, args.num_requests // 2),
                  "overload": _size(args.probe_requests, args.overload * rate, args) if args.seconds else args.num_requests}
-        _warm_up(base, work, args, args.light * rate, args.warmup_requests)
-        for load, r in loads.items():
-            record(load, "no objectives", _run(base, work, r, args, 1, sizes[load], trace=True))
-    for variant in ["", *args.slo_variant]:
+        return loads, sizes
+
+    if not args.skip_plain:
+        servers.append("no objectives")
+        with running_server(args.model, server_args, str(out / "server-no-objectives.log")) as (base, _):
+            _warm_up(base, work, args, args.start_rate, 64)
+            if rate is None:  # the first probe is not the first load either
+                _warm_up(base, work, args, args.start_rate / 2, args.warmup_requests)
+                rate, found = find_sustainable_rate(base, work, args)
+                probes.extend(found)
+            print(f"sustainable rate without objectives: {rate:.3f} req/s", flush=True)
+            loads, sizes = loads_and_sizes(rate)
+            _warm_up(base, work, args, args.light * rate, args.warmup_requests)
+            for load, r in loads.items():
+                record(load, "no objectives", _run(base, work, r, args, 1, sizes[load], trace=True))
+    assert rate is not None  # --skip-plain requires --sustainable-rate
+    loads, sizes = loads_and_sizes(rate)
+    for variant in ([] if args.skip_slo else [""]) + args.slo_variant:
         name, log = ("SLO-aware", "server-slo-aware.log") if not variant else (
             f"SLO-aware ({variant})", f"server-slo-aware-{len(servers)}.log")
         servers.append(name)

@@ -47,6 +47,7 @@ core/slo_scheduler.py composes the samples from the scheduler's plans and times 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections import deque
@@ -112,10 +113,14 @@ class ControllerParams:
                 raise ValueError(f"{ENV_OVERRIDES}: {name} needs a number, got {raw!r}") from None
         if not 0 < params.setpoint <= 1:
             raise ValueError(f"{ENV_OVERRIDES}: setpoint must lie in (0, 1], got {params.setpoint}")
+        if text.strip():
+            # a warning, so that it shows at --log-level WARNING too: the run is not the default
+            logger.warning("SLO controller overrides from %s: %s", ENV_OVERRIDES, text.strip())
         return params
 
 
 ENV_OVERRIDES = "PAGEDSERVE_SLO_CONTROLLER"
+logger = logging.getLogger(__name__)
 
 
 class SloController:
