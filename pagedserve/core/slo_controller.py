@@ -143,6 +143,9 @@ class SloController:
         self._fresh = 0  # samples since the last decision
         self._cooldown = 0
         self._headroom = True  # the last decision found TPOT well under the target (or none yet)
+        # the cap was cut since it last stopped binding: the controller has found the edge of
+        # this load, so a wait is no longer a ramp's (see ramping)
+        self._found_edge = False
         # prefill tokens a step with decodes may take whatever the model says, by feedback: grown
         # (as the seat cap) while the budget binds with the TPOT well under target, cut on a
         # breach. The model alone can be stuck pessimistic (a small budget gives every step the
@@ -262,12 +265,15 @@ class SloController:
         target = self.aim_s
         before = self.max_num_seqs, self.token_cap, self.prefill_allowance
         self._headroom = high < target * (1 - p.margin)
+        if not self._cap_hit:
+            self._found_edge = False  # the cap no longer binds: the next climb is a ramp again
         if high > target:
             # cut from what actually ran, so that a cap far above the batch still bites
             base = min(self.max_num_seqs, max(self._seqs_seen, p.min_seqs))
             self.max_num_seqs = max(p.min_seqs, base - max(1, int(base * p.shrink_frac)))
             self.prefill_allowance = max(p.min_chunk, int(self.prefill_allowance * (1 - p.shrink_frac)))
             self._cooldown = p.cooldown
+            self._found_edge = True
         elif self._cooldown > 0:
             self._cooldown -= 1
         elif high < target * (1 - p.margin):
@@ -312,10 +318,15 @@ class SloController:
 
     @property
     def ramping(self) -> bool:
-        """The seat cap can still grow: below the configured maximum, not cooling down after a
-        shrink, and the last decision (if any) found TPOT under target * (1 - margin). Requests
-        that wait now wait for the ramp, so the measured admission rate understates capacity."""
-        return self._headroom and self._cooldown == 0 and self.max_num_seqs < self.max_seqs_limit
+        """The seat cap is climbing to a new load: below the configured maximum, the last decision
+        (if any) found TPOT under target * (1 - margin), and no cut since the cap last stopped
+        binding. Requests that wait now wait for the climb, so the measured admission rate
+        understates capacity. After a cut the controller has found the edge of this load: a cap
+        that then oscillates below it (steps jitter more than the dead band) must not switch
+        admission control off every other interval (the H200-fitted simulation at setpoint 0.65
+        let its queue grow to 100 that way)."""
+        return (self._headroom and self._cooldown == 0 and not self._found_edge
+                and self.max_num_seqs < self.max_seqs_limit)
 
     def predicted_queue_delay_s(self, num_ahead: int, batch: bool = False) -> float | None:
         """Seconds a new request waits for a seat behind the num_ahead requests of its class

@@ -165,8 +165,8 @@ def test_dead_band_holds_and_a_breach_shrinks_with_a_cooldown() -> None:
 
 
 def test_the_cap_ramps_until_it_holds_shrinks_or_reaches_the_maximum() -> None:
-    """`ramping` (admission control does not shed on it): true while the cap can still grow."""
-    c = SloController(TPOT, max_num_seqs=64, max_num_batched_tokens=2048)
+    """`ramping` (admission control does not shed on it): true while the cap climbs to a new load."""
+    c = SloController(TPOT, max_num_seqs=256, max_num_batched_tokens=2048)
     assert c.ramping  # fresh: below the maximum, nothing measured against it yet
     _feed(c, 0.010, c.params.interval)  # far under the goal: grows, still ramping
     assert c.max_num_seqs > c.params.initial_seqs and c.ramping
@@ -178,11 +178,17 @@ def test_the_cap_ramps_until_it_holds_shrinks_or_reaches_the_maximum() -> None:
         _feed(c, 0.010, c.params.interval)
         assert not c.ramping
     shrunk = c.max_num_seqs
-    _feed(c, 0.010, c.params.interval)  # the cooldown's last decision, far under: ramping again
-    assert c.ramping and c.max_num_seqs == shrunk
+    _feed(c, 0.010, c.params.interval)  # the cooldown's last decision, far under
+    # the controller found this load's edge: growing back under it is no ramp (a cap that
+    # oscillates there must not switch shedding off every other interval)
+    assert not c.ramping and c.max_num_seqs == shrunk
+    _feed(c, 0.010, c.params.interval)
+    assert c.max_num_seqs > shrunk and not c.ramping
+    _feed(c, 0.010, c.params.interval, cap_hit=False)  # the load fell: the cap stopped binding
+    assert c.ramping  # the next climb is a ramp again
     for _ in range(20):
         _feed(c, 0.010, c.params.interval)
-    assert c.max_num_seqs == 64 and not c.ramping  # at the configured maximum: nothing to wait for
+    assert c.max_num_seqs == 256 and not c.ramping  # at the configured maximum: nothing to wait for
 
 
 class _DearPrefillModel(StepTimeModel):
