@@ -275,7 +275,7 @@ def main() -> None:
     parser.add_argument("--probe-requests", type=int, default=None, help="requests per search probe (default: --num-requests / 2)")
     parser.add_argument("--seconds", type=float, default=0.0,
                         help="make each probe and overload run about this many seconds of arrivals (rate x seconds "
-                             "requests, at least --probe-requests or --num-requests' share, at most --num-requests)")
+                             "requests, at least --probe-requests, at most --num-requests)")
     parser.add_argument("--slo-variant", action="append", default=[],
                         help="one more SLO-aware server with PAGEDSERVE_SLO_CONTROLLER=SPEC (controller overrides, "
                              "e.g. setpoint=0.7); repeatable")

@@ -91,8 +91,8 @@ class ControllerParams:
     # The signal may be held under setpoint x target rather than the target itself: the objective
     # is on the requests' P99, and the P90 of 16-step means lies below it (H200, 2026-12-02, run
     # 7: signal held at 25-28 ms, requests' P99 TPOT 40.8 ms for a 30 ms target). A lower
-    # setpoint costs capacity: in tests/slo/test_sim_h200_mix.py's model 0.65 halves the goodput
-    # at 1.5x load. 1 until a measurement says otherwise.
+    # setpoint costs capacity: in tests/slo/sim_mix.py's H200 model at 72 req/s, 0.7 gives
+    # goodput 22.5 req/s against 26.7 at 1. 1 until a measurement on the GPU says otherwise.
     setpoint: float = 1.0
 
     @classmethod
@@ -101,14 +101,14 @@ class ControllerParams:
         for experiments: benchmarks/slo_serving.py --slo-variant)."""
         text = os.environ.get(ENV_OVERRIDES, "") if value is None else value
         params = cls()
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        names = sorted(f.name for f in dataclasses.fields(cls))
         for item in filter(None, (part.strip() for part in text.split(","))):
             name, sep, raw = item.partition("=")
             name = name.strip()
-            if not sep or name not in types:
-                raise ValueError(f"{ENV_OVERRIDES}: expected name=value with a name among {sorted(types)}, got {item!r}")
-            try:
-                setattr(params, name, int(raw) if types[name] in (int, "int") else float(raw))
+            if not sep or name not in names:
+                raise ValueError(f"{ENV_OVERRIDES}: expected name=value with a name among {names}, got {item!r}")
+            try:  # each field keeps its default's type (int or float)
+                setattr(params, name, type(getattr(params, name))(raw))
             except ValueError:
                 raise ValueError(f"{ENV_OVERRIDES}: {name} needs a number, got {raw!r}") from None
         if not 0 < params.setpoint <= 1:
