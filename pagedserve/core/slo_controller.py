@@ -88,12 +88,13 @@ class ControllerParams:
     bank_steps: float = 2.0  # banked slack a mixed step may spend, in goals (see token_budget)
     max_defer: int = 8  # decode-only steps in a row while a prefill waits for banked slack
     forgetting: float = 0.98  # per-sample weight decay of the step-time model
-    # The signal may be held under setpoint x target rather than the target itself: the objective
-    # is on the requests' P99, and the P90 of 16-step means lies below it (H200, 2026-12-02, run
-    # 7: signal held at 25-28 ms, requests' P99 TPOT 40.8 ms for a 30 ms target). A lower
-    # setpoint costs capacity: in tests/slo/sim_mix.py's H200 model at 72 req/s, 0.7 gives
-    # goodput 22.5 req/s against 26.7 at 1. 1 until a measurement on the GPU says otherwise.
-    setpoint: float = 1.0
+    # The signal is held under setpoint x target rather than the target itself: the objective is
+    # on the requests' P99, and the P90 of 16-step means lies 1.25-1.5x below it (H200, 8B model,
+    # 2026-12-02: at 1 the signal held at 28 ms and the requests' P99 TPOT read 34.9-40.8 ms for
+    # a 30 ms target). Measured at 80 req/s (2x the rate the plain server sustains,
+    # benchmarks/results/h200-2026-12-02-slo-serving-9/): setpoint 1 gives P99 TPOT 36.7 ms and
+    # goodput 36.6 req/s, 0.7 gives 25.0 ms and 41.5 req/s (the plain server 123.5 ms, 3.4).
+    setpoint: float = 0.7
 
     @classmethod
     def from_env(cls, value: str | None = None) -> ControllerParams:

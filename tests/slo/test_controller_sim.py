@@ -118,7 +118,9 @@ def test_step_time_model_recovers_a_linear_cost_exactly() -> None:
 
 
 def test_prefill_share_keeps_the_predicted_step_under_the_target() -> None:
-    c = SloController(TPOT, max_num_seqs=256, max_num_batched_tokens=8192)
+    # Setpoint 1, so that the 30-decode step (about 32 ms of decodes alone at 0.7 x 30 ms = 21 ms
+    # would leave no prefill room) still has some: the arithmetic below is the target's own.
+    c = SloController(TPOT, max_num_seqs=256, max_num_batched_tokens=8192, params=ControllerParams(setpoint=1.0))
     truth = (0.002, 0.0005, 0.00002, 0.0004)
     for i in range(40):
         seqs, tokens, context = 1 + i % 7, 1 + (i * 37) % 300, (i * 911) % 5000
@@ -142,25 +144,26 @@ def _feed(c: SloController, duration: float, n: int, cap_hit: bool = True) -> No
 
 def test_dead_band_holds_and_a_breach_shrinks_with_a_cooldown() -> None:
     c = SloController(TPOT, max_num_seqs=256, max_num_batched_tokens=2048)
+    aim = c.aim_s  # setpoint x target: the durations below are fractions of it
     start = c.max_num_seqs
-    _feed(c, 0.024, c.params.interval)  # just under the goal (0.85 x 30 ms): +25%
+    _feed(c, 0.8 * aim, c.params.interval)  # just under the goal (0.85 x aim): +25%
     assert c.max_num_seqs == start + max(1, int(start * c.params.grow_frac))
     start = c.max_num_seqs
-    _feed(c, 0.010, c.params.interval // 2)  # far under (< half the goal): x2, after half an interval
+    _feed(c, aim / 3, c.params.interval // 2)  # far under (< half the goal): x2, after half an interval
     assert c.max_num_seqs == int(start * c.params.max_grow)
     grown = c.max_num_seqs
-    _feed(c, 0.028, 10 * c.params.interval)  # in the dead band [0.85, 1] x target: holds
+    _feed(c, 0.93 * aim, 10 * c.params.interval)  # in the dead band [0.85, 1] x aim: holds
     assert c.max_num_seqs == grown
-    _feed(c, 0.035, c.params.interval)  # over: one bounded cut
+    _feed(c, 1.17 * aim, c.params.interval)  # over: one bounded cut
     assert c.max_num_seqs == grown - max(1, int(grown * c.params.shrink_frac))
     shrunk = c.max_num_seqs
-    _feed(c, 0.010, c.params.cooldown * c.params.interval)  # cooldown: no growth yet
+    _feed(c, aim / 3, c.params.cooldown * c.params.interval)  # cooldown: no growth yet
     assert c.max_num_seqs == shrunk
-    _feed(c, 0.010, c.params.interval)
+    _feed(c, aim / 3, c.params.interval)
     assert c.max_num_seqs > shrunk
-    _feed(c, 0.010, 5 * c.params.interval, cap_hit=False)  # not binding: no growth
+    _feed(c, aim / 3, 5 * c.params.interval, cap_hit=False)  # not binding: no growth
     held = c.max_num_seqs
-    _feed(c, 0.010, 5 * c.params.interval, cap_hit=False)
+    _feed(c, aim / 3, 5 * c.params.interval, cap_hit=False)
     assert c.max_num_seqs == held
 
 
@@ -212,7 +215,8 @@ def test_a_model_that_misjudges_prefill_does_not_starve_it() -> None:
     """The feedback prefill allowance: while the budget binds and the measured TPOT is well
     under target, the share grows past what the wrong model allows, up to what the true cost
     allows, and the steps still keep the running requests' TPOT."""
-    c = SloController(TPOT, max_num_seqs=1024, max_num_batched_tokens=8192)
+    # Setpoint 1: _true_step_s's costs are sized against the target itself.
+    c = SloController(TPOT, max_num_seqs=1024, max_num_batched_tokens=8192, params=ControllerParams(setpoint=1.0))
     c.model = _DearPrefillModel(c.params.forgetting)
     first = c.token_budget(100, 100 * 300)
     budgets, steps = [], []
@@ -268,7 +272,8 @@ def test_a_dear_mixed_step_runs_rarely_and_large_from_banked_slack() -> None:
     mixed step fits the goal on its own, so the controller runs the decodes alone, banks their
     slack, and spends it on chunks of 100+ tokens; the mean step (a request's TPOT)
     stays under target, and prefill moves at many times a sliver-per-step's pace."""
-    c = SloController(TPOT, max_num_seqs=1024, max_num_batched_tokens=8192)
+    # Setpoint 1: 100 decodes plus a mixed step's 20 ms are sized against the target itself.
+    c = SloController(TPOT, max_num_seqs=1024, max_num_batched_tokens=8192, params=ControllerParams(setpoint=1.0))
     for i in range(60):  # a fitted model: steps of both kinds
         n, pre = 90 + i % 20, (i % 3 == 0) * (50 + 37 * i % 400)
         c.observe(StepSample(_dear_mixed_step_s(n, pre), n + (pre > 0), n, n + pre, n * 300))

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Session 12, call 1: issue 15 at c265c2d+ (admission's climb ends at its first cut): one probe of
+# the plain server at 53.33 req/s, then light and 1.5x (80 req/s) on the plain server, the default
+# controller and setpoint 0.7; 25 s of arrivals per run, four client processes.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PAGEDSERVE_COMMIT=${COMMIT:-wip}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+R=$OUT/c1; mkdir -p "$R"; start=$(date +%s)
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$R"/nvidia-smi.txt
+python3 -m benchmarks.build_model /tmp/llama3-8b-random 2>&1 | tail -1
+left=$(( 590 - ($(date +%s) - start) ))
+timeout $left python3 -m benchmarks.slo_serving --model /tmp/llama3-8b-random --out "$R" --slo-tpot-ms 30 --slo-ttft-ms 2000 \
+    --num-requests 2400 --probe-requests 400 --seconds 25 --start-rate 53.33 --max-rate 53.33 --bisect 0 --client-procs 4 \
+    --loads light overload --light-requests 200 --warmup-requests 100 --slo-variant setpoint=0.7 \
+    --server-args "--max-model-len 4096 --log-level WARNING" 2>&1 | grep -v Loading | tee "$R"/slo.log | tail -14
+echo "total $(( $(date +%s) - start )) s"
