@@ -75,7 +75,11 @@ class StepSample:
 class ControllerParams:
     margin: float = 0.15  # grow only while p < target * (1 - margin)
     percentile: float = 0.9  # the moving high percentile compared with the target
-    span: int = 16  # decode steps averaged into one TPOT sample (1: every step on its own)
+    # decode steps averaged into one TPOT sample (1: every step on its own). 4, not 16: a short
+    # output's TPOT is the mean of a few steps, so 16-step means hid the dear (mixed) steps that
+    # set the requests' P99 (H200, 80 req/s, setpoint 0.7, one run beside the other: P99 TPOT
+    # 36.4 ms at 16, 22.0 at 4; benchmarks/results/h200-2026-12-02-slo-serving-9/call4-span4/)
+    span: int = 4
     window: int = 32  # TPOT samples in the moving window
     interval: int = 8  # fresh samples needed before the next decision
     grow_frac: float = 0.25  # relative growth per decision near the goal (at least +1)
@@ -93,7 +97,8 @@ class ControllerParams:
     # 2026-12-02: at 1 the signal held at 28 ms and the requests' P99 TPOT read 34.9-40.8 ms for
     # a 30 ms target). Measured at 80 req/s (2x the rate the plain server sustains,
     # benchmarks/results/h200-2026-12-02-slo-serving-9/): setpoint 1 gives P99 TPOT 36.7 ms and
-    # goodput 36.6 req/s, 0.7 gives 25.0 ms and 41.5 req/s (the plain server 123.5 ms, 3.4).
+    # goodput 36.6 req/s, 0.7 gives 25.0 ms and 41.5 req/s (the plain server 123.5 ms, 3.4);
+    # two later runs of 0.7 at span 16 read 33.5 and 36.4 ms (see span).
     setpoint: float = 0.7
 
     @classmethod
