@@ -17,6 +17,10 @@
    environment) and RESULTS_DIR/slo_serving.png (matplotlib; an .svg without it): goodput,
    P99 TPOT against the target, P99 TTFT and the share shed, per load and server.
 
+--overload-repeats N runs the overload load N times on each SLO-aware server (one row each,
+`repeat` 1..N, plotted side by side; the server without objectives runs it once), so that one call
+shows the spread between runs of one configuration.
+
 --slo-variant SPEC adds an SLO-aware server whose controller takes PAGEDSERVE_SLO_CONTROLLER=SPEC
 (e.g. setpoint=0.7); --skip-plain (with --sustainable-rate) and --skip-slo leave servers out, so
 that one variant can be measured alone.
@@ -176,12 +180,19 @@ def find_sustainable_rate(base: str, work: Any, args: argparse.Namespace) -> tup
     return low, probes
 
 
+def _load_label(row: dict) -> str:
+    """A run's place on the plot's x axis: its load, and its repeat when the load ran more than once."""
+    return row["load"] if row.get("repeat", 1) == 1 else f"{row['load']} #{row['repeat']}"
+
+
 def plot(rows: list[dict], args: argparse.Namespace, out: Path, servers: list[str]) -> Path:
-    loads = [load for load in ("light", "overload") if load in args.loads]
+    loads = list(dict.fromkeys(_load_label(r) for r in rows))  # x categories in run order
     width = 0.76 / len(servers)
     panels = [("goodput_rps", "goodput (req/s)"), ("tpot_p99_ms", "P99 TPOT of admitted (ms)"),
               ("ttft_p99_ms", "P99 TTFT of admitted (ms)"), ("shed_share", "share shed (429)")]  # fmt: skip
-    value = {(r["load"], r["server"]): r for r in rows}
+    missing = {key: math.nan for key, _ in panels}  # a server that did not run a repeat
+    value = {(lo, s): missing for lo in loads for s in servers} | {(_load_label(r), r["server"]): r for r in rows}
+    rate_of = {_load_label(r): r["rate_rps"] for r in rows}
     try:
         import matplotlib
 
@@ -194,7 +205,7 @@ def plot(rows: list[dict], args: argparse.Namespace, out: Path, servers: list[st
         for j, server in enumerate(servers):
             xs = [i + (j - (len(servers) - 1) / 2) * width for i in range(len(loads))]
             ax.bar(xs, [value[(load, server)][key] for load in loads], width=width * 0.95, label=server)
-        ax.set_xticks(range(len(loads)), [f"{load}\n{value[(load, servers[0])]['rate_rps']:.3g} req/s" for load in loads])
+        ax.set_xticks(range(len(loads)), [f"{load}\n{rate_of[load]:.3g} req/s" for load in loads])
         ax.set_title(title, fontsize=10)
         if key == "tpot_p99_ms":
             ax.axhline(args.slo_tpot_ms, color="red", linestyle="--", linewidth=1, label="target")
@@ -228,7 +239,7 @@ def plot_trace(rows: list[dict], out: Path) -> Path | None:
             if row["server"] == "no objectives" and key == "max_num_seqs":
                 continue  # no controller
             ax.plot(t, [x.get(key, float("nan")) for x in row["trace"]], label=key, linewidth=1)
-        ax.set_title(f"{row['load']}, {row['server']} ({row['rate_rps']:.3g} req/s)", fontsize=9)
+        ax.set_title(f"{_load_label(row)}, {row['server']} ({row['rate_rps']:.3g} req/s)", fontsize=9)
         ax.set_xlabel("s")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -243,21 +254,21 @@ def _plot_svg(rows: list[dict], args: argparse.Namespace, out: Path, loads: list
     w, h, pad = 260, 220, 30
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w * len(panels)}" height="{h + 40}" '
              'font-family="sans-serif" font-size="11">']
-    colors = ["#1f77b4", "#ff7f0e"]
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
     for p, (key, title) in enumerate(panels):
         x0 = p * w
-        top = max([value[(lo, s)][key] for lo in loads for s in servers] + [1e-9])
+        top = max([v for lo in loads for s in servers if math.isfinite(v := value[(lo, s)][key])] + [1e-9])
         parts.append(f'<text x="{x0 + w / 2}" y="14" text-anchor="middle">{title}</text>')
         for i, load in enumerate(loads):
             for j, server in enumerate(servers):
                 v = value[(load, server)][key]
                 bar = 0 if not math.isfinite(v) else (h - 2 * pad) * v / top
                 x = x0 + pad + i * 100 + j * 42
-                parts.append(f'<rect x="{x}" y="{h - pad - bar}" width="38" height="{bar}" fill="{colors[j]}"/>')
+                parts.append(f'<rect x="{x}" y="{h - pad - bar}" width="38" height="{bar}" fill="{colors[j % len(colors)]}"/>')
                 parts.append(f'<text x="{x + 19}" y="{h - pad - bar - 3}" text-anchor="middle">{v:.3g}</text>')
             parts.append(f'<text x="{x0 + pad + i * 100 + 40}" y="{h - 12}" text-anchor="middle">{load}</text>')
     for j, server in enumerate(servers):
-        parts.append(f'<rect x="{10 + j * 140}" y="{h + 15}" width="10" height="10" fill="{colors[j]}"/>'
+        parts.append(f'<rect x="{10 + j * 140}" y="{h + 15}" width="10" height="10" fill="{colors[j % len(colors)]}"/>'
                      f'<text x="{24 + j * 140}" y="{h + 24}">{server}</text>')
     parts.append("</svg>")
     path = out / "slo_serving.svg"
@@ -295,6 +306,8 @@ def main() -> None:
     parser.add_argument("--client-procs", type=int, default=default_client_procs(),
                         help="client processes sending the requests (default: one per 4 cores, at most 8)")
     parser.add_argument("--loads", nargs="+", choices=["light", "overload"], default=["light", "overload"])
+    parser.add_argument("--overload-repeats", type=int, default=1,
+                        help="run the overload load this many times on each SLO-aware server (the spread between runs)")
     parser.add_argument("--warmup-requests", type=int, default=300,
                         help="requests at the light rate on each server right before its light run")
     parser.add_argument("--device-cpu-tiny", action="store_true",
@@ -365,13 +378,15 @@ def main() -> None:
             _warm_up(base, work, args, args.start_rate, 64)
             _warm_up(base, work, args, args.light * rate, args.warmup_requests)
             for load, r in loads.items():
-                record(load, name, _run(base, work, r, args, 1, sizes[load], trace=True))
+                for repeat in range(1, (args.overload_repeats if load == "overload" else 1) + 1):
+                    # the same seeded arrivals each repeat: the spread is the server's, not the workload's
+                    record(load, name, {"repeat": repeat, **_run(base, work, r, args, 1, sizes[load], trace=True)})
     for row in rows:
         row["shed_share"] = row["shed_429"] / row["requests"]
-    columns = ["load", "server", "rate_rps", "goodput_rps", "slo_attainment", "tpot_p50_ms", "tpot_p99_ms",
+    columns = ["load", "repeat", "server", "rate_rps", "goodput_rps", "slo_attainment", "tpot_p50_ms", "tpot_p99_ms",
                "ttft_p50_ms", "ttft_p99_ms", "shed_429", "failed", "output_tokens_per_s"]  # fmt: skip
     print_table(f"SLO-aware serving (TPOT target {args.slo_tpot_ms:g} ms, TTFT {args.slo_ttft_ms:g} ms; "
-                f"sustainable {rate:.3g} req/s)", [{c: r[c] for c in columns} for r in rows])  # fmt: skip
+                f"sustainable {rate:.3g} req/s)", [{c: r.get(c, 1) for c in columns} for r in rows])  # fmt: skip
     path = plot(rows, args, out, servers)
     plot_trace(rows, out)
     save(partial=False, plot_name=os.path.basename(path))
