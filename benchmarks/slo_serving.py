@@ -182,7 +182,7 @@ def find_sustainable_rate(base: str, work: Any, args: argparse.Namespace) -> tup
 
 def _load_label(row: dict) -> str:
     """A run's place on the plot's x axis: its load, and its repeat when the load ran more than once."""
-    return row["load"] if row.get("repeat", 1) == 1 else f"{row['load']} #{row['repeat']}"
+    return row["load"] if row["repeat"] == 1 else f"{row['load']} #{row['repeat']}"
 
 
 def plot(rows: list[dict], args: argparse.Namespace, out: Path, servers: list[str]) -> Path:
@@ -340,8 +340,8 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=2, default=str))
         return path
 
-    def record(load: str, server: str, row: dict) -> None:
-        rows.append({"load": load, "server": server, **row})
+    def record(load: str, server: str, row: dict, repeat: int = 1) -> None:
+        rows.append({"load": load, "repeat": repeat, "server": server, **row})
         print(f"{load} {server}: {row['rate_rps']:.2f} req/s, goodput {row['goodput_rps']:.2f}, "
               f"P99 TPOT {row['tpot_p99_ms']:.1f} ms, P99 TTFT {row['ttft_p99_ms']:.0f} ms, "
               f"shed {row['shed_429']}", flush=True)
@@ -380,13 +380,13 @@ def main() -> None:
             for load, r in loads.items():
                 for repeat in range(1, (args.overload_repeats if load == "overload" else 1) + 1):
                     # the same seeded arrivals each repeat: the spread is the server's, not the workload's
-                    record(load, name, {"repeat": repeat, **_run(base, work, r, args, 1, sizes[load], trace=True)})
+                    record(load, name, _run(base, work, r, args, 1, sizes[load], trace=True), repeat)
     for row in rows:
         row["shed_share"] = row["shed_429"] / row["requests"]
     columns = ["load", "repeat", "server", "rate_rps", "goodput_rps", "slo_attainment", "tpot_p50_ms", "tpot_p99_ms",
                "ttft_p50_ms", "ttft_p99_ms", "shed_429", "failed", "output_tokens_per_s"]  # fmt: skip
     print_table(f"SLO-aware serving (TPOT target {args.slo_tpot_ms:g} ms, TTFT {args.slo_ttft_ms:g} ms; "
-                f"sustainable {rate:.3g} req/s)", [{c: r.get(c, 1) for c in columns} for r in rows])  # fmt: skip
+                f"sustainable {rate:.3g} req/s)", [{c: r[c] for c in columns} for r in rows])  # fmt: skip
     path = plot(rows, args, out, servers)
     plot_trace(rows, out)
     save(partial=False, plot_name=os.path.basename(path))
