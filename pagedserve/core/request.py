@@ -106,6 +106,12 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def num_prefill_left(self) -> int:
+        """Known tokens still to compute before the next one is sampled: the rest of the prompt
+        (after a recompute preemption, of the prompt and the outputs); 0 while decoding."""
+        return max(0, self.num_tokens - self.num_computed_tokens - 1)
+
+    @property
     def is_decoding(self) -> bool:
         """Its prompt is computed (planned, under async scheduling): a step gives it one token."""
         return self.num_computed_tokens >= self.num_prompt_tokens

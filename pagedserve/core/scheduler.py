@@ -205,7 +205,7 @@ class Scheduler(Preemption, SchedulerGauges, LeaderForks):
         if self.slo is not None:
             num_interactive = self.num_waiting_ahead("interactive")
             self.slo.planned(output, self.requests, (num_interactive, len(self.waiting) - num_interactive),
-                             self._max_seqs, step_budget, len(self.running))
+                             self._max_seqs, step_budget, self.running)
         planned: dict[str, Request] = {}
         for request in self.running:
             num = self._num_scheduled.get(request.request_id)

@@ -62,5 +62,5 @@ class SchedulerGauges:
             num_waiting_batch=self.num_waiting_ahead("batch"),
         )
         if self.slo is not None:
-            self.slo.fill_stats(out)
+            self.slo.fill_stats(out, self.running, self.waiting)
         return out

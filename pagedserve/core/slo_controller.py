@@ -42,6 +42,13 @@ core/slo_scheduler.py composes the samples from the scheduler's plans and times 
    While the cap is still ramping (it has room below the configured maximum and the last
    decision found TPOT under target * (1 - margin)), that rate is the one of a cap about to be
    raised, not the engine's capacity: `ramping` tells admission control not to shed on it.
+   A seat is not a first token: a seated request's prompt waits for the prefill share of the
+   steps, which the TPOT objective bounds. So the prefill throughput is measured too (prompt
+   tokens per second over steps that left some of the seated requests' prompts for later: the
+   rate of a saturated prefill), and a new request's prefill waits about (prompt tokens ahead of
+   it) / that rate; admission control sheds on the larger of the two delays. (The H200 run of
+   2026-12-03 had a TTFT P50 of 2.6 s at 80 req/s with fewer than 40 requests waiting for a seat:
+   160 seated requests shared a prefill share of ~220 tokens a step.)
 """
 
 from __future__ import annotations
@@ -69,6 +76,10 @@ class StepSample:
     num_admitted: tuple[int, int] = (0, 0)
     cap_hit: bool = False  # the seat cap kept a waiting request out
     budget_hit: bool = False  # the token budget cut a prefill short
+    # prompt tokens the seated requests (those newly seated by the step included) had left to
+    # compute when the step was planned: more than the step's prefill tokens means the prefill
+    # share, not the demand, bounded it
+    prefill_backlog: int = 0
 
 
 @dataclass(slots=True)
@@ -166,7 +177,10 @@ class SloController:
         self.slack_s = 0.0
         self._deferred = 0  # decode-only steps in a row planned while a prefill waited for slack
         self._cap_hit = self._budget_hit = False  # within the current decision interval
+        self._seats_short = False  # the last step's seat cap kept a waiting request out
+        self._light = True  # the last decision found TPOT under half the pace (or none yet)
         self._seqs_seen = 0  # most requests scheduled in one step this interval
+        self._decode_steps: list[float] = []  # durations of this interval's steps without prefill
         self._mean_context = 0.0  # EWMA of context tokens per decoding request
         self._mean_chunk = float(self.params.min_chunk)  # EWMA of prefill tokens per prefilling request
         # per class: admissions while that class had requests waiting, (admitted, seconds)
@@ -175,6 +189,11 @@ class SloController:
         self._admit_count = [0, 0]
         self._admit_time = [0.0, 0.0]
         self.admit_rate: list[float | None] = [None, None]
+        # prompt tokens computed per second over steps that left seated prompts for later (the
+        # saturated prefill rate, EWMA; None before any such step), summed over the interval
+        self._prefill_count = 0
+        self._prefill_time = 0.0
+        self.prefill_rate: float | None = None
 
     @property
     def aim_s(self) -> float:
@@ -203,7 +222,12 @@ class SloController:
             # a prefill token costs w[2], its share of the w[1] of the request it belongs to
             # (chunks of about _mean_chunk tokens), and at least one more position attended
             per_token = w[2] + w[1] / max(1.0, self._mean_chunk) + w[3] / 1024
-            extra = int((goal - base) / per_token)
+            # Under light load (no request waits for a seat, TPOT under half the pace) banked
+            # slack pays for a larger chunk: a long prompt then runs in one step, as without
+            # objectives. Not under load: spent there, the slack eats the headroom the seat cap
+            # grows by (the load-step simulation settled at 20 seats instead of 23-32).
+            spend = max(0.0, self.slack_s) if self._light and not self._seats_short else 0.0
+            extra = int((goal + spend - base) / per_token)
             if extra < self.params.min_chunk:
                 # too dear beside these decodes: spend banked slack on a larger chunk, or run the
                 # decodes alone and bank theirs (at most max_defer steps in a row)
@@ -229,12 +253,19 @@ class SloController:
                 self._admit_count[k] += sample.num_admitted[k]
                 self._admit_time[k] += sample.duration_s
         prefill_seqs = sample.num_seqs - sample.num_decode
+        prefill_tokens = sample.num_tokens - sample.num_decode
+        if sample.prefill_backlog > prefill_tokens:
+            self._prefill_count += prefill_tokens
+            self._prefill_time += sample.duration_s
         if prefill_seqs > 0:
             chunk = (sample.num_tokens - sample.num_decode) / prefill_seqs
             self._mean_chunk += 0.2 * (chunk - self._mean_chunk)
         self._cap_hit |= sample.cap_hit
+        self._seats_short = sample.cap_hit
         self._budget_hit |= sample.budget_hit
         self._seqs_seen = max(self._seqs_seen, sample.num_seqs)
+        if sample.num_decode == sample.num_tokens:
+            self._decode_steps.append(sample.duration_s)
         if sample.num_decode == 0:
             return  # no request's TPOT was at stake
         self._mean_context += 0.1 * (sample.context_tokens / sample.num_seqs - self._mean_context)
@@ -271,15 +302,22 @@ class SloController:
         target = self.aim_s
         before = self.max_num_seqs, self.token_cap, self.prefill_allowance
         self._headroom = high < target * (1 - p.margin)
+        self._light = high < target * (1 - p.margin) / 2
         if not self._cap_hit:
             self._found_edge = False  # the cap no longer binds: the next climb is a ramp again
         if high > target:
-            # cut from what actually ran, so that a cap far above the batch still bites
-            base = min(self.max_num_seqs, max(self._seqs_seen, p.min_seqs))
-            self.max_num_seqs = max(p.min_seqs, base - max(1, int(base * p.shrink_frac)))
             self.prefill_allowance = max(p.min_chunk, int(self.prefill_allowance * (1 - p.shrink_frac)))
             self._cooldown = p.cooldown
-            self._found_edge = True
+            decodes = max(self._decode_steps, default=0.0)
+            if self._cap_hit or decodes >= target * (1 - p.margin) / 2:
+                # cut from what actually ran, so that a cap far above the batch still bites
+                base = min(self.max_num_seqs, max(self._seqs_seen, p.min_seqs))
+                self.max_num_seqs = max(p.min_seqs, base - max(1, int(base * p.shrink_frac)))
+                self._found_edge = True
+            # else light load: no request waited for a seat and the decodes alone ran in under
+            # half the pace, so the breach came from the steps' prefill; a seat cap cut below
+            # the running batch would only make the next arrivals queue (the mix simulation's
+            # light load: 27 running, the cap cut 48 -> 23, short prompts waited 150-300 ms)
         elif self._cooldown > 0:
             self._cooldown -= 1
         elif high < target * (1 - p.margin):
@@ -297,12 +335,18 @@ class SloController:
         self._fresh = 0
         self._cap_hit = self._budget_hit = False
         self._seqs_seen = 0
+        self._decode_steps.clear()
         for k in (0, 1):
             if self._admit_time[k] > 0:
                 rate = self._admit_count[k] / self._admit_time[k]
                 old = self.admit_rate[k]
                 self.admit_rate[k] = rate if old is None else 0.5 * old + 0.5 * rate
         self._admit_count, self._admit_time = [0, 0], [0.0, 0.0]
+        if self._prefill_time > 0:
+            rate = self._prefill_count / self._prefill_time
+            old_rate = self.prefill_rate
+            self.prefill_rate = rate if old_rate is None else 0.5 * old_rate + 0.5 * rate
+        self._prefill_count, self._prefill_time = 0, 0.0
 
     def _grown_seqs(self, headroom: float) -> int:
         """cap x a bounded factor (headroom = goal / measured percentile, > 1), but no further
@@ -341,15 +385,24 @@ class SloController:
         so there is no rate to go by."""
         return predicted_delay(num_ahead, self.admit_rate[int(batch)])
 
+    def predicted_prefill_delay_s(self, tokens_ahead: int) -> float | None:
+        """Seconds until the prefill reaches a new request's prompt behind tokens_ahead prompt
+        tokens (the seated requests' rest and the waiting ones ahead). None: no saturated step yet."""
+        return predicted_delay(tokens_ahead, self.prefill_rate)
+
 
 ADMISSION_SHARE = 0.8  # of the TTFT objective a predicted queueing delay may take (admission control)
 
 
-def sheds(delay_s: float | None, ttft_target_s: float, ramping: bool) -> bool:
-    """Admission control's rule: refuse a new request whose predicted queueing delay passes
-    ADMISSION_SHARE of its TTFT objective, unless the seat cap is still ramping (the wait is
-    the controller's own, and shrinks as the cap grows) or there is no rate to predict from."""
-    return not ramping and delay_s is not None and delay_s > ADMISSION_SHARE * ttft_target_s
+def sheds(seat_delay_s: float | None, prefill_delay_s: float | None, ttft_target_s: float, ramping: bool) -> bool:
+    """Admission control's rule: refuse a new request whose predicted wait for a seat or for
+    the prefill passes ADMISSION_SHARE of its TTFT objective. The seat wait does not count
+    while the seat cap is still ramping (the wait is the controller's own, and shrinks as the
+    cap grows); a delay without a rate to predict from (None) never sheds."""
+    limit = ADMISSION_SHARE * ttft_target_s
+    if prefill_delay_s is not None and prefill_delay_s > limit:
+        return True
+    return not ramping and seat_delay_s is not None and seat_delay_s > limit
 
 
 def predicted_delay(num_ahead: int, admit_rate: float | None) -> float | None:

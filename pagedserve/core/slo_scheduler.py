@@ -36,6 +36,9 @@ class SchedulerSlo:
         self.clock = clock
         self.chunked_prefill = chunked_prefill
         self._planned: dict[int, tuple[float, StepSample]] = {}
+        # EWMA of the prompt lengths of newly seated requests: what a request sent since the
+        # last report adds to the prefill ahead of the next one (admission control)
+        self.mean_prompt_tokens = 0.0
         self._last_update: float | None = None
 
     def target_for(self, running: Iterable[Request]) -> float:
@@ -68,7 +71,7 @@ class SchedulerSlo:
         return c.max_num_seqs, c.token_budget(num_decode, context)
 
     def planned(self, plan: SchedulerOutput, requests: dict[str, Request], num_waiting: tuple[int, int],
-                max_seqs: int, budget: int, num_running: int) -> None:  # fmt: skip
+                max_seqs: int, budget: int, running: list[Request]) -> None:  # fmt: skip
         """Call before schedule() advances num_computed_tokens past the plan."""
         num_decode = context = 0
         for req_id, num in plan.num_scheduled_tokens.items():
@@ -78,23 +81,40 @@ class SchedulerSlo:
         admitted = [0, 0]
         for new in plan.scheduled_new_reqs:
             admitted[requests[new.req_id].priority_class == "batch"] += 1
+            prompt = len(new.prompt_token_ids)
+            self.mean_prompt_tokens += (0.05 if self.mean_prompt_tokens else 1.0) * (prompt - self.mean_prompt_tokens)
+        num_running = len(running)
         sample = StepSample(
             duration_s=0.0, num_seqs=len(plan.num_scheduled_tokens), num_decode=num_decode,
             num_tokens=plan.total_num_scheduled_tokens, context_tokens=context, num_waiting=num_waiting,
             num_admitted=(admitted[0], admitted[1]), cap_hit=sum(num_waiting) > 0 and num_running >= max_seqs,
             budget_hit=plan.total_num_scheduled_tokens >= budget,
+            prefill_backlog=sum(r.num_prefill_left for r in running),
         )  # fmt: skip
         self._planned[plan.step_id] = (self.clock(), sample)
 
-    def fill_stats(self, stats: SchedulerStats) -> None:
-        """The controller's fields of the step's SchedulerStats."""
+    def fill_stats(self, stats: SchedulerStats, running: list[Request], waiting: list[Request]) -> None:
+        """The controller's fields of the step's SchedulerStats (running, waiting: the queues now)."""
         c = self.controller
+        stats.prefill_ahead_interactive, stats.prefill_ahead_batch = self.prefill_ahead(running, waiting)
+        stats.slo_prefill_rate = c.prefill_rate
+        stats.slo_mean_prompt_tokens = self.mean_prompt_tokens
         stats.slo_max_num_seqs, stats.slo_token_budget = c.max_num_seqs, c.last_budget
         stats.admit_rate_interactive, stats.admit_rate_batch = c.admit_rate[0], c.admit_rate[1]
         stats.slo_ramping = c.ramping
         stats.slo_tpot_signal_s = c.high_percentile() or 0.0
         stats.slo_mixed_step_model_s = c.last_base_s
         stats.slo_prefill_allowance = c.prefill_allowance
+
+    @staticmethod
+    def prefill_ahead(running: list[Request], waiting: list[Request]) -> tuple[int, int]:
+        """(interactive, batch): prompt tokens a new request of the class queues behind for its
+        prefill: the seated requests' rest, and the waiting requests it does not pass
+        (interactive ones pass waiting batch ones; a batch one queues behind them all)."""
+        seated = sum(r.num_prefill_left for r in running)
+        waiting_batch = sum(r.num_prefill_left for r in waiting if r.priority_class == "batch")
+        waiting_all = sum(r.num_prefill_left for r in waiting)
+        return seated + waiting_all - waiting_batch, seated + waiting_all
 
     def updated(self, step_id: int, busy: bool) -> None:
         """busy: requests are left to run, so the engine plans the next step at once (the time

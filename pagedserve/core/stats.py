@@ -34,3 +34,10 @@ class SchedulerStats:
     slo_tpot_signal_s: float = 0.0
     slo_mixed_step_model_s: float = 0.0
     slo_prefill_allowance: int = 0
+    # admission control's prefill side: prompt tokens a new request of each class queues behind
+    # (the seated requests' rest and the waiting requests it does not pass), the saturated
+    # prefill rate (tokens/s; None before any saturated step), the mean prompt of a seated request
+    prefill_ahead_interactive: int = 0
+    prefill_ahead_batch: int = 0
+    slo_prefill_rate: float | None = None
+    slo_mean_prompt_tokens: float = 0.0

@@ -275,8 +275,8 @@ class SloMetrics:
         self.prefill_allowance = Gauge(
             "pagedserve:slo_prefill_allowance_tokens", "Prefill tokens the controller's feedback lets a step "
             "with decodes take.", ["model_name"], registry=registry).labels(*model)  # fmt: skip
-        delay = Gauge("pagedserve:slo_predicted_queue_delay_seconds", "Predicted wait for a seat of a new "
-                      "request (-1: unknown).", ["model_name", "priority_class"], registry=registry)  # fmt: skip
+        delay = Gauge("pagedserve:slo_predicted_queue_delay_seconds", "Predicted wait of a new request for a seat "
+                      "or for its prefill, the larger (-1: unknown).", ["model_name", "priority_class"], registry=registry)  # fmt: skip
         self.queue_delay = {c: delay.labels(model_name, c) for c in classes}
         self._window_s = goodput_window_s
         self._met_times: deque[float] = deque()

@@ -164,10 +164,14 @@ def simulate(phases: list[Phase], slo: SloConfig | None, admission: bool, seed: 
 
 def _shed(scheduler: Scheduler, slo: SloConfig, klass: str) -> bool:
     """The server's admission rule (entrypoints/openai/slo_admission.py) on the scheduler's own
-    numbers: requests of its class ahead of a new one / the class's measured admission rate."""
+    numbers: requests of its class ahead of a new one / the class's measured admission rate, and
+    prompt tokens ahead of it / the measured prefill rate."""
     target = slo.ttft_s.get(klass)
     if target is None or scheduler.slo is None:
         return False
+    batch = klass == "batch"
     ahead = scheduler.num_waiting_ahead(klass)
+    tokens = scheduler.slo.prefill_ahead(scheduler.running, scheduler.waiting)[int(batch)]
     controller = scheduler.slo.controller
-    return sheds(controller.predicted_queue_delay_s(ahead, batch=klass == "batch"), target, controller.ramping)
+    return sheds(controller.predicted_queue_delay_s(ahead, batch=batch), controller.predicted_prefill_delay_s(tokens),
+                 target, controller.ramping)  # fmt: skip

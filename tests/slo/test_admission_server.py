@@ -167,3 +167,31 @@ def test_priority_class_from_tenant_or_field() -> None:
     tenant = SimpleNamespace(priority_class="batch")
     assert priority_class_of(raw(principal=tenant), "interactive") == "batch"  # the tenant's class wins
     assert priority_class_of(raw(principal=SimpleNamespace(priority_class="interactive")), "batch") == "batch"
+
+
+def test_a_prefill_backlog_sheds_even_while_the_cap_ramps() -> None:
+    """Few wait for a seat, but the seated requests' prompts are far ahead of the prefill rate
+    (the H200's overload: TTFT P50 2.6 s with < 40 waiting): 429, also while the seat cap ramps;
+    requests sent since the report add the mean seated prompt each."""
+    metrics = EngineMetrics("m")
+    slo = SloConfig(ttft_s={"interactive": 2.0, "batch": 10.0}, tpot_s={"interactive": 0.03})
+    adm = SloAdmission(slo, metrics.slo)
+    stats = _stats(waiting=2, waiting_batch=0, rate_i=50.0, rate_b=None, ramping=True)
+    stats.prefill_ahead_interactive, stats.prefill_ahead_batch = 14_000, 14_000
+    stats.slo_prefill_rate, stats.slo_mean_prompt_tokens = 10_000.0, 1_000.0
+    adm.on_stats(stats)
+    # 14,000 tokens / 10,000 per s = 1.4 s <= 0.8 x 2 s: in; the next sees 15,000 (1.5 s): in;
+    # then 16,000 = 1.6 s, still not past; then 17,000 = 1.7 s > 1.6 s: 429 (seat wait 5 / 50 s)
+    for _ in range(3):
+        adm.check(1, "interactive")
+    with pytest.raises(RateLimitError) as e:
+        adm.check(1, "interactive")
+    assert e.value.headers["Retry-After"] == "1"  # 1.7 - 1.6 s of prefill to drain -> 1 s at least
+    adm.check(1, "batch")  # its objective (10 s) has room for the same backlog
+    text = metrics.render().decode()
+    assert 'pagedserve:slo_predicted_queue_delay_seconds{model_name="m",priority_class="interactive"} 1.4' in text
+    # without a measured prefill rate the backlog predicts nothing: the seat rule alone decides
+    stats.slo_prefill_rate = None
+    adm.on_stats(stats)
+    for _ in range(10):
+        adm.check(1, "interactive")

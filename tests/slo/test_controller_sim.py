@@ -315,3 +315,65 @@ def test_a_prefill_ahead_of_decodes_leaves_them_their_tokens() -> None:
     sched.slo.caps = lambda running: (4, 1)  # type: ignore[method-assign]  # the decode's token only
     plan = sched.schedule()
     assert plan.num_scheduled_tokens == {"short": 1}
+
+
+def test_the_saturated_prefill_rate_predicts_the_prefill_wait() -> None:
+    """Prefill tokens per second are measured over steps that left seated prompts for later (the
+    budget, not the demand, bounded them), deferred decode-only steps included; steps that took
+    every prompt token there was measure demand, not capacity, and do not count."""
+    c = SloController(TPOT, max_num_seqs=64, max_num_batched_tokens=2048)
+    assert c.predicted_prefill_delay_s(5000) is None  # no saturated step yet
+    for i in range(c.params.interval):
+        # 32 decodes; a 200-token chunk of a 3000-token backlog every other step (20 ms), a
+        # decode-only step between (10 ms): 200 tokens per 30 ms
+        chunk = 200 if i % 2 == 0 else 0
+        c.observe(StepSample(0.020 if chunk else 0.010, 32 + (chunk > 0), 32, 32 + chunk, 32 * 500,
+                             prefill_backlog=3000))  # fmt: skip
+    assert c.prefill_rate == pytest.approx(200 / 0.030)
+    assert c.predicted_prefill_delay_s(2000) == pytest.approx(2000 / (200 / 0.030))
+    assert c.predicted_prefill_delay_s(0) == 0.0
+    for _ in range(c.params.interval):  # every prompt token taken: the backlog was the step's own
+        c.observe(StepSample(0.020, 33, 32, 132, 32 * 500, prefill_backlog=100))
+    assert c.prefill_rate == pytest.approx(200 / 0.030)  # unchanged
+
+
+def test_a_light_load_breach_cuts_the_prefill_not_the_seats() -> None:
+    """No request waited for a seat and decodes alone ran far under the pace: a breach came from
+    the steps' prefill, so it cuts the prefill allowance and leaves the seat cap (a cut below the
+    running batch would only queue the next arrivals). With decode-only steps near the pace the
+    same breach cuts the seats too."""
+    for decode_s, seats_cut in ((0.1, False), (0.7, True)):  # x aim
+        c = SloController(TPOT, max_num_seqs=64, max_num_batched_tokens=2048)
+        c.max_num_seqs, c.prefill_allowance = 64, 500
+        aim = c.aim_s
+        for i in range(c.params.interval):  # 27 running under a cap of 64; big chunks every other step
+            mixed = i % 2 == 0
+            c.observe(StepSample((2.0 if mixed else decode_s) * aim, 27 + mixed, 27, 27 + 500 * mixed, 27 * 400))
+        assert c.prefill_allowance < 500
+        assert (c.max_num_seqs < 27) == seats_cut, c.max_num_seqs
+
+
+def test_the_scheduler_reports_the_prefill_ahead_of_each_class() -> None:
+    """Seated requests' prompt rests count for both classes, waiting interactive prompts for
+    both, waiting batch prompts only for batch; a step that leaves a seated prompt for later is
+    a saturated sample, and the mean seated prompt follows the seated prompts."""
+    from pagedserve.core.request import Request
+    from pagedserve.sampling_params import SamplingParams
+    from tests.core.sim import SimWorker
+    from tests.slo.sim_load import Clock, make_sim_scheduler
+
+    sched = make_sim_scheduler(SLO, Clock(), max_num_seqs=1, max_num_batched_tokens=64)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    sched.add_request(Request("seated", list(range(1, 201)), params, eos_token_id=None))
+    sched.add_request(Request("inter", list(range(1, 31)), params, eos_token_id=None))
+    sched.add_request(Request("batch", list(range(1, 51)), params, eos_token_id=None, priority_class="batch"))
+    assert sched.slo is not None
+    sampled: list[StepSample] = []
+    sched.slo.controller.observe = sampled.append  # type: ignore[method-assign]
+    plan = sched.schedule()  # one seat: "seated" gets 64 of its 200 prompt tokens
+    sched.update_from_output(plan, SimWorker(16).execute(plan))
+    assert sampled[0].prefill_backlog == 199 > sampled[0].num_tokens == 64
+    stats = sched.make_stats(plan)
+    # rests: seated 200 - 64 - 1 = 135 (the last prompt token samples), inter 29, batch 49
+    assert (stats.prefill_ahead_interactive, stats.prefill_ahead_batch) == (135 + 29, 135 + 29 + 49)
+    assert stats.slo_mean_prompt_tokens == 200  # the first seated prompt sets the mean

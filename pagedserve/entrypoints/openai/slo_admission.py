@@ -8,11 +8,18 @@ them). Its predicted queueing delay is
     ahead_c / rate_c,  ahead_c = waiting of class c at the last engine report
                                  + requests of class c this process sent since that report
 
-and past ADMISSION_SHARE of the class's TTFT objective (the rest is left for the prefill and
-for the rate's error) the request is refused with 429 (not while the controller's seat cap is
-still ramping up: that wait shrinks as the cap grows), `Retry-After` (seconds
-for the queue to drain to the objective at that rate) and an OpenAI error JSON: the queue
-stays bounded instead of every request's TTFT growing with it.
+and its predicted wait for the prefill (a seat is not a first token: the TPOT objective bounds
+the prefill share of each step) is
+
+    tokens_c / prefill_rate,  tokens_c = prompt tokens ahead at the last report (the seated
+                                         requests' rest, the waiting ones it does not pass)
+                                         + requests sent since x the mean seated prompt
+
+Past ADMISSION_SHARE of the class's TTFT objective (the rest is left for its own prefill and
+for the rates' error) either one refuses the request with 429 (the seat wait not while the
+controller's seat cap is still ramping up: that wait shrinks as the cap grows), `Retry-After`
+(seconds for the queue to drain to the objective at that rate) and an OpenAI error JSON: the
+queue stays bounded instead of every request's TTFT growing with it.
 
 Metrics: every finished request counts toward its class's attainment (TTFT, TPOT, both) and,
 when it met both, goodput; each engine report sets the controller's caps and the delays.
@@ -52,8 +59,8 @@ class SloAdmission:
             self.metrics.mixed_step_model.set(stats.slo_mixed_step_model_s)
             self.metrics.prefill_allowance.set(stats.slo_prefill_allowance)
         for klass in PRIORITY_CLASSES:
-            delay = self.predicted_delay_s(klass)
-            self.metrics.queue_delay[klass].set(-1.0 if delay is None else min(delay, 1e9))
+            known = [d for d in self.predicted_delays_s(klass) if d is not None]
+            self.metrics.queue_delay[klass].set(min(max(known), 1e9) if known else -1.0)
 
     def on_finished(self, f: FinishedRequestStats) -> None:
         if f.finished_reason == "abort" or self.slo is None:
@@ -73,27 +80,41 @@ class SloAdmission:
             waiting = s.num_waiting_batch if klass == "batch" else max(0, s.num_waiting - s.num_waiting_batch)
         return waiting + self._sent_since[klass]
 
-    def predicted_delay_s(self, klass: str) -> float | None:
+    def prefill_ahead(self, klass: str) -> int:
         s = self.last
         if s is None:
-            return None
+            return 0
+        reported = s.prefill_ahead_batch if klass == "batch" else s.prefill_ahead_interactive
+        return reported + int(self._sent_since[klass] * s.slo_mean_prompt_tokens)
+
+    def predicted_delays_s(self, klass: str) -> tuple[float | None, float | None]:
+        """(wait for a seat, wait for the prefill) of a new request of the class; None: no rate yet."""
+        s = self.last
+        if s is None:
+            return None, None
         rate = s.admit_rate_batch if klass == "batch" else s.admit_rate_interactive
-        return predicted_delay(self.num_ahead(klass), rate)
+        return predicted_delay(self.num_ahead(klass), rate), predicted_delay(self.prefill_ahead(klass), s.slo_prefill_rate)
 
     def check(self, num_new: int, klass: str) -> None:
-        """Raise the 429 when the class's predicted queueing delay passes its TTFT objective;
-        else count the request as sent."""
+        """Raise the 429 when the class's predicted wait for a seat or for the prefill passes its
+        TTFT objective's share; else count the request as sent."""
         target = self.slo.ttft_s.get(klass) if self.slo is not None else None
-        if target is not None:
-            delay = self.predicted_delay_s(klass)
-            if sheds(delay, target, ramping=self.last is not None and self.last.slo_ramping):
-                assert delay is not None
+        s = self.last
+        if target is not None and s is not None:
+            seat, prefill = self.predicted_delays_s(klass)
+            if sheds(seat, prefill, target, ramping=s.slo_ramping):
                 self.metrics.rejected[klass].inc(num_new)
-                rate = (self.last.admit_rate_batch if klass == "batch" else self.last.admit_rate_interactive
-                        ) if self.last is not None else None  # fmt: skip
-                # time for the queue to drain to what the objective allows at the measured rate
-                drain = (self.num_ahead(klass) - ADMISSION_SHARE * target * rate) / rate if rate else math.inf
+                allowed = ADMISSION_SHARE * target
+                rate = s.admit_rate_batch if klass == "batch" else s.admit_rate_interactive
+                # time for each queue to drain to what the objective allows at its measured rate
+                drains = [0.0]
+                if prefill is not None and prefill > allowed:
+                    drains.append(prefill - allowed)
+                if not s.slo_ramping and seat is not None and seat > allowed:
+                    drains.append(math.inf if not rate else seat - allowed)
+                drain = max(drains)
                 retry = 60 if not math.isfinite(drain) else min(60, max(1, math.ceil(drain)))
+                delay = max(d for d in (seat, prefill) if d is not None)
                 shown = "unbounded" if not math.isfinite(delay) else f"{delay * 1e3:.0f} ms"
                 raise overloaded(
                     f"The predicted queueing delay for a {klass} request ({shown}) is beyond the server's "
