@@ -13,6 +13,8 @@ Shapes (the lm_head stays bf16 in a quantized model and is not timed here):
 Per (shape, T), each op is what a decoder layer runs for it:
     bf16        Triton add+norm, F.linear (cuBLAS), Triton SiLU-and-mul (the unfused path)
     bf16_gemv   gemv.fused_gemv with the norm / SiLU folded in (T <= 8 only)
+    tinygemmN   torch._weight_int4pack_mm (int4_tinygemm.py, inner_k_tiles N) between the same
+                Triton norm and SiLU-and-mul as bf16 (int4 weights of a bf16 model)
     int         wna16_matmul with the same norm / gating, default dispatch (timed twice: the
                 spread between the two runs is the noise); int_gemv / int_gemm force either
                 kernel (T <= 16) so the crossover GEMV_DISPATCH_M can be read off the table
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 from benchmarks.common import environment, measure_copy_bandwidth, print_table, write_json
 from benchmarks.gemv_bench import RING_BYTES, time_per_call
 from pagedserve.kernels import reference_quant as rq
+from pagedserve.kernels.int4_tinygemm import TinygemmInt4, supports, tinygemm_matmul, tinygemm_prepare
 from pagedserve.kernels.triton.activation import silu_and_mul
 from pagedserve.kernels.triton.gemv import MAX_M, fused_gemv
 from pagedserve.kernels.triton.norm import fused_add_rms_norm
@@ -57,6 +60,7 @@ from pagedserve.kernels.triton.wna16 import (
     wna16_matmul,
     wna16_prepare,
 )
+from pagedserve.kernels.triton.wna16_mma import MmaConfig, mma_block_k, wna16_mma_matmul, wna16_mma_pack
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,9 @@ SHAPES = (
     Shape("gate_up", 14336, 4096, "gated"),
     Shape("down", 4096, 14336, "plain"),
 )
+
+
+TINYGEMM_INNER_K_TILES = (2, 4, 8)  # tinygemm layouts timed beside our kernels
 
 
 def _clone(w: PreparedWNA16) -> PreparedWNA16:
@@ -105,6 +112,21 @@ class Case:
         w_bf16 = dense.t().contiguous()  # [NR, K], nn.Linear layout
         self.bf16_bytes = w_bf16.numel() * 2
         self.dense = [w_bf16] + [w_bf16.clone() for _ in range(max(1, math.ceil(RING_BYTES / self.bf16_bytes)) - 1)]
+        self.tiny: dict[int, list[TinygemmInt4]] = {}
+        if supports(self.canonical) and t <= 64:  # tinygemm per inner_k_tiles layout (its time grows with T)
+            for ikt in TINYGEMM_INNER_K_TILES:
+                one = tinygemm_prepare(self.canonical, ikt)
+                size = one.packed.numel() * one.packed.element_size()
+                self.tiny[ikt] = [one] + [one._replace(packed=one.packed.clone())
+                                          for _ in range(max(1, math.ceil(RING_BYTES / size)) - 1)]
+        self.mma: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.mma_block_k = mma_block_k(k, group)
+        if bits == 4 and self.mma_block_k and not act_order:  # the tensor-core kernel's own packing
+            words = wna16_mma_pack(rq.unpack_along_rows(qweight, 4), self.mma_block_k)
+            s_t = self.canonical.scales.t().contiguous()
+            z128 = (self.canonical.zeros.float() + 128).bfloat16().t().contiguous()
+            self.mma = [(words, s_t, z128)] + [(words.clone(), s_t.clone(), z128.clone())
+                                               for _ in range(max(1, math.ceil(RING_BYTES / self.int_bytes)) - 1)]
         self.x = torch.randn(t, k, generator=g, device="cuda").bfloat16()
         self.residual = torch.randn(t, k, generator=g, device="cuda").bfloat16()
         self.norm_weight = (torch.randn(k, generator=g, device="cuda") * 0.1 + 1).bfloat16()
@@ -126,6 +148,48 @@ class Case:
             h, _ = fused_add_rms_norm(self.x, self.residual, self.norm_weight, 1e-6)
         y = F.linear(h, w)
         return silu_and_mul(y) if self.shape.kind == "gated" else y
+
+    def tinygemm(self, w: TinygemmInt4) -> Any:
+        """The layer's op through tinygemm: norm (Triton), tinygemm, SiLU-and-mul (Triton)."""
+        h = self.x
+        if self.shape.kind != "plain":
+            h, _ = fused_add_rms_norm(self.x, self.residual, self.norm_weight, 1e-6)
+        y = tinygemm_matmul(h, w)
+        return silu_and_mul(y) if self.shape.kind == "gated" else y
+
+    def mma_op(self, w: tuple[torch.Tensor, torch.Tensor, torch.Tensor], config: MmaConfig | None = None) -> Any:
+        """The layer's op through the tensor-core kernel: norm (Triton) then wna16_mma (gating fused)."""
+        h = self.x
+        if self.shape.kind != "plain":
+            h, _ = fused_add_rms_norm(self.x, self.residual, self.norm_weight, 1e-6)
+        words, s_t, z128 = w
+        return wna16_mma_matmul(h, words, s_t, z128, None, group_size=self.canonical.group_size,
+                                block_k=self.mma_block_k, gated=self.shape.kind == "gated", config=config)
+
+    def check_mma(self, config: MmaConfig | None = None) -> float:
+        """max |mma - twin| / max |twin| (poisoned output, twice: the split-K counters reset); FAIL above 2e-2."""
+        want = rq.wna16_matmul(self.x, self.canonical, **self.kwargs())
+        want = want[0] if isinstance(want, tuple) else want
+        err = 0.0
+        for _ in range(2):
+            got = self.mma_op(self.mma[0], config)
+            err = max(err, ((got.float() - want.float()).abs().max() / want.float().abs().max()).item())
+        if not err < 2e-2 or got.isnan().any():
+            print(f"FAIL mma {config} {self.shape.name} T={self.t}: relative error {err}", flush=True)
+        return err
+
+    def check_tinygemm(self) -> float:
+        """max |tinygemm - twin| / max |twin|; prints FAIL above 2e-2."""
+        worst = 0.0
+        want = rq.wna16_matmul(self.x, self.canonical, **self.kwargs())
+        want = want[0] if isinstance(want, tuple) else want
+        for ikt, ring in self.tiny.items():
+            got = self.tinygemm(ring[0])
+            err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+            if not err < 2e-2 or got.isnan().any():
+                print(f"FAIL tinygemm ikt {ikt} {self.shape.name} T={self.t}: relative error {err}", flush=True)
+            worst = max(worst, err)
+        return worst
 
     def gemv_bf16(self, w: torch.Tensor) -> Any:
         return fused_gemv(self.x, w, **self.kwargs())
@@ -177,15 +241,29 @@ def bench(ts: list[int], bits: int, group: int, act_order: bool, copy_bw: float,
                 gcfg = pick_gemm_config(t, shape.n, shape.k)
                 t_gemm = time_per_call(_calls(partial(case.quantized, gemm=gcfg), case.ring))
             best_bf16 = min(t_bf16, t_bf16_gemv) if t <= MAX_M else t_bf16
+            tiny = {f"tinygemm{ikt}_us": time_per_call(_calls(case.tinygemm, ring)) * 1e6
+                    for ikt, ring in case.tiny.items()}
+            tiny_err = case.check_tinygemm() if case.tiny else math.nan
+            mma_err = t_mma = math.nan
+            try:
+                if case.mma:
+                    mma_err = case.check_mma()
+                    t_mma = time_per_call(_calls(case.mma_op, case.mma))
+            except Exception as exc:  # a failing kernel leaves its row's other columns measured
+                print(f"FAIL mma {shape.name} T={t}: {type(exc).__name__}: {exc}"[:2000], flush=True)
             rows.append({
                 "shape": shape.name, "T": t, "int_MB": case.int_bytes / 1e6,
                 "bf16_us": t_bf16 * 1e6, "bf16_gemv_us": t_bf16_gemv * 1e6, "bf16_floor_us": floor_bf16 * 1e6,
                 "int_us": t_int * 1e6, "int_us_rep": t_int2 * 1e6, "int_gemv_us": t_gemv * 1e6,
                 "int_gemm_us": t_gemm * 1e6, "int_floor_us": floor_int * 1e6,
                 "%floor": 100 * floor_int / t_int, "speedup": best_bf16 / t_int, "rel_err": err,
+                **tiny, "tinygemm_err": tiny_err, "mma_us": t_mma * 1e6, "mma_err": mma_err,
+                "mma_%floor": 100 * floor_int / t_mma, "mma_speedup": best_bf16 / t_mma,
             })
             print(f"{shape.name} T={t}: bf16 {best_bf16 * 1e6:.1f} us, int {t_int * 1e6:.1f} us "
-                  f"(floor {floor_int * 1e6:.1f}), x{best_bf16 / t_int:.2f}", flush=True)
+                  f"(floor {floor_int * 1e6:.1f}), x{best_bf16 / t_int:.2f}; mma {t_mma * 1e6:.1f} "
+                  f"x{best_bf16 / t_mma:.2f}; "
+                  + ", ".join(f"{key} {us:.1f}" for key, us in tiny.items()), flush=True)
             del case
             torch.cuda.empty_cache()
     return rows
@@ -238,6 +316,42 @@ def sweep(ts: list[int], bits: int, group: int, copy_bw: float, budget_s: float)
     return rows
 
 
+def mma_sweep(ts: list[int], bits: int, group: int, copy_bw: float, budget_s: float) -> list[dict[str, Any]]:
+    """Time the tensor-core kernel's launch candidates (BLOCK_M, splits, stages) per (shape, T)."""
+    rows: list[dict[str, Any]] = []
+    t0 = time.time()
+    for t in ts:
+        for shape in SHAPES:
+            case = Case(shape, t, bits, group, act_order=False)
+            block_ms = [bm for bm in (16, 32, 64, 128) if bm >= min(t, 16) and bm <= max(16, 2 * t)]
+            results = []
+            for bm in block_ms:
+                for splits in (1, 2, 4, 8):
+                    for stages in (3, 4):
+                        for block_n, warps in ((64, 4), (128, 8)):
+                            for scaled in (True, False):
+                                if time.time() - t0 > budget_s:
+                                    print("mma sweep: time budget spent", flush=True)
+                                    return rows
+                                cfg = MmaConfig(bm, splits, stages, warps, block_n, scaled)
+                                if case.check_mma(cfg) >= 2e-2:
+                                    continue
+                                fn = partial(case.mma_op, config=cfg)
+                                results.append((time_per_call(_calls(fn, case.mma), reps=7), cfg))
+            results.sort(key=lambda r: r[0])
+            default = time_per_call(_calls(case.mma_op, case.mma), reps=7)
+            rows.append({"shape": shape.name, "T": t, "config": "default", "us": default * 1e6,
+                         "%copy": 100 * case.int_bytes / default / copy_bw})
+            for sec, cfg in results[:4]:
+                rows.append({"shape": shape.name, "T": t, "config": str(tuple(cfg)), "us": sec * 1e6,
+                             "%copy": 100 * case.int_bytes / sec / copy_bw})
+            print(f"mma {shape.name} T={t}: default {default * 1e6:.1f}; "
+                  + ", ".join(f"{tuple(c)} {s_ * 1e6:.1f}" for s_, c in results[:4]), flush=True)
+            del case
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--t", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 256])
@@ -245,6 +359,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--act-order", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--mma-sweep", action="store_true", help="sweep the tensor-core kernel's launch configs")
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -253,7 +368,10 @@ def main() -> None:
     copy_bw = measure_copy_bandwidth()
     rate = measure_matmul_rate()
     print(f"{env['device']}: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
-    if args.sweep:
+    if args.mma_sweep:
+        rows = mma_sweep(args.t, args.bits, args.group, copy_bw, args.budget_s)
+        print_table(f"wna16_mma launch sweep, int{args.bits} g{args.group} ({env['device']})", rows)
+    elif args.sweep:
         rows = sweep(args.t, args.bits, args.group, copy_bw, args.budget_s)
         print_table(f"WNA16 launch sweep, int{args.bits} g{args.group} ({env['device']})", rows)
     else:

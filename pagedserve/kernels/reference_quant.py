@@ -71,7 +71,7 @@ def pack_along_rows(q: Tensor, bits: int) -> Tensor:
     q64 = q.to(torch.int64).reshape(k // pf, pf, n)
     if q64.numel() and (q64.min() < 0 or q64.max() >= 1 << bits):
         raise ValueError(f"values must lie in [0, {1 << bits})")
-    shifts = (torch.arange(pf, dtype=torch.int64) * bits).view(1, pf, 1)
+    shifts = (torch.arange(pf, dtype=torch.int64, device=q.device) * bits).view(1, pf, 1)
     words = (q64 << shifts).sum(dim=1)  # [K/pf, N] in [0, 2**32)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 

@@ -51,6 +51,13 @@ from pagedserve.kernels import reference_quant
 from pagedserve.kernels.reference_quant import WNA16Weight
 from pagedserve.kernels.triton.wna16_gemm import _gemm_kernel
 from pagedserve.kernels.triton.wna16_gemv import _gemv_kernel, _prologue_kernel, _splitk_reduce_kernel
+from pagedserve.kernels.triton.wna16_mma import (
+    MmaConfig,
+    mma_block_k,
+    wna16_mma_matmul,
+    wna16_mma_pack,
+    wna16_mma_unpack,
+)
 
 __all__ = ["GEMV_DISPATCH_M", "GEMV_DISPATCH_M_TALL", "GEMV_MAX_M", "MIN_GEMV_PROGRAMS", "PreparedWNA16",
            "WNA16GemmConfig", "WNA16GemvConfig", "gemv_dispatch_m", "pick_gemm_config", "pick_gemv_config",
@@ -61,13 +68,14 @@ GEMV_DISPATCH_M = 4
 
 
 class PreparedWNA16(NamedTuple):
-    qweight: Tensor  # int32 [NR, K / PF], K contiguous
+    qweight: Tensor  # int32 [NR, K / PF], K contiguous (mma_block_k: wna16_mma_pack's order)
     scales: Tensor  # [NR, G]
-    zeros: Tensor  # [NR, G], scales' dtype
+    zeros: Tensor  # [NR, G], scales' dtype (mma_block_k: 128 + zero, bf16)
     perm: Tensor | None  # int32 [K]: y = x[:, perm] @ W
     bits: int
     group_size: int
     fallback: WNA16Weight | None  # a shape the kernels do not take: the canonical weight (twin)
+    mma_block_k: int = 0  # > 0: the tensor-core kernel's layout (wna16_mma.py) with this K step
 
     @property
     def in_features(self) -> int:
@@ -168,8 +176,22 @@ def wna16_fused_max_tokens(*, gated: bool) -> int:
     return GEMV_DISPATCH_M
 
 
+def mma_eligible(w: WNA16Weight) -> int:
+    """The K step of the tensor-core kernel's layout for w, or 0 where it does not apply: it
+    takes int4 weights of a bf16 model with integer zero points in [0, 16) (GPTQ and AWQ store
+    integers; its exact bf16 q - zero needs them) and a group of 32 or more that divides into
+    its K steps."""
+    if w.bits != 4 or w.scales.dtype != torch.bfloat16 or w.out_features % 2:
+        return 0
+    block_k = mma_block_k(w.in_features, w.group_size)
+    zeros = w.zeros.float()
+    integral = bool(torch.equal(zeros, zeros.round())) and bool(((zeros >= 0) & (zeros < 16)).all())
+    return block_k if integral else 0
+
+
 def wna16_prepare(w: WNA16Weight) -> PreparedWNA16:
-    """The canonical weight in this module's layout (new tensors; the caller drops the old)."""
+    """The canonical weight in this module's layout (new tensors; the caller drops the old): the
+    tensor-core kernel's where mma_eligible, else the GEMV / GEMM one."""
     pf = 32 // w.bits
     k, n = w.in_features, w.out_features
     groups = k // w.group_size if w.group_size and k % w.group_size == 0 else -1
@@ -178,6 +200,15 @@ def wna16_prepare(w: WNA16Weight) -> PreparedWNA16:
                          f"{w.group_size}, scales {tuple(w.scales.shape)}, zeros {tuple(w.zeros.shape)}")
     if w.perm is not None and w.perm.shape != (k,):
         raise ValueError(f"perm must be [{k}], got {tuple(w.perm.shape)}")
+    perm = None if w.perm is None else w.perm.to(torch.int32).contiguous()
+    block_k = mma_eligible(w)
+    if block_k:
+        return PreparedWNA16(
+            qweight=wna16_mma_pack(reference_quant.unpack_along_rows(w.qweight, 4), block_k),
+            scales=w.scales.t().contiguous(),
+            zeros=(w.zeros.float() + 128).to(torch.bfloat16).t().contiguous(),
+            perm=perm, bits=4, group_size=w.group_size, fallback=None, mma_block_k=block_k,
+        )
     fallback = w if w.group_size % 16 != 0 or k % pf != 0 else None
     return PreparedWNA16(
         qweight=w.qweight.t().contiguous(),
@@ -273,10 +304,13 @@ def wna16_matmul(x: Tensor, w: PreparedWNA16, bias: Tensor | None = None, *,
                  norm_weight: Tensor | None = None, residual: Tensor | None = None,
                  eps: float = 1e-6, gated: bool = False,
                  gemv_config: WNA16GemvConfig | None = None,
-                 gemm_config: WNA16GemmConfig | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                 gemm_config: WNA16GemmConfig | None = None,
+                 mma_config: MmaConfig | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """reference_quant.wna16_matmul on a prepared weight: x [T, K] -> y [T, N] (gated: [T, N/2]),
     with norm_weight (y, x [+ residual]). gemv_config / gemm_config force that kernel and its
-    launch parameters (tests, tuning); otherwise T picks the kernel and the tables its config."""
+    launch parameters (tests, tuning); otherwise T picks the kernel and the tables its config.
+    A weight in the tensor-core layout (mma_block_k) takes wna16_mma at every T (mma_config
+    forces its launch parameters), after the prologue kernel where there is a norm or a perm."""
     if w.fallback is not None or x.shape[0] == 0:
         return reference_quant.wna16_matmul(x, w.fallback or _canonical(w), bias, norm_weight=norm_weight,
                                             residual=residual, eps=eps, gated=gated)
@@ -292,6 +326,8 @@ def wna16_matmul(x: Tensor, w: PreparedWNA16, bias: Tensor | None = None, *,
     residual = residual if residual is None or residual.stride(1) == 1 else residual.contiguous()
     norm_weight = None if norm_weight is None else norm_weight.contiguous()
     bias = None if bias is None else bias.contiguous()
+    if w.mma_block_k:
+        return _mma_matmul(x, w, bias, norm_weight, residual, eps, gated, mma_config)
     n = w.out_features // 2 if gated else w.out_features
     reach = gemv_dispatch_m(n, k, gated=gated) if norm_weight is None else GEMV_DISPATCH_M
     use_gemv = gemm_config is None and (gemv_config is not None or m <= reach)
@@ -310,7 +346,24 @@ def wna16_matmul(x: Tensor, w: PreparedWNA16, bias: Tensor | None = None, *,
     return out if new_res is None else (out, new_res)
 
 
+def _mma_matmul(x: Tensor, w: PreparedWNA16, bias: Tensor | None, norm_weight: Tensor | None,
+                residual: Tensor | None, eps: float, gated: bool,
+                config: MmaConfig | None) -> Tensor | tuple[Tensor, Tensor]:
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"the tensor-core int4 kernel multiplies bf16 activations, got {x.dtype}")
+    new_res: Tensor | None = None
+    if w.perm is not None or norm_weight is not None:
+        x, new_res = _prologue(x, residual, norm_weight, eps, w.perm)
+    out = wna16_mma_matmul(x, w.qweight, w.scales, w.zeros, bias, group_size=w.group_size,
+                           block_k=w.mma_block_k, gated=gated, config=config)
+    return out if new_res is None else (out, new_res)
+
+
 def _canonical(w: PreparedWNA16) -> WNA16Weight:
-    """The prepared weight back in the canonical layout (the twin's; T = 0 only)."""
+    """The prepared weight back in the canonical layout (the twin's; T = 0 and tests)."""
     perm = None if w.perm is None else w.perm.to(torch.int64)
+    if w.mma_block_k:
+        q = wna16_mma_unpack(w.qweight, w.mma_block_k)
+        return WNA16Weight(reference_quant.pack_along_rows(q, 4), w.scales.t(), (w.zeros.float() - 128).to(
+            w.scales.dtype).t(), perm, 4, w.group_size)
     return WNA16Weight(w.qweight.t(), w.scales.t(), w.zeros.t(), perm, w.bits, w.group_size)

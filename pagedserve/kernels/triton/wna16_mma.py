@@ -1,0 +1,363 @@
+"""Tensor-core int4 matmul with the weight as the MMA's left operand ("swap AB").
+
+    y^T [N, M] = W^T [N, K] @ x^T [K, M]          M = tokens, BLOCK_M (16..128) of them a tile
+
+Why transposed: on Hopper a wgmma takes its left operand from registers and only the right one
+from shared memory, so the weight, dequantized in registers, feeds the tensor cores directly;
+the small x^T tile is the shared-memory operand. (The dequantizing GEMM, wna16_gemm.py, has the
+weight on the right and stores every dequantized element to shared memory, which at decode sizes
+costs more than reading the weight; the CUDA-core GEMV spends about six instructions per
+element.) Loops that contain a dot are software-pipelined by Triton, so the next weight tiles
+are in flight while one is multiplied.
+
+Layout (wna16_mma_pack): the weight is repacked so that each thread's registers, after the
+unpack, already hold the MMA operand fragment. For row n and K step s of BLOCK_K (P = BLOCK_K /
+32 words per 4 lanes), word c * P + p of the step holds in its nibble i = 4 b + 2 jj + h
+
+    k = s * BLOCK_K + 32 p + 16 jj + 8 h + 2 c + b         c, b, jj, h in {0, 1} (c in 0..3)
+
+which is the mma.m16n8k16 A fragment (lane % 4 = c holds k = 2c, 2c+1, 2c+8, 2c+9 of each
+16-wide chunk). In the kernel the 8 unpacked tensors are joined as [BN, c, p, b, h, jj] and
+permuted to [BN, p, jj, h, c, b], which is the natural k order: Triton then needs no layout
+conversion between the unpack and the dot (checked in the compiled TTGIR: no local_alloc of the
+weight tile). Nibbles m and m + 4 sit 16 bits apart, so one AND-OR puts two of them under the
+bf16 exponent of 128 at once (0x4300 | q is bf16 128 + q):
+
+    w = ((128 + q) - (128 + z)) * s      two packed bf16x2 operations per pair of values
+
+exact up to the one rounding of (q - z) * s to bf16 (the rounding a bf16 weight has) when the
+zero points are integers (GPTQ and AWQ store integers; wna16.py checks, else uses its other
+kernels). zeros arrive as bf16 (128 + z). On the GPU the unpack is inline PTX (four LOP3, three
+shifts, eight bf16x2 ops per word); under TRITON_INTERPRET (no inline assembly) the same values
+come from plain integer and float32 ops, rounded once to bf16 (bit-identical).
+
+Split-K is serial and deterministic: each of SPLITS programs of a tile writes its float32
+partial, takes a ticket from the tile's counter (acq_rel atomic), and the last one sums the
+partials in split order, applies the bias and, for a gated [gate | up] weight, SiLU-and-mul,
+writes y and resets the counter (one launch; the counters are zero between calls). A gated
+program holds BLOCK_N / 2 gate rows and the same BLOCK_N / 2 up rows.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Two nibbles (m, m + 4) of a word -> bf16x2 (128 + q), minus (128 + z): 8 bf16 q - z out (exact).
+_DEQUANT_ASM = tl.constexpr("""
+{
+.reg .b32 t1, t2, t3, p0, p1, p2, p3, z2;
+mov.b32 z2, {$9, $9};
+shr.u32 t1, $8, 4;
+shr.u32 t2, $8, 8;
+shr.u32 t3, $8, 12;
+lop3.b32 p0, $8, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 p1, t1, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 p2, t2, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 p3, t3, 0x000F000F, 0x43004300, 0xEA;
+sub.rn.bf16x2 p0, p0, z2;
+sub.rn.bf16x2 p1, p1, z2;
+sub.rn.bf16x2 p2, p2, z2;
+sub.rn.bf16x2 p3, p3, z2;
+mov.b32 {$0, $4}, p0;
+mov.b32 {$1, $5}, p1;
+mov.b32 {$2, $6}, p2;
+mov.b32 {$3, $7}, p3;
+}
+""")
+
+
+# The same, times s: ((128 + q) - (128 + z)) * s, one rounding to bf16 (the rounding of a bf16 weight).
+_DEQUANT_SCALED_ASM = tl.constexpr("""
+{
+.reg .b32 t1, t2, t3, p0, p1, p2, p3, z2, s2;
+mov.b32 z2, {$9, $9};
+mov.b32 s2, {$10, $10};
+shr.u32 t1, $8, 4;
+shr.u32 t2, $8, 8;
+shr.u32 t3, $8, 12;
+lop3.b32 p0, $8, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 p1, t1, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 p2, t2, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 p3, t3, 0x000F000F, 0x43004300, 0xEA;
+sub.rn.bf16x2 p0, p0, z2;
+sub.rn.bf16x2 p1, p1, z2;
+sub.rn.bf16x2 p2, p2, z2;
+sub.rn.bf16x2 p3, p3, z2;
+mul.rn.bf16x2 p0, p0, s2;
+mul.rn.bf16x2 p1, p1, s2;
+mul.rn.bf16x2 p2, p2, s2;
+mul.rn.bf16x2 p3, p3, s2;
+mov.b32 {$0, $4}, p0;
+mov.b32 {$1, $5}, p1;
+mov.b32 {$2, $6}, p2;
+mov.b32 {$3, $7}, p3;
+}
+""")
+
+
+@triton.jit
+def _unpack_scaled(words, z, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """words int32 [BN, 4, P]; z, s bf16 [BN, 1, 1] (z = 128 + an integer zero)
+    -> (q - zero) * s rounded once to bf16, [BN, BLOCK_K] in k order."""
+    if USE_ASM:
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            _DEQUANT_SCALED_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+            [words, tl.broadcast_to(z, words.shape), tl.broadcast_to(s, words.shape)],
+            dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    else:
+        zf = z.to(tl.float32) - 128.0
+        sf = s.to(tl.float32)
+        v0 = ((((words >> 0) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
+        v1 = ((((words >> 4) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
+        v2 = ((((words >> 8) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
+        v3 = ((((words >> 12) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
+        v4 = ((((words >> 16) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
+        v5 = ((((words >> 20) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
+        v6 = ((((words >> 24) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
+        v7 = ((((words >> 28) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
+    return _arrange(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _arrange(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The 8 nibble tensors [BN, 4, P] -> [BN, BLOCK_K] in k order (nibble i = 4 b + 2 jj + h):
+    joined b innermost, then h, then jj -> [BN, c, p, b, h, jj], permuted to [BN, p, jj, h, c, b]."""
+    jj0 = tl.join(tl.join(v0, v4), tl.join(v1, v5))
+    jj1 = tl.join(tl.join(v2, v6), tl.join(v3, v7))
+    full = tl.join(jj0, jj1)
+    return tl.reshape(tl.permute(full, (0, 2, 5, 4, 1, 3)), [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def _unpack(words, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """words int32 [BN, 4, P]; z bf16 [BN, 1, 1] (128 + an integer zero) -> q - zero, bf16
+    [BN, BLOCK_K] in k order (exact: integers below 256)."""
+    if USE_ASM:
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h",
+            [words, tl.broadcast_to(z, words.shape)],
+            dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    else:
+        zf = z.to(tl.float32) - 128.0
+        v0 = (((words >> 0) & 15).to(tl.float32) - zf).to(tl.bfloat16)
+        v1 = (((words >> 4) & 15).to(tl.float32) - zf).to(tl.bfloat16)
+        v2 = (((words >> 8) & 15).to(tl.float32) - zf).to(tl.bfloat16)
+        v3 = (((words >> 12) & 15).to(tl.float32) - zf).to(tl.bfloat16)
+        v4 = (((words >> 16) & 15).to(tl.float32) - zf).to(tl.bfloat16)
+        v5 = (((words >> 20) & 15).to(tl.float32) - zf).to(tl.bfloat16)
+        v6 = (((words >> 24) & 15).to(tl.float32) - zf).to(tl.bfloat16)
+        v7 = (((words >> 28) & 15).to(tl.float32) - zf).to(tl.bfloat16)
+    return _arrange(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _finish(acc, rn, n_ok, rm, m_ok, col0, N, b_ptr, out_ptr, stride_om,
+            BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
+    """acc [BN, BM] float32 (weight rows rn) -> y[rm, columns] with bias and, gated, SiLU(gate) * up
+    (rows 0..BN/2 are the gate rows of columns col0.., the rest their up rows)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    if GATED:
+        HALF: tl.constexpr = BLOCK_N // 2
+        gate, up = tl.split(tl.permute(tl.reshape(acc, [2, HALF, BLOCK_M]), (1, 2, 0)))  # [HALF, BM]
+        y = gate / (1.0 + tl.exp(-gate)) * up
+        c = col0 + tl.arange(0, HALF)
+        tl.store(out_ptr + rm[None, :] * stride_om + c[:, None], y.to(out_ptr.dtype.element_ty),
+                 mask=(c < N)[:, None] & m_ok[None, :])
+    else:
+        tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=n_ok[:, None] & m_ok[None, :])
+
+
+@triton.jit
+def _mma_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, part_ptr, lock_ptr, out_ptr,
+    M, N, K, K_SPLIT,
+    stride_xm, stride_wn, stride_sn, stride_om,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, USE_ASM: tl.constexpr,
+    SCALED: tl.constexpr,
+):
+    """Grid (cdiv(N, BN or BN / 2 gated), cdiv(M, BM), SPLITS). N: result columns (gated: the
+    weight has 2 N rows, gate then up); part float32 [SPLITS, M, 2 N or N]; lock int32 [grid0 * grid1]."""
+    P: tl.constexpr = BLOCK_K // 32
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    j = tl.arange(0, BLOCK_N)
+    if GATED:
+        col0 = pid_n * (BLOCK_N // 2)
+        col = col0 + (j % (BLOCK_N // 2))
+        rn = col + (j // (BLOCK_N // 2)) * N  # gate rows, then the same columns' up rows
+        nr = 2 * N
+    else:
+        col0 = pid_n * BLOCK_N
+        col = col0 + j
+        rn = col
+        nr = N
+    n_ok = col < N
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    rw = tl.arange(0, BLOCK_K // 8)
+    rk = tl.arange(0, BLOCK_K)
+    rn64 = rn.to(tl.int64)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        words = tl.load(w_ptr + rn64[:, None] * stride_wn + (k0 // 8 + rw)[None, :], mask=n_ok[:, None], other=0)
+        xt = tl.load(x_ptr + rm[None, :] * stride_xm + (k0 + rk)[:, None], mask=m_ok[None, :], other=0.0)
+        g = k0 // GROUP  # a step lies in one group
+        s = tl.load(s_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0)
+        z = tl.load(z_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0)
+        if SCALED:  # the scale in the bf16 weight; the MMA accumulates across steps
+            w = _unpack_scaled(tl.reshape(words, [BLOCK_N, 4, P]), z[:, None, None], s[:, None, None],
+                               BLOCK_N, BLOCK_K, USE_ASM)
+            acc = tl.dot(w, xt, acc)
+        else:  # exact q - zero in the MMA, the scale on its float32 result
+            w = _unpack(tl.reshape(words, [BLOCK_N, 4, P]), z[:, None, None], BLOCK_N, BLOCK_K, USE_ASM)
+            dot = tl.dot(w, xt)  # [BN, BM] float32
+            acc += s.to(tl.float32)[:, None] * dot
+    if SPLITS == 1:
+        _finish(acc, rn, n_ok, rm, m_ok, col0, N, b_ptr, out_ptr, stride_om, BLOCK_N, BLOCK_M, HAS_BIAS, GATED)
+    else:
+        tile = part_ptr + rm[None, :] * nr + rn[:, None]  # this tile in split 0
+        ok = n_ok[:, None] & m_ok[None, :]
+        tl.store(tile + pid_k * M * nr, acc, mask=ok)
+        tl.debug_barrier()  # the whole tile is written before the ticket (release is cumulative)
+        lock = lock_ptr + pid_n * tl.num_programs(1) + pid_m
+        ticket = tl.atomic_add(lock, 1, sem="acq_rel")
+        if ticket == SPLITS - 1:  # the last split of this tile: sum in split order, finish
+            tl.debug_barrier()
+            total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for split in range(SPLITS):
+                total += tl.load(tile + split * M * nr, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(lock, 0)
+            _finish(total, rn, n_ok, rm, m_ok, col0, N, b_ptr, out_ptr, stride_om, BLOCK_N, BLOCK_M,
+                    HAS_BIAS, GATED)
+
+
+# ---------------------------------------------------------------------------------------- host
+
+PROGRAMS_PER_SM = 2  # split-K until the grid has this many programs per SM
+
+
+class MmaConfig(NamedTuple):
+    block_m: int
+    splits: int
+    num_stages: int = 3
+    num_warps: int = 4  # 4 per 64 weight rows (one warpgroup's wgmma)
+    block_n: int = 64
+    scaled: bool = True  # the scale in the bf16 weight (any group >= 32) or on the float32 dot
+
+
+def mma_block_k(k: int, group_size: int, max_block_k: int = 128) -> int:
+    """The packing's K step: the largest power of two from max_block_k down to 32 dividing both
+    K and the group (a step lies in one group; 0: none)."""
+    bk = max_block_k
+    while bk >= 32:
+        if k % bk == 0 and group_size % bk == 0:
+            return bk
+        bk //= 2
+    return 0
+
+
+def wna16_mma_pack(q: Tensor, block_k: int) -> Tensor:
+    """q int [K, N] values in [0, 16) -> int32 [N, K / 8] in this kernel's order (module doc)."""
+    k, n = q.shape
+    if block_k not in (32, 64, 128, 256) or k % block_k:
+        raise ValueError(f"block_k must be 32, 64, 128 or 256 and divide K = {k}, got {block_k}")
+    p = block_k // 32
+    t = q.t().to(torch.int64).reshape(n, k // block_k, p, 2, 2, 4, 2)  # [N, step, p, jj, h, c, b]
+    t = t.permute(0, 1, 5, 2, 6, 3, 4).reshape(n, k // 8, 8)  # word c*P + p, nibble 4b + 2jj + h
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=q.device)
+    words = (t << shifts).sum(dim=-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).contiguous()
+
+
+def wna16_mma_unpack(words: Tensor, block_k: int) -> Tensor:
+    """The inverse of wna16_mma_pack: int32 [N, K / 8] -> int32 [K, N] values in [0, 16)."""
+    n, kw = words.shape
+    k = kw * 8
+    p = block_k // 32
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)
+    t = (words.unsqueeze(-1) >> shifts) & 15  # [N, K/8, 8]: word c*P + p, nibble 4b + 2jj + h
+    t = t.reshape(n, k // block_k, 4, p, 2, 2, 2)  # [N, step, c, p, b, jj, h]
+    return t.permute(0, 1, 3, 5, 6, 2, 4).reshape(n, k).t().contiguous()  # [N, step, p, jj, h, c, b]
+
+
+_LOCKS: dict[tuple[torch.device, int], Tensor] = {}
+_SM_COUNT: dict[int, int] = {}
+
+
+def _locks(device: torch.device, size: int) -> Tensor:
+    """Zeroed int32 tile counters shared by every call on device (each call leaves them zero)."""
+    key = (device, size)
+    locks = _LOCKS.get(key)
+    if locks is None:
+        locks = _LOCKS[key] = torch.zeros(size, dtype=torch.int32, device=device)
+    return locks
+
+
+def _has_bf16x2_asm(device: torch.device) -> bool:
+    """Inline PTX with bf16x2 sub / mul: compiled (not interpreted) on an NVIDIA GPU of sm_90+."""
+    if device.type != "cuda" or torch.version.cuda is None or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def pick_mma_config(m: int, n_tiles: int, k: int, block_k: int, device: torch.device) -> MmaConfig:
+    """BLOCK_M from the token count; split K (powers of two, at least 4 K steps a split) until the
+    grid has PROGRAMS_PER_SM programs per SM."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    tiles = n_tiles * triton.cdiv(m, block_m)
+    steps = k // block_k
+    splits = 1
+    while tiles * splits < PROGRAMS_PER_SM * _sm_count(device) and steps // (2 * splits) >= 4:
+        splits *= 2
+    return MmaConfig(block_m, splits)
+
+
+def wna16_mma_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros128: Tensor, bias: Tensor | None,
+                     *, group_size: int, block_k: int, gated: bool = False,
+                     config: MmaConfig | None = None) -> Tensor:
+    """x [M, K] bf16 @ the packed weight (qweight int32 [NR, K / 8], scales / zeros128 bf16 [NR, G],
+    zeros128 = 128 + zero) -> [M, N] (gated: N = NR / 2, SiLU(gate) * up), plus bias [NR]."""
+    m, k = x.shape
+    nr = qweight.shape[0]
+    n = nr // 2 if gated else nr
+    cfg = config or pick_mma_config(m, triton.cdiv(n, 32 if gated else 64), k, block_k, x.device)
+    if group_size % block_k:
+        raise ValueError(f"a K step must lie in one group (group {group_size}, block_k {block_k})")
+    tiles_n = triton.cdiv(n, cfg.block_n // 2 if gated else cfg.block_n)
+    steps = k // block_k
+    k_split = triton.cdiv(steps, cfg.splits) * block_k
+    splits = triton.cdiv(k, k_split)
+    tiles_m = triton.cdiv(m, cfg.block_m)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    part = torch.empty((splits, m, nr), dtype=torch.float32, device=x.device) if splits > 1 else out
+    locks = _locks(x.device, tiles_n * tiles_m) if splits > 1 else out
+    use_asm = _has_bf16x2_asm(x.device)
+    _mma_kernel[(tiles_n, tiles_m, splits)](
+        x, qweight, scales, zeros128, bias if bias is not None else x, part, locks, out,
+        m, n, k, k_split, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
+        GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLITS=splits,
+        HAS_BIAS=bias is not None, GATED=gated, USE_ASM=use_asm, SCALED=cfg.scaled,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
