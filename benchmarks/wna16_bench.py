@@ -83,7 +83,7 @@ SHAPES = (
 )
 
 
-TINYGEMM_INNER_K_TILES = (2, 4, 8)  # tinygemm layouts timed beside our kernels
+TINYGEMM_INNER_K_TILES = (8,)  # tinygemm layouts timed beside our kernels (2 and 4 were no faster: h200-2026-12-03-wna16-mma)
 
 
 def _clone(w: PreparedWNA16) -> PreparedWNA16:

@@ -4,7 +4,8 @@ the twin reference_quant.wna16_matmul on the canonical weight.
 Without a GPU it runs under TRITON_INTERPRET=1 (tests/kernels/conftest.py) at small shapes with
 every option: K steps of 32..256 within a group, several steps per split, serial split-K (the
 last split sums, the counters go back to zero), row and token tails, the gated [gate | up]
-epilogue, bias, the norm / act-order prologue, scale in the weight or on the dot. Zero points are
+epilogue, bias, the norm / act-order prologue, scale in the weight or on the dot, and the
+prefill path (the weight dequantized to bf16, then cuBLAS). Zero points are
 integers (what GPTQ and AWQ store; the kernel needs them), scales bf16. The `gpu` tests repeat it
 at Llama-3-8B shapes with the default launch choice, where the dequantization is inline PTX.
 
@@ -115,6 +116,8 @@ CASES = [
     (512, 256, 2, True, False, True, True, False, MmaConfig(16, 2, block_n=128, num_warps=8)),
     (512, 512, 9, False, True, False, False, False, MmaConfig(64, 2)),
     (384, 128, 1, True, True, True, True, True, None),  # default launch choice
+    (512, 64, 6, True, True, True, True, True, MmaConfig(128, 1, dequantize=True)),  # bf16 copy + cuBLAS
+    (512, 128, 3, False, False, False, False, False, MmaConfig(128, 1, dequantize=True)),
 ]
 
 
@@ -172,10 +175,13 @@ def test_empty_batch_and_wrong_dtype() -> None:
 
 def test_pick_config_splits_until_the_grid_fills() -> None:
     cpu = torch.device("cpu")  # 4 "SMs" on the CPU: 8 programs wanted
-    assert pick_mma_config(1, 2, 4096, 128, cpu) == MmaConfig(16, 4)
+    assert pick_mma_config(1, 2, 4096, 128, cpu) == MmaConfig(16, 4, scaled=False)
     assert pick_mma_config(1, 64, 4096, 128, cpu).splits == 1
-    assert pick_mma_config(40, 1, 1024, 128, cpu) == MmaConfig(64, 2)  # at least 4 steps a split
-    assert pick_mma_config(300, 1, 4096, 128, cpu).block_m == 128
+    assert pick_mma_config(40, 1, 1024, 128, cpu) == MmaConfig(32, 2, scaled=False)  # >= 4 steps a split
+    assert pick_mma_config(40, 4, 4096, 128, cpu, gated=True) == MmaConfig(64, 4, 3, 8, 128, True)
+    assert pick_mma_config(200, 1, 4096, 128, cpu).block_m == 64
+    assert not pick_mma_config(255, 1, 4096, 128, cpu).dequantize
+    assert pick_mma_config(256, 1, 4096, 128, cpu).dequantize
 
 
 # ---------------------------------------------------------------------------------------------

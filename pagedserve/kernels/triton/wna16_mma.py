@@ -48,6 +48,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from pagedserve.kernels.triton.activation import silu_and_mul
+
 # Two nibbles (m, m + 4) of a word -> bf16x2 (128 + q), minus (128 + z): 8 bf16 q - z out (exact).
 _DEQUANT_ASM = tl.constexpr("""
 {
@@ -243,9 +245,35 @@ def _mma_kernel(
                     HAS_BIAS, GATED)
 
 
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, NR, stride_wn, stride_sn, stride_on,
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """Grid (cdiv(NR, BN), K / BK): out [NR, K] bf16 = the weight rows, dequantized as the MMA
+    kernel's scaled path does (for prefill sizes, where cuBLAS on bf16 is faster than re-unpacking
+    the weight for every token tile)."""
+    P: tl.constexpr = BLOCK_K // 32
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < NR
+    k0 = tl.program_id(1) * BLOCK_K
+    rn64 = rn.to(tl.int64)
+    words = tl.load(w_ptr + rn64[:, None] * stride_wn + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :],
+                    mask=n_ok[:, None], other=0)
+    g = k0 // GROUP
+    s = tl.load(s_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0)
+    z = tl.load(z_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0)
+    w = _unpack_scaled(tl.reshape(words, [BLOCK_N, 4, P]), z[:, None, None], s[:, None, None],
+                       BLOCK_N, BLOCK_K, USE_ASM)
+    tl.store(out_ptr + rn64[:, None] * stride_on + (k0 + tl.arange(0, BLOCK_K))[None, :], w, mask=n_ok[:, None])
+
+
 # ---------------------------------------------------------------------------------------- host
 
 PROGRAMS_PER_SM = 2  # split-K until the grid has this many programs per SM
+# From this many tokens the weight is dequantized to bf16 once per call and multiplied by cuBLAS:
+# the MMA kernel unpacks it again for every BLOCK_M tokens, which from here costs as much as
+# writing and reading the bf16 copy (at 256 tokens: gate_up 181 us by the best MMA launch, bf16
+# cuBLAS 101 us + ~75 us to write 235 MB; benchmarks/results/h200-2026-12-03-wna16-mma/).
+DEQUANTIZE_MIN_TOKENS = 256
 
 
 class MmaConfig(NamedTuple):
@@ -255,6 +283,7 @@ class MmaConfig(NamedTuple):
     num_warps: int = 4  # 4 per 64 weight rows (one warpgroup's wgmma)
     block_n: int = 64
     scaled: bool = True  # the scale in the bf16 weight (any group >= 32) or on the float32 dot
+    dequantize: bool = False  # bf16 weight once (a scratch buffer) + cuBLAS instead (prefill sizes)
 
 
 def mma_block_k(k: int, group_size: int, max_block_k: int = 128) -> int:
@@ -292,17 +321,27 @@ def wna16_mma_unpack(words: Tensor, block_k: int) -> Tensor:
     return t.permute(0, 1, 3, 5, 6, 2, 4).reshape(n, k).t().contiguous()  # [N, step, p, jj, h, c, b]
 
 
-_LOCKS: dict[tuple[torch.device, int], Tensor] = {}
+_LOCKS: dict[torch.device, Tensor] = {}
+_SCRATCH: dict[torch.device, Tensor] = {}
 _SM_COUNT: dict[int, int] = {}
 
 
 def _locks(device: torch.device, size: int) -> Tensor:
-    """Zeroed int32 tile counters shared by every call on device (each call leaves them zero)."""
-    key = (device, size)
-    locks = _LOCKS.get(key)
-    if locks is None:
-        locks = _LOCKS[key] = torch.zeros(size, dtype=torch.int32, device=device)
-    return locks
+    """Zeroed int32 tile counters shared by every call on device (each call leaves them zero);
+    one buffer of at least 16384, so that it exists before any CUDA-graph capture begins."""
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < size:
+        locks = _LOCKS[device] = torch.zeros(max(size, 1 << 14), dtype=torch.int32, device=device)
+    return locks[:size]
+
+
+def _scratch(device: torch.device, numel: int) -> Tensor:
+    """A bf16 buffer of at least numel elements shared by every layer on device (grown to the
+    largest weight; a layer's copy is dead once its matmul has run, and calls run in order)."""
+    buf = _SCRATCH.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[device] = torch.empty(numel, dtype=torch.bfloat16, device=device)
+    return buf[:numel]
 
 
 def _has_bf16x2_asm(device: torch.device) -> bool:
@@ -321,16 +360,27 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def pick_mma_config(m: int, n_tiles: int, k: int, block_k: int, device: torch.device) -> MmaConfig:
-    """BLOCK_M from the token count; split K (powers of two, at least 4 K steps a split) until the
-    grid has PROGRAMS_PER_SM programs per SM."""
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    tiles = n_tiles * triton.cdiv(m, block_m)
+def pick_mma_config(m: int, n_tiles: int, k: int, block_k: int, device: torch.device, *,
+                    gated: bool = False) -> MmaConfig:
+    """Launch parameters from the H200 sweep of 2026-12-03 (benchmarks/results/h200-2026-12-03-
+    wna16-mma/, Llama-3-8B shapes): up to 64 tokens the scale on the float32 dot (fewer
+    instructions than scaling the weight: 8-10% faster at 1-16 tokens), BLOCK_M 16 up to 16
+    tokens and 32 up to 64, except a gated projection past 16 tokens (128 rows in 8 warps, the
+    scale in the weight); K split in powers of two (at least 4 K steps a split) until the grid has
+    PROGRAMS_PER_SM programs per SM; from DEQUANTIZE_MIN_TOKENS the bf16 copy + cuBLAS."""
+    if m >= DEQUANTIZE_MIN_TOKENS:
+        return MmaConfig(128, 1, dequantize=True)
+    if gated and m > 16:
+        cfg = MmaConfig(64 if m <= 64 else 128, 1, num_warps=8, block_n=128, scaled=True)
+        n_tiles = triton.cdiv(n_tiles, 2)  # n_tiles counts tiles of 64 rows
+    else:
+        cfg = MmaConfig(16 if m <= 16 else 32 if m <= 64 else 64, 1, scaled=False)
+    tiles = n_tiles * triton.cdiv(m, cfg.block_m)
     steps = k // block_k
     splits = 1
     while tiles * splits < PROGRAMS_PER_SM * _sm_count(device) and steps // (2 * splits) >= 4:
         splits *= 2
-    return MmaConfig(block_m, splits)
+    return cfg._replace(splits=splits)
 
 
 def wna16_mma_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros128: Tensor, bias: Tensor | None,
@@ -341,9 +391,18 @@ def wna16_mma_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros128: Tenso
     m, k = x.shape
     nr = qweight.shape[0]
     n = nr // 2 if gated else nr
-    cfg = config or pick_mma_config(m, triton.cdiv(n, 32 if gated else 64), k, block_k, x.device)
+    cfg = config or pick_mma_config(m, triton.cdiv(n, 32 if gated else 64), k, block_k, x.device, gated=gated)
     if group_size % block_k:
         raise ValueError(f"a K step must lie in one group (group {group_size}, block_k {block_k})")
+    use_asm = _has_bf16x2_asm(x.device)
+    if cfg.dequantize:
+        dense = _scratch(x.device, nr * k).view(nr, k)
+        _dequant_kernel[(triton.cdiv(nr, 64), k // block_k)](
+            qweight, scales, zeros128, dense, nr, qweight.stride(0), scales.stride(0), dense.stride(0),
+            GROUP=group_size, BLOCK_N=64, BLOCK_K=block_k, USE_ASM=use_asm, num_warps=4,
+        )
+        y = torch.nn.functional.linear(x, dense, bias)
+        return silu_and_mul(y) if gated else y
     tiles_n = triton.cdiv(n, cfg.block_n // 2 if gated else cfg.block_n)
     steps = k // block_k
     k_split = triton.cdiv(steps, cfg.splits) * block_k
@@ -352,7 +411,6 @@ def wna16_mma_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros128: Tenso
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     part = torch.empty((splits, m, nr), dtype=torch.float32, device=x.device) if splits > 1 else out
     locks = _locks(x.device, tiles_n * tiles_m) if splits > 1 else out
-    use_asm = _has_bf16x2_asm(x.device)
     _mma_kernel[(tiles_n, tiles_m, splits)](
         x, qweight, scales, zeros128, bias if bias is not None else x, part, locks, out,
         m, n, k, k_split, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
