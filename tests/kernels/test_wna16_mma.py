@@ -178,7 +178,7 @@ def test_pick_config_splits_until_the_grid_fills() -> None:
     assert pick_mma_config(1, 2, 4096, 128, cpu) == MmaConfig(16, 4, scaled=False)
     assert pick_mma_config(1, 64, 4096, 128, cpu).splits == 1
     assert pick_mma_config(40, 1, 1024, 128, cpu) == MmaConfig(32, 2, scaled=False)  # >= 4 steps a split
-    assert pick_mma_config(40, 4, 4096, 128, cpu, gated=True) == MmaConfig(64, 4, 3, 8, 128, True)
+    assert pick_mma_config(40, 4, 4096, 128, cpu, gated=True) == MmaConfig(64, 1, 3, 8, 128, True)
     assert pick_mma_config(200, 1, 4096, 128, cpu).block_m == 64
     assert not pick_mma_config(255, 1, 4096, 128, cpu).dequantize
     assert pick_mma_config(256, 1, 4096, 128, cpu).dequantize
