@@ -9,8 +9,13 @@ unchanged: value i of word j is still k = PF*j + i):
     canonical  qweight [K/PF, N]  scales / zeros [G, N]   ->   qweight [N, K/PF]  scales / zeros [N, G]
                                                                perm int32 [K] (or None)
 
-Token counts pick the kernel from fixed tables (no autotuning: these run inside CUDA graphs, where
-a first call may compile but must not benchmark; no host sync, allocations depend on shapes only):
+int4 weights of a bf16 model with integer zero points (mma_eligible: what GPTQ and AWQ publish)
+are instead repacked for the tensor-core kernel of wna16_mma.py, which serves them at every token
+count (the weight as the MMA's register operand; from 256 tokens a bf16 copy + cuBLAS); the
+prologue kernel below runs first where there is a norm or an act-order perm. For the others
+(int8, float32 / fp16 models, real-valued zeros), token counts pick the kernel from fixed tables
+(no autotuning: these run inside CUDA graphs, where a first call may compile but must not
+benchmark; no host sync, allocations depend on shapes only):
 
   T <= gemv_dispatch_m  wna16_gemv._gemv_kernel (takes up to GEMV_MAX_M = 16 when forced):
                    CUDA-core dequantizing GEMV, lanes along K, the RMSNorm(+residual) prologue and
