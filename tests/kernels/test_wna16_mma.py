@@ -41,10 +41,10 @@ REL_TOL = 3e-2
 
 def int_zero_weight(k: int, n: int, group: int, g: torch.Generator, *, perm: bool = False,
                     dtype: torch.dtype = BF16) -> rq.WNA16Weight:
-    """Random int4 weight with integer zero points (0..15), scales ~ 1 / (16 sqrt(K))."""
+    """Random int4 weight with integer zero points (0..16: GPTQ v1 reaches 16), scales ~ 1 / (16 sqrt(K))."""
     q = torch.randint(0, 16, (k, n), generator=g, device=DEVICE)
     scales = (torch.rand(k // group, n, generator=g, device=DEVICE) + 0.5) * (4 / (16 * math.sqrt(k)))
-    zeros = torch.randint(0, 16, (k // group, n), generator=g, device=DEVICE).float()
+    zeros = torch.randint(0, 17, (k // group, n), generator=g, device=DEVICE).float()
     order = torch.randperm(k, generator=g, device=DEVICE) if perm else None
     return rq.WNA16Weight(rq.pack_along_rows(q, 4), scales.to(dtype), zeros.to(dtype), order, 4, group)
 
@@ -95,6 +95,8 @@ def test_eligibility_and_the_layout_it_picks() -> None:
     torch.testing.assert_close(rq.dequantize_wna16(back), rq.dequantize_wna16(w), rtol=0, atol=0)
     # non-integer zeros, float32 or fp16 models, int8 and group 16 keep the GEMV / GEMM layout
     assert mma_eligible(w._replace(zeros=w.zeros + 0.5)) == 0
+    assert mma_eligible(w._replace(zeros=w.zeros + 1)) == 128  # GPTQ v1's zeros reach 16
+    assert mma_eligible(w._replace(zeros=w.zeros + 120)) == 0
     assert mma_eligible(w._replace(scales=w.scales.float(), zeros=w.zeros.float())) == 0
     assert mma_eligible(w._replace(scales=w.scales.half(), zeros=w.zeros.half())) == 0
     w16 = int_zero_weight(256, 64, 16, g)

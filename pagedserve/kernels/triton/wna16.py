@@ -183,14 +183,14 @@ def wna16_fused_max_tokens(*, gated: bool) -> int:
 
 def mma_eligible(w: WNA16Weight) -> int:
     """The K step of the tensor-core kernel's layout for w, or 0 where it does not apply: it
-    takes int4 weights of a bf16 model with integer zero points in [0, 16) (GPTQ and AWQ store
-    integers; its exact bf16 q - zero needs them) and a group of 32 or more that divides into
-    its K steps."""
+    takes int4 weights of a bf16 model with integer zero points in (-128, 128) (GPTQ and AWQ
+    store integers, 0..15, or 1..16 for GPTQ's v1 format; its bf16 128 + zero and q - zero are
+    then exact) and a group of 32 or more that divides into its K steps."""
     if w.bits != 4 or w.scales.dtype != torch.bfloat16 or w.out_features % 2:
         return 0
     block_k = mma_block_k(w.in_features, w.group_size)
     zeros = w.zeros.float()
-    integral = bool(torch.equal(zeros, zeros.round())) and bool(((zeros >= 0) & (zeros < 16)).all())
+    integral = bool(torch.equal(zeros, zeros.round())) and bool(((zeros > -128) & (zeros < 128)).all())
     return block_k if integral else 0
 
 

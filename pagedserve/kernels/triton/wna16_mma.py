@@ -21,15 +21,18 @@ which is the mma.m16n8k16 A fragment (lane % 4 = c holds k = 2c, 2c+1, 2c+8, 2c+
 permuted to [BN, p, jj, h, c, b], which is the natural k order: Triton then needs no layout
 conversion between the unpack and the dot (checked in the compiled TTGIR: no local_alloc of the
 weight tile). Nibbles m and m + 4 sit 16 bits apart, so one AND-OR puts two of them under the
-bf16 exponent of 128 at once (0x4300 | q is bf16 128 + q):
+bf16 exponent of 128 at once (0x4300 | q is bf16 128 + q), and one bf16x2 subtract gives
 
-    w = ((128 + q) - (128 + z)) * s      two packed bf16x2 operations per pair of values
+    (128 + q) - (128 + z) = q - z        exact in bf16 when the zero points are integers
 
-exact up to the one rounding of (q - z) * s to bf16 (the rounding a bf16 weight has) when the
-zero points are integers (GPTQ and AWQ store integers; wna16.py checks, else uses its other
-kernels). zeros arrive as bf16 (128 + z). On the GPU the unpack is inline PTX (four LOP3, three
-shifts, eight bf16x2 ops per word); under TRITON_INTERPRET (no inline assembly) the same values
-come from plain integer and float32 ops, rounded once to bf16 (bit-identical).
+(GPTQ and AWQ store integers; wna16.mma_eligible checks, else the other kernels run). The MMA
+multiplies q - z by x in float32 and the group's scale multiplies its result (a K step lies in
+one group); with the launch option `scaled`, a bf16x2 multiply puts the scale into the weight
+instead ((q - z) * s rounded once to bf16, the rounding of a bf16 weight) and the MMA accumulates
+across steps (slower at decode sizes: more instructions). zeros arrive as bf16 (128 + z). On
+Hopper the unpack is inline PTX (per word three shifts, four LOP3, four bf16x2 subtracts, and four
+multiplies when scaled); under TRITON_INTERPRET and on older GPUs (no bf16x2 subtract / multiply
+in their PTX) the same values come from plain integer and float32 ops (bit-identical).
 
 Split-K is serial and deterministic: each of SPLITS programs of a tile writes its float32
 partial, takes a ticket from the tile's counter (acq_rel atomic), and the last one sums the
