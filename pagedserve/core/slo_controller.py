@@ -180,7 +180,7 @@ class SloController:
         self._seats_short = False  # the last step's seat cap kept a waiting request out
         self._light = True  # the last decision found TPOT under half the pace (or none yet)
         self._seqs_seen = 0  # most requests scheduled in one step this interval
-        self._decode_steps: list[float] = []  # durations of this interval's steps without prefill
+        self._decode_max_s = 0.0  # the longest of this interval's steps without prefill
         self._mean_context = 0.0  # EWMA of context tokens per decoding request
         self._mean_chunk = float(self.params.min_chunk)  # EWMA of prefill tokens per prefilling request
         # per class: admissions while that class had requests waiting, (admitted, seconds)
@@ -265,7 +265,7 @@ class SloController:
         self._budget_hit |= sample.budget_hit
         self._seqs_seen = max(self._seqs_seen, sample.num_seqs)
         if sample.num_decode == sample.num_tokens:
-            self._decode_steps.append(sample.duration_s)
+            self._decode_max_s = max(self._decode_max_s, sample.duration_s)
         if sample.num_decode == 0:
             return  # no request's TPOT was at stake
         self._mean_context += 0.1 * (sample.context_tokens / sample.num_seqs - self._mean_context)
@@ -308,7 +308,7 @@ class SloController:
         if high > target:
             self.prefill_allowance = max(p.min_chunk, int(self.prefill_allowance * (1 - p.shrink_frac)))
             self._cooldown = p.cooldown
-            decodes = max(self._decode_steps, default=0.0)
+            decodes = self._decode_max_s
             if self._cap_hit or decodes >= target * (1 - p.margin) / 2:
                 # cut from what actually ran, so that a cap far above the batch still bites
                 base = min(self.max_num_seqs, max(self._seqs_seen, p.min_seqs))
@@ -335,7 +335,7 @@ class SloController:
         self._fresh = 0
         self._cap_hit = self._budget_hit = False
         self._seqs_seen = 0
-        self._decode_steps.clear()
+        self._decode_max_s = 0.0
         for k in (0, 1):
             if self._admit_time[k] > 0:
                 rate = self._admit_count[k] / self._admit_time[k]

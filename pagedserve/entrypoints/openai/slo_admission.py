@@ -105,13 +105,12 @@ class SloAdmission:
             if sheds(seat, prefill, target, ramping=s.slo_ramping):
                 self.metrics.rejected[klass].inc(num_new)
                 allowed = ADMISSION_SHARE * target
-                rate = s.admit_rate_batch if klass == "batch" else s.admit_rate_interactive
                 # time for each queue to drain to what the objective allows at its measured rate
                 drains = [0.0]
                 if prefill is not None and prefill > allowed:
                     drains.append(prefill - allowed)
                 if not s.slo_ramping and seat is not None and seat > allowed:
-                    drains.append(math.inf if not rate else seat - allowed)
+                    drains.append(seat - allowed)  # inf when the class waited and got no seat
                 drain = max(drains)
                 retry = 60 if not math.isfinite(drain) else min(60, max(1, math.ceil(drain)))
                 delay = max(d for d in (seat, prefill) if d is not None)
