@@ -285,7 +285,8 @@ class MmaConfig(NamedTuple):
     num_stages: int = 3
     num_warps: int = 4  # 4 per 64 weight rows (one warpgroup's wgmma)
     block_n: int = 64
-    scaled: bool = True  # the scale in the bf16 weight (any group >= 32) or on the float32 dot
+    scaled: bool = True  # the scale in the bf16 weight (the MMA accumulates across K steps), or
+    # False: on each step's float32 dot (q - zero exact in the MMA; fewer instructions)
     dequantize: bool = False  # bf16 weight once (a scratch buffer) + cuBLAS instead (prefill sizes)
 
 
@@ -369,14 +370,14 @@ def pick_mma_config(m: int, n_tiles: int, k: int, block_k: int, device: torch.de
     wna16-mma/, Llama-3-8B shapes): up to 64 tokens the scale on the float32 dot (fewer
     instructions than scaling the weight: 8-10% faster at 1-16 tokens), BLOCK_M 16 up to 16
     tokens and 32 up to 64, except a gated projection past 16 tokens (128 rows in 8 warps, the
-    scale in the weight, K whole); K split in powers of two (at least 4 K steps a split) until the grid has
-    PROGRAMS_PER_SM programs per SM; from DEQUANTIZE_MIN_TOKENS the bf16 copy + cuBLAS."""
+    scale in the weight, K whole); K split in powers of two (at least 4 K steps a split) until
+    the grid has PROGRAMS_PER_SM programs per SM; from DEQUANTIZE_MIN_TOKENS the bf16 copy +
+    cuBLAS."""
     if m >= DEQUANTIZE_MIN_TOKENS:
         return MmaConfig(128, 1, dequantize=True)
     if gated and m > 16:  # not split: a split's float32 partials of 2N rows cost more (64 tokens: 2x)
         return MmaConfig(64 if m <= 64 else 128, 1, num_warps=8, block_n=128, scaled=True)
-    else:
-        cfg = MmaConfig(16 if m <= 16 else 32 if m <= 64 else 64, 1, scaled=False)
+    cfg = MmaConfig(16 if m <= 16 else 32 if m <= 64 else 64, 1, scaled=False)
     tiles = n_tiles * triton.cdiv(m, cfg.block_m)
     steps = k // block_k
     splits = 1
