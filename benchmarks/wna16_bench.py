@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 from benchmarks.common import environment, measure_copy_bandwidth, print_table, write_json
 from benchmarks.gemv_bench import RING_BYTES, time_per_call
+from benchmarks.int4_tinygemm import TinygemmInt4, supports, tinygemm_matmul, tinygemm_prepare
 from pagedserve.kernels import reference_quant as rq
-from pagedserve.kernels.int4_tinygemm import TinygemmInt4, supports, tinygemm_matmul, tinygemm_prepare
 from pagedserve.kernels.triton.activation import silu_and_mul
 from pagedserve.kernels.triton.gemv import MAX_M, fused_gemv
 from pagedserve.kernels.triton.norm import fused_add_rms_norm

@@ -43,6 +43,7 @@ program holds BLOCK_N / 2 gate rows and the same BLOCK_N / 2 up rows.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -53,79 +54,58 @@ from torch import Tensor
 
 from pagedserve.kernels.triton.activation import silu_and_mul
 
-# Two nibbles (m, m + 4) of a word -> bf16x2 (128 + q), minus (128 + z): 8 bf16 q - z out (exact).
-_DEQUANT_ASM = tl.constexpr("""
-{
-.reg .b32 t1, t2, t3, p0, p1, p2, p3, z2;
-mov.b32 z2, {$9, $9};
-shr.u32 t1, $8, 4;
-shr.u32 t2, $8, 8;
-shr.u32 t3, $8, 12;
-lop3.b32 p0, $8, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 p1, t1, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 p2, t2, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 p3, t3, 0x000F000F, 0x43004300, 0xEA;
-sub.rn.bf16x2 p0, p0, z2;
-sub.rn.bf16x2 p1, p1, z2;
-sub.rn.bf16x2 p2, p2, z2;
-sub.rn.bf16x2 p3, p3, z2;
-mov.b32 {$0, $4}, p0;
-mov.b32 {$1, $5}, p1;
-mov.b32 {$2, $6}, p2;
-mov.b32 {$3, $7}, p3;
-}
-""")
+
+def _dequant_asm(scaled: bool) -> str:
+    """Inline PTX for one word: nibbles m and m + 4 -> bf16x2 (128 + q) by one LOP3, minus
+    (128 + z) (exact: q - z), times s when scaled (one rounding to bf16, that of a bf16 weight);
+    out: 8 bf16, $0..$7 = nibble 0..7. Operands: $8 the word, $9 the zero, $10 the scale."""
+    pairs = range(4)
+    lines = [f".reg .b32 t1, t2, t3, p0, p1, p2, p3, z2{', s2' if scaled else ''};", "mov.b32 z2, {$9, $9};"]
+    lines += ["mov.b32 s2, {$10, $10};"] if scaled else []
+    lines += [f"shr.u32 t{m}, $8, {4 * m};" for m in (1, 2, 3)]
+    lines += [f"lop3.b32 p{m}, {'$8' if m == 0 else f't{m}'}, 0x000F000F, 0x43004300, 0xEA;" for m in pairs]
+    lines += [f"sub.rn.bf16x2 p{m}, p{m}, z2;" for m in pairs]
+    lines += [f"mul.rn.bf16x2 p{m}, p{m}, s2;" for m in pairs] if scaled else []
+    lines += [f"mov.b32 {{${m}, ${m + 4}}}, p{m};" for m in pairs]
+    return "{\n" + "\n".join(lines) + "\n}"
 
 
-# The same, times s: ((128 + q) - (128 + z)) * s, one rounding to bf16 (the rounding of a bf16 weight).
-_DEQUANT_SCALED_ASM = tl.constexpr("""
-{
-.reg .b32 t1, t2, t3, p0, p1, p2, p3, z2, s2;
-mov.b32 z2, {$9, $9};
-mov.b32 s2, {$10, $10};
-shr.u32 t1, $8, 4;
-shr.u32 t2, $8, 8;
-shr.u32 t3, $8, 12;
-lop3.b32 p0, $8, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 p1, t1, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 p2, t2, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 p3, t3, 0x000F000F, 0x43004300, 0xEA;
-sub.rn.bf16x2 p0, p0, z2;
-sub.rn.bf16x2 p1, p1, z2;
-sub.rn.bf16x2 p2, p2, z2;
-sub.rn.bf16x2 p3, p3, z2;
-mul.rn.bf16x2 p0, p0, s2;
-mul.rn.bf16x2 p1, p1, s2;
-mul.rn.bf16x2 p2, p2, s2;
-mul.rn.bf16x2 p3, p3, s2;
-mov.b32 {$0, $4}, p0;
-mov.b32 {$1, $5}, p1;
-mov.b32 {$2, $6}, p2;
-mov.b32 {$3, $7}, p3;
-}
-""")
+_DEQUANT_ASM = tl.constexpr(_dequant_asm(scaled=False))
+_DEQUANT_SCALED_ASM = tl.constexpr(_dequant_asm(scaled=True))
 
 
 @triton.jit
-def _unpack_scaled(words, z, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
-    """words int32 [BN, 4, P]; z, s bf16 [BN, 1, 1] (z = 128 + an integer zero)
-    -> (q - zero) * s rounded once to bf16, [BN, BLOCK_K] in k order."""
+def _nibble(words, SHIFT: tl.constexpr, zf, sf):
+    """The plain-ops twin of the PTX for one nibble: ((q - zero) * s) rounded once to bf16."""
+    return ((((words >> SHIFT) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
+
+
+@triton.jit
+def _unpack(words, z, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
+            USE_ASM: tl.constexpr):
+    """words int32 [BN, 4, P]; z, s bf16 [BN, 1, 1] (z = 128 + an integer zero) -> bf16
+    [BN, BLOCK_K] in k order: q - zero (exact) or, SCALED, (q - zero) * s rounded once."""
     if USE_ASM:
-        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-            _DEQUANT_SCALED_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
-            [words, tl.broadcast_to(z, words.shape), tl.broadcast_to(s, words.shape)],
-            dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        zb = tl.broadcast_to(z, words.shape)
+        if SCALED:
+            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                _DEQUANT_SCALED_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [words, zb, tl.broadcast_to(s, words.shape)],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, zb],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
     else:
         zf = z.to(tl.float32) - 128.0
-        sf = s.to(tl.float32)
-        v0 = ((((words >> 0) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
-        v1 = ((((words >> 4) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
-        v2 = ((((words >> 8) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
-        v3 = ((((words >> 12) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
-        v4 = ((((words >> 16) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
-        v5 = ((((words >> 20) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
-        v6 = ((((words >> 24) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
-        v7 = ((((words >> 28) & 15).to(tl.float32) - zf) * sf).to(tl.bfloat16)
+        sf = s.to(tl.float32) if SCALED else 1.0
+        v0 = _nibble(words, 0, zf, sf)
+        v1 = _nibble(words, 4, zf, sf)
+        v2 = _nibble(words, 8, zf, sf)
+        v3 = _nibble(words, 12, zf, sf)
+        v4 = _nibble(words, 16, zf, sf)
+        v5 = _nibble(words, 20, zf, sf)
+        v6 = _nibble(words, 24, zf, sf)
+        v7 = _nibble(words, 28, zf, sf)
     return _arrange(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N, BLOCK_K)
 
 
@@ -137,28 +117,6 @@ def _arrange(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N: tl.constexpr, BLOCK_K: tl.
     jj1 = tl.join(tl.join(v2, v6), tl.join(v3, v7))
     full = tl.join(jj0, jj1)
     return tl.reshape(tl.permute(full, (0, 2, 5, 4, 1, 3)), [BLOCK_N, BLOCK_K])
-
-
-@triton.jit
-def _unpack(words, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
-    """words int32 [BN, 4, P]; z bf16 [BN, 1, 1] (128 + an integer zero) -> q - zero, bf16
-    [BN, BLOCK_K] in k order (exact: integers below 256)."""
-    if USE_ASM:
-        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-            _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h",
-            [words, tl.broadcast_to(z, words.shape)],
-            dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-    else:
-        zf = z.to(tl.float32) - 128.0
-        v0 = (((words >> 0) & 15).to(tl.float32) - zf).to(tl.bfloat16)
-        v1 = (((words >> 4) & 15).to(tl.float32) - zf).to(tl.bfloat16)
-        v2 = (((words >> 8) & 15).to(tl.float32) - zf).to(tl.bfloat16)
-        v3 = (((words >> 12) & 15).to(tl.float32) - zf).to(tl.bfloat16)
-        v4 = (((words >> 16) & 15).to(tl.float32) - zf).to(tl.bfloat16)
-        v5 = (((words >> 20) & 15).to(tl.float32) - zf).to(tl.bfloat16)
-        v6 = (((words >> 24) & 15).to(tl.float32) - zf).to(tl.bfloat16)
-        v7 = (((words >> 28) & 15).to(tl.float32) - zf).to(tl.bfloat16)
-    return _arrange(v0, v1, v2, v3, v4, v5, v6, v7, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -221,12 +179,11 @@ def _mma_kernel(
         g = k0 // GROUP  # a step lies in one group
         s = tl.load(s_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0)
         z = tl.load(z_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0)
+        w = _unpack(tl.reshape(words, [BLOCK_N, 4, P]), z[:, None, None], s[:, None, None],
+                    BLOCK_N, BLOCK_K, SCALED, USE_ASM)
         if SCALED:  # the scale in the bf16 weight; the MMA accumulates across steps
-            w = _unpack_scaled(tl.reshape(words, [BLOCK_N, 4, P]), z[:, None, None], s[:, None, None],
-                               BLOCK_N, BLOCK_K, USE_ASM)
             acc = tl.dot(w, xt, acc)
         else:  # exact q - zero in the MMA, the scale on its float32 result
-            w = _unpack(tl.reshape(words, [BLOCK_N, 4, P]), z[:, None, None], BLOCK_N, BLOCK_K, USE_ASM)
             dot = tl.dot(w, xt)  # [BN, BM] float32
             acc += s.to(tl.float32)[:, None] * dot
     if SPLITS == 1:
@@ -264,8 +221,8 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, NR, stride_wn, stride_sn, stri
     g = k0 // GROUP
     s = tl.load(s_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0)
     z = tl.load(z_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0)
-    w = _unpack_scaled(tl.reshape(words, [BLOCK_N, 4, P]), z[:, None, None], s[:, None, None],
-                       BLOCK_N, BLOCK_K, USE_ASM)
+    w = _unpack(tl.reshape(words, [BLOCK_N, 4, P]), z[:, None, None], s[:, None, None],
+                BLOCK_N, BLOCK_K, True, USE_ASM)
     tl.store(out_ptr + rn64[:, None] * stride_on + (k0 + tl.arange(0, BLOCK_K))[None, :], w, mask=n_ok[:, None])
 
 
@@ -327,7 +284,6 @@ def wna16_mma_unpack(words: Tensor, block_k: int) -> Tensor:
 
 _LOCKS: dict[torch.device, Tensor] = {}
 _SCRATCH: dict[torch.device, Tensor] = {}
-_SM_COUNT: dict[int, int] = {}
 
 
 def _locks(device: torch.device, size: int) -> Tensor:
@@ -348,20 +304,26 @@ def _scratch(device: torch.device, numel: int) -> Tensor:
     return buf[:numel]
 
 
+@functools.cache
+def _cuda_device(index: int) -> tuple[int, bool]:
+    """(SM count, has sm_90's bf16x2 sub / mul) of CUDA device index, asked once."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, (props.major, props.minor) >= (9, 0)
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _has_bf16x2_asm(device: torch.device) -> bool:
     """Inline PTX with bf16x2 sub / mul: compiled (not interpreted) on an NVIDIA GPU of sm_90+."""
     if device.type != "cuda" or torch.version.cuda is None or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+    return _cuda_device(_cuda_index(device))[1]
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+    return _cuda_device(_cuda_index(device))[0] if device.type == "cuda" else 4
 
 
 def pick_mma_config(m: int, n_tiles: int, k: int, block_k: int, device: torch.device, *,

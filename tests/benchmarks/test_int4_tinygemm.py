@@ -1,4 +1,4 @@
-"""kernels/int4_tinygemm.py: a WNA16 weight converted for PyTorch's int4 matmul (the benchmark's
+"""benchmarks/int4_tinygemm.py: a WNA16 weight converted for PyTorch's int4 matmul (the benchmark's
 peer kernel) multiplies like the twin. On the CPU the op is `_weight_int4pack_mm_for_cpu`, which
 shares the GPU op's dequantization (q - 8) * scale + zero, so the conversion of GPTQ / AWQ zeros
 (zero' = (8 - z) * s), the whole-K group and act-order are checked here; the GPU packing is timed
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.int4_tinygemm import supports, tinygemm_matmul, tinygemm_prepare
 from pagedserve.kernels import reference_quant as rq
-from pagedserve.kernels.int4_tinygemm import supports, tinygemm_matmul, tinygemm_prepare
 
 if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):  # pragma: no cover
     pytest.skip("this torch has no CPU int4 matmul", allow_module_level=True)
