@@ -104,20 +104,30 @@ def workload_row(llm: Any, named: NamedWorkload, rates: dict[str, float]) -> dic
     """One workload through `llm`, beside its roofline."""
     core = llm.llm_engine.engine_core
     result = measure(llm, len(named.work.prompts), named)
+    n = len(named.work.prompts)
+    sched = core.config.scheduler_config
+    line = roofline_row(llm, [len(p) for p in named.work.prompts], named.work.output_lens,
+                        [result["prefix_hit_tokens"] // n] * n, rates, result["elapsed_s"])
+    return {"workload": named.name, "max_num_seqs": sched.max_num_seqs,
+            "max_num_batched_tokens": sched.max_num_batched_tokens, **result,
+            **line, "notes": "; ".join(named.notes)}
+
+
+def roofline_row(llm: Any, prompt_lens: list[int], output_lens: list[int], cached_lens: list[int],
+                 rates: dict[str, float], elapsed_s: float) -> dict[str, Any]:
+    """The roofline of these requests on llm's model and limits, beside elapsed_s
+    (benchmarks.roofline; also used by benchmarks/speed_round.py)."""
+    core = llm.llm_engine.engine_core
     spec = llm.llm_engine.model_config.model_spec
     runner = core.runner
     weight_bytes = sum(t.numel() * t.element_size() for t in (*runner.model.parameters(), *runner.model.buffers()))
     if not spec.tie_word_embeddings:  # the embedding table is gathered by row, not read whole each step
         weight_bytes = max(0, weight_bytes - spec.vocab_size * spec.hidden_size * runner.dtype.itemsize)
-    n = len(named.work.prompts)
     sched = core.config.scheduler_config
-    line = roofline(spec, [len(p) for p in named.work.prompts], named.work.output_lens,
-                    [result["prefix_hit_tokens"] // n] * n, weight_bytes, runner.dtype.itemsize,
+    line = roofline(spec, prompt_lens, output_lens, cached_lens, weight_bytes, runner.dtype.itemsize,
                     sched.max_num_seqs, sched.max_num_batched_tokens,
                     rates["matmul_flops_per_s"], rates["copy_bytes_per_s"])
-    return {"workload": named.name, "max_num_seqs": sched.max_num_seqs,
-            "max_num_batched_tokens": sched.max_num_batched_tokens, **result,
-            **line.row(result["elapsed_s"]), "notes": "; ".join(named.notes)}
+    return line.row(elapsed_s)
 
 
 def run_workloads(args: argparse.Namespace, names: list[str]) -> tuple[list[dict[str, Any]], dict[str, float]]:
