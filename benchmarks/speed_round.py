@@ -65,7 +65,7 @@ ROWS: dict[str, Row] = {r.name: r for r in (
 # kernel classes of a profile, by CUDA kernel name (first match wins)
 KERNEL_CLASSES: tuple[tuple[str, str], ...] = (
     ("gemm", r"gemm|gemv|cutlass|xmma|nvjet|cublas|_mma_kernel|matmul|sm90_"),
-    ("attention", r"attention|attn|_prefill_kernel|_decode_kernel|paged|flash"),
+    ("attention", r"attention|attn|_prefill_kernel|_decode_kernel|_decode_partition|paged|flash"),
     ("sampler", r"sampl|topk|top_k|sort|softmax|multinomial|argmax|penalt|gumbel|exponential"),
     ("norm/rotary/act", r"rms|norm|rotary|rope|silu|act_and_mul"),
     ("copy/fill", r"copy|memcpy|memset|fill|cat|index|gather|scatter"),

@@ -17,6 +17,7 @@ def test_kernel_classes() -> None:
     assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "gemm"
     assert kernel_class("_mma_kernel") == "gemm"
     assert kernel_class("_prefill_kernel") == "attention"
+    assert kernel_class("_decode_partition_kernel") == "attention"
     assert kernel_class("void at::native::sbtopk::gatherTopK<float>") == "sampler"
     assert kernel_class("_rms_norm_kernel") == "norm/rotary/act"
     assert kernel_class("something_else") == "other"
