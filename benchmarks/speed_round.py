@@ -324,7 +324,7 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="comma-separated tree labels whose runs also profile")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each row on each tree")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a run may take")
-    parser.add_argument("--tiny", action="store_true", help="CPU, a tiny model, lengths x0.05, 3% of the requests")
+    parser.add_argument("--tiny", action="store_true", help="CPU, a tiny model, lengths x0.05, 3%% of the requests")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.worker:
