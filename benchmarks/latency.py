@@ -40,6 +40,11 @@ def decode_rate(engine, context: int, num_tokens: int, vocab: int) -> float:
     return (received - 1) / (finished_at - started)
 
 
+def decode_weight_bytes(model: torch.nn.Module, tied: bool) -> int:
+    """Weights a decode step reads: every parameter but a not-tied embedding table (one row of it
+    is gathered per token)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if tied or "embed_tokens" not in n)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -60,8 +65,7 @@ def main() -> None:
     runner = engine.engine_core.runner
     spec = runner.spec
     element = torch.empty((), dtype=spec.dtype).element_size()
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in runner.model.named_parameters()
-                       if "embed_tokens" not in n or runner.model_spec.tie_word_embeddings)
+    weight_bytes = decode_weight_bytes(runner.model, runner.model_spec.tie_word_embeddings)
     kv_bytes_per_ctx = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * element
     decode_rate(engine, 64, 16, runner.vocab_size)  # warm-up
     rows = []

@@ -49,15 +49,15 @@ def static_batches(model, work: Workload, batch_size: int) -> dict:
 THROUGHPUT_CB = {"block_size": 256, "max_batch_tokens": 8192, "max_memory_percent": 0.9}
 
 
-def _cb_config(settings: dict) -> object | None:
+def _cb_config(settings: dict) -> object:
     """transformers' ContinuousBatchingConfig with settings (the page size is `block_size` in some
-    releases, `page_size` in others); None when this transformers has no such class."""
+    releases, `page_size` in others)."""
     import inspect
 
     try:
         from transformers import ContinuousBatchingConfig
-    except ImportError:
-        return None
+    except ImportError as exc:
+        raise RuntimeError("this transformers has no ContinuousBatchingConfig; run without --cb-throughput") from exc
     accepted = inspect.signature(ContinuousBatchingConfig).parameters
     kwargs = dict(settings)
     if "block_size" in kwargs and "block_size" not in accepted:
@@ -71,11 +71,8 @@ def continuous_batching(model, work: Workload, settings: dict | None = None) -> 
 
     config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0,
                               max_new_tokens=max(work.output_lens))
-    cb_config = _cb_config(settings) if settings else None
-    if settings and cb_config is None:
-        raise RuntimeError("this transformers has no ContinuousBatchingConfig; run without --cb-throughput")
-    manager = (model.init_continuous_batching(generation_config=config, continuous_batching_config=cb_config)
-               if cb_config is not None else model.init_continuous_batching(generation_config=config))
+    tuned = {"continuous_batching_config": _cb_config(settings)} if settings else {}
+    manager = model.init_continuous_batching(generation_config=config, **tuned)
     manager.start()
     try:
         # warm-up request (graph capture / compilation are not timed)

@@ -35,14 +35,16 @@ from typing import Any
 from benchmarks.common import environment, print_table, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = {"gpu_memory_utilization": 0.9, "max_model_len": 4096}
+GPU_MEMORY_UTILIZATION = 0.9
+MAX_MODEL_LEN = 4096
+TINY_SCALE, TINY_MAX_MODEL_LEN, TINY_REQUEST_FRACTION = 0.05, 512, 0.032  # --tiny: lengths, requests
 
 
 @dataclass(frozen=True, slots=True)
 class Row:
     name: str
     workload: str  # a benchmarks.workload name, or "batch1" (one request's decode rate)
-    engine: dict[str, Any] = field(default_factory=dict)  # LLM kwargs beyond SHARED; {}: the tree's defaults
+    engine: dict[str, Any] = field(default_factory=dict)  # LLM kwargs; {}: the tree's defaults
     requests: int = 1000
     goal: str = ""
 
@@ -147,13 +149,6 @@ def _profiled_generate(llm: Any, prompts: list[Any], params: list[Any], first_st
     }
 
 
-def _weight_bytes(core: Any, tied: bool) -> int:
-    """Weights a decode step reads: every parameter but a not-tied embedding table (one row of it
-    is gathered per token), as benchmarks/latency.py counts them."""
-    return sum(p.numel() * p.element_size() for n, p in core.runner.model.named_parameters()
-               if tied or "embed_tokens" not in n)
-
-
 def _prefix_hits(core: Any) -> int | None:
     last = getattr(core.stats, "last", None)
     return getattr(last, "prefix_cache_hits", None) if last is not None else None
@@ -187,12 +182,11 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from pagedserve import LLM, SamplingParams
 
     row = Row(**spec["row"])
-    kwargs = {**SHARED, **({"device": spec["device"]} if spec["device"] == "cpu" else {}), **row.engine}
+    on_cpu = spec["device"] == "cpu"
+    kwargs: dict[str, Any] = {"max_model_len": spec["max_model_len"], **row.engine,
+                              **({"device": "cpu"} if on_cpu else {"gpu_memory_utilization": GPU_MEMORY_UTILIZATION})}
     if "enable_prefix_caching" in spec["work"]:
         kwargs["enable_prefix_caching"] = spec["work"]["enable_prefix_caching"]
-    if spec["device"] == "cpu":
-        kwargs.pop("gpu_memory_utilization")
-        kwargs["max_model_len"] = spec["max_model_len"]
     result: dict[str, Any] = {"row": row.name, "workload": row.workload, "engine_args": row.engine}
     started = time.perf_counter()
     llm = LLM(spec["model"], **kwargs)
@@ -200,13 +194,13 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     core = llm.llm_engine.engine_core
     result.update(_engine_limits(core))
     if row.workload == "batch1":
-        from benchmarks.latency import decode_rate
+        from benchmarks.latency import decode_rate, decode_weight_bytes
 
         vocab = core.runner.vocab_size
         decode_rate(llm.llm_engine, 64, 16, vocab)  # warm-up
         context, tokens = spec["work"]["context"], spec["work"]["tokens"]
         rate = decode_rate(llm.llm_engine, context, tokens, vocab)
-        weights = _weight_bytes(core, spec["work"]["tied"])
+        weights = decode_weight_bytes(core.runner.model, spec["work"]["tied"])
         kv = spec["work"]["kv_bytes_per_token"] * (context + tokens / 2)
         floor = spec["rates"]["copy_bytes_per_s"] / (weights + kv)
         result.update({"context": context, "tokens_per_s": rate, "weight_bytes": weights,
@@ -256,19 +250,19 @@ def _model_facts(model: str) -> dict[str, Any]:
             "kv_bytes_per_token": 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes}
 
 
-def build_work(row: Row, facts: dict[str, Any], scale: float, max_model_len: int) -> dict[str, Any]:
+def build_work(row: Row, facts: dict[str, Any], scale: float, request_fraction: float,
+               max_model_len: int) -> dict[str, Any]:
     """The row's requests as plain lists (what every tree's worker can read)."""
     if row.workload == "batch1":
         return {"context": max(8, round(128 * scale)), "tokens": max(8, round(256 * scale)),
                 "kv_bytes_per_token": facts["kv_bytes_per_token"], "tied": facts["tied"]}
     from benchmarks.workload import named_workload
 
-    n = max(2, round(row.requests * (0.032 if scale < 1 else 1)))
+    n = max(2, round(row.requests * request_fraction))
     named = named_workload(row.workload, facts["vocab_size"], n, scale, max_model_len=max_model_len)
     work: dict[str, Any] = {"prompts": named.work.prompts, "output_lens": named.work.output_lens,
-                            "sampling": named.sampling, "shared_prefix_len": named.shared_prefix_len}
-    if row.workload == "shared-prefix":
-        work["enable_prefix_caching"] = True
+                            "sampling": named.sampling, "shared_prefix_len": named.shared_prefix_len,
+                            "enable_prefix_caching": named.enable_prefix_caching}
     return work
 
 
@@ -344,14 +338,15 @@ def main() -> None:
         args.model = build_checkpoint(tempfile.mkdtemp(prefix="pagedserve-tiny-"), "llama")
     if args.model is None:
         parser.error("--model is required (or --tiny)")
-    scale, max_model_len = (0.05, 512) if args.tiny else (1.0, SHARED["max_model_len"])
+    scale, fraction, max_model_len = (TINY_SCALE, TINY_REQUEST_FRACTION, TINY_MAX_MODEL_LEN) if args.tiny \
+        else (1.0, 1.0, MAX_MODEL_LEN)
     from benchmarks.throughput import measure_rates
 
     rates = measure_rates(device)  # before any engine takes the memory
     facts = _model_facts(args.model)
     results: list[dict[str, Any]] = []
     for row in rows:
-        work = build_work(row, facts, scale, max_model_len)
+        work = build_work(row, facts, scale, fraction, max_model_len)
         for rep in range(args.repeat):
             for label, tree in trees.items():
                 spec = {"model": args.model, "row": asdict(row), "work": work, "device": device, "rates": rates,
