@@ -37,6 +37,7 @@ from benchmarks.common import environment, print_table, write_json
 ROOT = Path(__file__).resolve().parent.parent
 GPU_MEMORY_UTILIZATION = 0.9
 MAX_MODEL_LEN = 4096
+SYNC_AUDIT_STEPS = 5  # steps before the profile window whose host syncs are counted
 TINY_SCALE, TINY_MAX_MODEL_LEN, TINY_REQUEST_FRACTION = 0.05, 512, 0.032  # --tiny: lengths, requests
 
 
@@ -95,16 +96,23 @@ def _engine_limits(core: Any) -> dict[str, Any]:
 def _profiled_generate(llm: Any, prompts: list[Any], params: list[Any], first_step: int,
                        steps: int) -> tuple[list[Any], dict[str, Any]]:
     """llm.generate with a torch.profiler window over engine steps first_step .. + steps: device
-    time per step by kernel class, and the window's wall time per step (profiler overhead in it)."""
+    time per step by kernel class, and the window's wall time per step (profiler overhead in it);
+    and, over the SYNC_AUDIT_STEPS steps before the window, the host's waits for the GPU by call
+    site (benchmarks/host_syncs.py)."""
+    from collections import Counter
+
     import torch
     from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.host_syncs import host_sync_sites
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     engine = llm.llm_engine
     step = engine.step
-    state: dict[str, Any] = {"n": 0, "prof": None, "t0": 0.0, "wall": 0.0, "done": False}
+    state: dict[str, Any] = {"n": 0, "prof": None, "t0": 0.0, "wall": 0.0, "done": False, "audited": 0}
+    syncs: Counter[str] = Counter()
 
     def profiled_step() -> Any:
         if state["n"] == first_step:
@@ -112,7 +120,12 @@ def _profiled_generate(llm: Any, prompts: list[Any], params: list[Any], first_st
             state["prof"] = profile(activities=activities)
             state["prof"].__enter__()
             state["t0"] = time.perf_counter()
-        out = step()
+        if first_step - SYNC_AUDIT_STEPS <= state["n"] < first_step:
+            state["audited"] += 1
+            with host_sync_sites(syncs):
+                out = step()
+        else:
+            out = step()
         state["n"] += 1
         if state["n"] == first_step + steps and state["prof"] is not None and not state["done"]:
             sync()
@@ -146,6 +159,7 @@ def _profiled_generate(llm: Any, prompts: list[Any], params: list[Any], first_st
         "profile_class_ms_per_step": {k: v / 1e3 / steps for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
         "profile_top_kernels": [{"kernel": k[:120], "ms_per_step": us / 1e3 / steps, "calls_per_step": c / steps}
                                 for us, k, c in top[:12]],
+        "profile_host_syncs_per_step": {site: n / max(state["audited"], 1) for site, n in syncs.most_common()},
     }
 
 

@@ -32,7 +32,21 @@ Two pieces of the sampler that must not cost a pass per Python list or a full vo
    logits >= kth) or when the candidates' mass reaches top_p (then every later token's ascending
    mass is at most 1 - top_p and it is dropped). The kept set is the same as the full sort's; only float rounding
    at the exact boundary can differ (the full sort's float32 cumsum over V entries is the less
-   exact of the two).
+   exact of the two). Deciding needs no answer on the host: every quantity is a tensor.
+
+3. The undecided rows redrawn over the full row (redraw_undecided), without a host sync on the
+   GPU (kernels/triton/sampling.py: one program per row, a decided row's program exits at once):
+
+       T_k  = the k-th largest logit (ties kept)                     k = 0: no top-k
+       Z    = sum over x >= T_k of exp(x - max)
+       keep x  iff  x >= T_k  and  (mass of the kept tokens strictly above x) / Z < top_p
+       token = argmax over kept of  x - log E[t],  E[t] = the counter hash of (seed, t)
+
+   The keep rule is the full sort's (drop j when the ascending mass up to j is at most
+   1 - top_p) written from the top. The kernel finds T_k and the top-p threshold by bisection on
+   the logits' order-preserving integer keys; this twin sorts. Every row gets a seed: a seeded
+   row its step seed, the others one drawn from torch's generator, so a seeded row draws the same
+   noise per token on the candidates (candidate_race) and over the full row.
 """
 
 from __future__ import annotations
@@ -85,10 +99,14 @@ class Candidates:
 
 def select_candidates(
     logits: Tensor, top_k: Tensor | None, max_top_k: int, top_p: Tensor | None,
-    num_candidates: int = DEFAULT_CANDIDATES,
+    num_candidates: int = DEFAULT_CANDIDATES, top_k_everywhere: bool = False,
 ) -> Candidates:  # fmt: skip
     """logits [N, V] float32 (not modified), top_k [N] int64 (0 = off) or None, top_p [N]
-    float32 (1 = off) or None. The decision rule is in the module docstring."""
+    float32 (1 = off) or None. The decision rule is in the module docstring. No host sync.
+
+    top_k_everywhere: the caller knows every row that counts has top_k > 0, so no row needs the
+    full row's normaliser (one pass over [N, V] saved). A row with top_k whose top-k set reaches
+    past the candidates (ties at the k-th value) is left undecided."""
     n, vocab = logits.shape
     neg_inf = float("-inf")
     c = min(vocab, max(max_top_k, num_candidates))
@@ -105,12 +123,15 @@ def select_candidates(
     else:  # no logit outside the candidates reaches the k-th value (ties included), or the
         # k-th is -inf (a grammar left fewer than k tokens: those outside have probability 0)
         within = has_k & ((vals[:, -1] < kth[:, 0]) | torch.isneginf(kth[:, 0]))
-    lse = cand.logsumexp(dim=-1, keepdim=True)  # [N, 1] normaliser of the top-k set, if within
+    # [N, 1] the normaliser: of the top-k set where it lies within the candidates, of the full
+    # row where no top-k applies (threshold -inf); wrong only for rows left undecided below
     if top_k is None:
         lse = logits.logsumexp(dim=-1, keepdim=True)
-    elif not bool(within.all()):  # the top-k set reaches past the candidates: the full row's
-        full = logits.masked_fill(logits < threshold, neg_inf).logsumexp(dim=-1, keepdim=True)
-        lse = torch.where(within[:, None], lse, full)
+    elif top_k_everywhere:
+        lse = cand.logsumexp(dim=-1, keepdim=True)
+    else:
+        lse = torch.where(has_k[:, None], cand.logsumexp(dim=-1, keepdim=True),
+                          logits.logsumexp(dim=-1, keepdim=True))
     use_p = top_p < 1.0 if top_p is not None else torch.zeros_like(has_k)
     p = (cand - lse).exp()  # [N, C] the full row's probabilities of the candidates
     mass = p.sum(dim=-1)
@@ -124,7 +145,7 @@ def select_candidates(
         keep = (ascending > (1.0 - top_p)[:, None]) | ~use_p[:, None]
         keep[:, 0] = True  # the most likely token always stays
         cand = cand.masked_fill(~keep, neg_inf)
-        decided = within | (use_p & (mass >= top_p))
+        decided = within | (~has_k & use_p & (mass >= top_p))
     return Candidates(cand, idx, decided, ~use_p & ~has_k)
 
 
@@ -145,6 +166,51 @@ def top_k_top_p_candidates(
             rows_k = None if top_k is None else top_k[rows]
             out[rows] = full_sort(logits[rows], rows_k, max_top_k, top_p[rows])
     return out
+
+
+def row_seeds(num_rows: int, seeded_rows: Tensor | None, seeded_seeds: Tensor | None,
+              device: torch.device) -> Tensor:
+    """[N] int64 non-negative seeds of one step's counter-hash noise: the seeded rows' step
+    seeds, a fresh draw from torch's default generator (on `device`) for every other row."""
+    seeds = torch.randint(0, 1 << 62, (num_rows,), dtype=torch.int64, device=device)
+    if seeded_rows is not None and seeded_seeds is not None:
+        seeds.index_copy_(0, seeded_rows, seeded_seeds)
+    return seeds
+
+
+def full_row_keep(logits: Tensor, top_k: Tensor | None, top_p: Tensor | None) -> Tensor:
+    """[N, V] bool: the tokens the full sort keeps (the rule of part 3 of the module docstring).
+    logits [N, V] float32; top_k [N] int64 (0 = off) or None; top_p [N] float32 or None."""
+    n, vocab = logits.shape
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    sorted_desc, order = logits.sort(dim=-1, descending=True)
+    if top_k is not None:
+        k = torch.where(top_k == 0, vocab, top_k)
+        kth = sorted_desc.gather(1, (k - 1)[:, None])  # [N, 1]
+        keep &= logits >= kth
+        sorted_desc = sorted_desc.masked_fill(sorted_desc < kth, float("-inf"))
+    if top_p is not None:
+        mass = sorted_desc.softmax(dim=-1)  # [N, V] descending probabilities of the top-k set
+        above = mass.cumsum(dim=-1) - mass  # the mass strictly before each position
+        keep_sorted = (above < top_p[:, None]) | (top_p >= 1.0)[:, None]
+        keep_sorted[:, 0] = True
+        keep &= torch.zeros_like(keep).scatter_(1, order, keep_sorted)
+    return keep
+
+
+def redraw_undecided(sampled: Tensor, logits: Tensor, undecided: Tensor, top_k: Tensor | None,
+                     top_p: Tensor | None, seeds: Tensor) -> None:
+    """In place on sampled [N] int64: each undecided row [N] bool redrawn over its full row
+    (logits [N, V] float32, not modified) with the noise of seeds [N] (row_seeds). The host
+    sync (which rows) is free on the CPU; the Triton kernel needs none."""
+    rows = torch.nonzero(undecided).flatten()
+    if rows.numel() == 0:
+        return
+    x = logits.index_select(0, rows)
+    keep = full_row_keep(x, None if top_k is None else top_k[rows], None if top_p is None else top_p[rows])
+    noise = seeded_exponential(seeds[rows], torch.arange(x.shape[1], device=x.device).expand(rows.numel(), -1))
+    score = (x - noise.log()).masked_fill(~keep, float("-inf"))
+    sampled.index_copy_(0, rows, score.argmax(dim=-1))
 
 
 # ---------------------------------------------------------------- counter-based seeded draws

@@ -1,9 +1,10 @@
 """Truncation and the draw: min-p, top-k / top-p, and the exponential race (sampler.py's order).
 
 top-k / top-p keep a prefix of each row in descending logit order. The sampler decides it on the
-C largest logits (reference_sampling.select_candidates) and then draws on those C columns alone
-(candidate_race) when that decides every row; apply_top_k_top_p is the full-row form, with the
-full sort (top_k_top_p_sort) only for the rows the candidates cannot decide.
+C largest logits (reference_sampling.select_candidates), draws every row on those C columns
+(candidate_race) and redraws the rows they cannot decide over the full row (choose_redraw_kernel),
+all without a host sync on the GPU; apply_top_k_top_p is the full-row form, with the full sort
+(top_k_top_p_sort) only for the rows the candidates cannot decide.
 
 The exponential race: argmax(p / E) with E ~ Exponential(1) i.i.d. picks token i with probability
 p_i; tokens outside the kept set have p = 0, so racing on the candidates alone draws the same
@@ -12,15 +13,35 @@ token as racing on the full row when the noise of each token is the same (counte
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from pagedserve.kernels import reference_sampling
 from pagedserve.kernels.reference_sampling import Candidates, top_k_top_p_candidates
 
 if TYPE_CHECKING:
     from pagedserve.worker.sampling_state import SeededDraws
+
+# sampled [N], logits [N, V], undecided [N], top_k, top_p, seeds [N] -> None (sampled in place)
+RedrawFn = Callable[[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor], None]
+
+
+@functools.cache
+def choose_redraw_kernel(device_type: str) -> RedrawFn:
+    """The undecided rows' full-row redraw: the Triton kernel on CUDA (no host sync, so async
+    scheduling keeps its overlap), the torch twin elsewhere (chosen once per device type)."""
+    if device_type == "cuda":
+        from pagedserve.kernels.registry import triton_available
+
+        if triton_available():
+            from pagedserve.kernels.triton.sampling import redraw_undecided
+
+            return redraw_undecided
+    return reference_sampling.redraw_undecided
 
 
 def apply_min_p(logits: Tensor, min_p: Tensor) -> None:

@@ -30,13 +30,14 @@ import torch
 from torch import Tensor
 
 from pagedserve.core.outputs import LogprobsLists
-from pagedserve.kernels.reference_sampling import select_candidates
+from pagedserve.kernels.reference_sampling import row_seeds, select_candidates
 from pagedserve.sampling_params import SamplingParams, SamplingType
 from pagedserve.worker.device_copy import list_to_device
 from pagedserve.worker.sample_draw import (
     apply_min_p,
     apply_top_k_top_p,
     candidate_race,
+    choose_redraw_kernel,
     exponential_race,
     top_k_top_p_sort,
 )
@@ -90,11 +91,13 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # seeded random rows
     num_logprobs: list[int | None] = field(default_factory=list)  # per row
     logprob_rows: Tensor | None = None  # [L] int64 rows that asked for logprobs
+    logprob_row_list: list[int] = field(default_factory=list)  # the same rows on the host
     max_num_logprobs: int = 0
     # penalties from the persistent device tables instead of output_tokens / prompt_tokens
     token_counts: TokenCounts | None = None
     apply_repetition: bool = False  # some row has repetition_penalty != 1
     seeded: SeededDraws | None = None  # seeded rows drawn by counter instead of `generators`
+    top_k_everywhere: bool = False  # every random row has top_k > 0 (host knowledge: no sync)
 
     @classmethod
     def build(
@@ -201,10 +204,12 @@ class SamplingMetadata:
             generators=gens,
             num_logprobs=num_logprobs,
             logprob_rows=i64(rows) if rows else None,
+            logprob_row_list=rows,
             max_num_logprobs=max_num_logprobs,
             token_counts=token_counts,
             apply_repetition=apply_repetition,
             seeded=seeded,
+            top_k_everywhere=top_k is not None and all(k > 0 for k, g in zip(ks, greedy) if not g),
         )
 
 
@@ -245,8 +250,9 @@ def apply_penalties(logits: Tensor, meta: SamplingMetadata) -> None:
     logits.sub_(meta.presence_penalties[:, None] * out_seen)
 
 
-def _logprobs_lists(raw: Tensor, chosen: Tensor, k_max: int) -> tuple[list, list, list]:
-    """raw [L, V] logprobs, chosen [L] -> per row [chosen] + top-k ids, logprobs, chosen's rank."""
+def _logprob_tensors(raw: Tensor, chosen: Tensor, k_max: int) -> tuple[Tensor, Tensor, Tensor]:
+    """raw [L, V] logprobs, chosen [L] -> ids [L, 1 + k_max] int64 (chosen, then the top-k),
+    their logprobs [L, 1 + k_max] float32, the chosen token's rank [L] int64 (on raw's device)."""
     chosen_lp = raw.gather(1, chosen[:, None])  # [L, 1]
     ranks = (raw >= chosen_lp).sum(dim=-1)  # ties count against the chosen token, as vLLM
     ids, lps = chosen[:, None], chosen_lp
@@ -254,7 +260,35 @@ def _logprobs_lists(raw: Tensor, chosen: Tensor, k_max: int) -> tuple[list, list
         top = raw.topk(k_max, dim=-1)
         ids = torch.cat([ids, top.indices], dim=1)
         lps = torch.cat([lps, top.values], dim=1)
+    return ids, lps, ranks
+
+
+def _logprobs_lists(raw: Tensor, chosen: Tensor, k_max: int) -> tuple[list, list, list]:
+    """_logprob_tensors as host lists."""
+    ids, lps, ranks = _logprob_tensors(raw, chosen, k_max)
     return ids.tolist(), lps.tolist(), ranks.tolist()
+
+
+@dataclass(slots=True)
+class SampledLogprobs:
+    """The sampled tokens' logprobs of the L rows that asked, still where they were computed
+    (async scheduling reads them back with the tokens). Row j of the tensors is batch row rows[j]."""
+
+    rows: list[int]  # [L] batch rows, ascending
+    widths: list[int]  # [L] 1 + the number of top logprobs row j asked for (capped)
+    token_ids: Tensor  # [L, 1 + max_num_logprobs] int64
+    logprobs: Tensor  # [L, 1 + max_num_logprobs] float32
+    ranks: Tensor  # [L] int64
+
+    def per_row(self, num_rows: int, token_ids: list[list[int]], logprobs: list[list[float]],
+                ranks: list[int]) -> list[LogprobsLists | None]:  # fmt: skip
+        """The lists (the three tensors' values, read back) as one LogprobsLists per batch row
+        of num_rows, None for the rows that did not ask."""
+        out: list[LogprobsLists | None] = [None] * num_rows
+        for j, row in enumerate(self.rows):
+            width = self.widths[j]
+            out[row] = LogprobsLists([token_ids[j][:width]], [logprobs[j][:width]], [ranks[j]])
+        return out
 
 
 def compute_prompt_logprobs(logits: Tensor, target_token_ids: Tensor, num_logprobs: int) -> LogprobsLists:
@@ -273,38 +307,55 @@ class Sampler:
     compact = True
 
     def _truncate_and_draw(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
-        """top-k / top-p, then one categorical draw per row [N]. On the candidates alone when
-        they decide every row that is not greedy (one host sync); over the full row otherwise."""
+        """top-k / top-p, then one categorical draw per row [N]: every row on its candidates,
+        then the random rows they do not decide redrawn over the full row (on the GPU without a
+        host sync: the draw stays queued behind the forward). With per-row generators, or
+        compact off: the full-row form."""
         truncates = meta.top_k is not None or meta.top_p is not None
         if self.compact and truncates and not meta.generators:
-            cands = select_candidates(logits, meta.top_k, meta.max_top_k, meta.top_p)
+            cands = select_candidates(logits, meta.top_k, meta.max_top_k, meta.top_p,
+                                      top_k_everywhere=meta.top_k_everywhere)
+            sampled = candidate_race(cands, meta.seeded)
             decided = cands.decided if meta.greedy_mask is None else cands.decided | meta.greedy_mask
-            if bool(decided.all()):
-                return candidate_race(cands, meta.seeded)
+            seeded = meta.seeded
+            seeds = row_seeds(meta.num_rows, seeded.rows if seeded else None, seeded.seeds if seeded else None,
+                              logits.device)
+            choose_redraw_kernel(logits.device.type)(sampled, logits, ~decided, meta.top_k, meta.top_p, seeds)
+            return sampled
         logits = self.top_k_top_p(logits, meta.top_k, meta.max_top_k, meta.top_p)
         return exponential_race(logits.softmax(dim=-1), meta.generators, meta.seeded)
 
     def __call__(self, logits: Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits [N, vocab] float32, modified in place. Returns one token (and logprobs) per row."""
-        if logits.dtype != torch.float32:
-            logits = logits.float()
-        raw_logprobs = None
-        if meta.logprob_rows is not None:  # before any processing: vLLM returns raw logprobs
-            raw_logprobs = logits[meta.logprob_rows].log_softmax(dim=-1)  # [L, V], a copy
-        sampled = self._draw(logits, meta)
+        sampled, logprobs = self.draw_with_logprobs(logits, meta)
         out_logprobs: list[LogprobsLists | None] = [None] * meta.num_rows
-        if raw_logprobs is not None:
-            assert meta.logprob_rows is not None
-            ids, lps, ranks = _logprobs_lists(raw_logprobs, sampled[meta.logprob_rows], meta.max_num_logprobs)
-            for j, row in enumerate(meta.logprob_rows.tolist()):
-                width = 1 + min(meta.num_logprobs[row] or 0, meta.max_num_logprobs)
-                out_logprobs[row] = LogprobsLists([ids[j][:width]], [lps[j][:width]], [ranks[j]])
+        if logprobs is not None:
+            out_logprobs = logprobs.per_row(meta.num_rows, logprobs.token_ids.tolist(), logprobs.logprobs.tolist(),
+                                            logprobs.ranks.tolist())
         return SamplerOutput(sampled_token_ids=sampled.tolist(), logprobs=out_logprobs)
 
     def draw(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
         """The sampled ids [N] int64, left on the logits' device (nothing read back: async
         scheduling's launch uses this). logits [N, vocab] float32, modified in place."""
         return self._draw(logits, meta)
+
+    def draw_with_logprobs(self, logits: Tensor, meta: SamplingMetadata) -> tuple[Tensor, SampledLogprobs | None]:
+        """draw(), and the logprobs of the rows that asked for them, both left on the device
+        (None when no row asked). The logprobs are the raw model's (before any processing), as
+        vLLM returns them."""
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        raw_logprobs = None
+        if meta.logprob_rows is not None:  # before any processing: vLLM returns raw logprobs
+            raw_logprobs = logits[meta.logprob_rows].log_softmax(dim=-1)  # [L, V], a copy
+        sampled = self._draw(logits, meta)
+        if raw_logprobs is None:
+            return sampled, None
+        assert meta.logprob_rows is not None
+        ids, lps, ranks = _logprob_tensors(raw_logprobs, sampled[meta.logprob_rows], meta.max_num_logprobs)
+        rows = meta.logprob_row_list
+        widths = [1 + min(meta.num_logprobs[row] or 0, meta.max_num_logprobs) for row in rows]
+        return sampled, SampledLogprobs(rows, widths, ids, lps, ranks)
 
     def _draw(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
         if logits.dtype != torch.float32:

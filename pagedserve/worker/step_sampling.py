@@ -55,8 +55,8 @@ class StepSampler:
     def profile(self, logits: torch.Tensor, max_logprobs: int) -> None:
         """The memory profile's sampler pass: logits [N, vocab] float32 (N = max_num_seqs) through
         the most expensive path, every row with every option, penalties read from the resident
-        count tables. Zero logits are flat, so top-p cannot stop early: every row takes the
-        full-sort fallback (the path's worst case)."""
+        count tables. Zero logits are flat, so every value ties at the k-th: no row is decided by
+        its candidates and every row takes the full-row redraw (the path's worst case)."""
         n = logits.shape[0]
         params = [profile_params(min(max_logprobs, self.vocab_size), self.vocab_size)] * n
         self.penalties.reserve()

@@ -13,12 +13,16 @@ import torch
 
 from pagedserve.kernels.reference_sampling import (
     apply_penalties_from_counts,
+    full_row_keep,
+    redraw_undecided,
     seeded_exponential,
     select_candidates,
     top_k_top_p_candidates,
 )
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.sample_draw import exponential_race
 from pagedserve.worker.sampler import SamplingMetadata, apply_penalties, top_k_top_p_sort
+from pagedserve.worker.sampling_state import SeededDraws
 
 NEG_INF = float("-inf")
 
@@ -176,3 +180,99 @@ def test_candidates_with_fewer_finite_logits_than_k() -> None:
     assert bool(cands.decided.all())
     kept = set(cands.idx[cands.vals > NEG_INF].tolist())
     assert kept == {3, 70, 500, 501, 999}
+
+
+def _redraw_case(n: int, vocab: int, seed: int) -> dict:
+    """Peaked to flat rows, top_k off / small / tied at the k-th value, top_p off / 0.5 / 0.95,
+    a few -inf (masked) tokens, every other row undecided."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([6.0, 2.0, 0.5, 0.05]).repeat(n)[:n, None]
+    logits = torch.randn(n, vocab, generator=g) * scale
+    logits[0, 100:140] = float(logits[0].max()) + 1.0  # 40 ties at the top
+    logits[:, 7::97] = NEG_INF
+    top_k = torch.tensor([2, 0, 30, 5, 0, 300, 1, 0] * n)[:n]
+    # row 0 keeps top_p off: among tokens tied at the top-p boundary the sort keeps some by
+    # position, the kernel all or none (both are the rule; only ties at the k-th value are fixed)
+    top_p = torch.tensor([1.0, 0.5, 1.0, 0.9, 0.95, 0.5, 0.7, 0.9] * n)[:n]
+    undecided = torch.ones(n, dtype=torch.bool)
+    undecided[3::4] = False
+    seeds = torch.randint(0, 1 << 62, (n,), generator=g)
+    return dict(logits=logits, top_k=top_k, top_p=top_p, undecided=undecided, seeds=seeds)
+
+
+def test_full_row_keep_keeps_what_the_full_sort_keeps() -> None:
+    case = _redraw_case(n=16, vocab=3000, seed=6)
+    for top_k in (case["top_k"], None):
+        for top_p in (case["top_p"], None):
+            kept = full_row_keep(case["logits"], top_k, top_p)
+            sorted_p = case["top_p"] if top_p is None else top_p  # the sort needs a top_p: all 1 is off
+            want = top_k_top_p_sort(case["logits"].clone(), top_k, 0, sorted_p if top_p is not None
+                                    else torch.ones_like(sorted_p))
+            assert _kept(case["logits"].masked_fill(~kept, NEG_INF)) == _kept(want)
+
+
+def test_redraw_is_the_exponential_race_over_the_full_sorts_kept_set() -> None:
+    """Undecided rows draw what the sampler's full-row path draws with the same counter noise;
+    decided rows keep their token."""
+    case = _redraw_case(n=16, vocab=3000, seed=7)
+    sampled = torch.full((16,), -1, dtype=torch.int64)
+    redraw_undecided(sampled, case["logits"], case["undecided"], case["top_k"], case["top_p"], case["seeds"])
+    kept = top_k_top_p_sort(case["logits"].clone(), case["top_k"], 0, case["top_p"])
+    seeded = SeededDraws(torch.arange(16), case["seeds"], 16, seeded_exponential)
+    want = exponential_race(kept.softmax(dim=-1), {}, seeded)
+    assert torch.equal(sampled[case["undecided"]], want[case["undecided"]])
+    assert bool((sampled[~case["undecided"]] == -1).all())
+    assert int(sampled[6]) == int(case["logits"][6].argmax())  # top_k 1 is greedy
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("options", ["both", "top_k", "top_p", "neither"])
+def test_triton_redraw_matches_twin(options: str) -> None:
+    """Two column blocks (the second partial), every kind of row; decided rows untouched."""
+    from pagedserve.kernels.triton.sampling import redraw_undecided as triton_redraw
+
+    case = _redraw_case(n=8, vocab=2500, seed=8)
+    top_k = case["top_k"] if options in ("both", "top_k") else None
+    top_p = case["top_p"] if options in ("both", "top_p") else None
+    want = torch.full((8,), -1, dtype=torch.int64)
+    got = want.clone()
+    args = (case["logits"], case["undecided"], top_k, top_p, case["seeds"])
+    redraw_undecided(want, *args)
+    triton_redraw(got, *args)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_redraw_and_the_draw_on_cuda_without_a_host_sync() -> None:
+    """[256, 128256]: the compiled redraw equals its twin on every kind of row; and the sampler's
+    device draw of realistic rows (top-k 50, top-p 0.9, penalties, seeds) and of top-p-only flat
+    rows queues without one host sync (torch's sync debug mode raises on any)."""
+    from pagedserve.kernels.triton.sampling import redraw_undecided as triton_redraw
+    from pagedserve.worker.sampler import Sampler
+    from pagedserve.worker.sampling_state import choose_seeded_kernel
+
+    cuda = torch.device("cuda")
+    case = {k: v.to(cuda) for k, v in _redraw_case(n=256, vocab=128256, seed=9).items()}
+    want = torch.full((256,), -1, dtype=torch.int64, device=cuda)
+    got = want.clone()
+    args = (case["logits"], case["undecided"], case["top_k"], case["top_p"], case["seeds"])
+    redraw_undecided(want, *args)
+    triton_redraw(got, *args)
+    assert torch.equal(got, want)
+
+    n, vocab = 64, 128256
+    logits = torch.randn(n, vocab, device=cuda) * 4
+    seeded = SeededDraws(torch.arange(n, device=cuda), torch.arange(n, device=cuda) * 31, n,
+                         choose_seeded_kernel(cuda))
+    for params in (SamplingParams(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1, seed=1),
+                   SamplingParams(temperature=1.0, top_p=0.9, seed=1)):
+        meta = SamplingMetadata.build([params] * n, [[1, 2, 3]] * n, [[4, 5]] * n, [None] * n, [None] * n,
+                                      vocab, cuda, seeded=seeded)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            sampled = Sampler().draw(logits.clone(), meta)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert sampled.shape == (n,) and bool(((sampled >= 0) & (sampled < vocab)).all())
